@@ -1,0 +1,122 @@
+"""One frozen config for the T5 family (T5 v1.1 and the original T5), and the named sizes.
+
+The field names follow T5X's `network.T5Config` so gin files read the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Shape and numerics of an encoder-decoder T5.
+
+    T5 v1.1 (the paper's models): gated GELU MLP (`mlp_activations=('gelu', 'linear')`), untied
+    `decoder/logits_dense`, no embedding scaling. Original T5: `mlp_activations=('relu',)`,
+    `logits_via_embedding=True` (logits from the shared embedding, scaled by emb_dim**-0.5).
+    """
+
+    vocab_size: int = 32128
+    emb_dim: int = 512
+    num_heads: int = 6
+    head_dim: int = 64
+    mlp_dim: int = 1024
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    mlp_activations: tuple[str, ...] = ("gelu", "linear")
+    logits_via_embedding: bool = False
+    dropout_rate: float = 0.0
+    # Activation dtype; parameters are always float32.
+    dtype: str = "bfloat16"
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    # Rematerialise each layer in the backward pass: 'none' | 'full' | 'dots' (save matmul outputs).
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                     "num_encoder_layers", "num_decoder_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"T5Config.{name} must be a positive int, got {value!r}")
+        unknown = [a for a in self.mlp_activations if a not in ACTIVATIONS]
+        if unknown or not self.mlp_activations:
+            raise ValueError(f"T5Config.mlp_activations {self.mlp_activations!r}: each must be one of "
+                             f"{sorted(ACTIVATIONS)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"T5Config.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.remat_policy not in ("none", "full", "dots"):
+            raise ValueError(f"T5Config.remat_policy must be none, full or dots, got {self.remat_policy!r}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+
+    def replace(self, **changes: Any) -> "T5Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mlp_activations"] = list(self.mlp_activations)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "T5Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown T5Config fields {unknown}; known: {sorted(known)}")
+        return cls(**dict(d))
+
+    @property
+    def gated(self) -> bool:
+        return len(self.mlp_activations) > 1
+
+    def num_params(self) -> int:
+        """Parameter count (all arrays), from shapes alone."""
+        d, h, k, f, v = self.emb_dim, self.num_heads, self.head_dim, self.mlp_dim, self.vocab_size
+        attn = 4 * d * h * k
+        mlp = (len(self.mlp_activations) + 1) * d * f
+        enc_layer = attn + mlp + 2 * d
+        dec_layer = 2 * attn + mlp + 3 * d
+        relpos = 2 * h * self.relative_attention_num_buckets
+        logits = 0 if self.logits_via_embedding else d * v
+        return (v * d + self.num_encoder_layers * enc_layer + self.num_decoder_layers * dec_layer
+                + 2 * d + relpos + logits)
+
+
+# Activation table: name -> jax function name (resolved in layers.py). 'gelu' is tanh-approximate.
+ACTIVATIONS = ("gelu", "gelu_new", "relu", "linear", "silu")
+
+_V11 = dict(vocab_size=32128, mlp_activations=("gelu", "linear"), logits_via_embedding=False)
+_ORIG = dict(vocab_size=32128, mlp_activations=("relu",), logits_via_embedding=True)
+
+# Named sizes (T5X's t5_1_1/*.gin and the original T5 paper). `tiny` is for tests.
+SIZES: dict[str, dict[str, Any]] = {
+    "t5_1_1_tiny": dict(_V11, emb_dim=8, num_heads=4, head_dim=3, mlp_dim=16,
+                        num_encoder_layers=2, num_decoder_layers=2),
+    "t5_1_1_small": dict(_V11, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
+                         num_encoder_layers=8, num_decoder_layers=8),
+    "t5_1_1_base": dict(_V11, emb_dim=768, num_heads=12, head_dim=64, mlp_dim=2048,
+                        num_encoder_layers=12, num_decoder_layers=12),
+    "t5_1_1_large": dict(_V11, emb_dim=1024, num_heads=16, head_dim=64, mlp_dim=2816,
+                         num_encoder_layers=24, num_decoder_layers=24),
+    "t5_1_1_xl": dict(_V11, emb_dim=2048, num_heads=32, head_dim=64, mlp_dim=5120,
+                      num_encoder_layers=24, num_decoder_layers=24),
+    "t5_1_1_xxl": dict(_V11, emb_dim=4096, num_heads=64, head_dim=64, mlp_dim=10240,
+                       num_encoder_layers=24, num_decoder_layers=24),
+    "t5_small": dict(_ORIG, emb_dim=512, num_heads=8, head_dim=64, mlp_dim=2048,
+                     num_encoder_layers=6, num_decoder_layers=6),
+    "t5_base": dict(_ORIG, emb_dim=768, num_heads=12, head_dim=64, mlp_dim=3072,
+                    num_encoder_layers=12, num_decoder_layers=12),
+}
+
+
+def config_for_size(name: str, **overrides: Any) -> T5Config:
+    """`T5Config` for a named size: 'small', 't5_1_1_small', 't5-v1_1-small' or 't5_small'."""
+    key = name.strip().lower().replace("-", "_").replace("v1_1", "1_1")
+    for candidate in (key, f"t5_1_1_{key}", key.replace("google/", "")):
+        if candidate in SIZES:
+            return T5Config(**{**SIZES[candidate], **overrides})
+    raise ValueError(f"unknown model size {name!r}; known sizes: {sorted(SIZES)}")

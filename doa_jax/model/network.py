@@ -1,0 +1,255 @@
+"""The T5 encoder-decoder in Flax, with T5X's parameter tree and a KV cache for decoding.
+
+Param tree (unboxed): `token_embedder/embedding`, `encoder/{relpos_bias, layers_i, encoder_norm}`,
+`decoder/{relpos_bias, layers_i, decoder_norm, logits_dense}`; see T5X `examples/t5/network.py`.
+
+Masking convention: attention masks keys only (a padded query still attends to the valid keys).
+Outputs at padded positions are therefore defined but meaningless; compare valid positions only.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from doa_jax.model.config import T5Config
+from doa_jax.model.layers import (NEG_INF, Dense, Embed, MlpBlock, MultiHeadAttention,
+                                  RelativePositionBias, RMSNorm, constrain, kernel_init)
+
+Array = jax.Array
+Cache = dict[str, Any]
+
+
+def _dtype(cfg: T5Config):
+    return jnp.dtype(cfg.dtype)
+
+
+def attention_bias(mask: Array) -> Array:
+    """Boolean mask `[B, 1 or H, Q, K]` -> additive float32 bias (0 or -1e10)."""
+    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def encoder_mask(tokens: Array, segment_ids: Optional[Array] = None) -> Array:
+    """`[B, 1, 1|Q, K]`: keys that are not padding, and (packed) in the query's segment."""
+    key_ok = (tokens > 0)[:, None, None, :]
+    if segment_ids is None:
+        return key_ok
+    return key_ok & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+
+
+def decoder_self_mask(length: int, segment_ids: Optional[Array] = None) -> Array:
+    """Causal (and same segment when packed): `[1|B, 1, T, T]`.
+
+    Padding sits after the targets, so a causal mask already keeps every real query off it.
+    """
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return mask
+
+
+def cross_mask(encoder_tokens: Array, decoder_segment_ids: Optional[Array] = None,
+               encoder_segment_ids: Optional[Array] = None) -> Array:
+    """Decoder queries over encoder keys: `[B, 1, 1|T, S]`."""
+    key_ok = (encoder_tokens > 0)[:, None, None, :]
+    if decoder_segment_ids is None or encoder_segment_ids is None:
+        return key_ok
+    return key_ok & (decoder_segment_ids[:, None, :, None] == encoder_segment_ids[:, None, None, :])
+
+
+def _remat(cls, cfg: T5Config, deterministic_argnum: int):
+    """Wraps a layer class in `nn.remat` per `cfg.remat_policy` (argnums count `self`)."""
+    if cfg.remat_policy == "none":
+        return cls
+    policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+              if cfg.remat_policy == "dots" else None)
+    return nn.remat(cls, policy=policy, static_argnums=(deterministic_argnum,))
+
+
+class EncoderLayer(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+        cfg, dt = self.config, _dtype(self.config)
+        h = RMSNorm(cfg.layer_norm_epsilon, dt, name="pre_attention_layer_norm")(x)
+        h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.emb_dim, dt, cfg.dropout_rate,
+                               name="attention")(h, h, bias, deterministic)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = RMSNorm(cfg.layer_norm_epsilon, dt, name="pre_mlp_layer_norm")(x)
+        h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, dt, cfg.dropout_rate, name="mlp")(h, deterministic)
+        x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        return constrain(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention, cross-attention, MLP. With `cache`, runs one step against cached K/V."""
+
+    config: T5Config
+
+    def setup(self):
+        cfg, dt = self.config, _dtype(self.config)
+        self.pre_self_attention_layer_norm = RMSNorm(cfg.layer_norm_epsilon, dt)
+        self.self_attention = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.emb_dim, dt,
+                                                 cfg.dropout_rate)
+        self.pre_cross_attention_layer_norm = RMSNorm(cfg.layer_norm_epsilon, dt)
+        self.encoder_decoder_attention = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.emb_dim,
+                                                            dt, cfg.dropout_rate)
+        self.pre_mlp_layer_norm = RMSNorm(cfg.layer_norm_epsilon, dt)
+        self.mlp = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, dt, cfg.dropout_rate)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def cross_kv(self, encoded: Array) -> tuple[Array, Array]:
+        return self.encoder_decoder_attention.project_kv(encoded)
+
+    def __call__(self, y: Array, encoded: Optional[Array], self_bias: Array, cross_bias: Array,
+                 deterministic: bool, cache: Optional[Cache] = None,
+                 cache_index: Optional[Array] = None) -> tuple[Array, Optional[Cache]]:
+        drop = lambda t: self.dropout(t, deterministic=deterministic)  # noqa: E731
+        h = self.pre_self_attention_layer_norm(y)
+        if cache is None:
+            h = self.self_attention(h, h, self_bias, deterministic)
+            cross_k, cross_v = self.cross_kv(encoded)
+            new_cache = None
+        else:
+            # One new position: write its K/V at cache_index, attend over the whole cache.
+            q = self.self_attention.project_q(h)
+            k, v = self.self_attention.project_kv(h)
+            keys = jax.lax.dynamic_update_slice_in_dim(cache["self_k"], k.astype(cache["self_k"].dtype),
+                                                       cache_index, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v.astype(cache["self_v"].dtype),
+                                                         cache_index, axis=1)
+            h = self.self_attention.attend(q, keys, values, self_bias, deterministic)
+            cross_k, cross_v = cache["cross_k"], cache["cross_v"]
+            new_cache = dict(cache, self_k=keys, self_v=values)
+        y = y + drop(h)
+        h = self.pre_cross_attention_layer_norm(y)
+        h = self.encoder_decoder_attention.attend(self.encoder_decoder_attention.project_q(h),
+                                                  cross_k, cross_v, cross_bias, deterministic)
+        y = y + drop(h)
+        h = self.mlp(self.pre_mlp_layer_norm(y), deterministic)
+        y = y + drop(h)
+        return constrain(y, ("batch", "length", "embed")), new_cache
+
+
+class Encoder(nn.Module):
+    config: T5Config
+    embedder: nn.Module
+
+    @nn.compact
+    def __call__(self, tokens: Array, segment_ids: Optional[Array] = None,
+                 deterministic: bool = True) -> Array:
+        cfg, dt = self.config, _dtype(self.config)
+        x = self.embedder(tokens.astype(jnp.int32))
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = constrain(x, ("batch", "length", "embed"))
+        length = tokens.shape[1]
+        bias = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                                    cfg.num_heads, True, dt, name="relpos_bias")(length, length)
+        bias = bias + attention_bias(encoder_mask(tokens, segment_ids))
+        layer_cls = _remat(EncoderLayer, cfg, 3)
+        for i in range(cfg.num_encoder_layers):
+            x = layer_cls(cfg, name=f"layers_{i}")(x, bias, deterministic)
+        x = RMSNorm(cfg.layer_norm_epsilon, dt, name="encoder_norm")(x)
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+    config: T5Config
+    embedder: nn.Module
+
+    def setup(self):
+        cfg, dt = self.config, _dtype(self.config)
+        self.relpos_bias = RelativePositionBias(cfg.relative_attention_num_buckets,
+                                                cfg.relative_attention_max_distance, cfg.num_heads,
+                                                False, dt)
+        layer_cls = _remat(DecoderLayer, cfg, 5)
+        self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_decoder_layers)]
+        self.decoder_norm = RMSNorm(cfg.layer_norm_epsilon, dt)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+        if not cfg.logits_via_embedding:
+            self.logits_dense = Dense(cfg.vocab_size, ("embed", "vocab"), jnp.float32)
+
+    def _logits(self, y: Array, deterministic: bool) -> Array:
+        y = self.decoder_norm(y)
+        y = self.dropout(y, deterministic=deterministic)
+        if self.config.logits_via_embedding:
+            logits = self.embedder.attend(y.astype(jnp.float32)) * self.config.emb_dim ** -0.5
+        else:
+            logits = self.logits_dense(y.astype(jnp.float32))
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    def __call__(self, encoded: Array, encoder_tokens: Array, decoder_input_tokens: Array,
+                 encoder_segment_ids: Optional[Array] = None, decoder_segment_ids: Optional[Array] = None,
+                 deterministic: bool = True) -> Array:
+        y = self.embedder(decoder_input_tokens.astype(jnp.int32))
+        y = constrain(self.dropout(y, deterministic=deterministic), ("batch", "length", "embed"))
+        t = decoder_input_tokens.shape[1]
+        self_bias = self.relpos_bias(t, t) + attention_bias(decoder_self_mask(t, decoder_segment_ids))
+        cross_bias = attention_bias(cross_mask(encoder_tokens, decoder_segment_ids, encoder_segment_ids))
+        for layer in self.layers:
+            y, _ = layer(y, encoded, self_bias, cross_bias, deterministic)
+        return self._logits(y, deterministic)
+
+    def init_cache(self, encoded: Array, max_length: int) -> Cache:
+        """Per-layer cache: empty self-attention K/V `[B, max_length, H, D]`, cross K/V from `encoded`."""
+        cfg = self.config
+        shape = (encoded.shape[0], max_length, cfg.num_heads, cfg.head_dim)
+        cache = {}
+        for i, layer in enumerate(self.layers):
+            ck, cv = layer.cross_kv(encoded)
+            cache[f"layers_{i}"] = dict(self_k=jnp.zeros(shape, ck.dtype), self_v=jnp.zeros(shape, ck.dtype),
+                                        cross_k=ck, cross_v=cv)
+        return cache
+
+    def step(self, token: Array, cache: Cache, cache_index: Array, encoder_tokens: Array) -> tuple[Array, Cache]:
+        """Logits `[B, V]` for one decoder input token per row at position `cache_index`."""
+        y = self.embedder(token[:, None].astype(jnp.int32))
+        max_length = cache["layers_0"]["self_k"].shape[1]
+        self_bias = self.relpos_bias(1, max_length, query_offset=cache_index)
+        visible = (jnp.arange(max_length) <= cache_index)[None, None, None, :]
+        self_bias = self_bias + attention_bias(visible)
+        cross_bias = attention_bias(cross_mask(encoder_tokens))
+        new_cache = {}
+        for i, layer in enumerate(self.layers):
+            y, new_cache[f"layers_{i}"] = layer(y, None, self_bias, cross_bias, True,
+                                                cache=cache[f"layers_{i}"], cache_index=cache_index)
+        return self._logits(y, True)[:, 0], new_cache
+
+
+class Transformer(nn.Module):
+    """T5 encoder-decoder. `__call__` is the teacher-forced forward pass returning float32 logits."""
+
+    config: T5Config
+
+    def setup(self):
+        cfg = self.config
+        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, _dtype(cfg))
+        self.encoder = Encoder(cfg, self.token_embedder)
+        self.decoder = Decoder(cfg, self.token_embedder)
+
+    def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+        return self.encoder(encoder_input_tokens, encoder_segment_ids, deterministic)
+
+    def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               encoder_segment_ids: Optional[Array] = None, decoder_segment_ids: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+        return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
+                            decoder_segment_ids, deterministic)
+
+    def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+                 encoder_segment_ids: Optional[Array] = None, decoder_segment_ids: Optional[Array] = None,
+                 deterministic: bool = True) -> Array:
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, deterministic)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
+                           decoder_segment_ids, deterministic)
+
+    def init_cache(self, encoded: Array, max_length: int) -> Cache:
+        return self.decoder.init_cache(encoded, max_length)
+
+    def decode_step(self, token: Array, cache: Cache, cache_index: Array,
+                    encoder_input_tokens: Array) -> tuple[Array, Cache]:
+        return self.decoder.step(token, cache, cache_index, encoder_input_tokens)

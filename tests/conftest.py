@@ -1,0 +1,38 @@
+"""Test setup: a fake 8-device CPU mesh, quiet TensorFlow, float32 matmuls, shared paths."""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+FIXTURES = SHARED / "fixtures" / "t5x_tiny"
+DATA = SHARED / "data" / "doa"
+
+
+def require_shared(path: pathlib.Path) -> pathlib.Path:
+    """Skip the calling test, with the reason, when ../shared (or a path under it) is absent."""
+    if not path.exists():
+        pytest.skip(f"shared material not found at {path} (../shared is absent on this machine)")
+    return path
+
+
+@pytest.fixture
+def t5x_fixtures() -> pathlib.Path:
+    return require_shared(FIXTURES)
+
+
+@pytest.fixture
+def doa_data() -> pathlib.Path:
+    return require_shared(DATA)
