@@ -1,0 +1,146 @@
+"""Money: accelerator rate cards (data), and the ledger every phase of an experiment writes to.
+
+Two views of the same work:
+- measured: accelerator-seconds this machine spent x chips x this machine's $/chip-hour;
+- projected: the analytic FLOPs of the work run on a named accelerator at a stated MFU, so a CPU
+  run can be priced as the A100 run it stands for (what the paper's cost axis means).
+The ledger is an append-only JSON-lines file; each entry has a key, and an entry whose key is
+already there is not counted again (a resumed run re-adding a finished chunk costs nothing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tomllib
+from typing import Iterable, Optional
+
+RATE_CARDS = pathlib.Path(__file__).with_name("rate_cards.toml")
+PHASES = ("labels", "teacher_finetune", "teacher_inference", "student_training", "evaluation")
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+    key: str
+    name: str
+    usd_per_chip_hour: float
+    peak_flops: float
+    source: str
+    date: str
+
+    def usd(self, chip_seconds: float) -> float:
+        return chip_seconds / 3600.0 * self.usd_per_chip_hour
+
+    def chip_seconds_for(self, flops: float, mfu: float) -> float:
+        """Chip-seconds to do `flops` of work at model FLOP utilisation `mfu`."""
+        return flops / (self.peak_flops * mfu)
+
+
+def load_rate_cards(path: Optional[str | os.PathLike] = None) -> dict[str, Accelerator]:
+    """Accelerators by key from a TOML rate-card file (default: the packaged `rate_cards.toml`)."""
+    path = pathlib.Path(path or RATE_CARDS)
+    if not path.exists():
+        raise FileNotFoundError(f"rate-card file {path} not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    cards = {}
+    for key, row in data.get("accelerators", {}).items():
+        missing = [f for f in ("name", "usd_per_chip_hour", "peak_flops", "source", "date") if f not in row]
+        if missing:
+            raise ValueError(f"{path}: [accelerators.{key}] lacks {', '.join(missing)}")
+        for f in ("usd_per_chip_hour", "peak_flops"):
+            if not isinstance(row[f], (int, float)) or row[f] <= 0:
+                raise ValueError(f"{path}: accelerators.{key}.{f} must be a positive number, got {row[f]!r}")
+        cards[key] = Accelerator(key, row["name"], float(row["usd_per_chip_hour"]), float(row["peak_flops"]),
+                                 row["source"], str(row["date"]))
+    if not cards:
+        raise ValueError(f"{path}: no [accelerators.*] tables")
+    return cards
+
+
+def get_accelerator(key: str, cards: Optional[dict[str, Accelerator]] = None) -> Accelerator:
+    cards = cards if cards is not None else load_rate_cards()
+    norm = key.strip().lower().replace("-", "_")
+    if norm not in cards:
+        raise ValueError(f"unknown accelerator {key!r}; known: {', '.join(sorted(cards))}")
+    return cards[norm]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One priced piece of work. `measured_usd` is None for work not run here (labels bought)."""
+
+    key: str
+    phase: str
+    usd: float  # the amount charged against the budget (projected view for compute)
+    measured_usd: float = 0.0
+    seconds: float = 0.0
+    chips: int = 0
+    flops: float = 0.0
+    labels: int = 0
+
+
+class Ledger:
+    """Append-only, resumable record of what an experiment spent, by phase.
+
+    `measured_on` is the accelerator this process runs on (its price x the measured seconds);
+    compute is charged at the projection onto `project_to` at `mfu` when given, else as measured.
+    """
+
+    def __init__(self, path: Optional[str | os.PathLike], measured_on: Accelerator, chips: int = 1,
+                 project_to: Optional[Accelerator] = None, mfu: float = 0.5):
+        if not 0 < mfu <= 1:
+            raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+        self.path = pathlib.Path(path) if path is not None else None
+        self.measured_on, self.chips, self.project_to, self.mfu = measured_on, chips, project_to, mfu
+        self.entries: dict[str, Entry] = {}
+        if self.path is not None and self.path.exists():
+            for lineno, line in enumerate(self.path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = Entry(**json.loads(line))
+                except (json.JSONDecodeError, TypeError) as e:
+                    raise ValueError(f"{self.path}:{lineno}: not a ledger entry ({e})") from None
+                self.entries.setdefault(entry.key, entry)
+
+    def _add(self, entry: Entry) -> Entry:
+        if entry.key in self.entries:
+            return self.entries[entry.key]
+        if entry.phase not in PHASES:
+            raise ValueError(f"unknown phase {entry.phase!r}; phases: {', '.join(PHASES)}")
+        self.entries[entry.key] = entry
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(dataclasses.asdict(entry)) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return entry
+
+    def compute_usd(self, seconds: float, flops: float) -> float:
+        """What `seconds` of this machine doing `flops` costs against the budget."""
+        if self.project_to is not None:
+            return self.project_to.usd(self.project_to.chip_seconds_for(flops, self.mfu))
+        return self.measured_on.usd(seconds * self.chips)
+
+    def add_compute(self, key: str, phase: str, seconds: float, flops: float) -> Entry:
+        return self._add(Entry(key, phase, self.compute_usd(seconds, flops),
+                               measured_usd=self.measured_on.usd(seconds * self.chips),
+                               seconds=seconds, chips=self.chips, flops=flops))
+
+    def add_labels(self, key: str, count: int, usd_per_label: float) -> Entry:
+        return self._add(Entry(key, "labels", count * usd_per_label, labels=count))
+
+    def total(self, phases: Iterable[str] = PHASES) -> float:
+        wanted = set(phases)
+        return sum(e.usd for e in self.entries.values() if e.phase in wanted)
+
+    def by_phase(self) -> dict[str, float]:
+        return {p: sum(e.usd for e in self.entries.values() if e.phase == p) for p in PHASES}
+
+    def measured_total(self) -> float:
+        return sum(e.measured_usd for e in self.entries.values())

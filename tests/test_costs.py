@@ -1,0 +1,69 @@
+"""Rate cards and the ledger: arithmetic by hand, resume safety, clear errors."""
+import pytest
+
+from doa_jax import costs
+
+
+def test_rate_cards_carry_the_papers_a100_price_and_a_source_for_every_price():
+    cards = costs.load_rate_cards()
+    assert cards["a100"].usd_per_chip_hour == 1.875
+    assert {"a100", "h100", "tpu_v4", "tpu_v5e", "tpu_v5p", "cpu"} <= set(cards)
+    assert all(c.source and c.date for c in cards.values())
+
+
+def test_unknown_accelerator_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown accelerator 'b200'; known: a100, cpu, h100"):
+        costs.get_accelerator("b200")
+    assert costs.get_accelerator("TPU-v5e").key == "tpu_v5e"
+
+
+def test_rate_card_with_a_bad_price_names_the_field(tmp_path):
+    bad = tmp_path / "cards.toml"
+    bad.write_text('[accelerators.x]\nname="x"\nusd_per_chip_hour=-1\npeak_flops=1e12\nsource="s"\ndate="d"\n')
+    with pytest.raises(ValueError, match=r"accelerators.x.usd_per_chip_hour must be a positive number"):
+        costs.load_rate_cards(bad)
+
+
+def test_projected_compute_cost_is_flops_over_peak_times_mfu_times_price():
+    a100, cpu = costs.get_accelerator("a100"), costs.get_accelerator("cpu")
+    ledger = costs.Ledger(None, measured_on=cpu, project_to=a100, mfu=0.4)
+    # 1e18 FLOPs at 40% of 312 TFLOP/s = 8012.8 s = 2.2258 h; x $1.875 = $4.1734
+    entry = ledger.add_compute("teacher:0-100", "teacher_finetune", seconds=7200.0, flops=1e18)
+    assert entry.usd == pytest.approx(1e18 / (312e12 * 0.4) / 3600 * 1.875)
+    assert entry.usd == pytest.approx(4.1734, abs=1e-4)
+    # The measured view: 2 h on the CPU card.
+    assert entry.measured_usd == pytest.approx(2 * 0.0971)
+
+
+def test_measured_view_multiplies_seconds_chips_and_rate():
+    h100 = costs.get_accelerator("h100")
+    ledger = costs.Ledger(None, measured_on=h100, chips=8)
+    assert ledger.add_compute("k", "student_training", 900.0, 0.0).usd == pytest.approx(0.25 * 8 * 11.06)
+
+
+def test_labels_cost_count_times_price_and_totals_split_by_phase():
+    ledger = costs.Ledger(None, measured_on=costs.get_accelerator("a100"))
+    ledger.add_labels("labels:1000-1500", 500, 0.26)
+    ledger.add_compute("s", "student_training", 3600.0, 0.0)
+    assert ledger.by_phase()["labels"] == pytest.approx(130.0)
+    assert ledger.by_phase()["student_training"] == pytest.approx(1.875)
+    assert ledger.total() == pytest.approx(131.875)
+
+
+def test_a_resumed_run_does_not_count_an_entry_twice(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    a100 = costs.get_accelerator("a100")
+    first = costs.Ledger(path, measured_on=a100)
+    first.add_compute("student:steps0-50", "student_training", 60.0, 0.0)
+    resumed = costs.Ledger(path, measured_on=a100)
+    resumed.add_compute("student:steps0-50", "student_training", 61.0, 0.0)  # same chunk again
+    resumed.add_compute("student:steps50-100", "student_training", 60.0, 0.0)
+    assert len(path.read_text().splitlines()) == 2
+    assert resumed.total() == pytest.approx(2 * 60 / 3600 * 1.875)
+
+
+def test_a_corrupt_ledger_line_names_file_and_line(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"key": "a", "phase": "labels", "usd": 1.0}\nnot json\n')
+    with pytest.raises(ValueError, match=r"ledger.jsonl:2: not a ledger entry"):
+        costs.Ledger(path, measured_on=costs.get_accelerator("cpu"))
