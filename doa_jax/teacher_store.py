@@ -1,0 +1,221 @@
+"""The teacher store: a teacher's outputs on unlabeled inputs, computed once and reused.
+
+Per example it keeps the output tokens and text, the sequence log-probability, and the teacher's
+top-k logits at each output position (soft targets for distillation without a teacher forward per
+student step). Outputs are written in chunks; a chunk is done when its `.COMPLETED` marker exists,
+so a run killed part-way resumes by skipping finished chunks. The store's directory is named by a
+key hashed from the teacher, the inputs and the decoding settings, so any later run with the same
+key reuses it with no teacher compute.
+
+Only safe formats: `.npz` read with `allow_pickle=False`, and JSON lines.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+ARRAYS = ("tokens", "lengths", "sequence_logprob", "topk_values", "topk_ids")
+
+# predict_fn(encoder_input_tokens [n, S]) -> dict with the ARRAYS for those n rows:
+#   tokens [n, T] int32 (no start token, 0 after EOS), lengths [n] (EOS included),
+#   sequence_logprob [n], topk_values [n, T, k] float32 logits, topk_ids [n, T, k] int32.
+PredictFn = Callable[[np.ndarray], Mapping[str, np.ndarray]]
+
+
+def fingerprint_params(params: Any) -> str:
+    """A cheap, content-based digest of a parameter tree: every leaf's path, shape, dtype and a
+    strided sample of its values (hashing all of an 11B model would take minutes)."""
+    import jax
+
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        arr = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}:{arr.shape}:{arr.dtype}".encode())
+        flat = arr.reshape(-1)
+        h.update(np.ascontiguousarray(flat[:: max(1, flat.size // 4096)]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def store_key(teacher: str, inputs: Sequence[str], settings: Mapping[str, Any]) -> str:
+    """Key of a store: hash of the teacher fingerprint, the exact inputs and decoding settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"teacher": teacher, "settings": dict(settings), "format": FORMAT_VERSION},
+                        sort_keys=True).encode())
+    for text in inputs:
+        h.update(hashlib.sha256(text.encode()).digest())
+    return h.hexdigest()[:20]
+
+
+@dataclasses.dataclass
+class TeacherOutputs:
+    """All stored outputs, in input order."""
+
+    sources: list[str]
+    predictions: list[str]
+    tokens: np.ndarray
+    lengths: np.ndarray
+    sequence_logprob: np.ndarray
+    topk_values: np.ndarray
+    topk_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+@dataclasses.dataclass
+class BuildStats:
+    computed_chunks: int
+    reused_chunks: int
+    path: pathlib.Path
+
+
+class TeacherStore:
+    """Chunked outputs of one teacher over one list of inputs under one decoding setting."""
+
+    def __init__(self, root: str | os.PathLike, key: str):
+        self.key = key
+        self.dir = pathlib.Path(root) / key
+
+    def _chunk(self, i: int, suffix: str) -> pathlib.Path:
+        return self.dir / f"chunk_{i:05d}{suffix}"
+
+    @property
+    def manifest_path(self) -> pathlib.Path:
+        return self.dir / "manifest.json"
+
+    def is_complete(self) -> bool:
+        if not self.manifest_path.exists():
+            return False
+        manifest = json.loads(self.manifest_path.read_text())
+        return all(self._chunk(i, ".COMPLETED").exists() for i in range(manifest["num_chunks"]))
+
+    def build(self, sources: Sequence[str], encoder_input_tokens: np.ndarray, predict_fn: PredictFn,
+              detokenize: Callable[[np.ndarray], str], *, chunk_size: int = 256,
+              settings: Optional[Mapping[str, Any]] = None,
+              on_chunk: Optional[Callable[[int, int, int], None]] = None) -> BuildStats:
+        """Computes every chunk not yet completed. `on_chunk(done, total, examples)` reports progress."""
+        if len(sources) != len(encoder_input_tokens):
+            raise ValueError(f"{len(sources)} sources but {len(encoder_input_tokens)} token rows")
+        if len(sources) == 0:
+            raise ValueError("the unlabeled pool is empty: no inputs for the teacher")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        num_chunks = -(-len(sources) // chunk_size)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest = {"key": self.key, "format_version": FORMAT_VERSION, "num_examples": len(sources),
+                    "chunk_size": chunk_size, "num_chunks": num_chunks, "settings": dict(settings or {})}
+        if self.manifest_path.exists():
+            old = json.loads(self.manifest_path.read_text())
+            if (old["num_examples"], old["chunk_size"]) != (len(sources), chunk_size):
+                raise ValueError(f"{self.manifest_path}: store holds {old['num_examples']} examples in chunks "
+                                 f"of {old['chunk_size']}, not {len(sources)} in chunks of {chunk_size}")
+        else:
+            _atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
+        computed = reused = 0
+        for i in range(num_chunks):
+            if self._chunk(i, ".COMPLETED").exists():
+                reused += 1
+                continue
+            lo, hi = i * chunk_size, min(len(sources), (i + 1) * chunk_size)
+            predicted = predict_fn(encoder_input_tokens[lo:hi])
+            out = {name: np.asarray(predicted[name]) for name in ARRAYS}
+            _check_chunk(out, hi - lo)
+            buf = _npz_bytes(out)
+            _atomic_write(self._chunk(i, ".npz"), buf)
+            lines = [json.dumps({"index": lo + j, "source": sources[lo + j],
+                                 "prediction": detokenize(out["tokens"][j])}) for j in range(hi - lo)]
+            _atomic_write(self._chunk(i, ".jsonl"), ("\n".join(lines) + "\n").encode())
+            _atomic_write(self._chunk(i, ".COMPLETED"), b"")
+            computed += 1
+            if on_chunk:
+                on_chunk(i + 1, num_chunks, hi - lo)
+        return BuildStats(computed, reused, self.dir)
+
+    def load(self) -> TeacherOutputs:
+        if not self.is_complete():
+            raise FileNotFoundError(f"teacher store {self.dir} is missing or incomplete")
+        manifest = json.loads(self.manifest_path.read_text())
+        arrays: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
+        sources, predictions = [], []
+        for i in range(manifest["num_chunks"]):
+            with np.load(self._chunk(i, ".npz"), allow_pickle=False) as data:
+                for name in ARRAYS:
+                    arrays[name].append(data[name])
+            for line in self._chunk(i, ".jsonl").read_text().splitlines():
+                row = json.loads(line)
+                sources.append(row["source"])
+                predictions.append(row["prediction"])
+        width = max(a.shape[1] for a in arrays["tokens"])
+        padded = {name: np.concatenate([_pad_time(a, width) for a in arrays[name]]) if name in
+                  ("tokens", "topk_values", "topk_ids") else np.concatenate(arrays[name]) for name in ARRAYS}
+        return TeacherOutputs(sources, predictions, **padded)
+
+
+def _pad_time(a: np.ndarray, width: int) -> np.ndarray:
+    pad = [(0, 0)] * a.ndim
+    pad[1] = (0, width - a.shape[1])
+    return np.pad(a, pad)
+
+
+def _check_chunk(out: Mapping[str, np.ndarray], n: int) -> None:
+    for name in ARRAYS:
+        if out[name].shape[0] != n:
+            raise ValueError(f"predict_fn returned {out[name].shape[0]} rows of {name!r} for {n} inputs")
+    t = out["tokens"].shape[1]
+    for name in ("topk_values", "topk_ids"):
+        if out[name].ndim != 3 or out[name].shape[1] != t:
+            raise ValueError(f"predict_fn's {name!r} must be [n, {t}, k], got {out[name].shape}")
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_t5x_infer_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Pseudo-labels from T5X `infer` output (`predict` or `predict_with_aux` mode).
+
+    Returns rows {"source", "prediction"} plus "tokens" and "score" when the file has them.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"T5X infer output {path} not found")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            inputs = obj["inputs"]
+            source = inputs.get("inputs_pretokenized", inputs.get("inputs"))
+            row = {"source": source, "prediction": obj["prediction"]}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}:{lineno}: not a T5X infer line "
+                             f"(need inputs.inputs_pretokenized and prediction): {e}") from None
+        if source is None:
+            raise ValueError(f"{path}:{lineno}: inputs has no 'inputs_pretokenized' field")
+        if "prediction_tokens" in obj:
+            row["tokens"] = list(obj["prediction_tokens"])
+        if isinstance(obj.get("aux"), dict) and "scores" in obj["aux"]:
+            row["score"] = float(obj["aux"]["scores"])
+        rows.append(row)
+    return rows

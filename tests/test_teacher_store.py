@@ -1,0 +1,98 @@
+"""The teacher store: chunked, resumable, keyed, and reused without teacher compute."""
+import json
+
+import numpy as np
+import pytest
+
+from doa_jax import teacher_store as ts
+
+K = 3
+
+
+class CountingTeacher:
+    """A deterministic stand-in teacher (outputs are a function of the input row); counts rows."""
+
+    def __init__(self, fail_after_rows=None):
+        self.rows = 0
+        self.fail_after_rows = fail_after_rows
+
+    def __call__(self, enc):
+        if self.fail_after_rows is not None and self.rows >= self.fail_after_rows:
+            raise KeyboardInterrupt("killed")
+        self.rows += len(enc)
+        n = len(enc)
+        tokens = np.stack([(enc[:, 0] + t) % 50 + 2 for t in range(4)], 1).astype(np.int32)
+        tokens[:, -1] = 1
+        values = np.sort(np.random.default_rng(enc[:, 0].sum()).normal(size=(n, 4, K)), -1)[..., ::-1]
+        return {"tokens": tokens, "lengths": np.full(n, 4, np.int32), "sequence_logprob": -enc[:, 0] / 10.0,
+                "topk_values": values.astype(np.float32), "topk_ids": np.tile(np.arange(K), (n, 4, 1))}
+
+
+def inputs(n=10):
+    sources = [f"sentence {i}" for i in range(n)]
+    return sources, np.array([[i + 5, 1] for i in range(n)], np.int32)
+
+
+def detok(tokens):
+    return " ".join(str(t) for t in tokens if t > 1)
+
+
+def test_killed_build_resumes_without_recomputing_finished_chunks(tmp_path):
+    sources, enc = inputs(10)
+    store = ts.TeacherStore(tmp_path, "k")
+    with pytest.raises(KeyboardInterrupt):
+        store.build(sources, enc, CountingTeacher(fail_after_rows=6), detok, chunk_size=3)
+    assert not store.is_complete()
+    rerun = CountingTeacher()
+    stats = store.build(sources, enc, rerun, detok, chunk_size=3)
+    assert (stats.reused_chunks, stats.computed_chunks, rerun.rows) == (2, 2, 4)
+    out = store.load()
+    expected = CountingTeacher()(enc)
+    np.testing.assert_array_equal(out.tokens, expected["tokens"])
+    np.testing.assert_allclose(out.topk_values, expected["topk_values"])
+    assert out.sources == sources and out.predictions[0] == detok(expected["tokens"][0])
+
+
+def test_same_key_reuses_the_store_with_no_teacher_compute(tmp_path):
+    sources, enc = inputs(7)
+    key = ts.store_key("teacher-abc", sources, {"decode": "greedy", "max_len": 4, "topk": K})
+    ts.TeacherStore(tmp_path, key).build(sources, enc, CountingTeacher(), detok, chunk_size=4)
+    again = CountingTeacher()
+    stats = ts.TeacherStore(tmp_path, key).build(sources, enc, again, detok, chunk_size=4)
+    assert (again.rows, stats.computed_chunks, stats.reused_chunks) == (0, 0, 2)
+
+
+def test_key_changes_with_teacher_inputs_or_settings():
+    sources = ["a", "b"]
+    base = ts.store_key("t1", sources, {"beams": 1})
+    assert base == ts.store_key("t1", list(sources), {"beams": 1})
+    assert len({base, ts.store_key("t2", sources, {"beams": 1}), ts.store_key("t1", ["a", "c"], {"beams": 1}),
+                ts.store_key("t1", sources, {"beams": 4})}) == 4
+
+
+def test_empty_unlabeled_pool_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unlabeled pool is empty"):
+        ts.TeacherStore(tmp_path, "k").build([], np.zeros((0, 2), np.int32), CountingTeacher(), detok)
+
+
+def test_param_fingerprint_sees_a_changed_value():
+    params = {"a": np.arange(10, dtype=np.float32), "b": {"c": np.ones((3, 3), np.float32)}}
+    changed = {"a": params["a"].copy(), "b": params["b"]}
+    changed["a"][0] = 7.0
+    assert ts.fingerprint_params(params) == ts.fingerprint_params(dict(params))
+    assert ts.fingerprint_params(params) != ts.fingerprint_params(changed)
+
+
+def test_reads_t5x_infer_output_as_pseudo_labels(t5x_fixtures):
+    plain = ts.read_t5x_infer_jsonl(t5x_fixtures / "infer_example.jsonl")
+    aux = ts.read_t5x_infer_jsonl(t5x_fixtures / "infer_example_with_aux.jsonl")
+    assert plain[0] == {"source": "reverse: run big five four", "prediction": "one moon"}
+    assert len(aux) == len(plain) == 8
+    assert aux[0]["tokens"][-1] == 1 and isinstance(aux[0]["score"], float)
+
+
+def test_a_bad_t5x_line_names_file_and_line(tmp_path):
+    path = tmp_path / "task-predict.jsonl-00000-of-00001"
+    path.write_text(json.dumps({"inputs": {"inputs_pretokenized": "x"}, "prediction": "y"}) + "\n{\"oops\": 1}\n")
+    with pytest.raises(ValueError, match=r"00001:2: not a T5X infer line"):
+        ts.read_t5x_infer_jsonl(path)
