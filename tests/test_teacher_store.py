@@ -23,7 +23,7 @@ class CountingTeacher:
         n = len(enc)
         tokens = np.stack([(enc[:, 0] + t) % 50 + 2 for t in range(4)], 1).astype(np.int32)
         tokens[:, -1] = 1
-        values = np.sort(np.random.default_rng(enc[:, 0].sum()).normal(size=(n, 4, K)), -1)[..., ::-1]
+        values = -np.sin(enc[:, 0, None, None] * 0.1 + np.arange(4)[None, :, None]) - np.arange(K)
         return {"tokens": tokens, "lengths": np.full(n, 4, np.int32), "sequence_logprob": -enc[:, 0] / 10.0,
                 "topk_values": values.astype(np.float32), "topk_ids": np.tile(np.arange(K), (n, 4, 1))}
 
