@@ -1,0 +1,65 @@
+"""Distillation losses: the student matches the teacher's (temperature-softened) distribution.
+
+The paper (Kang et al. 2023) trains the student with T^2 * KL(teacher || student) at T = 2 on the
+teacher's greedy output sequence. Its released code flattens [B, L, V] logits to [B*L, V] and uses
+`KLDivLoss(reduction="batchmean")`, so every decoder position, padding included, counts and the
+sum is divided by B*L (`paper_exact=True`). By default padded positions are masked out and the
+sum is divided by the number of real target tokens.
+
+Soft targets come either from full teacher logits `[B, T, V]` or from stored top-k logits
+(`values`, `ids` of shape `[B, T, k]`), renormalised over those k entries; with k = V the two
+are identical.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _kl_per_position(teacher_logp: Array, student_logp_at: Array) -> Array:
+    """KL(p_t || p_s) summed over the (top-k or full) support: [B, T]."""
+    p = jnp.exp(teacher_logp)
+    return jnp.sum(jnp.where(p > 0, p * (teacher_logp - student_logp_at), 0.0), axis=-1)
+
+
+def _reduce(per_position: Array, weights: Optional[Array], paper_exact: bool) -> Array:
+    if paper_exact or weights is None:
+        return jnp.mean(per_position)
+    weights = weights.astype(per_position.dtype)
+    return jnp.sum(per_position * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def kd_loss(student_logits: Array, teacher_logits: Array, weights: Optional[Array] = None, *,
+            temperature: float = 2.0, paper_exact: bool = False) -> Array:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), from full teacher logits `[B, T, V]`."""
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    return temperature ** 2 * _reduce(_kl_per_position(t, s), weights, paper_exact)
+
+
+def topk_kd_loss(student_logits: Array, topk_values: Array, topk_ids: Array,
+                 weights: Optional[Array] = None, *, temperature: float = 2.0,
+                 paper_exact: bool = False) -> Array:
+    """`kd_loss` with the teacher given by its top-k logits per position (stored once, reused)."""
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    s_at = jnp.take_along_axis(s, topk_ids.astype(jnp.int32), axis=-1)
+    t = jax.nn.log_softmax(topk_values.astype(jnp.float32) / temperature, axis=-1)
+    return temperature ** 2 * _reduce(_kl_per_position(t, s_at), weights, paper_exact)
+
+
+def sequence_kd_loss(student_logits: Array, teacher_tokens: Array, weights: Array) -> Array:
+    """Sequence-level KD: token cross-entropy on the teacher's output sequence (mean over tokens)."""
+    logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, teacher_tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return _reduce(nll, weights, False)
+
+
+def mix(kd: Array, gold_ce: Array, alpha: float) -> Array:
+    """alpha * distillation + (1 - alpha) * gold cross-entropy (alpha = 1: the paper, no gold term)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return alpha * kd + (1.0 - alpha) * gold_ce
