@@ -14,6 +14,10 @@ import sys
 # name -> module; order is the order of `doa --help`.
 COMMANDS: dict[str, str] = {
     "convert": "doa_jax.commands.convert",
+    "data": "doa_jax.commands.data",
+    "score": "doa_jax.commands.score",
+    "vocab": "doa_jax.commands.vocab",
+    "plan": "doa_jax.commands.plan",
 }
 
 

@@ -1,0 +1,72 @@
+"""Teacher outputs for distillation: decode, then score the decoded sequence once for soft targets.
+
+`make_predict_fn` turns a teacher (module + params) into the `PredictFn` a `TeacherStore` fills
+itself with: greedy (or beam) output tokens, their summed log-probability, and the teacher's
+top-k logits at every output position (from one teacher-forced forward pass over the decoded
+sequence, the positions the student is trained on). Rows are processed in fixed-size, padded
+sub-batches so each shape compiles once.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from doa_jax import decoding
+from doa_jax.model import Transformer
+
+
+def shift_right(tokens: np.ndarray) -> np.ndarray:
+    """Decoder inputs for targets: start token 0, then the targets without their last position."""
+    return np.concatenate([np.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _score(module: Transformer, params: Any, enc: jax.Array, tokens: jax.Array, topk: int):
+    dec_in = jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+    logits = module.apply({"params": params}, enc, dec_in)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    token_logp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    valid = _valid_positions(tokens)
+    values, ids = jax.lax.top_k(logits, topk)
+    return (jnp.sum(token_logp * valid, axis=1), values * valid[..., None],
+            jnp.where(valid[..., None] > 0, ids, 0))
+
+
+def _valid_positions(tokens: jax.Array) -> jax.Array:
+    """1.0 up to and including the first EOS (1); 0 after it and on padding."""
+    is_eos = (tokens == decoding.EOS_ID).astype(jnp.int32)
+    before_or_at_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) == 0
+    return (before_or_at_eos & (tokens != decoding.PAD_ID)).astype(jnp.float32)
+
+
+def make_predict_fn(module: Transformer, params: Any, max_decode_len: int, *, num_beams: int = 1,
+                    topk: int = 8, batch_size: int = 64, **decode_options: Any):
+    """A `TeacherStore` predict function: encoder tokens `[n, S]` -> the store's arrays for n rows."""
+    vocab = module.config.vocab_size
+    if not 1 <= topk <= vocab:
+        raise ValueError(f"topk must be in [1, vocab_size={vocab}], got {topk}")
+
+    def predict(encoder_input_tokens: np.ndarray) -> Mapping[str, np.ndarray]:
+        enc_all = np.asarray(encoder_input_tokens, np.int32)
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in
+                                              ("tokens", "lengths", "sequence_logprob", "topk_values", "topk_ids")}
+        for lo in range(0, len(enc_all), batch_size):
+            enc = enc_all[lo:lo + batch_size]
+            n = len(enc)
+            if n < batch_size:  # pad rows (all-pad inputs) so every sub-batch has one shape
+                enc = np.concatenate([enc, np.zeros((batch_size - n, enc.shape[1]), np.int32)])
+            result = decoding.generate(module, params, enc, max_decode_len, num_beams=num_beams, **decode_options)
+            tokens = np.asarray(result.tokens)
+            seq_logp, values, ids = _score(module, params, enc, jnp.asarray(tokens), topk)
+            parts["tokens"].append(tokens[:n])
+            parts["lengths"].append(np.asarray(result.lengths)[:n])
+            parts["sequence_logprob"].append(np.asarray(seq_logp)[:n])
+            parts["topk_values"].append(np.asarray(values, np.float32)[:n])
+            parts["topk_ids"].append(np.asarray(ids, np.int32)[:n])
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    return predict
