@@ -90,12 +90,16 @@ class T5Model:
             raise ValueError(f"{name} has token id {tokens.max()} >= vocab_size {self.config.vocab_size}")
 
 
-def init_params(config: T5Config, seed: int = 0) -> Any:
-    """Random float32 parameters for `config` (T5X's initialisers), built under jit."""
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config: T5Config):
     module = Transformer(config)
     dummy = jnp.ones((1, 1), jnp.int32)
-    init = jax.jit(lambda rng: nn.meta.unbox(module.init(rng, dummy, dummy)["params"]))
-    return init(jax.random.PRNGKey(seed))
+    return jax.jit(lambda rng: nn.meta.unbox(module.init(rng, dummy, dummy)["params"]))
+
+
+def init_params(config: T5Config, seed: int = 0) -> Any:
+    """Random float32 parameters for `config` (T5X's initialisers), built under jit (compiled once per config)."""
+    return _jitted_init(config)(jax.random.PRNGKey(seed))
 
 
 def load_model(path_or_size_name: str | os.PathLike, *, dtype: Optional[str] = "float32",

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "score": "doa_jax.commands.score",
     "vocab": "doa_jax.commands.vocab",
     "plan": "doa_jax.commands.plan",
+    "train": "doa_jax.commands.train",
 }
 
 
@@ -43,6 +44,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"doa {args.command}: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Checkpoints: native Orbax save/restore, HuggingFace T5 import/export, T5X import.
+
+`load_checkpoint(path)` detects the format from the path and returns `(T5Config, params)`, params
+being T5X's tree of float32 numpy arrays (what `Transformer(config).init` gives, unboxed), checked
+against the config: every missing, unexpected or mis-shaped parameter is named in one
+`CheckpointError`. Only safe formats are read (safetensors, msgpack, TensorStore, JSON; no pickle).
+
+Formats (`detect_format`):
+  'hf'          directory with config.json + model.safetensors (or model.safetensors.index.json)
+  't5x_legacy'  T5X `checkpoint_N/` with a msgpack `checkpoint` file and zarr array directories
+  't5x_orbax'   T5X `checkpoint_N/` with an Orbax `state/` item (or that `state/` directory)
+  'native'      doa-jax Orbax checkpoint (items `params` + `config`), also a trainer step
+  'native_run'  a directory of native step checkpoints (or a trainer MODEL_DIR with them in
+                `checkpoints/`): the latest step is loaded
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Mapping, Optional
+
+from doa_jax.checkpoints import hf, native, t5x
+from doa_jax.checkpoints.native import load_native, save_native
+from doa_jax.checkpoints.tree import CheckpointError
+from doa_jax.model import T5Config
+
+FORMATS = ("hf", "t5x_legacy", "t5x_orbax", "native", "native_run")
+
+_LOADERS = {
+    "hf": hf.load_hf,
+    "t5x_legacy": t5x.load_t5x,
+    "t5x_orbax": t5x.load_t5x,
+    "native": load_native,
+    "native_run": load_native,
+}
+_SAVERS = {"native": save_native, "orbax": save_native, "hf": hf.save_hf}
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """One of `FORMATS`, from what the directory holds; `CheckpointError` when it is none of them."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory holding it ({path.parent})")
+    has_weights = (path / hf.WEIGHTS_FILE).is_file() or (path / hf.INDEX_FILE).is_file()
+    if (path / hf.CONFIG_FILE).is_file() and has_weights:
+        return "hf"
+    if (path / t5x.LEGACY_FILE).is_file() and t5x.is_legacy_file(path / t5x.LEGACY_FILE):
+        return "t5x_legacy"
+    if (path / t5x.ORBAX_ITEM / "_METADATA").is_file() or (
+            path.name == t5x.ORBAX_ITEM and (path / "_METADATA").is_file()):
+        return "t5x_orbax"
+    if native.is_native(path):
+        return "native"
+    if native.run_steps(path):
+        return "native_run"
+    listing = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(listing[:12]) + (f", ... ({len(listing)} entries)" if len(listing) > 12 else "")
+    hint = ""
+    if (path / hf.CONFIG_FILE).is_file():
+        hint = " (config.json without safetensors weights: PyTorch .bin files are not read)"
+    elif any(p.name.startswith("checkpoint_") for p in path.iterdir()):
+        hint = " (a T5X model directory? pass one of its checkpoint_N directories)"
+    raise CheckpointError(
+        f"unknown checkpoint format at {path}{hint}: expected an HF directory (config.json + "
+        f"model.safetensors), a T5X checkpoint_N (msgpack 'checkpoint' or Orbax 'state/'), or a doa-jax "
+        f"checkpoint ('params/' + 'config/') or run directory; found: {shown or 'nothing'}")
+
+
+def load_checkpoint(path: str | os.PathLike, config: Optional[T5Config] = None) -> tuple[T5Config, dict]:
+    """(config, params) from any supported checkpoint; `config` overrides the stored/inferred one."""
+    return _LOADERS[detect_format(path)](path, config)
+
+
+def save_checkpoint(path: str | os.PathLike, config: T5Config, params: Mapping[str, Any],
+                    format: str = "native") -> pathlib.Path:
+    """Writes a native ('native' or 'orbax') or 'hf' checkpoint directory at `path`; returns it."""
+    if format not in _SAVERS:
+        raise CheckpointError(f"unknown checkpoint format {format!r} to save; choose from {sorted(_SAVERS)}")
+    _SAVERS[format](path, config, params)
+    return pathlib.Path(path)
+
+
+__all__ = ["FORMATS", "CheckpointError", "detect_format", "load_checkpoint", "save_checkpoint",
+           "load_native", "save_native"]

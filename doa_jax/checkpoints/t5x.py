@@ -1,0 +1,150 @@
+"""T5X checkpoints: the legacy format (msgpack + TensorStore zarr) and the Orbax format (OCDBT).
+
+Both hold T5X's train state `{target: params, state: {step, param_states}}` under paths that are
+already ours, so params need no renaming. Legacy `checkpoint_N/checkpoint` is flax-msgpack: small
+leaves inline (ext type 1 ndarray / 3 numpy scalar: `[shape, dtype, bytes]`), the rest as
+TensorStore spec dicts whose kvstore path is relative to `checkpoint_N/`. Orbax `checkpoint_N/state/`
+is an Orbax PyTree item. T5X stores no model config; `infer_config` reads it off the shapes.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from doa_jax.checkpoints.tensorstore_io import read_arrays, read_orbax_item, zarr_dir_spec
+from doa_jax.checkpoints.tree import CheckpointError, check_params, flatten, float32_tree, unflatten
+from doa_jax.model import T5Config
+
+LEGACY_FILE = "checkpoint"
+ORBAX_ITEM = "state"
+
+_MSGPACK_ARRAY_EXT = (1, 3)  # flax.serialization: ndarray, numpy scalar
+
+
+def _dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    import msgpack
+
+    if code not in _MSGPACK_ARRAY_EXT:
+        raise ValueError(f"unsupported msgpack ext type {code} (only arrays, types 1 and 3, are read)")
+    shape, dtype, buffer = msgpack.unpackb(data, raw=False)
+    return np.frombuffer(buffer, dtype=_dtype(dtype)).reshape(shape)
+
+
+def _is_spec(node: Any) -> bool:
+    return isinstance(node, dict) and "driver" in node and "kvstore" in node
+
+
+def _leaves(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    if isinstance(node, dict) and not _is_spec(node):
+        for key, value in node.items():
+            yield from _leaves(value, path + (str(key),))
+    else:
+        yield path, node
+
+
+def is_legacy_file(file: pathlib.Path) -> bool:
+    """A flax-msgpack T5X checkpoint starts with a msgpack map (fixmap, map16 or map32)."""
+    try:
+        with open(file, "rb") as f:
+            first = f.read(1)
+    except OSError:
+        return False
+    return bool(first) and (0x80 <= first[0] <= 0x8F or first[0] in (0xDE, 0xDF))
+
+
+def _read_legacy(ckpt_dir: pathlib.Path, wanted: set[str]) -> dict[tuple[str, ...], np.ndarray]:
+    import msgpack
+
+    file = ckpt_dir / LEGACY_FILE
+    try:
+        raw = msgpack.unpackb(file.read_bytes(), ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise CheckpointError(f"{file} is not a readable T5X msgpack checkpoint ({e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("optimizer"), dict) \
+            or "target" not in raw["optimizer"]:
+        keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"{file}: expected T5X's {{'version', 'optimizer': {{'target', 'state'}}}}, "
+                              f"found {keys}")
+    inline, specs, missing = {}, {}, []
+    for path, leaf in _leaves({k: v for k, v in raw["optimizer"].items() if k in wanted}):
+        if not _is_spec(leaf):
+            inline[path] = np.asarray(leaf)
+            continue
+        kvstore = leaf["kvstore"]
+        relative = kvstore.get("path", "") if isinstance(kvstore, dict) else kvstore.removeprefix("file://")
+        directory = pathlib.Path(relative) if os.path.isabs(relative) else ckpt_dir / relative
+        if not directory.is_dir():
+            missing.append(relative)
+        specs[path] = zarr_dir_spec(directory)
+    if missing:
+        one = len(missing) == 1
+        raise CheckpointError(f"T5X checkpoint {ckpt_dir}: array director{'y' if one else 'ies'} "
+                              f"{', '.join(missing)} {'is' if one else 'are'} missing")
+    return {**inline, **read_arrays(specs, str(ckpt_dir), ".".join)}
+
+
+def read_t5x(path: str | os.PathLike, include_state: bool = False) -> dict[str, Any]:
+    """A T5X checkpoint (`checkpoint_N/`, legacy or Orbax) as a nested dict of numpy arrays.
+
+    Returns `{'target': params}`, plus `'state'` (step and optimizer slots) with `include_state`.
+    """
+    ckpt_dir = pathlib.Path(path)
+    wanted = {"target", "state"} if include_state else {"target"}
+    if (ckpt_dir / LEGACY_FILE).is_file():
+        flat = _read_legacy(ckpt_dir, wanted)
+    else:
+        item = ckpt_dir / ORBAX_ITEM if (ckpt_dir / ORBAX_ITEM / "_METADATA").exists() else ckpt_dir
+        flat = read_orbax_item(item, keep=lambda p: p[0] in wanted)
+    if not any(p[0] == "target" for p in flat):
+        raise CheckpointError(f"T5X checkpoint {ckpt_dir} has no 'target' (params) tree")
+    return unflatten({"/".join(p): a for p, a in flat.items()})
+
+
+def infer_config(flat: dict[str, Any], source: str) -> T5Config:
+    """The T5Config a T5X param tree was built with, from its shapes.
+
+    Gated MLPs (`wi_0`, `wi_1`) are taken as T5 v1.1's gated GELU and a single `wi` as original
+    T5's ReLU; a tree without `decoder/logits_dense` has tied, scaled logits.
+    """
+    need = ("token_embedder/embedding", "encoder/relpos_bias/rel_embedding",
+            "encoder/layers_0/attention/query/kernel")
+    absent = [p for p in need if p not in flat]
+    if absent:
+        raise CheckpointError(f"{source}: cannot infer the model config, missing {absent} "
+                              "(is this an unscanned T5 checkpoint? else pass a config)")
+    vocab, emb = np.shape(flat["token_embedder/embedding"])
+    heads, buckets = np.shape(flat["encoder/relpos_bias/rel_embedding"])
+    gated = "encoder/layers_0/mlp/wi_0/kernel" in flat
+    wi = flat.get(f"encoder/layers_0/mlp/{'wi_0' if gated else 'wi'}/kernel")
+    if wi is None:
+        raise CheckpointError(f"{source}: cannot infer mlp_dim, no encoder/layers_0/mlp/wi or wi_0 kernel")
+
+    def count(stack: str) -> int:
+        return len({p.split("/")[1] for p in flat if p.startswith(f"{stack}/layers_")})
+
+    return T5Config(vocab_size=int(vocab), emb_dim=int(emb), num_heads=int(heads),
+                    head_dim=int(np.shape(flat["encoder/layers_0/attention/query/kernel"])[1]) // int(heads),
+                    mlp_dim=int(np.shape(wi)[1]), num_encoder_layers=count("encoder"),
+                    num_decoder_layers=count("decoder"),
+                    mlp_activations=("gelu", "linear") if gated else ("relu",),
+                    logits_via_embedding="decoder/logits_dense/kernel" not in flat,
+                    relative_attention_num_buckets=int(buckets))
+
+
+def load_t5x(path: str | os.PathLike, config: Optional[T5Config] = None) -> tuple[T5Config, dict]:
+    """(config, float32 params) from a T5X checkpoint; the config is inferred when not given."""
+    flat = flatten(read_t5x(path)["target"])
+    config = config or infer_config(flat, os.fspath(path))
+    check_params(config, flat, os.fspath(path))
+    return config, float32_tree(flat)
