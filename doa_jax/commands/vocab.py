@@ -1,0 +1,37 @@
+"""`doa vocab build`: a SentencePiece model with T5's ids (pad 0, eos 1, unk 2; +100 extra ids) from task text."""
+from __future__ import annotations
+
+import json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("vocab", help="build a T5-style SentencePiece vocabulary offline")
+    sub = parser.add_subparsers(dest="vocab_command", metavar="ACTION")
+    sub.required = True
+    build = sub.add_parser("build", help="train a SentencePiece model on task text (T5 ids)")
+    build.add_argument("--out", required=True, help="model path, ending in .model (a .vocab is written beside)")
+    build.add_argument("--tasks", nargs="+", default=["all"], help="task card names, or 'all' (default)")
+    build.add_argument("--text", nargs="*", default=[], help="extra plain-text files, one sentence a line")
+    build.add_argument("--vocab-size", type=int, default=32000, help="pieces (T5: 32000), an upper bound")
+    build.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    build.add_argument("--data-dir", help="data folder for a single task (default: the cards')")
+    build.set_defaults(func=run_build)
+
+
+def run_build(args) -> int:
+    import pathlib
+
+    from doa_jax.data import cards, vocab
+
+    names = cards.card_names() if args.tasks == ["all"] else args.tasks
+    data_dir = args.data_dir if len(names) == 1 else None
+    texts = vocab.task_texts(names, data_dir) if names else []
+    for path in args.text:
+        p = pathlib.Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"text file {p} not found")
+        texts.extend(p.read_text(encoding="utf-8").splitlines())
+    path = vocab.build_vocab(texts, args.out, vocab_size=args.vocab_size, model_type=args.model_type)
+    v = vocab.Vocabulary(path)
+    print(json.dumps({"pieces": v.base_vocab_size, **v.spec()}, indent=2))
+    return 0

@@ -1,0 +1,214 @@
+"""Task cards: one TOML file per task (`tasks/<name>.toml`) says everything the toolkit needs about it.
+
+A card names the task's data files (per split, under a data directory) and the paper's download URLs,
+the input prefix, the feature lengths (with the coverage they were chosen for), the label set of a
+classification task, the metric, the annotation cost per label, and how to carve the four splits
+(labeled pool `train`, unlabeled pool `unlabeled`, `validation`, `test`) out of a file when the
+task has no separate file for a split. Adding a task is adding a card; nothing here branches on a
+task's name.
+
+Where the data lives: `data_dir` argument > `$DOA_DATA_DIR/<subdir>` > `<repo>/../shared/data/doa/
+<subdir>` (when present) > `~/.cache/doa_jax/data/<subdir>` (where `doa data download` writes).
+Imports no TensorFlow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tomllib
+from typing import Any, Mapping
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CARDS_DIR = REPO / "tasks"
+SHARED_DATA = (REPO / ".." / "shared" / "data" / "doa").resolve()
+CACHE_DATA = pathlib.Path(os.path.expanduser("~/.cache/doa_jax/data"))
+
+SPLITS = ("train", "unlabeled", "validation", "test")  # train = the labeled pool
+EMPTY_TARGET_POLICIES = ("error", "skip", "keep")
+
+
+class CardError(ValueError):
+    """A card that is missing a field or has a bad value; the message names the card file and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """One task, as its card describes it (see the module docstring and `tasks/README` in README.md)."""
+
+    name: str
+    path: pathlib.Path
+    description: str
+    input_prefix: str
+    feature_lengths: Mapping[str, int]
+    coverage: Mapping[str, Any]
+    metric: str
+    primary_metric: str
+    annotation_cost_usd: float
+    labels: tuple[str, ...]
+    entity_types: tuple[str, ...]
+    files: Mapping[str, str]
+    urls: Mapping[str, str]
+    subdir: str
+    empty_targets: str
+    carve_from: str | None
+    pool_fractions: Mapping[str, float]
+    pool_seed: int
+
+    @property
+    def is_classification(self) -> bool:
+        return bool(self.labels)
+
+    def data_dir(self, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+        """The folder holding this task's files (see the module docstring for the search order)."""
+        if data_dir is not None:
+            return pathlib.Path(data_dir)
+        root = os.environ.get("DOA_DATA_DIR")
+        if root:
+            return pathlib.Path(root) / self.subdir
+        if (SHARED_DATA / self.subdir).exists():
+            return SHARED_DATA / self.subdir
+        return CACHE_DATA / self.subdir
+
+    def file_path(self, key: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+        """Path of the file `files[key]`; a `.json` name also finds a `.jsonl` copy and vice versa."""
+        if key not in self.files:
+            raise CardError(f"{self.path}: [data] files has no {key!r} (it has {sorted(self.files)})")
+        folder = self.data_dir(data_dir)
+        path = folder / self.files[key]
+        if path.exists():
+            return path
+        alt = path.with_suffix(".jsonl" if path.suffix == ".json" else ".json")
+        if alt.exists():
+            return alt
+        raise FileNotFoundError(
+            f"task {self.name}: data file {path} not found (split file {key!r} of {self.path.name}); "
+            f"run `doa data download {self.name}`, or point DOA_DATA_DIR at a folder holding "
+            f"{self.subdir}/{self.files[key]}"
+        )
+
+
+def _get(table: Mapping[str, Any], key: str, kind, where: str, default=dataclasses.MISSING):
+    if key not in table:
+        if default is dataclasses.MISSING:
+            raise CardError(f"{where}: missing field {key!r}")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CardError(f"{where}: field {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def parse_card(raw: Mapping[str, Any], path: pathlib.Path) -> Card:
+    """Validates a parsed TOML table; errors name the card file and field."""
+    from doa_jax import metrics  # the metric table (pure Python)
+
+    where = str(path)
+    name = _get(raw, "name", str, where)
+    lengths = _get(raw, "lengths", dict, where)
+    feature_lengths = {}
+    for feat in ("inputs", "targets"):
+        n = _get(lengths, feat, int, f"{where} [lengths]")
+        if n <= 0:
+            raise CardError(f"{where} [lengths]: {feat} must be positive, got {n}")
+        feature_lengths[feat] = n
+    coverage = dict(lengths.get("coverage", {}))
+    metric = _get(raw, "metric", str, where)
+    if metric not in metrics.METRICS:
+        raise CardError(f"{where}: metric {metric!r} is not one of {sorted(metrics.METRICS)}")
+    cost = _get(raw, "annotation_cost_usd", float, where)
+    if cost <= 0:
+        raise CardError(f"{where}: annotation_cost_usd must be positive, got {cost}")
+    labels = tuple(_get(raw, "labels", list, where, []))
+    entity_types = tuple(_get(raw, "entity_types", list, where, []))
+    for field, values in (("labels", labels), ("entity_types", entity_types)):
+        if not all(isinstance(v, str) and v.strip() for v in values):
+            raise CardError(f"{where}: {field} must be non-empty strings, got {list(values)!r}")
+    if metrics.METRICS[metric].needs == "labels" and not labels:
+        raise CardError(f"{where}: metric {metric!r} needs a `labels` list")
+    if metrics.METRICS[metric].needs == "entity_types" and not entity_types:
+        raise CardError(f"{where}: metric {metric!r} needs an `entity_types` list")
+
+    data = _get(raw, "data", dict, where)
+    dwhere = f"{where} [data]"
+    files = dict(_get(data, "files", dict, dwhere))
+    urls = dict(_get(data, "urls", dict, dwhere, {}))
+    for table_name, table in (("files", files), ("urls", urls)):
+        for k, v in table.items():
+            if not isinstance(v, str) or not v:
+                raise CardError(f"{dwhere}: {table_name}.{k} must be a non-empty string")
+    unknown_urls = set(urls) - set(files)
+    if unknown_urls:
+        raise CardError(f"{dwhere}: urls {sorted(unknown_urls)} have no entry in files")
+    empty_targets = _get(data, "empty_targets", str, dwhere, "error")
+    if empty_targets not in EMPTY_TARGET_POLICIES:
+        raise CardError(f"{dwhere}: empty_targets must be one of {EMPTY_TARGET_POLICIES}, got {empty_targets!r}")
+
+    pools = _get(raw, "pools", dict, where, {})
+    pwhere = f"{where} [pools]"
+    fractions = {k: float(v) for k, v in _get(pools, "fractions", dict, pwhere, {}).items()}
+    carve_from = _get(pools, "carve_from", str, pwhere, None)
+    bad = set(fractions) - set(SPLITS)
+    if bad:
+        raise CardError(f"{pwhere}: fractions for unknown splits {sorted(bad)} (splits: {SPLITS})")
+    if fractions:
+        if carve_from is None or carve_from not in files:
+            raise CardError(f"{pwhere}: carve_from must name a key of [data] files, got {carve_from!r}")
+        if any(f <= 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-9:
+            raise CardError(f"{pwhere}: fractions must be positive and sum to 1, got {fractions}")
+    for split in SPLITS:
+        from_file = split in files and split != carve_from
+        carved = split in fractions
+        if from_file == carved:
+            raise CardError(
+                f"{where}: split {split!r} must come from exactly one of [data] files or [pools] fractions"
+                f" ({'both' if carved else 'neither'} given)"
+            )
+    return Card(
+        name=name,
+        path=path,
+        description=_get(raw, "description", str, where, ""),
+        input_prefix=_get(raw, "input_prefix", str, where),
+        feature_lengths=feature_lengths,
+        coverage=coverage,
+        metric=metric,
+        primary_metric=_get(raw, "primary_metric", str, where),
+        annotation_cost_usd=cost,
+        labels=labels,
+        entity_types=entity_types,
+        files=files,
+        urls=urls,
+        subdir=_get(data, "subdir", str, dwhere, name),
+        empty_targets=empty_targets,
+        carve_from=carve_from if fractions else None,
+        pool_fractions=fractions,
+        pool_seed=_get(pools, "seed", int, pwhere, 0),
+    )
+
+
+def load_card(name_or_path: str | os.PathLike, cards_dir: str | os.PathLike | None = None) -> Card:
+    """A card by task name (looked up in `tasks/`) or by path to a `.toml` file."""
+    if isinstance(name_or_path, Card):
+        return name_or_path
+    p = pathlib.Path(name_or_path)
+    if p.suffix != ".toml":
+        p = pathlib.Path(cards_dir or CARDS_DIR) / f"{name_or_path}.toml"
+        if not p.exists():
+            raise FileNotFoundError(
+                f"no task card {p} (known tasks: {', '.join(card_names(cards_dir)) or 'none'})"
+            )
+    if not p.exists():
+        raise FileNotFoundError(f"task card {p} not found")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise CardError(f"{p}: not valid TOML ({e})") from None
+    return parse_card(raw, p)
+
+
+def card_names(cards_dir: str | os.PathLike | None = None) -> list[str]:
+    """Names of the cards in `tasks/` (sorted)."""
+    d = pathlib.Path(cards_dir or CARDS_DIR)
+    return sorted(p.stem for p in d.glob("*.toml"))

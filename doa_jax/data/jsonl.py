@@ -1,0 +1,115 @@
+"""Reading the paper's text-to-text files: one JSON object a line, `{"source": str, "target": str}`.
+
+Every problem is reported with the file and line number. A bad line (not JSON, not an object, no
+string `source`, no string `target` where one is required) is an error, or, with `skip_bad=True`,
+skipped and counted in `Loaded.skipped`. Empty targets follow a policy: "error", "skip" (counted), or
+"keep" (an unlabeled file's targets are ignored). Blank lines are ignored. Imports no TensorFlow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Iterator
+
+
+@dataclasses.dataclass
+class Loaded:
+    """Examples read from one file, and the lines that were skipped as (line number, reason)."""
+
+    path: pathlib.Path
+    examples: list[dict[str, str]]
+    skipped: list[tuple[int, str]]
+
+
+def iter_objects(path: str | os.PathLike) -> Iterator[tuple[int, Any | ValueError]]:
+    """(line number, parsed object) for each non-blank line; a line that is not JSON gives a ValueError."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: is a folder, expected a JSON-lines file")
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+
+
+def load_examples(
+    path: str | os.PathLike,
+    *,
+    require_target: bool = True,
+    empty_targets: str = "error",
+    skip_bad: bool = False,
+) -> Loaded:
+    """Reads a {"source","target"} JSON-lines file.
+
+    require_target=False reads an unlabeled file: `target` may be absent (it becomes "").
+    empty_targets: "error" | "skip" | "keep" for a target that is "" or only spaces.
+    skip_bad=True skips malformed lines (counted in `.skipped`) instead of raising.
+    """
+    path = pathlib.Path(path)
+    examples: list[dict[str, str]] = []
+    skipped: list[tuple[int, str]] = []
+
+    def bad(lineno: int, reason: str, *, always_skip: bool = False):
+        if skip_bad or always_skip:
+            skipped.append((lineno, reason))
+        else:
+            raise ValueError(f"{path}:{lineno}: {reason}")
+
+    for lineno, obj in iter_objects(path):
+        if isinstance(obj, ValueError):
+            if not skip_bad:
+                raise obj
+            skipped.append((lineno, str(obj).split(": ", 1)[1]))
+            continue
+        if not isinstance(obj, dict):
+            bad(lineno, f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        source = obj.get("source")
+        if not isinstance(source, str):
+            bad(lineno, "missing 'source'" if source is None else "'source' is not a string")
+            continue
+        target = obj.get("target")
+        if target is None and not require_target:
+            target = ""
+        if not isinstance(target, str):
+            bad(lineno, "missing 'target'" if target is None else "'target' is not a string")
+            continue
+        if require_target and not target.strip():
+            if empty_targets == "error":
+                bad(lineno, "empty 'target' (the card's empty_targets policy is 'error')")
+                continue
+            if empty_targets == "skip":
+                bad(lineno, "empty 'target'", always_skip=True)
+                continue
+        examples.append({"source": source, "target": target})
+    return Loaded(path=path, examples=examples, skipped=skipped)
+
+
+def load_predictions(path: str | os.PathLike, key: str = "prediction") -> list[str]:
+    """The `prediction` strings of a JSON-lines file (e.g. `doa infer` or T5X infer output), in order."""
+    out = []
+    for lineno, obj in iter_objects(path):
+        if isinstance(obj, ValueError):
+            raise obj
+        if not isinstance(obj, dict) or key not in obj:
+            raise ValueError(f"{path}:{lineno}: missing {key!r}")
+        value = obj[key]
+        if not isinstance(value, str):
+            raise ValueError(f"{path}:{lineno}: {key!r} is not a string")
+        out.append(value)
+    return out
+
+
+def write_examples(path: str | os.PathLike, examples) -> None:
+    """Writes {"source","target"} dicts as JSON lines."""
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({"source": ex["source"], "target": ex["target"]}, ensure_ascii=False) + "\n")

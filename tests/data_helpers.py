@@ -1,0 +1,20 @@
+"""A task vocabulary for data tests, built once per test session from ../shared's task text.
+
+`doa vocab build --tasks all --vocab-size 8000` logic: the vocabulary the cards' recorded
+coverage was measured with (T5's own spiece.model is not available offline).
+"""
+import functools
+import tempfile
+
+from doa_jax.data import cards, vocab
+
+
+@functools.lru_cache(maxsize=None)
+def task_vocab(data_root: str, vocab_size: int = 8000) -> vocab.Vocabulary:
+    names = cards.card_names()
+    texts = []
+    for name in names:
+        card = cards.load_card(name)
+        texts += vocab.task_texts([name], f"{data_root}/{card.subdir}")
+    path = vocab.build_vocab(texts, f"{tempfile.mkdtemp(prefix='doa_vocab_')}/tasks.model", vocab_size=vocab_size)
+    return vocab.Vocabulary(path)

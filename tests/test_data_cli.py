@@ -1,0 +1,160 @@
+"""`doa data stats|download`, `doa score`, `doa vocab build`: outputs and one-line errors."""
+import json
+
+import pytest
+
+from data_helpers import task_vocab
+from doa_jax import cli
+from doa_jax.data import cards
+
+MINE = ("data", "score", "vocab")
+
+
+@pytest.fixture
+def doa(monkeypatch, capsys):
+    """Runs `doa ARGS` in-process (only this module's commands); returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(cli, "COMMANDS", {k: v for k, v in cli.COMMANDS.items() if k in MINE})
+
+    def run(*args):
+        code = cli.main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("task", cards.card_names())
+def test_stats_show_at_most_one_percent_truncation_at_card_lengths(doa, doa_data, task):
+    vocab = task_vocab(str(doa_data))
+    code, out, _ = doa("data", "stats", task, "--vocab", vocab.path, "--json",
+                       "--data-dir", doa_data / cards.load_card(task).subdir)
+    assert code == 0
+    stats = json.loads(out)
+    assert stats["truncation_rate"]["either"] <= 0.01
+    assert stats["feature_lengths"] == dict(cards.load_card(task).feature_lengths)
+    assert sum(stats["sizes"].values()) > 0 and stats["length_percentiles"]["inputs"]["50"] > 1
+
+
+def test_stats_text_report(doa, doa_data):
+    vocab = task_vocab(str(doa_data))
+    code, out, _ = doa("data", "stats", "fever", "--vocab", vocab.path, "--data-dir", doa_data / "fever")
+    assert code == 0
+    assert "labels (train): " in out and "SUPPORTS" in out
+    assert "truncation at inputs=64, targets=8: inputs " in out
+
+
+def test_stats_without_a_vocabulary_is_one_clear_error(doa, monkeypatch):
+    monkeypatch.delenv("DOA_VOCAB", raising=False)
+    code, _, err = doa("data", "stats", "fever")
+    assert code == 2 and err.strip() == (
+        "doa data: error: needs --vocab PATH (T5's spiece.model, or a model from `doa vocab build`)")
+
+
+def test_score_classification(doa, tmp_path):
+    refs = _jsonl(tmp_path / "r.jsonl", [{"source": "c1", "target": "SUPPORTS"}, {"source": "c2", "target": "REFUTES"},
+                                         {"source": "c3", "target": "REFUTES"}])
+    preds = _jsonl(tmp_path / "p.jsonl", [{"prediction": "SUPPORTS"}, {"prediction": "refutes"}, {"prediction": "?"}])
+    code, out, _ = doa("score", "--task", "fever", "--predictions", preds, "--references", refs)
+    got = json.loads(out)
+    assert code == 0 and got["task"] == "fever"
+    assert got["accuracy"] == pytest.approx(200 / 3) and got["invalid_predictions"] == 1
+
+
+def test_score_each_task_prints_its_keys(doa, tmp_path, monkeypatch):
+    monkeypatch.delenv("DOA_BERTSCORE_MODEL", raising=False)
+    cases = {
+        "stanceosaurus": ("Discussing", {"macro_f1", "micro_f1"}),
+        "multipit_id": ("YES", {"accuracy"}),
+        "nq": ("Gareth Barry", {"exact_match", "f1"}),
+        "wlp": ("Mix [Action] reagents [Reagent]", {"f1", "paper_f1"}),
+        "multipit_gen": ("Happy Thanksgiving to you all", {"self_bleu", "bert_ibleu", "note"}),
+    }
+    for task, (target, keys) in cases.items():
+        refs = _jsonl(tmp_path / f"{task}_r.jsonl", [{"source": "Happy Thanksgiving to all", "target": target}])
+        preds = _jsonl(tmp_path / f"{task}_p.jsonl", [{"prediction": target}])
+        code, out, err = doa("score", "--task", task, "--predictions", preds, "--references", refs)
+        assert code == 0, err
+        got = json.loads(out)
+        assert keys <= set(got), task
+    assert got["bert_ibleu"] is None and "needs a BERTScore scorer model" in got["note"]
+
+
+def test_score_bad_prediction_line_names_file_and_line(doa, tmp_path):
+    refs = _jsonl(tmp_path / "r.jsonl", [{"source": "q", "target": "a"}] * 2)
+    preds = tmp_path / "p.jsonl"
+    preds.write_text('{"prediction": "a"}\n{"prediction": \n')
+    code, _, err = doa("score", "--task", "nq", "--predictions", preds, "--references", refs)
+    assert code == 2 and f"{preds}:2: not valid JSON" in err
+
+
+def test_score_reference_without_source_or_with_empty_target(doa, tmp_path):
+    preds = _jsonl(tmp_path / "p.jsonl", [{"prediction": "YES"}])
+    refs = _jsonl(tmp_path / "r.jsonl", [{"target": "YES"}])
+    code, _, err = doa("score", "--task", "multipit_id", "--predictions", preds, "--references", refs)
+    assert code == 2 and f"{refs}:1: missing 'source'" in err
+    refs = _jsonl(tmp_path / "r2.jsonl", [{"source": "s", "target": ""}])
+    code, _, err = doa("score", "--task", "multipit_id", "--predictions", preds, "--references", refs)
+    assert code == 2 and f"{refs}:1: empty 'target'" in err
+
+
+def test_score_counts_must_match_and_files_must_exist(doa, tmp_path):
+    refs = _jsonl(tmp_path / "r.jsonl", [{"source": "q", "target": "a"}] * 3)
+    preds = _jsonl(tmp_path / "p.jsonl", [{"prediction": "a"}] * 2)
+    code, _, err = doa("score", "--task", "nq", "--predictions", preds, "--references", refs)
+    assert code == 2 and "has 2 predictions but" in err and "has 3 references" in err
+    code, _, err = doa("score", "--task", "nq", "--predictions", tmp_path / "none.jsonl", "--references", refs)
+    assert code == 2 and err.count("\n") == 1 and "none.jsonl: no such file" in err
+
+
+def test_vocab_build_writes_a_t5_style_model(doa, doa_data, tmp_path):
+    out_path = tmp_path / "nq.model"
+    code, out, _ = doa("vocab", "build", "--tasks", "nq", "--vocab-size", "300", "--out", out_path,
+                       "--data-dir", doa_data / "nq")
+    assert code == 0
+    spec = json.loads(out)
+    assert out_path.exists() and spec["path"] == str(out_path)
+    assert spec["vocab_size"] == spec["pieces"] + 100 and spec["pieces"] <= 300
+
+
+def test_download_fetches_a_cards_urls(doa, tmp_path, monkeypatch):
+    """A user's card whose URLs are local files: download copies and checks them."""
+    src = _jsonl(tmp_path / "remote.json", [{"source": f"q{i}", "target": "a"} for i in range(10)])
+    card = tmp_path / "toy.toml"
+    card.write_text(f"""
+name = "toy"
+input_prefix = "toy: "
+metric = "squad"
+primary_metric = "f1"
+annotation_cost_usd = 0.1
+[lengths]
+inputs = 16
+targets = 8
+[data]
+files = {{ all = "toy_all.json" }}
+urls = {{ all = "{src.as_uri()}" }}
+[pools]
+carve_from = "all"
+fractions = {{ test = 0.2, validation = 0.2, unlabeled = 0.3, train = 0.3 }}
+""")
+    monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
+    dest = tmp_path / "data"
+    code, out, _ = doa("data", "download", "toy", "--data-dir", dest)
+    assert code == 0 and (dest / "toy_all.json").read_text() == src.read_text()
+    assert "(10 examples)" in out
+    code, out, _ = doa("data", "download", "toy", "--data-dir", dest)
+    assert "is there" in out
+
+
+def test_download_failure_is_one_clear_line(doa, tmp_path, monkeypatch):
+    card = tmp_path / "toy.toml"
+    card.write_text(cards.load_card("nq").path.read_text().replace('name = "nq"', 'name = "toy"').replace(
+        "https://raw.githubusercontent.com/jm-kang/Distill-or-Annotate/main/nq/nq_dev_all.json",
+        (tmp_path / "missing.json").as_uri()))
+    monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
+    code, _, err = doa("data", "download", "toy", "--data-dir", tmp_path / "d")
+    assert code == 2 and "could not download" in err and err.count("\n") == 1
