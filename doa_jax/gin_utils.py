@@ -1,18 +1,32 @@
 """Gin plumbing: registers the configurable pieces and parses gin files plus `--gin.X=V` flags.
 
-Code never reads global gin state: gin builds objects (e.g. `MODEL_CONFIG = @T5Config()`) and the
-caller passes them on explicitly.
+Code never reads global gin state: gin builds objects (e.g. `MODEL_CONFIG = @T5Config()`,
+`TRAIN_CONFIG = @TrainConfig()`) and the caller passes them on explicitly.
+
+Flags follow T5X: `--gin_file F` (repeatable; searched in the cwd, `--gin_search_paths` and the
+project's `gin/`), `--gin.MACRO=value` (rewritten to the binding `MACRO = value`) and
+`--gin_bindings 'X = V'`. A value that is not a Python literal, `@reference` or `%macro` is taken
+as a string, so `--gin.MODEL_DIR=/tmp/run` works without T5X's escaped quotes. Run files declare
+their inputs as `%gin.REQUIRED` macros; `check_required` names any left unset and the file (and
+line) that requires it. `write_operative_config` saves what a run actually used as
+`MODEL_DIR/config.gin`.
 """
 from __future__ import annotations
 
+import ast
+import contextlib
+import logging
+import os
 import pathlib
-from typing import Any, Iterable
+import re
+from typing import Any, Iterable, Optional, Sequence
 
 import gin
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
 
 _registered = False
+_search_paths: list[pathlib.Path] = []
 
 
 def _t5_config(**fields: Any):
@@ -21,26 +35,243 @@ def _t5_config(**fields: Any):
     return T5Config(**fields)
 
 
+def _train_config(**fields: Any):
+    from doa_jax.trainer import TrainConfig
+
+    return TrainConfig(**fields)
+
+
+def _optimizer_config(**fields: Any):
+    from doa_jax.optimizers import OptimizerConfig
+
+    return OptimizerConfig(**fields)
+
+
+def _loss_config(**fields: Any):
+    from doa_jax.losses import LossConfig
+
+    return LossConfig(**fields)
+
+
+def _mesh_config(**fields: Any):
+    from doa_jax.partitioning import MeshConfig
+
+    return MeshConfig(**fields)
+
+
+def _task_data(**fields: Any):
+    from doa_jax.train_data import TaskData
+
+    return TaskData(**fields)
+
+
+def _copy_task_data(**fields: Any):
+    from doa_jax.train_data import CopyTaskData
+
+    return CopyTaskData(**fields)
+
+
+# gin name -> factory. Factories (not the classes) are registered so gin never subclasses a
+# frozen dataclass, and importing this module stays cheap (no JAX until a config is built).
+CONFIGURABLES = {
+    "T5Config": _t5_config,
+    "TrainConfig": _train_config,
+    "OptimizerConfig": _optimizer_config,
+    "LossConfig": _loss_config,
+    "MeshConfig": _mesh_config,
+    "TaskData": _task_data,
+    "CopyTaskData": _copy_task_data,
+}
+
+
 def register() -> None:
     """Registers every gin configurable of the project (idempotent)."""
     global _registered
     if _registered:
         return
-    gin.external_configurable(_t5_config, name="T5Config")
+    for name, fn in CONFIGURABLES.items():
+        gin.external_configurable(fn, name=name)
     _registered = True
 
 
-def parse(gin_files: Iterable[str], bindings: Iterable[str] = (), *, finalize: bool = True) -> None:
-    """Clears gin, then parses files (searched in cwd and the project's `gin/`) and bindings."""
+# ----------------------------------------------------------------------------- flags
+
+def rewrite_gin_args(argv: Optional[Sequence[str]]) -> Optional[list[str]]:
+    """T5X-style flags: `--gin.X=V` (or `--gin.X V`) -> `--gin_bindings`, `X = V`."""
+    if argv is None:
+        return None
+    out, args = [], list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--gin.") and len(arg) > len("--gin."):
+            name, eq, value = arg[len("--gin."):].partition("=")
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ValueError(f"flag {arg} needs a value: {arg}=VALUE")
+                value, i = args[i + 1], i + 1
+            out += ["--gin_bindings", binding(name, value)]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def binding(name: str, value: str) -> str:
+    """`name = value`, quoting `value` when it is not a literal, reference or macro."""
+    text = value.strip()
+    if not re.fullmatch(r"[A-Za-z_][\w./]*", name):
+        raise ValueError(f"--gin.{name}: not a gin macro or parameter name")
+    if text.startswith(("@", "%")):
+        return f"{name} = {text}"
+    try:
+        ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        text = repr(value)
+    return f"{name} = {text}"
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _resolve(name: str, relative_to: Optional[pathlib.Path] = None) -> Optional[pathlib.Path]:
+    candidates = [pathlib.Path(name)]
+    if relative_to is not None:
+        candidates.append(relative_to / name)
+    candidates += [p / name for p in _search_paths] + [GIN_DIR / name]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+_INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""")
+_REQUIRED = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*%gin\.REQUIRED\b")
+
+
+def required_macros(gin_files: Iterable[str]) -> dict[str, tuple[str, int]]:
+    """{macro: (file, line)} for every `MACRO = %gin.REQUIRED` in the files and their includes."""
+    found: dict[str, tuple[str, int]] = {}
+    seen: set[pathlib.Path] = set()
+
+    def visit(name: str, parent: Optional[pathlib.Path]) -> None:
+        path = _resolve(name, parent)
+        if path is None or path.resolve() in seen:
+            return
+        seen.add(path.resolve())
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            m = _INCLUDE.match(line)
+            if m:
+                visit(m.group(1), path.parent)
+            m = _REQUIRED.match(line)
+            if m:
+                found.setdefault(m.group(1), (_display(path), lineno))
+
+    for f in gin_files:
+        visit(f, None)
+    return found
+
+
+def _display(path: pathlib.Path) -> str:
+    try:
+        return str(path.resolve().relative_to(GIN_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
+def _is_required(value: Any) -> bool:
+    return value is gin.config.REQUIRED or (
+        isinstance(value, gin.config.ConfigurableReference) and str(value) == "%gin.REQUIRED")
+
+
+def check_required(gin_files: Iterable[str]) -> None:
+    """Raises ValueError naming each `%gin.REQUIRED` macro still unset, and the file requiring it."""
+    missing = []
+    for name, (path, lineno) in sorted(required_macros(gin_files).items(), key=lambda kv: kv[1][1]):
+        try:
+            value = gin.query_parameter(f"{name}/macro.value")
+        except ValueError:
+            continue
+        if _is_required(value):
+            missing.append(f"{name} (required by {path}:{lineno})")
+    if missing:
+        first = missing[0].split(" ")[0]
+        raise ValueError(f"gin macro{'s' if len(missing) > 1 else ''} not set: {', '.join(missing)}; "
+                         f"set each with --gin.{first}=VALUE (or in a gin file; None where allowed)")
+
+
+class _DropPathNotFound(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Path not found: %s"
+
+
+@contextlib.contextmanager
+def _quiet_resource_lookups():
+    """Gin logs an error for every search-path prefix an `include` is not under; drop those."""
+    root, f = logging.getLogger(), _DropPathNotFound()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
+def parse(gin_files: Iterable[str], bindings: Iterable[str] = (), *, finalize: bool = True,
+          search_paths: Iterable[str] = (), check: bool = True) -> None:
+    """Clears gin, then parses files (searched in cwd, `search_paths` and `gin/`) and bindings.
+
+    With `check`, an unset `%gin.REQUIRED` macro raises a ValueError naming it and its file.
+    """
+    global _search_paths
     register()
     gin.clear_config()
-    gin.add_config_file_search_path(str(GIN_DIR))
-    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=finalize)
+    _search_paths = [pathlib.Path(p) for p in search_paths if p]
+    for p in [*_search_paths, GIN_DIR]:
+        if str(p) not in gin.config._LOCATION_PREFIXES:   # gin appends duplicates otherwise
+            gin.add_config_file_search_path(str(p))
+    gin_files = list(gin_files)
+    resolved = []
+    for f in gin_files:
+        path = _resolve(f)
+        if path is None:
+            raise FileNotFoundError(f"gin file {f!r} not found in the current directory, "
+                                    f"{', '.join(map(str, _search_paths + [GIN_DIR]))}")
+        resolved.append(str(path))
+    with _quiet_resource_lookups():
+        gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
+    if check:
+        check_required(gin_files)
+    if finalize:
+        gin.finalize()
 
 
-def macro(name: str) -> Any:
-    """The value of macro `name`, with `@configurable()` references built (e.g. 'MODEL_CONFIG')."""
-    value = gin.query_parameter(f"{name}/macro.value")
+_NO_DEFAULT = object()
+
+
+def macro(name: str, default: Any = _NO_DEFAULT) -> Any:
+    """The value of macro `name`, with `@configurable()` references built (e.g. 'MODEL_CONFIG').
+
+    An undefined macro raises a ValueError naming it, unless `default` is given.
+    """
+    try:
+        value = gin.query_parameter(f"{name}/macro.value")
+    except ValueError:
+        if default is not _NO_DEFAULT:
+            return default
+        raise ValueError(f"gin macro {name} is not defined by the gin files") from None
     if isinstance(value, gin.config.ConfigurableReference):
+        if _is_required(value):
+            raise ValueError(f"gin macro {name} is %gin.REQUIRED and was not set: --gin.{name}=VALUE")
         return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
     return value
+
+
+def write_operative_config(model_dir: str | os.PathLike, name: str = "config.gin") -> pathlib.Path:
+    """Writes the operative config (what the run used) into `model_dir`; returns its path."""
+    path = pathlib.Path(model_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(gin.operative_config_str())
+    return path
+
+
+__all__ = ["CONFIGURABLES", "GIN_DIR", "binding", "check_required", "macro", "parse", "register",
+           "required_macros", "rewrite_gin_args", "write_operative_config"]

@@ -1,15 +1,20 @@
-"""Meshes and logical-axis rules, in one place.
+"""Meshes, logical-axis rules, shardings of the train state and batches, multi-host start.
 
 The model names every parameter and hot activation with T5X's logical axes (`batch`, `length`,
 `embed`, `mlp`, `heads`, `kv`, `joined_kv`, `vocab`, `relpos_buckets`). This module maps those
 names onto a `('data', 'model')` device mesh. Rules are tried in order and a mesh axis already
 used by another dimension of the same array is skipped (so `embed` falls back to replicated in
 activations when FSDP puts it on `data` for parameters).
+
+Multi-host: `initialize_distributed` wraps `jax.distributed.initialize`; every host then feeds
+its own shard of each global batch (`host_shard_info()`, SeqIO's `ShardInfo(shard_id,
+num_shards)`), and `global_batch` assembles the global arrays without gathering.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence
+import dataclasses
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -28,6 +33,7 @@ def make_mesh(data: int = -1, model: int = 1, devices: Optional[Sequence[Any]] =
 
     Uses Auto axis types so XLA's GSPMD propagates shardings from the logical constraints.
     """
+    all_devices = devices is None
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     if model < 1 or n % model:
@@ -37,8 +43,32 @@ def make_mesh(data: int = -1, model: int = 1, devices: Optional[Sequence[Any]] =
     if data < 1 or data * model > n:
         raise ValueError(f"mesh {data} (data) x {model} (model) needs {data * model} devices; "
                          f"{n} are available")
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    if all_devices and data * model == n and jax.process_count() > 1:
+        # Topology-aware device order (model axis within a host / on fast links).
+        return jax.make_mesh((data, model), MESH_AXES, axis_types=auto)
     grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
-    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape and rules from config. `data=-1` (or 'auto') uses every device left by `model`.
+
+    `fsdp=True` is T5X's 2-D parameter sharding (`embed` over `data`, ZeRO-3-like);
+    `activation_partitioning_dims=2` also shards activations' `embed` over `model`.
+    """
+
+    data: Union[int, str] = -1
+    model: int = 1
+    fsdp: bool = False
+    activation_partitioning_dims: int = 1
+
+    def build(self, devices: Optional[Sequence[Any]] = None) -> tuple[Mesh, Rules]:
+        data = -1 if self.data in (-1, "auto", None) else int(self.data)
+        return (make_mesh(data, int(self.model), devices),
+                logical_axis_rules(fsdp=self.fsdp,
+                                   activation_partitioning_dims=self.activation_partitioning_dims))
 
 
 def logical_axis_rules(*, fsdp: bool = False, activation_partitioning_dims: int = 1) -> Rules:
@@ -93,14 +123,107 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec("data"))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, num_hosts: int = 1) -> None:
-    """The global batch must split evenly over the data axis and over the hosts feeding it."""
+def check_batch_size(batch_size: int, mesh: Mesh, num_hosts: int = 1, num_microbatches: int = 1) -> None:
+    """The global batch must split evenly over the data axis, the hosts and the microbatches.
+
+    Each microbatch is itself sharded over `data`, so `batch_size` must be a multiple of
+    `num_microbatches * data`.
+    """
     data = mesh.shape["data"]
     if batch_size % data:
         raise ValueError(f"batch size {batch_size} is not divisible by the mesh's data axis ({data}); "
                          f"use a multiple of {data}")
     if batch_size % num_hosts:
         raise ValueError(f"batch size {batch_size} is not divisible by the {num_hosts} hosts")
+    if num_microbatches < 1 or batch_size % (num_microbatches * data):
+        raise ValueError(f"batch size {batch_size} does not split into {num_microbatches} microbatches "
+                         f"that are each divisible by the mesh's data axis ({data}); use a multiple of "
+                         f"{max(num_microbatches, 1) * data}")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def opt_state_shardings(mesh: Mesh, params_abstract: Any, param_sharding_tree: Any,
+                        opt_state_abstract: Any) -> Any:
+    """Shardings for an optax state: a leaf shaped like its parameter inherits its sharding.
+
+    Optax states embed copies of the param tree (Adam's `mu`/`nu`, Adafactor's full `v`); a leaf
+    is matched to the parameter whose path is a suffix of the leaf's path. Other leaves (step
+    counts, Adafactor's factored row/column vectors, placeholders) are small and replicated.
+    """
+    by_path: dict[tuple, tuple[tuple, NamedSharding]] = {}
+    flat_params = jax.tree_util.tree_flatten_with_path(params_abstract)[0]
+    flat_shard = jax.tree_util.tree_leaves(param_sharding_tree,
+                                           is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sharding in zip(flat_params, flat_shard):
+        by_path[_dict_keys(path)] = (tuple(leaf.shape), sharding)
+    rep = replicated(mesh)
+
+    def pick(path, leaf):
+        keys = _dict_keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None:
+                return hit[1] if hit[0] == tuple(leaf.shape) else rep
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state_abstract)
+
+
+def _dict_keys(path: Sequence[Any]) -> tuple:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+class ShardInfo(NamedTuple):
+    """Which slice of the data this host reads (the fields of `seqio.ShardInfo`)."""
+
+    index: int
+    num_shards: int
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None,
+                           local_device_ids: Optional[Sequence[int]] = None,
+                           auto: bool = False) -> None:
+    """Starts multi-host JAX (`jax.distributed.initialize`) before any other JAX call.
+
+    GPU clusters pass `coordinator_address` ('host:port' of process 0), `num_processes` and
+    `process_id`; Cloud TPU VMs and SLURM detect them (`auto=True`). A no-op otherwise.
+    """
+    given = [coordinator_address, num_processes, process_id]
+    if all(v is None for v in given) and not auto:
+        return
+    if not auto and any(v is None for v in given):
+        raise ValueError("multi-host start needs coordinator_address, num_processes and process_id "
+                         "together (or auto-detection on a TPU VM / SLURM)")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids)
+
+
+def host_shard_info() -> ShardInfo:
+    """This host's data shard: `shard_id = jax.process_index()`, `num_shards = jax.process_count()`."""
+    return ShardInfo(jax.process_index(), jax.process_count())
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays (leading dim over `data`) from this host's rows of the batch."""
+    sharding = data_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def put_params(host_tree: Any, shardings: Any) -> Any:
+    """Places a host (numpy) tree onto devices with `shardings`; each host copies only its shards."""
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree_util.tree_map(put, host_tree, shardings)
 
 
 @contextlib.contextmanager

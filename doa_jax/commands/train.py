@@ -1,0 +1,93 @@
+"""`doa train --gin_file F [--gin_file G] --gin.MACRO=value`: gin-configured, partitioned fine-tuning.
+
+Gin files are parsed in order (a model size first, then the run file, then experiment files):
+    doa train --gin_file models/t5_1_1_small.gin --gin_file runs/finetune.gin \\
+      --gin.MODEL_DIR=/tmp/fever_small --gin.TASK=fever --gin.VOCABULARY=/path/spiece.model \\
+      --gin.BATCH_SIZE=32 --gin.EPOCHS=20 --gin.TRAIN_STEPS=None \\
+      --gin.INITIAL_CHECKPOINT_PATH=/ckpt/t5-v1_1-small --gin.TASK_FEATURE_LENGTHS=None
+Rerunning the same command after a preemption resumes from MODEL_DIR's last checkpoint.
+Multi-host GPU: add --coordinator_address host:port --num_processes N --process_id I on every
+host (Cloud TPU VMs: --multihost).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+class _GinFlagParser(argparse.ArgumentParser):
+    """Accepts T5X's `--gin.MACRO=value` flags by rewriting them to `--gin_bindings` first."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        from doa_jax.gin_utils import rewrite_gin_args
+
+        return super().parse_known_args(rewrite_gin_args(args), namespace)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="fine-tune a T5 from gin files (partitioned, resumable)",
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.__class__ = _GinFlagParser
+    p.add_argument("--gin_file", action="append", required=True, metavar="F",
+                   help="gin file (repeatable; searched in the cwd, --gin_search_paths and gin/)")
+    p.add_argument("--gin_bindings", action="append", default=[], metavar="'X = V'",
+                   help="a gin binding (repeatable); --gin.X=V is the short form")
+    p.add_argument("--gin_search_paths", default="", metavar="DIRS",
+                   help="comma-separated extra directories to search for gin files")
+    p.add_argument("--coordinator_address", help="multi-host: 'host:port' of process 0")
+    p.add_argument("--num_processes", "--process_count", type=int, help="multi-host: number of processes")
+    p.add_argument("--process_id", "--process_index", type=int, help="multi-host: this process's index")
+    p.add_argument("--multihost", action="store_true",
+                   help="multi-host with auto-detected peers (Cloud TPU VM pods, SLURM)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from doa_jax import gin_utils, partitioning
+    from doa_jax.cli import UserError
+
+    # jax.distributed must start before any other JAX call.
+    partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                        auto=args.multihost)
+    search = [s for s in args.gin_search_paths.split(",") if s]
+    gin_utils.parse(args.gin_file, args.gin_bindings, search_paths=search)
+    try:
+        model_config = gin_utils.macro("MODEL_CONFIG")
+    except ValueError:
+        raise UserError("MODEL_CONFIG is not set: add a model-size gin file before the run file, "
+                        "e.g. --gin_file models/t5_1_1_small.gin") from None
+    train_config = gin_utils.macro("TRAIN_CONFIG")
+    train_data = gin_utils.macro("TRAIN_DATA")
+    eval_data = gin_utils.macro("EVAL_DATA", None)
+    decode_eval = bool(gin_utils.macro("DECODE_EVAL", False))
+    if getattr(train_data, "vocab", None):
+        from doa_jax.data import vocab as vocab_lib
+
+        vocab_lib.check_vocab(vocab_lib.load_vocab(train_data.vocab), model_config.vocab_size)
+
+    import jax
+
+    from doa_jax.trainer import NonFiniteLossError, Trainer
+
+    trainer = Trainer(model_config, train_config)   # builds the mesh: bad mesh sizes fail here
+    partitioning.check_batch_size(train_config.batch_size, trainer.mesh, jax.process_count(),
+                                  train_config.num_microbatches)
+    if jax.process_index() == 0:
+        path = gin_utils.write_operative_config(train_config.model_dir)
+        print(f"operative gin config: {path}", flush=True)
+    shard = partitioning.host_shard_info()
+    train_source = train_data.source(train_config.batch_size, train=True, shard_index=shard.index,
+                                     num_shards=shard.num_shards)
+    eval_source = None if eval_data is None else eval_data.source(
+        train_config.batch_size, train=False, shard_index=shard.index, num_shards=shard.num_shards)
+    decode_metrics = eval_data.decode_metrics() if (eval_data is not None and decode_eval) else None
+    try:
+        result = trainer.fit(train_source, eval_source, decode_metrics=decode_metrics)
+    except NonFiniteLossError as e:
+        raise UserError(str(e)) from None
+    best = "" if result.best_metric is None else (
+        f"; best {train_config.eval_metric} {result.best_metric:.4g} at step {result.best_step}")
+    print(f"done: step {result.step}{' (early stop)' if result.stopped_early else ''}{best}; "
+          f"checkpoints in {train_config.model_dir}/checkpoints", flush=True)
+    return 0

@@ -1,0 +1,207 @@
+"""Training progress: the console line, `metrics.jsonl`, and TensorBoard event files.
+
+MFU = model FLOPs per second (`doa_jax.flops`) / peak dense bf16 FLOP/s of the devices used.
+The event-file writer is self-contained (TFRecord framing + the two protobuf messages
+TensorBoard reads), so training needs neither TensorFlow nor tensorboard installed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import socket
+import struct
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+# Peak dense bf16 FLOP/s per device, matched by substring of `device.device_kind` (lowercase),
+# first match wins. H100/H200: 989e12 dense (1979e12 is with 2:4 sparsity).
+PEAK_FLOPS: tuple[tuple[str, float, str], ...] = (
+    ("h100", 989e12, "NVIDIA H100 SXM, dense bf16"),
+    ("h200", 989e12, "NVIDIA H200, dense bf16 (same tensor cores as H100)"),
+    ("a100", 312e12, "NVIDIA A100, dense bf16"),
+    ("v5 lite", 197e12, "TPU v5e"),
+    ("v5e", 197e12, "TPU v5e"),
+    ("v5p", 459e12, "TPU v5p"),
+    ("tpu v5", 459e12, "TPU v5p (reported as 'TPU v5')"),
+    ("v6 lite", 918e12, "TPU v6e (Trillium)"),
+    ("v4", 275e12, "TPU v4"),
+    # Not a measured or vendor number: a nominal 1 TFLOP/s per CPU device, so MFU prints
+    # something on test machines. Do not read CPU MFU as a utilisation figure.
+    ("cpu", 1e12, "CPU: nominal 1e12, not measured"),
+)
+
+
+def peak_flops_per_device(device_kind: str) -> tuple[Optional[float], str]:
+    """`(peak FLOP/s, note)` for a device kind; `(None, reason)` when the kind is not in the table."""
+    kind = device_kind.lower()
+    for key, peak, note in PEAK_FLOPS:
+        if key in kind:
+            return peak, note
+    return None, f"no peak FLOP/s known for device kind {device_kind!r}"
+
+
+def _fmt_count(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.1f}"
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def console_line(step: int, total_steps: Optional[int], metrics: Mapping[str, float]) -> str:
+    """`step 120/1000 | loss 2.3456 | lr 1.0e-03 | 310.2 ex/s | 40.1k tok/s | MFU 12.3% | ETA 0:05:12`."""
+    parts = [f"step {step}" + (f"/{total_steps}" if total_steps else "")]
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    if "learning_rate" in metrics:
+        parts.append(f"lr {metrics['learning_rate']:.1e}")
+    if "examples_per_s" in metrics:
+        parts.append(f"{metrics['examples_per_s']:.1f} ex/s")
+    if "tokens_per_s" in metrics:
+        parts.append(f"{_fmt_count(metrics['tokens_per_s'])} tok/s")
+    if metrics.get("mfu") is not None:
+        parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    if "eta_s" in metrics:
+        parts.append(f"ETA {_fmt_eta(metrics['eta_s'])}")
+    evals = [f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/")]
+    return " | ".join(parts + evals)
+
+
+class Throughput:
+    """Examples/s, tokens/s, MFU and ETA over the interval since the last `report`."""
+
+    def __init__(self, *, flops_per_step: float, peak_flops: Optional[float], total_steps: Optional[int],
+                 examples_per_step: int, tokens_per_step: int):
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self.total_steps = total_steps
+        self.examples_per_step, self.tokens_per_step = examples_per_step, tokens_per_step
+        self._t, self._step = None, None
+
+    def start(self, step: int) -> None:
+        self._t, self._step = time.perf_counter(), step
+
+    def report(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        if self._t is None or step <= self._step:
+            self.start(step)
+            return {}
+        dt, steps = now - self._t, step - self._step
+        self._t, self._step = now, step
+        rate = steps / dt
+        out = dict(examples_per_s=rate * self.examples_per_step, tokens_per_s=rate * self.tokens_per_step,
+                   step_time_s=dt / steps)
+        if self.peak_flops:
+            out["mfu"] = rate * self.flops_per_step / self.peak_flops
+        if self.total_steps:
+            out["eta_s"] = max(self.total_steps - step, 0) / rate
+        return out
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to `metrics.jsonl` (resumed runs keep appending)."""
+
+    def __init__(self, path: os.PathLike):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        clean = {k: (float(v) if not isinstance(v, (int, str, bool, type(None))) else v)
+                 for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean, allow_nan=True) + "\n")
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field_bytes(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(wall_time: float, step: int, *, file_version: Optional[str] = None,
+           scalars: Sequence[tuple[str, float]] = ()) -> bytes:
+    """A serialized `tensorflow.Event` (wall_time=1, step=2, file_version=3, summary=5)."""
+    msg = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
+    if file_version is not None:
+        msg += _field_bytes(3, file_version.encode())
+    if scalars:
+        # Summary.value (1) -> Value{tag (1), simple_value (2, float32)}.
+        values = b"".join(_field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5)
+                                       + struct.pack("<f", value)) for tag, value in scalars)
+        msg += _field_bytes(5, values)
+    return msg
+
+
+class EventWriter:
+    """Writes TensorBoard scalar summaries to `logdir/events.out.tfevents.<time>.<host>`."""
+
+    def __init__(self, logdir: os.PathLike):
+        logdir = pathlib.Path(logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self._f = open(self.path, "ab")
+        self._record(_event(time.time(), 0, file_version="brain.Event:2"))
+
+    def _record(self, data: bytes) -> None:
+        header = struct.pack("<Q", len(data))
+        self._f.write(header + struct.pack("<I", _masked_crc(header)) + data
+                      + struct.pack("<I", _masked_crc(data)))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        items = [(k, float(v)) for k, v in values.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if items:
+            self._record(_event(time.time(), step, scalars=items))
+            self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+__all__ = ["EventWriter", "MetricsLog", "PEAK_FLOPS", "Throughput", "console_line",
+           "peak_flops_per_device"]

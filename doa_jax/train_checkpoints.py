@@ -1,0 +1,130 @@
+"""The trainer's step checkpoints: an Orbax `CheckpointManager` in the project's native layout.
+
+`MODEL_DIR/checkpoints/<step>/` holds the native items `params` (float32 param tree) and
+`config` (JSON: `T5Config.to_dict()` + `NATIVE_FORMAT`), so `doa_jax.checkpoints.load_checkpoint`
+and `doa_jax.load_model` read a fine-tuned model directly, plus the trainer's own items:
+`opt_state` (the optax state) and `trainer_state` (JSON: step, data position, RNG seed and key,
+best dev metric, early-stopping counter).
+
+Saves are asynchronous (the device->host copy blocks, the writes do not) and atomic: Orbax writes
+into a temporary directory and renames it when complete, so a process killed during a save leaves
+the previous step as the latest usable checkpoint (leftover temporary directories are removed
+when a manager is opened again).
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+
+NATIVE_FORMAT = {"format": "doa_jax", "format_version": 1, "layout": "unscanned"}
+ITEMS = ("params", "config", "opt_state", "trainer_state")
+
+
+def config_item(model_config) -> dict[str, Any]:
+    """The `config` item: the model config plus the native-format markers."""
+    return {**model_config.to_dict(), **NATIVE_FORMAT}
+
+
+class TrainCheckpoints:
+    """Step checkpoints under `directory` (the last `keep`), optionally without optimizer state."""
+
+    def __init__(self, directory: str | pathlib.Path, *, keep: Optional[int] = 2, async_save: bool = True,
+                 with_optimizer: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        self.with_optimizer = with_optimizer
+        items = ITEMS if with_optimizer else ("params", "config", "trainer_state")
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                 create=True, cleanup_tmp_directories=True),
+            item_names=items)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, *, params: Any, model_config, trainer_state: dict[str, Any],
+             opt_state: Any = None) -> None:
+        """Starts saving `step` (returns once arrays are copied off the devices)."""
+        items = dict(params=ocp.args.StandardSave(params),
+                     config=ocp.args.JsonSave(config_item(model_config)),
+                     trainer_state=ocp.args.JsonSave(trainer_state))
+        if self.with_optimizer:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: Optional[int], *, abstract_params: Any, abstract_opt_state: Any = None
+                ) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+        """`(params, opt_state, trainer_state, config)` of `step` (latest when None).
+
+        `abstract_*` are trees of `jax.ShapeDtypeStruct` with shardings: arrays are read
+        straight into that layout (each host reads its own shards).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items = dict(params=ocp.args.StandardRestore(abstract_params), config=ocp.args.JsonRestore(),
+                     trainer_state=ocp.args.JsonRestore())
+        if self.with_optimizer and abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        opt_state = out["opt_state"] if "opt_state" in items else None
+        return out["params"], opt_state, dict(out["trainer_state"]), dict(out["config"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def has_checkpoint(directory: str | pathlib.Path) -> bool:
+    """True when `directory` is a manager root with at least one committed step."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return False
+    return any(p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()
+               for p in directory.iterdir())
+
+
+def step_directory(path: str | pathlib.Path) -> pathlib.Path:
+    """A native step directory from either a step directory or a manager root (its latest step)."""
+    path = pathlib.Path(path)
+    if (path / "params").is_dir() and (path / "config").exists():
+        return path
+    steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()
+                    and (p / "params").is_dir()), reverse=True) if path.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"{path} holds no doa_jax checkpoint (no params/ and config items, "
+                                f"and no step directories)")
+    return path / str(steps[0])
+
+
+def restore_step_directory(path: str | pathlib.Path, *, abstract_params: Any, abstract_opt_state: Any = None
+                           ) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """Reads a trainer step directory (or a manager root's latest step) outside its manager.
+
+    Returns `(params, opt_state or None, trainer_state or {}, config)`.
+    """
+    directory = step_directory(path)
+    present = {p.name for p in directory.iterdir()}
+    items = dict(params=ocp.args.StandardRestore(abstract_params), config=ocp.args.JsonRestore())
+    if "trainer_state" in present:
+        items["trainer_state"] = ocp.args.JsonRestore()
+    if abstract_opt_state is not None:
+        if "opt_state" not in present:
+            raise FileNotFoundError(f"{directory} has no optimizer state (opt_state/): it cannot resume "
+                                    f"the full train state; start from its params only instead")
+        items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        out = ckptr.restore(directory, args=ocp.args.Composite(**items))
+    return (out["params"], out["opt_state"] if "opt_state" in items else None,
+            dict(out["trainer_state"]) if "trainer_state" in items else {}, dict(out["config"]))
+
+
+__all__ = ["ITEMS", "NATIVE_FORMAT", "TrainCheckpoints", "config_item", "has_checkpoint",
+           "restore_step_directory", "step_directory"]

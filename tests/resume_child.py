@@ -1,0 +1,68 @@
+"""A training run for the resume tests, run as a subprocess: `python resume_child.py MODEL_DIR MODE`.
+
+MODE: `normal`; `slow` (each batch takes 0.2 s, so the parent can kill it mid-run); `hang_save`
+(the step-8 checkpoint hangs after its files are written, just before Orbax commits it, and a
+marker file `MODEL_DIR/saving_8` appears). The final parameters go to `MODEL_DIR/final.npz`.
+"""
+import os
+import pathlib
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+if os.environ.get("DOA_TEST_COMPILE_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["DOA_TEST_COMPILE_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+import numpy as np  # noqa: E402
+
+from doa_jax.optimizers import OptimizerConfig  # noqa: E402
+from doa_jax.train_data import ArrayBatches  # noqa: E402
+from doa_jax.trainer import Trainer  # noqa: E402
+from train_helpers import copy_arrays, flat, run_config, tiny_config  # noqa: E402
+
+TRAIN_STEPS, CHECKPOINT_EVERY, HANG_STEP = 24, 4, 8
+
+
+class SlowBatches(ArrayBatches):
+    def iterate(self, start=0):
+        for batch in super().iterate(start):
+            time.sleep(0.2)
+            yield batch
+
+
+def hang_before_commit(model_dir: pathlib.Path) -> None:
+    from orbax.checkpoint._src.path import atomicity
+
+    original = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize(self):
+        if self.get_final().name == str(HANG_STEP):
+            (model_dir / f"saving_{HANG_STEP}").write_text(str(self.get()))
+            while True:
+                time.sleep(1)
+        return await original(self)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+
+def main(model_dir: str, mode: str) -> None:
+    model_dir = pathlib.Path(model_dir)
+    if mode == "hang_save":
+        hang_before_commit(model_dir)
+    source_cls = SlowBatches if mode == "slow" else ArrayBatches
+    config = run_config(model_dir, data=2, model=4, train_steps=TRAIN_STEPS, checkpoint_every=CHECKPOINT_EVERY,
+                        async_checkpointing=True, verbose=True,
+                        optimizer=OptimizerConfig(name="adamw", learning_rate=3e-3))
+    result = Trainer(tiny_config(dropout_rate=0.1), config).fit(source_cls(copy_arrays(), 16, shuffle=True, seed=0))
+    np.savez(model_dir / "final.npz", **flat(result.state.params))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

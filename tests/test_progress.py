@@ -1,0 +1,36 @@
+"""Progress reporting: the console line, MFU's peak table, and TensorBoard event files."""
+import pytest
+
+from doa_jax import progress
+
+
+def test_console_line_shows_step_loss_rates_mfu_and_eta():
+    line = progress.console_line(120, 1000, dict(loss=2.34567, learning_rate=1e-3, examples_per_s=310.24,
+                                                 tokens_per_s=40123.0, mfu=0.1234, eta_s=312.4,
+                                                 **{"eval/loss": 1.5}))
+    assert line == ("step 120/1000 | loss 2.3457 | lr 1.0e-03 | 310.2 ex/s | 40.1k tok/s | MFU 12.3% | "
+                    "ETA 0:05:12 | eval/loss 1.5")
+
+
+def test_peak_flops_table():
+    assert progress.peak_flops_per_device("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert progress.peak_flops_per_device("NVIDIA A100-SXM4-80GB")[0] == 312e12
+    assert progress.peak_flops_per_device("TPU v4")[0] == 275e12
+    assert progress.peak_flops_per_device("TPU v5 lite")[0] == 197e12
+    assert progress.peak_flops_per_device("TPU v5p")[0] == 459e12
+    peak, note = progress.peak_flops_per_device("cpu")
+    assert peak == 1e12 and "nominal" in note and "not measured" in note
+    assert progress.peak_flops_per_device("Quantum QPU")[0] is None
+
+
+def test_event_files_are_read_by_tensorflow(tmp_path):
+    assert progress.crc32c(b"123456789") == 0xE3069283   # the CRC-32C check value
+    writer = progress.EventWriter(tmp_path)
+    writer.scalars(5, {"train/loss": 1.5, "train/learning_rate": 1e-3})
+    writer.scalars(10, {"eval/loss": 0.75, "note": "not a number"})
+    writer.close()
+    tf = pytest.importorskip("tensorflow")
+    events = [(e.step, [(v.tag, round(v.simple_value, 6)) for v in e.summary.value])
+              for e in tf.compat.v1.train.summary_iterator(str(writer.path))]
+    assert events == [(0, []), (5, [("train/loss", 1.5), ("train/learning_rate", 0.001)]),
+                      (10, [("eval/loss", 0.75)])]

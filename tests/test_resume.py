@@ -1,0 +1,112 @@
+"""Preemption: a run killed with SIGKILL (mid-training, or mid-checkpoint-save) and rerun with the
+same command ends with the parameters of an uninterrupted run."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from doa_jax.checkpoints import load_checkpoint
+from doa_jax.train_checkpoints import TrainCheckpoints
+
+CHILD = pathlib.Path(__file__).resolve().parent / "resume_child.py"
+REPO = CHILD.parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _env(cache: pathlib.Path) -> dict:
+    env = dict(os.environ, DOA_TEST_COMPILE_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(model_dir, mode, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CHILD), str(model_dir), mode], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _start(model_dir, mode, env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(CHILD), str(model_dir), mode], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout=300) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited early ({proc.returncode}): {proc.stdout.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("child never reached the kill point")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _logged_steps(model_dir) -> list[int]:
+    path = pathlib.Path(model_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _final(model_dir) -> dict:
+    with np.load(pathlib.Path(model_dir) / "final.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("resume")
+    env = _env(base / "compile_cache")
+    done = _run(base / "uninterrupted", "normal", env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return base, env, _final(base / "uninterrupted")
+
+
+def _assert_same_params(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    worst = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
+    assert worst == 0.0, f"max |diff| {worst}"
+
+
+def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(uninterrupted):
+    base, env, want = uninterrupted
+    model_dir = base / "killed"
+    proc = _start(model_dir, "slow", env)
+    # Kill once step 10 is logged: checkpoints 4 and 8 exist, steps 9-10 are lost.
+    _kill_when(proc, lambda: any(s >= 10 for s in _logged_steps(model_dir)))
+    assert max(_logged_steps(model_dir)) < 24
+    latest = TrainCheckpoints(model_dir / "checkpoints").latest_step()
+    assert latest in (4, 8)
+    rerun = _run(model_dir, "slow", env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"resumed the full train state from {model_dir / 'checkpoints'} at step {latest}" in rerun.stdout
+    _assert_same_params(_final(model_dir), want)
+
+
+def test_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_usable(uninterrupted):
+    base, env, want = uninterrupted
+    model_dir = base / "killed_in_save"
+    proc = _start(model_dir, "hang_save", env)
+    _kill_when(proc, lambda: (model_dir / "saving_8").exists())
+    tmp_dir = pathlib.Path((model_dir / "saving_8").read_text())
+    assert tmp_dir.exists() and not (model_dir / "checkpoints" / "8").exists()   # written, not committed
+    config, params = load_checkpoint(model_dir / "checkpoints")                  # the step-4 checkpoint
+    assert all(np.all(np.isfinite(v)) for v in jax_leaves(params))
+    rerun = _run(model_dir, "normal", env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "at step 4" in rerun.stdout and not tmp_dir.exists()                 # leftover cleaned up
+    _assert_same_params(_final(model_dir), want)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)

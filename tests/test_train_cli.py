@@ -1,0 +1,71 @@
+"""`doa train --gin_file ... --gin.MACRO=value`: a smoke run and one clear error per bad input."""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from doa_jax import cli
+from doa_jax.checkpoints import load_checkpoint, save_checkpoint
+from doa_jax.model import Transformer, config_for_size
+
+SMOKE = ["train", "--gin_file", "models/t5_1_1_tiny.gin", "--gin_file", "runs/smoke.gin"]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_smoke_run_writes_checkpoints_metrics_config_and_events(tmp_path, capsys):
+    assert cli.main(SMOKE + [f"--gin.MODEL_DIR={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "step 20/20 | loss " in out and " ex/s | " in out and " tok/s | MFU " in out and "ETA 0:00:00" in out
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert {"step", "loss", "learning_rate", "examples_per_s", "tokens_per_s"} <= set(rows[0])
+    assert "eval/loss" in rows[1] and "eval/token_accuracy" in rows[3]
+    assert "TrainConfig.batch_size = %BATCH_SIZE" in (tmp_path / "config.gin").read_text()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    config, _ = load_checkpoint(tmp_path / "checkpoints")
+    assert config == config_for_size("tiny", dtype="float32")
+
+
+def test_missing_required_macro(tmp_path, capsys):
+    argv = ["train", "--gin_file", "models/t5_1_1_tiny.gin", "--gin_file", "runs/finetune.gin",
+            f"--gin.MODEL_DIR={tmp_path}", "--gin.BATCH_SIZE=8"]
+    assert cli.main(argv) == 2
+    line = _error_line(capsys)
+    assert line.startswith("doa train: error: gin macros not set: TASK (required by gin/runs/finetune.gin:")
+    assert "BATCH_SIZE" not in line and "--gin.TASK=VALUE" in line
+
+
+def test_missing_model_size_file(tmp_path, capsys):
+    assert cli.main(["train", "--gin_file", "runs/smoke.gin", f"--gin.MODEL_DIR={tmp_path}"]) == 2
+    assert "MODEL_CONFIG is not set: add a model-size gin file" in _error_line(capsys)
+
+
+def test_batch_not_divisible_by_the_data_axis(tmp_path, capsys):
+    assert cli.main(SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin.BATCH_SIZE=12"]) == 2
+    assert "batch size 12 is not divisible by the mesh's data axis (8)" in _error_line(capsys)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_initial_checkpoint_of_another_size(tmp_path, capsys):
+    other = config_for_size("tiny", vocab_size=64, dtype="float32")
+    tokens = jnp.ones((1, 4), jnp.int32)
+    params = nn.meta.unbox(Transformer(other).init(jax.random.PRNGKey(0), tokens, tokens))["params"]
+    save_checkpoint(tmp_path / "other", other, jax.device_get(params))
+    argv = SMOKE + [f"--gin.MODEL_DIR={tmp_path / 'run'}", f"--gin.INITIAL_CHECKPOINT_PATH={tmp_path / 'other'}"]
+    assert cli.main(argv) == 2
+    line = _error_line(capsys)
+    assert f"initial checkpoint {tmp_path / 'other'} does not fit the model" in line
+    assert "token_embedder/embedding expected (32128, 8) found (64, 8)" in line
+
+
+def test_nan_loss_stops_with_one_line(tmp_path, capsys):
+    argv = SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin.LEARNING_RATE=1e12", "--gin.CHECKPOINT_PERIOD=1"]
+    assert cli.main(argv) == 2
+    line = _error_line(capsys)
+    assert "loss became non-finite" in line and "the last good checkpoint is step 1 in" in line
