@@ -41,14 +41,21 @@ def kd_loss(student_logits: Array, teacher_logits: Array, weights: Optional[Arra
     return temperature ** 2 * _reduce(_kl_per_position(t, s), weights, paper_exact)
 
 
+def topk_kd_per_token(student_logits: Array, topk_values: Array, topk_ids: Array,
+                      temperature: float = 2.0) -> Array:
+    """T^2 * KL per target position `[B, T]`, the teacher given by its top-k logits there."""
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    s_at = jnp.take_along_axis(s, topk_ids.astype(jnp.int32), axis=-1)
+    t = jax.nn.log_softmax(topk_values.astype(jnp.float32) / temperature, axis=-1)
+    return temperature ** 2 * _kl_per_position(t, s_at)
+
+
 def topk_kd_loss(student_logits: Array, topk_values: Array, topk_ids: Array,
                  weights: Optional[Array] = None, *, temperature: float = 2.0,
                  paper_exact: bool = False) -> Array:
     """`kd_loss` with the teacher given by its top-k logits per position (stored once, reused)."""
-    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
-    s_at = jnp.take_along_axis(s, topk_ids.astype(jnp.int32), axis=-1)
-    t = jax.nn.log_softmax(topk_values.astype(jnp.float32) / temperature, axis=-1)
-    return temperature ** 2 * _reduce(_kl_per_position(t, s_at), weights, paper_exact)
+    per_token = topk_kd_per_token(student_logits, topk_values, topk_ids, temperature)
+    return _reduce(per_token, weights, paper_exact)
 
 
 def sequence_kd_loss(student_logits: Array, teacher_tokens: Array, weights: Array) -> Array:

@@ -6,7 +6,12 @@ Layout (so distillation losses can join without touching the trainer):
   `jax.custom_vjp` whose backward pass is `softmax - targets` (no `[B, T, V]` log-softmax kept);
 * normalisation: `normalizing_factor_and_weights` turns `decoder_loss_weights` into the weights
   and the divisor T5X would use (`None` = plain sum, a number, or one of `NORMALIZERS`);
-* a `LossConfig` that names the choices, and `sequence_loss`, the reduction the trainer calls.
+* a `LossConfig` that names the choices, and `sequence_loss`, the reduction the trainer calls;
+* distillation (`kd_weight > 0`): the batch also carries the teacher's top-k logits per target
+  position (`teacher_topk_values`, `teacher_topk_ids`), and the per-token loss becomes
+  `kd_weight * T^2 KL(teacher || student) + (1 - kd_weight) * cross-entropy(targets)`
+  (`doa_jax.distill_losses`). With teacher tokens as targets, `kd_weight=1` is the paper's loss
+  and `kd_weight=0` is sequence-level KD; gold rows mix the two.
 
 The divisor is computed on the whole global batch *before* it is split into microbatches, so
 accumulated microbatch gradients equal the full-batch gradient.
@@ -18,6 +23,8 @@ from typing import Callable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
+
+from doa_jax import distill_losses
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -143,13 +150,30 @@ class LossConfig:
     z_loss: float = 1e-4
     label_smoothing: float = 0.0
     loss_normalizing_factor: LossNormalizingFactor = None
+    # Distillation: weight of the soft-target term, its temperature, and the released code's
+    # reduction (every position of the batch counts, padding included, mean over B x T).
+    kd_weight: float = 0.0
+    kd_temperature: float = 2.0
+    kd_paper_exact: bool = False
 
     def __post_init__(self):
         if self.z_loss < 0:
             raise ValueError(f"LossConfig.z_loss must be >= 0, got {self.z_loss}")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f"LossConfig.kd_weight must be in [0, 1], got {self.kd_weight}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"LossConfig.kd_temperature must be > 0, got {self.kd_temperature}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"LossConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         check_normalizing_factor(self.loss_normalizing_factor)
+
+
+def loss_weights(cfg: LossConfig, batch: Batch) -> tuple[Array, Array]:
+    """`(weights, divisor)` for the global batch: `kd_paper_exact` counts every position (B x T)."""
+    if cfg.kd_weight > 0 and cfg.kd_paper_exact:
+        weights = jnp.ones(batch["decoder_target_tokens"].shape, jnp.float32)
+        return weights, jnp.float32(weights.size)
+    return normalizing_factor_and_weights(cfg.loss_normalizing_factor, batch)
 
 
 def sequence_loss(cfg: LossConfig, logits: Array, batch: Batch, weights: Array,
@@ -163,7 +187,16 @@ def sequence_loss(cfg: LossConfig, logits: Array, batch: Batch, weights: Array,
     targets = batch["decoder_target_tokens"]
     token_loss, z_term = token_cross_entropy(logits, targets, z_loss=cfg.z_loss,
                                              label_smoothing=cfg.label_smoothing)
-    loss = jnp.sum(token_loss * weights) / divisor
+    train_loss = token_loss
+    kd_sum = jnp.float32(0.0)
+    if cfg.kd_weight > 0:
+        if "teacher_topk_values" not in batch:
+            raise ValueError("kd_weight > 0 needs teacher_topk_values / teacher_topk_ids in the batch")
+        kd = distill_losses.topk_kd_per_token(logits, batch["teacher_topk_values"], batch["teacher_topk_ids"],
+                                              cfg.kd_temperature)
+        train_loss = cfg.kd_weight * kd + (1.0 - cfg.kd_weight) * token_loss
+        kd_sum = jnp.sum(kd * weights) / divisor
+    loss = jnp.sum(train_loss * weights) / divisor
     real = (batch.get("decoder_loss_weights", targets > 0) > 0).astype(jnp.float32)
     metrics = dict(
         loss=loss,
@@ -172,9 +205,10 @@ def sequence_loss(cfg: LossConfig, logits: Array, batch: Batch, weights: Array,
         num_tokens=jnp.sum(real),
         # Per-token cross-entropy without z-loss: comparable across normalisation choices.
         nll_sum=jnp.sum((token_loss - z_term) * real),
+        kd_loss=kd_sum,
     )
     return loss, metrics
 
 
-__all__ = ["LossConfig", "NORMALIZERS", "normalizing_factor_and_weights", "sequence_loss",
+__all__ = ["LossConfig", "NORMALIZERS", "loss_weights", "normalizing_factor_and_weights", "sequence_loss",
            "token_cross_entropy"]

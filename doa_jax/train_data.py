@@ -26,6 +26,8 @@ import numpy as np
 Batch = dict[str, np.ndarray]
 FEATURE_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                 "decoder_loss_weights")
+# Soft targets of distillation ride along in the batch (see `doa_jax.losses`).
+TEACHER_KEYS = ("teacher_topk_values", "teacher_topk_ids")
 
 
 class BatchSource(Protocol):
@@ -235,7 +237,7 @@ def pad_batches(batches: Iterable[Batch], batch_size: int) -> Iterator[Batch]:
 def take_features(batch: Mapping[str, Any]) -> Batch:
     """The model-facing numeric features of a batch (drops e.g. `*_pretokenized` strings)."""
     return {k: np.asarray(v) for k, v in batch.items()
-            if k in FEATURE_KEYS or k.endswith("_segment_ids") or k.endswith("_positions")}
+            if k in FEATURE_KEYS or k in TEACHER_KEYS or k.endswith("_segment_ids") or k.endswith("_positions")}
 
 
 __all__ = ["ArrayBatches", "BatchSource", "CopyTaskData", "IterableBatches", "TaskData", "copy_task",

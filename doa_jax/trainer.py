@@ -245,17 +245,17 @@ class StepProgram:
         params = _unbox(self.model.init(rng, *self._init_inputs))["params"]
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
-    def _loss_and_metrics(self, params, batch, weights, divisor, rng):
+    def _loss_and_metrics(self, params, batch, weights, divisor, rng, loss: Optional[LossConfig] = None):
         deterministic = rng is None or self.model_config.dropout_rate == 0.0
         logits = self.model.apply(
             {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
             batch.get("encoder_segment_ids"), batch.get("decoder_segment_ids"),
             deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
-        return losses.sequence_loss(self.loss, logits, batch, weights, divisor)
+        return losses.sequence_loss(loss or self.loss, logits, batch, weights, divisor)
 
     def _step_fn(self, state: TrainState, batch, base_rng):
         rng = jax.random.fold_in(base_rng, state.step)
-        weights, divisor = losses.normalizing_factor_and_weights(self.loss.loss_normalizing_factor, batch)
+        weights, divisor = losses.loss_weights(self.loss, batch)
         grad_fn = jax.value_and_grad(self._loss_and_metrics, has_aux=True)
         m = self.num_microbatches
         if m == 1:
@@ -292,7 +292,9 @@ class StepProgram:
     def _eval_fn(self, params, batch):
         weights = (batch.get("decoder_loss_weights", batch["decoder_target_tokens"]) > 0).astype(jnp.float32)
         batch = dict(batch, decoder_loss_weights=weights)
-        _, metrics = self._loss_and_metrics(params, batch, weights, jnp.float32(1.0), None)
+        # Dev metrics are teacher-forced cross-entropy on the gold targets (no soft targets there).
+        eval_loss = dataclasses.replace(self.loss, kd_weight=0.0)
+        _, metrics = self._loss_and_metrics(params, batch, weights, jnp.float32(1.0), None, eval_loss)
         return {k: metrics[k] for k in ("nll_sum", "correct", "num_tokens")}
 
 
@@ -534,6 +536,8 @@ class Trainer:
                    loss_per_token=sum(float(m["nll_sum"]) for m in got) / max(tokens, 1.0),
                    token_accuracy=sum(float(m["correct"]) for m in got) / max(tokens, 1.0),
                    z_loss=float(np.mean([float(m["z_loss"]) for m in got])),
+                   **({"kd_loss": float(np.mean([float(m["kd_loss"]) for m in got]))}
+                      if self.config.loss.kd_weight > 0 else {}),
                    learning_rate=float(got[-1]["learning_rate"]), grad_norm=float(got[-1]["grad_norm"]))
         return row
 
