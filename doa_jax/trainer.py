@@ -134,6 +134,7 @@ class TrainResult:
     best_step: Optional[int]
     stopped_early: bool
     last_metrics: dict[str, float]
+    stopped_by_budget: bool = False
 
 
 def _unbox(tree):
@@ -399,8 +400,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, train: BatchSource, eval_source: Optional[BatchSource] = None, *,
-            decode_metrics: Optional[DecodeMetricsFn] = None) -> TrainResult:
-        """Trains to `train_steps` (or `epochs`), evaluating, checkpointing and logging on the way."""
+            decode_metrics: Optional[DecodeMetricsFn] = None,
+            step_allowed: Optional[Callable[[int], bool]] = None) -> TrainResult:
+        """Trains to `train_steps` (or `epochs`), evaluating, checkpointing and logging on the way.
+
+        `step_allowed(step)` (e.g. a budget cap) is asked before each step; when it says no, the
+        run stops cleanly at that step boundary, saves a checkpoint and reports `stopped_by_budget`.
+        """
         cfg = self.config
         if cfg.epochs is not None:
             if not train.steps_per_epoch:
@@ -424,7 +430,7 @@ class Trainer:
                                                         async_save=cfg.async_checkpointing, with_optimizer=False)
                      if cfg.keep_best and eval_source is not None else None)
         try:
-            return self._loop(train, eval_source, decode_metrics, total_steps, example)
+            return self._loop(train, eval_source, decode_metrics, total_steps, example, step_allowed)
         finally:
             self.checkpoints.wait()
             self.checkpoints.close()
@@ -432,7 +438,7 @@ class Trainer:
                 self.best.wait()
                 self.best.close()
 
-    def _loop(self, train, eval_source, decode_metrics, total_steps, example) -> TrainResult:
+    def _loop(self, train, eval_source, decode_metrics, total_steps, example, step_allowed=None) -> TrainResult:
         cfg = self.config
         state, tstate, origin = self._restore_or_init()
         self._say(origin)
@@ -453,7 +459,7 @@ class Trainer:
                   f"MFU peak: {peak_note}")
         pending: list[dict] = []
         last: dict[str, float] = {}
-        stopped_early = compiled = False
+        stopped_early = compiled = capped = False
         if tstate.get("stopped_early"):
             self._say(f"this run already stopped early at step {step}; nothing to do")
             total_steps = step
@@ -462,6 +468,10 @@ class Trainer:
         try:
             with partitioning.mesh_context(self.mesh, self.rules):
                 while step < total_steps:
+                    if step_allowed is not None and not step_allowed(step):
+                        self._say(f"budget reached: stopping at step {step} of {total_steps}")
+                        capped = True
+                        break
                     try:
                         local = take_features(next(data))
                     except StopIteration:
@@ -503,11 +513,13 @@ class Trainer:
                     last = self._summarise(pending, step)
                     self._emit(last, step, total_steps, log, events)
                     self._save(state, tstate)
+                elif capped:
+                    self._save(state, tstate)
         finally:
             if events is not None:
                 events.close()
         return TrainResult(state, step, tstate.get("best_metric"), tstate.get("best_step"),
-                           stopped_early or bool(tstate.get("stopped_early")), last)
+                           stopped_early or bool(tstate.get("stopped_early")), last, stopped_by_budget=capped)
 
     @staticmethod
     def _period(value, steps_per_epoch: Optional[int], name: str) -> Optional[int]:

@@ -67,3 +67,18 @@ def test_student_trained_on_stored_top_k_logits_moves_toward_the_teacher(tmp_pat
     Trainer(cfg, config).fit(ArrayBatches(data, 16, shuffle=True))
     kd = [row["kd_loss"] for row in metric_rows(tmp_path)]
     assert kd[-1] < 0.5 * kd[0]
+
+
+def test_a_step_cap_stops_the_run_at_a_step_boundary_and_keeps_a_checkpoint(tmp_path):
+    from doa_jax.train_checkpoints import has_checkpoint
+    from train_helpers import train_source
+
+    asked = []
+
+    def allowed(step):
+        asked.append(step)
+        return step < 3
+
+    result = Trainer(tiny_config(), run_config(tmp_path, train_steps=10)).fit(train_source(16), step_allowed=allowed)
+    assert (result.step, result.stopped_by_budget) == (3, True)
+    assert asked == [0, 1, 2, 3] and has_checkpoint(tmp_path / "checkpoints")
