@@ -75,3 +75,52 @@ def make_task(seed: int = 0, labeled: int = 512, unlabeled: int = 1024, test: in
     unlabeled_pool = [{"source": ex["source"], "target": ""} for ex in make_split(unlabeled, seed + 1)]
     return {"labeled": make_split(labeled, seed), "unlabeled": unlabeled_pool,
             "test": make_split(test, seed + 2)}
+
+
+# ----------------------------------------------------------------------------- as a task
+
+FEATURE_LENGTHS = {"inputs": 40, "targets": 48}
+VOCAB_PIECES = 400
+
+
+def card():
+    """The demo's task card: WLP's metric (entity F1) over the demo's entity types."""
+    import pathlib
+
+    from doa_jax.data.cards import Card
+
+    return Card(name=NAME, path=pathlib.Path("<built-in demo task>"),
+                description="procedurally generated protocol sentences -> typed spans (WLP's format)",
+                input_prefix="protocol: ", feature_lengths=dict(FEATURE_LENGTHS), coverage={},
+                metric="entity_f1", primary_metric="f1", annotation_cost_usd=ANNOTATION_COST_USD, labels=(),
+                entity_types=LABELS, files={}, urls={}, subdir=NAME, empty_targets="error", carve_from=None,
+                pool_fractions={}, pool_seed=0)
+
+
+def pools(seed: int = 0, labeled: int = 512, unlabeled: int = 1024, test: int = 256, validation: int = 64):
+    """The demo's pools, in the same shape as a real task's (`doa_jax.data.pools.Pools`)."""
+    from doa_jax.data.pools import Pools
+
+    task = make_task(seed, labeled, unlabeled, test)
+    return Pools(task=NAME, seed=seed, train=task["labeled"], unlabeled=task["unlabeled"],
+                 validation=make_split(validation, seed + 3), test=task["test"], skipped={})
+
+
+def build_vocab(directory, task_pools=None):
+    """A SentencePiece vocabulary (T5 ids) trained on the demo's text; built once per directory."""
+    import pathlib
+
+    from doa_jax.data import vocab as vocab_lib
+
+    path = pathlib.Path(directory) / f"{NAME}_vocab.model"
+    if not path.exists():
+        task_pools = task_pools or pools()
+        texts = [card().input_prefix + ex["source"] for ex in task_pools.train + task_pools.unlabeled]
+        texts += [ex["target"] for ex in task_pools.train]
+        vocab_lib.build_vocab(texts, path, vocab_size=VOCAB_PIECES)
+    return vocab_lib.load_vocab(path)
+
+
+def model_vocab_size(vocab) -> int:
+    """The embedding rows a model needs for `vocab`: its ids padded to a multiple of 128."""
+    return -(-vocab.vocab_size // 128) * 128

@@ -8,16 +8,17 @@ and student training (cheap for a small student, but counted in both arms).
 - annotate: the most labels N such that N x $/label + fine-tuning the student on start + N labels
   fits the budget;
 - distill: fine-tune the teacher on the starting labels, then the largest number U of unlabeled
-  inputs whose teacher inference plus student distillation fits what is left;
+  inputs whose teacher inference (decode + one scoring pass) plus student distillation fits what
+  is left;
 - mixed: `compute_share` of the budget goes to distillation, the rest to labels (the teacher is
-  then fine-tuned on start + bought labels).
+  then fine-tuned on start + bought labels, and the gold rows join the student's distillation data).
 A plan that cannot run says why (`feasible=False`, `reason`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 from doa_jax import flops
 from doa_jax.costs import Accelerator
@@ -28,22 +29,31 @@ STRATEGIES = ("annotate", "distill", "mixed")
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """Training settings the plan prices (the paper's by default)."""
+    """Training settings the plan prices (the paper's by default).
 
-    teacher_epochs: int = 20
-    student_epochs: int = 20
-    distill_epochs: int = 50
+    Training runs whole batches (the last one padded), `ceil(epochs x ceil(n / batch_size))`
+    steps for n examples, as the trainer does; the plan prices exactly those steps.
+    """
+
+    teacher_epochs: float = 20
+    student_epochs: float = 20
+    distill_epochs: float = 50
     inputs_length: int = 128
     targets_length: int = 8
+    batch_size: int = 32
     online_kd: bool = False  # the paper's code ran the teacher forward at every student step
     mfu: float = 0.4
 
     def __post_init__(self):
         if not 0 < self.mfu <= 1:
             raise ValueError(f"mfu must be in (0, 1], got {self.mfu}")
-        for f in ("teacher_epochs", "student_epochs", "distill_epochs", "inputs_length", "targets_length"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        for f in ("teacher_epochs", "student_epochs", "distill_epochs", "inputs_length", "targets_length",
+                  "batch_size"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"{f} must be > 0, got {getattr(self, f)}")
+
+    def steps(self, examples: int, epochs: float) -> int:
+        return math.ceil(epochs * math.ceil(examples / self.batch_size)) if examples > 0 else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,19 +94,34 @@ class Planner:
     def _per_example(self, fn, cfg: T5Config) -> float:
         return self._usd(fn(cfg, 1, self.recipe.inputs_length, self.recipe.targets_length))
 
+    def _training_usd(self, cfg: T5Config, examples: int, epochs: float, extra_per_example: float = 0.0) -> float:
+        """Whole padded batches: steps x batch_size examples' worth of train FLOPs."""
+        per_example = self._per_example(flops.train_flops, cfg) + extra_per_example
+        return self.recipe.steps(examples, epochs) * self.recipe.batch_size * per_example
+
     def student_finetune_usd(self, labels: int) -> float:
-        return labels * self.recipe.student_epochs * self._per_example(flops.train_flops, self.student)
+        return self._training_usd(self.student, labels, self.recipe.student_epochs)
 
     def teacher_finetune_usd(self, labels: int) -> float:
-        return labels * self.recipe.teacher_epochs * self._per_example(flops.train_flops, self.teacher)
+        return self._training_usd(self.teacher, labels, self.recipe.teacher_epochs)
 
-    def per_unlabeled_usd(self) -> tuple[float, float]:
-        """(teacher inference, student distillation) dollars per unlabeled input."""
-        inference = self._per_example(flops.forward_flops, self.teacher)
-        student_step = self._per_example(flops.train_flops, self.student)
-        if self.recipe.online_kd:
-            student_step += self._per_example(flops.forward_flops, self.teacher)
-        return inference, self.recipe.distill_epochs * student_step
+    def teacher_inference_usd(self, inputs: int) -> float:
+        """Decoding plus one teacher-forced pass for the top-k logits: two forward passes per input."""
+        return inputs * 2 * self._per_example(flops.forward_flops, self.teacher)
+
+    def distill_usd(self, examples: int) -> float:
+        """Student training on `examples` rows of soft targets (plus the teacher forward if online)."""
+        online = self._per_example(flops.forward_flops, self.teacher) if self.recipe.online_kd else 0.0
+        return self._training_usd(self.student, examples, self.recipe.distill_epochs, online)
+
+    @staticmethod
+    def _largest(fits: Callable[[int], bool], upper: int) -> int:
+        """The largest n in [0, upper] with fits(n) (fits is monotone: true up to some n)."""
+        lo, hi = 0, upper
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
 
     def plan(self, strategy: str, start_labels: int, budget_usd: float, *, unlabeled_available: Optional[int] = None,
              labels_available: Optional[int] = None, compute_share: float = 0.5) -> Plan:
@@ -122,11 +147,11 @@ class Planner:
         return n if available is None else max(0, min(n, available - start))
 
     def _annotate(self, start: int, budget: float, available: Optional[int]) -> Plan:
-        # Largest N with N * price + student fine-tune on (start + N) labels <= budget.
-        per_label = self.usd_per_label + self.student_finetune_usd(1)
-        n = int(max(0.0, budget - self.student_finetune_usd(start)) // per_label)
+        # Largest N with N x price + fine-tuning the student on (start + N) labels <= budget.
+        upper = int(budget // self.usd_per_label)
         if available is not None:
-            n = max(0, min(n, available - start))
+            upper = max(0, min(upper, available - start))
+        n = self._largest(lambda k: k * self.usd_per_label + self.student_finetune_usd(start + k) <= budget, upper)
         used = start + n
         feasible, reason = True, ""
         if used == 0:
@@ -138,7 +163,7 @@ class Planner:
         elif n == 0:
             reason = (f"no labels bought: after fine-tuning the student on the {start} starting labels "
                       f"(${self.student_finetune_usd(start):.2f}), budget ${budget:.2f} is below one label's cost "
-                      f"(${self.usd_per_label:.3f} + ${self.student_finetune_usd(1):.4f} training)")
+                      f"(${self.usd_per_label:.3f} plus its training)")
         return Plan("annotate", feasible, reason, budget, n, used, 0, n * self.usd_per_label, 0.0, 0.0,
                     self.student_finetune_usd(used))
 
@@ -146,24 +171,30 @@ class Planner:
                  unlabeled_available: Optional[int], strategy: str) -> Plan:
         labels = start + bought
         teacher_ft = self.teacher_finetune_usd(labels)
-        gold_student = self.student_finetune_usd(labels) if strategy == "mixed" else 0.0
+        gold_rows = labels if strategy == "mixed" else 0   # mixed: gold rows join the student's data
 
         def infeasible(reason: str) -> Plan:
-            return Plan(strategy, False, reason, budget, bought, labels, 0, labels_usd, teacher_ft, 0.0, gold_student)
+            return Plan(strategy, False, reason, budget, bought, labels, 0, labels_usd, teacher_ft, 0.0, 0.0)
 
         if labels == 0:
             return infeasible("the teacher needs labels to fine-tune on and there are none")
         if unlabeled_available is not None and unlabeled_available <= 0:
             return infeasible("the unlabeled pool is empty")
-        if teacher_ft + gold_student > compute_budget:
+        if teacher_ft > compute_budget:
             return infeasible(f"fine-tuning the teacher on {labels} labels costs ${teacher_ft:.2f} > "
                               f"${compute_budget:.2f} available for compute")
-        inference, distill = self.per_unlabeled_usd()
-        u = int((compute_budget - teacher_ft - gold_student) // (inference + distill))
+        left = compute_budget - teacher_ft
+
+        def cost(u: int) -> float:
+            return self.teacher_inference_usd(u) + self.distill_usd(u + gold_rows)
+
+        per_input = self.teacher_inference_usd(1) + self.distill_usd(1) / max(self.recipe.steps(1, 1), 1)
+        upper = int(left // max(self.teacher_inference_usd(1), 1e-30)) + self.recipe.batch_size
         if unlabeled_available is not None:
-            u = min(u, unlabeled_available)
+            upper = min(upper, unlabeled_available)
+        u = self._largest(lambda k: cost(k) <= left, upper)
         if u < 1:
             return infeasible(f"after the teacher's fine-tuning (${teacher_ft:.2f}) the budget does not cover "
-                              f"one unlabeled input (${inference + distill:.4f} each)")
-        return Plan(strategy, True, "", budget, bought, labels, u, labels_usd, teacher_ft, u * inference,
-                    u * distill + gold_student)
+                              f"one batch of unlabeled inputs (${cost(1):.4f}; ~${per_input:.4f} per input)")
+        return Plan(strategy, True, "", budget, bought, labels, u, labels_usd, teacher_ft,
+                    self.teacher_inference_usd(u), self.distill_usd(u + gold_rows))

@@ -70,3 +70,20 @@ def make_predict_fn(module: Transformer, params: Any, max_decode_len: int, *, nu
         return {k: np.concatenate(v) for k, v in parts.items()}
 
     return predict
+
+
+def score_targets(module: Transformer, params: Any, encoder_input_tokens: np.ndarray, targets: np.ndarray,
+                  topk: int, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's top-k logits `[n, T, k]` (values, ids) at every position of given targets
+    (teacher-forced), e.g. gold labels that join pseudo-labels in the student's data."""
+    values, ids = [], []
+    for lo in range(0, len(targets), batch_size):
+        enc, tgt = encoder_input_tokens[lo:lo + batch_size], targets[lo:lo + batch_size]
+        n = len(enc)
+        if n < batch_size:
+            enc = np.concatenate([enc, np.zeros((batch_size - n, enc.shape[1]), np.int32)])
+            tgt = np.concatenate([tgt, np.zeros((batch_size - n, tgt.shape[1]), np.int32)])
+        _, v, i = _score(module, params, jnp.asarray(enc), jnp.asarray(tgt), topk)
+        values.append(np.asarray(v, np.float32)[:n])
+        ids.append(np.asarray(i, np.int32)[:n])
+    return np.concatenate(values), np.concatenate(ids)

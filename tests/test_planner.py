@@ -1,4 +1,6 @@
 """Planner arithmetic against hand-computed cases, infeasible cases, bad input."""
+import dataclasses
+
 import pytest
 
 from doa_jax import costs, flops, planner
@@ -7,7 +9,7 @@ from doa_jax.model import config_for_size
 # A made-up accelerator and round FLOP counts make the arithmetic checkable by hand:
 # $3.6/h = $0.001/s; at 50% of 1e12 FLOP/s, one FLOP costs 0.001 / 5e11 = $2e-15.
 ACC = costs.Accelerator("toy", "toy", usd_per_chip_hour=3.6, peak_flops=1e12, source="test", date="-")
-RECIPE = planner.Recipe(teacher_epochs=3, student_epochs=2, distill_epochs=5, mfu=0.5)
+RECIPE = planner.Recipe(teacher_epochs=3, student_epochs=2, distill_epochs=5, batch_size=1, mfu=0.5)
 STUDENT, TEACHER = config_for_size("small"), config_for_size("xxl")
 
 
@@ -31,11 +33,12 @@ def test_annotate_buys_the_most_labels_that_fit_with_the_students_fine_tuning(to
 
 def test_distill_spends_what_the_teacher_leaves_on_unlabeled_inputs(toy):
     # teacher: 100 labels x 3 epochs x 1e13 x $2e-15 = $6.00; left $4.00.
-    # per input: inference 2e12 -> $0.004, distillation 5 x 1e12 -> $0.010: 4.00 // 0.014 = 285.
+    # per input: inference = decode + scoring = 2 x 2e12 -> $0.008, distillation 5 x 1e12 -> $0.010:
+    # 4.00 // 0.018 = 222.
     p = toy.plan("distill", start_labels=100, budget_usd=10.0)
-    assert (p.feasible, p.unlabeled_used, p.labels_bought) == (True, 285, 0)
+    assert (p.feasible, p.unlabeled_used, p.labels_bought) == (True, 222, 0)
     assert p.teacher_finetune_usd == pytest.approx(6.0)
-    assert p.teacher_inference_usd == pytest.approx(1.14) and p.student_training_usd == pytest.approx(2.85)
+    assert p.teacher_inference_usd == pytest.approx(1.776) and p.student_training_usd == pytest.approx(2.22)
 
 
 def test_distill_is_capped_by_the_unlabeled_pool(toy):
@@ -46,9 +49,11 @@ def test_mixed_splits_the_budget_between_labels_and_compute(toy):
     # labels: $5 buys 20; teacher on 120 labels: $7.20 > $5 left -> infeasible, reason given.
     p = toy.plan("mixed", 100, 10.0, compute_share=0.5)
     assert not p.feasible and "fine-tuning the teacher on 120 labels costs $7.20 > $5.00" in p.reason
-    ok = toy.plan("mixed", 100, 20.0, compute_share=0.5)  # 40 labels; teacher $8.40; gold student $0.56
-    assert ok.feasible and ok.labels_bought == 40
-    assert ok.unlabeled_used == 74  # (20 - 10 - 8.40 - 0.56) // 0.014
+    # $10 buys 40 labels; teacher on 140: $8.40; $1.60 left for U inputs and the 140 gold rows:
+    # 0.008 U + 0.010 (U + 140) <= 1.60  ->  U = 11.
+    ok = toy.plan("mixed", 100, 20.0, compute_share=0.5)
+    assert ok.feasible and (ok.labels_bought, ok.unlabeled_used) == (40, 11)
+    assert ok.student_training_usd == pytest.approx(0.01 * 151)
 
 
 def test_budget_below_the_teachers_fine_tuning_is_infeasible_with_its_reason(toy):
@@ -58,7 +63,7 @@ def test_budget_below_the_teachers_fine_tuning_is_infeasible_with_its_reason(toy
 
 def test_budget_below_one_label_buys_none_and_says_so(toy):
     p = toy.plan("annotate", 100, 0.6)  # $0.40 trains on the 100 start labels; $0.20 < $0.254
-    assert p.feasible and p.labels_bought == 0 and "is below one label's cost ($0.250 + $0.0040" in p.reason
+    assert p.feasible and p.labels_bought == 0 and "is below one label's cost ($0.250 plus its training)" in p.reason
 
 
 def test_empty_unlabeled_pool_is_infeasible(toy):
@@ -73,7 +78,15 @@ def test_bad_budget_is_a_clear_error(toy, budget):
 
 def test_real_flops_price_the_papers_wlp_cell_on_an_a100():
     p = planner.Planner(costs.get_accelerator("a100"), STUDENT, TEACHER, 0.26, planner.Recipe())
-    teacher_flops = 1000 * 20 * flops.train_flops(TEACHER, 1, 128, 8)
+    # 1000 labels in batches of 32: 32 steps an epoch (the last padded), 20 epochs = 640 steps.
+    teacher_flops = 640 * 32 * flops.train_flops(TEACHER, 1, 128, 8)
     assert p.teacher_finetune_usd(1000) == pytest.approx(teacher_flops / (312e12 * 0.4) / 3600 * 1.875)
     plan = p.plan("distill", 1000, 100.0)
     assert plan.feasible and plan.total_usd <= 100.0
+
+
+def test_training_is_priced_in_whole_padded_batches(toy):
+    batched = planner.Planner(ACC, STUDENT, TEACHER, 0.25, dataclasses.replace(RECIPE, batch_size=32))
+    # 33 labels in batches of 32: 2 steps an epoch, 2 epochs = 4 steps of 32 rows at $0.002 a row.
+    assert batched.student_finetune_usd(33) == pytest.approx(4 * 32 * 0.002)
+    assert batched.student_finetune_usd(32) == pytest.approx(2 * 32 * 0.002)

@@ -31,6 +31,7 @@ def register(sub) -> None:
     p.add_argument("--teacher-epochs", type=int, default=20)
     p.add_argument("--distill-epochs", type=int, default=50)
     p.add_argument("--student-epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32, the paper's)")
     p.add_argument("--rate-cards", default=None, help="TOML rate-card file (default: packaged)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
@@ -45,7 +46,8 @@ def run(args) -> int:
     acc = costs.get_accelerator(args.accelerator, costs.load_rate_cards(args.rate_cards))
     recipe = planner.Recipe(teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
                             distill_epochs=args.distill_epochs, inputs_length=card.feature_lengths["inputs"],
-                            targets_length=card.feature_lengths["targets"], mfu=args.mfu)
+                            targets_length=card.feature_lengths["targets"], batch_size=args.batch_size,
+                            mfu=args.mfu)
     p = planner.Planner(acc, config_for_size(args.student), config_for_size(args.teacher),
                         card.annotation_cost_usd, recipe)
     plans = [p.plan(s, args.start_labels, args.budget, unlabeled_available=args.unlabeled,
