@@ -13,12 +13,17 @@ import sys
 
 # name -> module; order is the order of `doa --help`.
 COMMANDS: dict[str, str] = {
+    "demo": "doa_jax.commands.demo",
+    "run": "doa_jax.commands.run",
+    "sweep": "doa_jax.commands.sweep",
+    "report": "doa_jax.commands.report",
     "convert": "doa_jax.commands.convert",
     "data": "doa_jax.commands.data",
     "score": "doa_jax.commands.score",
     "vocab": "doa_jax.commands.vocab",
     "plan": "doa_jax.commands.plan",
     "train": "doa_jax.commands.train",
+    "bench": "doa_jax.commands.bench",
 }
 
 

@@ -51,6 +51,9 @@ class CellConfig:
     seed: int = 0
     accelerator: str = "a100"       # compute is charged as this accelerator at `mfu`
     mfu: float = 0.4
+    # Price compute as other sizes' FLOPs (e.g. the demo's tiny models stand for 'xxl' / 'small').
+    price_teacher_as: Optional[str] = None
+    price_student_as: Optional[str] = None
     measured_on: str = "cpu"        # this machine's rate card (the measured view)
     batch_size: int = 32
     optimizer: str = "adamw"
@@ -166,6 +169,15 @@ def _train(model_cfg: T5Config, arrays: Mapping[str, np.ndarray], model_dir: pat
     return result, time.perf_counter() - start
 
 
+def pricing_configs(cfg: CellConfig) -> tuple[T5Config, T5Config]:
+    """(teacher, student) whose FLOPs are charged: the trained models, or the sizes they stand for."""
+    from doa_jax.model import config_for_size
+
+    teacher = config_for_size(cfg.price_teacher_as) if cfg.price_teacher_as else cfg.teacher
+    student = config_for_size(cfg.price_student_as) if cfg.price_student_as else cfg.student
+    return teacher, student
+
+
 def _step_usd(ledger: costs.Ledger, model_cfg: T5Config, cfg: CellConfig, lengths, extra_flops: float = 0.0):
     step_flops = flops.train_flops(model_cfg, cfg.batch_size, lengths["inputs"], lengths["targets"]) + extra_flops
     return step_flops, ledger.compute_usd(0.0, step_flops)
@@ -195,7 +207,7 @@ def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: c
                         "lengths": setup.lengths, "vocab": setup.vocab.spec()["sha256"]})
     run_dir = cache / "teachers" / key
     record_path = run_dir / "record.json"
-    step_flops, step_usd = _step_usd(ledger, cfg.teacher, cfg, setup.lengths)
+    step_flops, step_usd = _step_usd(ledger, pricing_configs(cfg)[0], cfg, setup.lengths)
     if not record_path.exists():
         _say(cfg, f"fine-tuning the teacher on {len(labels)} labels ({cfg.teacher_epochs:g} epochs) in {run_dir}")
         arrays = encode_examples(setup.card, setup.vocab, labels, setup.lengths)
@@ -246,7 +258,7 @@ def teacher_store_for(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teach
         _say(cfg, f"reusing teacher outputs in {store.dir}")
     record = json.loads((store.dir / "record.json").read_text()) if (store.dir / "record.json").exists() else {}
     # Decoding plus one teacher-forced pass for the top-k logits: two forward passes per input.
-    inference_flops = 2 * flops.forward_flops(cfg.teacher, len(sources), setup.lengths["inputs"],
+    inference_flops = 2 * flops.forward_flops(pricing_configs(cfg)[0], len(sources), setup.lengths["inputs"],
                                               setup.lengths["targets"])
     ledger.add_compute(f"teacher_inference:{key}", "teacher_inference", record.get("seconds", 0.0), inference_flops)
     return store.load(), enc
@@ -290,7 +302,8 @@ class OnlineTeacherBatches:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model_cfg: T5Config, params, setup: TaskSetup, examples: list, batch_size: int = 64) -> dict[str, Any]:
+def evaluate(model_cfg: T5Config, params, setup: TaskSetup, examples: list, batch_size: int = 64,
+             pricing: Optional[T5Config] = None) -> dict[str, Any]:
     """Greedy decodes of the test examples scored by the card's metric (percent)."""
     from doa_jax import decoding, metrics
     from doa_jax.data.encode import encode_texts
@@ -307,7 +320,7 @@ def evaluate(model_cfg: T5Config, params, setup: TaskSetup, examples: list, batc
     result = metrics.compute(setup.card, preds, [ex["target"] for ex in examples],
                              sources=[ex["source"] for ex in examples])
     return {"metrics": result, "predictions": preds, "flops": flops.forward_flops(
-        model_cfg, len(examples), setup.lengths["inputs"], setup.lengths["targets"])}
+        pricing or model_cfg, len(examples), setup.lengths["inputs"], setup.lengths["targets"])}
 
 
 # ----------------------------------------------------------------------------- the cell
@@ -317,6 +330,8 @@ def _row(cfg: CellConfig, setup: Optional[TaskSetup], **fields) -> dict[str, Any
            "start_labels": cfg.start_labels, "extra_budget_usd": cfg.extra_budget_usd,
            "budget_usd": cfg.extra_budget_usd, "compute_share": cfg.compute_share if cfg.strategy == "mixed" else None,
            "seed": cfg.seed, "student": _size_name(cfg.student), "teacher": _size_name(cfg.teacher),
+           "priced_as": {"teacher": cfg.price_teacher_as, "student": cfg.price_student_as}
+           if (cfg.price_teacher_as or cfg.price_student_as) else None,
            "accelerator": cfg.accelerator, "mfu": cfg.mfu,
            "metric": setup.card.primary_metric if setup else None}
     row.update(fields)
@@ -336,10 +351,32 @@ def _infeasible(cfg, setup, reason: str, **fields) -> dict[str, Any]:
     return _row(cfg, setup, status="infeasible", reason=reason, value=None, **fields)
 
 
+def finished_rows(results_path: pathlib.Path) -> dict[str, dict[str, Any]]:
+    """Rows already in a results file, by cell key (a torn last line from a kill is ignored)."""
+    rows = {}
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "cell_key" in row:
+                rows[row["cell_key"]] = row
+    return rows
+
+
 def run_cell(cfg: CellConfig) -> dict[str, Any]:
-    """Runs one cell and returns its results row (also appended to OUTPUT_DIR/results.jsonl)."""
+    """Runs one cell and returns its results row (also appended to OUTPUT_DIR/results.jsonl).
+
+    Idempotent: a cell whose key already has a row there is not run again (its row is returned).
+    A cell killed part-way resumes its phases (teacher, store chunks, student) on the next run.
+    """
     out = pathlib.Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    done = finished_rows(out / "results.jsonl").get(cfg.key())
+    if done is not None:
+        _say(cfg, f"already in {out / 'results.jsonl'} (cell {cfg.key()}); not run again")
+        return done
     started = time.perf_counter()
     try:
         row = _run_cell(cfg, out)
@@ -377,14 +414,14 @@ def _run_cell(cfg: CellConfig, out: pathlib.Path) -> dict[str, Any]:
     acc = costs.get_accelerator(cfg.accelerator)
     ledger = costs.Ledger(cell_dir / "ledger.jsonl", measured_on=costs.get_accelerator(cfg.measured_on),
                           project_to=acc, mfu=cfg.mfu)
-    recipe = planner.Recipe(teacher_epochs=max(1, math.ceil(cfg.teacher_epochs)),
-                            student_epochs=max(1, math.ceil(cfg.student_epochs)),
-                            distill_epochs=max(1, math.ceil(cfg.distill_epochs)),
+    recipe = planner.Recipe(teacher_epochs=cfg.teacher_epochs, student_epochs=cfg.student_epochs,
+                            distill_epochs=cfg.distill_epochs,
                             inputs_length=setup.lengths["inputs"], targets_length=setup.lengths["targets"],
-                            online_kd=cfg.soft_targets == "online", mfu=cfg.mfu)
+                            batch_size=cfg.batch_size, online_kd=cfg.soft_targets == "online", mfu=cfg.mfu)
     unlabeled_available = len(pools.unlabeled) if cfg.max_unlabeled is None else min(cfg.max_unlabeled,
                                                                                      len(pools.unlabeled))
-    plan = planner.Planner(acc, cfg.student, cfg.teacher, card.annotation_cost_usd, recipe).plan(
+    price_teacher, price_student = pricing_configs(cfg)
+    plan = planner.Planner(acc, price_student, price_teacher, card.annotation_cost_usd, recipe).plan(
         cfg.strategy, cfg.start_labels, cfg.extra_budget_usd, unlabeled_available=unlabeled_available,
         labels_available=len(pools.train), compute_share=cfg.compute_share)
     planned = {k: v for k, v in plan.as_row().items() if k.endswith("_usd") or k.endswith("_used") or
@@ -420,9 +457,9 @@ def _run_cell(cfg: CellConfig, out: pathlib.Path) -> dict[str, Any]:
 
             module = Transformer(cfg.teacher)
             wrapper = lambda src: OnlineTeacherBatches(src, module, teacher_params)  # noqa: E731
-            step_extra = flops.forward_flops(cfg.teacher, cfg.batch_size, setup.lengths["inputs"],
+            step_extra = flops.forward_flops(price_teacher, cfg.batch_size, setup.lengths["inputs"],
                                              setup.lengths["targets"])
-    step_flops, step_usd = _step_usd(ledger, cfg.student, cfg, setup.lengths, step_extra)
+    step_flops, step_usd = _step_usd(ledger, price_student, cfg, setup.lengths, step_extra)
     _say(cfg, f"training the student on {len(arrays['encoder_input_tokens'])} examples ({epochs:g} epochs)")
     result, seconds = _train(cfg.student, arrays, student_dir, epochs=epochs, cfg=cfg,
                              initial_checkpoint=cfg.student_checkpoint, kd=kd, source_wrapper=wrapper,
@@ -432,7 +469,7 @@ def _run_cell(cfg: CellConfig, out: pathlib.Path) -> dict[str, Any]:
 
     test = pools.test[: cfg.max_eval_examples] if cfg.max_eval_examples else pools.test
     start = time.perf_counter()
-    evaluation = evaluate(cfg.student, result.state.params, setup, test)
+    evaluation = evaluate(cfg.student, result.state.params, setup, test, pricing=price_student)
     ledger.add_compute(f"evaluation:{cfg.key()}:{result.step}", "evaluation", time.perf_counter() - start,
                        evaluation["flops"])
     (cell_dir / "predictions.jsonl").write_text("".join(
@@ -444,8 +481,8 @@ def _run_cell(cfg: CellConfig, out: pathlib.Path) -> dict[str, Any]:
     return _row(cfg, setup, status=status, reason=(f"budget reached at student step {result.step}"
                                                    if result.stopped_by_budget else ""),
                 value=metric_values.get(card.primary_metric), metrics=metric_values,
-                spent_usd={p: round(by_phase[p], 6) for p in costs.PHASES},
-                spent_total_usd=round(budget.spent(), 6), measured_usd=round(ledger.measured_total(), 6),
+                spent_usd={p: by_phase[p] for p in costs.PHASES},
+                spent_total_usd=budget.spent(), measured_usd=ledger.measured_total(),
                 labels_used=len(labels), labels_bought=plan.labels_bought, unlabeled_used=unlabeled_used,
                 student_steps=result.step, plan=planned, test_examples=len(test), output=str(cell_dir))
 

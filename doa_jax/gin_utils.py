@@ -13,6 +13,8 @@ line) that requires it. `write_operative_config` saves what a run actually used 
 """
 from __future__ import annotations
 
+import argparse
+
 import ast
 import contextlib
 import logging
@@ -71,6 +73,24 @@ def _copy_task_data(**fields: Any):
     return CopyTaskData(**fields)
 
 
+def _t5_size(name: str, **overrides: Any):
+    from doa_jax.model.config import config_for_size
+
+    return config_for_size(name, **overrides)
+
+
+def _cell_config(**fields: Any):
+    from doa_jax.experiment import CellConfig
+
+    return CellConfig(**fields)
+
+
+def _sweep_grid(**fields: Any):
+    from doa_jax.sweep import Grid
+
+    return Grid(**fields)
+
+
 # gin name -> factory. Factories (not the classes) are registered so gin never subclasses a
 # frozen dataclass, and importing this module stays cheap (no JAX until a config is built).
 CONFIGURABLES = {
@@ -81,6 +101,9 @@ CONFIGURABLES = {
     "MeshConfig": _mesh_config,
     "TaskData": _task_data,
     "CopyTaskData": _copy_task_data,
+    "T5Size": _t5_size,
+    "CellConfig": _cell_config,
+    "SweepGrid": _sweep_grid,
 }
 
 
@@ -275,3 +298,27 @@ def write_operative_config(model_dir: str | os.PathLike, name: str = "config.gin
 
 __all__ = ["CONFIGURABLES", "GIN_DIR", "binding", "check_required", "macro", "parse", "register",
            "required_macros", "rewrite_gin_args", "write_operative_config"]
+
+
+class GinFlagParser(argparse.ArgumentParser):
+    """Accepts T5X's `--gin.MACRO=value` flags by rewriting them to `--gin_bindings` first."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(rewrite_gin_args(args), namespace)
+
+
+def add_gin_flags(parser: argparse.ArgumentParser) -> None:
+    """`--gin_file` (repeatable, required), `--gin_bindings`, `--gin_search_paths`; makes the parser
+    take `--gin.X=V` (a subparser from `add_parser` is switched to `GinFlagParser`)."""
+    parser.__class__ = GinFlagParser
+    parser.add_argument("--gin_file", action="append", required=True, metavar="F",
+                        help="gin file (repeatable; searched in the cwd, --gin_search_paths and gin/)")
+    parser.add_argument("--gin_bindings", action="append", default=[], metavar="'X = V'",
+                        help="a gin binding (repeatable); --gin.X=V is the short form")
+    parser.add_argument("--gin_search_paths", default="", metavar="DIRS",
+                        help="comma-separated extra directories to search for gin files")
+
+
+def parse_flags(args: argparse.Namespace) -> None:
+    """`parse` with the files, bindings and search paths of `add_gin_flags`."""
+    parse(args.gin_file, args.gin_bindings, search_paths=[s for s in args.gin_search_paths.split(",") if s])

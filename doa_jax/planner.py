@@ -160,9 +160,10 @@ class Planner:
             feasible = False
             reason = (f"fine-tuning the student on the {start} starting labels costs "
                       f"${self.student_finetune_usd(start):.2f} > budget ${budget:.2f}")
-        elif n == 0:
-            reason = (f"no labels bought: after fine-tuning the student on the {start} starting labels "
-                      f"(${self.student_finetune_usd(start):.2f}), budget ${budget:.2f} is below one label's cost "
+        elif n == 0 and budget > 0:
+            feasible = False
+            reason = (f"budget ${budget:.2f} buys no label: after fine-tuning the student on the {start} starting "
+                      f"labels (${self.student_finetune_usd(start):.2f}) it is below one label's cost "
                       f"(${self.usd_per_label:.3f} plus its training)")
         return Plan("annotate", feasible, reason, budget, n, used, 0, n * self.usd_per_label, 0.0, 0.0,
                     self.student_finetune_usd(used))

@@ -28,11 +28,11 @@ def require_shared(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def t5x_fixtures() -> pathlib.Path:
     return require_shared(FIXTURES)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def doa_data() -> pathlib.Path:
     return require_shared(DATA)

@@ -61,9 +61,15 @@ def test_budget_below_the_teachers_fine_tuning_is_infeasible_with_its_reason(toy
     assert not p.feasible and p.reason == "fine-tuning the teacher on 100 labels costs $6.00 > $5.00 available for compute"
 
 
-def test_budget_below_one_label_buys_none_and_says_so(toy):
+def test_budget_below_one_label_is_infeasible_and_says_so(toy):
     p = toy.plan("annotate", 100, 0.6)  # $0.40 trains on the 100 start labels; $0.20 < $0.254
-    assert p.feasible and p.labels_bought == 0 and "is below one label's cost ($0.250 plus its training)" in p.reason
+    assert not p.feasible and p.labels_bought == 0
+    assert "buys no label" in p.reason and "below one label's cost ($0.250 plus its training)" in p.reason
+
+
+def test_zero_extra_budget_is_the_start_labels_baseline(toy):
+    p = toy.plan("annotate", 100, 0.0)
+    assert (p.feasible, p.labels_used, p.labels_bought) == (False, 100, 0)  # $0.40 of training > $0
 
 
 def test_empty_unlabeled_pool_is_infeasible(toy):

@@ -14,27 +14,14 @@ from __future__ import annotations
 import argparse
 
 
-class _GinFlagParser(argparse.ArgumentParser):
-    """Accepts T5X's `--gin.MACRO=value` flags by rewriting them to `--gin_bindings` first."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        from doa_jax.gin_utils import rewrite_gin_args
-
-        return super().parse_known_args(rewrite_gin_args(args), namespace)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="fine-tune a T5 from gin files (partitioned, resumable)",
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.__class__ = _GinFlagParser
-    p.add_argument("--gin_file", action="append", required=True, metavar="F",
-                   help="gin file (repeatable; searched in the cwd, --gin_search_paths and gin/)")
-    p.add_argument("--gin_bindings", action="append", default=[], metavar="'X = V'",
-                   help="a gin binding (repeatable); --gin.X=V is the short form")
-    p.add_argument("--gin_search_paths", default="", metavar="DIRS",
-                   help="comma-separated extra directories to search for gin files")
+    from doa_jax.gin_utils import add_gin_flags
+
+    add_gin_flags(p)
     p.add_argument("--coordinator_address", help="multi-host: 'host:port' of process 0")
     p.add_argument("--num_processes", "--process_count", type=int, help="multi-host: number of processes")
     p.add_argument("--process_id", "--process_index", type=int, help="multi-host: this process's index")
@@ -50,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     # jax.distributed must start before any other JAX call.
     partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                         auto=args.multihost)
-    search = [s for s in args.gin_search_paths.split(",") if s]
-    gin_utils.parse(args.gin_file, args.gin_bindings, search_paths=search)
+    gin_utils.parse_flags(args)
     try:
         model_config = gin_utils.macro("MODEL_CONFIG")
     except ValueError:

@@ -1,0 +1,45 @@
+"""`doa run --gin_file runs/experiment.gin --gin_file experiments/X.gin [--gin.X=V]`: one budget cell.
+
+Writes OUTPUT_DIR/config.gin (the operative config), OUTPUT_DIR/results.jsonl (one row for the
+cell), and OUTPUT_DIR/cells/<key>/ (ledger, checkpoints, predictions); teacher runs and teacher
+stores go to OUTPUT_DIR/cache (or CACHE_DIR) and are reused by any later cell that can. Rerunning
+the same command after a kill resumes; after the row is written, it does nothing.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    from doa_jax.gin_utils import add_gin_flags
+
+    p = subparsers.add_parser("run", help="run one budget cell (annotate | distill | mixed) from gin",
+                              description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_gin_flags(p)
+    p.set_defaults(func=run)
+
+
+def format_row(row: dict) -> str:
+    """One line per cell for the console."""
+    if row.get("status") == "infeasible":
+        return (f"{row['task']} {row['strategy']:<8} +${row['extra_budget_usd']:g}: INFEASIBLE: {row['reason']}")
+    spent = row.get("spent_usd", {})
+    phases = ", ".join(f"{k} ${v:.4g}" for k, v in spent.items() if v)
+    return (f"{row['task']} {row['strategy']:<8} +${row['extra_budget_usd']:g}: {row['metric']} {row['value']:.2f} "
+            f"| labels {row['labels_used']} (+{row['labels_bought']}), unlabeled {row['unlabeled_used']} "
+            f"| spent ${row['spent_total_usd']:.4g} of ${row['budget_usd']:g} ({phases or 'nothing'})"
+            f"{' | CAPPED: ' + row['reason'] if row.get('status') == 'capped' else ''}")
+
+
+def run(args) -> int:
+    from doa_jax import experiment, gin_utils
+
+    gin_utils.parse_flags(args)
+    cell = gin_utils.macro("CELL")
+    path = gin_utils.write_operative_config(cell.output_dir)
+    print(f"operative gin config: {path}", flush=True)
+    row = experiment.run_cell(cell)
+    print(format_row(row))
+    print(f"results: {cell.output_dir}/results.jsonl (cell {row['cell_key']})")
+    return 0

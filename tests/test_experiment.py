@@ -1,0 +1,98 @@
+"""One budget cell end to end: both arms on real WLP data, infeasible cells, the budget cap, reuse."""
+import dataclasses
+import json
+
+import pytest
+
+from doa_jax import experiment, planner
+from doa_jax.demo_task import model_vocab_size
+from doa_jax.model import config_for_size
+from data_helpers import task_vocab
+
+LENGTHS = {"inputs": 48, "targets": 48}
+
+
+def tiny(vocab_size, **kw):
+    base = dict(vocab_size=vocab_size, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
+                num_decoder_layers=1, dtype="float32")
+    return config_for_size("tiny", **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def wlp(doa_data, tmp_path_factory):
+    vocab = task_vocab(str(doa_data), vocab_size=2000)
+    v = model_vocab_size(vocab)
+    base = experiment.CellConfig(
+        task="wlp", start_labels=32, extra_budget_usd=5.0, strategy="annotate",
+        output_dir=str(tmp_path_factory.mktemp("cells")), vocab=str(vocab.path),
+        student=tiny(v), teacher=tiny(v, emb_dim=32, num_encoder_layers=2, num_decoder_layers=2),
+        batch_size=16, learning_rate=3e-3, teacher_epochs=2, student_epochs=2, distill_epochs=2,
+        feature_lengths=LENGTHS, max_unlabeled=48, max_eval_examples=32, verbose=False)
+    return base
+
+
+def test_annotate_and_distill_on_real_wlp_each_produce_a_row_with_entity_f1(wlp):
+    rows = {s: experiment.run_cell(dataclasses.replace(wlp, strategy=s)) for s in ("annotate", "distill")}
+    ann, dist = rows["annotate"], rows["distill"]
+    assert ann["status"] == dist["status"] == "ok" and ann["metric"] == dist["metric"] == "f1"
+    assert 0.0 <= ann["value"] <= 100.0 and 0.0 <= dist["value"] <= 100.0
+    assert ann["labels_bought"] == 19 and ann["spent_usd"]["labels"] == pytest.approx(19 * 0.26)  # $5 / $0.26
+    assert dist["labels_bought"] == 0 and dist["unlabeled_used"] == 48
+    assert dist["spent_usd"]["teacher_finetune"] > 0 and dist["spent_usd"]["teacher_inference"] > 0
+    assert dist["spent_total_usd"] <= 5.0 and ann["spent_total_usd"] <= 5.0
+    written = [json.loads(line) for line in open(f"{wlp.output_dir}/results.jsonl")]
+    assert {r["cell_key"] for r in written} == {ann["cell_key"], dist["cell_key"]}
+
+
+def test_a_finished_cell_is_not_run_again(wlp):
+    row = experiment.run_cell(dataclasses.replace(wlp, strategy="annotate"))
+    again = experiment.run_cell(dataclasses.replace(wlp, strategy="annotate"))
+    assert again == row
+    keys = [json.loads(line)["cell_key"] for line in open(f"{wlp.output_dir}/results.jsonl")]
+    assert keys.count(row["cell_key"]) == 1
+
+
+def test_cells_that_share_a_teacher_reuse_its_fine_tune_and_store(wlp, tmp_path):
+    cache = tmp_path / "cache"
+    for budget in (5.0, 6.0):
+        experiment.run_cell(dataclasses.replace(wlp, strategy="distill", extra_budget_usd=budget,
+                                                output_dir=str(tmp_path), cache_dir=str(cache)))
+    assert len(list((cache / "teachers").iterdir())) == 1 and len(list((cache / "stores").iterdir())) == 1
+    rows = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+    # Both cells are charged the shared teacher's cost: each cell stands on its own budget.
+    assert rows[0]["spent_usd"]["teacher_finetune"] == rows[1]["spent_usd"]["teacher_finetune"] > 0
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(strategy="distill", teacher=tiny(4096)), "vocabulary does not fit"),
+    (dict(strategy="distill", max_unlabeled=0), "the unlabeled pool is empty"),
+    (dict(strategy="annotate", extra_budget_usd=0.1), "buys no label"),
+    (dict(strategy="distill", teacher=config_for_size("xxl", dtype="float32"), extra_budget_usd=0.001,
+          teacher_epochs=20), "fine-tuning the teacher on 32 labels costs"),
+])
+def test_infeasible_cells_are_reported_with_their_reason(wlp, tmp_path, change, reason):
+    if "teacher" in change and change["teacher"].emb_dim == 4096:  # xxl: only priced, never built
+        change["teacher"] = change["teacher"].replace(vocab_size=wlp.student.vocab_size)
+    row = experiment.run_cell(dataclasses.replace(wlp, output_dir=str(tmp_path), **change))
+    assert row["status"] == "infeasible" and reason in row["reason"] and row["value"] is None
+
+
+def test_teacher_and_student_vocabularies_that_differ_are_infeasible(wlp, tmp_path):
+    teacher = wlp.teacher.replace(vocab_size=wlp.student.vocab_size + 128)
+    row = experiment.run_cell(dataclasses.replace(wlp, strategy="distill", teacher=teacher, output_dir=str(tmp_path)))
+    assert row["status"] == "infeasible" and "vocabulary" in row["reason"]
+
+
+def test_the_budget_cap_stops_the_student_within_one_step_and_reports_the_spend(wlp, tmp_path, monkeypatch):
+    # The plan believes distillation is free, so it takes every unlabeled input; the real per-step
+    # cost (priced as a T5-Small student) then meets the cap part-way through the student's training.
+    monkeypatch.setattr(planner.Planner, "distill_usd", lambda self, n: 0.0)
+    cfg = dataclasses.replace(wlp, strategy="distill", output_dir=str(tmp_path), price_student_as="base",
+                              distill_epochs=50, extra_budget_usd=3e-4)
+    row = experiment.run_cell(cfg)
+    step_usd = experiment._step_usd(experiment.costs.Ledger(None, experiment.costs.get_accelerator("cpu"),
+                                                            project_to=experiment.costs.get_accelerator("a100")),
+                                    config_for_size("base"), cfg, LENGTHS)[1]
+    assert row["status"] == "capped" and "budget reached at student step" in row["reason"]
+    assert row["spent_total_usd"] <= 3e-4 + 1e-12 and 3e-4 - row["spent_total_usd"] < step_usd
+    assert 0 < row["student_steps"] < 50 * 3
