@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "demo": "doa_jax.commands.demo",
     "run": "doa_jax.commands.run",
+    "predict": "doa_jax.commands.predict",
     "sweep": "doa_jax.commands.sweep",
     "report": "doa_jax.commands.report",
     "convert": "doa_jax.commands.convert",

@@ -1,0 +1,45 @@
+"""`doa predict`: a teacher checkpoint's outputs stored, resumed, reused; T5X infer as pseudo-labels."""
+import json
+
+import numpy as np
+
+import doa_jax
+from doa_jax import cli, decoding, teacher_store
+from doa_jax.data.encode import encode_texts
+from doa_jax.data.vocab import load_vocab
+
+
+def test_predict_writes_a_store_equal_to_greedy_decoding_and_reuses_it(tmp_path, capsys, t5x_fixtures):
+    vocab_path = t5x_fixtures / "train_run" / "tiny_spm.model"  # 46 pieces + 100 extra ids, padded to 256
+    teacher = doa_jax.load_model("tiny", seed=2, vocab_size=256)
+    ckpt = teacher.save(tmp_path / "teacher")
+    inputs = tmp_path / "inputs.jsonl"
+    sources = [f"reverse: {w}" for w in ("one two", "red blue green", "dog", "sun moon hot cold", "fish")]
+    inputs.write_text("".join(json.dumps({"source": s}) + "\n" for s in sources))
+    argv = ["predict", "--checkpoint", ckpt, "--vocab", str(vocab_path), "--inputs", str(inputs),
+            "--out", str(tmp_path / "stores"), "--max-decode-len", "6", "--inputs-length", "12",
+            "--batch-size", "8", "--chunk-size", "2", "--dtype", "float32", "--topk", "4"]
+    assert cli.main(argv) == 0
+    assert "computed 3 chunk(s), reused 0" in capsys.readouterr().out
+    assert cli.main(argv) == 0
+    assert "computed 0 chunk(s), reused 3" in capsys.readouterr().out
+
+    [store_dir] = list((tmp_path / "stores").iterdir())
+    out = teacher_store.TeacherStore(tmp_path / "stores", store_dir.name).load()
+    vocab = load_vocab(str(vocab_path))
+    enc = encode_texts(vocab, sources, 12)
+    np.testing.assert_array_equal(out.tokens, np.asarray(decoding.greedy(teacher.config, teacher.params, enc, 6).tokens))
+    assert out.sources == sources and out.topk_ids.shape == (5, 6, 4)
+
+
+def test_t5x_infer_output_becomes_pseudo_labels(tmp_path, t5x_fixtures):
+    out = tmp_path / "pseudo.jsonl"
+    assert cli.main(["predict", "--t5x-infer", str(t5x_fixtures / "infer_example_with_aux.jsonl"),
+                     "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 and rows[0]["source"] == "reverse: run big five four" and "score" in rows[0]
+
+
+def test_predict_without_a_teacher_is_a_clear_error(capsys, tmp_path):
+    assert cli.main(["predict", "--task", "wlp", "--out", str(tmp_path)]) == 2
+    assert "--checkpoint and --vocab are required" in capsys.readouterr().err
