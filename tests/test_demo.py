@@ -1,0 +1,23 @@
+"""`doa demo`: offline, built-in task, both arms, a results table, report.md and a plot."""
+import json
+
+import pytest
+
+from doa_jax import cli, demo_task
+
+
+def test_the_demo_vocabulary_fits_the_demo_models(tmp_path):
+    vocab = demo_task.build_vocab(tmp_path)
+    assert demo_task.model_vocab_size(vocab) == demo_task.MODEL_VOCAB_SIZE
+
+
+@pytest.mark.slow
+def test_demo_runs_both_arms_and_writes_results_report_and_plots(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--budgets", "2", "--quiet", "--start-labels", "64"]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["strategy"], r["status"]) for r in rows] == [("annotate", "ok"), ("distill", "ok")]
+    assert all(r["metric"] == "f1" and 0 <= r["value"] <= 100 for r in rows)
+    assert rows[0]["labels_bought"] == 7 and rows[1]["unlabeled_used"] > 0  # $2 / $0.26 = 7 labels
+    assert "annotate +$2: f1" in out and "distill  +$2: f1" in out
+    assert (tmp_path / "report.md").exists() and list((tmp_path / "plots").glob("*.png"))
