@@ -83,44 +83,28 @@ class RMSNorm(nn.Module):
         return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
-def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool, num_buckets: int,
-                             max_distance: int) -> np.ndarray:
-    """T5's bucketing of `key_pos - query_pos`: exact for small distances, log-spaced beyond."""
-    ret = np.zeros_like(relative_position)
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int,
+                             xp=np):
+    """T5's bucketing of `key_pos - query_pos`: exact for small distances, log-spaced beyond.
+
+    `xp` is `numpy` (static shapes, computed once at trace time) or `jax.numpy` (a decode step's
+    traced position). Follows T5X, which adds float32 eps inside the log.
+    """
+    ret = xp.zeros_like(relative_position)
     n = -relative_position
     if bidirectional:
         num_buckets //= 2
-        ret += (n < 0).astype(np.int32) * num_buckets
-        n = np.abs(n)
+        ret += (n < 0).astype(xp.int32) * num_buckets
+        n = xp.abs(n)
     else:
-        n = np.maximum(n, 0)
+        n = xp.maximum(n, 0)
     max_exact = num_buckets // 2
     is_small = n < max_exact
     val_if_large = max_exact + (
-        np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
-        / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(np.int32)
-    val_if_large = np.minimum(val_if_large, num_buckets - 1)
-    return ret + np.where(is_small, n, val_if_large)
-
-
-def relative_position_bucket_jnp(relative_position: Array, bidirectional: bool, num_buckets: int,
-                                 max_distance: int) -> Array:
-    """Traced twin of `relative_position_bucket`, for a decode step whose position is dynamic."""
-    ret = jnp.zeros_like(relative_position)
-    n = -relative_position
-    if bidirectional:
-        num_buckets //= 2
-        ret += (n < 0).astype(jnp.int32) * num_buckets
-        n = jnp.abs(n)
-    else:
-        n = jnp.maximum(n, 0)
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    val_if_large = max_exact + (
-        jnp.log(n.astype(jnp.float32) / max_exact + np.finfo(np.float32).eps)
-        / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
-    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
-    return ret + jnp.where(is_small, n, val_if_large)
+        xp.log(n.astype(xp.float32) / max_exact + np.finfo(np.float32).eps)
+        / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(xp.int32)
+    val_if_large = xp.minimum(val_if_large, num_buckets - 1)
+    return ret + xp.where(is_small, n, val_if_large)
 
 
 class RelativePositionBias(nn.Module):
@@ -145,8 +129,8 @@ class RelativePositionBias(nn.Module):
                 rel.astype(np.int32), self.bidirectional, self.num_buckets, self.max_distance))
         else:
             rel = jnp.arange(klen)[None, :] - (jnp.arange(qlen)[:, None] + query_offset)
-            buckets = relative_position_bucket_jnp(rel.astype(jnp.int32), self.bidirectional,
-                                                   self.num_buckets, self.max_distance)
+            buckets = relative_position_bucket(rel.astype(jnp.int32), self.bidirectional,
+                                               self.num_buckets, self.max_distance, xp=jnp)
         bias = jnp.take(table, buckets, axis=1)  # [heads, q, k]
         return bias[None].astype(self.dtype)
 
