@@ -1,15 +1,19 @@
 """Reports: results rows -> report.md (tables) and PNG plots, beside the paper's published numbers.
 
-Input is `results.jsonl` (one row per experiment cell and seed, as `doa run` / `doa sweep` write
-them). Cells are grouped by (task, start labels, extra budget, strategy, student, teacher) and
-summarised as mean ± std over seeds. The paper's numbers come from `paper_results.csv` (data
-transcribed from the authors' poster) and are shown where a cell matches.
+Input is `results.jsonl` (one row per experiment cell and seed, as `doa run` / `doa sweep` /
+`doa demo` write them). Cells are grouped by task, start labels, extra budget, strategy (and a
+mixed cell's compute share) and models, and summarised as mean ± std over seeds. The paper's
+numbers come from `paper_results.csv` (data transcribed from the authors' poster) and are shown
+where a cell matches: its main results by extra budget (T5 v1.1 XXL ⇒ Small), its student- and
+teacher-size tables by total budget (starting labels' cost + extra). A cell run with stand-in
+models priced as other sizes (`priced_as`, e.g. the demo's) is compared as the sizes it stands for.
 """
 from __future__ import annotations
 
 import collections
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -18,16 +22,27 @@ from typing import Any, Iterable, Optional
 
 PAPER_RESULTS = pathlib.Path(__file__).with_name("paper_results.csv")
 PHASES = ("labels", "teacher_finetune", "teacher_inference", "student_training", "evaluation")
+STRATEGIES = ("annotate", "distill", "mixed")
 STRATEGY_LABELS = {"annotate": "Ann.", "distill": "Dist.", "mixed": "Mixed"}
+STRATEGY_COLORS = {"annotate": "tab:blue", "distill": "tab:orange", "mixed": "tab:green"}
+STRATEGY_MARKERS = {"annotate": "o", "distill": "s", "mixed": "^"}
+METRIC_LABELS = {"f1": "F1", "accuracy": "accuracy", "bert_ibleu": "BERT-iBLEU"}
+# The paper's models: its main results distill T5 v1.1 XXL into T5 v1.1 Small.
+PAPER_STUDENT, PAPER_TEACHER = "t5_1_1_small", "t5_1_1_xxl"
 
 
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a results.jsonl; a bad line is an error naming file and line."""
+    """Rows of a results.jsonl; a bad line is an error naming file and line. A torn last line (a
+    run killed while writing it) is skipped."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no results file at {path}")
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -54,6 +69,37 @@ def read_paper_results(path: str | os.PathLike = PAPER_RESULTS) -> list[dict[str
     return rows
 
 
+def model_name(name: Optional[str]) -> str:
+    """A size as the paper's table names it: 'xxl' and 't5_1_1_xxl' are both 't5_1_1_xxl'."""
+    if not name:
+        return ""
+    return name if name.startswith(("t5_", "custom")) else f"t5_1_1_{name}"
+
+
+def task_name(task: str) -> str:
+    """The task's card name ('demo' is the built-in task; a card path names its card)."""
+    if task == "demo":
+        from doa_jax import demo_task
+
+        return demo_task.NAME
+    return pathlib.Path(task).stem if task.endswith(".toml") else task
+
+
+@functools.lru_cache(maxsize=None)
+def label_cost_usd(task: str) -> Optional[float]:
+    """$ per label from the task's card (None when the card cannot be found)."""
+    from doa_jax import demo_task
+
+    if task == demo_task.NAME:
+        return demo_task.ANNOTATION_COST_USD
+    from doa_jax.data import cards
+
+    try:
+        return cards.load_card(task).annotation_cost_usd
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 @dataclasses.dataclass
 class Cell:
     """One experiment cell summarised over its seeds."""
@@ -69,6 +115,15 @@ class Cell:
     spent: list[float]
     phases: dict[str, float]
     infeasible: list[str]
+    compute_share: Optional[float] = None
+    priced_student: str = ""     # the size the student is priced (and compared) as, if not its own
+    priced_teacher: str = ""
+    measured: list[float] = dataclasses.field(default_factory=list)
+    capped: int = 0
+    runs: int = 0                # rows, feasible or not
+    seeds: list[int] = dataclasses.field(default_factory=list)    # of the rows with a result
+    accelerator: str = ""
+    mfu: Optional[float] = None
 
     @property
     def mean(self) -> float:
@@ -86,34 +141,101 @@ class Cell:
         return sum(self.spent) / len(self.spent) if self.spent else math.nan
 
     @property
+    def mean_measured(self) -> float:
+        return sum(self.measured) / len(self.measured) if self.measured else math.nan
+
+    @property
     def usd_per_point(self) -> float:
         return self.mean_spent / self.mean if self.values and self.mean > 0 else math.nan
+
+    @property
+    def start_usd(self) -> Optional[float]:
+        rate = label_cost_usd(self.task)
+        return None if rate is None else self.start_labels * rate
+
+    @property
+    def as_student(self) -> str:
+        return self.priced_student or self.student
+
+    @property
+    def as_teacher(self) -> str:
+        return "" if self.strategy == "annotate" else (self.priced_teacher or self.teacher)
+
+    @property
+    def label(self) -> str:
+        name = STRATEGY_LABELS.get(self.strategy, self.strategy)
+        if self.strategy == "mixed" and self.compute_share is not None:
+            name += f" ({self.compute_share:.0%} compute)"
+        return name
+
+    @property
+    def models(self) -> str:
+        def one(actual: str, priced: str) -> str:
+            short = actual.replace("t5_1_1_", "")
+            return f"{short} as {priced.replace('t5_1_1_', '')}" if priced and priced != actual else short
+
+        student = one(self.student, self.priced_student)
+        return student if self.strategy == "annotate" else f"{one(self.teacher, self.priced_teacher)} ⇒ {student}"
+
+
+def _group_key(r: dict[str, Any]) -> tuple:
+    priced = r.get("priced_as") or {}
+    distills = r["strategy"] != "annotate"
+    return (task_name(r["task"]), int(r.get("start_labels", 0)), float(r["extra_budget_usd"]), r["strategy"],
+            model_name(r.get("student", "")), model_name(r.get("teacher", "")) if distills else "",
+            float(r["compute_share"]) if r["strategy"] == "mixed" and r.get("compute_share") is not None else None,
+            model_name(priced.get("student")), model_name(priced.get("teacher")) if distills else "")
 
 
 def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
     groups: dict[tuple, list[dict]] = collections.defaultdict(list)
     for r in rows:
-        key = (r["task"], int(r.get("start_labels", 0)), float(r["extra_budget_usd"]), r["strategy"],
-               r.get("student", ""), r.get("teacher", "") if r["strategy"] != "annotate" else "", r["metric"])
-        groups[key].append(r)
+        groups[_group_key(r)].append(r)
     cells = []
-    for key, members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
-        ok = [m for m in members if m.get("status", "ok") != "infeasible"]
-        phases = {p: (sum(m.get("spent_usd", {}).get(p, 0.0) for m in ok) / len(ok) if ok else 0.0)
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    for key, members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], order.get(kv[0][3], 9),
+                                                               kv[0][4:6], kv[0][6] or 0.0, kv[0][7:])):
+        task, start, extra, strategy, student, teacher, share, p_student, p_teacher = key
+        ok = [m for m in members if m.get("status", "ok") != "infeasible" and m.get("value") is not None]
+        phases = {p: (sum((m.get("spent_usd") or {}).get(p, 0.0) for m in ok) / len(ok) if ok else 0.0)
                   for p in PHASES}
-        cells.append(Cell(*key, values=[float(m["value"]) for m in ok],
-                          spent=[float(m.get("spent_total_usd", 0.0)) for m in ok], phases=phases,
-                          infeasible=sorted({m.get("reason", "") for m in members if m.get("status") == "infeasible"})))
+        metric = next((m["metric"] for m in members if m.get("metric")), "")
+        cells.append(Cell(task, start, extra, strategy, student, teacher, metric,
+                          values=[float(m["value"]) for m in ok],
+                          spent=[float(m.get("spent_total_usd") or 0.0) for m in ok], phases=phases,
+                          infeasible=sorted({m.get("reason", "") for m in members if m not in ok}),
+                          compute_share=share, priced_student=p_student, priced_teacher=p_teacher,
+                          measured=[float(m["measured_usd"]) for m in ok if m.get("measured_usd") is not None],
+                          capped=sum(m.get("status") == "capped" for m in ok), runs=len(members),
+                          seeds=[m.get("seed", 0) for m in ok],
+                          accelerator=next((m.get("accelerator", "") for m in members if m.get("accelerator")), ""),
+                          mfu=next((m.get("mfu") for m in members if m.get("mfu") is not None), None)))
     return cells
 
 
-def paper_value(paper: list[dict], cell: Cell) -> Optional[float]:
-    """The paper's number for a cell of the main grid, if it has one."""
+def paper_match(paper: list[dict], cell: Cell) -> Optional[dict]:
+    """The paper's row for a cell: its main results (T5 v1.1 XXL ⇒ Small) by extra budget, else its
+    student- or teacher-size tables by total budget (start labels' cost + extra)."""
+    if cell.strategy not in ("annotate", "distill"):
+        return None
+    student, teacher = cell.as_student, cell.as_teacher
+    start_usd = cell.start_usd
     for p in paper:
-        if (p["table"] == "main" and p["task"] == cell.task and p["start_labels"] == cell.start_labels
-                and p["extra_budget_usd"] == cell.extra_budget_usd and p["strategy"] == cell.strategy):
-            return p["value"]
+        if not (p["task"] == cell.task and p["start_labels"] == cell.start_labels and p["strategy"] == cell.strategy
+                and p["student"] == student and (p["teacher"] or "") == teacher):
+            continue
+        if p["table"] == "main" and p["extra_budget_usd"] == cell.extra_budget_usd:
+            return p
+        if (p["table"] != "main" and start_usd is not None and p["total_budget_usd"] is not None
+                and abs(start_usd + cell.extra_budget_usd - p["total_budget_usd"]) < 0.5):
+            return p
     return None
+
+
+def paper_value(paper: list[dict], cell: Cell) -> Optional[float]:
+    """The paper's number for a cell, if it has one (see `paper_match`)."""
+    match = paper_match(paper, cell)
+    return None if match is None else match["value"]
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -132,95 +254,258 @@ def _fmt(cell: Cell) -> str:
     return f"{cell.mean:.1f} ± {cell.std:.1f}" if len(cell.values) > 1 else f"{cell.mean:.1f}"
 
 
-def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str]) -> str:
-    out = ["# doa-jax report", "",
-           "Mean ± std over seeds (n = seeds per cell). `paper` is the published PyTorch result for the "
-           "same task, starting labels, extra budget and strategy (T5-XXL ⇒ T5-Small), where one exists.", ""]
+def _money(x: Optional[float]) -> str:
+    """Dollars with cents; amounts under a cent keep two significant digits (not a misleading 0.00)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return f"{x:,.2f}" if x == 0 or abs(x) >= 0.01 else f"{x:.2g}"
+
+
+def _notes(cell: Cell) -> str:
+    notes = []
+    repeats = len(cell.seeds) - len(set(cell.seeds))
+    if repeats:
+        notes.append(f"{repeats} row(s) repeat a seed: results of different configs are averaged here "
+                     f"(their cell_key differs)")
+    if cell.capped:
+        notes.append(f"{cell.capped}/{len(cell.values)} stopped at the budget cap")
+    if cell.infeasible and cell.values:
+        notes.append(f"{cell.runs - len(cell.values)}/{cell.runs} infeasible: " + "; ".join(cell.infeasible))
+    elif cell.infeasible:
+        notes.append("; ".join(cell.infeasible))
+    return "; ".join(notes)
+
+
+def winners(cells: list[Cell], paper: list[dict]) -> list[dict[str, Any]]:
+    """Per task, start and extra budget with both Ann. and Dist.: which wins here and in the paper."""
+    out = []
+    by = collections.defaultdict(dict)
+    for c in cells:
+        if c.strategy in ("annotate", "distill"):
+            by[(c.task, c.start_labels, c.extra_budget_usd)].setdefault(c.strategy, c)
+    for (task, start, extra), pair in sorted(by.items()):
+        if len(pair) < 2:
+            continue
+        ann, dist = pair["annotate"], pair["distill"]
+        row = {"task": task, "start_labels": start, "extra_budget_usd": extra, "mine": None, "paper": None}
+        if ann.values and dist.values:
+            row["mine"] = dist.mean - ann.mean
+        pa, pd = paper_value(paper, ann), paper_value(paper, dist)
+        if pa is not None and pd is not None:
+            row["paper"] = pd - pa
+        out.append(row)
+    return out
+
+
+def _winner(margin: Optional[float]) -> str:
+    if margin is None:
+        return ""
+    if margin == 0:
+        return "tie"
+    return f"{'Dist.' if margin > 0 else 'Ann.'} by {abs(margin):.1f}"
+
+
+def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
+                    progress: Optional[tuple[int, int]] = None) -> str:
+    out = ["# doa-jax report", ""]
+    if progress is not None:
+        done, total = progress
+        out += [f"Sweep progress: {done} of {total} cells have a result"
+                + ("." if done >= total else f"; rerun the same `doa sweep` command to run the other {total - done}."),
+                ""]
+    accs = sorted({(c.accelerator, c.mfu) for c in cells if c.accelerator})
+    priced = ", ".join(f"{a} at {m:.0%} MFU" if m else a for a, m in accs)
+    out += ["Mean ± std over seeds (n = seeds with a result). `extra $` is the budget on top of the starting "
+            "labels; `spent $` is what the run spent of it (labels bought + teacher fine-tuning + teacher "
+            "inference + student training, compute projected from FLOPs onto "
+            f"{priced or 'the rate card of the run'}); `total $` adds the starting labels' cost. `paper` is "
+            "the published PyTorch result (Kang, Xu, Ritter, ACL 2023; HF T5 v1.1, A100 at $1.875/GPU-hour) "
+            "for the same task, starting labels, budget, strategy and models, where one exists; models "
+            "written `A as B` are stand-ins priced, and compared, as B.", ""]
     out += ["## Results", "",
-            "| task | start labels | extra $ | strategy | metric | value | n | paper | spent $ | $ / point |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| task | start labels | extra $ | strategy | metric | value | n | paper | spent $ | total $ | "
+            "$ / point | models | notes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         pv = paper_value(paper, c)
-        out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | "
-                   f"{STRATEGY_LABELS.get(c.strategy, c.strategy)} | {c.metric} | {_fmt(c)} | {len(c.values)} | "
-                   f"{'' if pv is None else f'{pv:.1f}'} | {c.mean_spent:.2f} | "
-                   f"{'' if math.isnan(c.usd_per_point) else f'{c.usd_per_point:.3f}'} |")
+        total = None if c.start_usd is None or not c.values else c.start_usd + c.mean_spent
+        out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.metric} | {_fmt(c)} | "
+                   f"{len(c.values)} | {'' if pv is None else f'{pv:.1f}'} | "
+                   f"{_money(c.mean_spent) if c.values else ''} | {_money(total)} | "
+                   f"{'' if math.isnan(c.usd_per_point) else f'{c.usd_per_point:.3f}'} | {c.models} | {_notes(c)} |")
+    wins = winners(cells, paper)
+    if wins:
+        out += ["", "## Ann. vs Dist.", "",
+                "The paper's question per budget: which arm gives the better metric, and by how many points.", "",
+                "| task | start labels | extra $ | this run | paper |", "|---|---|---|---|---|"]
+        out += [f"| {w['task']} | {w['start_labels']} | {w['extra_budget_usd']:g} | {_winner(w['mine']) or 'n/a'} | "
+                f"{_winner(w['paper'])} |" for w in wins]
     out += ["", "## Cost breakdown by phase (mean $ per run)", "",
-            "| task | start labels | extra $ | strategy | " + " | ".join(PHASES) + " | total |",
-            "|---|---|---|---|" + "---|" * (len(PHASES) + 1)]
+            "Projected $ per phase (what the budget is charged; evaluation is reported but not charged), "
+            "and `measured $`: this machine's accelerator-seconds × its own rate card.", "",
+            "| task | start labels | extra $ | strategy | " + " | ".join(PHASES) + " | total | measured $ |",
+            "|---|---|---|---|" + "---|" * (len(PHASES) + 2)]
     for c in cells:
         if c.values:
-            out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.strategy} | "
-                       + " | ".join(f"{c.phases[p]:.2f}" for p in PHASES) + f" | {c.mean_spent:.2f} |")
+            out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | "
+                       + " | ".join(_money(c.phases[p]) for p in PHASES)
+                       + f" | {_money(c.mean_spent)} | {_money(c.mean_measured)} |")
     infeasible = [c for c in cells if c.infeasible]
     if infeasible:
         out += ["", "## Infeasible cells", ""]
-        out += [f"- {c.task}, {c.start_labels} labels, +${c.extra_budget_usd:g}, {c.strategy}: "
+        out += [f"- {c.task}, {c.start_labels} labels, +${c.extra_budget_usd:g}, {c.label}: "
                 + "; ".join(c.infeasible) for c in infeasible]
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
 
 
-def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path) -> None:
-    """Metric vs total $ per strategy, with the Pareto frontier over all strategies."""
+# ----------------------------------------------------------------------------- plots
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def metric_label(metric: str) -> str:
+    return f"{METRIC_LABELS.get(metric, metric)} (%)" if metric else "metric (%)"
+
+
+def _start_short(start: int) -> str:
+    return f"{start / 1000:g}K" if start >= 1000 and start % 100 == 0 else str(start)
+
+
+def _start_text(task: str, start: int) -> str:
+    rate = label_cost_usd(task)
+    return f"{_start_short(start)} start labels" + ("" if rate is None else f" (${start * rate:,.0f})")
+
+
+def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper: Optional[list[dict]] = None) -> None:
+    """Metric vs total cost (starting labels + extra spent) per strategy, this run's Pareto frontier
+    marked, and the paper's cells (hollow markers, at their budgets) for the same start sizes."""
+    from matplotlib.ticker import FuncFormatter
+
+    plt = _pyplot()
     mine = [c for c in cells if c.task == task and c.values]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for strategy, marker in (("annotate", "o"), ("distill", "s"), ("mixed", "^")):
-        pts = sorted((c.mean_spent, c.mean, c.std) for c in mine if c.strategy == strategy)
-        if pts:
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
-                        capsize=3, label=STRATEGY_LABELS[strategy])
-    frontier = pareto_frontier([(c.mean_spent, c.mean) for c in mine])
+    with_start = all(c.start_usd is not None for c in mine)
+
+    def x_of(c: Cell) -> float:
+        return c.mean_spent + (c.start_usd if with_start else 0.0)
+
+    starts = sorted({c.start_labels for c in mine})
+    linestyles = ("-", "--", ":", "-.")
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    ys: list[float] = []
+    for si, start in enumerate(starts):
+        for strategy in STRATEGIES:
+            group = sorted((c for c in mine if c.strategy == strategy and c.start_labels == start), key=x_of)
+            if not group:
+                continue
+            label = STRATEGY_LABELS[strategy] + (f" {_start_short(start)}" if len(starts) > 1 else "")
+            ax.errorbar([x_of(c) for c in group], [c.mean for c in group], yerr=[c.std for c in group],
+                        marker=STRATEGY_MARKERS[strategy], color=STRATEGY_COLORS[strategy], capsize=3,
+                        ls=linestyles[si % len(linestyles)], label=f"{label} (this run)")
+            ys += [c.mean + c.std for c in group] + [c.mean - c.std for c in group]
+    if paper and with_start:
+        rate = label_cost_usd(task)
+        for strategy in ("annotate", "distill"):
+            labelled = False
+            for start in starts:
+                pts = sorted((start * rate + p["extra_budget_usd"], p["value"]) for p in paper
+                             if p["table"] == "main" and p["task"] == task and p["strategy"] == strategy
+                             and p["start_labels"] == start)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=STRATEGY_MARKERS[strategy], ls=":",
+                            mfc="none", color=STRATEGY_COLORS[strategy], alpha=0.8,
+                            label=None if labelled else f"{STRATEGY_LABELS[strategy]} (paper, at its budget)")
+                    labelled = True
+                    ys += [p[1] for p in pts]
+    frontier = pareto_frontier([(x_of(c), c.mean) for c in mine])
     if frontier:
-        ax.plot([p[0] for p in frontier], [p[1] for p in frontier], color="0.5", lw=6, alpha=0.35,
-                zorder=0, solid_capstyle="round", label="Pareto frontier")
-    metric = mine[0].metric if mine else ""
-    ax.set(xlabel="total spent (USD)", ylabel=f"{metric} (%)", title=f"{task}: metric vs cost")
+        ax.plot([p[0] for p in frontier], [p[1] for p in frontier], color="0.3", lw=7, alpha=0.25, zorder=0,
+                solid_capstyle="round", marker="o", ms=15, label="Pareto frontier (this run)")
+    lo, hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    span = max(hi - lo, 5.0)
+    # A line plot need not start at 0: room below the lowest point, and above for the legend.
+    ax.set_ylim(max(lo - 0.15 * span, -0.03 * span), hi + 0.5 * span)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"${x:,.0f}"))
+    ax.set_xlabel("total cost (USD): starting labels + extra spent" if with_start else "extra spent (USD)")
+    ax.set_ylabel(metric_label(mine[0].metric if mine else ""))
+    ax.set_title(f"{task}: {METRIC_LABELS.get(mine[0].metric, mine[0].metric) if mine else 'metric'} vs cost")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", ncol=2, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: pathlib.Path) -> None:
-    """Bars per extra budget, Ann. vs Dist., with the paper's bars (hatched) beside this run's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mine = [c for c in cells if c.task == task and c.values and c.strategy in ("annotate", "distill")]
-    budgets = sorted({c.extra_budget_usd for c in mine})
-    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=120)
-    width = 0.2
-    series = [("annotate", False), ("distill", False), ("annotate", True), ("distill", True)]
-    for i, (strategy, is_paper) in enumerate(series):
-        xs, ys = [], []
-        for j, b in enumerate(budgets):
-            cell = next((c for c in mine if c.extra_budget_usd == b and c.strategy == strategy), None)
-            value = paper_value(paper, cell) if (cell and is_paper) else (cell.mean if cell else None)
-            if value is not None:
-                xs.append(j + (i - 1.5) * width)
-                ys.append(value)
-        if xs:
-            label = f"{STRATEGY_LABELS[strategy]} ({'paper' if is_paper else 'this run'})"
-            ax.bar(xs, ys, width, label=label, hatch="//" if is_paper else None,
-                   color="tab:blue" if strategy == "annotate" else "tab:orange", alpha=0.45 if is_paper else 0.9)
-    ax.set_xticks(range(len(budgets)), [f"+${b:g}" for b in budgets])
-    metric = mine[0].metric if mine else ""
-    ax.set(xlabel="extra budget (USD)", ylabel=f"{metric} (%)", title=f"{task}: Ann. vs Dist. per budget")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    """Bars per extra budget (one panel per start size): each strategy's result with the paper's bar
+    (hatched) beside it, values printed on the bars, seeds' std as error bars."""
+    plt = _pyplot()
+    mine = [c for c in cells if c.task == task]
+    starts = sorted({c.start_labels for c in mine if c.values}) or sorted({c.start_labels for c in mine})
+    with_paper = any(paper_value(paper, c) is not None for c in mine)
+    series = [(s, is_paper) for s in STRATEGIES for is_paper in (False, True)
+              if any(c.strategy == s for c in mine) and (not is_paper or (with_paper and s != "mixed"))]
+    fig, axes = plt.subplots(1, len(starts), figsize=(max(6.4, 4.2 * len(starts) + 1.6), 4.8), dpi=120,
+                             squeeze=False, sharey=True)
+    width = 0.8 / max(len(series), 1)
+    top, handles = 1.0, {}
+    for ax, start in zip(axes[0], starts):
+        here = [c for c in mine if c.start_labels == start]
+        budgets = sorted({c.extra_budget_usd for c in here})
+        for i, (strategy, is_paper) in enumerate(series):
+            for j, b in enumerate(budgets):
+                cell = next((c for c in here if c.extra_budget_usd == b and c.strategy == strategy), None)
+                if cell is None:
+                    continue
+                x = j + (i - (len(series) - 1) / 2) * width
+                value = paper_value(paper, cell) if is_paper else (cell.mean if cell.values else None)
+                if value is None:
+                    if not is_paper:
+                        ax.text(x, 0.5, "infeasible", rotation=90, ha="center", va="bottom", fontsize=7)
+                    continue
+                bar = ax.bar(x, value, width, color=STRATEGY_COLORS[strategy], alpha=0.4 if is_paper else 0.9,
+                             hatch="//" if is_paper else None, edgecolor="0.25" if is_paper else None,
+                             yerr=None if is_paper or len(cell.values) < 2 else cell.std, capsize=2)
+                ax.annotate(f"{value:.1f}", (x, value + (0 if is_paper else cell.std)), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=7)
+                top = max(top, value + (0 if is_paper else cell.std))
+                source = "paper" if is_paper else "this run"
+                handles[(strategy, is_paper)] = (bar, f"{STRATEGY_LABELS[strategy]} ({source})")
+        ax.set_xticks(range(len(budgets)), [f"+${b:g}" for b in budgets])
+        ax.set_xlabel("extra budget (USD)")
+        ax.set_title(_start_text(task, start), fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylim(0, top * 1.2)
+    metric = next((c.metric for c in mine if c.metric), "")
+    axes[0][0].set_ylabel(metric_label(metric))
+    fig.suptitle(f"{task}: {METRIC_LABELS.get(metric, metric or 'metric')} per extra budget"
+                 + (", this run and the paper" if with_paper else " (the paper has no result for these cells)"))
+    ordered = [handles[k] for k in series if k in handles]
+    fig.legend([h for h, _ in ordered], [lbl for _, lbl in ordered], loc="lower center", ncol=min(len(ordered), 5),
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     plt.close(fig)
+
+
+def sweep_progress(run_dir: pathlib.Path, rows: list[dict]) -> Optional[tuple[int, int]]:
+    """(cells with a row, cells in the grid) when RUN_DIR holds a sweep's sweep.json."""
+    state = run_dir / "sweep.json"
+    if not state.exists():
+        return None
+    try:
+        keys = [c["cell_key"] for c in json.loads(state.read_text())["cells"]]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    have = {r.get("cell_key") for r in rows}
+    return sum(k in have for k in keys), len(keys)
 
 
 def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike] = None) -> pathlib.Path:
@@ -234,10 +519,10 @@ def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots = []
     for task in sorted({c.task for c in cells if c.values}):
-        for name, draw in ((f"{task}_cost_vs_metric.png", lambda p: plot_cost_vs_metric(cells, task, p)),
+        for name, draw in ((f"{task}_cost_vs_metric.png", lambda p: plot_cost_vs_metric(cells, task, p, paper)),
                            (f"{task}_budget_bars.png", lambda p: plot_budget_bars(cells, paper, task, p))):
             draw(plot_dir / name)
             plots.append(f"plots/{name}")
     report = run_dir / "report.md"
-    report.write_text(render_markdown(cells, paper, plots))
+    report.write_text(render_markdown(cells, paper, plots, sweep_progress(run_dir, rows)))
     return report

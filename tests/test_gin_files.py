@@ -9,7 +9,7 @@ import types
 import gin
 import pytest
 
-from doa_jax import gin_utils
+from doa_jax import gin_utils, sweep
 from doa_jax.losses import LossConfig
 from doa_jax.model import T5Config
 from doa_jax.optimizers import OptimizerConfig
@@ -131,12 +131,30 @@ RUN_BINDINGS = ["MODEL_DIR = '/tmp/doa_gin_test'", "TASK = 'fever'", "TASK_FEATU
                 "INITIAL_CHECKPOINT_PATH = None"]
 
 
+# Values for the macros a sweep file leaves %gin.REQUIRED (the user sets them).
+SWEEP_REQUIRED = {"OUTPUT_DIR": "/tmp/doa_gin_test", "VOCABULARY": "/tmp/spiece.model", "TEACHER_CHECKPOINT": None,
+                  "STUDENT_CHECKPOINT": None, "GRID_TASKS": ["wlp"], "GRID_START_LABELS": [1000],
+                  "GRID_BUDGETS_USD": [100]}
+
+
+def _parse_sweep_file(rel: str) -> None:
+    """A sweep file (or runs/sweep.gin) parses and its grid expands into one CellConfig per point."""
+    required, text = gin_utils.required_macros([rel]), (GIN / rel).read_text()
+    bindings = [f"{m} = {v!r}" for m, v in SWEEP_REQUIRED.items()
+                if m in required and not re.search(rf"^{m}\s*=(?!\s*%gin\.REQUIRED)", text, re.M)]
+    gin_utils.parse([rel], bindings, finalize=False)
+    points = gin_utils.macro("GRID").points()
+    assert points and len(sweep.cells_from_gin(points)) == len(points)
+
+
 @pytest.mark.parametrize("rel", ALL_GIN_FILES)
 def test_every_gin_file_parses(rel, tmp_path, monkeypatch):
     kind = rel.split("/")[0]
     if kind == "models":
         gin_utils.parse([rel])
         assert isinstance(gin_utils.macro("MODEL_CONFIG"), T5Config)
+    elif kind == "sweeps" or rel == "runs/sweep.gin":
+        _parse_sweep_file(rel)
     elif kind == "runs":
         gin_utils.parse(["models/t5_1_1_tiny.gin", rel],
                         ["MODEL_DIR = '/tmp/doa_gin_test'"] if rel == "runs/smoke.gin" else RUN_BINDINGS)

@@ -1,0 +1,382 @@
+"""A sweep: tasks x start labels x extra budgets x strategies x seeds, run as resumable cells.
+
+    sweep gin file (GRID_* macros + experiment.gin settings) ──► Grid ──► points (validated, ordered)
+    each point ──► its macros bound (TASK, START_LABELS, EXTRA_BUDGET_USD, STRATEGY, SEED) ──► CellConfig
+    cells ──► run_sweep: skip cells whose key has a row in OUTPUT_DIR/results.jsonl, run the rest
+              (experiment.run_cell appends the row) ──► summary ──► report.md
+
+A cell is exactly what `doa run` builds from the same gin files and macros, so its key
+(`CellConfig.key()`, a hash of its whole config) is the same too: a killed sweep, rerun, runs
+only the cells without a row, and each cell has one row. Cells that can share a fine-tuned
+teacher (same task, start labels and seed) run next to each other; the teacher runs and teacher
+stores live in the cells' shared `cache_dir`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import functools
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+# Grid axis -> the gin macro that sets it (a sweep file sets these) and the cell macro it binds.
+AXES = (
+    ("tasks", "GRID_TASKS", "TASK"),
+    ("start_labels", "GRID_START_LABELS", "START_LABELS"),
+    ("budgets_usd", "GRID_BUDGETS_USD", "EXTRA_BUDGET_USD"),
+    ("strategies", "GRID_STRATEGIES", "STRATEGY"),
+    ("seeds", "GRID_SEEDS", "SEED"),
+)
+GRID_MACRO = {field: grid for field, grid, _ in AXES}
+STATE_FILE = "sweep.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One cell's grid coordinates."""
+
+    task: str
+    start_labels: int
+    extra_budget_usd: float
+    strategy: str
+    seed: int
+
+    def macros(self) -> dict[str, Any]:
+        return {"TASK": self.task, "START_LABELS": self.start_labels, "EXTRA_BUDGET_USD": self.extra_budget_usd,
+                "STRATEGY": self.strategy, "SEED": self.seed}
+
+    def describe(self) -> str:
+        return (f"{self.task}, {self.start_labels} labels, +${self.extra_budget_usd:g}, {self.strategy}, "
+                f"seed {self.seed}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _as_list(value: Any, macro: str, of: str = "") -> list:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{macro} must be a list{' ' + of if of else ''}, got {value!r}")
+    return list(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The sweep's axes. `budgets_usd` is one list for every task, or {task: [...]} per task (the
+    paper's main grid spends different amounts per task)."""
+
+    tasks: Sequence[str]
+    start_labels: Sequence[int]
+    budgets_usd: Union[Sequence[float], Mapping[str, Sequence[float]]]
+    strategies: Sequence[str] = ("annotate", "distill")
+    seeds: Sequence[int] = (0,)
+
+    def budgets_for(self, task: str) -> list[float]:
+        if isinstance(self.budgets_usd, Mapping):
+            if task not in self.budgets_usd:
+                raise ValueError(f"GRID_BUDGETS_USD has no budgets for task {task!r} "
+                                 f"(it has {', '.join(map(repr, self.budgets_usd))})")
+            return _as_list(self.budgets_usd[task], f"GRID_BUDGETS_USD[{task!r}]", "of dollar amounts")
+        return _as_list(self.budgets_usd, "GRID_BUDGETS_USD", "of dollar amounts (or {task: [...]})")
+
+    def validate(self) -> None:
+        """Raises ValueError naming the macro and value of the first bad axis (before any compute)."""
+        from doa_jax import planner
+
+        axes = {f: _as_list(getattr(self, f), GRID_MACRO[f]) for f in ("tasks", "start_labels", "strategies", "seeds")}
+        for field, values in axes.items():
+            if not values:
+                raise ValueError(f"the sweep's grid is empty: {GRID_MACRO[field]} has no values")
+        for task in axes["tasks"]:
+            if not isinstance(task, str) or not task:
+                raise ValueError(f"GRID_TASKS: a task is a card name (or 'demo'), got {task!r}")
+        for n in axes["start_labels"]:
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"GRID_START_LABELS: start labels must be whole numbers >= 0, got {n!r}")
+        for s in axes["strategies"]:
+            if s not in planner.STRATEGIES:
+                raise ValueError(f"GRID_STRATEGIES: unknown strategy {s!r}; strategies: "
+                                 f"{', '.join(planner.STRATEGIES)}")
+        for seed in axes["seeds"]:
+            if not isinstance(seed, int) or isinstance(seed, bool):
+                raise ValueError(f"GRID_SEEDS: a seed is a whole number, got {seed!r}")
+        if isinstance(self.budgets_usd, Mapping):
+            extra = sorted(set(self.budgets_usd) - set(axes["tasks"]))
+            if extra:
+                raise ValueError(f"GRID_BUDGETS_USD has budgets for {', '.join(map(repr, extra))}, "
+                                 f"not in GRID_TASKS {axes['tasks']!r}")
+        for task in axes["tasks"]:
+            budgets = self.budgets_for(task)
+            where = f"GRID_BUDGETS_USD[{task!r}]" if isinstance(self.budgets_usd, Mapping) else "GRID_BUDGETS_USD"
+            if not budgets:
+                raise ValueError(f"the sweep's grid is empty: {where} has no budgets")
+            for b in budgets:
+                if not _is_number(b) or math.isnan(b) or math.isinf(b):
+                    raise ValueError(f"{where}: a budget is a number of dollars, got {b!r}")
+                if b < 0:
+                    raise ValueError(f"{where}: a budget must be >= 0 dollars, got {b!r}")
+
+    def points(self) -> list[Point]:
+        """Every cell, ordered task, start labels, seed, strategy, budget (the user's order on each
+        axis), so cells that share a teacher fine-tune run next to each other. Repeats are dropped."""
+        self.validate()
+        out, seen = [], set()
+        for task in self.tasks:
+            for start in self.start_labels:
+                for seed in self.seeds:
+                    for strategy in self.strategies:
+                        for budget in self.budgets_for(task):
+                            # The budget as written (100 stays an int): the cell then has the key
+                            # `doa run` gives it with the same EXTRA_BUDGET_USD literal.
+                            p = Point(task, int(start), budget, strategy, int(seed))
+                            if p not in seen:
+                                seen.add(p)
+                                out.append(p)
+        return out
+
+
+# ----------------------------------------------------------------------------- gin -> cells
+
+def check_task(task: str) -> None:
+    """A task is 'demo' or a card name/path; an unknown one is an error listing the known tasks."""
+    if task == "demo":
+        return
+    from doa_jax.data import cards
+
+    try:
+        cards.load_card(task)
+    except FileNotFoundError as e:
+        raise ValueError(f"GRID_TASKS: {e}") from None
+
+
+def cells_from_gin(points: Iterable[Point], cell_macro: str = "CELL") -> list:
+    """Builds each point's CellConfig from the parsed (not finalized) gin config, by binding the
+    point's macros and building `cell_macro`, as `doa run` would with those macros set."""
+    import gin
+
+    from doa_jax import gin_utils
+
+    points = list(points)
+    names = list(points[0].macros()) if points else []
+    before = {name: gin_utils.macro(name, None) for name in names}
+    cells = []
+    for p in points:
+        for name, value in p.macros().items():
+            gin.bind_parameter(f"{name}/macro.value", value)
+        cells.append(gin_utils.macro(cell_macro))
+    for name, value in before.items():      # the config as parsed again (as config.gin records it)
+        gin.bind_parameter(f"{name}/macro.value", value)
+    return cells
+
+
+def check_cells(cells: Sequence) -> None:
+    """Everything that can be checked before compute: one output dir, tasks, accelerators, data
+    files, and that each vocabulary fits its models."""
+    from doa_jax import costs
+
+    if not cells:
+        raise ValueError("the sweep's grid is empty")
+    dirs = {c.output_dir for c in cells}
+    if len(dirs) > 1:
+        raise ValueError(f"the sweep's cells write to several OUTPUT_DIRs ({', '.join(sorted(dirs))}); "
+                         f"a sweep has one")
+    cards_ = costs.load_rate_cards()
+    for c in cells:
+        for macro, key in (("ACCELERATOR", c.accelerator), ("MEASURED_ON", c.measured_on)):
+            try:
+                costs.get_accelerator(key, cards_)
+            except ValueError as e:
+                raise ValueError(f"{macro}: {e}") from None
+    checked = set()
+    for c in cells:
+        if c.task in checked:
+            continue
+        checked.add(c.task)
+        check_task(c.task)
+        if c.task != "demo":
+            from doa_jax.data import cards
+
+            card = cards.load_card(c.task)
+            for key in card.files:
+                card.file_path(key)          # a missing data file is named now, not mid-sweep
+            if c.vocab is None:
+                raise ValueError(f"task {card.name} needs VOCABULARY: T5's spiece.model (or `doa vocab build`)")
+    fits = set()
+    for c in cells:
+        if c.vocab is None:
+            continue
+        roles = [("student", c.student)] + ([("teacher", c.teacher)] if c.strategy != "annotate" else [])
+        for role, model in roles:
+            if (c.vocab, model.vocab_size) in fits:
+                continue
+            from doa_jax.data import vocab as vocab_lib
+
+            try:
+                vocab = vocab_lib.load_vocab(c.vocab)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"VOCABULARY: {e}") from None
+            try:
+                vocab_lib.check_vocab(vocab, model.vocab_size)
+            except ValueError as e:
+                raise ValueError(f"VOCABULARY {c.vocab} does not fit the {role} "
+                                 f"(vocab_size {model.vocab_size}): {e}") from None
+            fits.add((c.vocab, model.vocab_size))
+
+
+def load_sweep(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = (),
+               grid_macro: str = "GRID") -> tuple[list[Point], list]:
+    """Parses a sweep's gin files and returns (points, cells), all checked before any compute."""
+    from doa_jax import gin_utils
+
+    gin_utils.parse(gin_files, bindings, search_paths=search_paths, finalize=False)
+    grid = gin_utils.macro(grid_macro)
+    if not isinstance(grid, Grid):
+        raise ValueError(f"{grid_macro} must be @SweepGrid(), got {grid!r}")
+    points = grid.points()
+    for task in dict.fromkeys(p.task for p in points):
+        check_task(task)
+    cells = cells_from_gin(points)
+    check_cells(cells)
+    return points, cells
+
+
+# ----------------------------------------------------------------------------- running
+
+def read_rows(path: pathlib.Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Rows of a results.jsonl, without a torn last line (a kill mid-write). With `repair` (only
+    while holding the sweep's lock) the torn line is cut off the file, so that its cell reruns and
+    the next row starts on a line of its own."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+        data = data[:cut]
+    rows = []
+    for lineno, line in enumerate(data.decode().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    return rows
+
+
+def _fmt_seconds(s: Optional[float]) -> str:
+    if s is None or not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _fmt_value(row: Mapping[str, Any]) -> str:
+    v = row.get("value")
+    return "-" if v is None else f"{v:.1f}"
+
+
+@dataclasses.dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]      # one per cell, in grid order
+    ran: int                        # cells run by this call
+    skipped: int                    # cells that already had a row
+    report: Optional[pathlib.Path]
+
+
+class _Lock:
+    """One sweep per output dir at a time (an exclusive lock, released when the process dies)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    def __enter__(self):
+        self.f = open(self.path, "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.f.close()
+            raise ValueError(f"another sweep is running in {self.path.parent} (it holds {self.path})") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Callable[[Any], dict]] = None,
+              write_report: bool = True, log: Optional[Callable[[str], None]] = None) -> SweepResult:
+    """Runs the cells without a row in OUTPUT_DIR/results.jsonl, in order; returns every cell's row.
+
+    `runner` (default `experiment.run_cell`) runs one cell and appends its row to results.jsonl.
+    """
+    if runner is None:
+        from doa_jax.experiment import run_cell as runner
+    if log is None:
+        log = functools.partial(print, flush=True)
+    if not cells or len(cells) != len(points):
+        raise ValueError(f"run_sweep needs one cell per point, got {len(cells)} cells for {len(points)} points")
+    if len({c.output_dir for c in cells}) > 1:
+        raise ValueError("the sweep's cells write to several OUTPUT_DIRs; a sweep has one")
+    out = pathlib.Path(cells[0].output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    with _Lock(out / ".sweep.lock"):
+        keys = [c.key() for c in cells]
+        (out / STATE_FILE).write_text(json.dumps({"cells": [dict(dataclasses.asdict(p), cell_key=k)
+                                                            for p, k in zip(points, keys)]}, indent=1) + "\n")
+        done = {r.get("cell_key"): r for r in read_rows(results, repair=True)}
+        todo = [k for k in keys if k not in done]
+        n = len(cells)
+        log(f"sweep: {n} cells in {out}: {n - len(todo)} already finished, {len(todo)} to run")
+        spent = sum(float(done[k].get("spent_total_usd") or 0.0) for k in keys if k in done)
+        ran, timings = 0, []
+        for i, (p, cell, key) in enumerate(zip(points, cells, keys), 1):
+            if key in done:
+                continue
+            left = len(todo) - ran
+            eta = sum(timings) / len(timings) * left if timings else None
+            log(f"[cell {i}/{n}] {p.describe()} (key {key}) | spent so far ${spent:.2f} | "
+                f"{left} to run, ETA {_fmt_seconds(eta)}")
+            start = time.perf_counter()
+            try:
+                row = runner(cell)
+            except Exception:
+                log(f"[cell {i}/{n}] failed: {p.describe()}; finished cells are kept in {results}; "
+                    f"rerun the same command to resume")
+                raise
+            timings.append(time.perf_counter() - start)
+            done[key], ran = row, ran + 1
+            spent += float(row.get("spent_total_usd") or 0.0)
+            log(f"[cell {i}/{n}] {row.get('status', 'ok')}: {row.get('metric') or 'metric'} {_fmt_value(row)}, "
+                f"spent ${float(row.get('spent_total_usd') or 0.0):.2f} in {timings[-1]:.0f} s"
+                + (f" ({row['reason']})" if row.get("reason") else ""))
+        rows = [done[k] for k in keys]
+        log(summary_table(points, rows))
+        report_path = None
+        if write_report:
+            from doa_jax import report
+
+            report_path = report.write_report(out)
+            log(f"report: {report_path}")
+    return SweepResult(rows, ran, n - len(todo), report_path)
+
+
+def summary_table(points: Sequence[Point], rows: Sequence[Mapping[str, Any]]) -> str:
+    header = (f"{'#':>3} {'task':<14} {'start':>6} {'extra $':>8} {'strategy':<9} {'seed':>4} {'status':<10} "
+              f"{'metric':<9} {'value':>6} {'spent $':>9} {'wall s':>7}")
+    lines = [header, "-" * len(header)]
+    for i, (p, r) in enumerate(zip(points, rows), 1):
+        lines.append(f"{i:>3} {p.task:<14} {p.start_labels:>6} {p.extra_budget_usd:>8g} {p.strategy:<9} "
+                     f"{p.seed:>4} {r.get('status', 'ok'):<10} {str(r.get('metric') or ''):<9} "
+                     f"{_fmt_value(r):>6} {float(r.get('spent_total_usd') or 0.0):>9.2f} "
+                     f"{float(r.get('wall_seconds') or 0.0):>7.0f}")
+    return "\n".join(lines)
+
+
+__all__ = ["AXES", "Grid", "Point", "SweepResult", "cells_from_gin", "check_cells", "load_sweep", "read_rows",
+           "run_sweep", "summary_table"]
