@@ -86,6 +86,9 @@ class CellConfig:
             raise ValueError(f"EXTRA_BUDGET_USD must be a non-negative number, got {self.extra_budget_usd!r}")
         if self.start_labels < 0:
             raise ValueError(f"START_LABELS must be >= 0, got {self.start_labels}")
+        # 5 and 5.0 are the same budget: one cell key.
+        object.__setattr__(self, "extra_budget_usd", float(self.extra_budget_usd))
+        object.__setattr__(self, "compute_share", float(self.compute_share))
 
     def key(self) -> str:
         """The cell's identity: a hash of everything but where it writes and how chatty it is."""
@@ -341,8 +344,10 @@ def _row(cfg: CellConfig, setup: Optional[TaskSetup], **fields) -> dict[str, Any
 def _size_name(c: T5Config) -> str:
     from doa_jax.model.config import SIZES
 
+    shape = ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers", "num_decoder_layers",
+             "mlp_activations", "logits_via_embedding")
     for name, fields in SIZES.items():
-        if all(getattr(c, k) == v for k, v in fields.items()):
+        if all(getattr(c, k) == fields[k] for k in shape):
             return name
     return f"custom(d={c.emb_dim},L={c.num_encoder_layers}+{c.num_decoder_layers})"
 
@@ -378,21 +383,37 @@ def run_cell(cfg: CellConfig) -> dict[str, Any]:
         _say(cfg, f"already in {out / 'results.jsonl'} (cell {cfg.key()}); not run again")
         return done
     started = time.perf_counter()
-    try:
-        row = _run_cell(cfg, out)
-    except BudgetExhausted as e:
-        row = _infeasible(cfg, None, str(e))
+    row = _run_cell(cfg, out)
     row["wall_seconds"] = round(time.perf_counter() - started, 2)
-    with open(out / "results.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(out / "results.jsonl", row)
     return row
 
 
+def append_row(path: pathlib.Path, row: dict[str, Any]) -> None:
+    """Appends one JSON line, first cutting a torn last line (a kill mid-write) back to its newline."""
+    if path.exists() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _run_cell(cfg: CellConfig, out: pathlib.Path) -> dict[str, Any]:
+    setup = load_task(cfg)
+    try:
+        return _run_arm(cfg, out, setup)
+    except BudgetExhausted as e:
+        return _infeasible(cfg, setup, str(e))
+
+
+def _run_arm(cfg: CellConfig, out: pathlib.Path, setup: TaskSetup) -> dict[str, Any]:
     from doa_jax.data import vocab as vocab_lib
     from doa_jax.data.encode import encode_examples
 
-    setup = load_task(cfg)
     card, pools = setup.card, setup.pools
     cell_dir = out / "cells" / cfg.key()
     cache = pathlib.Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"

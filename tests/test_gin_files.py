@@ -147,6 +147,27 @@ def _parse_sweep_file(rel: str) -> None:
     assert points and len(sweep.cells_from_gin(points)) == len(points)
 
 
+CELL_BINDINGS = {"TASK": "wlp", "START_LABELS": 1000, "EXTRA_BUDGET_USD": 100, "STRATEGY": "distill",
+                 "OUTPUT_DIR": "/tmp/doa_gin_test", "VOCABULARY": None}
+
+
+def _parse_cell_file(rel: str) -> None:
+    """A cell's run file, its demo models or an experiment file (macros only) builds a CellConfig."""
+    from doa_jax.experiment import CellConfig
+
+    files = ["runs/experiment.gin"] + ([rel] if rel != "runs/experiment.gin" else [])
+    if rel.startswith("experiments/demo"):
+        files.insert(1, "runs/demo_models.gin")
+    text = "".join((GIN / f).read_text() for f in files[1:])
+    bindings = [f"{m} = {v!r}" for m, v in CELL_BINDINGS.items() if not re.search(rf"^{m}\s*=", text, re.M)]
+    gin_utils.parse(files, bindings)
+    cell = gin_utils.macro("CELL")
+    assert isinstance(cell, CellConfig) and isinstance(cell.teacher, T5Config)
+    if rel.startswith("experiments/"):  # experiment files set only macros
+        assert all(re.match(r"[A-Z_]+ = ", line) for line in (GIN / rel).read_text().splitlines()
+                   if line.strip() and not line.startswith("#"))
+
+
 @pytest.mark.parametrize("rel", ALL_GIN_FILES)
 def test_every_gin_file_parses(rel, tmp_path, monkeypatch):
     kind = rel.split("/")[0]
@@ -155,6 +176,8 @@ def test_every_gin_file_parses(rel, tmp_path, monkeypatch):
         assert isinstance(gin_utils.macro("MODEL_CONFIG"), T5Config)
     elif kind == "sweeps" or rel == "runs/sweep.gin":
         _parse_sweep_file(rel)
+    elif kind == "experiments" or rel in ("runs/experiment.gin", "runs/demo_models.gin"):
+        _parse_cell_file(rel)
     elif kind == "runs":
         gin_utils.parse(["models/t5_1_1_tiny.gin", rel],
                         ["MODEL_DIR = '/tmp/doa_gin_test'"] if rel == "runs/smoke.gin" else RUN_BINDINGS)
