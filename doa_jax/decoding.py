@@ -86,6 +86,7 @@ class _SampleSettings:
     top_k: int  # 0 = off
     top_p: float  # 1 = off
     eos_id: int
+    min_length: int = 0  # EOS may not be chosen before this many tokens (HF `min_new_tokens`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,19 +103,25 @@ class _BeamSettings:
 
 
 def greedy(model: ModelSpec, params: Any, encoder_input_tokens: Any, max_decode_len: int, *,
-           eos_id: int = EOS_ID) -> DecodeResult:
-    """Argmax decoding (HF `generate(do_sample=False, num_beams=1)`, T5X temperature 0)."""
+           eos_id: int = EOS_ID, min_length: int = 0) -> DecodeResult:
+    """Argmax decoding (HF `generate(do_sample=False, num_beams=1)`, T5X temperature 0).
+
+    `min_length`: EOS is not chosen before that many tokens (HF's `min_new_tokens`: its logit is
+    masked for the choice; `log_probs` stay the model's). `min_length=max_decode_len` decodes
+    exactly `max_decode_len` tokens per row, e.g. for throughput benchmarks.
+    """
     return _run_sampling(model, params, encoder_input_tokens, max_decode_len,
-                         _SampleSettings(0.0, 0, 1.0, eos_id), None)
+                         _SampleSettings(0.0, 0, 1.0, eos_id, _check_min_length(min_length)), None)
 
 
 def sample(model: ModelSpec, params: Any, encoder_input_tokens: Any, max_decode_len: int, *,
            rng: Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           eos_id: int = EOS_ID) -> DecodeResult:
+           eos_id: int = EOS_ID, min_length: int = 0) -> DecodeResult:
     """Ancestral sampling from softmax(logits / temperature), optionally restricted to the top-k
     tokens and/or the smallest top-p nucleus (applied in that order, as HF does).
 
-    `log_probs` are under the model's own distribution (temperature 1, no filtering).
+    `log_probs` are under the model's own distribution (temperature 1, no filtering, no
+    `min_length` mask; see `greedy` for `min_length`).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -125,7 +132,8 @@ def sample(model: ModelSpec, params: Any, encoder_input_tokens: Any, max_decode_
     if rng is None:
         raise ValueError("sampling needs rng (a jax.random key)")
     return _run_sampling(model, params, encoder_input_tokens, max_decode_len,
-                         _SampleSettings(float(temperature), int(top_k), float(top_p), eos_id), rng)
+                         _SampleSettings(float(temperature), int(top_k), float(top_p), eos_id,
+                                         _check_min_length(min_length)), rng)
 
 
 def beam_search(model: ModelSpec, params: Any, encoder_input_tokens: Any, max_decode_len: int, *,
@@ -224,8 +232,20 @@ def _check_inputs(encoder_input_tokens: Any, max_decode_len: int) -> Array:
     return tokens.astype(jnp.int32)
 
 
-def _constrain_cache(cache: Any) -> Any:
-    return jax.tree.map(lambda x: nn.with_logical_constraint(x, CACHE_AXES), cache)
+def _check_min_length(min_length: int) -> int:
+    if not isinstance(min_length, (int, np.integer)) or min_length < 0:
+        raise ValueError(f"min_length must be an int >= 0, got {min_length!r}")
+    return int(min_length)
+
+
+def _cache_axes(config: T5Config) -> tuple[str, ...]:
+    """Logical axes of every cache array: scanned layers stack them on a leading `layers` axis."""
+    return ("layers",) + CACHE_AXES if config.scan_layers else CACHE_AXES
+
+
+def _constrain_cache(cache: Any, config: T5Config) -> Any:
+    axes = _cache_axes(config)
+    return jax.tree.map(lambda x: nn.with_logical_constraint(x, axes), cache)
 
 
 def _prepare(model: Transformer, params: Any, enc: Array, max_len: int, copies: int):
@@ -233,9 +253,10 @@ def _prepare(model: Transformer, params: Any, enc: Array, max_len: int, copies: 
     encoded = model.apply({"params": params}, enc, method=model.encode)
     cache = model.apply({"params": params}, encoded, max_len, method=model.init_cache)
     if copies > 1:
-        cache = jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0), cache)
+        batch_axis = _cache_axes(model.config).index("batch")
+        cache = jax.tree.map(lambda x: jnp.repeat(x, copies, axis=batch_axis), cache)
         enc = jnp.repeat(enc, copies, axis=0)
-    return _constrain_cache(cache), enc
+    return _constrain_cache(cache, model.config), enc
 
 
 def _lengths(tokens: Array, eos_id: int) -> Array:
@@ -284,6 +305,9 @@ def _compiled_sampling(config: T5Config, max_len: int, s: _SampleSettings, conte
             t, tokens, last, done, logp, cache = state
             logits, cache = model.apply({"params": params}, last, cache, t, enc, method=model.decode_step)
             log_probs = jax.nn.log_softmax(logits, axis=-1)
+            if s.min_length:
+                early_eos = (t < s.min_length) & (jnp.arange(logits.shape[-1]) == s.eos_id)
+                logits = jnp.where(early_eos, -jnp.inf, logits)
             if s.temperature == 0.0:
                 tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             else:
@@ -292,7 +316,7 @@ def _compiled_sampling(config: T5Config, max_len: int, s: _SampleSettings, conte
             tok = jnp.where(done, PAD_ID, tok)
             logp = logp + jnp.where(done, 0.0, jnp.take_along_axis(log_probs, tok[:, None], -1)[:, 0])
             tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], t, axis=1)
-            return t + 1, tokens, tok, done | (tok == s.eos_id), logp, _constrain_cache(cache)
+            return t + 1, tokens, tok, done | (tok == s.eos_id), logp, _constrain_cache(cache, config)
 
         init = (jnp.int32(0), jnp.zeros((batch, max_len), jnp.int32), jnp.full((batch,), PAD_ID, jnp.int32),
                 jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.float32), cache)
@@ -367,7 +391,7 @@ def _compiled_beam(config: T5Config, max_len: int, s: _BeamSettings, context: tu
             # Live beams: the best k candidates that did not stop; reorder the cache to match.
             _, live_idx = _top_k(cand_logp + jnp.where(stops, neg, 0.0), k)
             live_logp = _gather(cand_logp + jnp.where(stops, neg, 0.0), live_idx)
-            cache = _reorder_self_attention(cache, _gather(cand_beam, live_idx))
+            cache = _reorder_self_attention(cache, _gather(cand_beam, live_idx), config)
 
             # Finished hypotheses: merge the candidates that just finished into the kept set.
             can_finish = (is_eos | stops) if conv.max_length_finishes else is_eos
@@ -380,7 +404,7 @@ def _compiled_beam(config: T5Config, max_len: int, s: _BeamSettings, context: tu
             merged = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
             _, keep = _top_k(merged(state["fin_scores"], new_scores), k)
             out = dict(
-                t=t + 1, cache=_constrain_cache(cache),
+                t=t + 1, cache=_constrain_cache(cache, config),
                 live_tokens=_gather(cand_tokens, live_idx), live_logp=live_logp,
                 last=_gather(cand_tok, live_idx),
                 fin_tokens=_gather(merged(state["fin_tokens"], cand_tokens), keep),
@@ -423,7 +447,7 @@ def _compiled_beam(config: T5Config, max_len: int, s: _BeamSettings, context: tu
     return run
 
 
-def _reorder_self_attention(cache: Any, parent: Array) -> Any:
+def _reorder_self_attention(cache: Any, parent: Array, config: T5Config) -> Any:
     """Gathers the self-attention K/V of the surviving beams; `parent` [B, K] is the beam each came from.
 
     The gather runs within each row (batch stays a batch dimension), so a batch sharded over
@@ -434,6 +458,8 @@ def _reorder_self_attention(cache: Any, parent: Array) -> Any:
         rows = x.reshape(parent.shape + x.shape[1:])
         return _gather(rows, parent).reshape(x.shape)
 
+    if config.scan_layers:  # one dict of [layers, B*K, ...] arrays
+        return dict(cache, self_k=jax.vmap(reorder)(cache["self_k"]), self_v=jax.vmap(reorder)(cache["self_v"]))
     return {name: dict(layer, self_k=reorder(layer["self_k"]), self_v=reorder(layer["self_v"]))
             for name, layer in cache.items()}
 

@@ -1,5 +1,4 @@
 """Stored teacher outputs equal a direct greedy decode and the teacher's own logits."""
-import jax
 import numpy as np
 
 from doa_jax import decoding, teacher_outputs, teacher_store

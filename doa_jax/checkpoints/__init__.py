@@ -5,6 +5,11 @@ being T5X's tree of float32 numpy arrays (what `Transformer(config).init` gives,
 against the config: every missing, unexpected or mis-shaped parameter is named in one
 `CheckpointError`. Only safe formats are read (safetensors, msgpack, TensorStore, JSON; no pickle).
 
+Every format stores T5X's per-layer names (`encoder/layers_0/...`). For a config with
+`scan_layers=True` this module is the one place that converts: `load_checkpoint` returns the
+stacked layout the scanned model uses, `save_checkpoint` writes per-layer names back
+(`doa_jax.model.scan`, exact: a load-save round trip is bit-identical).
+
 Formats (`detect_format`):
   'hf'          directory with config.json + model.safetensors (or model.safetensors.index.json)
   't5x_legacy'  T5X `checkpoint_N/` with a msgpack `checkpoint` file and zarr array directories
@@ -23,6 +28,7 @@ from doa_jax.checkpoints import hf, native, t5x
 from doa_jax.checkpoints.native import load_native, save_native
 from doa_jax.checkpoints.tree import CheckpointError
 from doa_jax.model import T5Config
+from doa_jax.model.scan import is_stacked, stack_layers, unstack_layers
 
 FORMATS = ("hf", "t5x_legacy", "t5x_orbax", "native", "native_run")
 
@@ -69,16 +75,23 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, config: Optional[T5Config] = None) -> tuple[T5Config, dict]:
-    """(config, params) from any supported checkpoint; `config` overrides the stored/inferred one."""
-    return _LOADERS[detect_format(path)](path, config)
+    """(config, params) from any supported checkpoint; `config` overrides the stored/inferred one.
+
+    Params come in the layout of the returned config: stacked layers when `config.scan_layers`.
+    """
+    config, params = _LOADERS[detect_format(path)](path, config)
+    return config, (stack_layers(params) if config.scan_layers else params)
 
 
 def save_checkpoint(path: str | os.PathLike, config: T5Config, params: Mapping[str, Any],
                     format: str = "native") -> pathlib.Path:
-    """Writes a native ('native' or 'orbax') or 'hf' checkpoint directory at `path`; returns it."""
+    """Writes a native ('native' or 'orbax') or 'hf' checkpoint directory at `path`; returns it.
+
+    Params in the scanned layout (stacked `layers`) are written under per-layer names.
+    """
     if format not in _SAVERS:
         raise CheckpointError(f"unknown checkpoint format {format!r} to save; choose from {sorted(_SAVERS)}")
-    _SAVERS[format](path, config, params)
+    _SAVERS[format](path, config, unstack_layers(params) if is_stacked(params) else params)
     return pathlib.Path(path)
 
 

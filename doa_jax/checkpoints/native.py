@@ -1,7 +1,9 @@
 """doa-jax's own checkpoint: an Orbax composite checkpoint with items `params` and `config`.
 
 `params` is the float32 param pytree (Orbax PyTree item); `config` is JSON: `T5Config.to_dict()`
-plus `{"format": "doa_jax", "format_version": 1, "layout": "unscanned"}`. The trainer's step
+plus `{"format": "doa_jax", "format_version": 1, "layout": "unscanned"}`. `save_native` always
+writes per-layer names; a params item that holds stacked layers (a scanned model's trainer step,
+`"layout": "scanned"`) is unstacked on load. The trainer's step
 directories (an Orbax `CheckpointManager` root) carry the same two items next to their own
 (optimizer state, data position); loading reads `params` and `config` and ignores the rest, and
 a manager root (or a trainer MODEL_DIR holding one as `checkpoints/`) loads its latest step.
@@ -14,12 +16,14 @@ import re
 from typing import Any, Mapping, Optional
 
 from doa_jax.checkpoints.tensorstore_io import read_orbax_item
-from doa_jax.checkpoints.tree import CheckpointError, check_params, flatten, float32_tree
+from doa_jax.checkpoints.tree import CheckpointError, check_params, flatten, float32_tree, unflatten
 from doa_jax.model import T5Config
+from doa_jax.model.scan import is_stacked, unstack_layers
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
 FORMAT = {"format": "doa_jax", "format_version": 1, "layout": "unscanned"}
+LAYOUTS = ("unscanned", "scanned")  # how the params item stores layers (per-layer names / stacked)
 RUN_SUBDIR = "checkpoints"  # the trainer's MODEL_DIR/checkpoints/<step>/
 _STEP_DIR = re.compile(r"^(?:.*_)?(\d+)$")  # '120' (CheckpointManager's default) or 'checkpoint_120'
 
@@ -31,6 +35,8 @@ def config_json(config: T5Config) -> dict[str, Any]:
 def config_from_json(d: Mapping[str, Any], source: str) -> T5Config:
     """`T5Config` from the `config` item, after checking the format marker."""
     for key, value in FORMAT.items():
+        if key == "layout" and d.get(key) in LAYOUTS:
+            continue
         if d.get(key) != value:
             raise CheckpointError(f"{source}: config item has {key}={d.get(key)!r}, expected {value!r}"
                                   + (" (written by a newer doa-jax?)" if key == "format_version" else ""))
@@ -104,5 +110,7 @@ def load_native(path: str | os.PathLike, config: Optional[T5Config] = None) -> t
         path = latest_step_dir(path)
     config = config or read_config(path)
     flat = {"/".join(p): a for p, a in read_orbax_item(path / PARAMS_ITEM).items()}
+    if is_stacked(unflatten(flat)):
+        flat = flatten(unstack_layers(unflatten(flat)))
     check_params(config, flat, str(path / PARAMS_ITEM))
     return config, float32_tree(flat)

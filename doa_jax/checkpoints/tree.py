@@ -45,7 +45,10 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=16)
 def expected_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
-    """{path: shape} of the params `Transformer(config).init` creates (abstractly, no memory)."""
+    """{path: shape} of the params `Transformer(config).init` creates (abstractly, no memory), in the
+    checkpoint layout: T5X's per-layer names, also for a config with `scan_layers=True`."""
+    if config.scan_layers:
+        return expected_shapes(config.replace(scan_layers=False))
     import flax.linen as nn
     import jax
     import jax.numpy as jnp

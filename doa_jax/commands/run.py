@@ -11,7 +11,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from doa_jax.gin_utils import add_gin_flags
+    from doa_jax.gin_flags import add_gin_flags
 
     p = subparsers.add_parser("run", help="run one budget cell (annotate | distill | mixed) from gin",
                               description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],

@@ -19,7 +19,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from doa_jax.gin_utils import add_gin_flags
+    from doa_jax.gin_flags import add_gin_flags
 
     p = subparsers.add_parser("sweep", help="run a grid of budget cells from gin (resumable), then report",
                               description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],

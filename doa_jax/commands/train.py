@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="fine-tune a T5 from gin files (partitioned, resumable)",
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    from doa_jax.gin_utils import add_gin_flags
+    from doa_jax.gin_flags import add_gin_flags
 
     add_gin_flags(p)
     p.add_argument("--coordinator_address", help="multi-host: 'host:port' of process 0")

@@ -34,6 +34,11 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     # Rematerialise each layer in the backward pass: 'none' | 'full' | 'dots' (save matmul outputs).
     remat_policy: str = "none"
+    # Run each stack's layers as one `nn.scan` over params stacked on a leading `layers` axis:
+    # one layer is traced and compiled instead of num_layers copies (start-up time). Checkpoints
+    # keep T5X's per-layer names (`doa_jax.model.scan` converts). Numerics equal the unscanned
+    # model; dropout masks differ (the scan splits the dropout key per layer).
+    scan_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
@@ -50,6 +55,8 @@ class T5Config:
             raise ValueError(f"T5Config.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.remat_policy not in ("none", "full", "dots"):
             raise ValueError(f"T5Config.remat_policy must be none, full or dots, got {self.remat_policy!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"T5Config.scan_layers must be True or False, got {self.scan_layers!r}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
 

@@ -3,6 +3,10 @@
 Param tree (unboxed): `token_embedder/embedding`, `encoder/{relpos_bias, layers_i, encoder_norm}`,
 `decoder/{relpos_bias, layers_i, decoder_norm, logits_dense}`; see T5X `examples/t5/network.py`.
 
+With `config.scan_layers`, each stack's layers are one `nn.scan` (params `encoder/layers/...`
+stacked on a leading `layers` axis, the decode cache `{self_k, self_v, cross_k, cross_v}` stacked
+as `[layers, B, L, H, D]`); `doa_jax.model.scan` converts params to and from T5X's per-layer names.
+
 Masking convention: attention masks keys only (a padded query still attends to the valid keys).
 Outputs at padded positions are therefore defined but meaningless; compare valid positions only.
 """
@@ -16,7 +20,7 @@ import jax.numpy as jnp
 
 from doa_jax.model.config import T5Config
 from doa_jax.model.layers import (NEG_INF, Dense, Embed, MlpBlock, MultiHeadAttention,
-                                  RelativePositionBias, RMSNorm, constrain, kernel_init)
+                                  RelativePositionBias, RMSNorm, constrain)
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -65,7 +69,39 @@ def _remat(cls, cfg: T5Config, deterministic_argnum: int):
         return cls
     policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
               if cfg.remat_policy == "dots" else None)
-    return nn.remat(cls, policy=policy, static_argnums=(deterministic_argnum,))
+    # Inside a scan the loop boundary already keeps XLA from merging the recomputation away.
+    return nn.remat(cls, policy=policy, static_argnums=(deterministic_argnum,),
+                    prevent_cse=not cfg.scan_layers)
+
+
+SELF_CACHE = ("self_k", "self_v")  # the cache entries a decode step writes (cross K/V are read only)
+
+
+def _scan_layers(body, num_layers: int, in_axes: tuple):
+    """`nn.scan` of `body(layer, carry, *args) -> (carry, ys)` over `num_layers` stacked layers.
+
+    Params get a leading axis (logical name `layers`); dropout keys are split per layer.
+    """
+    return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=in_axes, length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def _encoder_body(layer, x, bias, deterministic):
+    return layer(x, bias, deterministic), None
+
+
+def _decoder_body(layer, y, encoded, self_bias, cross_bias, deterministic):
+    return layer(y, encoded, self_bias, cross_bias, deterministic)[0], None
+
+
+def _cross_kv_body(layer, carry, encoded):
+    return carry, layer.cross_kv(encoded)
+
+
+def _decoder_step_body(layer, y, self_cache, cross_cache, self_bias, cross_bias, cache_index):
+    y, new = layer(y, None, self_bias, cross_bias, True, {**self_cache, **cross_cache}, cache_index)
+    return y, {k: new[k] for k in SELF_CACHE}
+
 
 
 class EncoderLayer(nn.Module):
@@ -150,8 +186,12 @@ class Encoder(nn.Module):
                                     cfg.num_heads, True, dt, name="relpos_bias")(length, length)
         bias = bias + attention_bias(encoder_mask(tokens, segment_ids))
         layer_cls = _remat(EncoderLayer, cfg, 3)
-        for i in range(cfg.num_encoder_layers):
-            x = layer_cls(cfg, name=f"layers_{i}")(x, bias, deterministic)
+        if cfg.scan_layers:
+            x, _ = _scan_layers(_encoder_body, cfg.num_encoder_layers, (nn.broadcast, nn.broadcast))(
+                layer_cls(cfg, name="layers"), x, bias, deterministic)
+        else:
+            for i in range(cfg.num_encoder_layers):
+                x = layer_cls(cfg, name=f"layers_{i}")(x, bias, deterministic)
         x = RMSNorm(cfg.layer_norm_epsilon, dt, name="encoder_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -166,7 +206,10 @@ class Decoder(nn.Module):
                                                 cfg.relative_attention_max_distance, cfg.num_heads,
                                                 False, dt)
         layer_cls = _remat(DecoderLayer, cfg, 5)
-        self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_decoder_layers)]
+        if cfg.scan_layers:
+            self.layers = layer_cls(cfg, name="layers")
+        else:
+            self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_decoder_layers)]
         self.decoder_norm = RMSNorm(cfg.layer_norm_epsilon, dt)
         self.dropout = nn.Dropout(cfg.dropout_rate)
         if not cfg.logits_via_embedding:
@@ -189,14 +232,27 @@ class Decoder(nn.Module):
         t = decoder_input_tokens.shape[1]
         self_bias = self.relpos_bias(t, t) + attention_bias(decoder_self_mask(t, decoder_segment_ids))
         cross_bias = attention_bias(cross_mask(encoder_tokens, decoder_segment_ids, encoder_segment_ids))
-        for layer in self.layers:
-            y, _ = layer(y, encoded, self_bias, cross_bias, deterministic)
+        if self.config.scan_layers:
+            broadcast = (nn.broadcast,) * 4
+            y, _ = _scan_layers(_decoder_body, self.config.num_decoder_layers, broadcast)(
+                self.layers, y, encoded, self_bias, cross_bias, deterministic)
+        else:
+            for layer in self.layers:
+                y, _ = layer(y, encoded, self_bias, cross_bias, deterministic)
         return self._logits(y, deterministic)
 
     def init_cache(self, encoded: Array, max_length: int) -> Cache:
-        """Per-layer cache: empty self-attention K/V `[B, max_length, H, D]`, cross K/V from `encoded`."""
+        """Per-layer cache: empty self-attention K/V `[B, max_length, H, D]`, cross K/V from `encoded`.
+
+        Scanned layers: one dict of the same four arrays stacked as `[layers, B, ..., H, D]`.
+        """
         cfg = self.config
         shape = (encoded.shape[0], max_length, cfg.num_heads, cfg.head_dim)
+        if cfg.scan_layers:
+            _, (ck, cv) = _scan_layers(_cross_kv_body, cfg.num_decoder_layers, (nn.broadcast,))(
+                self.layers, None, encoded)
+            zeros = jnp.zeros((cfg.num_decoder_layers,) + shape, ck.dtype)
+            return dict(self_k=zeros, self_v=zeros, cross_k=ck, cross_v=cv)
         cache = {}
         for i, layer in enumerate(self.layers):
             ck, cv = layer.cross_kv(encoded)
@@ -207,11 +263,19 @@ class Decoder(nn.Module):
     def step(self, token: Array, cache: Cache, cache_index: Array, encoder_tokens: Array) -> tuple[Array, Cache]:
         """Logits `[B, V]` for one decoder input token per row at position `cache_index`."""
         y = self.embedder(token[:, None].astype(jnp.int32))
-        max_length = cache["layers_0"]["self_k"].shape[1]
+        scanned = self.config.scan_layers
+        max_length = (cache if scanned else cache["layers_0"])["self_k"].shape[-3]
         self_bias = self.relpos_bias(1, max_length, query_offset=cache_index)
         visible = (jnp.arange(max_length) <= cache_index)[None, None, None, :]
         self_bias = self_bias + attention_bias(visible)
         cross_bias = attention_bias(cross_mask(encoder_tokens))
+        if scanned:
+            # Cross K/V are read per layer but not carried out of the scan: they never change.
+            y, new_self = _scan_layers(_decoder_step_body, self.config.num_decoder_layers,
+                                       (0, 0, nn.broadcast, nn.broadcast, nn.broadcast))(
+                self.layers, y, {k: cache[k] for k in SELF_CACHE},
+                {k: v for k, v in cache.items() if k not in SELF_CACHE}, self_bias, cross_bias, cache_index)
+            return self._logits(y, True)[:, 0], {**cache, **new_self}
         new_cache = {}
         for i, layer in enumerate(self.layers):
             y, new_cache[f"layers_{i}"] = layer(y, None, self_bias, cross_bias, True,

@@ -1,0 +1,164 @@
+"""`doa bench` / scripts/bench.py on the CPU with the tiny size: rows, their arithmetic, the table,
+the peer's ratios, isolation of cases, and errors."""
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from doa_jax import benchmark
+from doa_jax.cli import main
+from doa_jax.model import Transformer, config_for_size
+
+TINY = ["--sizes", "tiny", "--batch", "2", "--enc-len", "16", "--dec-len", "8", "--steps", "2", "--warmup", "1",
+        "--decode-batch", "4", "--in-len", "8", "--new-tokens", "5", "--reps", "2", "--no-scan", "--in-process"]
+
+
+@pytest.fixture(scope="module")
+def tiny_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "rows.json"
+    code = main(["bench", "--parts", "train", "decode", "distill", "--teacher", "tiny", "--student", "tiny",
+                 "--out", str(out), *TINY])
+    assert code == 0
+    return out, json.loads(out.read_text())
+
+
+def test_train_row_reports_time_throughput_and_mfu_consistently(tiny_rows):
+    _, rows = tiny_rows
+    (train,) = [r for r in rows if r["part"] == "train"]
+    assert train["tokens_per_s"] == pytest.approx(2 * (16 + 8) / train["step_s"])
+    assert train["mfu"] == pytest.approx(train["peer_flops"] / train["step_s"] / train["peak_flops"])
+    assert train["startup_s"] == pytest.approx(train["init_s"] + train["compile_s"] + train["first_step_s"])
+    assert train["est_peak_gib"] > 0 and train["loss"] > 0
+    # With attention the FLOP count is larger than the peer's 6 N tokens.
+    assert train["attn_flops"] > train["peer_flops"]
+
+
+def test_decode_row_counts_examples_per_second_of_exactly_new_tokens(tiny_rows):
+    _, rows = tiny_rows
+    (dec,) = [r for r in rows if r["part"] == "decode"]
+    assert dec["examples_per_s"] == pytest.approx(4 / dec["batch_s"])
+    assert dec["tokens_per_s"] == pytest.approx(4 * 5 / dec["batch_s"])
+
+
+def test_distill_row_compares_online_and_stored_kd(tiny_rows):
+    _, rows = tiny_rows
+    (d,) = [r for r in rows if r["part"] == "distill"]
+    # Same model as teacher and student: online KD adds one forward (1/3 of a train step).
+    assert d["flops_ratio_online_vs_stored"] == pytest.approx(4 / 3)
+    assert d["time_ratio_online_vs_stored"] == pytest.approx(
+        (d["student_step_s"] + d["teacher_forward_s"]) / d["student_step_s"])
+
+
+def test_peer_formula_counts_the_peers_matmul_params():
+    torch = pytest.importorskip("torch")
+    from transformers import T5Config as HFConfig, T5ForConditionalGeneration
+
+    cfg = config_for_size("small")
+    hf = HFConfig(vocab_size=cfg.vocab_size, d_model=cfg.emb_dim, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim,
+                  num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
+                  num_heads=cfg.num_heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(hf)
+    # hf_t5_baseline.py's matmul_params: encoder/decoder params without embeddings, plus lm_head.
+    enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder.") and "embed" not in n)
+    dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder.") and "embed" not in n)
+    dec += model.lm_head.weight.numel()
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    abstract = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), tokens, tokens)))
+    assert benchmark.stack_param_counts(abstract["params"]) == (enc, dec)
+    assert benchmark.peer_train_flops(abstract["params"], 32, 512, 128) == 6 * (enc * 32 * 512 + dec * 32 * 128)
+
+
+def test_show_puts_the_peers_figures_and_ratios_beside_ours(tiny_rows, tmp_path, capsys):
+    out, rows = tiny_rows
+    train = next(r for r in rows if r["part"] == "train")
+    dec = next(r for r in rows if r["part"] == "decode")
+    peer = [dict(kind="train", size="tiny", batch=2, tokens_per_s=train["tokens_per_s"] / 2, mfu=0.01),
+            dict(kind="trainc", size="tiny", batch=2, tokens_per_s=train["tokens_per_s"] / 4, mfu=0.02),
+            dict(kind="generate", size="tiny", batch=4, examples_per_s=dec["examples_per_s"] / 5),
+            dict(kind="train", size="xl", error="RuntimeError('CUDA out of memory')")]
+    (tmp_path / "peer.json").write_text(json.dumps(peer))
+    assert main(["bench", "--show", str(out), "--peer", str(tmp_path / "peer.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| 2.00x / 4.00x |" in text     # ours over the peer's eager and compiled tokens/s
+    assert "| 5.00x |" in text             # decode examples/s ratio
+
+
+def test_startup_runs_each_case_in_its_own_process_and_records_failures(tmp_path):
+    cases = benchmark.expand(["aot_decode"], ["tiny"], decode_batch=2, in_len=4, new_tokens=3)
+    cases.append(dict(part="train", size="no_such_size"))
+    rows = benchmark.run_cases(cases, isolate=True, timeout_s=300)
+    assert rows[0]["part"] == "aot_decode" and rows[0]["compile_s"] > 0 and "error" not in rows[0]
+    assert rows[0]["cross_cache_gib"] == pytest.approx(2 * 2 * 2 * 4 * 3 * 4 * 2 / 2 ** 30)
+    assert "unknown model size 'no_such_size'" in rows[1]["error"]
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    assert main(["bench", "--sizes", "huge", "--out", str(tmp_path / "r.json"), "--in-process"]) == 2
+    assert "unknown model size 'huge'" in capsys.readouterr().err
+    assert main(["bench", "--show", str(tmp_path / "missing.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["bench", "--show", str(tmp_path / "bad.json")]) == 2
+    assert "is not JSON (line 1" in capsys.readouterr().err
+
+
+def test_script_runs_without_installing(tmp_path):
+    done = subprocess.run([sys.executable, "scripts/bench.py", "--help"], capture_output=True, text=True,
+                          cwd=benchmark.__file__.rsplit("/doa_jax/", 1)[0])
+    assert done.returncode == 0 and "--peer" in done.stdout
+
+
+def test_decode_floor_is_compute_bound_for_the_encoder_and_bytes_bound_per_step():
+    from doa_jax import flops
+
+    cfg = config_for_size("xxl")
+    peak, fast, slow = 798e12, float("inf"), 3.0e12
+    encoder_only = flops.forward_flops(cfg, 256, 128, 0) / peak      # encoder + cross K/V, attention included
+    with_free_bytes = benchmark.decode_floor_s(cfg, 256, 128, 32, peak, fast)
+    # Each of the 32 steps multiplies 256 tokens by the decoder's weights (5.4e9 without cross K/V).
+    assert encoder_only + 32 * 2 * 256 * 5.4e9 / peak < with_free_bytes < 1.3 * encoder_only
+    # With real bandwidth, each step costs at least its weights + cross cache read once.
+    step_bytes = 2 * 6.24e9 + 2 * 2 * 256 * 128 * 24 * 4096
+    floor = benchmark.decode_floor_s(cfg, 256, 128, 32, peak, slow)
+    assert floor > encoder_only + 32 * step_bytes / slow
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_smoke_plan_writes_rows_table_and_archives(tmp_path):
+    root = benchmark.__file__.rsplit("/doa_jax/", 1)[0]
+    done = subprocess.run(["bash", "scripts/gpu_bench.sh", "smoke"], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert {p.name for p in tmp_path.iterdir()} == {"ours_smoke.json", "table_smoke.md", "log_smoke.txt",
+                                                    "profile_smoke.tgz", "hlo_smoke.tgz"}
+    rows = json.loads((tmp_path / "ours_smoke.json").read_text())
+    assert [r["part"] for r in rows] == ["train", "decode", "aot_decode"] and not any("error" in r for r in rows)
+    assert "| tiny | adamw | 2 |" in (tmp_path / "table_smoke.md").read_text()
+
+
+BLOCK_TF_SEQIO_GIN = """
+import runpy, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('tensorflow', 'seqio', 'gin', 'tensorflow_datasets', 'tensorflow_text'):
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+sys.argv = ['scripts/bench.py'] + sys.argv[1:]
+runpy.run_path('scripts/bench.py', run_name='__main__')
+"""
+
+
+def test_the_script_needs_no_tensorflow_seqio_or_gin(tmp_path):
+    # The GPU image has none of them: every module the bench imports must do without.
+    root = benchmark.__file__.rsplit("/doa_jax/", 1)[0]
+    done = subprocess.run([sys.executable, "-c", BLOCK_TF_SEQIO_GIN, "--parts", "train", "aot_decode", *TINY,
+                           "--steps", "1", "--out", str(tmp_path / "rows.json")],
+                          cwd=root, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["part"] for r in json.loads((tmp_path / "rows.json").read_text())] == ["train", "aot_decode"]
