@@ -257,19 +257,25 @@ def _train_flops_fields(cfg, prog, batch, enc_len, dec_len) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------- parts
 
+def _train_case(case: Mapping[str, Any], part: str):
+    """A train-step case's settings, model config, step program and the start of its row."""
+    c = {**DEFAULTS, **case}
+    size, batch = c["size"], c["batch"] or default_batch(c["size"])
+    cfg = model_config(size, scan=c["scan"], remat=c["remat"], dtype=c["dtype"])
+    prog, mesh, rules = _program(cfg, c["optimizer"])
+    row = dict(part=part, size=size, optimizer=c["optimizer"], batch=batch, enc_len=c["enc_len"],
+               dec_len=c["dec_len"], scan=c["scan"], remat=c["remat"], param_dtype=c["param_dtype"],
+               params=cfg.num_params())
+    return c, batch, cfg, prog, mesh, rules, row
+
+
 def bench_train(case: Mapping[str, Any]) -> dict[str, Any]:
     """One train-step configuration: start-up (init, compile, first step), then timed steps."""
     import jax
 
     from doa_jax import partitioning
 
-    c = {**DEFAULTS, **case}
-    size, batch = c["size"], c["batch"] or default_batch(c["size"])
-    cfg = model_config(size, scan=c["scan"], remat=c["remat"], dtype=c["dtype"])
-    prog, mesh, rules = _program(cfg, c["optimizer"])
-    row = dict(part="train", size=size, optimizer=c["optimizer"], batch=batch, enc_len=c["enc_len"],
-               dec_len=c["dec_len"], scan=c["scan"], remat=c["remat"], param_dtype=c["param_dtype"],
-               params=cfg.num_params())
+    c, batch, cfg, prog, mesh, rules, row = _train_case(case, "train")
     with partitioning.mesh_context(mesh, rules):
         t = _now()
         state = _init_state(prog, c["param_dtype"], c["seed"])
@@ -298,7 +304,7 @@ def bench_train(case: Mapping[str, Any]) -> dict[str, Any]:
             row.update(step_s=step_s, tokens_per_s=batch * (c["enc_len"] + c["dec_len"]) / step_s)
         row["loss"] = float(metrics["loss"])
         if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"non-finite loss {row['loss']} in the {size} train step")
+            raise FloatingPointError(f"non-finite loss {row['loss']} in the {c['size']} train step")
 
         def three_steps():
             nonlocal state, metrics
@@ -445,13 +451,8 @@ def aot_train(case: Mapping[str, Any]) -> dict[str, Any]:
 
     from doa_jax import partitioning
 
-    c = {**DEFAULTS, **case}
-    size, batch = c["size"], c["batch"] or default_batch(c["size"])
-    cfg = model_config(size, scan=c["scan"], remat=c["remat"], dtype=c["dtype"])
-    prog, mesh, rules = _program(cfg, c["optimizer"])
-    row = dict(part="aot_train", size=size, optimizer=c["optimizer"], batch=batch, enc_len=c["enc_len"],
-               dec_len=c["dec_len"], scan=c["scan"], remat=c["remat"], param_dtype=c["param_dtype"],
-               params=cfg.num_params(), backend=jax.default_backend())
+    c, batch, cfg, prog, mesh, rules, row = _train_case(case, "aot_train")
+    row["backend"] = jax.default_backend()
     state = _abstract_state(prog, c["param_dtype"])
     data = _abstract_batch(mesh, cfg.vocab_size, batch, c["enc_len"], c["dec_len"])
     rng = jax.ShapeDtypeStruct((2,), jax.numpy.uint32, sharding=partitioning.replicated(mesh))

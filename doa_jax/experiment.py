@@ -69,6 +69,7 @@ class CellConfig:
     soft_targets: str = "stored"    # stored top-k logits, or 'online' (teacher forward every step)
     topk: int = 8
     teacher_num_beams: int = 1
+    min_teacher_confidence: float = 0.0  # drop pseudo-labels whose mean token probability is lower
     max_eval_examples: Optional[int] = None
     cache_dir: Optional[str] = None  # shared teacher runs and stores (default: OUTPUT_DIR/cache)
     demo_sizes: Optional[Mapping[str, int]] = None  # demo pools: labeled, unlabeled, test
@@ -267,9 +268,27 @@ def teacher_store_for(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teach
     return store.load(), enc
 
 
-def student_data_from_store(outputs, enc: np.ndarray, targets_length: int) -> dict[str, np.ndarray]:
-    """Student arrays: teacher tokens as targets, their top-k logits as soft targets."""
+def teacher_confidence(outputs) -> np.ndarray:
+    """Per example, the teacher's mean token probability on its own output: exp(log p(y) / |y|)."""
+    return np.exp(outputs.sequence_logprob / np.maximum(outputs.lengths, 1))
+
+
+def confident_rows(outputs, min_confidence: float) -> np.ndarray:
+    """Indices of pseudo-labels whose teacher confidence is at least `min_confidence` (0 keeps all)."""
+    if not 0.0 <= min_confidence < 1.0:
+        raise ValueError(f"MIN_TEACHER_CONFIDENCE must be in [0, 1), got {min_confidence}")
+    return np.flatnonzero(teacher_confidence(outputs) >= min_confidence)
+
+
+def student_data_from_store(outputs, enc: np.ndarray, targets_length: int,
+                            keep: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Student arrays: teacher tokens as targets, their top-k logits as soft targets (rows `keep`)."""
     from doa_jax.data.encode import shift_right
+
+    if keep is not None:
+        outputs = dataclasses.replace(outputs, tokens=outputs.tokens[keep], topk_values=outputs.topk_values[keep],
+                                      topk_ids=outputs.topk_ids[keep])
+        enc = enc[keep]
 
     t = min(targets_length, outputs.tokens.shape[1])
     tokens = np.zeros((len(enc), targets_length), np.int32)
@@ -458,7 +477,7 @@ def _run_arm(cfg: CellConfig, out: pathlib.Path, setup: TaskSetup) -> dict[str, 
         ledger.add_labels(f"labels:{cfg.start_labels}+{plan.labels_bought}", plan.labels_bought,
                           card.annotation_cost_usd)
     student_dir = cell_dir / "student"
-    unlabeled_used = 0
+    unlabeled_used = kept = 0
     if cfg.strategy == "annotate":
         arrays = encode_examples(card, setup.vocab, labels, setup.lengths)
         epochs, wrapper, kd = cfg.student_epochs, None, False
@@ -468,7 +487,12 @@ def _run_arm(cfg: CellConfig, out: pathlib.Path, setup: TaskSetup) -> dict[str, 
         unlabeled = pools.unlabeled[: plan.unlabeled_used]
         outputs, enc = teacher_store_for(cfg, setup, teacher_key, teacher_params, unlabeled, ledger, cache)
         unlabeled_used = len(unlabeled)
-        arrays = student_data_from_store(outputs, enc, setup.lengths["targets"])
+        keep = confident_rows(outputs, cfg.min_teacher_confidence)
+        if len(keep) == 0:
+            return _infeasible(cfg, setup, f"no pseudo-label reaches MIN_TEACHER_CONFIDENCE "
+                                           f"{cfg.min_teacher_confidence} (best: {teacher_confidence(outputs).max():.3f})")
+        arrays = student_data_from_store(outputs, enc, setup.lengths["targets"], keep)
+        kept = len(keep)
         if cfg.strategy == "mixed":
             arrays = _with_gold_rows(arrays, labels, cfg, setup, teacher_params)
         epochs, kd = cfg.distill_epochs, True
@@ -505,6 +529,7 @@ def _run_arm(cfg: CellConfig, out: pathlib.Path, setup: TaskSetup) -> dict[str, 
                 spent_usd={p: by_phase[p] for p in costs.PHASES},
                 spent_total_usd=budget.spent(), measured_usd=ledger.measured_total(),
                 labels_used=len(labels), labels_bought=plan.labels_bought, unlabeled_used=unlabeled_used,
+                pseudo_labels_kept=kept,
                 student_steps=result.step, plan=planned, test_examples=len(test), output=str(cell_dir))
 
 

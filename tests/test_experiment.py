@@ -2,6 +2,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from doa_jax import experiment, planner
@@ -66,6 +67,7 @@ def test_cells_that_share_a_teacher_reuse_its_fine_tune_and_store(wlp, tmp_path)
 @pytest.mark.parametrize("change,reason", [
     (dict(strategy="distill", teacher=tiny(4096)), "vocabulary does not fit"),
     (dict(strategy="distill", max_unlabeled=0), "the unlabeled pool is empty"),
+    (dict(strategy="distill", min_teacher_confidence=0.999), "no pseudo-label reaches MIN_TEACHER_CONFIDENCE"),
     (dict(strategy="annotate", extra_budget_usd=0.1), "buys no label"),
     (dict(strategy="distill", teacher=config_for_size("xxl", dtype="float32"), extra_budget_usd=0.001,
           teacher_epochs=20), "fine-tuning the teacher on 32 labels costs"),
@@ -96,3 +98,16 @@ def test_the_budget_cap_stops_the_student_within_one_step_and_reports_the_spend(
     assert row["status"] == "capped" and "budget reached at student step" in row["reason"]
     assert row["spent_total_usd"] <= 3e-4 + 1e-12 and 3e-4 - row["spent_total_usd"] < step_usd
     assert 0 < row["student_steps"] < 50 * 3
+
+
+def test_teacher_confidence_filter_keeps_pseudo_labels_at_or_above_the_threshold():
+    from doa_jax.teacher_store import TeacherOutputs
+
+    logp = np.log(np.array([0.9, 0.5, 0.7])) * np.array([2, 4, 1])  # mean token probs 0.9, 0.5, 0.7
+    outputs = TeacherOutputs([""] * 3, [""] * 3, np.ones((3, 4), np.int32), np.array([2, 4, 1]), logp,
+                             np.zeros((3, 4, 2), np.float32), np.zeros((3, 4, 2), np.int32))
+    np.testing.assert_allclose(experiment.teacher_confidence(outputs), [0.9, 0.5, 0.7])
+    assert experiment.confident_rows(outputs, 0.6).tolist() == [0, 2]
+    assert experiment.confident_rows(outputs, 0.0).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="MIN_TEACHER_CONFIDENCE must be in"):
+        experiment.confident_rows(outputs, 1.5)
