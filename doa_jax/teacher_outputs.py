@@ -19,11 +19,6 @@ from doa_jax import decoding
 from doa_jax.model import Transformer
 
 
-def shift_right(tokens: np.ndarray) -> np.ndarray:
-    """Decoder inputs for targets: start token 0, then the targets without their last position."""
-    return np.concatenate([np.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _score(module: Transformer, params: Any, enc: jax.Array, tokens: jax.Array, topk: int):
     dec_in = jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)

@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protoco
 
 import numpy as np
 
+from doa_jax.data.encode import shift_right
+
 Batch = dict[str, np.ndarray]
 FEATURE_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                 "decoder_loss_weights")
@@ -123,13 +125,6 @@ def copy_task(num_examples: int, length: int, vocab_size: int, *, seed: int = 0,
     return dict(encoder_input_tokens=enc, decoder_target_tokens=tgt,
                 decoder_input_tokens=shift_right(tgt),
                 decoder_loss_weights=(tgt > 0).astype(np.float32))
-
-
-def shift_right(targets: np.ndarray) -> np.ndarray:
-    """Decoder inputs: targets shifted right with the start id 0 (unpacked rows)."""
-    out = np.zeros_like(targets)
-    out[:, 1:] = targets[:, :-1]
-    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@ import numpy as np
 
 from doa_jax import decoding, teacher_outputs, teacher_store
 from doa_jax.api import init_params
+from doa_jax.data.encode import shift_right
 from doa_jax.model import Transformer, config_for_size
 
 CFG = config_for_size("tiny", dtype="float32", vocab_size=40, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32)
@@ -21,7 +22,7 @@ def test_store_built_from_a_teacher_equals_direct_greedy_decoding_and_scoring(tm
     np.testing.assert_allclose(out.sequence_logprob, np.asarray(direct.log_probs), atol=1e-4)
 
     # With k = vocab, the stored values are the teacher's logits at every real output position.
-    logits = module.apply({"params": params}, ENC, teacher_outputs.shift_right(out.tokens))
+    logits = module.apply({"params": params}, ENC, shift_right(out.tokens))
     valid = np.asarray(teacher_outputs._valid_positions(out.tokens)) > 0
     full = np.take_along_axis(np.asarray(logits), out.topk_ids, axis=-1)
     np.testing.assert_allclose(out.topk_values[valid], full[valid], atol=1e-5)
