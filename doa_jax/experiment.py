@@ -306,13 +306,10 @@ class OnlineTeacherBatches:
     """A batch source that runs the teacher on every batch for its full soft targets (the paper's code)."""
 
     def __init__(self, source, module, params):
-        import jax.numpy as jnp
-
         self.source, self.batch_size, self.steps_per_epoch = source, source.batch_size, source.steps_per_epoch
         self._logits = jax.jit(lambda p, e, d: module.apply({"params": p}, e, d))
         self.params = params
         self._ids = None
-        self._jnp = jnp
 
     def iterate(self, start: int = 0):
         for batch in self.source.iterate(start):

@@ -111,3 +111,13 @@ def test_teacher_confidence_filter_keeps_pseudo_labels_at_or_above_the_threshold
     assert experiment.confident_rows(outputs, 0.0).tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="MIN_TEACHER_CONFIDENCE must be in"):
         experiment.confident_rows(outputs, 1.5)
+
+
+def test_online_soft_targets_run_the_teacher_every_step_and_are_charged_for_it(wlp, tmp_path):
+    stored = experiment.run_cell(dataclasses.replace(wlp, strategy="distill", output_dir=str(tmp_path / "s")))
+    online = experiment.run_cell(dataclasses.replace(wlp, strategy="distill", soft_targets="online",
+                                                     output_dir=str(tmp_path / "o")))
+    assert online["status"] == "ok" and online["metric"] == "f1"
+    assert online["student_steps"] == stored["student_steps"]
+    # Each online step adds one teacher forward pass to the student's step.
+    assert online["spent_usd"]["student_training"] > stored["spent_usd"]["student_training"]
