@@ -445,6 +445,17 @@ def bench_distill(case: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _lower_and_compile(fn, row: dict[str, Any], *args):
+    """AOT-compiles jitted `fn` for (abstract) `args`, timing both stages into `row`."""
+    t = _now()
+    lowered = fn.lower(*args)
+    row["lower_s"] = _now() - t
+    t = _now()
+    compiled = lowered.compile()
+    row["compile_s"] = _now() - t
+    return compiled
+
+
 def aot_train(case: Mapping[str, Any]) -> dict[str, Any]:
     """Compile the train step for abstract inputs (nothing allocated): compile time, memory, FLOPs."""
     import jax
@@ -457,12 +468,7 @@ def aot_train(case: Mapping[str, Any]) -> dict[str, Any]:
     data = _abstract_batch(mesh, cfg.vocab_size, batch, c["enc_len"], c["dec_len"])
     rng = jax.ShapeDtypeStruct((2,), jax.numpy.uint32, sharding=partitioning.replicated(mesh))
     with partitioning.mesh_context(mesh, rules):
-        t = _now()
-        lowered = prog.train_step.lower(state, data, rng)
-        row["lower_s"] = _now() - t
-        t = _now()
-        compiled = lowered.compile()
-        row["compile_s"] = _now() - t
+        compiled = _lower_and_compile(prog.train_step, row, state, data, rng)
     row.update(_memory_analysis(compiled))
     row["state_gib"] = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state)) / GIB
     row["xla_flops"] = _cost_flops(compiled)
@@ -490,12 +496,7 @@ def aot_decode(case: Mapping[str, Any]) -> dict[str, Any]:
     row = dict(part="aot_decode", size=size, batch=batch, in_len=in_len, new_tokens=new, scan=c["scan"],
                params=cfg.num_params(), backend=jax.default_backend())
     fn = jax.jit(lambda p, e: decoding.greedy(cfg, p, e, new, min_length=new).tokens)
-    t = _now()
-    lowered = fn.lower(params, enc)
-    row["lower_s"] = _now() - t
-    t = _now()
-    compiled = lowered.compile()
-    row["compile_s"] = _now() - t
+    compiled = _lower_and_compile(fn, row, params, enc)
     row.update(_memory_analysis(compiled))
     row["params_gib"] = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)) / GIB
     cache = batch * cfg.num_decoder_layers * cfg.num_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize

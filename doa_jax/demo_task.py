@@ -126,4 +126,6 @@ def build_vocab(directory, task_pools=None):
 
 def model_vocab_size(vocab) -> int:
     """The embedding rows a model needs for `vocab`: its ids padded to a multiple of 128."""
-    return -(-vocab.vocab_size // 128) * 128
+    from doa_jax.data.vocab import padded_vocab_size
+
+    return padded_vocab_size(vocab)

@@ -20,8 +20,9 @@ import os
 import pathlib
 from typing import Any, Iterable, Optional
 
+from doa_jax.costs import PHASES  # the ledger's phases, in its order
+
 PAPER_RESULTS = pathlib.Path(__file__).with_name("paper_results.csv")
-PHASES = ("labels", "teacher_finetune", "teacher_inference", "student_training", "evaluation")
 STRATEGIES = ("annotate", "distill", "mixed")
 STRATEGY_LABELS = {"annotate": "Ann.", "distill": "Dist.", "mixed": "Mixed"}
 STRATEGY_COLORS = {"annotate": "tab:blue", "distill": "tab:orange", "mixed": "tab:green"}

@@ -86,6 +86,11 @@ def load_vocab(spec_or_path, extra_ids: int = T5_EXTRA_IDS) -> Vocabulary:
     return Vocabulary(spec_or_path, extra_ids)
 
 
+def padded_vocab_size(vocab: Vocabulary, pad_multiple: int = 128) -> int:
+    """Embedding rows a model needs for `vocab`: its ids rounded up to a multiple (T5: 32100 -> 32128)."""
+    return -(-vocab.vocab_size // pad_multiple) * pad_multiple
+
+
 def check_vocab(vocab: Vocabulary, model_vocab_size: int, *, pad_multiple: int = 128) -> None:
     """Raises unless the model's embedding rows hold exactly this vocabulary, padded to `pad_multiple`.
 
@@ -93,7 +98,7 @@ def check_vocab(vocab: Vocabulary, model_vocab_size: int, *, pad_multiple: int =
     would index past its embedding; one padded beyond the next multiple belongs to another vocabulary.
     """
     need = vocab.vocab_size
-    padded = -(-need // pad_multiple) * pad_multiple
+    padded = padded_vocab_size(vocab, pad_multiple)
     if not need <= model_vocab_size <= padded:
         raise ValueError(
             f"vocabulary {vocab.path} has {need} ids ({vocab.base_vocab_size} pieces + {vocab.extra_ids} "
