@@ -349,6 +349,37 @@ def _gather(x: Array, idx: Array) -> Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def _beam_init(cache: Any, batch: int, k: int, max_len: int, neg: float) -> dict[str, Any]:
+    """The beam loop's state before the first step: one live beam per row, nothing finished."""
+    first_beam_only = jnp.where(jnp.arange(k) == 0, 0.0, neg).astype(jnp.float32)
+    return dict(
+        t=jnp.int32(0), cache=cache,
+        live_tokens=jnp.zeros((batch, k, max_len), jnp.int32),
+        live_logp=jnp.tile(first_beam_only, (batch, 1)),
+        last=jnp.full((batch, k), PAD_ID, jnp.int32),
+        fin_tokens=jnp.zeros((batch, k, max_len), jnp.int32),
+        fin_scores=jnp.full((batch, k), neg, jnp.float32),
+        fin_logp=jnp.full((batch, k), neg, jnp.float32),
+        fin_flags=jnp.zeros((batch, k), bool),
+        open=jnp.ones((batch,), bool), go_on=jnp.array(True))
+
+
+def _beam_result(final: dict[str, Any], s: "_BeamSettings") -> "DecodeResult":
+    """Finished hypotheses first (best first); slots with none (T5X convention only: rows where
+    fewer than R beams finished) take the best live beams, scored by raw log-prob, as T5X does for a
+    row with nothing finished."""
+    flags = jnp.concatenate([final["fin_flags"], jnp.zeros_like(final["fin_flags"])], axis=1)
+    both = lambda fin, live: jnp.concatenate([fin, live], axis=1)  # noqa: E731
+    all_scores = both(final["fin_scores"], final["live_logp"])
+    order = jnp.lexsort((-all_scores, ~flags), axis=1)[:, :s.num_return_sequences]
+    seqs = _gather(both(final["fin_tokens"], final["live_tokens"]), order)
+    scores = _gather(all_scores, order)
+    logp = _gather(both(final["fin_logp"], final["live_logp"]), order)
+    return DecodeResult(tokens=seqs[:, 0], log_probs=logp[:, 0], scores=scores[:, 0],
+                        lengths=_lengths(seqs[:, 0], s.eos_id), steps=final["t"],
+                        all_tokens=seqs, all_log_probs=logp, all_scores=scores)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_beam(config: T5Config, max_len: int, s: _BeamSettings, context: tuple):
     del context  # only a cache key
@@ -364,7 +395,6 @@ def _compiled_beam(config: T5Config, max_len: int, s: _BeamSettings, context: tu
         batch = enc.shape[0]
         cache, enc = _prepare(model, params, enc, max_len, k)
         position = jnp.arange(max_len)
-        first_beam_only = jnp.where(jnp.arange(k) == 0, 0.0, neg).astype(jnp.float32)
 
         def cond(state):
             if hf:
@@ -418,31 +448,10 @@ def _compiled_beam(config: T5Config, max_len: int, s: _BeamSettings, context: tu
                 out["open"], out["go_on"] = state["open"], state["go_on"]
             return out
 
-        init = dict(
-            t=jnp.int32(0), cache=cache,
-            live_tokens=jnp.zeros((batch, k, max_len), jnp.int32),
-            live_logp=jnp.tile(first_beam_only, (batch, 1)),
-            last=jnp.full((batch, k), PAD_ID, jnp.int32),
-            fin_tokens=jnp.zeros((batch, k, max_len), jnp.int32),
-            fin_scores=jnp.full((batch, k), neg, jnp.float32),
-            fin_logp=jnp.full((batch, k), neg, jnp.float32),
-            fin_flags=jnp.zeros((batch, k), bool),
-            open=jnp.ones((batch,), bool), go_on=jnp.array(True))
+        init = _beam_init(cache, batch, k, max_len, neg)
         final = jax.lax.while_loop(cond, body, init)
 
-        # Finished hypotheses first (best first); slots with none (T5X convention only: rows where
-        # fewer than R beams finished) take the best live beams, scored by raw log-prob, as T5X does
-        # for a row with nothing finished.
-        flags = jnp.concatenate([final["fin_flags"], jnp.zeros_like(final["fin_flags"])], axis=1)
-        both = lambda fin, live: jnp.concatenate([fin, live], axis=1)  # noqa: E731
-        all_scores = both(final["fin_scores"], final["live_logp"])
-        order = jnp.lexsort((-all_scores, ~flags), axis=1)[:, :s.num_return_sequences]
-        seqs = _gather(both(final["fin_tokens"], final["live_tokens"]), order)
-        scores = _gather(all_scores, order)
-        logp = _gather(both(final["fin_logp"], final["live_logp"]), order)
-        return DecodeResult(tokens=seqs[:, 0], log_probs=logp[:, 0], scores=scores[:, 0],
-                            lengths=_lengths(seqs[:, 0], s.eos_id), steps=final["t"],
-                            all_tokens=seqs, all_log_probs=logp, all_scores=scores)
+        return _beam_result(final, s)
 
     return run
 

@@ -1,4 +1,5 @@
-"""Gin plumbing: registers the configurable pieces and parses gin files plus `--gin.X=V` flags.
+"""Gin plumbing: parses gin files plus `--gin.X=V` flags (the configurables are registered by
+`doa_jax.configurables`, which the CLI calls first).
 
 Code never reads global gin state: gin builds objects (e.g. `MODEL_CONFIG = @T5Config()`,
 `TRAIN_CONFIG = @TrainConfig()`) and the caller passes them on explicitly.
@@ -32,89 +33,13 @@ _registered = False
 _search_paths: list[pathlib.Path] = []
 
 
-def _t5_config(**fields: Any):
-    from doa_jax.model.config import T5Config
-
-    return T5Config(**fields)
-
-
-def _train_config(**fields: Any):
-    from doa_jax.trainer import TrainConfig
-
-    return TrainConfig(**fields)
+def registered() -> bool:
+    """Whether the project's configurables are registered (`doa_jax.configurables.register`)."""
+    return _registered
 
 
-def _optimizer_config(**fields: Any):
-    from doa_jax.optimizers import OptimizerConfig
-
-    return OptimizerConfig(**fields)
-
-
-def _loss_config(**fields: Any):
-    from doa_jax.losses import LossConfig
-
-    return LossConfig(**fields)
-
-
-def _mesh_config(**fields: Any):
-    from doa_jax.partitioning import MeshConfig
-
-    return MeshConfig(**fields)
-
-
-def _task_data(**fields: Any):
-    from doa_jax.train_data import TaskData
-
-    return TaskData(**fields)
-
-
-def _copy_task_data(**fields: Any):
-    from doa_jax.train_data import CopyTaskData
-
-    return CopyTaskData(**fields)
-
-
-def _t5_size(name: str, **overrides: Any):
-    from doa_jax.model.config import config_for_size
-
-    return config_for_size(name, **overrides)
-
-
-def _cell_config(**fields: Any):
-    from doa_jax.experiment import CellConfig
-
-    return CellConfig(**fields)
-
-
-def _sweep_grid(**fields: Any):
-    from doa_jax.sweep import Grid
-
-    return Grid(**fields)
-
-
-# gin name -> factory. Factories (not the classes) are registered so gin never subclasses a
-# frozen dataclass, and importing this module stays cheap (no JAX until a config is built).
-CONFIGURABLES = {
-    "T5Config": _t5_config,
-    "TrainConfig": _train_config,
-    "OptimizerConfig": _optimizer_config,
-    "LossConfig": _loss_config,
-    "MeshConfig": _mesh_config,
-    "TaskData": _task_data,
-    "CopyTaskData": _copy_task_data,
-    "T5Size": _t5_size,
-    "CellConfig": _cell_config,
-    "SweepGrid": _sweep_grid,
-}
-
-
-def register() -> None:
-    """Registers every gin configurable of the project (idempotent)."""
+def mark_registered() -> None:
     global _registered
-    if _registered:
-        return
-    for name, fn in CONFIGURABLES.items():
-        gin.external_configurable(fn, name=name)
     _registered = True
 
 
@@ -211,7 +136,9 @@ def parse(gin_files: Iterable[str], bindings: Iterable[str] = (), *, finalize: b
     With `check`, an unset `%gin.REQUIRED` macro raises a ValueError naming it and its file.
     """
     global _search_paths
-    register()
+    if not _registered:
+        raise RuntimeError("no gin configurables registered: call doa_jax.configurables.register() first "
+                           "(the doa CLI does)")
     gin.clear_config()
     _search_paths = [pathlib.Path(p) for p in search_paths if p]
     for p in [*_search_paths, GIN_DIR]:
@@ -262,7 +189,7 @@ def write_operative_config(model_dir: str | os.PathLike, name: str = "config.gin
     return path
 
 
-__all__ = ["CONFIGURABLES", "GIN_DIR", "binding", "check_required", "macro", "parse", "register",
+__all__ = ["GIN_DIR", "binding", "check_required", "macro", "mark_registered", "parse", "registered",
            "required_macros", "rewrite_gin_args", "write_operative_config"]
 
 

@@ -10,7 +10,7 @@ Layout (so distillation losses can join without touching the trainer):
 * distillation (`kd_weight > 0`): the batch also carries the teacher's top-k logits per target
   position (`teacher_topk_values`, `teacher_topk_ids`), and the per-token loss becomes
   `kd_weight * T^2 KL(teacher || student) + (1 - kd_weight) * cross-entropy(targets)`
-  (`doa_jax.distill_losses`). With teacher tokens as targets, `kd_weight=1` is the paper's loss
+  (`doa_jax.distill.losses`). With teacher tokens as targets, `kd_weight=1` is the paper's loss
   and `kd_weight=0` is sequence-level KD; gold rows mix the two.
 
 The divisor is computed on the whole global batch *before* it is split into microbatches, so
@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from doa_jax import distill_losses
+from doa_jax.distill import losses as distill_losses
 
 Array = jax.Array
 Batch = Mapping[str, Array]

@@ -1,7 +1,7 @@
 """Task metrics of "Distill or Annotate?", in percent, as a table: metric name -> function.
 
-A card names its metric (`metric = "..."`); `compute(card, predictions, references, sources=...)`
-post-processes and scores. What each metric is:
+A card names its metric (`metric = "..."`); `compute(metric, predictions, references, labels=...,
+sources=...)` post-processes and scores (`Card.score` passes the card's label set and types). What each metric is:
 
 - `accuracy` (FEVER, MultiPIT_Id): a prediction is stripped and matched to the label set ignoring
   case; one outside the set is counted wrong and reported as `invalid_predictions`.
@@ -389,17 +389,20 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def compute(card, predictions: Sequence[str], references: Sequence[str], *, sources=None, **options) -> dict:
-    """The card's metric on predictions vs reference targets (sources: the inputs, for MultiPIT_Gen)."""
-    from doa_jax.data.cards import load_card
+def compute(metric: str, predictions: Sequence[str], references: Sequence[str], *, labels: Sequence[str] = (),
+            entity_types: Sequence[str] = (), sources=None, **options) -> dict:
+    """`metric` (a name in METRICS) on predictions vs reference targets, in percent.
 
-    card = load_card(card)
-    metric = METRICS[card.metric]
-    return metric.fn(
+    `labels` are the label set of classification metrics, `entity_types` WLP's types, `sources` the
+    inputs (MultiPIT_Gen's self-BLEU). A task card passes its own with `Card.score`.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; metrics: {', '.join(sorted(METRICS))}")
+    return METRICS[metric].fn(
         list(predictions),
         list(references),
-        labels=card.labels,
-        entity_types=card.entity_types,
+        labels=list(labels),
+        entity_types=list(entity_types),
         sources=None if sources is None else list(sources),
         **options,
     )

@@ -34,12 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from doa_jax import flops, losses, partitioning, progress, train_checkpoints
+from doa_jax import flops, losses, partitioning, progress
+from doa_jax.checkpoints import steps as train_checkpoints
 from doa_jax.losses import LossConfig
 from doa_jax.model import T5Config, Transformer
 from doa_jax.optimizers import OptimizerConfig
 from doa_jax.partitioning import MeshConfig
-from doa_jax.train_data import BatchSource, take_features
+from doa_jax.data.batches import BatchSource, take_features
 
 DecodeMetricsFn = Callable[[np.ndarray, Sequence[Mapping[str, np.ndarray]]], Mapping[str, float]]
 

@@ -15,6 +15,10 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from doa_jax import configurables  # noqa: E402
+
+configurables.register()   # as the doa CLI does before parsing gin files
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
 FIXTURES = SHARED / "fixtures" / "t5x_tiny"

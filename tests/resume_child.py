@@ -23,7 +23,7 @@ if os.environ.get("DOA_TEST_COMPILE_CACHE"):
 import numpy as np  # noqa: E402
 
 from doa_jax.optimizers import OptimizerConfig  # noqa: E402
-from doa_jax.train_data import ArrayBatches  # noqa: E402
+from doa_jax.data.batches import ArrayBatches  # noqa: E402
 from doa_jax.trainer import Trainer  # noqa: E402
 from train_helpers import copy_arrays, flat, run_config, tiny_config  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Rate cards and the ledger: arithmetic by hand, resume safety, clear errors."""
 import pytest
 
-from doa_jax import costs
+from doa_jax.experiment import costs
 
 
 def test_rate_cards_carry_the_papers_a100_price_and_a_source_for_every_price():

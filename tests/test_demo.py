@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from doa_jax import cli, demo_task
+from doa_jax import cli
+from doa_jax.data import demo as demo_task
 
 
 def test_the_demo_vocabulary_fits_the_demo_models(tmp_path):

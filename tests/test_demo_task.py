@@ -1,7 +1,7 @@
 """The built-in demo task: seeded, in WLP's target format, spans taken from the source."""
 import re
 
-from doa_jax import demo_task
+from doa_jax.data import demo as demo_task
 
 
 def test_same_seed_same_examples_and_different_seed_different_examples():

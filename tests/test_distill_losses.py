@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from doa_jax import distill_losses as dl
+from doa_jax.distill import losses as dl
 
 B, T, V = 3, 5, 11
 rng = np.random.default_rng(0)

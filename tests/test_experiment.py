@@ -5,8 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from doa_jax import experiment, planner
-from doa_jax.demo_task import model_vocab_size
+from doa_jax import experiment
+from doa_jax.distill import student_data
+from doa_jax.experiment import costs, phases, planner
+from doa_jax.experiment.config import DistillConfig, Epochs, PricingConfig
+from doa_jax.losses import LossConfig
+from doa_jax.optimizers import OptimizerConfig
+from doa_jax.trainer import TrainConfig
+from doa_jax.data.demo import model_vocab_size
 from doa_jax.model import config_for_size
 from data_helpers import task_vocab
 
@@ -23,13 +29,20 @@ def tiny(vocab_size, **kw):
 def wlp(doa_data, tmp_path_factory):
     vocab = task_vocab(str(doa_data), vocab_size=2000)
     v = model_vocab_size(vocab)
-    base = experiment.CellConfig(
-        task="wlp", start_labels=32, extra_budget_usd=5.0, strategy="annotate",
-        output_dir=str(tmp_path_factory.mktemp("cells")), vocab=str(vocab.path),
-        student=tiny(v), teacher=tiny(v, emb_dim=32, num_encoder_layers=2, num_decoder_layers=2),
-        batch_size=16, learning_rate=3e-3, teacher_epochs=2, student_epochs=2, distill_epochs=2,
-        feature_lengths=LENGTHS, max_unlabeled=48, max_eval_examples=32, verbose=False)
-    return base
+    out = str(tmp_path_factory.mktemp("cells"))
+    train = TrainConfig(model_dir=out, epochs=1, batch_size=16, optimizer=OptimizerConfig("adamw", learning_rate=3e-3),
+                        loss=LossConfig(z_loss=0.0, loss_normalizing_factor="NUM_REAL_TARGET_TOKENS", kd_weight=1.0),
+                        keep_checkpoints=1, async_checkpointing=False, tensorboard=False)
+    return experiment.CellConfig(
+        task="wlp", start_labels=32, extra_budget_usd=5.0, strategy="annotate", output_dir=out, vocab=str(vocab.path),
+        student=tiny(v), teacher=tiny(v, emb_dim=32, num_encoder_layers=2, num_decoder_layers=2), train=train,
+        epochs=Epochs(teacher=2, student=2, distill=2), distill=DistillConfig(max_unlabeled=48),
+        feature_lengths=LENGTHS, max_eval_examples=32, verbose=False)
+
+
+def distilling(cfg, **changes):
+    """`cfg` as a distill cell with DistillConfig fields changed."""
+    return dataclasses.replace(cfg, strategy="distill", distill=dataclasses.replace(cfg.distill, **changes))
 
 
 def test_annotate_and_distill_on_real_wlp_each_produce_a_row_with_entity_f1(wlp):
@@ -66,11 +79,12 @@ def test_cells_that_share_a_teacher_reuse_its_fine_tune_and_store(wlp, tmp_path)
 
 @pytest.mark.parametrize("change,reason", [
     (dict(strategy="distill", teacher=tiny(4096)), "vocabulary does not fit"),
-    (dict(strategy="distill", max_unlabeled=0), "the unlabeled pool is empty"),
-    (dict(strategy="distill", min_teacher_confidence=0.999), "no pseudo-label reaches MIN_TEACHER_CONFIDENCE"),
+    (dict(strategy="distill", distill=DistillConfig(max_unlabeled=0)), "the unlabeled pool is empty"),
+    (dict(strategy="distill", distill=DistillConfig(max_unlabeled=48, min_teacher_confidence=0.999)),
+     "no pseudo-label reaches MIN_TEACHER_CONFIDENCE"),
     (dict(strategy="annotate", extra_budget_usd=0.1), "buys no label"),
     (dict(strategy="distill", teacher=config_for_size("xxl", dtype="float32"), extra_budget_usd=0.001,
-          teacher_epochs=20), "fine-tuning the teacher on 32 labels costs"),
+          epochs=Epochs(teacher=20, student=2, distill=2)), "fine-tuning the teacher on 32 labels costs"),
 ])
 def test_infeasible_cells_are_reported_with_their_reason(wlp, tmp_path, change, reason):
     if "teacher" in change and change["teacher"].emb_dim == 4096:  # xxl: only priced, never built
@@ -89,33 +103,33 @@ def test_the_budget_cap_stops_the_student_within_one_step_and_reports_the_spend(
     # The plan believes distillation is free, so it takes every unlabeled input; the real per-step
     # cost (priced as a T5-Small student) then meets the cap part-way through the student's training.
     monkeypatch.setattr(planner.Planner, "distill_usd", lambda self, n: 0.0)
-    cfg = dataclasses.replace(wlp, strategy="distill", output_dir=str(tmp_path), price_student_as="base",
-                              distill_epochs=50, extra_budget_usd=3e-4)
+    cfg = dataclasses.replace(wlp, strategy="distill", output_dir=str(tmp_path), pricing=PricingConfig(student_as="base"),
+                              epochs=Epochs(teacher=2, student=2, distill=50), extra_budget_usd=3e-4)
     row = experiment.run_cell(cfg)
-    step_usd = experiment._step_usd(experiment.costs.Ledger(None, experiment.costs.get_accelerator("cpu"),
-                                                            project_to=experiment.costs.get_accelerator("a100")),
-                                    config_for_size("base"), cfg, LENGTHS)[1]
+    step_usd = phases.step_cost(cfg, costs.Ledger(None, costs.get_accelerator("cpu"),
+                                                  project_to=costs.get_accelerator("a100")),
+                                config_for_size("base"), LENGTHS)[1]
     assert row["status"] == "capped" and "budget reached at student step" in row["reason"]
     assert row["spent_total_usd"] <= 3e-4 + 1e-12 and 3e-4 - row["spent_total_usd"] < step_usd
     assert 0 < row["student_steps"] < 50 * 3
 
 
 def test_teacher_confidence_filter_keeps_pseudo_labels_at_or_above_the_threshold():
-    from doa_jax.teacher_store import TeacherOutputs
+    from doa_jax.distill.store import TeacherOutputs
 
     logp = np.log(np.array([0.9, 0.5, 0.7])) * np.array([2, 4, 1])  # mean token probs 0.9, 0.5, 0.7
     outputs = TeacherOutputs([""] * 3, [""] * 3, np.ones((3, 4), np.int32), np.array([2, 4, 1]), logp,
                              np.zeros((3, 4, 2), np.float32), np.zeros((3, 4, 2), np.int32))
-    np.testing.assert_allclose(experiment.teacher_confidence(outputs), [0.9, 0.5, 0.7])
-    assert experiment.confident_rows(outputs, 0.6).tolist() == [0, 2]
-    assert experiment.confident_rows(outputs, 0.0).tolist() == [0, 1, 2]
+    np.testing.assert_allclose(student_data.teacher_confidence(outputs), [0.9, 0.5, 0.7])
+    assert student_data.confident_rows(outputs, 0.6).tolist() == [0, 2]
+    assert student_data.confident_rows(outputs, 0.0).tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="MIN_TEACHER_CONFIDENCE must be in"):
-        experiment.confident_rows(outputs, 1.5)
+        student_data.confident_rows(outputs, 1.5)
 
 
 def test_online_soft_targets_run_the_teacher_every_step_and_are_charged_for_it(wlp, tmp_path):
     stored = experiment.run_cell(dataclasses.replace(wlp, strategy="distill", output_dir=str(tmp_path / "s")))
-    online = experiment.run_cell(dataclasses.replace(wlp, strategy="distill", soft_targets="online",
+    online = experiment.run_cell(dataclasses.replace(distilling(wlp, soft_targets="online"),
                                                      output_dir=str(tmp_path / "o")))
     assert online["status"] == "ok" and online["metric"] == "f1"
     assert online["student_steps"] == stored["student_steps"]

@@ -9,12 +9,13 @@ import types
 import gin
 import pytest
 
-from doa_jax import gin_utils, sweep
+from doa_jax import gin_utils
+from doa_jax.experiment import sweep
 from doa_jax.losses import LossConfig
 from doa_jax.model import T5Config
 from doa_jax.optimizers import OptimizerConfig
 from doa_jax.partitioning import MeshConfig
-from doa_jax.train_data import CopyTaskData, TaskData
+from doa_jax.data.batches import CopyTaskData, TaskData
 from doa_jax.trainer import TrainConfig
 
 GIN = gin_utils.GIN_DIR

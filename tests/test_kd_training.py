@@ -5,11 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from doa_jax import distill_losses, losses
+from doa_jax import losses
+from doa_jax.distill import losses as distill_losses
 from doa_jax.api import init_params
 from doa_jax.model import Transformer
 from doa_jax.optimizers import OptimizerConfig
-from doa_jax.train_data import ArrayBatches
+from doa_jax.data.batches import ArrayBatches
 from doa_jax.trainer import Trainer
 from train_helpers import copy_arrays, metric_rows, run_config, tiny_config
 
@@ -70,7 +71,7 @@ def test_student_trained_on_stored_top_k_logits_moves_toward_the_teacher(tmp_pat
 
 
 def test_a_step_cap_stops_the_run_at_a_step_boundary_and_keeps_a_checkpoint(tmp_path):
-    from doa_jax.train_checkpoints import has_checkpoint
+    from doa_jax.checkpoints.steps import has_checkpoint
     from train_helpers import train_source
 
     asked = []

@@ -3,7 +3,9 @@ import dataclasses
 
 import pytest
 
-from doa_jax import costs, flops, planner
+from doa_jax import flops
+from doa_jax.experiment import costs
+from doa_jax.experiment import planner
 from doa_jax.model import config_for_size
 
 # A made-up accelerator and round FLOP counts make the arithmetic checkable by hand:

@@ -4,7 +4,8 @@ import json
 import numpy as np
 
 import doa_jax
-from doa_jax import cli, decoding, teacher_store
+from doa_jax import cli, decoding
+from doa_jax.distill import store as teacher_store
 from doa_jax.data.encode import encode_texts
 from doa_jax.data.vocab import load_vocab
 

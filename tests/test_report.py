@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from doa_jax import report
+from doa_jax.experiment import report
 
 
 def row(strategy, budget, value, seed, spent, **extra):

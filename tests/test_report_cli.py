@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from doa_jax import cli, report
+from doa_jax import cli
+from doa_jax.experiment import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from doa_jax.checkpoints import load_checkpoint
-from doa_jax.train_checkpoints import TrainCheckpoints
+from doa_jax.checkpoints.steps import TrainCheckpoints
 
 CHILD = pathlib.Path(__file__).resolve().parent / "resume_child.py"
 REPO = CHILD.parents[1]

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from data_helpers import task_vocab
-from doa_jax import metrics
 from doa_jax.data import cards, pipeline, pools, seqio_tasks
 
 TASKS = cards.card_names()
@@ -116,7 +115,7 @@ def test_task_metric_fn_scores_like_the_metrics_table(vocab):
     targets = [seqio_tasks._postprocess(t, {"source": b"x"}, is_target=True) for t in ("SUPPORTS", "REFUTES")]
     got = task.metric_fns[0](targets, ["supports", "NOT SURE"])
     assert got["accuracy"] == pytest.approx(50.0) and got["invalid_predictions"] == 1
-    assert got["accuracy"] == metrics.compute("fever", ["supports", "NOT SURE"], ["SUPPORTS", "REFUTES"])["accuracy"]
+    assert got["accuracy"] == cards.load_card("fever").score(["supports", "NOT SURE"], ["SUPPORTS", "REFUTES"])["accuracy"]
 
 
 def test_seqio_task_names_are_accepted(vocab, doa_data):

@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from doa_jax import cli, experiment, gin_utils, report, sweep
+from doa_jax import cli, experiment, gin_utils
+from doa_jax.experiment import report
+from doa_jax.experiment import sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -96,7 +98,7 @@ def test_paper_main_gin_is_the_papers_block_a_grid():
     assert {(p.start_labels, p.strategy) for p in points} == {(1000, "annotate"), (1000, "distill")}
     assert len(points) == sum(map(len, expected.values())) * 2 * 3        # x 2 strategies x 3 seeds
     c = cells[0]
-    assert (c.teacher.emb_dim, c.student.emb_dim, c.accelerator) == (4096, 512, "a100")    # XXL, Small
+    assert (c.teacher.emb_dim, c.student.emb_dim, c.pricing.accelerator) == (4096, 512, "a100")    # XXL, Small
     assert (c.teacher_checkpoint, c.student_checkpoint, c.vocab) == ("/ckpt/xxl", "/ckpt/small", "/t5/spiece.model")
 
 
@@ -229,8 +231,8 @@ def test_a_sweep_killed_after_its_first_row_reruns_only_unfinished_cells(tmp_pat
     before = report.read_results(results)
     assert 1 <= len(before) < 3
     calls = []
-    real = experiment.run_cell
-    monkeypatch.setattr(experiment, "run_cell", lambda cell: calls.append(cell.key()) or real(cell))
+    real = sweep.run_cell
+    monkeypatch.setattr(sweep, "run_cell", lambda cell: calls.append(cell.key()) or real(cell))
     assert cli.main(argv) == 0
     after = [r["cell_key"] for r in report.read_results(results)]
     assert len(calls) == 3 - len(before) and not set(calls) & {r["cell_key"] for r in before}
@@ -241,7 +243,7 @@ def test_a_sweep_killed_after_its_first_row_reruns_only_unfinished_cells(tmp_pat
 
 @pytest.mark.slow
 def test_small_real_wlp_sweep_renders_the_report_beside_the_papers_numbers(tmp_path, doa_data, monkeypatch, capsys):
-    from doa_jax import demo_task
+    from doa_jax.data import demo as demo_task
     from doa_jax.data import vocab as vocab_lib
 
     monkeypatch.setenv("DOA_DATA_DIR", str(doa_data))

@@ -1,7 +1,9 @@
 """Stored teacher outputs equal a direct greedy decode and the teacher's own logits."""
 import numpy as np
 
-from doa_jax import decoding, teacher_outputs, teacher_store
+from doa_jax import decoding
+from doa_jax.distill import outputs as teacher_outputs
+from doa_jax.distill import store as teacher_store
 from doa_jax.api import init_params
 from doa_jax.data.encode import shift_right
 from doa_jax.model import Transformer, config_for_size

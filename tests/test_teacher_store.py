@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from doa_jax import teacher_store as ts
+from doa_jax.distill import store as ts
 
 K = 3
 

@@ -11,7 +11,7 @@ from doa_jax import losses
 from doa_jax.checkpoints import load_checkpoint, save_checkpoint
 from doa_jax.model import Transformer
 from doa_jax.optimizers import OptimizerConfig
-from doa_jax.train_data import ArrayBatches
+from doa_jax.data.batches import ArrayBatches
 from doa_jax.trainer import (CheckpointMismatchError, NonFiniteLossError, Trainer,
                              token_sequence_accuracy)
 from train_helpers import (copy_arrays, eval_source, flat, metric_rows, run_config, tiny_config,

@@ -9,7 +9,7 @@ import numpy as np
 
 from doa_jax.model import T5Config, config_for_size
 from doa_jax.partitioning import MeshConfig
-from doa_jax.train_data import ArrayBatches, copy_task
+from doa_jax.data.batches import ArrayBatches, copy_task
 from doa_jax.trainer import TrainConfig
 
 # Small enough to compile in seconds on CPU; every dim divides the 8-device mesh's axes.

@@ -84,10 +84,16 @@ def save_native(path: str | os.PathLike, config: T5Config, params: Mapping[str, 
     params = jax.tree_util.tree_map(
         lambda a: a if getattr(a, "dtype", None) == np.float32 else np.asarray(a, np.float32), params)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(path, ocp.args.Composite(**{
-            PARAMS_ITEM: ocp.args.StandardSave(params),
-            CONFIG_ITEM: ocp.args.JsonSave(config_json(config))}))
+        checkpointer.save(path, ocp.args.Composite(**model_items(config, params)))
     return path
+
+
+def model_items(config: T5Config, params: Any) -> dict[str, Any]:
+    """The native format's two Orbax items as save args: the one writer of `params` + `config`,
+    used by `save_native` and by the trainer's step checkpoints (`checkpoints.steps`)."""
+    import orbax.checkpoint as ocp
+
+    return {PARAMS_ITEM: ocp.args.StandardSave(params), CONFIG_ITEM: ocp.args.JsonSave(config_json(config))}
 
 
 def read_config(path: str | os.PathLike) -> T5Config:

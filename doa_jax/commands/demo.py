@@ -28,11 +28,13 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import time
 
-    from doa_jax import experiment, gin_utils, report
+    from doa_jax import configurables, experiment, gin_utils
+    from doa_jax.experiment import report
     from doa_jax.commands.run import format_row
 
     if any(b < 0 for b in args.budgets):
         raise ValueError(f"budgets must be non-negative, got {args.budgets}")
+    configurables.register()
     started = time.perf_counter()
     rows = []
     cells = [(s, b) for s in ("annotate", "distill") for b in args.budgets]

@@ -38,7 +38,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from doa_jax import costs, planner
+    from doa_jax.experiment import costs
+    from doa_jax.experiment import planner
     from doa_jax.data.cards import load_card
     from doa_jax.model import config_for_size
 

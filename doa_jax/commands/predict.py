@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 def _convert_t5x(args) -> int:
     import json
 
-    from doa_jax import teacher_store
+    from doa_jax.distill import store as teacher_store
 
     rows = teacher_store.read_t5x_infer_jsonl(args.t5x_infer)
     with open(args.out, "w") as f:
@@ -67,9 +67,9 @@ def run(args) -> int:
 
     import jax
 
-    from doa_jax import checkpoints, partitioning, teacher_outputs, teacher_store
+    from doa_jax import checkpoints, partitioning
+    from doa_jax.distill import store as teacher_store
     from doa_jax.data import cards, jsonl, pools, vocab as vocab_lib
-    from doa_jax.data.encode import encode_texts
     from doa_jax.model import Transformer
 
     vocab = vocab_lib.load_vocab(args.vocab)
@@ -95,14 +95,9 @@ def run(args) -> int:
     shardings = partitioning.param_shardings(mesh, rules, partitioning.logical_param_specs(
         module, *([jax.numpy.zeros((1, 1), jax.numpy.int32)] * 2)))
     params = partitioning.put_params(host_params, shardings)
-    sources = [ex["source"] for ex in examples]
-    settings = {"max_decode_len": max_len, "num_beams": args.num_beams, "topk": args.topk,
-                "inputs_length": inputs_length, "prefix": prefix, "dtype": args.dtype}
-    key = teacher_store.store_key(teacher_store.fingerprint_params(host_params), sources, settings)
-    store = teacher_store.TeacherStore(args.out, key)
-    enc = encode_texts(vocab, sources, inputs_length, prefix)
-    predict = teacher_outputs.make_predict_fn(module, params, max_len, num_beams=args.num_beams, topk=args.topk,
-                                              batch_size=args.batch_size)
+    request = teacher_store.StoreRequest(
+        teacher_store.fingerprint_params(host_params), [ex["source"] for ex in examples], prefix, inputs_length,
+        max_len, num_beams=args.num_beams, topk=args.topk, extra_settings={"dtype": args.dtype})
     start = time.perf_counter()
 
     def progress(done, total, n):
@@ -110,8 +105,10 @@ def run(args) -> int:
         print(f"chunk {done}/{total}: {n} examples, {elapsed:.0f} s", flush=True)
 
     with partitioning.mesh_context(mesh, rules):
-        stats = store.build(sources, enc, predict, vocab.decode, chunk_size=args.chunk_size, settings=settings,
-                            on_chunk=progress)
+        store, _, stats = teacher_store.build_store(args.out, request, vocab, module, params,
+                                                    batch_size=args.batch_size, chunk_size=args.chunk_size,
+                                                    on_chunk=progress)
+    sources = request.sources
     seconds = time.perf_counter() - start
     computed = stats.computed_chunks
     print(f"store {store.dir}: {len(sources)} examples; computed {computed} chunk(s), reused "

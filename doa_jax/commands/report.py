@@ -24,7 +24,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import pathlib
 
-    from doa_jax import report
+    from doa_jax.experiment import report
 
     run_dir = pathlib.Path(args.run_dir)
     if not run_dir.is_dir():

@@ -33,7 +33,9 @@ def format_row(row: dict) -> str:
 
 
 def run(args) -> int:
-    from doa_jax import experiment, gin_utils
+    from doa_jax import configurables, experiment, gin_utils
+
+    configurables.register()
 
     gin_utils.parse_flags(args)
     cell = gin_utils.macro("CELL")

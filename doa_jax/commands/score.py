@@ -19,7 +19,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from doa_jax import metrics
     from doa_jax.data import cards, jsonl
 
     card = cards.load_card(args.task)
@@ -34,8 +33,7 @@ def run(args) -> int:
     options = {}
     if card.metric == "bert_ibleu":
         options = {"scorer_model": args.scorer_model, "num_layers": args.num_layers}
-    result = metrics.compute(
-        card,
+    result = card.score(
         predictions,
         [r["target"] for r in references],
         sources=[r["source"] for r in references],

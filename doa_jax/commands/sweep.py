@@ -36,13 +36,15 @@ def run(args) -> int:
 
     import gin
 
-    from doa_jax import sweep
+    from doa_jax import configurables
+    from doa_jax.experiment import results, sweep
 
+    configurables.register()
     search = [s for s in args.gin_search_paths.split(",") if s]
     points, cells = sweep.load_sweep(args.gin_file, args.gin_bindings, search_paths=search)
     out = pathlib.Path(cells[0].output_dir)
     if args.dry_run:
-        done = {r.get("cell_key") for r in sweep.read_rows(out / "results.jsonl")}
+        done = {r.get("cell_key") for r in results.read_rows(out / results.RESULTS_FILE)}
         print(f"sweep: {len(cells)} cells in {out} ({sum(c.key() in done for c in cells)} already have a row)")
         for i, (p, c) in enumerate(zip(points, cells), 1):
             print(f"  {i:>3}. {'done ' if c.key() in done else 'to run'} {c.key()}  {p.describe()}")

@@ -31,12 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from doa_jax import gin_utils, partitioning
+    from doa_jax import configurables, gin_utils, partitioning
     from doa_jax.cli import UserError
 
     # jax.distributed must start before any other JAX call.
     partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                         auto=args.multihost)
+    configurables.register()
     gin_utils.parse_flags(args)
     try:
         model_config = gin_utils.macro("MODEL_CONFIG")

@@ -19,6 +19,8 @@ import pathlib
 import tomllib
 from typing import Any, Mapping
 
+from doa_jax import metrics
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CARDS_DIR = REPO / "tasks"
 SHARED_DATA = (REPO / ".." / "shared" / "data" / "doa").resolve()
@@ -58,6 +60,11 @@ class Card:
     @property
     def is_classification(self) -> bool:
         return bool(self.labels)
+
+    def score(self, predictions, references, *, sources=None, **options) -> dict:
+        """This task's metric on predictions vs references, in percent (see `doa_jax.metrics`)."""
+        return metrics.compute(self.metric, predictions, references, labels=self.labels,
+                               entity_types=self.entity_types, sources=sources, **options)
 
     def data_dir(self, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
         """The folder holding this task's files (see the module docstring for the search order)."""
@@ -103,8 +110,6 @@ def _get(table: Mapping[str, Any], key: str, kind, where: str, default=dataclass
 
 def parse_card(raw: Mapping[str, Any], path: pathlib.Path) -> Card:
     """Validates a parsed TOML table; errors name the card file and field."""
-    from doa_jax import metrics  # the metric table (pure Python)
-
     where = str(path)
     name = _get(raw, "name", str, where)
     lengths = _get(raw, "lengths", dict, where)

@@ -21,7 +21,6 @@ from typing import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-from doa_jax import metrics as metrics_lib
 from doa_jax.data import cards as cards_lib
 from doa_jax.data import pools as pools_lib
 from doa_jax.data import vocab as vocab_lib
@@ -84,7 +83,7 @@ def _metric_fn(card):
     def metric(targets, predictions):
         refs = [t["target"] if isinstance(t, dict) else t for t in targets]
         sources = [t.get("source") if isinstance(t, dict) else None for t in targets]
-        result = metrics_lib.compute(card, predictions, refs, sources=None if None in sources else sources)
+        result = card.score(predictions, refs, sources=None if None in sources else sources)
         return {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     metric.__name__ = f"{card.name}_{card.metric}"

@@ -21,7 +21,7 @@ import math
 from typing import Callable, Optional
 
 from doa_jax import flops
-from doa_jax.costs import Accelerator
+from doa_jax.experiment.costs import Accelerator
 from doa_jax.model.config import T5Config
 
 STRATEGIES = ("annotate", "distill", "mixed")

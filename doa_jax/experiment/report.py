@@ -20,41 +20,22 @@ import os
 import pathlib
 from typing import Any, Iterable, Optional
 
-from doa_jax.costs import PHASES  # the ledger's phases, in its order
+from doa_jax.data import cards, demo as demo_task
+from doa_jax.experiment import results as results_lib, strategies
+from doa_jax.experiment.costs import PHASES  # the ledger's phases, in its order
 
 PAPER_RESULTS = pathlib.Path(__file__).with_name("paper_results.csv")
-STRATEGIES = ("annotate", "distill", "mixed")
-STRATEGY_LABELS = {"annotate": "Ann.", "distill": "Dist.", "mixed": "Mixed"}
-STRATEGY_COLORS = {"annotate": "tab:blue", "distill": "tab:orange", "mixed": "tab:green"}
-STRATEGY_MARKERS = {"annotate": "o", "distill": "s", "mixed": "^"}
 METRIC_LABELS = {"f1": "F1", "accuracy": "accuracy", "bert_ibleu": "BERT-iBLEU"}
 # The paper's models: its main results distill T5 v1.1 XXL into T5 v1.1 Small.
 PAPER_STUDENT, PAPER_TEACHER = "t5_1_1_small", "t5_1_1_xxl"
 
 
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a results.jsonl; a bad line is an error naming file and line. A torn last line (a
-    run killed while writing it) is skipped."""
-    path = pathlib.Path(path)
-    if not path.exists():
+    """Rows of a results.jsonl (`results.read_rows`: a torn last line is skipped, a bad line is an
+    error naming file and line); a missing file is an error."""
+    if not pathlib.Path(path).exists():
         raise FileNotFoundError(f"no results file at {path}")
-    text = path.read_text()
-    lines = text.splitlines()
-    if lines and not text.endswith("\n"):
-        lines = lines[:-1]
-    rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-        missing = [k for k in ("task", "strategy", "extra_budget_usd", "metric", "value") if k not in row]
-        if missing:
-            raise ValueError(f"{path}:{lineno}: results row lacks {', '.join(missing)}")
-        rows.append(row)
-    return rows
+    return results_lib.read_rows(path)
 
 
 def read_paper_results(path: str | os.PathLike = PAPER_RESULTS) -> list[dict[str, Any]]:
@@ -80,8 +61,6 @@ def model_name(name: Optional[str]) -> str:
 def task_name(task: str) -> str:
     """The task's card name ('demo' is the built-in task; a card path names its card)."""
     if task == "demo":
-        from doa_jax import demo_task
-
         return demo_task.NAME
     return pathlib.Path(task).stem if task.endswith(".toml") else task
 
@@ -89,12 +68,8 @@ def task_name(task: str) -> str:
 @functools.lru_cache(maxsize=None)
 def label_cost_usd(task: str) -> Optional[float]:
     """$ per label from the task's card (None when the card cannot be found)."""
-    from doa_jax import demo_task
-
     if task == demo_task.NAME:
         return demo_task.ANNOTATION_COST_USD
-    from doa_jax.data import cards
-
     try:
         return cards.load_card(task).annotation_cost_usd
     except (FileNotFoundError, ValueError):
@@ -160,12 +135,12 @@ class Cell:
 
     @property
     def as_teacher(self) -> str:
-        return "" if self.strategy == "annotate" else (self.priced_teacher or self.teacher)
+        return (self.priced_teacher or self.teacher) if self.kind.uses_teacher else ""
 
     @property
     def label(self) -> str:
-        name = STRATEGY_LABELS.get(self.strategy, self.strategy)
-        if self.strategy == "mixed" and self.compute_share is not None:
+        name = self.kind.label
+        if self.kind.splits_budget and self.compute_share is not None:
             name += f" ({self.compute_share:.0%} compute)"
         return name
 
@@ -176,15 +151,20 @@ class Cell:
             return f"{short} as {priced.replace('t5_1_1_', '')}" if priced and priced != actual else short
 
         student = one(self.student, self.priced_student)
-        return student if self.strategy == "annotate" else f"{one(self.teacher, self.priced_teacher)} ⇒ {student}"
+        return f"{one(self.teacher, self.priced_teacher)} ⇒ {student}" if self.kind.uses_teacher else student
+
+    @property
+    def kind(self) -> strategies.Strategy:
+        return strategies.get(self.strategy)
 
 
 def _group_key(r: dict[str, Any]) -> tuple:
     priced = r.get("priced_as") or {}
-    distills = r["strategy"] != "annotate"
+    kind = strategies.get(r["strategy"])
+    distills = kind.uses_teacher
     return (task_name(r["task"]), int(r.get("start_labels", 0)), float(r["extra_budget_usd"]), r["strategy"],
             model_name(r.get("student", "")), model_name(r.get("teacher", "")) if distills else "",
-            float(r["compute_share"]) if r["strategy"] == "mixed" and r.get("compute_share") is not None else None,
+            float(r["compute_share"]) if kind.splits_budget and r.get("compute_share") is not None else None,
             model_name(priced.get("student")), model_name(priced.get("teacher")) if distills else "")
 
 
@@ -193,7 +173,7 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
     for r in rows:
         groups[_group_key(r)].append(r)
     cells = []
-    order = {s: i for i, s in enumerate(STRATEGIES)}
+    order = {s: i for i, s in enumerate(strategies.NAMES)}
     for key, members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], order.get(kv[0][3], 9),
                                                                kv[0][4:6], kv[0][6] or 0.0, kv[0][7:])):
         task, start, extra, strategy, student, teacher, share, p_student, p_teacher = key
@@ -217,7 +197,7 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
 def paper_match(paper: list[dict], cell: Cell) -> Optional[dict]:
     """The paper's row for a cell: its main results (T5 v1.1 XXL ⇒ Small) by extra budget, else its
     student- or teacher-size tables by total budget (start labels' cost + extra)."""
-    if cell.strategy not in ("annotate", "distill"):
+    if not cell.kind.in_paper:
         return None
     student, teacher = cell.as_student, cell.as_teacher
     start_usd = cell.start_usd
@@ -282,12 +262,12 @@ def winners(cells: list[Cell], paper: list[dict]) -> list[dict[str, Any]]:
     out = []
     by = collections.defaultdict(dict)
     for c in cells:
-        if c.strategy in ("annotate", "distill"):
+        if c.kind.in_paper:
             by[(c.task, c.start_labels, c.extra_budget_usd)].setdefault(c.strategy, c)
     for (task, start, extra), pair in sorted(by.items()):
         if len(pair) < 2:
             continue
-        ann, dist = pair["annotate"], pair["distill"]
+        ann, dist = (pair[name] for name in strategies.PAPER)
         row = {"task": task, "start_labels": start, "extra_budget_usd": extra, "mine": None, "paper": None}
         if ann.values and dist.values:
             row["mine"] = dist.mean - ann.mean
@@ -402,27 +382,29 @@ def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper:
     fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
     ys: list[float] = []
     for si, start in enumerate(starts):
-        for strategy in STRATEGIES:
+        for strategy in strategies.NAMES:
+            kind = strategies.TABLE[strategy]
             group = sorted((c for c in mine if c.strategy == strategy and c.start_labels == start), key=x_of)
             if not group:
                 continue
-            label = STRATEGY_LABELS[strategy] + (f" {_start_short(start)}" if len(starts) > 1 else "")
+            label = kind.label + (f" {_start_short(start)}" if len(starts) > 1 else "")
             ax.errorbar([x_of(c) for c in group], [c.mean for c in group], yerr=[c.std for c in group],
-                        marker=STRATEGY_MARKERS[strategy], color=STRATEGY_COLORS[strategy], capsize=3,
+                        marker=kind.marker, color=kind.color, capsize=3,
                         ls=linestyles[si % len(linestyles)], label=f"{label} (this run)")
             ys += [c.mean + c.std for c in group] + [c.mean - c.std for c in group]
     if paper and with_start:
         rate = label_cost_usd(task)
-        for strategy in ("annotate", "distill"):
+        for strategy in strategies.PAPER:
+            kind = strategies.TABLE[strategy]
             labelled = False
             for start in starts:
                 pts = sorted((start * rate + p["extra_budget_usd"], p["value"]) for p in paper
                              if p["table"] == "main" and p["task"] == task and p["strategy"] == strategy
                              and p["start_labels"] == start)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=STRATEGY_MARKERS[strategy], ls=":",
-                            mfc="none", color=STRATEGY_COLORS[strategy], alpha=0.8,
-                            label=None if labelled else f"{STRATEGY_LABELS[strategy]} (paper, at its budget)")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=kind.marker, ls=":",
+                            mfc="none", color=kind.color, alpha=0.8,
+                            label=None if labelled else f"{kind.label} (paper, at its budget)")
                     labelled = True
                     ys += [p[1] for p in pts]
     frontier = pareto_frontier([(x_of(c), c.mean) for c in mine])
@@ -451,8 +433,8 @@ def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: path
     mine = [c for c in cells if c.task == task]
     starts = sorted({c.start_labels for c in mine if c.values}) or sorted({c.start_labels for c in mine})
     with_paper = any(paper_value(paper, c) is not None for c in mine)
-    series = [(s, is_paper) for s in STRATEGIES for is_paper in (False, True)
-              if any(c.strategy == s for c in mine) and (not is_paper or (with_paper and s != "mixed"))]
+    series = [(s, is_paper) for s in strategies.NAMES for is_paper in (False, True)
+              if any(c.strategy == s for c in mine) and (not is_paper or (with_paper and strategies.TABLE[s].in_paper))]
     fig, axes = plt.subplots(1, len(starts), figsize=(max(6.4, 4.2 * len(starts) + 1.6), 4.8), dpi=120,
                              squeeze=False, sharey=True)
     width = 0.8 / max(len(series), 1)
@@ -471,14 +453,14 @@ def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: path
                     if not is_paper:
                         ax.text(x, 0.5, "infeasible", rotation=90, ha="center", va="bottom", fontsize=7)
                     continue
-                bar = ax.bar(x, value, width, color=STRATEGY_COLORS[strategy], alpha=0.4 if is_paper else 0.9,
+                bar = ax.bar(x, value, width, color=strategies.TABLE[strategy].color, alpha=0.4 if is_paper else 0.9,
                              hatch="//" if is_paper else None, edgecolor="0.25" if is_paper else None,
                              yerr=None if is_paper or len(cell.values) < 2 else cell.std, capsize=2)
                 ax.annotate(f"{value:.1f}", (x, value + (0 if is_paper else cell.std)), xytext=(0, 2),
                             textcoords="offset points", ha="center", va="bottom", fontsize=7)
                 top = max(top, value + (0 if is_paper else cell.std))
                 source = "paper" if is_paper else "this run"
-                handles[(strategy, is_paper)] = (bar, f"{STRATEGY_LABELS[strategy]} ({source})")
+                handles[(strategy, is_paper)] = (bar, f"{strategies.TABLE[strategy].label} ({source})")
         ax.set_xticks(range(len(budgets)), [f"+${b:g}" for b in budgets])
         ax.set_xlabel("extra budget (USD)")
         ax.set_title(_start_text(task, start), fontsize=10)
@@ -498,7 +480,7 @@ def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: path
 
 def sweep_progress(run_dir: pathlib.Path, rows: list[dict]) -> Optional[tuple[int, int]]:
     """(cells with a row, cells in the grid) when RUN_DIR holds a sweep's sweep.json."""
-    state = run_dir / "sweep.json"
+    state = run_dir / results_lib.SWEEP_STATE_FILE
     if not state.exists():
         return None
     try:
@@ -512,9 +494,9 @@ def sweep_progress(run_dir: pathlib.Path, rows: list[dict]) -> Optional[tuple[in
 def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike] = None) -> pathlib.Path:
     """Writes RUN_DIR/report.md and RUN_DIR/plots/*.png from RUN_DIR/results.jsonl; returns report.md."""
     run_dir = pathlib.Path(run_dir)
-    rows = read_results(results or run_dir / "results.jsonl")
+    rows = read_results(results or run_dir / results_lib.RESULTS_FILE)
     if not rows:
-        raise ValueError(f"{results or run_dir / 'results.jsonl'} has no result rows")
+        raise ValueError(f"{results or run_dir / results_lib.RESULTS_FILE} has no result rows")
     cells, paper = summarise(rows), read_paper_results()
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)

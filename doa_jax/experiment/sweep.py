@@ -22,6 +22,14 @@ import pathlib
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
+import gin
+
+from doa_jax import gin_utils
+from doa_jax.data import cards, vocab as vocab_lib
+from doa_jax.experiment import costs, report, strategies
+from doa_jax.experiment import results as results_lib
+from doa_jax.experiment.cell import run_cell
+
 # Grid axis -> the gin macro that sets it (a sweep file sets these) and the cell macro it binds.
 AXES = (
     ("tasks", "GRID_TASKS", "TASK"),
@@ -31,7 +39,8 @@ AXES = (
     ("seeds", "GRID_SEEDS", "SEED"),
 )
 GRID_MACRO = {field: grid for field, grid, _ in AXES}
-STATE_FILE = "sweep.json"
+STATE_FILE = results_lib.SWEEP_STATE_FILE
+PAPER_STRATEGIES = strategies.PAPER   # the default grid: the paper's Ann. vs Dist.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +80,7 @@ class Grid:
     tasks: Sequence[str]
     start_labels: Sequence[int]
     budgets_usd: Union[Sequence[float], Mapping[str, Sequence[float]]]
-    strategies: Sequence[str] = ("annotate", "distill")
+    strategies: Sequence[str] = PAPER_STRATEGIES
     seeds: Sequence[int] = (0,)
 
     def budgets_for(self, task: str) -> list[float]:
@@ -84,8 +93,6 @@ class Grid:
 
     def validate(self) -> None:
         """Raises ValueError naming the macro and value of the first bad axis (before any compute)."""
-        from doa_jax import planner
-
         axes = {f: _as_list(getattr(self, f), GRID_MACRO[f]) for f in ("tasks", "start_labels", "strategies", "seeds")}
         for field, values in axes.items():
             if not values:
@@ -97,9 +104,8 @@ class Grid:
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ValueError(f"GRID_START_LABELS: start labels must be whole numbers >= 0, got {n!r}")
         for s in axes["strategies"]:
-            if s not in planner.STRATEGIES:
-                raise ValueError(f"GRID_STRATEGIES: unknown strategy {s!r}; strategies: "
-                                 f"{', '.join(planner.STRATEGIES)}")
+            if s not in strategies.TABLE:
+                raise ValueError(f"GRID_STRATEGIES: unknown strategy {s!r}; strategies: {', '.join(strategies.NAMES)}")
         for seed in axes["seeds"]:
             if not isinstance(seed, int) or isinstance(seed, bool):
                 raise ValueError(f"GRID_SEEDS: a seed is a whole number, got {seed!r}")
@@ -144,8 +150,6 @@ def check_task(task: str) -> None:
     """A task is 'demo' or a card name/path; an unknown one is an error listing the known tasks."""
     if task == "demo":
         return
-    from doa_jax.data import cards
-
     try:
         cards.load_card(task)
     except FileNotFoundError as e:
@@ -155,10 +159,6 @@ def check_task(task: str) -> None:
 def cells_from_gin(points: Iterable[Point], cell_macro: str = "CELL") -> list:
     """Builds each point's CellConfig from the parsed (not finalized) gin config, by binding the
     point's macros and building `cell_macro`, as `doa run` would with those macros set."""
-    import gin
-
-    from doa_jax import gin_utils
-
     points = list(points)
     names = list(points[0].macros()) if points else []
     before = {name: gin_utils.macro(name, None) for name in names}
@@ -175,8 +175,6 @@ def cells_from_gin(points: Iterable[Point], cell_macro: str = "CELL") -> list:
 def check_cells(cells: Sequence) -> None:
     """Everything that can be checked before compute: one output dir, tasks, accelerators, data
     files, and that each vocabulary fits its models."""
-    from doa_jax import costs
-
     if not cells:
         raise ValueError("the sweep's grid is empty")
     dirs = {c.output_dir for c in cells}
@@ -185,7 +183,7 @@ def check_cells(cells: Sequence) -> None:
                          f"a sweep has one")
     cards_ = costs.load_rate_cards()
     for c in cells:
-        for macro, key in (("ACCELERATOR", c.accelerator), ("MEASURED_ON", c.measured_on)):
+        for macro, key in (("ACCELERATOR", c.pricing.accelerator), ("MEASURED_ON", c.pricing.measured_on)):
             try:
                 costs.get_accelerator(key, cards_)
             except ValueError as e:
@@ -197,8 +195,6 @@ def check_cells(cells: Sequence) -> None:
         checked.add(c.task)
         check_task(c.task)
         if c.task != "demo":
-            from doa_jax.data import cards
-
             card = cards.load_card(c.task)
             for key in card.files:
                 card.file_path(key)          # a missing data file is named now, not mid-sweep
@@ -208,12 +204,10 @@ def check_cells(cells: Sequence) -> None:
     for c in cells:
         if c.vocab is None:
             continue
-        roles = [("student", c.student)] + ([("teacher", c.teacher)] if c.strategy != "annotate" else [])
+        roles = [("student", c.student)] + ([("teacher", c.teacher)] if c.kind.uses_teacher else [])
         for role, model in roles:
             if (c.vocab, model.vocab_size) in fits:
                 continue
-            from doa_jax.data import vocab as vocab_lib
-
             try:
                 vocab = vocab_lib.load_vocab(c.vocab)
             except (ValueError, OSError) as e:
@@ -229,8 +223,6 @@ def check_cells(cells: Sequence) -> None:
 def load_sweep(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = (),
                grid_macro: str = "GRID") -> tuple[list[Point], list]:
     """Parses a sweep's gin files and returns (points, cells), all checked before any compute."""
-    from doa_jax import gin_utils
-
     gin_utils.parse(gin_files, bindings, search_paths=search_paths, finalize=False)
     grid = gin_utils.macro(grid_macro)
     if not isinstance(grid, Grid):
@@ -244,29 +236,6 @@ def load_sweep(gin_files: Sequence[str], bindings: Sequence[str] = (), search_pa
 
 
 # ----------------------------------------------------------------------------- running
-
-def read_rows(path: pathlib.Path, repair: bool = False) -> list[dict[str, Any]]:
-    """Rows of a results.jsonl, without a torn last line (a kill mid-write). With `repair` (only
-    while holding the sweep's lock) the torn line is cut off the file, so that its cell reruns and
-    the next row starts on a line of its own."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(cut)
-        data = data[:cut]
-    rows = []
-    for lineno, line in enumerate(data.decode().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-    return rows
-
 
 def _fmt_seconds(s: Optional[float]) -> str:
     if s is None or not math.isfinite(s):
@@ -312,10 +281,9 @@ def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Call
               write_report: bool = True, log: Optional[Callable[[str], None]] = None) -> SweepResult:
     """Runs the cells without a row in OUTPUT_DIR/results.jsonl, in order; returns every cell's row.
 
-    `runner` (default `experiment.run_cell`) runs one cell and appends its row to results.jsonl.
+    `runner` (default `run_cell`) runs one cell and appends its row to results.jsonl.
     """
-    if runner is None:
-        from doa_jax.experiment import run_cell as runner
+    runner = runner or run_cell
     if log is None:
         log = functools.partial(print, flush=True)
     if not cells or len(cells) != len(points):
@@ -329,7 +297,7 @@ def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Call
         keys = [c.key() for c in cells]
         (out / STATE_FILE).write_text(json.dumps({"cells": [dict(dataclasses.asdict(p), cell_key=k)
                                                             for p, k in zip(points, keys)]}, indent=1) + "\n")
-        done = {r.get("cell_key"): r for r in read_rows(results, repair=True)}
+        done = {r.get("cell_key"): r for r in results_lib.read_rows(results, repair=True)}
         todo = [k for k in keys if k not in done]
         n = len(cells)
         log(f"sweep: {n} cells in {out}: {n - len(todo)} already finished, {len(todo)} to run")
@@ -359,8 +327,6 @@ def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Call
         log(summary_table(points, rows))
         report_path = None
         if write_report:
-            from doa_jax import report
-
             report_path = report.write_report(out)
             log(f"report: {report_path}")
     return SweepResult(rows, ran, n - len(todo), report_path)
@@ -378,5 +344,5 @@ def summary_table(points: Sequence[Point], rows: Sequence[Mapping[str, Any]]) ->
     return "\n".join(lines)
 
 
-__all__ = ["AXES", "Grid", "Point", "SweepResult", "cells_from_gin", "check_cells", "load_sweep", "read_rows",
+__all__ = ["AXES", "Grid", "Point", "SweepResult", "cells_from_gin", "check_cells", "load_sweep",
            "run_sweep", "summary_table"]

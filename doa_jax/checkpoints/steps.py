@@ -18,13 +18,9 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
-NATIVE_FORMAT = {"format": "doa_jax", "format_version": 1, "layout": "unscanned"}
-ITEMS = ("params", "config", "opt_state", "trainer_state")
+from doa_jax.checkpoints.native import CONFIG_ITEM, FORMAT as NATIVE_FORMAT, PARAMS_ITEM, model_items
 
-
-def config_item(model_config) -> dict[str, Any]:
-    """The `config` item: the model config plus the native-format markers."""
-    return {**model_config.to_dict(), **NATIVE_FORMAT}
+ITEMS = (PARAMS_ITEM, CONFIG_ITEM, "opt_state", "trainer_state")
 
 
 class TrainCheckpoints:
@@ -50,9 +46,7 @@ class TrainCheckpoints:
     def save(self, step: int, *, params: Any, model_config, trainer_state: dict[str, Any],
              opt_state: Any = None) -> None:
         """Starts saving `step` (returns once arrays are copied off the devices)."""
-        items = dict(params=ocp.args.StandardSave(params),
-                     config=ocp.args.JsonSave(config_item(model_config)),
-                     trainer_state=ocp.args.JsonSave(trainer_state))
+        items = dict(model_items(model_config, params), trainer_state=ocp.args.JsonSave(trainer_state))
         if self.with_optimizer:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -126,5 +120,5 @@ def restore_step_directory(path: str | pathlib.Path, *, abstract_params: Any, ab
             dict(out["trainer_state"]) if "trainer_state" in items else {}, dict(out["config"]))
 
 
-__all__ = ["ITEMS", "NATIVE_FORMAT", "TrainCheckpoints", "config_item", "has_checkpoint",
+__all__ = ["ITEMS", "NATIVE_FORMAT", "TrainCheckpoints", "has_checkpoint",
            "restore_step_directory", "step_directory"]

@@ -194,7 +194,6 @@ class TaskData:
 
     def decode_metrics(self) -> Callable[[np.ndarray, Any], dict[str, float]]:
         """The card's task metrics (`doa_jax.metrics`, percent) on detokenized greedy decodes."""
-        from doa_jax import metrics as metrics_lib
         from doa_jax.data import cards, vocab as vocab_lib
 
         card = cards.load_card(self.task)
@@ -207,7 +206,7 @@ class TaskData:
             refs = [vocab.decode(t) for t in targets[keep]]
             hyps = [vocab.decode(p) for p in predictions[: len(targets)][keep]]
             sources = [_strip_prefix(vocab.decode(x), card.input_prefix) for x in inputs[keep]]
-            result = metrics_lib.compute(card, hyps, refs, sources=sources)
+            result = card.score(hyps, refs, sources=sources)
             return {k: float(v) for k, v in result.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
 

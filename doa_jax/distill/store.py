@@ -18,7 +18,12 @@ import os
 import pathlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
+
+from doa_jax.data.encode import encode_texts
+from doa_jax.distill import outputs as teacher_outputs
+from doa_jax.model import Transformer
 
 FORMAT_VERSION = 1
 ARRAYS = ("tokens", "lengths", "sequence_logprob", "topk_values", "topk_ids")
@@ -32,8 +37,6 @@ PredictFn = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 def fingerprint_params(params: Any) -> str:
     """A cheap, content-based digest of a parameter tree: every leaf's path, shape, dtype and a
     strided sample of its values (hashing all of an 11B model would take minutes)."""
-    import jax
-
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         arr = np.asarray(leaf)
@@ -156,6 +159,44 @@ class TeacherStore:
         padded = {name: np.concatenate([_pad_time(a, width) for a in arrays[name]]) if name in
                   ("tokens", "topk_values", "topk_ids") else np.concatenate(arrays[name]) for name in ARRAYS}
         return TeacherOutputs(sources, predictions, **padded)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreRequest:
+    """What a store holds: a teacher (module, params and their fingerprint) over inputs, decoded so."""
+
+    teacher: str            # fingerprint of the teacher's weights (or of its fine-tuning recipe)
+    sources: Sequence[str]  # raw inputs; `prefix` is added when encoding
+    prefix: str
+    inputs_length: int
+    max_decode_len: int
+    num_beams: int = 1
+    topk: int = 8
+    extra_settings: Optional[Mapping[str, Any]] = None  # anything else that changes the outputs
+
+    def settings(self) -> dict[str, Any]:
+        return {"max_decode_len": self.max_decode_len, "num_beams": self.num_beams, "topk": self.topk,
+                "inputs_length": self.inputs_length, "prefix": self.prefix, **dict(self.extra_settings or {})}
+
+
+def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: Transformer, params: Any, *,
+                batch_size: int = 64, chunk_size: int = 256,
+                on_chunk: Optional[Callable[[int, int, int], None]] = None) -> tuple[TeacherStore, np.ndarray, BuildStats]:
+    """The store for `request` under `root`: built (or finished) now, reused when already complete.
+
+    Returns the store, the encoded inputs and what was computed; `doa predict` and the experiment
+    cell both come through here, so one key means the same outputs whoever wrote them.
+    """
+    settings = request.settings()
+    store = TeacherStore(root, store_key(request.teacher, request.sources, settings))
+    enc = encode_texts(vocab, list(request.sources), request.inputs_length, request.prefix)
+    if store.is_complete():
+        return store, enc, BuildStats(0, json.loads(store.manifest_path.read_text())["num_chunks"], store.dir)
+    predict = teacher_outputs.make_predict_fn(module, params, request.max_decode_len, num_beams=request.num_beams,
+                                              topk=request.topk, batch_size=batch_size)
+    stats = store.build(list(request.sources), enc, predict, vocab.decode, chunk_size=chunk_size, settings=settings,
+                        on_chunk=on_chunk)
+    return store, enc, stats
 
 
 def _pad_time(a: np.ndarray, width: int) -> np.ndarray:

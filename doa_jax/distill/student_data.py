@@ -1,0 +1,77 @@
+"""The student's training data in a distillation cell: pseudo-labels from the teacher's outputs.
+
+    stored outputs ──► confident rows ──► arrays (teacher tokens as targets, their top-k logits as
+    soft targets) ──► [mixed: + gold rows, with the teacher's logits on the gold targets]
+    online: every batch is run through the teacher for its full-vocabulary logits (the paper's code)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+
+from doa_jax.data.encode import shift_right
+from doa_jax.distill import outputs as teacher_outputs
+from doa_jax.distill.store import TeacherOutputs
+from doa_jax.model import Transformer
+
+
+def teacher_confidence(outputs: TeacherOutputs) -> np.ndarray:
+    """Per example, the teacher's mean token probability on its own output: exp(log p(y) / |y|)."""
+    return np.exp(outputs.sequence_logprob / np.maximum(outputs.lengths, 1))
+
+
+def confident_rows(outputs: TeacherOutputs, min_confidence: float) -> np.ndarray:
+    """Indices of pseudo-labels whose teacher confidence is at least `min_confidence` (0 keeps all)."""
+    if not 0.0 <= min_confidence < 1.0:
+        raise ValueError(f"MIN_TEACHER_CONFIDENCE must be in [0, 1), got {min_confidence}")
+    return np.flatnonzero(teacher_confidence(outputs) >= min_confidence)
+
+
+def from_store(outputs: TeacherOutputs, enc: np.ndarray, targets_length: int,
+               keep: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Student arrays: teacher tokens as targets, their top-k logits as soft targets (rows `keep`)."""
+    if keep is not None:
+        outputs = dataclasses.replace(outputs, tokens=outputs.tokens[keep], topk_values=outputs.topk_values[keep],
+                                      topk_ids=outputs.topk_ids[keep])
+        enc = enc[keep]
+
+    t = min(targets_length, outputs.tokens.shape[1])
+    tokens = np.zeros((len(enc), targets_length), np.int32)
+    tokens[:, :t] = outputs.tokens[:, :t]
+    k = outputs.topk_values.shape[-1]
+    values = np.zeros((len(enc), targets_length, k), np.float32)
+    ids = np.zeros((len(enc), targets_length, k), np.int32)
+    values[:, :t], ids[:, :t] = outputs.topk_values[:, :t], outputs.topk_ids[:, :t]
+    return {"encoder_input_tokens": enc, "decoder_target_tokens": tokens, "decoder_input_tokens": shift_right(tokens),
+            "decoder_loss_weights": (tokens > 0).astype(np.float32), "teacher_topk_values": values,
+            "teacher_topk_ids": ids}
+
+
+def with_gold_rows(arrays: Mapping[str, np.ndarray], gold: dict[str, np.ndarray], teacher: Transformer, params: Any,
+                   topk: int) -> dict[str, np.ndarray]:
+    """Mixed strategy: gold rows join the pseudo-labeled rows, with the teacher's top-k logits on the
+    gold targets (teacher-forced), so `kd_weight` mixes KD and gold cross-entropy."""
+    values, ids = teacher_outputs.score_targets(teacher, params, gold["encoder_input_tokens"],
+                                                gold["decoder_target_tokens"], topk)
+    gold = dict(gold, teacher_topk_values=values, teacher_topk_ids=ids)
+    return {k: np.concatenate([arrays[k], gold[k]]) for k in arrays}
+
+
+class OnlineTeacherBatches:
+    """A batch source that runs the teacher on every batch for its full soft targets (the paper's code)."""
+
+    def __init__(self, source, module: Transformer, params: Any):
+        self.source, self.batch_size, self.steps_per_epoch = source, source.batch_size, source.steps_per_epoch
+        self._logits = jax.jit(lambda p, e, d: module.apply({"params": p}, e, d))
+        self.params = params
+        self._ids = None
+
+    def iterate(self, start: int = 0):
+        for batch in self.source.iterate(start):
+            logits = np.asarray(self._logits(self.params, batch["encoder_input_tokens"], batch["decoder_input_tokens"]))
+            if self._ids is None or self._ids.shape != logits.shape:
+                self._ids = np.broadcast_to(np.arange(logits.shape[-1], dtype=np.int32), logits.shape)
+            yield dict(batch, teacher_topk_values=logits, teacher_topk_ids=self._ids)

@@ -1,0 +1,189 @@
+"""One budget cell of the paper's experiment, as a short sequence of phases.
+
+    task + start labels + extra budget + strategy ──► plan (labels to buy, unlabeled inputs to use)
+    annotate: student fine-tuned on the first start+N labels of the labeled pool
+    distill:  teacher fine-tuned on the start labels (shared across cells) ──► teacher store over
+              the first U unlabeled inputs (shared) ──► student trained on the teacher's outputs
+    mixed:    part of the budget buys labels, the rest distills; gold rows mix into the student's data
+    every phase ──► ledger (measured seconds and projected dollars) ──► one results row
+
+The budget is a hard cap: each training phase asks the ledger before every step and stops at the
+step boundary where the next step would cross it; the student is then evaluated as it is and the
+row says `capped`. A cell that cannot run (too small a budget, an empty unlabeled pool, teacher and
+student vocabularies that differ) yields a row with `status: infeasible` and the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from doa_jax.data.encode import encode_examples
+from doa_jax.distill import student_data
+from doa_jax.experiment import costs, phases, planner, results
+from doa_jax.experiment.config import CellConfig
+from doa_jax.experiment.phases import say
+from doa_jax.model import T5Config, Transformer
+from doa_jax.model.config import SIZES
+
+
+@dataclasses.dataclass
+class StudentData:
+    """What the student trains on, and what that costs per step beyond its own FLOPs."""
+
+    arrays: dict[str, np.ndarray]
+    epochs: float
+    kd: bool
+    source_wrapper: Optional[Callable] = None
+    extra_step_flops: float = 0.0
+    unlabeled_used: int = 0
+    pseudo_labels_kept: int = 0
+
+
+def run_cell(cfg: CellConfig) -> dict[str, Any]:
+    """Runs one cell and returns its results row (also appended to OUTPUT_DIR/results.jsonl).
+
+    Idempotent: a cell whose key already has a row there is not run again (its row is returned).
+    A cell killed part-way resumes its phases (teacher, store chunks, student) on the next run.
+    """
+    out = pathlib.Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / results.RESULTS_FILE
+    rows = results.read_rows(path)
+    done = {r["cell_key"]: r for r in rows if "cell_key" in r}.get(cfg.key())
+    if done is not None:
+        say(cfg, f"already in {path} (cell {cfg.key()}); not run again")
+        return done
+    _warn_stale(path, rows)
+    started = time.perf_counter()
+    row = _run(cfg)
+    row.wall_seconds = round(time.perf_counter() - started, 2)
+    results.append_row(path, row)
+    return row.to_json()
+
+
+def _warn_stale(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+    stale = results.stale_rows(rows)
+    if stale:
+        print(f"note: {path} has {len(stale)} row(s) keyed by an older doa-jax (key version "
+              f"{stale[0].get('key_version', 1)}, now {results.KEY_VERSION}: the cell config became composed "
+              f"of TrainConfig/DistillConfig/PricingConfig); those cells run again under new keys",
+              file=sys.stderr)
+
+
+def _run(cfg: CellConfig) -> results.ResultRow:
+    setup = phases.load_task(cfg)
+    reason = phases.unfit_reason(cfg, setup)
+    if reason:
+        return _row(cfg, setup, status="infeasible", reason=reason)
+    ledger = costs.Ledger(pathlib.Path(cfg.output_dir) / "cells" / cfg.key() / "ledger.jsonl",
+                          measured_on=costs.get_accelerator(cfg.pricing.measured_on),
+                          project_to=costs.get_accelerator(cfg.pricing.accelerator), mfu=cfg.pricing.mfu)
+    plan = _plan(cfg, setup)
+    planned = {k: v for k, v in plan.as_row().items() if k.endswith(("_usd", "_used")) or k == "labels_bought"}
+    if not plan.feasible:
+        return _row(cfg, setup, status="infeasible", reason=plan.reason, plan=planned)
+    say(cfg, f"plan: buy {plan.labels_bought} labels, use {plan.unlabeled_used} unlabeled inputs "
+             f"(projected ${plan.total_usd:.2f} of ${cfg.extra_budget_usd:g})")
+    budget = phases.Budget(ledger, cfg.extra_budget_usd)
+    labels = setup.pools.annotate(cfg.start_labels + plan.labels_bought)
+    if plan.labels_bought:
+        ledger.add_labels(f"labels:{cfg.start_labels}+{plan.labels_bought}", plan.labels_bought,
+                          setup.card.annotation_cost_usd)
+    try:
+        data = _student_data(cfg, setup, plan, labels, ledger, budget)
+    except phases.BudgetExhausted as e:
+        return _row(cfg, setup, status="infeasible", reason=str(e))
+    if isinstance(data, str):
+        return _row(cfg, setup, status="infeasible", reason=data)
+    return _train_and_evaluate(cfg, setup, data, ledger, budget, planned, labels, plan)
+
+
+def _plan(cfg: CellConfig, setup: phases.TaskSetup) -> planner.Plan:
+    pools = setup.pools
+    unlabeled = len(pools.unlabeled) if cfg.distill.max_unlabeled is None else min(cfg.distill.max_unlabeled,
+                                                                                   len(pools.unlabeled))
+    price_teacher, price_student = cfg.pricing_models()
+    return planner.Planner(costs.get_accelerator(cfg.pricing.accelerator), price_student, price_teacher,
+                           setup.card.annotation_cost_usd, cfg.recipe(setup.lengths)).plan(
+        cfg.strategy, cfg.start_labels, cfg.extra_budget_usd, unlabeled_available=unlabeled,
+        labels_available=len(pools.train), compute_share=cfg.compute_share)
+
+
+def _student_data(cfg: CellConfig, setup: phases.TaskSetup, plan: planner.Plan, labels: list,
+                  ledger: costs.Ledger, budget: phases.Budget) -> StudentData | str:
+    """The student's training data for the cell's strategy, or why there is none."""
+    if not cfg.kind.uses_teacher:
+        return StudentData(encode_examples(setup.card, setup.vocab, labels, setup.lengths), cfg.epochs.student,
+                           kd=False)
+    teacher_key, teacher_params = phases.fine_tune_teacher(cfg, setup, labels, ledger, budget)
+    unlabeled = setup.pools.unlabeled[: plan.unlabeled_used]
+    outputs, enc = phases.teacher_outputs(cfg, setup, teacher_key, teacher_params, unlabeled, ledger)
+    keep = student_data.confident_rows(outputs, cfg.distill.min_teacher_confidence)
+    if len(keep) == 0:
+        return (f"no pseudo-label reaches MIN_TEACHER_CONFIDENCE {cfg.distill.min_teacher_confidence} "
+                f"(best: {student_data.teacher_confidence(outputs).max():.3f})")
+    arrays = student_data.from_store(outputs, enc, setup.lengths["targets"], keep)
+    if cfg.kind.mixes_gold:
+        gold = encode_examples(setup.card, setup.vocab, labels, setup.lengths)
+        arrays = student_data.with_gold_rows(arrays, gold, Transformer(cfg.teacher), teacher_params, cfg.distill.topk)
+    wrapper, extra = phases.online_teacher(cfg, teacher_params, setup.lengths)
+    return StudentData(arrays, cfg.epochs.distill, kd=True, source_wrapper=wrapper, extra_step_flops=extra,
+                       unlabeled_used=len(unlabeled), pseudo_labels_kept=len(keep))
+
+
+def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, ledger: costs.Ledger,
+                        budget: phases.Budget, planned: dict, labels: list, plan: planner.Plan) -> results.ResultRow:
+    cell_dir = pathlib.Path(cfg.output_dir) / "cells" / cfg.key()
+    price_student = cfg.pricing_models()[1]
+    step_flops, step_usd = phases.step_cost(cfg, ledger, price_student, setup.lengths, data.extra_step_flops)
+    say(cfg, f"training the student on {len(data.arrays['encoder_input_tokens'])} examples ({data.epochs:g} epochs)")
+    result, seconds = phases.train(cfg, cfg.student, data.arrays, cell_dir / "student", epochs=data.epochs,
+                                   initial_checkpoint=cfg.student_checkpoint, kd=data.kd,
+                                   source_wrapper=data.source_wrapper, step_allowed=budget.step_allowed(step_usd))
+    ledger.add_compute(f"student_training:{cfg.key()}:{result.step}", "student_training", seconds,
+                       result.step * step_flops)
+    test = setup.pools.test[: cfg.max_eval_examples] if cfg.max_eval_examples else setup.pools.test
+    start = time.perf_counter()
+    evaluation = phases.evaluate(cfg.student, result.state.params, setup, test, pricing=price_student)
+    ledger.add_compute(f"evaluation:{cfg.key()}:{result.step}", "evaluation", time.perf_counter() - start,
+                       evaluation["flops"])
+    (cell_dir / "predictions.jsonl").write_text("".join(
+        json.dumps({"prediction": p}) + "\n" for p in evaluation["predictions"]))
+    by_phase = ledger.by_phase()
+    values = {k: v for k, v in evaluation["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    capped = result.stopped_by_budget
+    return _row(cfg, setup, status="capped" if capped else "ok",
+                reason=f"budget reached at student step {result.step}" if capped else "",
+                value=values.get(setup.card.primary_metric), metrics=values,
+                spent_usd={p: by_phase[p] for p in costs.PHASES}, spent_total_usd=budget.spent(),
+                measured_usd=ledger.measured_total(), labels_used=len(labels), labels_bought=plan.labels_bought,
+                unlabeled_used=data.unlabeled_used, pseudo_labels_kept=data.pseudo_labels_kept,
+                student_steps=result.step, plan=planned, test_examples=len(test), output=str(cell_dir))
+
+
+def _row(cfg: CellConfig, setup: Optional[phases.TaskSetup], **fields: Any) -> results.ResultRow:
+    p = cfg.pricing
+    return results.ResultRow(
+        cell_key=cfg.key(), task=setup.card.name if setup else cfg.task, strategy=cfg.strategy,
+        start_labels=cfg.start_labels, extra_budget_usd=cfg.extra_budget_usd, seed=cfg.seed,
+        student=size_name(cfg.student), teacher=size_name(cfg.teacher),
+        metric=setup.card.primary_metric if setup else None,
+        compute_share=cfg.compute_share if cfg.kind.splits_budget else None,
+        priced_as={"teacher": p.teacher_as, "student": p.student_as} if (p.teacher_as or p.student_as) else None,
+        accelerator=p.accelerator, mfu=p.mfu, **fields)
+
+
+def size_name(c: T5Config) -> str:
+    """The size name (a key of `SIZES`) whose architecture `c` has, else a short description."""
+    shape = ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers", "num_decoder_layers",
+             "mlp_activations", "logits_via_embedding")
+    for name, fields in SIZES.items():
+        if all(getattr(c, k) == fields[k] for k in shape):
+            return name
+    return f"custom(d={c.emb_dim},L={c.num_encoder_layers}+{c.num_decoder_layers})"

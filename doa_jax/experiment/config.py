@@ -1,0 +1,143 @@
+"""One cell's configuration, composed of the pieces that run it (gin: `gin/runs/experiment.gin`).
+
+A cell is a task, the labels already bought, an extra budget and a strategy. How it trains is the
+trainer's own `TrainConfig` (optimizer, loss, batch size, seed, logging; gin `cell/TrainConfig`),
+used for every training phase with only its directory and epochs set per phase; how it distils is
+a `DistillConfig`; what its phases cost is a `PricingConfig`. No setting is copied field by field:
+the cell hands these objects on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any, Mapping, Optional
+
+from doa_jax.experiment import planner, strategies
+from doa_jax.experiment.results import KEY_VERSION
+from doa_jax.model import T5Config
+from doa_jax.model.config import config_for_size
+from doa_jax.trainer import TrainConfig
+
+SOFT_TARGETS = ("stored", "online")
+
+
+@dataclasses.dataclass(frozen=True)
+class Epochs:
+    """Epochs of each training phase (the paper's: 20 teacher, 20 student, 50 distillation)."""
+
+    teacher: float = 20
+    student: float = 20   # annotate: the student on gold labels
+    distill: float = 50   # distill / mixed: the student on the teacher's outputs
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name.upper()}_EPOCHS must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """What the student learns from: the teacher's stored top-k logits or a forward per step."""
+
+    soft_targets: str = "stored"        # stored top-k logits, or 'online' (teacher forward every step)
+    topk: int = 8
+    teacher_num_beams: int = 1
+    min_teacher_confidence: float = 0.0  # drop pseudo-labels whose mean token probability is lower
+    max_unlabeled: Optional[int] = None  # cap on the unlabeled pool
+
+    def __post_init__(self):
+        if self.soft_targets not in SOFT_TARGETS:
+            raise ValueError(f"SOFT_TARGETS must be one of {', '.join(SOFT_TARGETS)}, got {self.soft_targets!r}")
+        if not 0.0 <= self.min_teacher_confidence < 1.0:
+            raise ValueError(f"MIN_TEACHER_CONFIDENCE must be in [0, 1), got {self.min_teacher_confidence}")
+        if self.topk < 1 or self.teacher_num_beams < 1:
+            raise ValueError(f"TOPK and TEACHER_NUM_BEAMS must be >= 1, got {self.topk}, {self.teacher_num_beams}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PricingConfig:
+    """How compute is charged: as `accelerator` at `mfu`, for the sizes the models stand for."""
+
+    accelerator: str = "a100"
+    mfu: float = 0.4
+    teacher_as: Optional[str] = None    # price the teacher's FLOPs as this size (e.g. 'xxl')
+    student_as: Optional[str] = None
+    measured_on: str = "cpu"            # this machine's rate card (the measured view)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellConfig:
+    """Everything that defines one cell; `key()` is its identity in results.jsonl."""
+
+    task: str                       # a task card name/path, or 'demo' (the built-in task)
+    start_labels: int
+    extra_budget_usd: float
+    strategy: str                   # a name in strategies.TABLE
+    output_dir: str
+    student: T5Config
+    teacher: T5Config
+    train: TrainConfig              # every training phase; model_dir and epochs are set per phase
+    epochs: Epochs = Epochs()
+    distill: DistillConfig = DistillConfig()
+    pricing: PricingConfig = PricingConfig()
+    vocab: Optional[str] = None     # SentencePiece model; None: the demo builds one
+    student_checkpoint: Optional[str] = None   # pretrained weights; None = random init
+    teacher_checkpoint: Optional[str] = None
+    compute_share: float = 0.5      # mixed: share of the budget spent on compute
+    feature_lengths: Optional[Mapping[str, int]] = None   # None: the card's
+    max_eval_examples: Optional[int] = None
+    cache_dir: Optional[str] = None  # shared teacher runs and stores (default: OUTPUT_DIR/cache)
+    demo_sizes: Optional[Mapping[str, int]] = None  # demo pools: labeled, unlabeled, test
+    verbose: bool = True
+
+    def __post_init__(self):
+        strategies.get(self.strategy, "STRATEGY")
+        if not isinstance(self.extra_budget_usd, (int, float)) or isinstance(self.extra_budget_usd, bool) \
+                or not math.isfinite(self.extra_budget_usd) or self.extra_budget_usd < 0:
+            raise ValueError(f"EXTRA_BUDGET_USD must be a finite non-negative number, got {self.extra_budget_usd!r}")
+        if not isinstance(self.start_labels, int) or self.start_labels < 0:
+            raise ValueError(f"START_LABELS must be an integer >= 0, got {self.start_labels!r}")
+        # 5 and 5.0 are the same budget: one cell key.
+        object.__setattr__(self, "extra_budget_usd", float(self.extra_budget_usd))
+        object.__setattr__(self, "compute_share", float(self.compute_share))
+
+    @property
+    def kind(self) -> strategies.Strategy:
+        return strategies.TABLE[self.strategy]
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed
+
+    def key(self) -> str:
+        """A hash of everything that changes the result: not where it writes, nor how chatty it is."""
+        d = dataclasses.asdict(self)
+        for k in ("output_dir", "cache_dir", "verbose"):
+            d.pop(k)
+        for k in ("model_dir", "epochs", "log_every", "checkpoint_every", "verbose", "tensorboard"):
+            d["train"].pop(k)
+        d["key_version"] = KEY_VERSION
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def pricing_models(self) -> tuple[T5Config, T5Config]:
+        """(teacher, student) whose FLOPs are charged: the trained models, or the sizes they stand for."""
+        p = self.pricing
+        return (config_for_size(p.teacher_as) if p.teacher_as else self.teacher,
+                config_for_size(p.student_as) if p.student_as else self.student)
+
+    def recipe(self, lengths: Mapping[str, int]) -> planner.Recipe:
+        """What the planner prices: this cell's epochs, batch size and lengths."""
+        return planner.Recipe(teacher_epochs=self.epochs.teacher, student_epochs=self.epochs.student,
+                              distill_epochs=self.epochs.distill, inputs_length=lengths["inputs"],
+                              targets_length=lengths["targets"], batch_size=self.train.batch_size,
+                              online_kd=self.distill.soft_targets == "online", mfu=self.pricing.mfu)
+
+    def describe(self) -> str:
+        return f"{self.task} {self.strategy} +${self.extra_budget_usd:g}"
+
+
+def fingerprint(obj: Any) -> str:
+    """A short content hash of a JSON-able object (keys of shared teacher runs)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

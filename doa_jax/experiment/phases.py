@@ -1,0 +1,203 @@
+"""The phases of a cell, each a function: set up the task, fine-tune the teacher, store its
+outputs, train the student, evaluate. `cell.run_cell` calls them in order.
+
+Shared work is keyed and cached under the cell's cache directory: a teacher fine-tuned on the same
+labels with the same recipe, and its outputs over the same inputs, are computed once and charged to
+every cell that uses them (the paper charges each cell its teacher).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import numpy as np
+
+from doa_jax import checkpoints, decoding, flops
+from doa_jax.data import cards, demo, pools as pools_lib, vocab as vocab_lib
+from doa_jax.data.batches import ArrayBatches
+from doa_jax.data.encode import encode_examples, encode_texts
+from doa_jax.distill import store as teacher_store
+from doa_jax.distill import student_data
+from doa_jax.experiment import costs
+from doa_jax.experiment.config import CellConfig, fingerprint
+from doa_jax.model import T5Config, Transformer
+from doa_jax.trainer import Trainer, TrainResult
+
+# The ledger phases charged against the extra budget (evaluation is recorded, not charged).
+BUDGET_PHASES = ("labels", "teacher_finetune", "teacher_inference", "student_training")
+
+
+class BudgetExhausted(RuntimeError):
+    """A phase that must finish to be useful (the teacher) ran out of budget."""
+
+
+@dataclasses.dataclass
+class TaskSetup:
+    card: Any
+    pools: Any
+    vocab: Any
+    lengths: dict[str, int]
+
+
+def say(cfg: CellConfig, text: str) -> None:
+    if cfg.verbose:
+        print(f"[{cfg.describe()}] {text}", flush=True)
+
+
+def load_task(cfg: CellConfig) -> TaskSetup:
+    """Card, pools (seeded, nested annotation order) and vocabulary of the cell's task."""
+    if cfg.task == "demo":
+        card, pools = demo.card(), demo.pools(seed=0, **dict(cfg.demo_sizes or {}))
+        vocab = vocab_lib.load_vocab(cfg.vocab) if cfg.vocab else demo.build_vocab(cache_dir(cfg), pools)
+    else:
+        card = cards.load_card(cfg.task)
+        pools = pools_lib.make_pools(card)
+        if cfg.vocab is None:
+            raise ValueError(f"task {card.name} needs VOCABULARY: T5's spiece.model (or `doa vocab build`)")
+        vocab = vocab_lib.load_vocab(cfg.vocab)
+    return TaskSetup(card, pools, vocab, dict(cfg.feature_lengths or card.feature_lengths))
+
+
+def cache_dir(cfg: CellConfig) -> pathlib.Path:
+    return pathlib.Path(cfg.cache_dir) if cfg.cache_dir else pathlib.Path(cfg.output_dir) / "cache"
+
+
+def unfit_reason(cfg: CellConfig, setup: TaskSetup) -> Optional[str]:
+    """Why the cell cannot run on this task's data and vocabulary, or None."""
+    roles = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.kind.uses_teacher else [])
+    for role, model_cfg in roles:
+        try:
+            vocab_lib.check_vocab(setup.vocab, model_cfg.vocab_size)
+        except ValueError as e:
+            return f"the {role}'s vocabulary does not fit the task's: {e}"
+    if cfg.kind.uses_teacher and cfg.student.vocab_size != cfg.teacher.vocab_size:
+        return f"teacher and student vocabularies differ ({cfg.teacher.vocab_size} vs {cfg.student.vocab_size} ids)"
+    if cfg.start_labels > len(setup.pools.train):
+        return f"START_LABELS {cfg.start_labels} exceeds the labeled pool ({len(setup.pools.train)} examples)"
+    return None
+
+
+class Budget:
+    """Charges phases to the ledger and says whether the next training step still fits the cap."""
+
+    def __init__(self, ledger: costs.Ledger, cap_usd: float):
+        self.ledger, self.cap = ledger, cap_usd
+
+    def spent(self) -> float:
+        return self.ledger.total(BUDGET_PHASES)
+
+    def step_allowed(self, step_usd: float) -> Callable[[int], bool]:
+        """A trainer hook: step `s` (0-based) of this phase may run if steps 0..s fit the cap."""
+        before = self.spent()
+        return lambda step: before + (step + 1) * step_usd <= self.cap + 1e-9
+
+
+def step_cost(cfg: CellConfig, ledger: costs.Ledger, model_cfg: T5Config, lengths: Mapping[str, int],
+              extra_flops: float = 0.0) -> tuple[float, float]:
+    """(FLOPs, $) of one training step of `model_cfg` (plus `extra_flops`, e.g. an online teacher)."""
+    step_flops = flops.train_flops(model_cfg, cfg.train.batch_size, lengths["inputs"], lengths["targets"]) + extra_flops
+    return step_flops, ledger.compute_usd(0.0, step_flops)
+
+
+def train(cfg: CellConfig, model_cfg: T5Config, arrays: Mapping[str, np.ndarray], model_dir: pathlib.Path, *,
+          epochs: float, initial_checkpoint: Optional[str], kd: bool,
+          step_allowed: Optional[Callable[[int], bool]] = None, source_wrapper=None) -> tuple[TrainResult, float]:
+    """Fine-tunes `model_cfg` on in-memory arrays with the cell's TrainConfig; (result, wall seconds)."""
+    loss = cfg.train.loss if kd else dataclasses.replace(cfg.train.loss, kd_weight=0.0)
+    config = dataclasses.replace(cfg.train, model_dir=str(model_dir), epochs=epochs, train_steps=None, loss=loss,
+                                 initial_checkpoint=initial_checkpoint, verbose=cfg.verbose)
+    source = ArrayBatches(arrays, cfg.train.batch_size, shuffle=True, seed=cfg.seed, pad_remainder=True)
+    if source_wrapper is not None:
+        source = source_wrapper(source)
+    start = time.perf_counter()
+    result = Trainer(model_cfg, config).fit(source, step_allowed=step_allowed)
+    return result, time.perf_counter() - start
+
+
+def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: costs.Ledger,
+                      budget: Budget) -> tuple[str, Any]:
+    """The teacher fine-tuned on `labels`, shared by every cell with the same teacher recipe.
+
+    Its record (steps, seconds, FLOPs) is charged to each cell that uses it. Returns (key, params).
+    """
+    key = fingerprint({"teacher": cfg.teacher.to_dict(), "ckpt": cfg.teacher_checkpoint, "task": setup.card.name,
+                       "labels": len(labels), "epochs": cfg.epochs.teacher, "seed": cfg.seed,
+                       "lr": cfg.train.optimizer.learning_rate, "opt": cfg.train.optimizer.name,
+                       "batch": cfg.train.batch_size, "lengths": setup.lengths, "vocab": setup.vocab.spec()["sha256"]})
+    run_dir = cache_dir(cfg) / "teachers" / key
+    record_path = run_dir / "record.json"
+    step_flops, step_usd = step_cost(cfg, ledger, cfg.pricing_models()[0], setup.lengths)
+    if not record_path.exists():
+        say(cfg, f"fine-tuning the teacher on {len(labels)} labels ({cfg.epochs.teacher:g} epochs) in {run_dir}")
+        arrays = encode_examples(setup.card, setup.vocab, labels, setup.lengths)
+        result, seconds = train(cfg, cfg.teacher, arrays, run_dir, epochs=cfg.epochs.teacher,
+                                initial_checkpoint=cfg.teacher_checkpoint, kd=False,
+                                step_allowed=budget.step_allowed(step_usd))
+        if result.stopped_by_budget:
+            raise BudgetExhausted(f"the teacher's fine-tuning reached the budget at step {result.step}")
+        record_path.write_text(json.dumps({"steps": result.step, "seconds": seconds,
+                                           "flops": result.step * step_flops}))
+    else:
+        say(cfg, f"reusing the fine-tuned teacher in {run_dir}")
+    record = json.loads(record_path.read_text())
+    ledger.add_compute(f"teacher_finetune:{key}", "teacher_finetune", record["seconds"], record["flops"])
+    _, params = checkpoints.load_checkpoint(run_dir / "checkpoints", config=cfg.teacher)
+    return key, jax.tree_util.tree_map(np.asarray, params)
+
+
+def teacher_outputs(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teacher_params: Any, unlabeled: list,
+                    ledger: costs.Ledger):
+    """Teacher outputs over the unlabeled inputs: computed once per key, resumable, shared.
+
+    Returns (TeacherOutputs, encoded inputs)."""
+    request = teacher_store.StoreRequest(
+        teacher_key, [ex["source"] for ex in unlabeled], setup.card.input_prefix, setup.lengths["inputs"],
+        setup.lengths["targets"], num_beams=cfg.distill.teacher_num_beams, topk=cfg.distill.topk)
+    root = cache_dir(cfg) / "stores"
+    start = time.perf_counter()
+    say(cfg, f"teacher outputs for {len(request.sources)} unlabeled inputs -> {root}")
+    store, enc, stats = teacher_store.build_store(
+        root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
+        batch_size=min(64, cfg.train.batch_size * 2), chunk_size=256,
+        on_chunk=lambda done, total, n: say(cfg, f"  teacher chunk {done}/{total}"))
+    record_path = store.dir / "record.json"
+    if stats.computed_chunks:
+        record_path.write_text(json.dumps({"seconds": time.perf_counter() - start,
+                                           "computed_chunks": stats.computed_chunks}))
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    # Decoding plus one teacher-forced pass for the top-k logits: two forward passes per input.
+    inference_flops = 2 * flops.forward_flops(cfg.pricing_models()[0], len(request.sources),
+                                              setup.lengths["inputs"], setup.lengths["targets"])
+    ledger.add_compute(f"teacher_inference:{store.key}", "teacher_inference", record.get("seconds", 0.0),
+                       inference_flops)
+    return store.load(), enc
+
+
+def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list, batch_size: int = 64,
+             pricing: Optional[T5Config] = None) -> dict[str, Any]:
+    """Greedy decodes of the test examples scored by the card's metric (percent)."""
+    enc = encode_texts(setup.vocab, [ex["source"] for ex in examples], setup.lengths["inputs"], setup.card.input_prefix)
+    preds = []
+    for lo in range(0, len(enc), batch_size):
+        chunk = enc[lo:lo + batch_size]
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, chunk.shape[1]), np.int32)])
+        tokens = np.asarray(decoding.greedy(model_cfg, params, chunk, setup.lengths["targets"]).tokens)[:n]
+        preds += [setup.vocab.decode(t) for t in tokens]
+    result = setup.card.score(preds, [ex["target"] for ex in examples], sources=[ex["source"] for ex in examples])
+    return {"metrics": result, "predictions": preds, "flops": flops.forward_flops(
+        pricing or model_cfg, len(examples), setup.lengths["inputs"], setup.lengths["targets"])}
+
+
+def online_teacher(cfg: CellConfig, teacher_params: Any, lengths: Mapping[str, int]):
+    """(batch-source wrapper, extra FLOPs per student step) for online soft targets, else (None, 0)."""
+    if cfg.distill.soft_targets != "online":
+        return None, 0.0
+    module = Transformer(cfg.teacher)
+    extra = flops.forward_flops(cfg.pricing_models()[0], cfg.train.batch_size, lengths["inputs"], lengths["targets"])
+    return (lambda src: student_data.OnlineTeacherBatches(src, module, teacher_params)), extra
