@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protoco
 
 import numpy as np
 
+from doa_jax.data import cards, vocab as vocab_lib
 from doa_jax.data.encode import shift_right
 
 Batch = dict[str, np.ndarray]
@@ -194,8 +195,6 @@ class TaskData:
 
     def decode_metrics(self) -> Callable[[np.ndarray, Any], dict[str, float]]:
         """The card's task metrics (`doa_jax.metrics`, percent) on detokenized greedy decodes."""
-        from doa_jax.data import cards, vocab as vocab_lib
-
         card = cards.load_card(self.task)
         vocab = vocab_lib.load_vocab(self.vocab)
 

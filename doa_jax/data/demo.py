@@ -7,7 +7,12 @@ word tables and sentence templates with a seeded RNG: no files, no network.
 """
 from __future__ import annotations
 
+import pathlib
 import random
+
+from doa_jax.data import vocab as vocab_lib
+from doa_jax.data.cards import Card
+from doa_jax.data.pools import Pools
 
 NAME = "demo_protocols"
 # Priced like WLP, whose format it copies.
@@ -88,10 +93,6 @@ MODEL_VOCAB_SIZE = 384
 
 def card():
     """The demo's task card: WLP's metric (entity F1) over the demo's entity types."""
-    import pathlib
-
-    from doa_jax.data.cards import Card
-
     return Card(name=NAME, path=pathlib.Path("<built-in demo task>"),
                 description="procedurally generated protocol sentences -> typed spans (WLP's format)",
                 input_prefix="protocol: ", feature_lengths=dict(FEATURE_LENGTHS), coverage={},
@@ -102,8 +103,6 @@ def card():
 
 def pools(seed: int = 0, labeled: int = 512, unlabeled: int = 1024, test: int = 256, validation: int = 64):
     """The demo's pools, in the same shape as a real task's (`doa_jax.data.pools.Pools`)."""
-    from doa_jax.data.pools import Pools
-
     task = make_task(seed, labeled, unlabeled, test)
     return Pools(task=NAME, seed=seed, train=task["labeled"], unlabeled=task["unlabeled"],
                  validation=make_split(validation, seed + 3), test=task["test"], skipped={})
@@ -111,10 +110,6 @@ def pools(seed: int = 0, labeled: int = 512, unlabeled: int = 1024, test: int = 
 
 def build_vocab(directory, task_pools=None):
     """A SentencePiece vocabulary (T5 ids) trained on the demo's text; built once per directory."""
-    import pathlib
-
-    from doa_jax.data import vocab as vocab_lib
-
     path = pathlib.Path(directory) / f"{NAME}_vocab.model"
     if not path.exists():
         task_pools = task_pools or pools()
@@ -126,6 +121,4 @@ def build_vocab(directory, task_pools=None):
 
 def model_vocab_size(vocab) -> int:
     """The embedding rows a model needs for `vocab`: its ids padded to a multiple of 128."""
-    from doa_jax.data.vocab import padded_vocab_size
-
-    return padded_vocab_size(vocab)
+    return vocab_lib.padded_vocab_size(vocab)

@@ -16,6 +16,8 @@ import os
 import pathlib
 from typing import Iterable, Sequence
 
+from doa_jax.data import cards, jsonl
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 T5_EXTRA_IDS = 100
 
@@ -151,8 +153,6 @@ def build_vocab(
 
 def task_texts(task_names: Iterable[str], data_dir: str | os.PathLike | None = None) -> list[str]:
     """Training text of tasks for `build_vocab`: every prefixed source and every target in their files."""
-    from doa_jax.data import cards, jsonl
-
     texts = []
     for name in task_names:
         card = cards.load_card(name)
