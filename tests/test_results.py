@@ -88,3 +88,30 @@ def test_a_run_directory_from_before_the_new_cell_keys_says_which_rows_are_stale
     assert "1 row(s) keyed by an older doa-jax (key version 1, now 2" in err and "run again under new keys" in err
     assert new["status"] == "infeasible" and new["cell_key"] != old["cell_key"]
     assert [r["cell_key"] for r in results.read_rows(tmp_path / "results.jsonl")] == [old["cell_key"], new["cell_key"]]
+
+
+def test_a_cell_already_running_elsewhere_is_refused_with_its_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from doa_jax import gin_utils
+    from doa_jax.experiment import locking, run_cell
+
+    gin_utils.parse(["runs/experiment.gin", "runs/demo_models.gin"],
+                    ["STRATEGY = 'annotate'", "EXTRA_BUDGET_USD = 0", "START_LABELS = 0", f"OUTPUT_DIR = '{tmp_path}'",
+                     "CellConfig.verbose = False"])
+    cell = gin_utils.macro("CELL")
+    lock = tmp_path / "cells" / cell.key() / ".lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242 on elsewhere'); f.flush(); "
+                               "print('locked', flush=True); time.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(locking.Busy, match=rf"cell {cell.key()} .* is being run by pid 4242 on elsewhere"):
+            run_cell(cell)
+        assert not (tmp_path / "results.jsonl").exists() or not results.read_rows(tmp_path / "results.jsonl")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_cell(cell)["status"] == "infeasible"     # the lock died with its process

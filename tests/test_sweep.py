@@ -200,10 +200,14 @@ def test_two_sweeps_cannot_share_an_output_dir_at_once(tmp_path):
     points, cells = _demo_sweep(tmp_path, "GRID_SEEDS = [0]", "GRID_STRATEGIES = ['annotate']")
 
     def nested(cell):
-        return sweep.run_sweep(points, cells, runner=FakeRunner(), write_report=False, log=lambda s: None)
+        return sweep.run_sweep(points, cells, runner=FakeRunner(), write_report=False, log=lambda s: None,
+                               config_gin="# the second sweep's config\n")
 
-    with pytest.raises(ValueError, match="another sweep is running in"):
-        sweep.run_sweep(points, cells, runner=nested, write_report=False, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"a sweep in .* is being run by pid \d+"):
+        sweep.run_sweep(points, cells, runner=nested, write_report=False, log=lambda s: None,
+                        config_gin="# the running sweep's config\n")
+    # The refused sweep wrote nothing over the running one's files.
+    assert (tmp_path / "config.gin").read_text() == "# the running sweep's config\n"
 
 
 TINY_DEMO = ["--gin.GRID_BUDGETS_USD=[1, 2, 3]", "--gin.GRID_STRATEGIES=['annotate']", "--gin.GRID_SEEDS=[0]",

@@ -49,9 +49,7 @@ def run(args) -> int:
         for i, (p, c) in enumerate(zip(points, cells), 1):
             print(f"  {i:>3}. {'done ' if c.key() in done else 'to run'} {c.key()}  {p.describe()}")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.gin").write_text("# doa sweep: the grid sets TASK, START_LABELS, EXTRA_BUDGET_USD, STRATEGY "
-                                    "and SEED per cell (sweep.json lists the cells)\n" + gin.config_str())
-    print(f"sweep gin config: {out / 'config.gin'}", flush=True)
-    sweep.run_sweep(points, cells, write_report=not args.no_report)
+    config = ("# doa sweep: the grid sets TASK, START_LABELS, EXTRA_BUDGET_USD, STRATEGY and SEED per cell "
+              "(sweep.json lists the cells)\n" + gin.config_str())
+    sweep.run_sweep(points, cells, write_report=not args.no_report, config_gin=config)
     return 0

@@ -25,7 +25,7 @@ import numpy as np
 
 from doa_jax.data.encode import encode_examples
 from doa_jax.distill import student_data
-from doa_jax.experiment import costs, phases, planner, results
+from doa_jax.experiment import costs, locking, phases, planner, results
 from doa_jax.experiment.config import CellConfig
 from doa_jax.experiment.phases import say
 from doa_jax.model import T5Config, Transformer
@@ -60,11 +60,23 @@ def run_cell(cfg: CellConfig) -> dict[str, Any]:
         say(cfg, f"already in {path} (cell {cfg.key()}); not run again")
         return done
     _warn_stale(path, rows)
-    started = time.perf_counter()
-    row = _run(cfg)
-    row.wall_seconds = round(time.perf_counter() - started, 2)
-    results.append_row(path, row)
+    with locking.hold(out / "cells" / cfg.key() / ".lock", f"cell {cfg.key()} ({cfg.describe()})"):
+        done = results.finished(path).get(cfg.key())      # another process may have finished it meanwhile
+        if done is not None:
+            return done
+        started = time.perf_counter()
+        row = _run(cfg)
+        row.wall_seconds = round(time.perf_counter() - started, 2)
+        results.append_row(path, row)
     return row.to_json()
+
+
+def write_predictions(path: pathlib.Path, examples: list, predictions: list[str]) -> None:
+    """Per test example: its index, input, reference and the student's output, so that
+    `doa score --task T --predictions P --references P` re-scores the cell from this file alone."""
+    path.write_text("".join(json.dumps({"id": i, "source": ex["source"], "target": ex["target"], "prediction": p},
+                                       ensure_ascii=False) + "\n"
+                            for i, (ex, p) in enumerate(zip(examples, predictions))))
 
 
 def _warn_stale(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
@@ -153,8 +165,7 @@ def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentD
     evaluation = phases.evaluate(cfg.student, result.state.params, setup, test, pricing=price_student)
     ledger.add_compute(f"evaluation:{cfg.key()}:{result.step}", "evaluation", time.perf_counter() - start,
                        evaluation["flops"])
-    (cell_dir / "predictions.jsonl").write_text("".join(
-        json.dumps({"prediction": p}) + "\n" for p in evaluation["predictions"]))
+    write_predictions(cell_dir / "predictions.jsonl", test, evaluation["predictions"])
     by_phase = ledger.by_phase()
     values = {k: v for k, v in evaluation["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     capped = result.stopped_by_budget

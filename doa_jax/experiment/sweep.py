@@ -14,7 +14,6 @@ stores live in the cells' shared `cache_dir`.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import json
 import math
@@ -26,7 +25,7 @@ import gin
 
 from doa_jax import gin_utils
 from doa_jax.data import cards, vocab as vocab_lib
-from doa_jax.experiment import costs, report, strategies
+from doa_jax.experiment import costs, locking, report, strategies
 from doa_jax.experiment import results as results_lib
 from doa_jax.experiment.cell import run_cell
 
@@ -257,29 +256,13 @@ class SweepResult:
     report: Optional[pathlib.Path]
 
 
-class _Lock:
-    """One sweep per output dir at a time (an exclusive lock, released when the process dies)."""
-
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-
-    def __enter__(self):
-        self.f = open(self.path, "w")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.f.close()
-            raise ValueError(f"another sweep is running in {self.path.parent} (it holds {self.path})") from None
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
-
-
 def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Callable[[Any], dict]] = None,
-              write_report: bool = True, log: Optional[Callable[[str], None]] = None) -> SweepResult:
+              write_report: bool = True, log: Optional[Callable[[str], None]] = None,
+              config_gin: Optional[str] = None) -> SweepResult:
     """Runs the cells without a row in OUTPUT_DIR/results.jsonl, in order; returns every cell's row.
+
+    `config_gin` (the sweep's gin config) is written to OUTPUT_DIR/config.gin once the sweep holds
+    the folder's lock, so a second sweep refused by the lock overwrites nothing.
 
     `runner` (default `run_cell`) runs one cell and appends its row to results.jsonl.
     """
@@ -293,7 +276,10 @@ def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Call
     out = pathlib.Path(cells[0].output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    with _Lock(out / ".sweep.lock"):
+    with locking.hold(out / ".sweep.lock", f"a sweep in {out}"):
+        if config_gin is not None:
+            (out / "config.gin").write_text(config_gin)
+            log(f"sweep gin config: {out / 'config.gin'}")
         keys = [c.key() for c in cells]
         (out / STATE_FILE).write_text(json.dumps({"cells": [dict(dataclasses.asdict(p), cell_key=k)
                                                             for p, k in zip(points, keys)]}, indent=1) + "\n")
