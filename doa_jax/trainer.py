@@ -59,6 +59,10 @@ class TrainState:
     opt_state: Any
 
 
+_FIELD_TYPES = {"batch_size": (int,), "train_steps": (int, type(None)), "epochs": (int, float, type(None)),
+                "num_microbatches": (int,), "seed": (int,), "keep_checkpoints": (int, type(None))}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything about a fine-tuning run except the model and the data.
@@ -97,6 +101,11 @@ class TrainConfig:
     verbose: bool = True
 
     def __post_init__(self):
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                what = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+                raise TypeError(f"{name} must be {what}, got {value!r}")
         if (self.train_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of TRAIN_STEPS (train_steps) and EPOCHS (epochs); "
                              f"got train_steps={self.train_steps}, epochs={self.epochs}")

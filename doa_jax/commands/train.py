@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     # jax.distributed must start before any other JAX call.
     partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                         auto=args.multihost)
-    gin_utils.parse_flags(args)
+    gin_utils.parse_flags(args, known_macros=("EVAL_DATA", "DECODE_EVAL"))
     try:
         model_config = gin_utils.macro("MODEL_CONFIG")
     except ValueError:
