@@ -64,11 +64,12 @@ def test_initial_checkpoint_of_another_size(tmp_path, capsys):
     assert "token_embedder/embedding expected (32128, 8) found (64, 8)" in line
 
 
-def test_nan_loss_stops_with_one_line(tmp_path, capsys):
+def test_exploding_parameters_stop_with_one_line(tmp_path, capsys):
     argv = SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin.LEARNING_RATE=1e12", "--gin.CHECKPOINT_PERIOD=1"]
     assert cli.main(argv) == 2
     line = _error_line(capsys)
-    assert "loss became non-finite" in line and "the last good checkpoint is step 1 in" in line
+    assert "parameter norm grew past 100 x its initial" in line and "at step 1 " in line
+    assert "no checkpoint had been saved yet" in line and not (tmp_path / "checkpoints" / "1").exists()
 
 
 def test_a_misspelled_macro_is_an_error_with_a_did_you_mean(tmp_path, capsys):
