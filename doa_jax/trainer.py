@@ -508,7 +508,8 @@ class Trainer:
         base_rng = jax.random.PRNGKey(cfg.seed)
         tstate.update(seed=cfg.seed, rng_key=[int(x) for x in np.asarray(base_rng).ravel()])
         if tstate.get("initial_param_norm") is None:
-            tstate["initial_param_norm"] = float(jax.device_get(optax.tree.norm(state.params)))
+            with partitioning.mesh_context(self.mesh, self.rules):
+                tstate["initial_param_norm"] = float(_to_host(jax.jit(optax.tree.norm)(state.params)))
         train_step = self.program.train_step
         meter = self._meter(example, total_steps)
         log = progress.MetricsLog(self.model_dir / "metrics.jsonl") if self._is_chief else None
