@@ -144,7 +144,8 @@ _USES = re.compile(r"%([A-Za-z_]\w*)\b")
 
 @dataclasses.dataclass
 class MacroScan:
-    """What gin files (and their includes) say about macros, each with the first (file, line)."""
+    """What gin files (and their includes) say about macros, each with a (file, line): the first
+    requirement and use, the last definition (the one gin keeps)."""
 
     required: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
     defined: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
@@ -172,7 +173,7 @@ def scan_macros(gin_files: Iterable[str]) -> MacroScan:
                 scan.required.setdefault(m.group(1), where)
             m = _DEFINES.match(code)
             if m:
-                scan.defined.setdefault(m.group(1), where)
+                scan.defined[m.group(1)] = where
             for used in _USES.findall(code):
                 if used != "gin":
                     scan.used.setdefault(used, where)
@@ -357,16 +358,10 @@ def _token_error_location(files: list[str], bindings: list[str]) -> str:
 
 def _macro_origin(name: str) -> str:
     """Where macro `name` gets its value: the flag, or the last gin file line binding it."""
-    found = None
-    for b in _last_parse["bindings"]:
-        if _binding_name(b) == name:
-            found = f"--gin.{name}"
-    if found is None:
-        for f in _last_parse["files"]:
-            for lineno, line in _gin_lines(pathlib.Path(f)):
-                if _binding_name(line.split("#", 1)[0]) == name and not line.startswith((" ", "\t")):
-                    found = f"{_display(pathlib.Path(f))}:{lineno}"
-    return found or "its default"
+    if any(_binding_name(b) == name for b in _last_parse["bindings"]):
+        return f"--gin.{name}"
+    where = scan_macros(_last_parse["files"]).defined.get(name)
+    return f"{where[0]}:{where[1]}" if where else "its default"
 
 
 def _one_line_build_error(name: str, e: Exception) -> str:

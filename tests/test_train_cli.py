@@ -116,3 +116,14 @@ def test_a_syntax_error_in_a_flag_names_the_flag(tmp_path, capsys):
     assert cli.main(SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin_bindings", "BATCH_SIZE = 8 8"]) == 2
     assert _error_line(capsys) == ("doa train: error: --gin.BATCH_SIZE (BATCH_SIZE = 8 8): gin syntax error: "
                                    "Expected newline.")
+
+
+def test_a_bad_value_in_an_included_file_names_that_file_and_line(tmp_path, capsys):
+    base = tmp_path / "base.gin"
+    base.write_text("include 'runs/smoke.gin'\nNUM_MICROBATCHES = 'two'\n")
+    run = tmp_path / "run.gin"
+    run.write_text(f"include '{base}'\n")
+    assert cli.main(["train", "--gin_file", "models/t5_1_1_tiny.gin", "--gin_file", str(run),
+                     f"--gin.MODEL_DIR={tmp_path}"]) == 2
+    assert _error_line(capsys) == ("doa train: error: TrainConfig: num_microbatches must be int, got 'two' "
+                                   f"(num_microbatches = %NUM_MICROBATCHES from {base}:2)")
