@@ -15,14 +15,16 @@ line) that requires it. `write_operative_config` saves what a run actually used 
 from __future__ import annotations
 
 from doa_jax.gin_flags import binding, rewrite_gin_args  # noqa: F401 (re-exported: the T5X flag rewrite)
-
 import argparse
-
 import contextlib
+import dataclasses
+import difflib
+import io
 import logging
 import os
 import pathlib
 import re
+import tokenize
 from typing import Any, Iterable, Optional
 
 import gin
@@ -31,6 +33,7 @@ GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
 
 _registered = False
 _search_paths: list[pathlib.Path] = []
+_last_parse: dict[str, list[str]] = {"files": [], "bindings": []}   # for error messages only
 
 
 def registered() -> bool:
@@ -60,11 +63,23 @@ def _resolve(name: str, relative_to: Optional[pathlib.Path] = None) -> Optional[
 
 _INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""")
 _REQUIRED = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*%gin\.REQUIRED\b")
+_DEFINES = re.compile(r"^([A-Za-z_]\w*)\s*=")              # a macro binding: a bare name at column 0
+_USES = re.compile(r"%([A-Za-z_]\w*)\b")
 
 
-def required_macros(gin_files: Iterable[str]) -> dict[str, tuple[str, int]]:
-    """{macro: (file, line)} for every `MACRO = %gin.REQUIRED` in the files and their includes."""
-    found: dict[str, tuple[str, int]] = {}
+@dataclasses.dataclass
+class MacroScan:
+    """What gin files (and their includes) say about macros, each with a (file, line): the first
+    requirement and use, the last definition (the one gin keeps)."""
+
+    required: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    defined: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    used: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+
+
+def scan_macros(gin_files: Iterable[str]) -> MacroScan:
+    """Macros the files require (`X = %gin.REQUIRED`), define (`X = ...`) and use (`%X`)."""
+    scan = MacroScan()
     seen: set[pathlib.Path] = set()
 
     def visit(name: str, parent: Optional[pathlib.Path]) -> None:
@@ -72,17 +87,64 @@ def required_macros(gin_files: Iterable[str]) -> dict[str, tuple[str, int]]:
         if path is None or path.resolve() in seen:
             return
         seen.add(path.resolve())
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            m = _INCLUDE.match(line)
+        for lineno, line in _gin_lines(path):
+            where = (_display(path), lineno)
+            code = line.split("#", 1)[0]
+            m = _INCLUDE.match(code)
             if m:
                 visit(m.group(1), path.parent)
-            m = _REQUIRED.match(line)
+            m = _REQUIRED.match(code)
             if m:
-                found.setdefault(m.group(1), (_display(path), lineno))
+                scan.required.setdefault(m.group(1), where)
+            m = _DEFINES.match(code)
+            if m:
+                scan.defined[m.group(1)] = where
+            for used in _USES.findall(code):
+                if used != "gin":
+                    scan.used.setdefault(used, where)
 
     for f in gin_files:
         visit(f, None)
-    return found
+    return scan
+
+
+def _gin_lines(path: pathlib.Path) -> list[tuple[int, str]]:
+    try:
+        return list(enumerate(path.read_text(encoding="utf-8").splitlines(), 1))
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                         f"save the gin file as UTF-8") from None
+
+
+def required_macros(gin_files: Iterable[str]) -> dict[str, tuple[str, int]]:
+    """{macro: (file, line)} for every `MACRO = %gin.REQUIRED` in the files and their includes."""
+    return scan_macros(gin_files).required
+
+
+def _binding_name(binding_text: str) -> Optional[str]:
+    m = _DEFINES.match(binding_text.strip())
+    return m.group(1) if m else None
+
+
+def check_bindings(gin_files: Iterable[str], bindings: Iterable[str], known: Iterable[str] = ()) -> None:
+    """Raises ValueError for a binding of a macro that no gin file (or other binding) defines or
+    uses, with the nearest known names: a misspelled `--gin.TRAIN_STEPSS=5` would otherwise define
+    a new macro nobody reads and the run would silently use the defaults."""
+    bindings = list(bindings)
+    scan = scan_macros(gin_files)
+    names = set(scan.defined) | set(scan.used) | set(known)
+    for b in bindings:
+        names.update(_USES.findall(b))
+    for b in bindings:
+        name = _binding_name(b)
+        if name is None or name in names:
+            continue
+        close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
+        hint = (f"did you mean {' or '.join(close)}?" if close
+                else "check the spelling against the macros the gin files define")
+        raise ValueError(f"--gin.{name}: unknown gin macro {name} (no loaded gin file defines or uses it); "
+                         f"{hint}")
 
 
 def _display(path: pathlib.Path) -> str:
@@ -130,10 +192,13 @@ def _quiet_resource_lookups():
 
 
 def parse(gin_files: Iterable[str], bindings: Iterable[str] = (), *, finalize: bool = True,
-          search_paths: Iterable[str] = (), check: bool = True) -> None:
+          search_paths: Iterable[str] = (), check: bool = True, known_macros: Iterable[str] = ()) -> None:
     """Clears gin, then parses files (searched in cwd, `search_paths` and `gin/`) and bindings.
 
     With `check`, an unset `%gin.REQUIRED` macro raises a ValueError naming it and its file.
+    A binding of a macro that neither the files nor `known_macros` (macros the caller reads
+    with a default) mention is a ValueError with a did-you-mean; a syntax error, an unknown
+    configurable or parameter is a one-line ValueError naming the file (or flag) and line.
     """
     global _search_paths
     if not _registered:
@@ -152,12 +217,97 @@ def parse(gin_files: Iterable[str], bindings: Iterable[str] = (), *, finalize: b
             raise FileNotFoundError(f"gin file {f!r} not found in the current directory, "
                                     f"{', '.join(map(str, _search_paths + [GIN_DIR]))}")
         resolved.append(str(path))
+    bindings = list(bindings)
+    check_bindings(gin_files, bindings, known_macros)
     with _quiet_resource_lookups():
-        gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
+        try:
+            gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+        except tokenize.TokenError as e:
+            raise ValueError(f"{_token_error_location(resolved, bindings)}: gin syntax error: {e.args[0]} "
+                             f"(a bracket left open)") from None
+        except (SyntaxError, ValueError) as e:
+            raise ValueError(_one_line_parse_error(e, bindings)) from None
+    _last_parse.update(files=resolved, bindings=bindings)
     if check:
         check_required(gin_files)
     if finalize:
         gin.finalize()
+
+
+def _one_line_parse_error(e: Exception, bindings: list[str]) -> str:
+    """gin's multi-line (or tokenizer) error as `file:line: message`."""
+    if isinstance(e, SyntaxError):
+        text = (e.text or "").strip()
+        if e.filename and not e.filename.startswith("<"):
+            return f"{e.filename}:{e.lineno}: gin syntax error: {e.msg}" + (f": {text}" if text else "")
+        return f"{_flag_of(bindings, e.lineno)}: gin syntax error: {e.msg}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    message = lines[0] if lines else type(e).__name__
+    for ln in lines[1:]:
+        m = re.match(r'In file "([^"]+)", line (\d+)', ln)
+        if m:
+            return f"{m.group(1)}:{m.group(2)}: {message}"
+        m = re.match(r"In bindings string line (\d+)", ln)
+        if m:
+            return f"{_flag_of(bindings, int(m.group(1)))}: {message}"
+    return message
+
+
+def _flag_of(bindings: list[str], lineno: Optional[int]) -> str:
+    """The flag of gin's `lineno` in the bindings string (the bindings joined by newlines)."""
+    lines = "\n".join(bindings).splitlines()
+    if not lineno or lineno > len(lines):
+        return "--gin_bindings"
+    text = lines[lineno - 1].strip()
+    name = _binding_name(text)
+    return f"--gin.{name} ({text})" if name else f"--gin_bindings '{text}'"
+
+
+def _token_error_location(files: list[str], bindings: list[str]) -> str:
+    """`file:line` of the innermost bracket left open in the first gin text that does not tokenize."""
+    texts = [(f, pathlib.Path(f).read_text(encoding="utf-8")) for f in files]
+    texts += [(f"--gin.{_binding_name(b)} ({b.strip()})" if _binding_name(b) else f"--gin_bindings '{b}'", b)
+              for b in bindings]
+    for where, text in texts:
+        opened: list[int] = []
+        try:
+            for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+                if tok.type == tokenize.OP and tok.string in "([{":
+                    opened.append(tok.start[0])
+                elif tok.type == tokenize.OP and tok.string in ")]}" and opened:
+                    opened.pop()
+        except tokenize.TokenError:
+            return where if where.startswith("--gin") else f"{where}:{opened[-1] if opened else 1}"
+        except SyntaxError:
+            continue
+    return "gin"
+
+
+def _macro_origin(name: str) -> str:
+    """Where macro `name` gets its value: the flag, or the last gin file line binding it."""
+    if any(_binding_name(b) == name for b in _last_parse["bindings"]):
+        return f"--gin.{name}"
+    where = scan_macros(_last_parse["files"]).defined.get(name)
+    return f"{where[0]}:{where[1]}" if where else "its default"
+
+
+def _one_line_build_error(name: str, e: Exception) -> str:
+    """A failed `@Configurable()` build as one line naming the configurable, and for each of its
+    parameters the message mentions, the macro feeding it and where that macro is set."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    message = lines[0] if lines else type(e).__name__
+    m = re.search(r"In call to configurable '(\w+)'", str(e))
+    configurable = m.group(1) if m else None
+    origins = []
+    for word in dict.fromkeys(re.findall(r"[A-Za-z_]\w*", message)) if configurable else ():
+        try:
+            ref = gin.query_parameter(f"{configurable}.{word}")
+        except (ValueError, KeyError):
+            continue
+        if isinstance(ref, gin.config.ConfigurableReference) and str(ref).startswith("%"):
+            origins.append(f"{word} = {ref} from {_macro_origin(str(ref)[1:])}")
+    where = f" ({'; '.join(origins)})" if origins else ""
+    return f"{configurable or name}: {message}{where}"
 
 
 _NO_DEFAULT = object()
@@ -177,7 +327,12 @@ def macro(name: str, default: Any = _NO_DEFAULT) -> Any:
     if isinstance(value, gin.config.ConfigurableReference):
         if _is_required(value):
             raise ValueError(f"gin macro {name} is %gin.REQUIRED and was not set: --gin.{name}=VALUE")
-        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
+        if not value.evaluate:
+            return value.scoped_configurable_fn
+        try:
+            return value.scoped_configurable_fn()
+        except (TypeError, ValueError) as e:
+            raise ValueError(_one_line_build_error(name, e)) from None
     return value
 
 
@@ -193,6 +348,8 @@ __all__ = ["GIN_DIR", "binding", "check_required", "macro", "mark_registered", "
            "required_macros", "rewrite_gin_args", "write_operative_config"]
 
 
-def parse_flags(args: argparse.Namespace) -> None:
-    """`parse` with the files, bindings and search paths of `add_gin_flags`."""
-    parse(args.gin_file, args.gin_bindings, search_paths=[s for s in args.gin_search_paths.split(",") if s])
+def parse_flags(args: argparse.Namespace, known_macros: Iterable[str] = ()) -> None:
+    """`parse` with the files, bindings and search paths of `add_gin_flags`; `known_macros`: the
+    macros the command reads with a default (they may be set though no gin file mentions them)."""
+    parse(args.gin_file, args.gin_bindings, search_paths=[s for s in args.gin_search_paths.split(",") if s],
+          known_macros=known_macros)

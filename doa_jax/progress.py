@@ -108,11 +108,34 @@ class Throughput:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to `metrics.jsonl` (resumed runs keep appending)."""
+    """Appends one JSON object per logged step to `metrics.jsonl` (resumed runs keep appending,
+    after `drop_after(resume_step)` removes the rows the resumed steps will log again)."""
 
     def __init__(self, path: os.PathLike):
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def drop_after(self, step: int) -> int:
+        """Rewrites the log without rows of steps after `step` (and without a torn last line, left
+        by a kill mid-write); returns how many rows were dropped."""
+        if not self.path.exists():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                keep = int(row["step"]) <= step
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                keep = False
+            if keep:
+                kept.append(line + "\n")
+            else:
+                dropped += bool(line.strip())
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        return dropped
 
     def write(self, row: Mapping[str, Any]) -> None:
         clean = {k: (float(v) if not isinstance(v, (int, str, bool, type(None))) else v)

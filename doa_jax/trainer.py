@@ -8,8 +8,18 @@ microbatch index), so a step's randomness depends only on the seed and the step,
 resumed run bit-identical to an uninterrupted one.
 
 The loop never waits on the device between steps: metrics stay on the device until a log,
-checkpoint or eval step fetches them. A non-finite loss found at such a fetch stops training
-before anything is saved, so the latest checkpoint is always a good one.
+checkpoint or eval step fetches them. Divergence found at such a fetch (a non-finite loss or
+gradient, a gradient norm over `max_grad_norm`, or the parameter norm grown over
+`max_param_growth` times its initial value) stops training before anything is saved, so the
+latest checkpoint is always a good one; `TrainResult.diverged` says why.
+
+Preemption: on SIGTERM or SIGINT (Ctrl-C) the loop finishes the step in flight, saves a
+checkpoint of it, waits for every save to be committed, prints what it did, and raises
+`TrainingPreempted` (a `SystemExit` with code 128 + the signal number: 143 for SIGTERM, 130
+for SIGINT, no traceback). On several hosts the hosts agree on the stop step with an all-gather
+of their signal flags after every step, so all save the same step. A second Ctrl-C stops at
+once without saving. SIGKILL cannot be caught: the rerun resumes from the last committed
+checkpoint (a damaged newest checkpoint is moved aside with a warning and the one before used).
 
 Checkpoints, resume and the initial checkpoint (an explicit switch):
 * an existing checkpoint in `MODEL_DIR/checkpoints` is resumed (full state: params, optimizer,
@@ -25,6 +35,10 @@ import dataclasses
 import functools
 import math
 import pathlib
+import signal
+import sys
+import threading
+import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -46,7 +60,17 @@ DecodeMetricsFn = Callable[[np.ndarray, Sequence[Mapping[str, np.ndarray]]], Map
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss (or gradient) became NaN/inf."""
+    """Training diverged (`TrainResult.diverged` holds the message); raised by callers that treat
+    divergence as an error, such as `doa train`."""
+
+
+class TrainingPreempted(SystemExit):
+    """SIGTERM/SIGINT stopped training after a checkpoint of `step` was saved. Exits the process
+    with code 128 + the signal number (143 SIGTERM, 130 SIGINT) unless caught."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(128 + signum)
+        self.signum, self.step = signum, step
 
 
 class CheckpointMismatchError(ValueError):
@@ -58,6 +82,11 @@ class TrainState:
     step: jax.Array          # int32 scalar: optimizer updates applied so far
     params: Any
     opt_state: Any
+
+
+_FIELD_TYPES = {"batch_size": (int,), "train_steps": (int, type(None)), "epochs": (int, float, type(None)),
+                "num_microbatches": (int,), "seed": (int,), "keep_checkpoints": (int, type(None)),
+                "max_grad_norm": (int, float, type(None)), "max_param_growth": (int, float, type(None))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +125,16 @@ class TrainConfig:
     max_decode_len: Optional[int] = None
     tensorboard: bool = True
     verbose: bool = True
+    max_grad_norm: Optional[float] = None
+    max_param_growth: Optional[float] = 100.0
+    handle_signals: bool = True
 
     def __post_init__(self):
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                what = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+                raise TypeError(f"{name} must be {what}, got {value!r}")
         if (self.train_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of TRAIN_STEPS (train_steps) and EPOCHS (epochs); "
                              f"got train_steps={self.train_steps}, epochs={self.epochs}")
@@ -136,6 +173,7 @@ class TrainResult:
     stopped_early: bool
     last_metrics: dict[str, float]
     stopped_by_budget: bool = False
+    diverged: Optional[str] = None     # why training stopped as diverged (None: it did not)
 
 
 def _unbox(tree):
@@ -288,7 +326,7 @@ class StepProgram:
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=self.schedule(state.step),
-                       nonfinite=(~finite).astype(jnp.int32))
+                       nonfinite=(~finite).astype(jnp.int32), param_norm=optax.tree.norm(params))
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def _eval_fn(self, params, batch):
@@ -331,8 +369,7 @@ class Trainer:
         abstract_params, abstract_opt = prog.abstract_state()
         ckpt_dir = self.model_dir / "checkpoints"
         if cfg.resume and train_checkpoints.has_checkpoint(ckpt_dir):
-            params, opt_state, tstate, _ = self.checkpoints.restore(
-                None, abstract_params=abstract_params, abstract_opt_state=abstract_opt)
+            params, opt_state, tstate = self._restore_newest_intact(abstract_params, abstract_opt)
             state = TrainState(prog.put_step(tstate["step"]), params, opt_state)
             return state, tstate, f"resumed the full train state from {ckpt_dir} at step {tstate['step']}"
         if not cfg.resume and train_checkpoints.has_checkpoint(ckpt_dir):
@@ -357,6 +394,27 @@ class Trainer:
         with partitioning.mesh_context(self.mesh, self.rules):
             state = prog.init(jax.random.PRNGKey(cfg.seed))
         return state, fresh, f"initialised params from seed {cfg.seed}"
+
+    def _restore_newest_intact(self, abstract_params, abstract_opt) -> tuple[Any, Any, dict]:
+        """The newest checkpoint that reads back; each damaged newer one is moved aside with a
+        warning naming it (a truncated file must not end a days-long run)."""
+        tried = []
+        for step in sorted(self.checkpoints.all_steps(), reverse=True):
+            try:
+                params, opt_state, tstate, _ = self.checkpoints.restore(
+                    step, abstract_params=abstract_params, abstract_opt_state=abstract_opt)
+                return params, opt_state, tstate
+            except Exception as e:  # noqa: BLE001 (Orbax/TensorStore raise many types on damaged files)
+                reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                _sync_hosts(f"restore_failed_{step}")
+                moved = self.checkpoints.quarantine(step, move=self._is_chief)
+                _sync_hosts(f"quarantined_{step}")
+                tried.append(step)
+                warnings.warn(f"checkpoint {self.checkpoints.directory / str(step)} is damaged "
+                              f"({type(e).__name__}: {reason[:300]}); moved it to {moved} and trying the "
+                              f"checkpoint before it", RuntimeWarning, stacklevel=2)
+        raise ValueError(f"no intact checkpoint in {self.checkpoints.directory}: steps {tried} are all damaged "
+                         f"(moved to {self.checkpoints.directory}.corrupt); use a new MODEL_DIR or remove it")
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, params, source: BatchSource, *, decode_metrics: Optional[DecodeMetricsFn] = None,
@@ -430,9 +488,13 @@ class Trainer:
         self.best = (train_checkpoints.TrainCheckpoints(self.model_dir / "best", keep=1,
                                                         async_save=cfg.async_checkpointing, with_optimizer=False)
                      if cfg.keep_best and eval_source is not None else None)
+        self._signal: Optional[int] = None
+        handlers = self._install_signal_handlers()
         try:
             return self._loop(train, eval_source, decode_metrics, total_steps, example, step_allowed)
         finally:
+            for signum, previous in handlers.items():
+                signal.signal(signum, previous)
             self.checkpoints.wait()
             self.checkpoints.close()
             if self.best is not None:
@@ -446,21 +508,19 @@ class Trainer:
         step = int(tstate["step"])
         base_rng = jax.random.PRNGKey(cfg.seed)
         tstate.update(seed=cfg.seed, rng_key=[int(x) for x in np.asarray(base_rng).ravel()])
+        if tstate.get("initial_param_norm") is None:
+            with partitioning.mesh_context(self.mesh, self.rules):
+                tstate["initial_param_norm"] = float(_to_host(jax.jit(optax.tree.norm)(state.params)))
         train_step = self.program.train_step
-        in_len, out_len = example["encoder_input_tokens"].shape[1], example["decoder_input_tokens"].shape[1]
-        peak, peak_note = progress.peak_flops_per_device(jax.devices()[0].device_kind)
-        meter = progress.Throughput(
-            flops_per_step=flops.train_flops(self.model_config, cfg.batch_size, in_len, out_len),
-            peak_flops=peak * self.mesh.size if peak else None, total_steps=total_steps,
-            examples_per_step=cfg.batch_size, tokens_per_step=cfg.batch_size * (in_len + out_len))
+        meter = self._meter(example, total_steps)
         log = progress.MetricsLog(self.model_dir / "metrics.jsonl") if self._is_chief else None
+        if log is not None:
+            log.drop_after(step)    # rows of steps after the resumed checkpoint are logged again
         events = progress.EventWriter(self.model_dir / "tensorboard") if (cfg.tensorboard and self._is_chief) else None
-        self._say(f"mesh {dict(self.mesh.shape)}, {self.model_config.num_params() / 1e6:.1f}M params, "
-                  f"batch {cfg.batch_size} x {cfg.num_microbatches} microbatch(es), {total_steps} steps; "
-                  f"MFU peak: {peak_note}")
         pending: list[dict] = []
         last: dict[str, float] = {}
         stopped_early = compiled = capped = False
+        diverged = None
         if tstate.get("stopped_early"):
             self._say(f"this run already stopped early at step {step}; nothing to do")
             total_steps = step
@@ -487,13 +547,17 @@ class Trainer:
                         meter.start(step)
                     tstate["step"] = step
                     tstate["data_position"] = {"batches": int(tstate["data_position"]["batches"]) + 1}
+                    stop_signal = self._agreed_signal()
                     do_eval = eval_source is not None and (
                         (self._eval_period and step % self._eval_period == 0) or step == total_steps)
                     do_ckpt = (self._ckpt_period and step % self._ckpt_period == 0) or step == total_steps
+                    do_ckpt = do_ckpt or stop_signal is not None
                     logged = step % cfg.log_every == 0 or do_eval or do_ckpt
                     if logged:
-                        row = self._summarise(pending, step)
+                        row, diverged = self._summarise(pending, step, tstate)
                         pending = []
+                        if diverged:
+                            break
                         row.update(meter.report(step))
                         if do_eval:
                             row.update(self._eval_and_track(state, eval_source, decode_metrics, tstate, step))
@@ -504,6 +568,8 @@ class Trainer:
                         last = row
                     if do_ckpt:
                         self._save(state, tstate)
+                    if stop_signal is not None:
+                        self._stop_for_signal(stop_signal, step)
                     if logged:
                         meter.start(step)   # evaluation and checkpoint time stay out of throughput
                     if stopped_early:
@@ -511,16 +577,71 @@ class Trainer:
                                   f"{cfg.early_stopping_patience} evaluations")
                         break
                 if pending:
-                    last = self._summarise(pending, step)
-                    self._emit(last, step, total_steps, log, events)
-                    self._save(state, tstate)
+                    last, diverged = self._summarise(pending, step, tstate)
+                    if not diverged:
+                        self._emit(last, step, total_steps, log, events)
+                        self._save(state, tstate)
                 elif capped:
                     self._save(state, tstate)
         finally:
             if events is not None:
                 events.close()
+        if diverged:
+            self._say(diverged)
         return TrainResult(state, step, tstate.get("best_metric"), tstate.get("best_step"),
-                           stopped_early or bool(tstate.get("stopped_early")), last, stopped_by_budget=capped)
+                           stopped_early or bool(tstate.get("stopped_early")), last, stopped_by_budget=capped,
+                           diverged=diverged)
+
+    def _meter(self, example, total_steps: int) -> progress.Throughput:
+        cfg = self.config
+        in_len, out_len = example["encoder_input_tokens"].shape[1], example["decoder_input_tokens"].shape[1]
+        peak, peak_note = progress.peak_flops_per_device(jax.devices()[0].device_kind)
+        self._say(f"mesh {dict(self.mesh.shape)}, {self.model_config.num_params() / 1e6:.1f}M params, "
+                  f"batch {cfg.batch_size} x {cfg.num_microbatches} microbatch(es), {total_steps} steps; "
+                  f"MFU peak: {peak_note}")
+        return progress.Throughput(
+            flops_per_step=flops.train_flops(self.model_config, cfg.batch_size, in_len, out_len),
+            peak_flops=peak * self.mesh.size if peak else None, total_steps=total_steps,
+            examples_per_step=cfg.batch_size, tokens_per_step=cfg.batch_size * (in_len + out_len))
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGINT set a flag the loop acts on after the step in flight; a second SIGINT
+        raises KeyboardInterrupt at once. Only from the main thread (Python's rule)."""
+        if not self.config.handle_signals or threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._signal = signum
+            if self._is_chief:
+                print(f"{signal.Signals(signum).name}: stopping after the current step and saving a "
+                      f"checkpoint" + (" (Ctrl-C again to stop at once, without saving)"
+                                       if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+
+        return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def _agreed_signal(self) -> Optional[int]:
+        """This host's stop signal; on several hosts, the first signal any host got (an all-gather
+        of the flags after every step), so every host stops and saves at the same step."""
+        if jax.process_count() == 1:
+            return self._signal
+        from jax.experimental import multihost_utils
+
+        flags = np.asarray(multihost_utils.process_allgather(np.int32(self._signal or 0)))
+        got = [int(f) for f in flags.ravel() if f]
+        return got[0] if got else None
+
+    def _stop_for_signal(self, signum: int, step: int) -> None:
+        self.checkpoints.wait()
+        if self.best is not None:
+            self.best.wait()
+        code = 128 + signum
+        if self._is_chief:
+            print(f"{signal.Signals(signum).name}: saved step {step} in {self.checkpoints.directory}; exiting with "
+                  f"code {code}. Rerun the same command to resume.", file=sys.stderr, flush=True)
+        raise TrainingPreempted(signum, step)
 
     @staticmethod
     def _period(value, steps_per_epoch: Optional[int], name: str) -> Optional[int]:
@@ -530,20 +651,12 @@ class Trainer:
             raise ValueError(f"{name}='epoch' needs a training source that knows its epoch size")
         return steps_per_epoch
 
-    def _summarise(self, pending: list[dict], step: int) -> dict[str, float]:
-        """Fetches the pending step metrics; stops training if any step was non-finite."""
+    def _summarise(self, pending: list[dict], step: int, tstate: dict) -> tuple[dict[str, float], Optional[str]]:
+        """Fetches the pending step metrics: `(row, None)`, or `({}, why)` when a step diverged."""
         got = jax.device_get(pending)
-        first = step - len(got) + 1
-        bad = [(first + i, float(m["loss"]), float(m["grad_norm"])) for i, m in enumerate(got) if m["nonfinite"]]
-        if bad:
-            latest = self.checkpoints.latest_step()
-            where = (f"the last good checkpoint is step {latest} in {self.checkpoints.directory}"
-                     if latest is not None else "no checkpoint had been saved yet")
-            s, loss, norm = bad[0]
-            raise NonFiniteLossError(
-                f"loss became non-finite (NaN/inf in the loss or gradients) at step {s} (loss {loss:.6g}, "
-                f"gradient norm {norm:.6g}); training stopped without saving; {where}. Lower the learning "
-                f"rate or check the data.")
+        diverged = self._divergence(got, step - len(got) + 1, tstate)
+        if diverged:
+            return {}, diverged
         tokens = sum(float(m["num_tokens"]) for m in got)
         row = dict(step=step, loss=float(np.mean([float(m["loss"]) for m in got])),
                    loss_per_token=sum(float(m["nll_sum"]) for m in got) / max(tokens, 1.0),
@@ -551,8 +664,32 @@ class Trainer:
                    z_loss=float(np.mean([float(m["z_loss"]) for m in got])),
                    **({"kd_loss": float(np.mean([float(m["kd_loss"]) for m in got]))}
                       if self.config.loss.kd_weight > 0 else {}),
-                   learning_rate=float(got[-1]["learning_rate"]), grad_norm=float(got[-1]["grad_norm"]))
-        return row
+                   learning_rate=float(got[-1]["learning_rate"]), grad_norm=float(got[-1]["grad_norm"]),
+                   param_norm=float(got[-1]["param_norm"]))
+        return row, None
+
+    def _divergence(self, got: list[dict], first: int, tstate: dict) -> Optional[str]:
+        """Why the first diverged step of `got` (steps from `first`) diverged, or None."""
+        cfg = self.config
+        latest = self.checkpoints.latest_step()
+        where = (f"the last good checkpoint is step {latest} in {self.checkpoints.directory}"
+                 if latest is not None else "no checkpoint had been saved yet")
+        limit = (cfg.max_param_growth * tstate["initial_param_norm"]
+                 if cfg.max_param_growth and tstate.get("initial_param_norm") else None)
+        for i, m in enumerate(got):
+            s, loss, norm, pnorm = first + i, float(m["loss"]), float(m["grad_norm"]), float(m["param_norm"])
+            if m["nonfinite"]:
+                what = "loss became non-finite (NaN/inf in the loss or gradients)"
+            elif cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
+                what = f"gradient norm exploded past max_grad_norm={cfg.max_grad_norm:g}"
+            elif limit is not None and pnorm > limit:
+                what = (f"parameter norm grew past {cfg.max_param_growth:g} x its initial "
+                        f"{tstate['initial_param_norm']:.6g} (max_param_growth)")
+            else:
+                continue
+            return (f"{what} at step {s} (loss {loss:.6g}, gradient norm {norm:.6g}, parameter norm {pnorm:.6g}); "
+                    f"training stopped without saving; {where}. Lower the learning rate or check the data.")
+        return None
 
     def _eval_and_track(self, state, eval_source, decode_metrics, tstate, step) -> dict[str, float]:
         cfg = self.config
@@ -596,6 +733,14 @@ class Trainer:
             print(text, flush=True)
 
 
+def _sync_hosts(name: str) -> None:
+    """A barrier across hosts (nothing on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _to_host(x) -> np.ndarray:
     """The full value of a (possibly multi-host) global array on every host."""
     if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -618,4 +763,4 @@ def token_sequence_accuracy(predictions: np.ndarray, batches: Sequence[Mapping[s
 
 
 __all__ = ["CheckpointMismatchError", "NonFiniteLossError", "TrainConfig", "TrainResult", "TrainState",
-           "Trainer", "check_params_match", "load_initial_params", "token_sequence_accuracy"]
+           "Trainer", "TrainingPreempted", "check_params_match", "load_initial_params", "token_sequence_accuracy"]

@@ -121,11 +121,7 @@ def test_vocab_build_writes_a_t5_style_model(doa, doa_data, tmp_path):
     assert spec["vocab_size"] == spec["pieces"] + 100 and spec["pieces"] <= 300
 
 
-def test_download_fetches_a_cards_urls(doa, tmp_path, monkeypatch):
-    """A user's card whose URLs are local files: download copies and checks them."""
-    src = _jsonl(tmp_path / "remote.json", [{"source": f"q{i}", "target": "a"} for i in range(10)])
-    card = tmp_path / "toy.toml"
-    card.write_text(f"""
+TOY_CARD = """
 name = "toy"
 input_prefix = "toy: "
 metric = "squad"
@@ -135,26 +131,80 @@ annotation_cost_usd = 0.1
 inputs = 16
 targets = 8
 [data]
-files = {{ all = "toy_all.json" }}
-urls = {{ all = "{src.as_uri()}" }}
+files = {{ all = "{file}" }}
+urls = {{ all = "{url}" }}
 [pools]
 carve_from = "all"
 fractions = {{ test = 0.2, validation = 0.2, unlabeled = 0.3, train = 0.3 }}
-""")
+"""
+
+
+def _serve(monkeypatch, pages: dict):
+    """`urllib.request.urlopen` answering from `pages` (url -> bytes); nothing reaches the network."""
+    import io
+    import urllib.error
+    import urllib.request
+
+    def urlopen(url, timeout=None):
+        if url not in pages:
+            raise urllib.error.URLError(f"404 {url}")
+        return io.BytesIO(pages[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def test_download_fetches_a_cards_urls(doa, tmp_path, monkeypatch):
+    """A user's card: download fetches its https URL and checks the file."""
+    text = "".join(json.dumps({"source": f"q{i}", "target": "a"}) + "\n" for i in range(10))
+    url = "https://example.org/toy_all.json"
+    _serve(monkeypatch, {url: text.encode()})
+    (tmp_path / "toy.toml").write_text(TOY_CARD.format(file="toy_all.json", url=url))
     monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
     dest = tmp_path / "data"
     code, out, _ = doa("data", "download", "toy", "--data-dir", dest)
-    assert code == 0 and (dest / "toy_all.json").read_text() == src.read_text()
+    assert code == 0 and (dest / "toy_all.json").read_text() == text
     assert "(10 examples)" in out
     code, out, _ = doa("data", "download", "toy", "--data-dir", dest)
     assert "is there" in out
 
 
 def test_download_failure_is_one_clear_line(doa, tmp_path, monkeypatch):
-    card = tmp_path / "toy.toml"
-    card.write_text(cards.load_card("nq").path.read_text().replace('name = "nq"', 'name = "toy"').replace(
-        "https://raw.githubusercontent.com/jm-kang/Distill-or-Annotate/main/nq/nq_dev_all.json",
-        (tmp_path / "missing.json").as_uri()))
+    _serve(monkeypatch, {})
+    (tmp_path / "toy.toml").write_text(TOY_CARD.format(file="toy_all.json", url="https://example.org/gone.json"))
     monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
     code, _, err = doa("data", "download", "toy", "--data-dir", tmp_path / "d")
-    assert code == 2 and "could not download" in err and err.count("\n") == 1
+    assert code == 2 and "could not download https://example.org/gone.json" in err and err.count("\n") == 1
+
+
+def test_download_refuses_a_file_url(doa, tmp_path, monkeypatch):
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"source": "s", "target": "t"}) + "\n")
+    (tmp_path / "toy.toml").write_text(TOY_CARD.format(file="toy_all.json", url=secret.as_uri()))
+    monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
+    code, _, err = doa("data", "download", "toy", "--data-dir", tmp_path / "d")
+    assert code == 2 and err.count("\n") == 1
+    assert f"[data.urls] all = '{secret.as_uri()}': only https:// URLs are downloaded" in err
+    assert not (tmp_path / "d" / "toy_all.json").exists()
+
+
+def test_download_refuses_a_file_name_outside_the_data_folder(doa, tmp_path, monkeypatch):
+    url = "https://example.org/toy_all.json"
+    _serve(monkeypatch, {url: (json.dumps({"source": "s", "target": "t"}) + "\n").encode()})
+    (tmp_path / "toy.toml").write_text(TOY_CARD.format(file="../escaped.json", url=url))
+    monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
+    code, _, err = doa("data", "download", "toy", "--data-dir", tmp_path / "d")
+    assert code == 2 and "files.all: '../escaped.json' must be a relative path inside the data folder" in err
+    assert not (tmp_path / "escaped.json").exists()
+
+
+def test_download_refuses_a_file_name_through_a_link_out_of_the_folder(doa, tmp_path, monkeypatch):
+    url = "https://example.org/toy_all.json"
+    _serve(monkeypatch, {url: (json.dumps({"source": "s", "target": "t"}) + "\n").encode()})
+    (tmp_path / "toy.toml").write_text(TOY_CARD.format(file="out/escaped.json", url=url))
+    monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "d" / "out").symlink_to(tmp_path / "elsewhere")
+    code, _, err = doa("data", "download", "toy", "--data-dir", tmp_path / "d")
+    assert code == 2 and "[data.files] all = 'out/escaped.json' points outside the data folder" in err
+    assert not (tmp_path / "elsewhere" / "escaped.json").exists()

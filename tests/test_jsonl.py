@@ -76,3 +76,30 @@ def test_predictions_need_a_prediction_string(tmp_path):
         jsonl.load_predictions(p)
     ok = _write(tmp_path / "ok.jsonl", [json.dumps({"inputs": {"a": 1}, "prediction": "YES"})])
     assert jsonl.load_predictions(ok) == ["YES"]
+
+
+def test_bytes_that_are_not_utf8_name_the_file_line_and_column(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes((GOOD + "\n").encode() + '{"source": "caf\u00e9", "target": "t"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        jsonl.load_examples(p)
+
+
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\n").encode())
+    assert jsonl.load_examples(p).examples[0]["source"] == "Mix reagents."
+
+
+def test_an_empty_file_is_an_error(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl: no examples \(the file is empty\)"):
+        jsonl.load_examples(p)
+    assert jsonl.load_examples(p, allow_empty=True).examples == []
+
+
+def test_a_file_whose_every_line_is_skipped_is_an_error(tmp_path):
+    p = _write(tmp_path / "train.jsonl", ["[1]", "{}"])
+    with pytest.raises(ValueError, match=r"train\.jsonl: no examples \(2 line\(s\) skipped\)"):
+        jsonl.load_examples(p, skip_bad=True)

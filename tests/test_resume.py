@@ -1,5 +1,7 @@
-"""Preemption: a run killed with SIGKILL (mid-training, or mid-checkpoint-save) and rerun with the
-same command ends with the parameters of an uninterrupted run."""
+"""Preemption: a run killed with SIGKILL (mid-training, mid-checkpoint-save, between the best and
+the step checkpoint), stopped with SIGTERM or Ctrl-C, or left with a damaged newest checkpoint, and
+rerun with the same command, ends with the parameters of an uninterrupted run and one metrics row
+per step."""
 import json
 import os
 import pathlib
@@ -89,6 +91,7 @@ def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(uninterrup
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resumed the full train state from {model_dir / 'checkpoints'} at step {latest}" in rerun.stdout
     _assert_same_params(_final(model_dir), want)
+    assert _logged_steps(model_dir) == list(range(1, 25))        # steps 9-10 are not logged twice
 
 
 def test_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_usable(uninterrupted):
@@ -110,3 +113,80 @@ def jax_leaves(tree):
     import jax
 
     return jax.tree_util.tree_leaves(tree)
+
+
+def test_kill_after_the_best_checkpoint_before_the_step_checkpoint_resumes(uninterrupted):
+    base, env, want = uninterrupted
+    model_dir = base / "killed_after_best"
+    proc = _start(model_dir, "hang_after_best", env)
+    _kill_when(proc, lambda: (model_dir / "saving_8").exists())
+    assert (model_dir / "best" / "8").is_dir() and not (model_dir / "checkpoints" / "8").exists()
+    rerun = _run(model_dir, "eval", env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "at step 4" in rerun.stdout and "already exists" not in rerun.stderr
+    _assert_same_params(_final(model_dir), want)        # dev evaluation does not change training
+
+
+def _truncate_largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
+    files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return victim
+
+
+def _committed(model_dir) -> list[int]:
+    folder = pathlib.Path(model_dir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.glob("[0-9]*") if (p / "_CHECKPOINT_METADATA").exists()) \
+        if folder.is_dir() else []
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(uninterrupted):
+    base, env, want = uninterrupted
+    model_dir = base / "damaged"
+    proc = _start(model_dir, "slow", env)
+    _kill_when(proc, lambda: len(_committed(model_dir)) >= 2)
+    *_, previous, newest = _committed(model_dir)
+    _truncate_largest_data_file(model_dir / "checkpoints" / str(newest))
+    rerun = _run(model_dir, "normal", env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"checkpoint {model_dir / 'checkpoints' / str(newest)} is damaged" in rerun.stderr
+    assert f"at step {previous}" in rerun.stdout and "Traceback" not in rerun.stderr
+    assert [p.name.split("-")[0] for p in (model_dir / "checkpoints.corrupt").iterdir()] == [str(newest)]
+    _assert_same_params(_final(model_dir), want)
+
+
+def test_sigterm_finishes_the_step_saves_it_and_exits_143_then_resumes(uninterrupted):
+    base, env, want = uninterrupted
+    model_dir = base / "sigterm"
+    proc = _start(model_dir, "slow", env)
+    deadline = time.time() + 300
+    while not any(s >= 10 for s in _logged_steps(model_dir)):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out[-3000:]
+    stopped = max(_logged_steps(model_dir))
+    assert f"SIGTERM: saved step {stopped} in {model_dir / 'checkpoints'}; exiting with code 143" in out
+    assert TrainCheckpoints(model_dir / "checkpoints").latest_step() == stopped < 24
+    rerun = _run(model_dir, "normal", env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"at step {stopped}" in rerun.stdout
+    _assert_same_params(_final(model_dir), want)
+    assert _logged_steps(model_dir) == list(range(1, 25))
+
+
+def test_ctrl_c_saves_and_exits_130_without_a_traceback(uninterrupted):
+    base, env, _ = uninterrupted
+    model_dir = base / "sigint"
+    proc = _start(model_dir, "slow", env)
+    deadline = time.time() + 300
+    while not any(s >= 6 for s in _logged_steps(model_dir)):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    stopped = max(_logged_steps(model_dir))
+    assert f"SIGINT: saved step {stopped} in" in out
+    assert TrainCheckpoints(model_dir / "checkpoints").latest_step() == stopped

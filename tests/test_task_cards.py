@@ -112,6 +112,13 @@ def test_a_users_own_card_loads(tmp_path):
         (lambda s: s.replace("unlabeled = 0.2, train = 0.2", "train = 0.4"),
          r"split 'unlabeled' must come from exactly one .*\(neither given\)"),
         (lambda s: s + "\n[[oops", r"toy\.toml: not valid TOML"),
+        (lambda s: s.replace('name = "toy"', 'name = "../../plots/x"'),
+         r"toy\.toml: name '\.\./\.\./plots/x' is not a safe task name"),
+        (lambda s: s.replace('name = "toy"', 'name = "a b"'), r"toy\.toml: name 'a b' is not a safe task name"),
+        (lambda s: s.replace('all = "all.jsonl"', 'all = "/etc/passwd"'),
+         r"\[data\]: files\.all: '/etc/passwd' must be a relative path inside the data folder"),
+        (lambda s: s.replace('[data]\n', '[data]\nsubdir = "../.."\n'),
+         r"\[data\]: subdir: '\.\./\.\.' must be a relative path inside the data folder"),
     ],
 )
 def test_bad_cards_name_the_file_and_field(tmp_path, edit, message):

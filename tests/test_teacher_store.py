@@ -96,3 +96,40 @@ def test_a_bad_t5x_line_names_file_and_line(tmp_path):
     path.write_text(json.dumps({"inputs": {"inputs_pretokenized": "x"}, "prediction": "y"}) + "\n{\"oops\": 1}\n")
     with pytest.raises(ValueError, match=r"00001:2: not a T5X infer line"):
         ts.read_t5x_infer_jsonl(path)
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_truncated_chunk_is_recomputed_with_a_warning_naming_the_file(tmp_path):
+    sources, enc = inputs(10)
+    store = ts.TeacherStore(tmp_path, "k")
+    store.build(sources, enc, CountingTeacher(), detok, chunk_size=4)
+    bad = tmp_path / "k" / "chunk_00001.npz"
+    _truncate(bad)
+    assert not store.is_complete()
+    rerun = CountingTeacher()
+    with pytest.warns(RuntimeWarning, match=f"{bad} does not match its checksum .*; recomputing chunk 1"):
+        stats = store.build(sources, enc, rerun, detok, chunk_size=4)
+    assert (stats.reused_chunks, stats.computed_chunks, rerun.rows) == (2, 1, 4)
+    np.testing.assert_array_equal(store.load().topk_values, CountingTeacher()(enc)["topk_values"])
+
+
+def test_an_altered_predictions_file_fails_its_checksum(tmp_path):
+    sources, enc = inputs(4)
+    store = ts.TeacherStore(tmp_path, "k")
+    store.build(sources, enc, CountingTeacher(), detok, chunk_size=4)
+    lines = tmp_path / "k" / "chunk_00000.jsonl"
+    lines.write_text(lines.read_text().replace("sentence 2", "sentence 9"))
+    assert store.chunk_problem(0) == f"{lines} does not match its checksum (truncated or altered on disk)"
+
+
+def test_loading_a_store_with_a_truncated_chunk_names_the_file(tmp_path):
+    sources, enc = inputs(8)
+    store = ts.TeacherStore(tmp_path, "k")
+    store.build(sources, enc, CountingTeacher(), detok, chunk_size=4)
+    _truncate(tmp_path / "k" / "chunk_00000.npz", keep=0.9)
+    with pytest.raises(FileNotFoundError, match=r"chunk_00000\.npz does not match its checksum .*; build it again"):
+        store.load()

@@ -64,8 +64,66 @@ def test_initial_checkpoint_of_another_size(tmp_path, capsys):
     assert "token_embedder/embedding expected (32128, 8) found (64, 8)" in line
 
 
-def test_nan_loss_stops_with_one_line(tmp_path, capsys):
+def test_exploding_parameters_stop_with_one_line(tmp_path, capsys):
     argv = SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin.LEARNING_RATE=1e12", "--gin.CHECKPOINT_PERIOD=1"]
     assert cli.main(argv) == 2
     line = _error_line(capsys)
-    assert "loss became non-finite" in line and "the last good checkpoint is step 1 in" in line
+    assert "parameter norm grew past 100 x its initial" in line and "at step 1 " in line
+    assert "no checkpoint had been saved yet" in line and not (tmp_path / "checkpoints" / "1").exists()
+
+
+def test_a_misspelled_macro_is_an_error_with_a_did_you_mean(tmp_path, capsys):
+    assert cli.main(SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin.TRAIN_STEPSS=5"]) == 2
+    assert _error_line(capsys) == (
+        "doa train: error: --gin.TRAIN_STEPSS: unknown gin macro TRAIN_STEPSS (no loaded gin file defines "
+        "or uses it); did you mean TRAIN_STEPS or TRAIN_DATA?")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_flag(tmp_path, capsys):
+    assert cli.main(SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin.TRAIN_STEPS=5.5"]) == 2
+    assert _error_line(capsys) == ("doa train: error: TrainConfig: train_steps must be int or None, got 5.5 "
+                                   "(train_steps = %TRAIN_STEPS from --gin.TRAIN_STEPS)")
+
+
+def test_a_value_of_the_wrong_type_in_a_gin_file_names_its_line(tmp_path, capsys):
+    run = tmp_path / "run.gin"
+    run.write_text("include 'runs/smoke.gin'\n\nBATCH_SIZE = 'eight'\n")
+    assert cli.main(["train", "--gin_file", "models/t5_1_1_tiny.gin", "--gin_file", str(run),
+                     f"--gin.MODEL_DIR={tmp_path}"]) == 2
+    assert _error_line(capsys) == ("doa train: error: TrainConfig: batch_size must be int, got 'eight' "
+                                   f"(batch_size = %BATCH_SIZE from {run}:3)")
+
+
+def test_a_gin_syntax_error_is_one_line_with_file_and_line(tmp_path, capsys):
+    run = tmp_path / "run.gin"
+    run.write_text("include 'runs/smoke.gin'\nBATCH_SIZE = 8 8\n")
+    assert cli.main(["train", "--gin_file", "models/t5_1_1_tiny.gin", "--gin_file", str(run),
+                     f"--gin.MODEL_DIR={tmp_path}"]) == 2
+    assert _error_line(capsys) == f"doa train: error: {run}:2: gin syntax error: Expected newline.: BATCH_SIZE = 8 8"
+
+
+def test_an_unclosed_bracket_names_the_line_it_opens_on(tmp_path, capsys):
+    run = tmp_path / "run.gin"
+    run.write_text("include 'runs/smoke.gin'\nTASK_FEATURE_LENGTHS = {'inputs': 8,\n\n")
+    assert cli.main(["train", "--gin_file", "models/t5_1_1_tiny.gin", "--gin_file", str(run),
+                     f"--gin.MODEL_DIR={tmp_path}"]) == 2
+    assert _error_line(capsys) == (f"doa train: error: {run}:2: gin syntax error: EOF in multi-line statement "
+                                   "(a bracket left open)")
+
+
+def test_a_syntax_error_in_a_flag_names_the_flag(tmp_path, capsys):
+    assert cli.main(SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin_bindings", "BATCH_SIZE = 8 8"]) == 2
+    assert _error_line(capsys) == ("doa train: error: --gin.BATCH_SIZE (BATCH_SIZE = 8 8): gin syntax error: "
+                                   "Expected newline.")
+
+
+def test_a_bad_value_in_an_included_file_names_that_file_and_line(tmp_path, capsys):
+    base = tmp_path / "base.gin"
+    base.write_text("include 'runs/smoke.gin'\nNUM_MICROBATCHES = 'two'\n")
+    run = tmp_path / "run.gin"
+    run.write_text(f"include '{base}'\n")
+    assert cli.main(["train", "--gin_file", "models/t5_1_1_tiny.gin", "--gin_file", str(run),
+                     f"--gin.MODEL_DIR={tmp_path}"]) == 2
+    assert _error_line(capsys) == ("doa train: error: TrainConfig: num_microbatches must be int, got 'two' "
+                                   f"(num_microbatches = %NUM_MICROBATCHES from {base}:2)")

@@ -1,5 +1,7 @@
 """The fine-tuning loop: learning, microbatches, epochs, evaluation, best/last checkpoints, early
 stopping, NaN handling, and starting from a pretrained checkpoint."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,8 @@ from doa_jax.checkpoints import load_checkpoint, save_checkpoint
 from doa_jax.model import Transformer
 from doa_jax.optimizers import OptimizerConfig
 from doa_jax.data.batches import ArrayBatches
-from doa_jax.trainer import (CheckpointMismatchError, NonFiniteLossError, Trainer,
-                             token_sequence_accuracy)
+from doa_jax.checkpoints.steps import TrainCheckpoints
+from doa_jax.trainer import CheckpointMismatchError, Trainer, token_sequence_accuracy
 from train_helpers import (copy_arrays, eval_source, flat, metric_rows, run_config, tiny_config,
                            train_source)
 
@@ -77,14 +79,34 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     # A learning rate that jumps to 1e12 after step 4 makes the parameters blow up.
     blow_up = OptimizerConfig(name="adamw", learning_rate=1.0,
                               schedule=optax.piecewise_constant_schedule(1e-3, {4: 1e12}))
-    cfg = run_config(tmp_path, train_steps=30, checkpoint_every=2, optimizer=blow_up)
-    with pytest.raises(NonFiniteLossError, match=r"loss became non-finite .* at step (\d+).* last good "
-                                                  r"checkpoint is step 4 in .*checkpoints") as err:
-        Trainer(tiny_config(), cfg).fit(train_source(16))
-    assert int(err.value.args[0].split("at step ")[1].split(" ")[0]) in (5, 6)
+    cfg = run_config(tmp_path, train_steps=30, checkpoint_every=2, optimizer=blow_up, max_param_growth=None)
+    result = Trainer(tiny_config(), cfg).fit(train_source(16))
+    assert re.match(r"loss became non-finite .* at step (5|6) .* last good checkpoint is step 4 in .*checkpoints",
+                    result.diverged)
+    assert result.step in (5, 6)
     config, params = load_checkpoint(tmp_path / "checkpoints")
     assert all(np.all(np.isfinite(v)) for v in flat(params).values())
     assert [r["step"] for r in metric_rows(tmp_path)] == [1, 2, 3, 4, 5][: len(metric_rows(tmp_path))]
+
+
+def test_exploding_parameters_stop_the_run_as_diverged(tmp_path):
+    # lr 1e12 from step 5 multiplies the parameter norm by ~1e9 at once, yet stays finite (adam's
+    # update is bounded by the learning rate).
+    blow_up = OptimizerConfig(name="adamw", learning_rate=1.0,
+                              schedule=optax.piecewise_constant_schedule(1e-3, {4: 1e12}))
+    cfg = run_config(tmp_path, train_steps=30, checkpoint_every=2, optimizer=blow_up, max_param_growth=100.0)
+    result = Trainer(tiny_config(), cfg).fit(train_source(16))
+    assert re.match(r"parameter norm grew past 100 x its initial [\d.]+ \(max_param_growth\) at step 5 ",
+                    result.diverged), result.diverged
+    assert TrainCheckpoints(tmp_path / "checkpoints").latest_step() == 4
+    assert max(r["step"] for r in metric_rows(tmp_path)) == 4
+
+
+def test_a_gradient_norm_over_the_limit_stops_the_run(tmp_path):
+    cfg = run_config(tmp_path, train_steps=5, max_grad_norm=1e-6)
+    result = Trainer(tiny_config(), cfg).fit(train_source(16))
+    assert result.diverged.startswith("gradient norm exploded past max_grad_norm=1e-06 at step 1 ")
+    assert result.step == 1 and not (tmp_path / "checkpoints" / "1").exists()
 
 
 def test_initial_checkpoint_params_only_and_the_result_loads_as_a_model(tmp_path):

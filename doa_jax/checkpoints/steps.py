@@ -9,11 +9,15 @@ best dev metric, early-stopping counter).
 Saves are asynchronous (the device->host copy blocks, the writes do not) and atomic: Orbax writes
 into a temporary directory and renames it when complete, so a process killed during a save leaves
 the previous step as the latest usable checkpoint (leftover temporary directories are removed
-when a manager is opened again).
+when a manager is opened again). Saving a step that is already committed is a no-op (a resumed run
+replays steps bit-identically, so the committed step already holds that state): a run killed
+between two saves of one step (e.g. after `best/<step>`, before `checkpoints/<step>`) resumes.
+A step whose files are damaged can be moved aside (`quarantine`) so the one before is used.
 """
 from __future__ import annotations
 
 import pathlib
+import time
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
@@ -44,12 +48,16 @@ class TrainCheckpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, *, params: Any, model_config, trainer_state: dict[str, Any],
-             opt_state: Any = None) -> None:
-        """Starts saving `step` (returns once arrays are copied off the devices)."""
+             opt_state: Any = None) -> bool:
+        """Starts saving `step` (returns once arrays are copied off the devices); False (nothing
+        written) when `step` is already committed here."""
+        if step in self.manager.all_steps():
+            return False
         items = dict(model_items(model_config, params), trainer_state=ocp.args.JsonSave(trainer_state))
         if self.with_optimizer:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        return True
 
     def restore(self, step: Optional[int], *, abstract_params: Any, abstract_opt_state: Any = None
                 ) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
@@ -68,6 +76,17 @@ class TrainCheckpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         opt_state = out["opt_state"] if "opt_state" in items else None
         return out["params"], opt_state, dict(out["trainer_state"]), dict(out["config"])
+
+    def quarantine(self, step: int, *, move: bool = True) -> pathlib.Path:
+        """Moves the damaged `step` to `<directory>.corrupt/<step>-<time>` (kept for inspection, out
+        of the manager's sight) and rereads the step list. With `move=False` (non-chief hosts) only
+        rereads. Returns where the step went."""
+        dest = self.directory.with_name(self.directory.name + ".corrupt") / f"{step}-{int(time.time())}"
+        if move:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(dest)
+        self.manager.reload()
+        return dest
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -45,6 +45,14 @@ def download_dir(card, data_dir=None) -> pathlib.Path:
     return (pathlib.Path(root) if root else cards.CACHE_DATA) / card.subdir
 
 
+def confined(folder: pathlib.Path, name: str, where: str) -> pathlib.Path:
+    """`folder / name`, refused (ValueError naming `where`) when it resolves outside `folder`."""
+    dest = (folder / name).resolve()
+    if not dest.is_relative_to(folder.resolve()):
+        raise ValueError(f"{where} = {name!r} points outside the data folder {folder}")
+    return folder / name
+
+
 def run_download(args) -> int:
     import urllib.error
     import urllib.request
@@ -58,18 +66,21 @@ def run_download(args) -> int:
         for key, filename in card.files.items():
             if key not in card.urls:
                 raise ValueError(f"{card.path}: [data.urls] has no URL for {key!r}")
-            dest = folder / filename
+            url = card.urls[key]
+            if not url.lower().startswith("https://"):
+                raise ValueError(f"{card.path}: [data.urls] {key} = {url!r}: only https:// URLs are downloaded")
+            dest = confined(folder, filename, f"{card.path}: [data.files] {key}")
             if dest.exists() and not args.force:
                 print(f"{card.name}: {dest} is there (use --force to download again)")
                 continue
             part = dest.with_name(dest.name + ".part")
             try:
-                with urllib.request.urlopen(card.urls[key], timeout=60) as r, open(part, "wb") as f:
+                with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
                     while chunk := r.read(1 << 20):
                         f.write(chunk)
             except (urllib.error.URLError, OSError) as e:
                 part.unlink(missing_ok=True)
-                raise ValueError(f"{card.name}: could not download {card.urls[key]} ({e})") from None
+                raise ValueError(f"{card.name}: could not download {url} ({e})") from None
             loaded = jsonl.load_examples(part, require_target=False, empty_targets="keep")
             part.replace(dest)
             print(f"{card.name}: {dest} ({len(loaded.examples)} examples)")

@@ -6,6 +6,8 @@ Gin files are parsed in order (a model size first, then the run file, then exper
       --gin.BATCH_SIZE=32 --gin.EPOCHS=20 --gin.TRAIN_STEPS=None \\
       --gin.INITIAL_CHECKPOINT_PATH=/ckpt/t5-v1_1-small --gin.TASK_FEATURE_LENGTHS=None
 Rerunning the same command after a preemption resumes from MODEL_DIR's last checkpoint.
+SIGTERM or Ctrl-C: the current step finishes, a checkpoint of it is saved, and the command exits
+with code 143 (SIGTERM) or 130 (SIGINT); see README "Preemption". Divergence exits with code 2.
 Multi-host GPU: add --coordinator_address host:port --num_processes N --process_id I on every
 host (Cloud TPU VMs: --multihost).
 """
@@ -31,6 +33,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Ctrl-C before or after training (outside the trainer's own handling) exits 130, no traceback."""
+    import signal
+    import sys
+
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("doa train: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+
+
+def _run(args: argparse.Namespace) -> int:
     from doa_jax import configurables, gin_utils, partitioning
     from doa_jax.cli import UserError
 
@@ -38,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                         auto=args.multihost)
     configurables.register()
-    gin_utils.parse_flags(args)
+    gin_utils.parse_flags(args, known_macros=("EVAL_DATA", "DECODE_EVAL"))
     try:
         model_config = gin_utils.macro("MODEL_CONFIG")
     except ValueError:
@@ -55,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
-    from doa_jax.trainer import NonFiniteLossError, Trainer
+    from doa_jax.trainer import Trainer
 
     trainer = Trainer(model_config, train_config)   # builds the mesh: bad mesh sizes fail here
     partitioning.check_batch_size(train_config.batch_size, trainer.mesh, jax.process_count(),
@@ -69,10 +83,9 @@ def run(args: argparse.Namespace) -> int:
     eval_source = None if eval_data is None else eval_data.source(
         train_config.batch_size, train=False, shard_index=shard.index, num_shards=shard.num_shards)
     decode_metrics = eval_data.decode_metrics() if (eval_data is not None and decode_eval) else None
-    try:
-        result = trainer.fit(train_source, eval_source, decode_metrics=decode_metrics)
-    except NonFiniteLossError as e:
-        raise UserError(str(e)) from None
+    result = trainer.fit(train_source, eval_source, decode_metrics=decode_metrics)
+    if result.diverged:
+        raise UserError(result.diverged)
     best = "" if result.best_metric is None else (
         f"; best {train_config.eval_metric} {result.best_metric:.4g} at step {result.best_step}")
     print(f"done: step {result.step}{' (early stop)' if result.stopped_early else ''}{best}; "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import tomllib
 from typing import Any, Mapping
 
@@ -28,6 +29,10 @@ CACHE_DATA = pathlib.Path(os.path.expanduser("~/.cache/doa_jax/data"))
 
 SPLITS = ("train", "unlabeled", "validation", "test")  # train = the labeled pool
 EMPTY_TARGET_POLICIES = ("error", "skip", "keep")
+
+
+# A task name becomes part of paths (plots, data folders, output files): letters, digits, `_`, `-`.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class CardError(ValueError):
@@ -108,10 +113,22 @@ def _get(table: Mapping[str, Any], key: str, kind, where: str, default=dataclass
     return value
 
 
+def _check_relative(value: str, where: str) -> str:
+    """`value` as a path that stays inside its folder (relative, no `..`), else a CardError."""
+    p = pathlib.PurePosixPath(value.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or (value[1:2] == ":"):
+        raise CardError(f"{where}: {value!r} must be a relative path inside the data folder (no '..', "
+                        f"not absolute)")
+    return value
+
+
 def parse_card(raw: Mapping[str, Any], path: pathlib.Path) -> Card:
     """Validates a parsed TOML table; errors name the card file and field."""
     where = str(path)
     name = _get(raw, "name", str, where)
+    if not NAME_PATTERN.fullmatch(name):
+        raise CardError(f"{where}: name {name!r} is not a safe task name (1-64 letters, digits, '_' or '-', "
+                        f"starting with a letter or digit); it becomes part of file paths")
     lengths = _get(raw, "lengths", dict, where)
     feature_lengths = {}
     for feat in ("inputs", "targets"):
@@ -144,6 +161,8 @@ def parse_card(raw: Mapping[str, Any], path: pathlib.Path) -> Card:
         for k, v in table.items():
             if not isinstance(v, str) or not v:
                 raise CardError(f"{dwhere}: {table_name}.{k} must be a non-empty string")
+    for k, v in files.items():
+        _check_relative(v, f"{dwhere}: files.{k}")
     unknown_urls = set(urls) - set(files)
     if unknown_urls:
         raise CardError(f"{dwhere}: urls {sorted(unknown_urls)} have no entry in files")
@@ -185,7 +204,7 @@ def parse_card(raw: Mapping[str, Any], path: pathlib.Path) -> Card:
         entity_types=entity_types,
         files=files,
         urls=urls,
-        subdir=_get(data, "subdir", str, dwhere, name),
+        subdir=_check_relative(_get(data, "subdir", str, dwhere, name), f"{dwhere}: subdir"),
         empty_targets=empty_targets,
         carve_from=carve_from if fractions else None,
         pool_fractions=fractions,

@@ -23,21 +23,34 @@ class Loaded:
     skipped: list[tuple[int, str]]
 
 
-def iter_objects(path: str | os.PathLike) -> Iterator[tuple[int, Any | ValueError]]:
-    """(line number, parsed object) for each non-blank line; a line that is not JSON gives a ValueError."""
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file (a leading BOM dropped); bytes that are not UTF-8
+    raise one ValueError naming the file, line and column, instead of a bare codec error."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.is_dir():
-        raise FileNotFoundError(f"{path}: is a folder, expected a JSON-lines file")
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+        raise FileNotFoundError(f"{path}: is a folder, expected a text file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); save the file as UTF-8") from None
+
+
+def iter_objects(path: str | os.PathLike) -> Iterator[tuple[int, Any | ValueError]]:
+    """(line number, parsed object) for each non-blank line; a line that is not JSON gives a ValueError."""
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
 
 
 def load_examples(
@@ -46,12 +59,15 @@ def load_examples(
     require_target: bool = True,
     empty_targets: str = "error",
     skip_bad: bool = False,
+    allow_empty: bool = False,
 ) -> Loaded:
     """Reads a {"source","target"} JSON-lines file.
 
     require_target=False reads an unlabeled file: `target` may be absent (it becomes "").
     empty_targets: "error" | "skip" | "keep" for a target that is "" or only spaces.
     skip_bad=True skips malformed lines (counted in `.skipped`) instead of raising.
+    A file with no examples at all (empty, or every line skipped) is an error unless `allow_empty`:
+    an empty train file would otherwise give a run that trains on nothing.
     """
     path = pathlib.Path(path)
     examples: list[dict[str, str]] = []
@@ -90,6 +106,9 @@ def load_examples(
                 bad(lineno, "empty 'target'", always_skip=True)
                 continue
         examples.append({"source": source, "target": target})
+    if not examples and not allow_empty:
+        raise ValueError(f"{path}: no examples" + (f" ({len(skipped)} line(s) skipped)" if skipped
+                                                   else " (the file is empty)"))
     return Loaded(path=path, examples=examples, skipped=skipped)
 
 

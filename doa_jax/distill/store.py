@@ -3,7 +3,9 @@
 Per example it keeps the output tokens and text, the sequence log-probability, and the teacher's
 top-k logits at each output position (soft targets for distillation without a teacher forward per
 student step). Outputs are written in chunks; a chunk is done when its `.COMPLETED` marker exists,
-so a run killed part-way resumes by skipping finished chunks. The store's directory is named by a
+so a run killed part-way resumes by skipping finished chunks. The marker holds the SHA-256 of the
+chunk's `.npz` and `.jsonl` files, checked whenever a chunk is reused or read: a chunk truncated or
+altered on disk is recomputed (with a warning naming the file) instead of failing later. The store's directory is named by a
 key hashed from the teacher, the inputs and the decoding settings, so any later run with the same
 key reuses it with no teacher compute.
 
@@ -13,19 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
+import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
+from doa_jax.data import jsonl
 from doa_jax.data.encode import encode_texts
 from doa_jax.distill import outputs as teacher_outputs
 from doa_jax.model import Transformer
 
 FORMAT_VERSION = 1
+CHUNK_FILES = (".npz", ".jsonl")   # the files of a chunk, checksummed in its `.COMPLETED` marker
 ARRAYS = ("tokens", "lengths", "sequence_logprob", "topk_values", "topk_ids")
 
 # predict_fn(encoder_input_tokens [n, S]) -> dict with the ARRAYS for those n rows:
@@ -93,11 +99,32 @@ class TeacherStore:
     def manifest_path(self) -> pathlib.Path:
         return self.dir / "manifest.json"
 
+    def chunk_problem(self, i: int) -> Optional[str]:
+        """None when chunk `i` is complete and its files match the checksums in its marker, else why
+        not (naming the file); "" when the chunk was simply never finished."""
+        marker = self._chunk(i, ".COMPLETED")
+        if not marker.exists():
+            return ""
+        try:
+            sums = json.loads(marker.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            sums = None
+        if not isinstance(sums, dict) or not all(isinstance(sums.get(s), str) for s in CHUNK_FILES):
+            return f"{marker} holds no checksums (written by an older version, or torn)"
+        for suffix in CHUNK_FILES:
+            path = self._chunk(i, suffix)
+            if not path.exists():
+                return f"{path} is missing"
+            if _sha256(path.read_bytes()) != sums[suffix]:
+                return f"{path} does not match its checksum (truncated or altered on disk)"
+        return None
+
     def is_complete(self) -> bool:
+        """True when the manifest and every chunk are there and every chunk passes its checksum."""
         if not self.manifest_path.exists():
             return False
         manifest = json.loads(self.manifest_path.read_text())
-        return all(self._chunk(i, ".COMPLETED").exists() for i in range(manifest["num_chunks"]))
+        return all(self.chunk_problem(i) is None for i in range(manifest["num_chunks"]))
 
     def build(self, sources: Sequence[str], encoder_input_tokens: np.ndarray, predict_fn: PredictFn,
               detokenize: Callable[[np.ndarray], str], *, chunk_size: int = 256,
@@ -123,35 +150,45 @@ class TeacherStore:
             _atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
         computed = reused = 0
         for i in range(num_chunks):
-            if self._chunk(i, ".COMPLETED").exists():
+            problem = self.chunk_problem(i)
+            if problem is None:
                 reused += 1
                 continue
+            if problem:
+                warnings.warn(f"teacher store: {problem}; recomputing chunk {i}", RuntimeWarning, stacklevel=2)
+                self._chunk(i, ".COMPLETED").unlink()
             lo, hi = i * chunk_size, min(len(sources), (i + 1) * chunk_size)
             predicted = predict_fn(encoder_input_tokens[lo:hi])
             out = {name: np.asarray(predicted[name]) for name in ARRAYS}
             _check_chunk(out, hi - lo)
-            buf = _npz_bytes(out)
-            _atomic_write(self._chunk(i, ".npz"), buf)
             lines = [json.dumps({"index": lo + j, "source": sources[lo + j],
                                  "prediction": detokenize(out["tokens"][j])}) for j in range(hi - lo)]
-            _atomic_write(self._chunk(i, ".jsonl"), ("\n".join(lines) + "\n").encode())
-            _atomic_write(self._chunk(i, ".COMPLETED"), b"")
+            data = {".npz": _npz_bytes(out), ".jsonl": ("\n".join(lines) + "\n").encode()}
+            for suffix, buf in data.items():
+                _atomic_write(self._chunk(i, suffix), buf)
+            _atomic_write(self._chunk(i, ".COMPLETED"),
+                          json.dumps({k: _sha256(v) for k, v in data.items()}).encode())
             computed += 1
             if on_chunk:
                 on_chunk(i + 1, num_chunks, hi - lo)
         return BuildStats(computed, reused, self.dir)
 
     def load(self) -> TeacherOutputs:
-        if not self.is_complete():
+        """All outputs; each chunk is checked against its checksums as it is read."""
+        if not self.manifest_path.exists():
             raise FileNotFoundError(f"teacher store {self.dir} is missing or incomplete")
         manifest = json.loads(self.manifest_path.read_text())
         arrays: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
         sources, predictions = [], []
         for i in range(manifest["num_chunks"]):
-            with np.load(self._chunk(i, ".npz"), allow_pickle=False) as data:
+            problem = self.chunk_problem(i)
+            if problem is not None:
+                raise FileNotFoundError(f"teacher store {self.dir} is incomplete: "
+                                        f"{problem or f'chunk {i} was never finished'}; build it again")
+            with np.load(io.BytesIO(self._chunk(i, ".npz").read_bytes()), allow_pickle=False) as data:
                 for name in ARRAYS:
                     arrays[name].append(data[name])
-            for line in self._chunk(i, ".jsonl").read_text().splitlines():
+            for line in self._chunk(i, ".jsonl").read_text(encoding="utf-8").splitlines():
                 row = json.loads(line)
                 sources.append(row["source"])
                 predictions.append(row["prediction"])
@@ -199,6 +236,10 @@ def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: T
     return store, enc, stats
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _pad_time(a: np.ndarray, width: int) -> np.ndarray:
     pad = [(0, 0)] * a.ndim
     pad[1] = (0, width - a.shape[1])
@@ -216,8 +257,6 @@ def _check_chunk(out: Mapping[str, np.ndarray], n: int) -> None:
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -241,7 +280,7 @@ def read_t5x_infer_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"T5X infer output {path} not found")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in jsonl.text_lines(path):
         if not line.strip():
             continue
         try:

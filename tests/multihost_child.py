@@ -1,0 +1,78 @@
+"""One process of the multi-host test: `python multihost_child.py PROCESS_ID NUM_PROCESSES PORT MODEL_DIR MODE`.
+
+NUM_PROCESSES=1 runs on 8 CPU devices; 2 runs on 4 CPU devices each, joined by
+`jax.distributed` on 127.0.0.1:PORT with gloo CPU collectives. The run is `resume_child`'s
+(24 steps, a checkpoint every 4, mesh data=2 x model=4). MODE `slow` sleeps 0.2 s per batch so
+the parent can kill it. Each process appends the example indices it read per step to
+`MODEL_DIR/rows_<PROCESS_ID>.jsonl`; process 0 writes the final parameters to `MODEL_DIR/final.npz`.
+"""
+import json
+import os
+import pathlib
+import sys
+import time
+
+PROCESS_ID, NUM_PROCESSES, PORT = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // NUM_PROCESSES}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+if NUM_PROCESSES > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if os.environ.get("DOA_TEST_COMPILE_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["DOA_TEST_COMPILE_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+from doa_jax import partitioning  # noqa: E402
+from doa_jax.optimizers import OptimizerConfig  # noqa: E402
+from doa_jax.data.batches import ArrayBatches  # noqa: E402
+from doa_jax.trainer import Trainer  # noqa: E402
+from train_helpers import copy_arrays, run_config, tiny_config  # noqa: E402
+
+TRAIN_STEPS, CHECKPOINT_EVERY = 24, 4
+
+
+class RecordingBatches(ArrayBatches):
+    """This host's rows, recording the example indices it yields (and sleeping in `slow` mode)."""
+
+    def __init__(self, arrays, *, log: pathlib.Path, slow: bool, **kw):
+        super().__init__(arrays, 16, shuffle=True, seed=0, **kw)
+        self.log, self.slow = log, slow
+
+    def iterate(self, start=0):
+        for step, batch in enumerate(super().iterate(start), start + 1):
+            if self.slow:
+                time.sleep(0.2)
+            with open(self.log, "a") as f:
+                f.write(json.dumps({"step": step, "index": batch["index"].tolist()}) + "\n")
+            yield batch
+
+
+def main(model_dir: str, mode: str) -> None:
+    model_dir = pathlib.Path(model_dir)
+    if NUM_PROCESSES > 1:
+        partitioning.initialize_distributed(f"127.0.0.1:{PORT}", NUM_PROCESSES, PROCESS_ID)
+    assert jax.process_count() == NUM_PROCESSES and jax.device_count() == 8
+    model_dir.mkdir(parents=True, exist_ok=True)
+    arrays = dict(copy_arrays(), index=np.arange(64))
+    shard = partitioning.host_shard_info()
+    source = RecordingBatches(arrays, log=model_dir / f"rows_{PROCESS_ID}.jsonl", slow=mode == "slow",
+                              shard_index=shard.index, num_shards=shard.num_shards)
+    config = run_config(model_dir, data=2, model=4, train_steps=TRAIN_STEPS, checkpoint_every=CHECKPOINT_EVERY,
+                        async_checkpointing=True, verbose=True,
+                        optimizer=OptimizerConfig(name="adamw", learning_rate=3e-3))
+    result = Trainer(tiny_config(dropout_rate=0.1), config).fit(source)
+    params = multihost_utils.process_allgather(result.state.params, tiled=True)
+    if PROCESS_ID == 0:
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        np.savez(model_dir / "final.npz", **{"/".join(str(k.key) for k in p): np.asarray(v) for p, v in leaves})
+
+
+if __name__ == "__main__":
+    main(sys.argv[4], sys.argv[5])
