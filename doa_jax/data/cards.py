@@ -153,6 +153,27 @@ def parse_card(raw: Mapping[str, Any], path: pathlib.Path) -> Card:
     if metrics.METRICS[metric].needs == "entity_types" and not entity_types:
         raise CardError(f"{where}: metric {metric!r} needs an `entity_types` list")
 
+    data = _parse_data(raw, where, name)
+    pools = _parse_pools(raw, where, data["files"])
+    return Card(
+        name=name,
+        path=path,
+        description=_get(raw, "description", str, where, ""),
+        input_prefix=_get(raw, "input_prefix", str, where),
+        feature_lengths=feature_lengths,
+        coverage=coverage,
+        metric=metric,
+        primary_metric=_get(raw, "primary_metric", str, where),
+        annotation_cost_usd=cost,
+        labels=labels,
+        entity_types=entity_types,
+        **data,
+        **pools,
+    )
+
+
+def _parse_data(raw: Mapping[str, Any], where: str, name: str) -> dict[str, Any]:
+    """The card's [data] table: files per key, their URLs, the folder and the empty-target policy."""
     data = _get(raw, "data", dict, where)
     dwhere = f"{where} [data]"
     files = dict(_get(data, "files", dict, dwhere))
@@ -169,7 +190,12 @@ def parse_card(raw: Mapping[str, Any], path: pathlib.Path) -> Card:
     empty_targets = _get(data, "empty_targets", str, dwhere, "error")
     if empty_targets not in EMPTY_TARGET_POLICIES:
         raise CardError(f"{dwhere}: empty_targets must be one of {EMPTY_TARGET_POLICIES}, got {empty_targets!r}")
+    return dict(files=files, urls=urls, empty_targets=empty_targets,
+                subdir=_check_relative(_get(data, "subdir", str, dwhere, name), f"{dwhere}: subdir"))
 
+
+def _parse_pools(raw: Mapping[str, Any], where: str, files: Mapping[str, str]) -> dict[str, Any]:
+    """The card's [pools] table: which splits are carved from which file, in what fractions."""
     pools = _get(raw, "pools", dict, where, {})
     pwhere = f"{where} [pools]"
     fractions = {k: float(v) for k, v in _get(pools, "fractions", dict, pwhere, {}).items()}
@@ -190,26 +216,8 @@ def parse_card(raw: Mapping[str, Any], path: pathlib.Path) -> Card:
                 f"{where}: split {split!r} must come from exactly one of [data] files or [pools] fractions"
                 f" ({'both' if carved else 'neither'} given)"
             )
-    return Card(
-        name=name,
-        path=path,
-        description=_get(raw, "description", str, where, ""),
-        input_prefix=_get(raw, "input_prefix", str, where),
-        feature_lengths=feature_lengths,
-        coverage=coverage,
-        metric=metric,
-        primary_metric=_get(raw, "primary_metric", str, where),
-        annotation_cost_usd=cost,
-        labels=labels,
-        entity_types=entity_types,
-        files=files,
-        urls=urls,
-        subdir=_check_relative(_get(data, "subdir", str, dwhere, name), f"{dwhere}: subdir"),
-        empty_targets=empty_targets,
-        carve_from=carve_from if fractions else None,
-        pool_fractions=fractions,
-        pool_seed=_get(pools, "seed", int, pwhere, 0),
-    )
+    return dict(carve_from=carve_from if fractions else None, pool_fractions=fractions,
+                pool_seed=_get(pools, "seed", int, pwhere, 0))
 
 
 def load_card(name_or_path: str | os.PathLike, cards_dir: str | os.PathLike | None = None) -> Card:
