@@ -75,6 +75,11 @@ def test_cells_that_share_a_teacher_reuse_its_fine_tune_and_store(wlp, tmp_path)
     rows = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
     # Both cells are charged the shared teacher's cost: each cell stands on its own budget.
     assert rows[0]["spent_usd"]["teacher_finetune"] == rows[1]["spent_usd"]["teacher_finetune"] > 0
+    # The pool caps U at 48 for both budgets: the same plan, so the second cell reuses the student too.
+    assert rows[0]["unlabeled_used"] == rows[1]["unlabeled_used"] == 48
+    assert rows[0]["student_trained_by"] is None and rows[1]["student_trained_by"] == rows[0]["cell_key"]
+    assert rows[1]["value"] == rows[0]["value"] and rows[1]["spent_usd"] == rows[0]["spent_usd"]
+    assert len(list((cache / "students").iterdir())) == 1
 
 
 @pytest.mark.parametrize("change,reason", [

@@ -26,7 +26,7 @@ import numpy as np
 from doa_jax.data.encode import encode_examples
 from doa_jax.distill import student_data
 from doa_jax.experiment import costs, locking, phases, planner, results
-from doa_jax.experiment.config import CellConfig
+from doa_jax.experiment.config import CellConfig, fingerprint
 from doa_jax.experiment.phases import say
 from doa_jax.model import T5Config, Transformer
 from doa_jax.model.config import SIZES
@@ -149,33 +149,73 @@ def _student_data(cfg: CellConfig, setup: phases.TaskSetup, plan: planner.Plan, 
                        unlabeled_used=len(unlabeled), pseudo_labels_kept=len(keep))
 
 
-def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, ledger: costs.Ledger,
-                        budget: phases.Budget, planned: dict, labels: list, plan: planner.Plan) -> results.ResultRow:
+@dataclasses.dataclass
+class StudentRun:
+    """A trained and evaluated student: what it cost (measured) and what it scored."""
+
+    steps: int
+    seconds: float
+    flops: float
+    eval_seconds: float
+    eval_flops: float
+    metrics: dict[str, float]
+    predictions: list[str]
+    capped: bool
+    trained_by: str      # the cell key whose run this is
+
+
+def _shared_run_path(cfg: CellConfig, plan: planner.Plan) -> pathlib.Path:
+    """Cells that differ only in budget but plan the same labels and unlabeled inputs train the same
+    student: the first one's uncapped run is recorded here and reused (and charged) by the others."""
+    work = fingerprint({"cell": dataclasses.replace(cfg, extra_budget_usd=0.0).key(),
+                        "labels_bought": plan.labels_bought, "unlabeled_used": plan.unlabeled_used})
+    return phases.cache_dir(cfg) / "students" / f"{work}.json"
+
+
+def _train_student(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, step: tuple[float, float],
+                   budget: phases.Budget, test: list) -> StudentRun:
     cell_dir = pathlib.Path(cfg.output_dir) / "cells" / cfg.key()
-    price_student = cfg.pricing_models()[1]
-    step_flops, step_usd = phases.step_cost(cfg, ledger, price_student, setup.lengths, data.extra_step_flops)
+    step_flops, step_usd = step
     say(cfg, f"training the student on {len(data.arrays['encoder_input_tokens'])} examples ({data.epochs:g} epochs)")
     result, seconds = phases.train(cfg, cfg.student, data.arrays, cell_dir / "student", epochs=data.epochs,
                                    initial_checkpoint=cfg.student_checkpoint, kd=data.kd,
                                    source_wrapper=data.source_wrapper, step_allowed=budget.step_allowed(step_usd))
-    ledger.add_compute(f"student_training:{cfg.key()}:{result.step}", "student_training", seconds,
-                       result.step * step_flops)
-    test = setup.pools.test[: cfg.max_eval_examples] if cfg.max_eval_examples else setup.pools.test
     start = time.perf_counter()
-    evaluation = phases.evaluate(cfg.student, result.state.params, setup, test, pricing=price_student)
-    ledger.add_compute(f"evaluation:{cfg.key()}:{result.step}", "evaluation", time.perf_counter() - start,
-                       evaluation["flops"])
-    write_predictions(cell_dir / "predictions.jsonl", test, evaluation["predictions"])
-    by_phase = ledger.by_phase()
+    evaluation = phases.evaluate(cfg.student, result.state.params, setup, test, pricing=cfg.pricing_models()[1])
     values = {k: v for k, v in evaluation["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    capped = result.stopped_by_budget
-    return _row(cfg, setup, status="capped" if capped else "ok",
-                reason=f"budget reached at student step {result.step}" if capped else "",
-                value=values.get(setup.card.primary_metric), metrics=values,
+    return StudentRun(result.step, seconds, result.step * step_flops, time.perf_counter() - start, evaluation["flops"],
+                      values, evaluation["predictions"], result.stopped_by_budget, cfg.key())
+
+
+def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, ledger: costs.Ledger,
+                        budget: phases.Budget, planned: dict, labels: list, plan: planner.Plan) -> results.ResultRow:
+    cell_dir = pathlib.Path(cfg.output_dir) / "cells" / cfg.key()
+    step = phases.step_cost(cfg, ledger, cfg.pricing_models()[1], setup.lengths, data.extra_step_flops)
+    test = setup.pools.test[: cfg.max_eval_examples] if cfg.max_eval_examples else setup.pools.test
+    shared = _shared_run_path(cfg, plan)
+    if shared.exists():
+        run = StudentRun(**json.loads(shared.read_text()))
+        say(cfg, f"the same plan was trained by cell {run.trained_by}: reusing its student ({shared})")
+    else:
+        run = _train_student(cfg, setup, data, step, budget, test)
+        if not run.capped:   # a capped run depends on its budget: never shared
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            tmp = shared.with_suffix(".tmp")
+            tmp.write_text(json.dumps(dataclasses.asdict(run)))
+            tmp.replace(shared)
+    ledger.add_compute(f"student_training:{run.trained_by}:{run.steps}", "student_training", run.seconds, run.flops)
+    ledger.add_compute(f"evaluation:{run.trained_by}:{run.steps}", "evaluation", run.eval_seconds, run.eval_flops)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    write_predictions(cell_dir / "predictions.jsonl", test, run.predictions)
+    by_phase = ledger.by_phase()
+    return _row(cfg, setup, status="capped" if run.capped else "ok",
+                reason=f"budget reached at student step {run.steps}" if run.capped else "",
+                value=run.metrics.get(setup.card.primary_metric), metrics=run.metrics,
                 spent_usd={p: by_phase[p] for p in costs.PHASES}, spent_total_usd=budget.spent(),
                 measured_usd=ledger.measured_total(), labels_used=len(labels), labels_bought=plan.labels_bought,
                 unlabeled_used=data.unlabeled_used, pseudo_labels_kept=data.pseudo_labels_kept,
-                student_steps=result.step, plan=planned, test_examples=len(test), output=str(cell_dir))
+                student_steps=run.steps, plan=planned, test_examples=len(test), output=str(cell_dir),
+                student_trained_by=None if run.trained_by == cfg.key() else run.trained_by)
 
 
 def _row(cfg: CellConfig, setup: Optional[phases.TaskSetup], **fields: Any) -> results.ResultRow:

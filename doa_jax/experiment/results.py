@@ -55,6 +55,7 @@ class ResultRow:
     test_examples: Optional[int] = None
     output: Optional[str] = None
     wall_seconds: Optional[float] = None
+    student_trained_by: Optional[str] = None   # another cell with the same plan trained this student
     key_version: int = KEY_VERSION
 
     def to_json(self) -> dict[str, Any]:
