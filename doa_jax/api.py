@@ -78,12 +78,17 @@ class T5Model:
                                    num_beams=num_beams, **decode_options)
         return np.asarray(result.tokens)
 
-    def save(self, path: str | os.PathLike, format: str = "native") -> str:
-        """Writes the model as a native (Orbax) or HuggingFace checkpoint; returns the path."""
+    def save(self, path: str | os.PathLike, format: str = "native", **options: Any) -> str:
+        """Writes the model as a checkpoint; returns the directory written.
+
+        `format`: 'native' (doa-jax Orbax), 'hf' (transformers), 't5x' (T5X's Orbax train state,
+        what `t5x.infer` and T5X's INITIAL_CHECKPOINT_PATH take) or 't5x_legacy' (msgpack +
+        TensorStore). T5X checkpoints go to `path` when it is named `checkpoint_N`, else to
+        `path/checkpoint_<step>` (`step=0` unless given in `options`).
+        """
         from doa_jax import checkpoints
 
-        checkpoints.save_checkpoint(path, self.config, self.params, format=format)
-        return os.fspath(path)
+        return os.fspath(checkpoints.save_checkpoint(path, self.config, self.params, format=format, **options))
 
     def _check_vocab(self, tokens: np.ndarray, name: str) -> None:
         if tokens.size and tokens.max() >= self.config.vocab_size:
