@@ -52,8 +52,8 @@ def test_unknown_source_is_one_clear_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_hf_checkpoint_converts_to_t5x_that_reads_back_bit_identical(tmp_path, capsys):
-    assert main(["convert", "tiny", str(tmp_path / "hf"), "--to", "hf", "--seed", "2"]) == 0
+def test_hf_checkpoint_converts_to_t5x_that_reads_back_bit_identical(t5x_fixtures, tmp_path, capsys):
+    assert main(["convert", str(t5x_fixtures / "legacy" / "checkpoint_0"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "t5x_model"), "--to", "t5x"]) == 0
     out = capsys.readouterr().out
     written = tmp_path / "t5x_model" / "checkpoint_0"
