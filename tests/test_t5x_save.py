@@ -157,3 +157,27 @@ def test_step_comes_from_the_directory_name_and_must_agree(tiny, tmp_path):
     with pytest.raises(CheckpointError, match=r"step 4 differs from the step in the directory name \(6\)"):
         save_t5x(tmp_path / "checkpoint_6", *tiny, step=4)
     assert save_t5x(tmp_path / "model", *tiny, step=7) == tmp_path / "model" / "checkpoint_7"
+
+
+def test_orbax_checkpoint_manager_as_t5x_configures_it_restores_the_state(tiny, tmp_path):
+    """T5X's Orbax manager: steps found by the `checkpoint` prefix, `state` restored onto shardings."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from doa_jax.checkpoints.t5x_save import train_state
+
+    save_t5x(tmp_path / "checkpoint_4", *tiny)
+    options = ocp.CheckpointManagerOptions(step_prefix="checkpoint", create=False)
+    manager = ocp.CheckpointManager(tmp_path, item_names=("state", "dataset"), options=options)
+    assert manager.all_steps() == [4]
+    expected = train_state(*tiny, step=4)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), expected)
+    restore_args = jax.tree_util.tree_map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=a.shape, dtype=a.dtype), expected)
+    restored = manager.restore(4, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)))["state"]
+    flat, want = flatten(restored), flatten(expected)
+    assert sorted(flat) == sorted(want) and len(want) == 261
+    for path, array in want.items():
+        assert np.array_equal(np.asarray(flat[path]), array), path
