@@ -47,7 +47,7 @@ def test_unknown_source_is_one_clear_error(tmp_path, capsys):
     assert main(["convert", "not_a_size", str(tmp_path / "out"), "--to", "hf"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("doa convert: error: SRC 'not_a_size' is neither an existing checkpoint path "
-                          "nor a size name")
+                          "nor a model size name. doa-jax loads only local files")
     assert err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
@@ -98,3 +98,10 @@ def test_model_t5x_cannot_express_is_one_error_line(t5x_fixtures, tmp_path, caps
                    "(t5x/examples/t5/network.py) cannot express relative_attention_max_distance=256 "
                    "(T5X's network fixes 128)\n")
     assert not (tmp_path / "t5x").exists()
+
+
+def test_hub_id_source_says_how_to_download_it(tmp_path, capsys):
+    assert main(["convert", "google/t5-v1_1-small", str(tmp_path / "out"), "--to", "t5x"]) == 2
+    err = capsys.readouterr().err
+    assert "run `huggingface-cli download google/t5-v1_1-small --local-dir DIR` and pass DIR" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()

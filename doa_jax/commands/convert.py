@@ -38,21 +38,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(src: str, seed: int):
     """(config, params, description) of SRC: a checkpoint path or a size name (random init)."""
+    from doa_jax.api import init_params, size_config
     from doa_jax.checkpoints import detect_format, load_checkpoint
     from doa_jax.cli import UserError
-    from doa_jax.model import config_for_size
-    from doa_jax.model.config import SIZES
 
     if os.path.exists(src):
         source = f"{detect_format(src)} checkpoint {src}"
         return (*load_checkpoint(src), source)
     try:
-        config = config_for_size(src)
-    except ValueError:
-        raise UserError(f"SRC {src!r} is neither an existing checkpoint path nor a size name "
-                        f"({', '.join(sorted(SIZES))})") from None
-    from doa_jax.api import init_params
-
+        config = size_config(src)
+    except FileNotFoundError as e:
+        raise UserError(f"SRC {e}") from None
     return config, init_params(config, seed), f"random init of {src!r} (seed {seed})"
 
 
