@@ -4,7 +4,8 @@
 reads (HF directory, T5X checkpoint_N or msgpack file, doa-jax native checkpoint or run directory) or
 a size name (`tiny`, `small`, `t5_base`, ...), which is initialised randomly from `--seed`.
 `--to orbax` writes the native doa-jax checkpoint, `--to hf` a HuggingFace directory that
-`transformers.T5ForConditionalGeneration.from_pretrained` loads, `--to t5x` the train state T5X
+`transformers.T5ForConditionalGeneration.from_pretrained` loads (with `--vocab`, or SRC's own
+`spiece.model`, also the tokenizer `AutoTokenizer.from_pretrained` loads), `--to t5x` the train state T5X
 saves (`--t5x-format orbax`, T5X's default, or `legacy`) that `t5x.infer` restores as CHECKPOINT_PATH
 and `t5x.train` as INITIAL_CHECKPOINT_PATH. T5X reads the step from the directory name: DST named
 `checkpoint_N` is written as is, any other DST is a T5X model directory that gets `checkpoint_<step>`.
@@ -31,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="T5X layout for --to t5x: orbax (T5X's default) or legacy msgpack + TensorStore")
     p.add_argument("--step", type=int, default=None,
                    help="T5X step for --to t5x (default: N of a DST named checkpoint_N, else 0)")
+    p.add_argument("--vocab", default=None,
+                   help="SentencePiece model to export as the tokenizer with --to hf (default: SRC's "
+                        "spiece.model when SRC is an HF directory holding one)")
     p.add_argument("--seed", type=int, default=0, help="init seed when SRC is a size name (default 0)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=run)
@@ -52,8 +56,16 @@ def _load(src: str, seed: int):
     return config, init_params(config, seed), f"random init of {src!r} (seed {seed})"
 
 
+def _source_vocab(src: str):
+    """SRC's SentencePiece model when SRC is an HF directory that ships one (`spiece.model`)."""
+    from doa_jax.checkpoints import hf
+
+    candidate = pathlib.Path(src) / hf.TOKENIZER_MODEL_FILE
+    return str(candidate) if candidate.is_file() and (pathlib.Path(src) / hf.CONFIG_FILE).is_file() else None
+
+
 def run(args: argparse.Namespace) -> int:
-    from doa_jax.checkpoints import save_checkpoint, t5x_save
+    from doa_jax.checkpoints import hf, save_checkpoint, t5x_save
     from doa_jax.cli import UserError
 
     dst = pathlib.Path(args.dst)
@@ -63,11 +75,17 @@ def run(args: argparse.Namespace) -> int:
         options = {"step": step}
     elif args.step is not None:
         raise UserError("--step applies to --to t5x only")
+    if args.vocab and args.to != "hf":
+        raise UserError("--vocab applies to --to hf only (T5X and native checkpoints hold no tokenizer)")
     if dst.exists() and not args.force:
         raise UserError(f"{dst} exists; pass --force to replace it")
     config, params, source = _load(args.src, args.seed)
     if args.to == "t5x":
         t5x_save.check_expressible(config)
+    if args.to == "hf":
+        options = {"vocab": args.vocab or _source_vocab(args.src)}
+        if options["vocab"]:
+            hf.tokenizer_config(options["vocab"], config.vocab_size)  # fails before DST is touched
     if dst.exists():
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
     fmt = f"t5x_{args.t5x_format}" if args.to == "t5x" else TARGETS[args.to]
@@ -77,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {name} checkpoint: {written} "
           f"({kind}, {config.num_params():,} params, d_model {config.emb_dim}, "
           f"{config.num_encoder_layers}+{config.num_decoder_layers} layers) from {source}")
+    if args.to == "hf":
+        print(f"tokenizer: {options['vocab']} (transformers.AutoTokenizer loads it)" if options["vocab"] else
+              "no tokenizer written: pass --vocab spiece.model for AutoTokenizer.from_pretrained to work")
     if args.to == "t5x":
         print(f"T5X gin for this model: {t5x_save.t5x_gin(config)}; pass {written} as CHECKPOINT_PATH "
               f"(t5x.infer) or INITIAL_CHECKPOINT_PATH (t5x.train)")
