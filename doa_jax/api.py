@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -78,12 +79,17 @@ class T5Model:
                                    num_beams=num_beams, **decode_options)
         return np.asarray(result.tokens)
 
-    def save(self, path: str | os.PathLike, format: str = "native") -> str:
-        """Writes the model as a native (Orbax) or HuggingFace checkpoint; returns the path."""
+    def save(self, path: str | os.PathLike, format: str = "native", **options: Any) -> str:
+        """Writes the model as a checkpoint; returns the directory written.
+
+        `format`: 'native' (doa-jax Orbax), 'hf' (transformers), 't5x' (T5X's Orbax train state,
+        what `t5x.infer` and T5X's INITIAL_CHECKPOINT_PATH take) or 't5x_legacy' (msgpack +
+        TensorStore). T5X checkpoints go to `path` when it is named `checkpoint_N`, else to
+        `path/checkpoint_<step>` (`step=0` unless given in `options`).
+        """
         from doa_jax import checkpoints
 
-        checkpoints.save_checkpoint(path, self.config, self.params, format=format)
-        return os.fspath(path)
+        return os.fspath(checkpoints.save_checkpoint(path, self.config, self.params, format=format, **options))
 
     def _check_vocab(self, tokens: np.ndarray, name: str) -> None:
         if tokens.size and tokens.max() >= self.config.vocab_size:
@@ -102,14 +108,33 @@ def init_params(config: T5Config, seed: int = 0) -> Any:
     return _jitted_init(config)(jax.random.PRNGKey(seed))
 
 
+# Size names that mean "random init": the SIZES keys and the T5 v1.1 short names ('small', ...).
+# Hub-style names ('t5-base', 'google/t5-v1_1-small') are not: they name pretrained checkpoints.
+SIZE_NAMES = tuple(sorted(set(SIZES) | {k.removeprefix("t5_1_1_") for k in SIZES if k.startswith("t5_1_1_")}))
+
+
+def size_config(name: str, **overrides: Any) -> T5Config:
+    """The config of an explicit size name; anything else (a Hub id, a missing path) is an error
+    that says doa-jax reads local files only and how to fetch the checkpoint."""
+    if name in SIZE_NAMES:
+        return config_for_size(name, **overrides)
+    message = (f"{name!r} is neither an existing checkpoint path nor a model size name. doa-jax loads "
+               "only local files and never downloads")
+    if not (os.path.isabs(name) or name.startswith((".", "~"))):
+        message += (f"; for the Hugging Face checkpoint run `huggingface-cli download {name} --local-dir DIR` "
+                    "and pass DIR")
+    raise FileNotFoundError(f"{message}. Random weights need an explicit size name: {', '.join(SIZE_NAMES)}")
+
+
 def load_model(path_or_size_name: str | os.PathLike, *, dtype: Optional[str] = "float32",
                seed: int = 0, **config_overrides: Any) -> T5Model:
-    """Loads a T5 from a checkpoint directory, or builds a random one from a size name.
+    """Loads a T5 from a local checkpoint, or builds one with RANDOM weights from a size name.
 
     Checkpoints: HuggingFace (`config.json` + safetensors), T5X legacy (msgpack + TensorStore) or
-    Orbax, and doa-jax native; the format is detected from the path. Size names: 'small',
-    't5_1_1_base', 't5-v1_1-xxl', 't5_small', ... (see `doa_jax.model.SIZES`), initialised from
-    `seed`. `dtype` sets the activation dtype ('float32' matches PyTorch; 'bfloat16' is faster on
+    Orbax, and doa-jax native; the format is detected from the path. Nothing is downloaded: a Hub
+    id such as 'google/t5-v1_1-small' is an error saying how to fetch it. Size names (`SIZE_NAMES`:
+    'small', 't5_1_1_base', 't5_small', ...) give a random init from `seed`, announced on stderr.
+    `dtype` sets the activation dtype ('float32' matches PyTorch; 'bfloat16' is faster on
     accelerators; None keeps the checkpoint's).
     """
     overrides = dict(config_overrides)
@@ -122,9 +147,7 @@ def load_model(path_or_size_name: str | os.PathLike, *, dtype: Optional[str] = "
         config, params = checkpoints.load_checkpoint(path)
         config = config.replace(**overrides)
         return T5Model(config, jax.tree_util.tree_map(jnp.asarray, params))
-    try:
-        config = config_for_size(path, **overrides)
-    except ValueError:
-        raise FileNotFoundError(f"{path!r} is neither an existing checkpoint path nor a model size "
-                                f"name (sizes: {', '.join(sorted(SIZES))})") from None
+    config = size_config(path, **overrides)
+    print(f"doa-jax: {path!r} is a size name: RANDOM weights (seed {seed}), not a pretrained checkpoint",
+          file=sys.stderr)
     return T5Model(config, init_params(config, seed))

@@ -32,9 +32,11 @@ def test_generate_with_beams_matches_the_decoding_module(tiny):
     np.testing.assert_array_equal(out, np.asarray(expected.tokens))
 
 
-@pytest.mark.parametrize("fmt", ["native", "hf"])
+@pytest.mark.parametrize("fmt", ["native", "hf", "t5x", "t5x_legacy"])
 def test_a_saved_model_loads_back_with_identical_logits(tiny, tmp_path, fmt):
     path = tiny.save(tmp_path / fmt, format=fmt)
+    if fmt.startswith("t5x"):
+        assert path == str(tmp_path / fmt / "checkpoint_0")  # T5X reads the step from the name
     again = doa_jax.load_model(path)
     assert again.config == tiny.config
     np.testing.assert_array_equal(again.logits(ENC, DEC), tiny.logits(ENC, DEC))
@@ -50,8 +52,29 @@ def test_t5x_checkpoint_loads_through_the_api(t5x_fixtures):
 
 
 def test_unknown_name_or_missing_path_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="neither an existing checkpoint path nor a model size name"):
+    with pytest.raises(FileNotFoundError, match="neither an existing checkpoint path nor a model size name") as e:
         doa_jax.load_model("/no/such/dir")
+    assert "huggingface-cli" not in str(e.value)  # a path, not a Hub id
+
+
+@pytest.mark.parametrize("name", ["t5-base", "google/t5-v1_1-small", "google/flan-t5-base", "t5-v1_1-small"])
+def test_hub_ids_are_an_error_saying_how_to_get_the_checkpoint(name):
+    """Hub ids once parsed as size names and silently gave random weights."""
+    with pytest.raises(FileNotFoundError) as e:
+        doa_jax.load_model(name)
+    message = str(e.value)
+    assert message.startswith(f"{name!r} is neither an existing checkpoint path nor a model size name. "
+                              "doa-jax loads only local files and never downloads")
+    assert f"run `huggingface-cli download {name} --local-dir DIR` and pass DIR" in message
+    assert "Random weights need an explicit size name: base, large, small, t5_1_1_base" in message
+
+
+def test_random_init_is_announced_on_stderr(tiny, capsys):
+    model = doa_jax.load_model("tiny", seed=1, vocab_size=128)
+    assert "doa-jax: 'tiny' is a size name: RANDOM weights (seed 1), not a pretrained checkpoint" \
+        in capsys.readouterr().err
+    np.testing.assert_array_equal(model.params["token_embedder"]["embedding"],
+                                  tiny.params["token_embedder"]["embedding"])
 
 
 def test_bad_token_arrays_are_rejected_with_their_name(tiny):

@@ -124,3 +124,43 @@ def test_unreadable_msgpack_file_is_named(t5x_fixtures, tmp_path):
     (ckpt / "checkpoint").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=rf"{ckpt}/checkpoint is not a readable T5X msgpack checkpoint"):
         load_checkpoint(ckpt)
+
+
+def write_single_file_checkpoint(t5x_fixtures, file):
+    """The tiny checkpoint laid out as T5X's testdata `test_t5_tiny.checkpoint_0`: one msgpack file
+    `{version: 3, optimizer: {state, target}}` with every array inline (flax's own msgpack writer)."""
+    from flax import serialization
+
+    state = read_t5x(t5x_fixtures / "legacy" / "checkpoint_0", include_state=True)
+    file.write_bytes(serialization.msgpack_serialize({"version": 3, "optimizer": state}))
+    return file
+
+
+def test_single_file_checkpoint_loads_by_its_path(t5x_fixtures, tmp_path):
+    file = write_single_file_checkpoint(t5x_fixtures, tmp_path / "test_t5_tiny.checkpoint_0")
+    golden = np.load(t5x_fixtures / "golden.npz")
+    assert detect_format(file) == "t5x_legacy"
+    config, params = load_checkpoint(file)
+    assert config == manifest_config(t5x_fixtures, dtype=config.dtype)
+    for path, array in flatten(params).items():
+        np.testing.assert_array_equal(array, golden[f"params/{path}"], err_msg=path)
+    assert int(read_t5x(file, include_state=True)["state"]["step"]) == 0
+
+
+def test_single_file_checkpoint_loads_by_its_directory(t5x_fixtures, tmp_path):
+    """As in T5X's testdata/, the file sits beside other checkpoints' directories and files."""
+    write_single_file_checkpoint(t5x_fixtures, tmp_path / "test_t5_tiny.checkpoint_0")
+    (tmp_path / "tiny_t5" / "checkpoint_1").mkdir(parents=True)
+    (tmp_path / "README").write_text("not a checkpoint")
+    assert detect_format(tmp_path) == "t5x_legacy"
+    _, params = load_checkpoint(tmp_path)
+    golden = np.load(t5x_fixtures / "golden.npz")
+    np.testing.assert_array_equal(params["token_embedder"]["embedding"], golden["params/token_embedder/embedding"])
+
+
+def test_directory_with_two_single_file_checkpoints_names_both(t5x_fixtures, tmp_path):
+    write_single_file_checkpoint(t5x_fixtures, tmp_path / "a.checkpoint_0")
+    shutil.copyfile(tmp_path / "a.checkpoint_0", tmp_path / "b.checkpoint_1")
+    with pytest.raises(CheckpointError, match=r"holds 2 T5X msgpack checkpoint files "
+                                              r"\(a.checkpoint_0, b.checkpoint_1\); pass one of them"):
+        load_checkpoint(tmp_path)

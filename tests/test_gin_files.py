@@ -23,8 +23,9 @@ ALL_GIN_FILES = sorted(str(p.relative_to(GIN)) for p in GIN.rglob("*.gin"))
 
 # ---------------------------------------------------------------------------------------------
 # Names of the real T5X that gin/t5x/*.gin may use, transcribed from google-research/t5x
-# (https://github.com/google-research/t5x, read at commit cc342d419ec3, 2026-04-21): the module,
-# the configurable, the file that defines it, and its parameters (the signature).
+# (https://github.com/google-research/t5x, read at commit cc342d419ec3, 2026-04-21, the commit the
+# ../shared T5X fixtures were made with): the module, the configurable, the file that defines it,
+# and its parameters (the signature; dataclass fields in order, all of them).
 T5X_CONFIGURABLES = {
     "t5x.partitioning": {
         "PjitPartitioner": ("t5x/partitioning.py", "num_partitions=None, model_parallel_submesh=None, "
@@ -36,12 +37,15 @@ T5X_CONFIGURABLES = {
     "t5x.utils": {
         "DatasetConfig": ("t5x/utils.py", "mixture_or_task_name, task_feature_lengths, split, batch_size, "
                           "shuffle, seed, use_cached=False, pack=False, use_custom_packing_ops=False, "
-                          "module=None, use_memory_cache=True"),
-        "SaveCheckpointConfig": ("t5x/utils.py", "dtype, period=None, keep=None, save_dataset=False, "
-                                 "checkpointer_cls=None, state_transformation_fns=()"),
+                          "module=None, use_memory_cache=True, trim_output_features=True, "
+                          "runtime_preprocessors=None, num_prefetch_threads=None, num_workers=0"),
+        "SaveCheckpointConfig": ("t5x/utils.py", "dtype='float32', period=None, checkpoint_steps=None, keep=None, "
+                                 "keep_dataset_checkpoints=None, save_dataset=False, checkpointer_cls=None, "
+                                 "state_transformation_fns=(), checkpoint_manager_cls=None"),
         "RestoreCheckpointConfig": ("t5x/utils.py", "path, mode='latest', assignment_map=None, strict=True, "
                                     "fallback_to_scratch=False, dtype=None, restore_dataset=False, "
-                                    "checkpointer_cls=None, state_transformation_fns=()"),
+                                    "checkpointer_cls=None, state_transformation_fns=(), "
+                                    "checkpoint_manager_cls=None"),
         "CheckpointConfig": ("t5x/utils.py", "save=None, restore=None"),
         "create_learning_rate_scheduler": ("t5x/utils.py", "factors='constant * linear_warmup * rsqrt_decay', "
                                            "base_learning_rate=0.5, warmup_steps=1000, decay_factor=0.5, "
@@ -66,7 +70,8 @@ T5X_CONFIGURABLES = {
                                      "input_fields_to_include=None, output_ids=False"),
     },
 }
-# Macros each T5X gin file defines (xxl.gin etc. include base.gin).
+# Macros each T5X gin file defines (xxl.gin etc. include base.gin). infer.gin has no split macro:
+# its split is the binding `utils.DatasetConfig.split` (default 'test').
 _BASE_MACROS = ("Z_LOSS", "LABEL_SMOOTHING", "LOSS_NORMALIZING_FACTOR", "DROPOUT_RATE", "VOCABULARY",
                 "OPTIMIZER", "MODEL")
 T5X_GIN_FILES = {
@@ -74,10 +79,10 @@ T5X_GIN_FILES = {
         "MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "MIXTURE_OR_TASK_MODULE", "TRAIN_STEPS",
         "INITIAL_CHECKPOINT_PATH", "DROPOUT_RATE", "USE_CACHED_TASKS", "BATCH_SIZE", "EVAL_STEPS", "EVAL_PERIOD",
         "EVALUATOR_USE_MEMORY_CACHE", "EVALUATOR_NUM_EXAMPLES", "JSON_WRITE_N_RESULTS", "USE_HARDWARE_RNG",
-        "RANDOM_SEED"),
+        "RANDOM_SEED", "TRAIN_STEPS_RELATIVE"),
     "t5x/configs/runs/infer.gin": (
         "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "CHECKPOINT_PATH", "INFER_OUTPUT_DIR",
-        "MIXTURE_OR_TASK_MODULE", "MIXTURE_OR_TASK_SPLIT"),
+        "MIXTURE_OR_TASK_MODULE"),
     **{f"t5x/examples/t5/t5_1_1/{size}.gin": _BASE_MACROS for size in ("small", "base", "large", "xl", "xxl")},
 }
 # This project's own modules that the T5X files import (for their SeqIO tasks).
@@ -265,3 +270,55 @@ def test_t5x_files_use_only_real_t5x_names(rel, tmp_path, monkeypatch):
     imports |= {f"t5x.{m}" for m in re.findall(r"^from t5x import (\w+)", text, re.M)}
     for name in imports:
         assert name in T5X_CONFIGURABLES or name in PROJECT_IMPORTS, name
+
+
+def _bindings(text: str) -> list[tuple[str, str]]:
+    """(configurable, parameter) of every binding in a gin text, block form (`a.B:` + indented
+    `param = ...`) and one-line form (`a.B.param = ...`), scopes (`train/`) dropped."""
+    pairs, block = [], None
+    for line in text.splitlines():
+        code = line.split("#", 1)[0].rstrip()
+        if not code.strip():
+            continue
+        if m := re.match(r"^(?:\w+/)?([\w.]+):$", code):
+            block = m.group(1)
+        elif block and (m := re.match(r"^\s+(\w+)\s*=", code)):
+            pairs.append((block, m.group(1)))
+        elif m := re.match(r"^(?:\w+/)?([a-z_][\w]*(?:\.\w+)+)\.(\w+)\s*=", code):
+            pairs.append((m.group(1), m.group(2)))
+            block = None
+        else:
+            block = None
+    return pairs
+
+
+def _t5x_parameters() -> dict[str, set[str]]:
+    """{'utils.DatasetConfig': {'split', ...}, 'infer_script.infer': {...}} as the gin files spell them."""
+    alias = {"__main__": "infer_script"}
+    names = {}
+    for module, entries in T5X_CONFIGURABLES.items():
+        prefix = alias.get(module, module.removeprefix("t5x."))
+        for attr, (_, signature) in entries.items():
+            params = {p.split("=")[0].strip() for p in signature.split(",")} - {"*", "self", ""}
+            names[f"{prefix}.{attr}"] = params
+    return names
+
+
+@pytest.mark.parametrize("rel", [f for f in ALL_GIN_FILES if f.startswith("t5x/")])
+def test_every_t5x_binding_names_a_parameter_t5x_defines(rel):
+    text = (GIN / rel).read_text()
+    known = _t5x_parameters()
+    pairs = _bindings(text)
+    assert pairs, f"{rel}: no bindings found"
+    for configurable, param in pairs:
+        if configurable.split(".")[0] in ("seqio", "optax"):
+            continue  # real, importable libraries: gin checks these names when the file parses
+        assert configurable in known, f"{rel}: {configurable} is not a T5X configurable in the list"
+        assert param in known[configurable], f"{rel}: T5X's {configurable} has no parameter {param!r}"
+
+
+def test_infer_gin_labels_the_unlabeled_split():
+    """T5X's infer reads the split from `utils.DatasetConfig.split` only (infer.gin sets 'test')."""
+    text = (GIN / "t5x/infer_teacher.gin").read_text()
+    assert ("utils.DatasetConfig", "split") in _bindings(text)
+    assert re.search(r"^utils\.DatasetConfig\.split = 'unlabeled'$", text, re.M)

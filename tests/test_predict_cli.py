@@ -33,12 +33,48 @@ def test_predict_writes_a_store_equal_to_greedy_decoding_and_reuses_it(tmp_path,
     assert out.sources == sources and out.topk_ids.shape == (5, 6, 4)
 
 
-def test_t5x_infer_output_becomes_pseudo_labels(tmp_path, t5x_fixtures):
+def test_t5x_infer_output_becomes_pseudo_labels(tmp_path, t5x_fixtures, capsys):
     out = tmp_path / "pseudo.jsonl"
     assert cli.main(["predict", "--t5x-infer", str(t5x_fixtures / "infer_example_with_aux.jsonl"),
                      "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 8 and rows[0]["source"] == "reverse: run big five four" and "score" in rows[0]
+    assert "sources are T5X's inputs as given, any task prefix kept" in capsys.readouterr().out
+
+
+def t5x_infer_file(path, inputs):
+    """T5X `infer` output in predict_with_aux mode, for `inputs` as the SeqIO task fed them."""
+    path.write_text("".join(json.dumps({"inputs": {"inputs_pretokenized": text, "targets_pretokenized": ""},
+                                        "prediction": f"label {i}", "prediction_tokens": [5, 1],
+                                        "aux": {"scores": -0.5 * i}}) + "\n" for i, text in enumerate(inputs)))
+    return path
+
+
+def test_t5x_infer_with_a_task_stores_raw_inputs(tmp_path, capsys):
+    """WLP's card prefixes inputs with 'wlp: '; stored sources are raw, as every other data file."""
+    infer = t5x_infer_file(tmp_path / "doa_wlp_inputs-predict_with_aux.jsonl-00000-of-00001",
+                           ["wlp: Add 5 ml buffer.", "wlp: Spin at 4 C."])
+    out = tmp_path / "pseudo.jsonl"
+    assert cli.main(["predict", "--t5x-infer", str(infer), "--task", "wlp", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [{"source": "Add 5 ml buffer.", "target": "label 0", "score": 0.0},
+                    {"source": "Spin at 4 C.", "target": "label 1", "score": -0.5}]
+    assert "sources are raw inputs, task wlp's prefix 'wlp: ' removed" in capsys.readouterr().out
+
+
+def test_t5x_infer_of_another_task_is_an_error_naming_the_line(tmp_path, capsys):
+    infer = t5x_infer_file(tmp_path / "infer.jsonl", ["wlp: Add buffer.", "fever: The sky is green."])
+    assert cli.main(["predict", "--t5x-infer", str(infer), "--task", "wlp", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"doa predict: error: {infer}:2: input 'fever: The sky is green.' does not start with "
+                   f"the task's prefix 'wlp: ': T5X output of a different task?\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_t5x_infer_file_named_for_another_task_is_an_error(tmp_path, capsys):
+    infer = t5x_infer_file(tmp_path / "doa_fever_inputs-predict.jsonl-00000-of-00001", ["wlp: Add buffer."])
+    assert cli.main(["predict", "--t5x-infer", str(infer), "--task", "wlp", "--out", str(tmp_path / "o")]) == 2
+    assert f"{infer} is T5X output of task doa_fever, not of --task wlp" in capsys.readouterr().err
 
 
 def test_predict_without_a_teacher_is_a_clear_error(capsys, tmp_path):

@@ -1,4 +1,4 @@
-"""Checkpoints: native Orbax save/restore, HuggingFace T5 import/export, T5X import.
+"""Checkpoints: native Orbax save/restore, HuggingFace T5 and T5X import/export.
 
 `load_checkpoint(path)` detects the format from the path and returns `(T5Config, params)`, params
 being T5X's tree of float32 numpy arrays (what `Transformer(config).init` gives, unboxed), checked
@@ -12,19 +12,25 @@ stacked layout the scanned model uses, `save_checkpoint` writes per-layer names 
 
 Formats (`detect_format`):
   'hf'          directory with config.json + model.safetensors (or model.safetensors.index.json)
-  't5x_legacy'  T5X `checkpoint_N/` with a msgpack `checkpoint` file and zarr array directories
+  't5x_legacy'  T5X `checkpoint_N/` with a msgpack `checkpoint` file and zarr array directories,
+                or a single msgpack file with every array inline (or the directory holding it)
   't5x_orbax'   T5X `checkpoint_N/` with an Orbax `state/` item (or that `state/` directory)
   'native'      doa-jax Orbax checkpoint (items `params` + `config`), also a trainer step
   'native_run'  a directory of native step checkpoints (or a trainer MODEL_DIR with them in
                 `checkpoints/`): the latest step is loaded
+Paths are resolved first, so relative paths, `..` and symlinks work for every format.
+
+`save_checkpoint` writes 'native' (= 'orbax'), 'hf', or a T5X train state: 't5x' (= 't5x_orbax',
+T5X's default) or 't5x_legacy', into `checkpoint_<step>` (`doa_jax.checkpoints.t5x_save`).
 """
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 from typing import Any, Mapping, Optional
 
-from doa_jax.checkpoints import hf, native, t5x
+from doa_jax.checkpoints import hf, native, t5x, t5x_save
 from doa_jax.checkpoints.native import load_native, save_native
 from doa_jax.checkpoints.tree import CheckpointError
 from doa_jax.model import T5Config
@@ -39,20 +45,23 @@ _LOADERS = {
     "native": load_native,
     "native_run": load_native,
 }
-_SAVERS = {"native": save_native, "orbax": save_native, "hf": hf.save_hf}
+_SAVERS = {"native": save_native, "orbax": save_native, "hf": hf.save_hf,
+           "t5x": t5x_save.save_t5x,
+           "t5x_orbax": functools.partial(t5x_save.save_t5x, format="orbax"),
+           "t5x_legacy": functools.partial(t5x_save.save_t5x, format="legacy")}
 
 
 def detect_format(path: str | os.PathLike) -> str:
     """One of `FORMATS`, from what the directory holds; `CheckpointError` when it is none of them."""
-    path = pathlib.Path(path)
-    if not path.exists():
+    if not pathlib.Path(path).exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    if path.is_file():
+    path = pathlib.Path(path).resolve()
+    if path.is_file() and not t5x.is_legacy_file(path):
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory holding it ({path.parent})")
     has_weights = (path / hf.WEIGHTS_FILE).is_file() or (path / hf.INDEX_FILE).is_file()
     if (path / hf.CONFIG_FILE).is_file() and has_weights:
         return "hf"
-    if (path / t5x.LEGACY_FILE).is_file() and t5x.is_legacy_file(path / t5x.LEGACY_FILE):
+    if t5x.legacy_file(path) is not None:
         return "t5x_legacy"
     if (path / t5x.ORBAX_ITEM / "_METADATA").is_file() or (
             path.name == t5x.ORBAX_ITEM and (path / "_METADATA").is_file()):
@@ -79,20 +88,24 @@ def load_checkpoint(path: str | os.PathLike, config: Optional[T5Config] = None) 
 
     Params come in the layout of the returned config: stacked layers when `config.scan_layers`.
     """
+    path = pathlib.Path(path).resolve() if pathlib.Path(path).exists() else path
     config, params = _LOADERS[detect_format(path)](path, config)
     return config, (stack_layers(params) if config.scan_layers else params)
 
 
 def save_checkpoint(path: str | os.PathLike, config: T5Config, params: Mapping[str, Any],
-                    format: str = "native") -> pathlib.Path:
-    """Writes a native ('native' or 'orbax') or 'hf' checkpoint directory at `path`; returns it.
+                    format: str = "native", **options: Any) -> pathlib.Path:
+    """Writes a checkpoint in `format` (see the module doc) at `path`; returns the directory written.
 
-    Params in the scanned layout (stacked `layers`) are written under per-layer names.
+    For T5X formats that is `path` when named `checkpoint_N`, else `path/checkpoint_<step>`
+    (`options`: `step`). Params in the scanned layout (stacked `layers`) are written under
+    per-layer names.
     """
     if format not in _SAVERS:
         raise CheckpointError(f"unknown checkpoint format {format!r} to save; choose from {sorted(_SAVERS)}")
-    _SAVERS[format](path, config, unstack_layers(params) if is_stacked(params) else params)
-    return pathlib.Path(path)
+    written = _SAVERS[format](path, config, unstack_layers(params) if is_stacked(params) else params,
+                              **options)
+    return written if format.startswith("t5x") else pathlib.Path(path)
 
 
 __all__ = ["FORMATS", "CheckpointError", "detect_format", "load_checkpoint", "save_checkpoint",

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -23,11 +24,14 @@ import numpy as np
 from doa_jax.checkpoints import mapping
 from doa_jax.checkpoints.tree import CheckpointError, check_params, flatten, float32_tree
 from doa_jax.model import T5Config
+from doa_jax.model.config import T5_EXTRA_IDS, check_vocab_size
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_MODEL_FILE = "spiece.model"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 # (T5Config field, config.json key): copied as they are.
 CONFIG_TABLE: tuple[tuple[str, str], ...] = (
@@ -234,17 +238,51 @@ def load_hf(directory: str | os.PathLike, config: Optional[T5Config] = None) -> 
     return config, params_from_hf_tensors(read_hf_tensors(directory), config, source)
 
 
+def tokenizer_config(vocab_path: str | os.PathLike, model_vocab_size: int,
+                     extra_ids: int = T5_EXTRA_IDS) -> dict[str, Any]:
+    """`tokenizer_config.json` for a SentencePiece vocabulary, after checking that it fits the model."""
+    import sentencepiece as spm
+
+    if not pathlib.Path(vocab_path).is_file():
+        raise CheckpointError(f"cannot export the tokenizer: no SentencePiece model at {vocab_path}")
+    try:
+        pieces = spm.SentencePieceProcessor(model_file=os.fspath(vocab_path))
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"cannot export the tokenizer: {vocab_path} is not a SentencePiece model ({e})") from None
+    num_ids = pieces.GetPieceSize() + extra_ids
+    try:
+        check_vocab_size(num_ids, model_vocab_size, f"vocabulary {vocab_path} has {num_ids} ids "
+                                                    f"({pieces.GetPieceSize()} pieces + {extra_ids} extra ids)")
+    except ValueError as e:
+        raise CheckpointError(f"cannot export the tokenizer: {e}") from None
+    return {"tokenizer_class": "T5Tokenizer", "extra_ids": extra_ids, "pad_token": pieces.IdToPiece(0),
+            "eos_token": pieces.IdToPiece(1), "unk_token": pieces.IdToPiece(2)}
+
+
+def save_tokenizer(directory: str | os.PathLike, vocab_path: str | os.PathLike,
+                   tokenizer: Mapping[str, Any]) -> list[str]:
+    """Writes the vocabulary as HF T5 repositories ship it (`spiece.model` + `tokenizer_config.json`
+    naming `T5Tokenizer` and its extra ids): `transformers.AutoTokenizer.from_pretrained(directory)`
+    loads it with the ids of `doa_jax.data.vocab` (plus the EOS transformers appends)."""
+    directory = pathlib.Path(directory)
+    shutil.copyfile(vocab_path, directory / TOKENIZER_MODEL_FILE)
+    (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(dict(tokenizer), indent=2) + "\n")
+    return [TOKENIZER_MODEL_FILE, TOKENIZER_CONFIG_FILE]
+
+
 def save_hf(directory: str | os.PathLike, config: T5Config, params: Mapping[str, Any],
-            max_shard_bytes: int = 5 * 2**30) -> list[str]:
+            max_shard_bytes: int = 5 * 2**30, vocab: Optional[str | os.PathLike] = None) -> list[str]:
     """Writes `config.json`, `generation_config.json` and float32 safetensors; returns the files.
 
     Tensors go to `model.safetensors`, or to `model-0000k-of-0000n.safetensors` shards plus
-    `model.safetensors.index.json` when they exceed `max_shard_bytes`.
+    `model.safetensors.index.json` when they exceed `max_shard_bytes`. With `vocab` (a
+    SentencePiece model) the tokenizer is written too (`save_tokenizer`).
     """
     from safetensors.numpy import save_file
 
     flat = {p: np.asarray(a, dtype=np.float32) for p, a in flatten(params).items()}
     check_params(config, flat, "params to save")
+    tokenizer = tokenizer_config(vocab, config.vocab_size) if vocab is not None else None
     tensors, _ = mapping.t5x_to_hf(flat)
     hf_config = config_to_hf(config)
     directory = pathlib.Path(directory)
@@ -276,4 +314,6 @@ def save_hf(directory: str | os.PathLike, config: T5Config, params: Mapping[str,
     (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     generation = {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
     (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer is not None:
+        written += save_tokenizer(directory, vocab, tokenizer)
     return written

@@ -3,7 +3,8 @@
 Both hold T5X's train state `{target: params, state: {step, param_states}}` under paths that are
 already ours, so params need no renaming. Legacy `checkpoint_N/checkpoint` is flax-msgpack: small
 leaves inline (ext type 1 ndarray / 3 numpy scalar: `[shape, dtype, bytes]`), the rest as
-TensorStore spec dicts whose kvstore path is relative to `checkpoint_N/`. Orbax `checkpoint_N/state/`
+TensorStore spec dicts whose kvstore path is relative to `checkpoint_N/`. A single msgpack file
+with every array inline (T5X's testdata `test_t5_tiny.checkpoint_0`) is read too. Orbax `checkpoint_N/state/`
 is an Orbax PyTree item. T5X stores no model config; `infer_config` reads it off the shapes.
 """
 from __future__ import annotations
@@ -63,10 +64,22 @@ def is_legacy_file(file: pathlib.Path) -> bool:
     return bool(first) and (0x80 <= first[0] <= 0x8F or first[0] in (0xDE, 0xDF))
 
 
-def _read_legacy(ckpt_dir: pathlib.Path, wanted: set[str]) -> dict[tuple[str, ...], np.ndarray]:
+def single_file(directory: pathlib.Path) -> Optional[pathlib.Path]:
+    """The one msgpack T5X checkpoint file named `*checkpoint*` directly in `directory` (as T5X's
+    testdata `test_t5_tiny.checkpoint_0`, all arrays inline), or None; several are an error."""
+    found = sorted(f for f in directory.iterdir()
+                   if "checkpoint" in f.name and f.is_file() and is_legacy_file(f))
+    if len(found) > 1:
+        raise CheckpointError(f"{directory} holds {len(found)} T5X msgpack checkpoint files "
+                              f"({', '.join(f.name for f in found)}); pass one of them")
+    return found[0] if found else None
+
+
+def _read_legacy(file: pathlib.Path, wanted: set[str]) -> dict[tuple[str, ...], np.ndarray]:
+    """Arrays of a msgpack checkpoint file; TensorStore paths are relative to the file's directory."""
     import msgpack
 
-    file = ckpt_dir / LEGACY_FILE
+    ckpt_dir = file.parent
     try:
         raw = msgpack.unpackb(file.read_bytes(), ext_hook=_ext_hook, raw=False, strict_map_key=False)
     except (ValueError, msgpack.UnpackException) as e:
@@ -94,15 +107,27 @@ def _read_legacy(ckpt_dir: pathlib.Path, wanted: set[str]) -> dict[tuple[str, ..
     return {**inline, **read_arrays(specs, str(ckpt_dir), ".".join)}
 
 
+def legacy_file(path: pathlib.Path) -> Optional[pathlib.Path]:
+    """The msgpack file of a legacy checkpoint given as the file, its `checkpoint_N/` or the
+    directory holding a single-file checkpoint; None when `path` is none of these."""
+    if path.is_file():
+        return path if is_legacy_file(path) else None
+    if (path / LEGACY_FILE).is_file() and is_legacy_file(path / LEGACY_FILE):
+        return path / LEGACY_FILE
+    return single_file(path) if path.is_dir() else None
+
+
 def read_t5x(path: str | os.PathLike, include_state: bool = False) -> dict[str, Any]:
-    """A T5X checkpoint (`checkpoint_N/`, legacy or Orbax) as a nested dict of numpy arrays.
+    """A T5X checkpoint (legacy `checkpoint_N/` or its msgpack file, or Orbax) as nested numpy arrays.
 
     Returns `{'target': params}`, plus `'state'` (step and optimizer slots) with `include_state`.
+    The path is resolved first (relative, `..`, symlinks): TensorStore rejects `..` in file paths.
     """
-    ckpt_dir = pathlib.Path(path)
+    ckpt_dir = pathlib.Path(path).resolve()
     wanted = {"target", "state"} if include_state else {"target"}
-    if (ckpt_dir / LEGACY_FILE).is_file():
-        flat = _read_legacy(ckpt_dir, wanted)
+    file = legacy_file(ckpt_dir)
+    if file is not None:
+        flat = _read_legacy(file, wanted)
     else:
         item = ckpt_dir / ORBAX_ITEM if (ckpt_dir / ORBAX_ITEM / "_METADATA").exists() else ckpt_dir
         flat = read_orbax_item(item, keep=lambda p: p[0] in wanted)

@@ -2,13 +2,15 @@
 
     doa predict --checkpoint TEACHER --vocab spiece.model --task wlp --split unlabeled --out stores/
     doa predict --checkpoint TEACHER --vocab spiece.model --inputs inputs.jsonl --out stores/
-    doa predict --t5x-infer task-predict_with_aux.jsonl-00000-of-00001 --out pseudo_labels.jsonl
+    doa predict --t5x-infer doa_wlp_inputs-predict_with_aux.jsonl-00000-of-00001 --task wlp --out pl.jsonl
 
 The store (under OUT/<key>/) holds per example the input, the greedy (or beam) output tokens and
 text, the sequence log-probability and the teacher's top-k logits at each output position. It is
 written in chunks: a rerun after a kill skips finished chunks, and a run with the same key
 (teacher weights + inputs + decoding settings) reuses the store with no teacher compute. With
---t5x-infer, T5X `infer` output becomes {"source", "target"} pseudo-labels.
+--t5x-infer, T5X `infer` output becomes {"source", "target"} pseudo-labels; with --task, "source" is
+the raw input (the card's input_prefix, which the SeqIO task added, removed) as in every other
+data file, and a file of another task is an error; without --task it is T5X's input as given.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="teacher checkpoint (HF dir, T5X checkpoint_N, doa_jax native or run dir)")
     p.add_argument("--vocab", help="SentencePiece model of the teacher")
-    p.add_argument("--task", help="task card: inputs are its --split (default: unlabeled)")
+    p.add_argument("--task", help="task card: inputs are its --split (default: unlabeled); with "
+                                  "--t5x-infer, the card whose input prefix is removed")
     p.add_argument("--split", default="unlabeled")
     p.add_argument("--inputs", help="JSON lines with a 'source' field (instead of --task)")
     p.add_argument("--t5x-infer", help="convert T5X infer output to pseudo-labels (no teacher run)")
@@ -41,15 +44,29 @@ def register(subparsers) -> None:
 
 def _convert_t5x(args) -> int:
     import json
+    import os
+    import re
 
     from doa_jax.distill import store as teacher_store
+    from doa_jax.cli import UserError
+    from doa_jax.data import cards
 
-    rows = teacher_store.read_t5x_infer_jsonl(args.t5x_infer)
+    prefix = None
+    if args.task:
+        card = cards.load_card(args.task)
+        # T5X names its output after the SeqIO task: doa_<card>[_inputs]-<mode>.jsonl-...
+        m = re.match(r"^doa_(.+?)(?:_inputs)?-predict", os.path.basename(args.t5x_infer))
+        if m and m.group(1) != card.name:
+            raise UserError(f"{args.t5x_infer} is T5X output of task doa_{m.group(1)}, not of --task {card.name}")
+        prefix = card.input_prefix
+    rows = teacher_store.read_t5x_infer_jsonl(args.t5x_infer, prefix=prefix)
     with open(args.out, "w") as f:
         for row in rows:
             f.write(json.dumps({"source": row["source"], "target": row["prediction"],
                                 **({"score": row["score"]} if "score" in row else {})}) + "\n")
-    print(f"wrote {len(rows)} pseudo-labels to {args.out}")
+    kind = (f"raw inputs, task {args.task}'s prefix {prefix!r} removed" if args.task else
+            "T5X's inputs as given, any task prefix kept (pass --task to store raw inputs)")
+    print(f"wrote {len(rows)} pseudo-labels to {args.out}; sources are {kind}")
     return 0
 
 

@@ -17,9 +17,10 @@ import pathlib
 from typing import Iterable, Sequence
 
 from doa_jax.data import cards, jsonl
+from doa_jax.model import config as model_config
+from doa_jax.model.config import T5_EXTRA_IDS, VOCAB_PAD_MULTIPLE
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
-T5_EXTRA_IDS = 100
 
 
 class Vocabulary:
@@ -88,24 +89,20 @@ def load_vocab(spec_or_path, extra_ids: int = T5_EXTRA_IDS) -> Vocabulary:
     return Vocabulary(spec_or_path, extra_ids)
 
 
-def padded_vocab_size(vocab: Vocabulary, pad_multiple: int = 128) -> int:
+def padded_vocab_size(vocab: Vocabulary, pad_multiple: int = VOCAB_PAD_MULTIPLE) -> int:
     """Embedding rows a model needs for `vocab`: its ids rounded up to a multiple (T5: 32100 -> 32128)."""
-    return -(-vocab.vocab_size // pad_multiple) * pad_multiple
+    return model_config.padded_vocab_size(vocab.vocab_size, pad_multiple)
 
 
-def check_vocab(vocab: Vocabulary, model_vocab_size: int, *, pad_multiple: int = 128) -> None:
+def check_vocab(vocab: Vocabulary, model_vocab_size: int, *, pad_multiple: int = VOCAB_PAD_MULTIPLE) -> None:
     """Raises unless the model's embedding rows hold exactly this vocabulary, padded to `pad_multiple`.
 
-    T5: 32000 pieces + 100 extra ids = 32100, padded to 32128. A model smaller than the vocabulary
-    would index past its embedding; one padded beyond the next multiple belongs to another vocabulary.
+    T5: 32000 pieces + 100 extra ids = 32100, padded to 32128 (`doa_jax.model.config.check_vocab_size`).
     """
-    need = vocab.vocab_size
-    padded = padded_vocab_size(vocab, pad_multiple)
-    if not need <= model_vocab_size <= padded:
-        raise ValueError(
-            f"vocabulary {vocab.path} has {need} ids ({vocab.base_vocab_size} pieces + {vocab.extra_ids} "
-            f"extra ids) but the model's vocab_size is {model_vocab_size}; expected {need}..{padded}"
-        )
+    model_config.check_vocab_size(
+        vocab.vocab_size, model_vocab_size,
+        f"vocabulary {vocab.path} has {vocab.vocab_size} ids ({vocab.base_vocab_size} pieces + {vocab.extra_ids} "
+        f"extra ids)", pad_multiple)
 
 
 def build_vocab(

@@ -271,10 +271,12 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def read_t5x_infer_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_t5x_infer_jsonl(path: str | os.PathLike, prefix: Optional[str] = None) -> list[dict[str, Any]]:
     """Pseudo-labels from T5X `infer` output (`predict` or `predict_with_aux` mode).
 
-    Returns rows {"source", "prediction"} plus "tokens" and "score" when the file has them.
+    Returns rows {"source", "prediction"} plus "tokens" and "score" when the file has them. With
+    `prefix` (the task card's input prefix, which the SeqIO task put before each input), "source"
+    is the raw input with it removed; an input without it is an error naming the line.
     """
     path = pathlib.Path(path)
     if not path.exists():
@@ -293,6 +295,11 @@ def read_t5x_infer_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                              f"(need inputs.inputs_pretokenized and prediction): {e}") from None
         if source is None:
             raise ValueError(f"{path}:{lineno}: inputs has no 'inputs_pretokenized' field")
+        if prefix is not None:
+            if not source.startswith(prefix):
+                raise ValueError(f"{path}:{lineno}: input {source[:40]!r} does not start with the task's "
+                                 f"prefix {prefix!r}: T5X output of a different task?")
+            row["source"] = source[len(prefix):]
         if "prediction_tokens" in obj:
             row["tokens"] = list(obj["prediction_tokens"])
         if isinstance(obj.get("aux"), dict) and "scores" in obj["aux"]:

@@ -127,3 +127,23 @@ def config_for_size(name: str, **overrides: Any) -> T5Config:
         if candidate in SIZES:
             return T5Config(**{**SIZES[candidate], **overrides})
     raise ValueError(f"unknown model size {name!r}; known sizes: {sorted(SIZES)}")
+
+
+T5_EXTRA_IDS = 100        # T5's sentinel ids (<extra_id_N>) on top of the SentencePiece pieces
+VOCAB_PAD_MULTIPLE = 128  # embedding rows are padded to a multiple of this (T5: 32100 ids -> 32128 rows)
+
+
+def padded_vocab_size(num_ids: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    """Embedding rows a model needs for a vocabulary of `num_ids` ids: rounded up to `multiple`."""
+    return -(-num_ids // multiple) * multiple
+
+
+def check_vocab_size(num_ids: int, model_vocab_size: int, what: str, multiple: int = VOCAB_PAD_MULTIPLE) -> None:
+    """Raises unless the model's embedding rows hold exactly `num_ids` ids, padded to `multiple`.
+
+    A model smaller than the vocabulary would index past its embedding; one padded beyond the next
+    multiple belongs to another vocabulary. `what` names the vocabulary in the message.
+    """
+    padded = padded_vocab_size(num_ids, multiple)
+    if not num_ids <= model_vocab_size <= padded:
+        raise ValueError(f"{what} but the model's vocab_size is {model_vocab_size}; expected {num_ids}..{padded}")
