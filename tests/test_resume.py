@@ -136,8 +136,8 @@ def _truncate_largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
 
 def _committed(model_dir) -> list[int]:
     folder = pathlib.Path(model_dir) / "checkpoints"
-    return sorted(int(p.name) for p in folder.glob("[0-9]*") if (p / "_CHECKPOINT_METADATA").exists()) \
-        if folder.is_dir() else []
+    return sorted(int(p.name) for p in folder.glob("[0-9]*")
+                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()) if folder.is_dir() else []
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(uninterrupted):
