@@ -115,6 +115,25 @@ def _check_relative(value: str, where: str) -> str:
     return value
 
 
+def _parse_data(data: Mapping[str, Any], dwhere: str) -> tuple[dict, dict, str]:
+    """The `[data]` table's `files` (paths inside the data folder), `urls` and `empty_targets`."""
+    files = dict(_get(data, "files", dict, dwhere))
+    urls = dict(_get(data, "urls", dict, dwhere, {}))
+    for table_name, table in (("files", files), ("urls", urls)):
+        for k, v in table.items():
+            if not isinstance(v, str) or not v:
+                raise CardError(f"{dwhere}: {table_name}.{k} must be a non-empty string")
+    for k, v in files.items():
+        _check_relative(v, f"{dwhere}: files.{k}")
+    unknown_urls = set(urls) - set(files)
+    if unknown_urls:
+        raise CardError(f"{dwhere}: urls {sorted(unknown_urls)} have no entry in files")
+    empty_targets = _get(data, "empty_targets", str, dwhere, "error")
+    if empty_targets not in EMPTY_TARGET_POLICIES:
+        raise CardError(f"{dwhere}: empty_targets must be one of {EMPTY_TARGET_POLICIES}, got {empty_targets!r}")
+    return files, urls, empty_targets
+
+
 def parse_card(raw: Mapping[str, Any], path: pathlib.Path) -> Card:
     """Validates a parsed TOML table; errors name the card file and field."""
     from doa_jax import metrics  # the metric table (pure Python)
@@ -150,20 +169,7 @@ def parse_card(raw: Mapping[str, Any], path: pathlib.Path) -> Card:
 
     data = _get(raw, "data", dict, where)
     dwhere = f"{where} [data]"
-    files = dict(_get(data, "files", dict, dwhere))
-    urls = dict(_get(data, "urls", dict, dwhere, {}))
-    for table_name, table in (("files", files), ("urls", urls)):
-        for k, v in table.items():
-            if not isinstance(v, str) or not v:
-                raise CardError(f"{dwhere}: {table_name}.{k} must be a non-empty string")
-    for k, v in files.items():
-        _check_relative(v, f"{dwhere}: files.{k}")
-    unknown_urls = set(urls) - set(files)
-    if unknown_urls:
-        raise CardError(f"{dwhere}: urls {sorted(unknown_urls)} have no entry in files")
-    empty_targets = _get(data, "empty_targets", str, dwhere, "error")
-    if empty_targets not in EMPTY_TARGET_POLICIES:
-        raise CardError(f"{dwhere}: empty_targets must be one of {EMPTY_TARGET_POLICIES}, got {empty_targets!r}")
+    files, urls, empty_targets = _parse_data(data, dwhere)
 
     pools = _get(raw, "pools", dict, where, {})
     pwhere = f"{where} [pools]"
