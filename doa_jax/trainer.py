@@ -508,19 +508,10 @@ class Trainer:
         step = int(tstate["step"])
         base_rng = jax.random.PRNGKey(cfg.seed)
         tstate.update(seed=cfg.seed, rng_key=[int(x) for x in np.asarray(base_rng).ravel()])
-        if tstate.get("initial_param_norm") is None:
-            with partitioning.mesh_context(self.mesh, self.rules):
-                tstate["initial_param_norm"] = float(_to_host(jax.jit(optax.tree.norm)(state.params)))
-        train_step = self.program.train_step
-        meter = self._meter(example, total_steps)
-        log = progress.MetricsLog(self.model_dir / "metrics.jsonl") if self._is_chief else None
-        if log is not None:
-            log.drop_after(step)    # rows of steps after the resumed checkpoint are logged again
-        events = progress.EventWriter(self.model_dir / "tensorboard") if (cfg.tensorboard and self._is_chief) else None
-        pending: list[dict] = []
-        last: dict[str, float] = {}
+        train_step, meter = self.program.train_step, self._meter(example, total_steps)
+        log, events = self._open_outputs(state, tstate, step)
+        pending, last, diverged = [], {}, None
         stopped_early = compiled = capped = False
-        diverged = None
         if tstate.get("stopped_early"):
             self._say(f"this run already stopped early at step {step}; nothing to do")
             total_steps = step
@@ -550,8 +541,8 @@ class Trainer:
                     stop_signal = self._agreed_signal()
                     do_eval = eval_source is not None and (
                         (self._eval_period and step % self._eval_period == 0) or step == total_steps)
-                    do_ckpt = (self._ckpt_period and step % self._ckpt_period == 0) or step == total_steps
-                    do_ckpt = do_ckpt or stop_signal is not None
+                    do_ckpt = ((self._ckpt_period and step % self._ckpt_period == 0) or step == total_steps
+                               or stop_signal is not None)
                     logged = step % cfg.log_every == 0 or do_eval or do_ckpt
                     if logged:
                         row, diverged = self._summarise(pending, step, tstate)
@@ -586,11 +577,21 @@ class Trainer:
         finally:
             if events is not None:
                 events.close()
-        if diverged:
-            self._say(diverged)
         return TrainResult(state, step, tstate.get("best_metric"), tstate.get("best_step"),
                            stopped_early or bool(tstate.get("stopped_early")), last, stopped_by_budget=capped,
                            diverged=diverged)
+
+    def _open_outputs(self, state, tstate: dict, step: int):
+        """`(metrics log, event writer)` (None off the chief); records the initial parameter norm
+        (the reference of `max_param_growth`) on a fresh run."""
+        if tstate.get("initial_param_norm") is None:
+            with partitioning.mesh_context(self.mesh, self.rules):
+                tstate["initial_param_norm"] = float(_to_host(jax.jit(optax.tree.norm)(state.params)))
+        if not self._is_chief:
+            return None, None
+        log = progress.MetricsLog(self.model_dir / "metrics.jsonl")
+        log.drop_after(step)    # rows of steps after the resumed checkpoint are logged again
+        return log, progress.EventWriter(self.model_dir / "tensorboard") if self.config.tensorboard else None
 
     def _meter(self, example, total_steps: int) -> progress.Throughput:
         cfg = self.config
@@ -656,6 +657,7 @@ class Trainer:
         got = jax.device_get(pending)
         diverged = self._divergence(got, step - len(got) + 1, tstate)
         if diverged:
+            self._say(diverged)
             return {}, diverged
         tokens = sum(float(m["num_tokens"]) for m in got)
         row = dict(step=step, loss=float(np.mean([float(m["loss"]) for m in got])),

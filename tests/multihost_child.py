@@ -1,8 +1,8 @@
 """One process of the multi-host test: `python multihost_child.py PROCESS_ID NUM_PROCESSES PORT MODEL_DIR MODE`.
 
 NUM_PROCESSES=1 runs on 8 CPU devices; 2 runs on 4 CPU devices each, joined by
-`jax.distributed` on 127.0.0.1:PORT with gloo CPU collectives. The run is `resume_child`'s
-(24 steps, a checkpoint every 4, mesh data=2 x model=4). MODE `slow` sleeps 0.2 s per batch so
+`jax.distributed` on 127.0.0.1:PORT with gloo CPU collectives. The run is like `resume_child`'s
+(12 steps, a checkpoint every 4, mesh data=2 x model=4). MODE `slow` sleeps 0.2 s per batch so
 the parent can kill it. Each process appends the example indices it read per step to
 `MODEL_DIR/rows_<PROCESS_ID>.jsonl`; process 0 writes the final parameters to `MODEL_DIR/final.npz`.
 """
@@ -35,7 +35,7 @@ from doa_jax.data.batches import ArrayBatches  # noqa: E402
 from doa_jax.trainer import Trainer  # noqa: E402
 from train_helpers import copy_arrays, run_config, tiny_config  # noqa: E402
 
-TRAIN_STEPS, CHECKPOINT_EVERY = 24, 4
+TRAIN_STEPS, CHECKPOINT_EVERY = 12, 4
 
 
 class RecordingBatches(ArrayBatches):

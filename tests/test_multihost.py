@@ -74,24 +74,26 @@ def test_two_hosts_killed_and_resumed_match_one_host_with_eight_devices(tmp_path
     model_dir = tmp_path / "two_hosts"
     procs = _start(model_dir, "slow", env, 2)
     deadline = time.time() + 400
-    while not any(s >= 10 for s in _logged_steps(model_dir)):
+    while not (any(s >= 6 for s in _logged_steps(model_dir))
+               and (model_dir / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists()):
         assert all(p.poll() is None for p in procs) and time.time() < deadline, procs[0].stdout.read()[-3000:]
         time.sleep(0.05)
     for p in procs:
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
-    latest = TrainCheckpoints(model_dir / "checkpoints").latest_step()
-    assert latest in (4, 8) and max(_logged_steps(model_dir)) < 24
+    assert TrainCheckpoints(model_dir / "checkpoints").latest_step() in (4, 8)
+    assert max(_logged_steps(model_dir)) < 12
 
     _finish(_start(model_dir, "normal", env, 2))
     got = _final(model_dir)
     assert got.keys() == want.keys()
     worst = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
+    # gloo's cross-process all-reduce adds in another order than one process does (measured 7.6e-7).
     assert worst <= 1e-5, f"max |diff| {worst}"
-    assert _logged_steps(model_dir) == list(range(1, 25))
+    assert _logged_steps(model_dir) == list(range(1, 13))
 
     rows = [_rows(model_dir, p) for p in (0, 1)]
     one = _rows(tmp_path / "one_host", 0)
-    assert sorted(rows[0]) == sorted(rows[1]) == list(range(1, 25))
-    for step in range(1, 25):
+    assert sorted(rows[0]) == sorted(rows[1]) == list(range(1, 13))
+    for step in range(1, 13):
         assert rows[0][step] == one[step][:8] and rows[1][step] == one[step][8:], step

@@ -128,7 +128,8 @@ def test_kill_after_the_best_checkpoint_before_the_step_checkpoint_resumes(unint
 
 
 def _truncate_largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
-    files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    """Halves the largest data file of the params' OCDBT database (the merged one that reads use)."""
+    files = [p for p in (step_dir / "params" / "d").iterdir() if p.is_file()]
     victim = max(files, key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     return victim
@@ -136,8 +137,8 @@ def _truncate_largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
 
 def _committed(model_dir) -> list[int]:
     folder = pathlib.Path(model_dir) / "checkpoints"
-    return sorted(int(p.name) for p in folder.glob("[0-9]*") if (p / "_CHECKPOINT_METADATA").exists()) \
-        if folder.is_dir() else []
+    return sorted(int(p.name) for p in folder.glob("[0-9]*")
+                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()) if folder.is_dir() else []
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(uninterrupted):
@@ -150,7 +151,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(uninterrupted)
     rerun = _run(model_dir, "normal", env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"checkpoint {model_dir / 'checkpoints' / str(newest)} is damaged" in rerun.stderr
-    assert f"at step {previous}" in rerun.stdout and "Traceback" not in rerun.stderr
+    assert f"at step {previous}" in rerun.stdout
+    assert "Traceback" not in rerun.stderr, rerun.stderr[-6000:]
     assert [p.name.split("-")[0] for p in (model_dir / "checkpoints.corrupt").iterdir()] == [str(newest)]
     _assert_same_params(_final(model_dir), want)
 
