@@ -115,3 +115,16 @@ def test_a_cell_already_running_elsewhere_is_refused_with_its_holder(tmp_path):
         holder.kill()
         holder.wait()
     assert run_cell(cell)["status"] == "infeasible"     # the lock died with its process
+
+
+def test_a_diverging_student_marks_its_row_diverged(tmp_path):
+    from doa_jax import gin_utils
+    from doa_jax.experiment import run_cell
+
+    gin_utils.parse(["runs/experiment.gin", "runs/demo_models.gin"],
+                    ["STRATEGY = 'annotate'", "EXTRA_BUDGET_USD = 1", "START_LABELS = 64", f"OUTPUT_DIR = '{tmp_path}'",
+                     "LEARNING_RATE = 1e4", "STUDENT_EPOCHS = 3", "CellConfig.verbose = False", "cell/TrainConfig.log_every = 1",
+                     "CellConfig.demo_sizes = {'labeled': 96, 'unlabeled': 32, 'test': 16}"])
+    row = run_cell(gin_utils.macro("CELL"))
+    assert row["status"] == "diverged" and "the student diverged at step" in row["reason"]
+    assert not (tmp_path / "cache" / "students").exists()      # a broken run is never shared

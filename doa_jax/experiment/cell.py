@@ -162,6 +162,7 @@ class StudentRun:
     predictions: list[str]
     capped: bool
     trained_by: str      # the cell key whose run this is
+    diverged: Optional[str] = None   # why training stopped as diverged (non-finite loss, exploding norms)
 
 
 def _shared_run_path(cfg: CellConfig, plan: planner.Plan) -> pathlib.Path:
@@ -184,7 +185,7 @@ def _train_student(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, 
     evaluation = phases.evaluate(cfg.student, result.state.params, setup, test, pricing=cfg.pricing_models()[1])
     values = {k: v for k, v in evaluation["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return StudentRun(result.step, seconds, result.step * step_flops, time.perf_counter() - start, evaluation["flops"],
-                      values, evaluation["predictions"], result.stopped_by_budget, cfg.key())
+                      values, evaluation["predictions"], result.stopped_by_budget, cfg.key(), result.diverged)
 
 
 def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, ledger: costs.Ledger,
@@ -198,7 +199,7 @@ def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentD
         say(cfg, f"the same plan was trained by cell {run.trained_by}: reusing its student ({shared})")
     else:
         run = _train_student(cfg, setup, data, step, budget, test)
-        if not run.capped:   # a capped run depends on its budget: never shared
+        if not (run.capped or run.diverged):   # a capped run depends on its budget: never shared
             shared.parent.mkdir(parents=True, exist_ok=True)
             tmp = shared.with_suffix(".tmp")
             tmp.write_text(json.dumps(dataclasses.asdict(run)))
@@ -208,14 +209,23 @@ def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentD
     cell_dir.mkdir(parents=True, exist_ok=True)
     write_predictions(cell_dir / "predictions.jsonl", test, run.predictions)
     by_phase = ledger.by_phase()
-    return _row(cfg, setup, status="capped" if run.capped else "ok",
-                reason=f"budget reached at student step {run.steps}" if run.capped else "",
+    status, reason = _status(run)
+    return _row(cfg, setup, status=status, reason=reason,
                 value=run.metrics.get(setup.card.primary_metric), metrics=run.metrics,
                 spent_usd={p: by_phase[p] for p in costs.PHASES}, spent_total_usd=budget.spent(),
                 measured_usd=ledger.measured_total(), labels_used=len(labels), labels_bought=plan.labels_bought,
                 unlabeled_used=data.unlabeled_used, pseudo_labels_kept=data.pseudo_labels_kept,
                 student_steps=run.steps, plan=planned, test_examples=len(test), output=str(cell_dir),
                 student_trained_by=None if run.trained_by == cfg.key() else run.trained_by)
+
+
+def _status(run: StudentRun) -> tuple[str, str]:
+    """`diverged` (the metric is of a broken model), `capped` (the budget stopped the student) or `ok`."""
+    if run.diverged:
+        return "diverged", f"the student diverged at step {run.steps}: {run.diverged}"
+    if run.capped:
+        return "capped", f"budget reached at student step {run.steps}"
+    return "ok", ""
 
 
 def _row(cfg: CellConfig, setup: Optional[phases.TaskSetup], **fields: Any) -> results.ResultRow:

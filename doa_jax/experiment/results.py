@@ -24,7 +24,8 @@ REQUIRED = ("task", "strategy", "extra_budget_usd", "metric", "value")
 @dataclasses.dataclass
 class ResultRow:
     """One cell's outcome. `value` is the task's primary metric (percent); `status` is `ok`,
-    `capped` (the budget stopped the student early), or `infeasible` (with `reason`)."""
+    `capped` (the budget stopped the student early), `diverged` (training blew up; `value` is of the
+    broken model) or `infeasible` (with `reason`)."""
 
     cell_key: str
     task: str
