@@ -76,9 +76,9 @@ def test_empty_unlabeled_pool_is_infeasible(toy):
     assert toy.plan("distill", 100, 10.0, unlabeled_available=0).reason == "the unlabeled pool is empty"
 
 
-@pytest.mark.parametrize("budget", [-1.0, float("nan"), "100"])
+@pytest.mark.parametrize("budget", [-1.0, float("nan"), float("inf"), 1e309, "100", True])
 def test_bad_budget_is_a_clear_error(toy, budget):
-    with pytest.raises(ValueError, match="budget must be a non-negative number of dollars"):
+    with pytest.raises(ValueError, match="budget must be a non-negative, finite number of dollars"):
         toy.plan("annotate", 100, budget)
 
 
