@@ -24,11 +24,13 @@ import math
 from typing import Any, Callable, Optional, Sequence
 
 from doa_jax import flops
-from doa_jax.cost_profiles import CostProfile, MfuProfile, Work
+from doa_jax.cost_profiles import CostProfile, MfuProfile, PaperProfile, Work, check_calibration
 from doa_jax.costs import Accelerator
 from doa_jax.model.config import T5Config
 
 STRATEGIES = ("annotate", "distill", "mixed")
+# Beyond this a budget is a typo, not a plan (and label/input counts stop being meaningful).
+MAX_BUDGET_USD = 1e9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +285,8 @@ def _check_budget(budget_usd: Any) -> None:
     if isinstance(budget_usd, bool) or not isinstance(budget_usd, (int, float)) or not math.isfinite(budget_usd) \
             or budget_usd < 0:
         raise ValueError(f"budget must be a non-negative, finite number of dollars, got {budget_usd!r}")
+    if budget_usd > MAX_BUDGET_USD:
+        raise ValueError(f"budget ${budget_usd:.3g} is beyond what the planner prices (at most ${MAX_BUDGET_USD:.0e})")
 
 
 def _check_grid(grid: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:
@@ -291,3 +295,46 @@ def _check_grid(grid: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:
     if not grid or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
         raise ValueError(f"the unlabeled grid must be whole numbers >= 1, got {list(grid)!r}")
     return tuple(sorted(set(grid)))
+
+
+def lengths_for(card: Any, profile: CostProfile) -> dict[str, Any]:
+    """Token lengths a profile prices a task at, and where they come from.
+
+    The paper's profile prices dynamic padding at the mean lengths measured from the paper's data;
+    the engine (calibrated / mfu) pads every batch to the card's lengths.
+    """
+    if isinstance(profile, PaperProfile):
+        measured = profile.task_lengths(card.name)
+        if measured is not None:
+            return {"inputs": measured.inputs, "targets": measured.targets,
+                    "source": f"mean token lengths of the paper's {card.name} data ({measured.examples} examples; "
+                              f"dynamic padding)"}
+        return {**card.feature_lengths, "source": f"the card's padded lengths: no mean lengths of {card.name} "
+                                                  f"are recorded in cost_profiles.toml [paper_lengths]"}
+    return {**card.feature_lengths, "source": "the card's lengths (every batch is padded to them)"}
+
+
+def build_planner(card: Any, teacher: T5Config, student: T5Config, profile: CostProfile, *,
+                  soft_targets: Optional[str] = None, teacher_epochs: Optional[float] = None,
+                  student_epochs: Optional[float] = None, distill_epochs: Optional[float] = None,
+                  batch_size: Optional[int] = None) -> tuple[Planner, dict[str, Any]]:
+    """A planner for `card` priced by `profile`, and the lengths it prices at (with their source).
+
+    Unset settings take the profile's recipe (the paper's: 20/20/50 epochs, batch 32, online soft
+    targets) or the Recipe defaults; a calibration measured for other models, lengths or batch size
+    is refused here.
+    """
+    base = profile.recipe if isinstance(profile, PaperProfile) else {}
+    soft_targets = soft_targets or base.get("soft_targets", "stored")
+    if soft_targets not in ("stored", "online"):
+        raise ValueError(f"soft targets must be 'stored' or 'online', got {soft_targets!r}")
+    defaults = Recipe()
+    lengths = lengths_for(card, profile)
+    recipe = Recipe(teacher_epochs=teacher_epochs or base.get("teacher_epochs", defaults.teacher_epochs),
+                    student_epochs=student_epochs or base.get("student_epochs", defaults.student_epochs),
+                    distill_epochs=distill_epochs or base.get("distill_epochs", defaults.distill_epochs),
+                    batch_size=batch_size or base.get("batch_size", defaults.batch_size),
+                    inputs_length=lengths["inputs"], targets_length=lengths["targets"],
+                    online_kd=soft_targets == "online", mfu=getattr(profile, "mfu", defaults.mfu))
+    check_calibration(profile, teacher=teacher, student=student, lengths=lengths, batch_size=recipe.batch_size)
+    return Planner(profile.accelerator, student, teacher, card.annotation_cost_usd, recipe, profile), lengths
