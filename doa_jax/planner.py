@@ -186,8 +186,9 @@ class Planner:
             raise ValueError(f"compute_share must be in (0, 1) for mixed, got {compute_share}")
         labels_budget = budget_usd * (1 - compute_share)
         bought = self._affordable_labels(labels_budget, labels_available, start_labels)
-        return self._distill(start_labels, bought, bought * self.usd_per_label, budget_usd - bought * self.usd_per_label,
-                             budget_usd, unlabeled_available, "mixed", grid)
+        labels_usd = bought * self.usd_per_label
+        return self._distill(start_labels, bought, labels_usd, budget_usd - labels_usd, budget_usd, unlabeled_available,
+                             "mixed", grid)
 
     def price(self, start_labels: int, unlabeled: int, budget_usd: Optional[float] = None) -> Plan:
         """The distill arm at a fixed (L, U) point; feasible unless a given budget does not cover it."""

@@ -62,7 +62,8 @@ def measure_lengths(vocab_path: str, tasks) -> dict[str, dict]:
 
 def work_features(point: dict, lengths: dict, recipe_table: dict) -> np.ndarray:
     """[FLOPs, reference-scaled steps] of each fitted program for one (task, L, U) point."""
-    recipe = planner.Recipe(teacher_epochs=recipe_table["teacher_epochs"], distill_epochs=recipe_table["distill_epochs"],
+    recipe = planner.Recipe(teacher_epochs=recipe_table["teacher_epochs"],
+                            distill_epochs=recipe_table["distill_epochs"],
                             batch_size=recipe_table["batch_size"], online_kd=True,
                             inputs_length=lengths[point["task"]]["inputs"],
                             targets_length=lengths[point["task"]]["targets"])
@@ -97,7 +98,8 @@ def fit(X: np.ndarray, y: np.ndarray, max_residual: float = 0.0) -> np.ndarray:
 
 def fitted_block(theta: np.ndarray, points: list, residuals: np.ndarray) -> str:
     lines = ["# BEGIN FITTED RATES (written by scripts/fit_paper_costs.py --write; edit the script, not these lines)",
-             "# chip-seconds = FLOPs / (effective_tflops x 1e12) + steps x seconds_per_step x params / reference_params",
+             "# chip-seconds = FLOPs / (effective_tflops x 1e12)",
+             "#               + steps x seconds_per_step x params / reference_params",
              "# (inf: the fit found no FLOP-proportional term). Fitted in A100 GPU-seconds paid (all GPUs of a run)."]
     for i, program in enumerate(FITTED):
         per_flop, per_step = theta[2 * i], theta[2 * i + 1]

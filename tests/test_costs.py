@@ -86,6 +86,7 @@ def test_a_ledger_with_a_cost_profile_prices_the_work_and_names_the_profile(tmp_
 
 def test_ledger_entries_say_whether_compute_was_assumed_or_measured():
     cpu, a100 = costs.get_accelerator("cpu"), costs.get_accelerator("a100")
-    assumed = costs.Ledger(None, measured_on=cpu, project_to=a100, mfu=0.4).add_compute("a", "teacher_finetune", 1, 1e12)
+    projected = costs.Ledger(None, measured_on=cpu, project_to=a100, mfu=0.4)
+    assumed = projected.add_compute("a", "teacher_finetune", 1, 1e12)
     measured = costs.Ledger(None, measured_on=cpu).add_compute("a", "teacher_finetune", 1, 1e12)
     assert (assumed.cost_profile, measured.cost_profile) == ("mfu", "measured")
