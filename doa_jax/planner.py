@@ -156,6 +156,10 @@ class Planner:
         """Student training on `examples` rows of soft targets (plus the teacher forward if online)."""
         return self.profile.usd(self.distill_work(examples))
 
+    def step_usd(self, work: Work) -> float:
+        """Dollars of one step of `work` (for a per-step budget cap while the work runs)."""
+        return self.profile.usd(work) / work.steps if work.steps else 0.0
+
     def _plan(self, *fields: Any, note: str = "") -> Plan:
         return Plan(*fields, cost_profile=self.profile.as_dict(), note=note)
 

@@ -108,6 +108,8 @@ def fitted_block(theta: np.ndarray, points: list, residuals: np.ndarray) -> str:
                   f"reference_params = {TEACHER.num_params()}  # T5 v1.1 XXL, the paper's teacher"]
     lines += ["[paper_rates.student_train]", "charged = false",
               'why_not = "the paper priced its annotation arm as labels only (U = 0 points cost exactly L x $/label)"',
+              "[paper_rates.eval_decode]", "charged = false",
+              'why_not = "the paper\'s compute costs count training and pseudo-labelling, not evaluation"',
               "[paper_rates.fit]", f"points = {len(points)}", f"max_abs_residual = {np.abs(residuals).max():.4f}",
               f"rms_residual = {np.sqrt((residuals ** 2).mean()):.4f}",
               f'date = "{datetime.date.today().isoformat()}"',

@@ -29,7 +29,8 @@ def test_a_paper_rate_charges_flops_at_its_rate_and_steps_scaled_by_parameters()
 def test_the_paper_profile_loads_its_fitted_rates_and_the_papers_a100_price():
     paper = cp.load_profile("paper")
     assert paper.accelerator.usd_per_chip_hour == 1.875 and paper.recipe["soft_targets"] == "online"
-    assert set(paper.rates) == {"teacher_train", "teacher_decode", "student_distill_online", "student_train"}
+    assert set(paper.rates) == {"teacher_train", "teacher_decode", "student_distill_online", "student_train",
+                                "eval_decode"}
     assert not paper.rates["student_train"].charged and "labels only" in paper.rates["student_train"].why_not
     assert math.isinf(paper.rates["teacher_decode"].flops_per_s)  # decoding: a cost per decoded position
     assert paper.task_lengths("stanceosaurus").inputs > paper.task_lengths("nq").inputs

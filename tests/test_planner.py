@@ -140,3 +140,9 @@ def test_when_the_pool_caps_u_the_plan_says_so_with_the_unspent_budget(toy):
 def test_plans_carry_the_profile_that_priced_them(toy):
     row = toy.plan("annotate", 100, 10.0).as_row()
     assert row["cost_profile"]["name"] == "mfu" and row["cost_profile"]["assumed"] is True
+
+
+def test_one_step_of_a_phase_costs_its_share_of_the_phase(toy):
+    # The teacher on 100 labels: 3 epochs x 100 steps of batch 1 for $6.00, $0.02 a step.
+    work = toy.teacher_finetune_work(100)
+    assert work.steps == 300 and toy.step_usd(work) == pytest.approx(0.02)
