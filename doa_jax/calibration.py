@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import pathlib
+import tempfile
 import time
 from typing import Any, Callable, Optional
 
@@ -23,9 +24,11 @@ import numpy as np
 from doa_jax import cost_profiles, costs, flops
 from doa_jax.model.config import T5Config
 
-TIMING_NOTE = ("compile and warm-up calls excluded; mean wall time of at least `reps` further calls (and at least "
-               "0.5 s of them), each ended by jax.block_until_ready; random weights; decoding forced to the full "
-               "target length")
+TIMING_NOTE = ("compile and warm-up excluded. Training programs: real Trainer.fit runs after a compiling run; "
+               "seconds per step = the difference of a short and a long run over their step difference, the rest of "
+               "the short run is the run's fixed cost (set-up, final checkpoint). Decoding: mean wall time of at least "
+               "`reps` calls (and 0.5 s of them) after the compiling call and `warmup` more, ended by "
+               "jax.block_until_ready, forced to the full target length. Random weights.")
 
 
 def task_card(name: str):
@@ -72,6 +75,7 @@ class Settings:
     optimizer: str = "adamw"
     reps: int = 3
     warmup: int = 1
+    run_steps: int = 20                   # steps of the long timed training run (the short one: a quarter)
     inputs_length: Optional[int] = None   # default: the card's
     targets_length: Optional[int] = None
     vocab_size: Optional[int] = None      # default: the demo's for the demo task, else the size's
@@ -80,6 +84,8 @@ class Settings:
         for f in ("batch_size", "topk", "reps"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.run_steps < 2:
+            raise ValueError(f"run_steps must be >= 2, got {self.run_steps}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
@@ -113,82 +119,82 @@ def _batch(vocab_size: int, batch: int, in_len: int, out_len: int, seed: int) ->
                 decoder_loss_weights=np.ones((batch, out_len), np.float32))
 
 
-def _train_runner(cfg: T5Config, s: Settings, mesh, rules, kd: bool, seed: int):
-    """(init state, step(state, host batch) -> state) of the trainer's real jitted step program."""
-    import jax
-
-    from doa_jax import losses, partitioning, trainer
+def _fit_seconds(cfg: T5Config, s: Settings, arrays: dict, steps: int, directory: pathlib.Path, kd: bool,
+                 wrapper: Optional[Callable] = None) -> float:
+    """Wall seconds of one real `Trainer.fit` of `steps` steps, set up as an experiment's run is."""
+    from doa_jax.losses import LossConfig
     from doa_jax.optimizers import OptimizerConfig
+    from doa_jax.train_data import ArrayBatches
+    from doa_jax.trainer import TrainConfig, Trainer
 
-    loss = losses.LossConfig(z_loss=0.0, loss_normalizing_factor="NUM_REAL_TARGET_TOKENS", kd_weight=1.0 if kd else 0.0)
-    prog = trainer.step_program(cfg, loss, OptimizerConfig(name=s.optimizer, learning_rate=3e-5), 1, 1, mesh,
-                                tuple(tuple(r) for r in rules))
-    with partitioning.mesh_context(mesh, rules):
-        state = prog.init(jax.random.PRNGKey(seed))
-    rng = jax.random.PRNGKey(seed)
-
-    def step(state, host):
-        with partitioning.mesh_context(mesh, rules):
-            new, _ = prog.train_step(state, partitioning.global_batch(host, mesh), rng)
-        return new
-
-    return state, step
-
-
-def _time_train(cfg: T5Config, s: Settings, mesh, rules, batch: dict, *, kd: bool = False,
-                teacher_logits: Optional[Callable] = None, seed: int = 0) -> float:
-    """Seconds per train step; `teacher_logits(batch)` adds the online teacher forward to every step."""
-    state, step = _train_runner(cfg, s, mesh, rules, kd, seed)
-    holder = {"state": state}
-
-    def one():
-        host = batch
-        if teacher_logits is not None:
-            logits = np.asarray(teacher_logits(batch))
-            ids = np.broadcast_to(np.arange(logits.shape[-1], dtype=np.int32), logits.shape)
-            host = dict(batch, teacher_topk_values=logits, teacher_topk_ids=ids)
-        holder["state"] = step(holder["state"], host)
-        return holder["state"].step
-
-    return _timed(one, s.reps, s.warmup)
+    loss = LossConfig(z_loss=0.0, loss_normalizing_factor="NUM_REAL_TARGET_TOKENS", kd_weight=1.0 if kd else 0.0)
+    config = TrainConfig(model_dir=str(directory), batch_size=s.batch_size, train_steps=steps,
+                         optimizer=OptimizerConfig(name=s.optimizer, learning_rate=3e-5), loss=loss,
+                         log_every=10 ** 6, checkpoint_every=10 ** 6, keep_checkpoints=1, async_checkpointing=False,
+                         tensorboard=False, verbose=False)
+    source = ArrayBatches(arrays, s.batch_size, shuffle=True, seed=0, pad_remainder=True)
+    if wrapper is not None:
+        source = wrapper(source)
+    start = time.perf_counter()
+    Trainer(cfg, config).fit(source)
+    return time.perf_counter() - start
 
 
-def _measure(teacher: T5Config, student: T5Config, s: Settings, lengths: dict[str, int]) -> dict[str, float]:
-    """Seconds per call of every program, each on a batch of `s.batch_size` examples."""
+def _time_runs(cfg: T5Config, s: Settings, arrays: dict, directory: pathlib.Path, *, kd: bool = False,
+               wrapper: Optional[Callable] = None) -> dict[str, float]:
+    """Seconds per step and per run (set-up, final checkpoint) of real training runs, compile excluded.
+
+    A first run compiles (its extra time is `startup_s`, not priced); then a short and a long run
+    with the compiled programs give the step time (their difference) and the fixed cost of a run.
+    """
+    short, long_ = max(1, s.run_steps // 4), s.run_steps
+    cold = _fit_seconds(cfg, s, arrays, short, directory / "cold", kd, wrapper)
+    for i in range(s.warmup - 1):
+        _fit_seconds(cfg, s, arrays, short, directory / f"warm{i}", kd, wrapper)
+    t_short = _fit_seconds(cfg, s, arrays, short, directory / "short", kd, wrapper)
+    t_long = _fit_seconds(cfg, s, arrays, long_, directory / "long", kd, wrapper)
+    per_step = max((t_long - t_short) / (long_ - short), 1e-9)
+    return {"seconds_per_call": per_step, "run_overhead_s": max(t_short - short * per_step, 0.0),
+            "startup_s": max(cold - t_short, 0.0), "timed_runs_steps": [short, long_]}
+
+
+def _measure(teacher: T5Config, student: T5Config, s: Settings, lengths: dict[str, int],
+             directory: pathlib.Path) -> dict[str, dict]:
+    """Per program: seconds per call (a train step, or a batch of `s.batch_size` decodes), and for
+    training the fixed seconds of a run."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from doa_jax import decoding, partitioning, teacher_outputs
+    from doa_jax.experiment import OnlineTeacherBatches
     from doa_jax.model import Transformer
 
-    mesh, rules = partitioning.MeshConfig().build()
+    mesh, _ = partitioning.MeshConfig().build()
     partitioning.check_batch_size(s.batch_size, mesh)
     in_len, out_len, b = lengths["inputs"], lengths["targets"], s.batch_size
-    batch = _batch(student.vocab_size, b, in_len, out_len, seed=0)
-    kd_batch = dict(batch, teacher_topk_values=np.random.default_rng(1).standard_normal((b, out_len, s.topk)).astype(
-        np.float32), teacher_topk_ids=np.random.default_rng(2).integers(0, student.vocab_size, (b, out_len, s.topk),
-                                                                        dtype=np.int32))
-    seconds = {"teacher_train": _time_train(teacher, s, mesh, rules, batch),
-               "student_train": _time_train(student, s, mesh, rules, batch),
-               "student_distill_stored": _time_train(student, s, mesh, rules, kd_batch, kd=True)}
+    rows = s.run_steps * b
+    data = _batch(student.vocab_size, rows, in_len, out_len, seed=0)
+    rng = np.random.default_rng(1)
+    kd_data = dict(data, teacher_topk_values=rng.standard_normal((rows, out_len, s.topk)).astype(np.float32),
+                   teacher_topk_ids=rng.integers(0, student.vocab_size, (rows, out_len, s.topk), dtype=np.int32))
     t_module, s_module = Transformer(teacher), Transformer(student)
     tokens = jnp.zeros((1, 1), jnp.int32)
     t_params = jax.jit(lambda r: nn.meta.unbox(t_module.init(r, tokens, tokens))["params"])(jax.random.PRNGKey(3))
     s_params = jax.jit(lambda r: nn.meta.unbox(s_module.init(r, tokens, tokens))["params"])(jax.random.PRNGKey(4))
-    forward = jax.jit(lambda p, e, d: t_module.apply({"params": p}, e, d))
-    seconds["student_distill_online"] = _time_train(
-        student, s, mesh, rules, batch, kd=True,
-        teacher_logits=lambda bt: forward(t_params, bt["encoder_input_tokens"], bt["decoder_input_tokens"]))
-    enc = jnp.asarray(batch["encoder_input_tokens"])
+    measured = {"teacher_train": _time_runs(teacher, s, data, directory / "teacher_train"),
+                "student_train": _time_runs(student, s, data, directory / "student_train"),
+                "student_distill_stored": _time_runs(student, s, kd_data, directory / "stored", kd=True),
+                "student_distill_online": _time_runs(student, s, data, directory / "online", kd=True,
+                                                     wrapper=lambda src: OnlineTeacherBatches(src, t_module, t_params))}
+    enc = jnp.asarray(data["encoder_input_tokens"][:b])
     decoded = decoding.greedy(t_module, t_params, enc, out_len, min_length=out_len).tokens
-    seconds["teacher_decode"] = _timed(lambda: decoding.greedy(t_module, t_params, enc, out_len, min_length=out_len),
-                                       s.reps, s.warmup)
-    seconds["teacher_score"] = _timed(lambda: teacher_outputs._score(t_module, t_params, enc, decoded, s.topk),
-                                      s.reps, s.warmup)
-    seconds["eval_decode"] = _timed(lambda: decoding.greedy(s_module, s_params, enc, out_len, min_length=out_len),
-                                    s.reps, s.warmup)
-    return seconds
+    calls = {"teacher_decode": lambda: decoding.greedy(t_module, t_params, enc, out_len, min_length=out_len),
+             "teacher_score": lambda: teacher_outputs._score(t_module, t_params, enc, decoded, s.topk),
+             "eval_decode": lambda: decoding.greedy(s_module, s_params, enc, out_len, min_length=out_len)}
+    for program, call in calls.items():
+        measured[program] = {"seconds_per_call": _timed(call, s.reps, s.warmup)}
+    return measured
 
 
 def _program_flops(program: str, teacher: T5Config, student: T5Config, b: int, i: int, o: int) -> float:
@@ -222,20 +228,22 @@ def calibrate(s: Settings) -> dict[str, Any]:
     lengths = {"inputs": int(s.inputs_length or card.feature_lengths["inputs"]),
                "targets": int(s.targets_length or card.feature_lengths["targets"])}
     teacher, student = model_configs(card, s.teacher, s.student, s.vocab_size)
-    seconds = _measure(teacher, student, s, lengths)
+    with tempfile.TemporaryDirectory(prefix="doa_calibrate_") as directory:
+        measured = _measure(teacher, student, s, lengths, pathlib.Path(directory))
     devices = jax.devices()
     peak = acc.peak_flops * len(devices)
     programs = {}
-    for program, sec in seconds.items():
+    for program, row in measured.items():
         f = _program_flops(program, teacher, student, s.batch_size, lengths["inputs"], lengths["targets"])
-        programs[program] = {"examples_per_s": s.batch_size / sec, "seconds_per_call": sec,
-                             "examples_per_call": s.batch_size, "flops_per_call": f, "mfu": f / sec / peak}
+        sec = row["seconds_per_call"]
+        programs[program] = {"examples_per_s": s.batch_size / sec, "examples_per_call": s.batch_size, **row,
+                             "flops_per_call": f, "mfu": f / sec / peak}
     return {"format": cost_profiles.CALIBRATION_FORMAT, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "jax_version": jax.__version__, "device_kind": devices[0].device_kind,
         "device_count": len(devices), "accelerator": acc.key, "accelerator_peak_flops": acc.peak_flops,
         "teacher": _model_record(s.teacher, teacher), "student": _model_record(s.student, student), "task": card.name,
         "lengths": lengths, "batch_size": s.batch_size, "topk": s.topk, "optimizer": s.optimizer,
-        "timing": TIMING_NOTE, "warmup_calls_excluded": 1 + s.warmup, "reps": s.reps,
+        "timing": TIMING_NOTE, "warmup_calls_excluded": 1 + s.warmup, "reps": s.reps, "run_steps": s.run_steps,
         "peak_memory_bytes": _peak_memory(), "programs": programs}
 
 

@@ -157,7 +157,8 @@ class PaperProfile(CostProfile):
 
 @dataclasses.dataclass(frozen=True)
 class CalibratedProfile(CostProfile):
-    """Examples per second measured by `doa calibrate` on this hardware, per program."""
+    """Examples per second measured by `doa calibrate` on this hardware, per program; a training
+    program also has the fixed seconds of a run (set-up, final checkpoint), charged once per Work."""
 
     calibration: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     path: str = ""
@@ -167,7 +168,9 @@ class CalibratedProfile(CostProfile):
         if work.program not in programs:
             raise ValueError(f"calibration {self.path} has no measurement of {work.program!r}; "
                              f"measured: {', '.join(programs)}")
-        return work.rows / programs[work.program]["examples_per_s"] * self.calibration["device_count"]
+        row = programs[work.program]
+        fixed = row.get("run_overhead_s", 0.0) if work.rows > 0 else 0.0
+        return (work.rows / row["examples_per_s"] + fixed) * self.calibration["device_count"]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -269,6 +272,10 @@ def read_calibration(path: str | os.PathLike) -> dict[str, Any]:
         if program not in PROGRAMS or not isinstance(rate, (int, float)) or not rate > 0 or not math.isfinite(rate):
             raise ValueError(f"calibration file {path}: programs.{program} needs a known program and a positive "
                              f"examples_per_s")
+        fixed = row.get("run_overhead_s", 0.0)
+        if not isinstance(fixed, (int, float)) or not 0 <= fixed < math.inf:
+            raise ValueError(f"calibration file {path}: programs.{program}.run_overhead_s must be seconds >= 0, "
+                             f"got {fixed!r}")
     return cal
 
 

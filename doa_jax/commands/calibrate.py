@@ -32,6 +32,8 @@ def register(sub) -> None:
                    help="model embedding rows (default: the size's; the demo task: the demo's)")
     p.add_argument("--reps", type=_positive, default=3, help="timed calls per program (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the compiling one (default 1)")
+    p.add_argument("--run-steps", type=_positive, default=20,
+                   help="steps of the long timed training run; the short one has a quarter (default 20)")
     p.set_defaults(func=run)
 
 
@@ -42,7 +44,7 @@ def run(args) -> int:
     cost_profiles.size_name(args.teacher), cost_profiles.size_name(args.student)
     settings = calibration.Settings(accelerator=args.accelerator, teacher=args.teacher, student=args.student,
                                     task=args.task, batch_size=args.batch_size, topk=args.topk,
-                                    optimizer=args.optimizer, reps=args.reps, warmup=args.warmup,
+                                    optimizer=args.optimizer, reps=args.reps, warmup=args.warmup, run_steps=args.run_steps,
                                     inputs_length=args.inputs_length, targets_length=args.targets_length,
                                     vocab_size=args.vocab_size)
     record = calibration.calibrate(settings)
@@ -51,6 +53,7 @@ def run(args) -> int:
           f"{record['task']} at {record['lengths']['inputs']}/{record['lengths']['targets']} tokens, batch "
           f"{record['batch_size']}; {record['timing']}")
     for program, row in record["programs"].items():
-        print(f"  {program:<24} {row['examples_per_s']:>12.1f} examples/s   MFU {row['mfu']:.2%}")
+        fixed = f"   + {row['run_overhead_s']:.2f} s a run" if "run_overhead_s" in row else ""
+        print(f"  {program:<24} {row['examples_per_s']:>12.1f} examples/s   MFU {row['mfu']:.2%}{fixed}")
     print(f"wrote {path}; price with `doa plan --calibration {path} ...`")
     return 0
