@@ -24,9 +24,9 @@ import numpy as np
 from doa_jax import cost_profiles, costs, flops
 from doa_jax.model.config import T5Config
 
-TIMING_NOTE = ("compile and warm-up excluded. Training programs: real Trainer.fit runs after a compiling run; "
-               "seconds per step = the difference of a short and a long run over their step difference, the rest of "
-               "the short run is the run's fixed cost (set-up, final checkpoint). Decoding: mean wall time of at least "
+TIMING_NOTE = ("compile and warm-up excluded. Training programs: a real Trainer.fit run after a compiling one; "
+               "seconds per step = the trainer's own step_time_s (first step left out), the rest of the run's wall "
+               "time is its fixed cost (set-up, final checkpoint). Decoding: mean wall time of at least "
                "`reps` calls (and 0.5 s of them) after the compiling call and `warmup` more, ended by "
                "jax.block_until_ready, forced to the full target length. Random weights.")
 
@@ -75,7 +75,7 @@ class Settings:
     optimizer: str = "adamw"
     reps: int = 3
     warmup: int = 1
-    run_steps: int = 20                   # steps of the long timed training run (the short one: a quarter)
+    run_steps: int = 20                   # steps of each timed training run
     inputs_length: Optional[int] = None   # default: the card's
     targets_length: Optional[int] = None
     vocab_size: Optional[int] = None      # default: the demo's for the demo task, else the size's
@@ -142,20 +142,20 @@ def _fit_seconds(cfg: T5Config, s: Settings, arrays: dict, steps: int, directory
 
 def _time_runs(cfg: T5Config, s: Settings, arrays: dict, directory: pathlib.Path, *, kd: bool = False,
                wrapper: Optional[Callable] = None) -> dict[str, float]:
-    """Seconds per step and per run (set-up, final checkpoint) of real training runs, compile excluded.
+    """Seconds per step and per run (set-up, final checkpoint) of a real training run, compile excluded.
 
-    A first run compiles (its extra time is `startup_s`, not priced); then a short and a long run
-    with the compiled programs give the step time (their difference) and the fixed cost of a run.
+    A first run compiles (its extra seconds are `startup_s`, not priced). A second run of the same
+    programs gives the step time the trainer itself measures (`step_time_s` in its metrics.jsonl,
+    its first step left out) and, as the rest of its wall time, the run's fixed cost.
     """
-    short, long_ = max(1, s.run_steps // 4), s.run_steps
-    cold = _fit_seconds(cfg, s, arrays, short, directory / "cold", kd, wrapper)
+    cold = _fit_seconds(cfg, s, arrays, s.run_steps, directory / "cold", kd, wrapper)
     for i in range(s.warmup - 1):
-        _fit_seconds(cfg, s, arrays, short, directory / f"warm{i}", kd, wrapper)
-    t_short = _fit_seconds(cfg, s, arrays, short, directory / "short", kd, wrapper)
-    t_long = _fit_seconds(cfg, s, arrays, long_, directory / "long", kd, wrapper)
-    per_step = max((t_long - t_short) / (long_ - short), 1e-9)
-    return {"seconds_per_call": per_step, "run_overhead_s": max(t_short - short * per_step, 0.0),
-            "startup_s": max(cold - t_short, 0.0), "timed_runs_steps": [short, long_]}
+        _fit_seconds(cfg, s, arrays, s.run_steps, directory / f"warm{i}", kd, wrapper)
+    warm = _fit_seconds(cfg, s, arrays, s.run_steps, directory / "timed", kd, wrapper)
+    rows = [json.loads(line) for line in (directory / "timed" / "metrics.jsonl").read_text().splitlines() if line]
+    per_step = [r["step_time_s"] for r in rows if "step_time_s" in r][-1]
+    return {"seconds_per_call": per_step, "run_overhead_s": max(warm - s.run_steps * per_step, 0.0),
+            "startup_s": max(cold - warm, 0.0), "timed_run_steps": s.run_steps}
 
 
 def _measure(teacher: T5Config, student: T5Config, s: Settings, lengths: dict[str, int],

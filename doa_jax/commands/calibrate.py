@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--reps", type=_positive, default=3, help="timed calls per program (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the compiling one (default 1)")
     p.add_argument("--run-steps", type=_positive, default=20,
-                   help="steps of the long timed training run; the short one has a quarter (default 20)")
+                   help="steps of each timed training run (default 20)")
     p.set_defaults(func=run)
 
 
