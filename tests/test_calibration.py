@@ -10,17 +10,18 @@ from doa_jax import cli, cost_profiles
 def test_calibrate_tiny_models_on_the_demo_task_then_plan_with_the_file(capsys, tmp_path):
     out = tmp_path / "cal.json"
     assert cli.main(["calibrate", "--accelerator", "cpu", "--teacher", "tiny", "--student", "tiny", "--task", "demo",
-                     "--batch-size", "4", "--inputs-length", "8", "--targets-length", "4", "--reps", "1",
-                     "--warmup", "0", "--out", str(out)]) == 0
+                     "--batch-size", "8", "--inputs-length", "8", "--targets-length", "4", "--reps", "1",
+                     "--warmup", "0", "--run-steps", "2", "--out", str(out)]) == 0
     assert "compile and warm-up calls excluded" in capsys.readouterr().out
     record = cost_profiles.read_calibration(out)
     assert set(record["programs"]) == set(cost_profiles.PROGRAMS)
     assert all(p["examples_per_s"] > 0 and p["mfu"] > 0 for p in record["programs"].values())
-    assert record["lengths"] == {"inputs": 8, "targets": 4} and record["batch_size"] == 4
+    assert record["lengths"] == {"inputs": 8, "targets": 4} and record["batch_size"] == 8
+    assert all(record["programs"][p]["run_overhead_s"] >= 0 for p in ("teacher_train", "student_distill_online"))
     assert record["teacher"]["size"] == "t5_1_1_tiny" and record["device_count"] >= 1 and record["jax_version"]
     assert record["warmup_calls_excluded"] == 1
     # A run-length mismatch is refused; the matching lengths price from the file.
-    assert cli.main(["plan", "--task", "demo", "--teacher", "tiny", "--student", "tiny", "--batch-size", "4",
+    assert cli.main(["plan", "--task", "demo", "--teacher", "tiny", "--student", "tiny", "--batch-size", "8",
                      "--start-labels", "16", "--unlabeled", "32", "--calibration", str(out), "--json"]) == 2
     assert "was measured at inputs length 8" in capsys.readouterr().err
 
