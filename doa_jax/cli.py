@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "score": "doa_jax.commands.score",
     "vocab": "doa_jax.commands.vocab",
     "plan": "doa_jax.commands.plan",
+    "calibrate": "doa_jax.commands.calibrate",
     "train": "doa_jax.commands.train",
     "bench": "doa_jax.commands.bench",
 }

@@ -67,3 +67,26 @@ def test_a_corrupt_ledger_line_names_file_and_line(tmp_path):
     path.write_text('{"key": "a", "phase": "labels", "usd": 1.0}\nnot json\n')
     with pytest.raises(ValueError, match=r"ledger.jsonl:2: not a ledger entry"):
         costs.Ledger(path, measured_on=costs.get_accelerator("cpu"))
+
+
+def test_a_ledger_with_a_cost_profile_prices_the_work_and_names_the_profile(tmp_path):
+    from doa_jax.experiment import cost_profiles
+
+    toy = costs.Accelerator("toy", "toy", usd_per_chip_hour=3.6, peak_flops=1e12, source="test", date="-")
+    rate = cost_profiles.Rate(flops_per_s=1e12, seconds_per_step=2.0, reference_params=10)
+    profile = cost_profiles.PaperProfile("paper", "test", toy, rates={"teacher_train": rate})
+    ledger = costs.Ledger(tmp_path / "ledger.jsonl", measured_on=costs.get_accelerator("cpu"), profile=profile)
+    work = cost_profiles.Work("teacher_train", rows=64, steps=2, flops=3e12, params=10)
+    entry = ledger.add_compute("teacher", "teacher_finetune", seconds=100.0, flops=3e12, work=[work])
+    assert entry.usd == pytest.approx((3.0 + 2 * 2.0) * 0.001) and entry.cost_profile == "paper"  # 7 s at $0.001/s
+    assert costs.Ledger(tmp_path / "ledger.jsonl", measured_on=toy).entries["teacher"].cost_profile == "paper"
+    with pytest.raises(ValueError, match="needs the work done"):
+        ledger.add_compute("student", "student_training", seconds=1.0, flops=1e9)
+
+
+def test_ledger_entries_say_whether_compute_was_assumed_or_measured():
+    cpu, a100 = costs.get_accelerator("cpu"), costs.get_accelerator("a100")
+    projected = costs.Ledger(None, measured_on=cpu, project_to=a100, mfu=0.4)
+    assumed = projected.add_compute("a", "teacher_finetune", 1, 1e12)
+    measured = costs.Ledger(None, measured_on=cpu).add_compute("a", "teacher_finetune", 1, 1e12)
+    assert (assumed.cost_profile, measured.cost_profile) == ("mfu", "measured")

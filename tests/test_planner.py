@@ -78,9 +78,9 @@ def test_empty_unlabeled_pool_is_infeasible(toy):
     assert toy.plan("distill", 100, 10.0, unlabeled_available=0).reason == "the unlabeled pool is empty"
 
 
-@pytest.mark.parametrize("budget", [-1.0, float("nan"), "100"])
+@pytest.mark.parametrize("budget", [-1.0, float("nan"), float("inf"), 1e309, "100", True])
 def test_bad_budget_is_a_clear_error(toy, budget):
-    with pytest.raises(ValueError, match="budget must be a non-negative number of dollars"):
+    with pytest.raises(ValueError, match="budget must be a non-negative, finite number of dollars"):
         toy.plan("annotate", 100, budget)
 
 
@@ -98,3 +98,53 @@ def test_training_is_priced_in_whole_padded_batches(toy):
     # 33 labels in batches of 32: 2 steps an epoch, 2 epochs = 4 steps of 32 rows at $0.002 a row.
     assert batched.student_finetune_usd(33) == pytest.approx(4 * 32 * 0.002)
     assert batched.student_finetune_usd(32) == pytest.approx(2 * 32 * 0.002)
+
+
+def test_a_fixed_point_is_priced_phase_by_phase(toy):
+    # teacher $6.00 on 100 labels; 50 inputs: inference 50 x $0.008, distillation 50 x $0.010.
+    p = toy.price(100, 50)
+    assert (p.feasible, p.labels_used, p.unlabeled_used) == (True, 100, 50)
+    assert (p.teacher_finetune_usd, p.teacher_inference_usd, p.student_training_usd) == pytest.approx((6.0, 0.4, 0.5))
+    assert p.compute_usd == pytest.approx(6.9) and p.budget_usd == pytest.approx(6.9)
+    assert toy.price(100, 50, budget_usd=6.0).reason == "L=100, U=50 costs $6.90 > budget $6.00"
+
+
+@pytest.mark.parametrize("unlabeled", [-1, 2.5, True])
+def test_a_fixed_point_needs_a_whole_non_negative_u(toy, unlabeled):
+    with pytest.raises(ValueError, match="unlabeled inputs must be a whole number >= 0"):
+        toy.price(100, unlabeled)
+
+
+def test_online_soft_targets_pay_the_teachers_forward_at_every_student_step_and_no_scoring_pass():
+    online = planner.Planner(ACC, STUDENT, TEACHER, 0.25, dataclasses.replace(RECIPE, online_kd=True))
+    stored = planner.Planner(ACC, STUDENT, TEACHER, 0.25, RECIPE)
+    fwd, train = flops.forward_flops(TEACHER, 1, 128, 8), flops.train_flops(STUDENT, 1, 128, 8)
+    assert online.teacher_inference_usd(10) == pytest.approx(stored.teacher_inference_usd(10) / 2)
+    # 5 epochs x 10 rows x (student step + teacher forward) FLOPs at $2e-15 a FLOP.
+    assert online.distill_usd(10) == pytest.approx(50 * (train + fwd) * 2e-15)
+
+
+def test_u_on_a_grid_is_the_largest_grid_value_the_budget_covers(toy):
+    # $4.00 left after the teacher, $0.018 per input: 222 fit, so the grid's 200 is bought, not 300.
+    p = toy.plan("distill", 100, 10.0, unlabeled_grid=[100, 200, 300])
+    assert p.unlabeled_used == 200 and p.unspent_usd == pytest.approx(4.0 - 200 * 0.018)
+    none = toy.plan("distill", 100, 10.0, unlabeled_grid=[300])
+    assert not none.feasible and "does not cover the grid's smallest U=300 ($5.40)" in none.reason
+
+
+def test_when_the_pool_caps_u_the_plan_says_so_with_the_unspent_budget(toy):
+    p = toy.plan("distill", 100, 10.0, unlabeled_available=50)
+    assert p.unlabeled_used == 50 and p.unspent_usd == pytest.approx(4.0 - 50 * 0.018)
+    assert p.note == "the unlabeled pool (50 inputs) caps U: $3.10 of the budget is unspent"
+    assert toy.plan("distill", 100, 10.0, unlabeled_available=500).note == ""  # the budget, not the pool, binds
+
+
+def test_plans_carry_the_profile_that_priced_them(toy):
+    row = toy.plan("annotate", 100, 10.0).as_row()
+    assert row["cost_profile"]["name"] == "mfu" and row["cost_profile"]["assumed"] is True
+
+
+def test_one_step_of_a_phase_costs_its_share_of_the_phase(toy):
+    # The teacher on 100 labels: 3 epochs x 100 steps of batch 1 for $6.00, $0.02 a step.
+    work = toy.teacher_finetune_work(100)
+    assert work.steps == 300 and toy.step_usd(work) == pytest.approx(0.02)

@@ -14,7 +14,7 @@ import json
 import os
 import pathlib
 import tomllib
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 RATE_CARDS = pathlib.Path(__file__).with_name("rate_cards.toml")
 PHASES = ("labels", "teacher_finetune", "teacher_inference", "student_training", "evaluation")
@@ -81,21 +81,26 @@ class Entry:
     chips: int = 0
     flops: float = 0.0
     labels: int = 0
+    cost_profile: str = ""  # what priced `usd`: a cost profile's name, or "measured" (this machine's seconds)
 
 
 class Ledger:
     """Append-only, resumable record of what an experiment spent, by phase.
 
-    `measured_on` is the accelerator this process runs on (its price x the measured seconds);
-    compute is charged at the projection onto `project_to` at `mfu` when given, else as measured.
+    `measured_on` is the accelerator this process runs on (its price x the measured seconds).
+    Compute is charged by `profile` (a `cost_profiles.CostProfile`) for work described as
+    `cost_profiles.Work`; else at the projection onto `project_to` at an assumed `mfu` when given;
+    else as measured. Every entry names what priced it (`cost_profile`).
     """
 
     def __init__(self, path: Optional[str | os.PathLike], measured_on: Accelerator, chips: int = 1,
-                 project_to: Optional[Accelerator] = None, mfu: float = 0.5):
+                 project_to: Optional[Accelerator] = None, mfu: float = 0.5, profile: Optional[Any] = None):
         if not 0 < mfu <= 1:
             raise ValueError(f"mfu must be in (0, 1], got {mfu}")
         self.path = pathlib.Path(path) if path is not None else None
         self.measured_on, self.chips, self.project_to, self.mfu = measured_on, chips, project_to, mfu
+        self.profile = profile
+        self.cost_profile = profile.name if profile is not None else ("mfu" if project_to is not None else "measured")
         self.entries: dict[str, Entry] = {}
         if self.path is not None and self.path.exists():
             for lineno, line in enumerate(self.path.read_text().splitlines(), 1):
@@ -121,19 +126,24 @@ class Ledger:
                 os.fsync(f.fileno())
         return entry
 
-    def compute_usd(self, seconds: float, flops: float) -> float:
-        """What `seconds` of this machine doing `flops` costs against the budget."""
+    def compute_usd(self, seconds: float, flops: float, work: Sequence[Any] = ()) -> float:
+        """What `seconds` of this machine doing `flops` (the `work` items) costs against the budget."""
+        if self.profile is not None:
+            if not work:
+                raise ValueError(f"the ledger prices compute with cost profile {self.profile.name!r}, which needs "
+                                 f"the work done (cost_profiles.Work), not only seconds and FLOPs")
+            return sum(self.profile.usd(w) for w in work)
         if self.project_to is not None:
             return self.project_to.usd(self.project_to.chip_seconds_for(flops, self.mfu))
         return self.measured_on.usd(seconds * self.chips)
 
-    def add_compute(self, key: str, phase: str, seconds: float, flops: float) -> Entry:
-        return self._add(Entry(key, phase, self.compute_usd(seconds, flops),
+    def add_compute(self, key: str, phase: str, seconds: float, flops: float, work: Sequence[Any] = ()) -> Entry:
+        return self._add(Entry(key, phase, self.compute_usd(seconds, flops, work),
                                measured_usd=self.measured_on.usd(seconds * self.chips),
-                               seconds=seconds, chips=self.chips, flops=flops))
+                               seconds=seconds, chips=self.chips, flops=flops, cost_profile=self.cost_profile))
 
     def add_labels(self, key: str, count: int, usd_per_label: float) -> Entry:
-        return self._add(Entry(key, "labels", count * usd_per_label, labels=count))
+        return self._add(Entry(key, "labels", count * usd_per_label, labels=count, cost_profile="task card"))
 
     def total(self, phases: Iterable[str] = PHASES) -> float:
         wanted = set(phases)

@@ -1,0 +1,301 @@
+"""Cost profiles: where the seconds behind a compute dollar come from (data in `cost_profiles.toml`).
+
+Work is described as `Work` items: one program (a teacher train step, a decoded batch, a distillation
+step, ...) run some number of times, with its analytic FLOPs. A profile turns work into
+chip-seconds, and its accelerator's rate card turns those into dollars:
+
+- `paper`: the paper's accounting, per-phase rates (effective FLOP/s and seconds per step) fitted to
+  what the paper paid (scripts/fit_paper_costs.py; notes/costs.md);
+- `calibrated`: examples per second measured by `doa calibrate` on the user's machine (a JSON file);
+- `mfu`: FLOPs at an assumed share of the rate card's peak, said to be assumed wherever it prints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import tomllib
+from typing import Any, Mapping, Optional
+
+from doa_jax.experiment import costs
+from doa_jax.model.config import SIZES, T5Config
+
+PROFILES_FILE = pathlib.Path(__file__).with_name("cost_profiles.toml")
+PROFILE_NAMES = ("paper", "calibrated", "mfu")
+CALIBRATION_FORMAT = "doa-calibration/1"
+# The programs work is made of, and the ledger phase each is charged to.
+PROGRAMS = {
+    "teacher_train": "teacher_finetune",          # one teacher train step on a batch of labels
+    "teacher_decode": "teacher_inference",        # greedy pseudo-labels of a batch of inputs
+    "teacher_score": "teacher_inference",         # one teacher-forced pass for the stored top-k logits
+    "student_train": "student_training",          # one student step on labels (cross-entropy)
+    "student_distill_stored": "student_training",  # one student step on stored top-k soft targets
+    "student_distill_online": "student_training",  # the same plus the teacher's forward (the paper's code)
+    "eval_decode": "evaluation",                  # greedy decodes of a batch of test inputs
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """`steps` runs of `program` over `rows` examples in all (padded batches counted in full).
+
+    For decoding, `steps` counts decoded positions of a batch (batches x decode length): each one
+    re-reads the weights. `params` is the parameter count of the model whose step overhead it is.
+    """
+
+    program: str
+    rows: float
+    steps: float
+    flops: float
+    params: int
+
+    def __post_init__(self):
+        if self.program not in PROGRAMS:
+            raise ValueError(f"unknown program {self.program!r}; programs: {', '.join(PROGRAMS)}")
+
+
+def size_name(name: str) -> str:
+    """The canonical size key (`t5_1_1_small`) for a size name as `config_for_size` accepts it."""
+    key = name.strip().lower().replace("-", "_").replace("v1_1", "1_1")
+    for candidate in (key, f"t5_1_1_{key}", key.replace("google/", "")):
+        if candidate in SIZES:
+            return candidate
+    raise ValueError(f"unknown model size {name!r}; known sizes: {sorted(SIZES)}")
+
+
+def _read_profiles(path: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+    path = pathlib.Path(path or PROFILES_FILE)
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+
+
+# ----------------------------------------------------------------------------- profiles
+
+@dataclasses.dataclass(frozen=True)
+class CostProfile:
+    """Base: a named way of turning `Work` into chip-seconds on `accelerator`."""
+
+    name: str
+    source: str
+    accelerator: costs.Accelerator
+
+    assumed = False
+
+    def chip_seconds(self, work: Work) -> float:
+        raise NotImplementedError
+
+    def usd(self, work: Work) -> float:
+        return self.accelerator.usd(self.chip_seconds(work))
+
+    def as_dict(self) -> dict[str, Any]:
+        """What a plan, a ledger entry or a result row records about the profile."""
+        return {"name": self.name, "source": self.source, "assumed": self.assumed,
+                "accelerator": self.accelerator.key, "usd_per_chip_hour": self.accelerator.usd_per_chip_hour}
+
+
+@dataclasses.dataclass(frozen=True)
+class MfuProfile(CostProfile):
+    """Analytic FLOPs at an assumed MFU of the rate card's peak: an assumption, never a measurement."""
+
+    mfu: float = 0.4
+    assumed = True
+
+    def __post_init__(self):
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"mfu must be in (0, 1], got {self.mfu}")
+
+    def chip_seconds(self, work: Work) -> float:
+        return self.accelerator.chip_seconds_for(work.flops, self.mfu)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """A fitted phase rate: chip-seconds = FLOPs / flops_per_s + steps x seconds_per_step x params/ref."""
+
+    flops_per_s: float           # effective FLOP/s per paid chip (inf: no FLOP-proportional term)
+    seconds_per_step: float      # chip-seconds per step of a model with `reference_params` parameters
+    reference_params: int
+    charged: bool = True
+    why_not: str = ""
+
+    def chip_seconds(self, work: Work) -> float:
+        if not self.charged:
+            return 0.0
+        return work.flops / self.flops_per_s + work.steps * self.seconds_per_step * work.params / self.reference_params
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskLengths:
+    inputs: float
+    targets: float
+    examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperProfile(CostProfile):
+    """The paper's accounting: per-program fitted rates, priced at the paper's mean token lengths."""
+
+    rates: Mapping[str, Rate] = dataclasses.field(default_factory=dict)
+    lengths: Mapping[str, TaskLengths] = dataclasses.field(default_factory=dict)
+    recipe: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    fit: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def chip_seconds(self, work: Work) -> float:
+        if work.program not in self.rates:
+            raise ValueError(f"cost profile 'paper' has no rate for {work.program!r}: the paper's runs had no such "
+                             f"program (it distilled with online soft targets); price it with --cost-profile "
+                             f"calibrated or mfu")
+        return self.rates[work.program].chip_seconds(work)
+
+    def task_lengths(self, task: str) -> Optional[TaskLengths]:
+        return self.lengths.get(task)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibratedProfile(CostProfile):
+    """Examples per second measured by `doa calibrate` on this hardware, per program; a training
+    program also has the fixed seconds of a run (set-up, final checkpoint), charged once per Work."""
+
+    calibration: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    path: str = ""
+
+    def chip_seconds(self, work: Work) -> float:
+        programs = self.calibration["programs"]
+        if work.program not in programs:
+            raise ValueError(f"calibration {self.path} has no measurement of {work.program!r}; "
+                             f"measured: {', '.join(programs)}")
+        row = programs[work.program]
+        fixed = row.get("run_overhead_s", 0.0) if work.rows > 0 else 0.0
+        return (work.rows / row["examples_per_s"] + fixed) * self.calibration["device_count"]
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _paper_profile(data: Mapping[str, Any], cards: Mapping[str, costs.Accelerator], where: str) -> PaperProfile:
+    table = data["profiles"]["paper"]
+    rates_table = data.get("paper_rates")
+    if not rates_table:
+        raise ValueError(f"{where}: no [paper_rates.*] tables: run scripts/fit_paper_costs.py --write")
+    rates = {}
+    for program, row in rates_table.items():
+        if program in ("fit",):
+            continue
+        if program not in PROGRAMS:
+            raise ValueError(f"{where}: [paper_rates.{program}] is not a program ({', '.join(PROGRAMS)})")
+        if not row.get("charged", True):
+            rates[program] = Rate(math.inf, 0.0, 1, charged=False, why_not=row.get("why_not", ""))
+            continue
+        flops_per_s = float(row["effective_tflops"]) * 1e12
+        if not flops_per_s > 0 or row["seconds_per_step"] < 0 or row["reference_params"] <= 0:
+            raise ValueError(f"{where}: [paper_rates.{program}] needs effective_tflops > 0, seconds_per_step >= 0 "
+                             f"and reference_params > 0")
+        rates[program] = Rate(flops_per_s, float(row["seconds_per_step"]), int(row["reference_params"]))
+    lengths = {task: TaskLengths(float(r["inputs"]), float(r["targets"]), int(r["examples"]))
+               for task, r in data.get("paper_lengths", {}).items() if isinstance(r, dict)}
+    recipe = {k: table[k] for k in ("teacher_epochs", "distill_epochs", "student_epochs", "batch_size",
+                                    "soft_targets")}
+    fit = rates_table.get("fit", {})
+    source = (f"the paper's accounting (A100 fp32 at ${cards[table['accelerator']].usd_per_chip_hour:g}/GPU-hour), "
+              f"rates fitted to its §7.2 costs (max |residual| {fit.get('max_abs_residual', float('nan')):.0%} over "
+              f"{fit.get('points', 0)} points; scripts/fit_paper_costs.py)")
+    return PaperProfile("paper", source, cards[table["accelerator"]], rates=rates, lengths=lengths, recipe=recipe,
+                        fit=fit)
+
+
+def load_profile(name: str, *, accelerator: Optional[str] = None, calibration: Optional[str | os.PathLike] = None,
+                 mfu: Optional[float] = None, rate_cards: Optional[str | os.PathLike] = None,
+                 path: Optional[str | os.PathLike] = None) -> CostProfile:
+    """The named profile. `accelerator` is a rate-card key (mfu; checked against paper/calibrated)."""
+    if name not in PROFILE_NAMES:
+        raise ValueError(f"unknown cost profile {name!r}; profiles: {', '.join(PROFILE_NAMES)}")
+    where = str(path or PROFILES_FILE)
+    data = _read_profiles(path)
+    cards = costs.load_rate_cards(rate_cards)
+    if name == "paper":
+        profile = _paper_profile(data, cards, where)
+        if accelerator is not None and costs.get_accelerator(accelerator, cards).key != profile.accelerator.key:
+            raise ValueError(f"cost profile 'paper' prices the paper's A100s, not {accelerator!r}; use "
+                             f"--cost-profile calibrated (measured) or mfu (assumed) for other accelerators")
+        return profile
+    if name == "calibrated":
+        if calibration is None:
+            raise ValueError("cost profile 'calibrated' needs a calibration file (--calibration FILE); "
+                             "make one with `doa calibrate`")
+        cal = read_calibration(calibration)
+        acc = costs.get_accelerator(cal["accelerator"], cards)
+        if accelerator is not None and costs.get_accelerator(accelerator, cards).key != acc.key:
+            raise ValueError(f"calibration {calibration} was measured for accelerator {acc.key!r}, not "
+                             f"{accelerator!r}: calibrate on that machine with --accelerator {accelerator}")
+        source = (f"measured by `doa calibrate` on {cal['device_count']} x {cal['device_kind']} ({cal['date']}), "
+                  f"priced as {acc.key}: {calibration}")
+        return CalibratedProfile("calibrated", source, acc, calibration=cal, path=str(calibration))
+    value = float(data["profiles"]["mfu"]["mfu"] if mfu is None else mfu)
+    acc = costs.get_accelerator(accelerator or "a100", cards)
+    return MfuProfile("mfu", f"ASSUMED {value:.0%} MFU of {acc.name}'s peak {acc.peak_flops:.3g} FLOP/s "
+                             f"(not measured)", acc, mfu=value)
+
+
+def default_profile_name(calibration: Optional[str | os.PathLike]) -> str:
+    """`calibrated` when a calibration file is given, else the paper's accounting."""
+    return "calibrated" if calibration is not None else "paper"
+
+
+# ----------------------------------------------------------------------------- calibration files
+
+_CALIBRATION_FIELDS = {"format": str, "date": str, "jax_version": str, "device_kind": str, "device_count": int,
+                       "accelerator": str, "teacher": dict, "student": dict, "task": str, "lengths": dict,
+                       "batch_size": int, "programs": dict}
+
+
+def read_calibration(path: str | os.PathLike) -> dict[str, Any]:
+    """A calibration file, checked field by field (one clear error naming the file and the field)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} not found; make one with `doa calibrate`")
+    try:
+        cal = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"calibration file {path} is not valid JSON ({e}); re-run `doa calibrate`") from None
+    if not isinstance(cal, dict):
+        raise ValueError(f"calibration file {path}: expected a JSON object, got {type(cal).__name__}")
+    for field, kind in _CALIBRATION_FIELDS.items():
+        if not isinstance(cal.get(field), kind):
+            raise ValueError(f"calibration file {path}: field {field!r} is missing or not a {kind.__name__}")
+    if cal["format"] != CALIBRATION_FORMAT:
+        raise ValueError(f"calibration file {path}: format {cal['format']!r}, expected {CALIBRATION_FORMAT!r}")
+    for program, row in cal["programs"].items():
+        rate = row.get("examples_per_s") if isinstance(row, dict) else None
+        if program not in PROGRAMS or not isinstance(rate, (int, float)) or not rate > 0 or not math.isfinite(rate):
+            raise ValueError(f"calibration file {path}: programs.{program} needs a known program and a positive "
+                             f"examples_per_s")
+        fixed = row.get("run_overhead_s", 0.0)
+        if not isinstance(fixed, (int, float)) or not 0 <= fixed < math.inf:
+            raise ValueError(f"calibration file {path}: programs.{program}.run_overhead_s must be seconds >= 0, "
+                             f"got {fixed!r}")
+    return cal
+
+
+def check_calibration(profile: CostProfile, *, teacher: T5Config, student: T5Config,
+                      lengths: Mapping[str, float], batch_size: int) -> None:
+    """Refuse to price with a calibration measured for other models, lengths or batch size."""
+    if not isinstance(profile, CalibratedProfile):
+        return
+    cal, where = profile.calibration, profile.path
+    for role, cfg in (("teacher", teacher), ("student", student)):
+        measured = cal[role]
+        if measured.get("params") != cfg.num_params():
+            raise ValueError(f"calibration {where} was measured for a {role} of {measured.get('params')} parameters "
+                             f"({measured.get('size')}), not this {role}'s {cfg.num_params()}: re-run "
+                             f"`doa calibrate` with this {role}")
+    for key in ("inputs", "targets"):
+        if int(cal["lengths"].get(key, -1)) != int(lengths[key]):
+            raise ValueError(f"calibration {where} was measured at {key} length {cal['lengths'].get(key)} "
+                             f"(task {cal['task']}), this prices {int(lengths[key])}: re-run `doa calibrate` "
+                             f"for this task")
+    if cal["batch_size"] != batch_size:
+        raise ValueError(f"calibration {where} was measured at batch size {cal['batch_size']}, this prices "
+                         f"{batch_size}: re-run `doa calibrate --batch-size {batch_size}`")
