@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "plan": "doa_jax.commands.plan",
     "train": "doa_jax.commands.train",
     "bench": "doa_jax.commands.bench",
+    "advise": "doa_jax.commands.advise",
 }
 
 
