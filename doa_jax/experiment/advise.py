@@ -515,7 +515,7 @@ def paper_pricing(task: str, path: str | os.PathLike = PARETO_CSV) -> Pricing:
     if not rows:
         tasks = sorted({r["task"] for r in read_pareto(path)})
         raise ValueError(f"cost profile 'paper' has the paper's costs for {', '.join(tasks)} only, not {task!r}")
-    per_label = rows[0]["labels_usd"] / rows[0]["labels"]
+    per_label = sum(r["labels_usd"] for r in rows) / sum(r["labels"] for r in rows)
     dist = [r for r in rows if r["unlabeled"] > 0]
     design = np.array([[r["labels"], r["unlabeled"]] for r in dist], dtype=float)
     (alpha, beta), *_ = np.linalg.lstsq(design, np.array([r["compute_usd"] for r in dist]), rcond=None)
