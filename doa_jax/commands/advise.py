@@ -122,8 +122,8 @@ class Cells:
 
 
 def pilot_grid(start_labels: int, unlabeled_budget: int) -> tuple[list[int], list[int]]:
-    """Label counts (L/8 .. L: four, for the 3-parameter annotation curve) and unlabeled counts
-    (U/8, U/4, U/2 of what the budget buys: with annotation at L, four points for two parameters)."""
+    """Label counts (L/8, L/4, L/2, L) and unlabeled counts (U/8, U/4, U/2 of what the budget buys):
+    seven pilots for the curves' five parameters, each curve one more than its own."""
     labels = sorted({max(start_labels // 2 ** k, 1) for k in (3, 2, 1, 0)})
     unlabeled = sorted({max(unlabeled_budget // 2 ** k, 1) for k in (3, 2, 1)})
     return labels, unlabeled
@@ -214,7 +214,7 @@ def _card_planner(card):
 def print_advice(advice, out: dict) -> None:
     print(f"{advice.task}: +${advice.budget_usd:g} over {advice.start_labels} labels; prices: {out['pricing_note']}")
     fit = out["fit"]
-    print(f"pilots: {fit['pilots']['annotate']} annotate, {fit['pilots']['distill']} distill (incl. U = 0); "
+    print(f"pilots: {fit['pilots']['annotate']} annotate, {fit['pilots']['distill']} distill at {advice.start_labels} labels; "
           f"run noise sigma {fit['sigma']:.2f} ({fit['dof']} dof)")
     header = f"{'option':<20} {'labels+':>8} {'unlabeled':>10} {'cost $':>9} {'expected':>9} {'interval':>15}"
     print(header + "\n" + "-" * len(header))

@@ -7,11 +7,12 @@ spending, from a few cheap pilot results (or earlier results, or the paper's own
    reason for this form: learning curves of fine-tuned models fall as a power law in the training
    set size towards an irreducible error (Hestness et al. 2017; Kaplan et al. 2020), so the metric
    rises, ever more slowly, to a ceiling `a`; with b >= 0 more data never predicts a loss.
-   Distillation at the start labels L: `v_D(U) = a_D - b_D * (L + U)**-c`, the same student learning
-   from L + U examples with the annotation curve's exponent c, towards the teacher's ceiling a_D;
-   sharing c is what lets three pilots (U = 0, i.e. annotation at L, and two U) fit it, as the
-   paper's Pareto plot gives. Both fits are exact least squares: linear in (a, b) for each c, with
-   c on a fine grid.
+   Distillation at the start labels L: `v_D(U) = a_D - b_D * U**-c`, the same student learning from
+   the U inputs the teacher labels (the gold labels train the teacher, not the student), with the
+   annotation curve's exponent c, towards the teacher's ceiling a_D. Sharing c is what lets two
+   distill pilots (the paper's Pareto plot gives U = 10K and 100K) fit it. Both fits are exact least
+   squares: linear in (a, b) for each c, with c on a fine grid. Together the curves have five
+   parameters; the fit needs one pilot more (six), and each curve as many pilots as its parameters.
 2. Uncertainty. A parametric bootstrap over the pilots: the noise sigma is pooled from both fits'
    residuals, each replicate draws sigma from its posterior (sigma^2 * dof / chi2_dof), adds that
    noise to the fitted values at the pilots' own points, and refits both curves. Parametric rather
@@ -44,6 +45,7 @@ from doa_jax.experiment import strategies
 PARETO_CSV = pathlib.Path(__file__).with_name("paper_pareto.csv")
 FITTED = ("annotate", "distill")          # strategies whose pilots the curves are fitted to
 ANNOTATE_PARAMS, DISTILL_PARAMS = 3, 2    # (a, b, c); (a_D, b_D) with c shared
+ALL_PARAMS = ANNOTATE_PARAMS + DISTILL_PARAMS
 C_GRID = np.geomspace(0.01, 3.0, 240)     # the exponent's bounds and grid
 PROFILES = ("paper", "mfu", "calibrated")
 PILOT_FIELDS = {"strategy": str, "labels": int, "unlabeled": int, "value": float}
@@ -117,6 +119,8 @@ def pilot_from_json(raw: Any, where: str) -> Pilot:
                          f"got {fields['strategy']!r}")
     if fields["strategy"] == "annotate" and fields["unlabeled"] != 0:
         raise ValueError(f"{where}: field 'unlabeled' must be 0 for an annotate pilot, got {fields['unlabeled']}")
+    if fields["strategy"] == "distill" and fields["unlabeled"] == 0:
+        raise ValueError(f"{where}: field 'unlabeled' must be >= 1 for a distill pilot (U = 0 is annotation)")
     if fields["labels"] == 0:
         raise ValueError(f"{where}: field 'labels' must be >= 1 (nothing trains on no labels)")
     return Pilot(**fields, source=where)
@@ -202,7 +206,7 @@ def fit_annotate(n: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_distill(examples: np.ndarray, y: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """(a_D, b_D) of v = a_D - b_D (L+U)^-c for each row of y (R, N), with c (R,) from the annotation fit."""
+    """(a_D, b_D) of v = a_D - b_D U^-c for each row of y (R, N), with c (R,) from the annotation fit."""
     a, b, _ = _best_line(examples[None, :] ** -c[:, None], y)
     return np.stack([a, b], axis=-1)
 
@@ -221,7 +225,7 @@ class Fit:
 
     start_labels: int
     annotate_points: tuple[np.ndarray, np.ndarray]      # labels, values
-    distill_points: tuple[np.ndarray, np.ndarray]       # unlabeled, values (U = 0: annotation at L)
+    distill_points: tuple[np.ndarray, np.ndarray]       # unlabeled, values
     annotate: np.ndarray                                # (3,) a, b, c
     distill: np.ndarray                                 # (2,) a_D, b_D
     boot_annotate: np.ndarray                           # (R, 3)
@@ -235,25 +239,24 @@ class Fit:
         return annotate_value(self.boot_annotate, n)
 
     def distill_at(self, u: float) -> np.ndarray:
-        return distill_value(self.boot_distill, self.boot_annotate, self.start_labels + u)
+        return distill_value(self.boot_distill, self.boot_annotate, u)
 
 
 def _split_pilots(pilots: Sequence[Pilot], start_labels: int) -> tuple[np.ndarray, ...]:
     ann = [p for p in pilots if p.strategy == "annotate"]
     dist = [p for p in pilots if p.strategy == "distill" and p.labels == start_labels]
-    dist += [p for p in ann if p.labels == start_labels]     # annotation at L is distillation with U = 0
-    n_a = len(ann)
-    if n_a < ANNOTATE_PARAMS + 1:
-        raise ValueError(f"too few annotate pilots to fit the annotation curve: it has {ANNOTATE_PARAMS} "
-                         f"parameters, so it needs at least {ANNOTATE_PARAMS + 1} pilots; got {n_a}")
-    if len(dist) < DISTILL_PARAMS + 1:
+    if len({p.labels for p in ann}) < ANNOTATE_PARAMS:
+        raise ValueError(f"too few annotate pilots to fit the annotation curve: it has {ANNOTATE_PARAMS} parameters, "
+                         f"so it needs pilots at {ANNOTATE_PARAMS} or more label counts; got "
+                         f"{len({p.labels for p in ann})}")
+    if len({p.unlabeled for p in dist}) < DISTILL_PARAMS:
         raise ValueError(f"too few distill pilots at {start_labels} start labels to fit the distillation curve: it "
-                         f"has {DISTILL_PARAMS} parameters, so it needs at least {DISTILL_PARAMS + 1} pilots (an "
-                         f"annotate pilot at exactly {start_labels} labels counts as U = 0); got {len(dist)}")
-    for name, values in (("label counts among annotate pilots", {p.labels for p in ann}),
-                         ("unlabeled counts among distill pilots", {p.unlabeled for p in dist})):
-        if len(values) < 2:
-            raise ValueError(f"the pilots have one distinct value of {name} ({values.pop()}): a curve needs two")
+                         f"has {DISTILL_PARAMS} parameters, so it needs pilots at {DISTILL_PARAMS} or more unlabeled "
+                         f"counts; got {len({p.unlabeled for p in dist})}")
+    if len(ann) + len(dist) < ALL_PARAMS + 1:
+        raise ValueError(f"too few pilots: the two curves have {ALL_PARAMS} parameters, so the fit needs at least "
+                         f"{ALL_PARAMS + 1} pilots (annotate, and distill at {start_labels} start labels); got "
+                         f"{len(ann) + len(dist)}")
     arr = lambda ps, f: np.array([getattr(p, f) for p in ps], dtype=float)   # noqa: E731
     return arr(ann, "labels"), arr(ann, "value"), arr(dist, "unlabeled"), arr(dist, "value")
 
@@ -261,7 +264,7 @@ def _split_pilots(pilots: Sequence[Pilot], start_labels: int) -> tuple[np.ndarra
 def fit_curves(pilots: Sequence[Pilot], start_labels: int, *, n_boot: int = 2000, seed: int = 0) -> Fit:
     """Both curves fitted to the pilots, with a parametric bootstrap of `n_boot` replicates."""
     n_a, y_a, u_d, y_d = _split_pilots(pilots, start_labels)
-    ex_d = start_labels + u_d
+    ex_d = u_d
     ann = fit_annotate(n_a, y_a[None])[0]
     dist = fit_distill(ex_d, y_d[None], ann[None, 2])[0]
     fit_a = ann[0] - ann[1] * n_a ** -ann[2]
@@ -590,16 +593,16 @@ def plot(advice: Advice, path: str | os.PathLike) -> pathlib.Path:
     ax_a.plot(n, annotate_value(fit.annotate, n), color="tab:blue", label="fit: a - b n^-c")
     ax_a.scatter(n_a, y_a, color="k", zorder=3, s=18, label="pilots")
     u_d, y_d = fit.distill_points
-    ex_top = max(L + u_d.max(), L + by["distill"].unlabeled if "distill" in by else 0) * 1.3
-    ex = np.geomspace(L, ex_top, 120)
-    curves_d = np.stack([fit.distill_at(v - L) for v in ex], axis=1)
+    ex_top = max(u_d.max(), by["distill"].unlabeled if "distill" in by else 0) * 1.3
+    ex = np.geomspace(max(u_d.min() * 0.7, 1), ex_top, 120)
+    curves_d = np.stack([fit.distill_at(v) for v in ex], axis=1)
     ax_d.fill_between(ex, *_band(curves_d, lv), color="tab:orange", alpha=0.2, label=f"{lv:.0%} band (curve)")
-    ax_d.plot(ex, distill_value(fit.distill, fit.annotate, ex), color="tab:orange", label="fit: a_D - b_D (L+U)^-c")
-    ax_d.scatter(L + u_d, y_d, color="k", zorder=3, s=18, label="pilots (U = 0: annotate at L)")
-    for ax, strategy, x in ((ax_a, "annotate", lambda o: L + o.labels_bought), (ax_d, "distill", lambda o: L + o.unlabeled)):
+    ax_d.plot(ex, distill_value(fit.distill, fit.annotate, ex), color="tab:orange", label="fit: a_D - b_D U^-c")
+    ax_d.scatter(u_d, y_d, color="k", zorder=3, s=18, label="pilots")
+    for ax, strategy, x in ((ax_a, "annotate", lambda o: L + o.labels_bought), (ax_d, "distill", lambda o: o.unlabeled)):
         if strategy in by:
             o = by[strategy]
-            ax.axvline(x(o), color="gray", ls="--", lw=1, label=f"${advice.budget_usd:g} buys ({x(o):,} {'labels' if strategy == 'annotate' else 'L+U'})")
+            ax.axvline(x(o), color="gray", ls="--", lw=1, label=f"${advice.budget_usd:g} buys ({x(o):,} {'labels' if strategy == 'annotate' else 'inputs'})")
             marker = "*" if advice.recommended is o else "D"
             ax.errorbar([x(o)], [o.expected], yerr=[[o.expected - o.interval[0]], [o.interval[1] - o.expected]],
                         fmt=marker, ms=14 if marker == "*" else 7, color="crimson" if marker == "*" else "gray",
@@ -610,7 +613,7 @@ def plot(advice: Advice, path: str | os.PathLike) -> pathlib.Path:
     ax_a.set_xlabel("labels n")
     ax_a.set_ylabel(advice.metric)
     ax_a.set_title("annotate: metric vs labels")
-    ax_d.set_xlabel(f"start labels + unlabeled inputs (L = {L:,})")
+    ax_d.set_xlabel("unlabeled inputs U")
     ax_d.set_title(f"distill: metric vs unlabeled inputs (teacher on {L:,} labels)")
     r = advice.recommended
     fig.suptitle(f"{advice.task}: +${advice.budget_usd:g} over {L:,} labels ({advice.cost_profile} prices) -> "
