@@ -237,3 +237,19 @@ def test_cli_refuses_pilots_of_another_task(tmp_path, capsys):
             str(paper_pilot_file(tmp_path, task="nq")), "--plot", str(tmp_path / "a.png")]
     assert cli.main(argv) == 2
     assert "field 'task' is 'nq', but the advice is for fever" in capsys.readouterr().err
+
+
+def test_demo_pilot_cells_train_on_exactly_the_pilot_label_and_input_counts(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(task="demo", start_labels=200, budget=1.0, out=str(tmp_path), seed=0, quiet=True,
+                              gin=[], gin_file=[])
+    cells = advise_cmd.Cells(args)
+    assert (cells.label_pool, cells.unlabeled_pool) == (512, 512)
+    ann = cells.annotate_pilot(25)
+    plan = cells.planner.plan("annotate", ann.start_labels, ann.extra_budget_usd)
+    assert (ann.strategy, ann.start_labels, plan.labels_used) == ("annotate", 24, 25)
+    dist = cells.distill_pilot(64)
+    plan = cells.planner.plan("distill", dist.start_labels, dist.extra_budget_usd,
+                              unlabeled_available=dist.distill.max_unlabeled)
+    assert (dist.strategy, dist.start_labels, plan.unlabeled_used, plan.feasible) == ("distill", 200, 64, True)
