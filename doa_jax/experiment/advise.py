@@ -277,6 +277,9 @@ def fit_curves(pilots: Sequence[Pilot], start_labels: int, *, n_boot: int = 2000
     y_db = fit_d[None] + boot_sigma[:, None] * rng.standard_normal((n_boot, len(y_d)))
     boot_d = fit_distill(ex_d, y_db, boot_a[:, 2])
     notes = []
+    if ann[2] <= C_GRID[0]:
+        notes.append(f"the pilots show no saturation yet (c at its lower bound {C_GRID[0]:g}): the curves grow "
+                     f"log-linearly over them, so predictions past the pilots are optimistic")
     ignored = sorted({p.labels for p in pilots if p.strategy == "distill" and p.labels != start_labels})
     if ignored:
         notes.append(f"distill pilots at other start labels ({', '.join(map(str, ignored))}) are left out: "
@@ -581,6 +584,7 @@ def plot(advice: Advice, path: str | os.PathLike) -> pathlib.Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fit, L, lv = advice.fit, advice.start_labels, advice.level
     by = {o.strategy: o for o in advice.options if o.feasible and o.strategy != "mixed"}
@@ -608,6 +612,9 @@ def plot(advice: Advice, path: str | os.PathLike) -> pathlib.Path:
                         fmt=marker, ms=14 if marker == "*" else 7, color="crimson" if marker == "*" else "gray",
                         capsize=4, zorder=4, label=("chosen" if marker == "*" else "predicted") + f" {o.expected:.1f} ({lv:.0%} run interval)")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7.5, loc="lower right")
     ax_a.set_xlabel("labels n")
