@@ -18,6 +18,7 @@ import argparse
 import json
 import pathlib
 import sys
+import tempfile
 import time
 
 from doa_jax.commands.plan import _budget
@@ -174,6 +175,9 @@ def run(args) -> int:
 
     _check_args(args)
     started = time.perf_counter()
+    plot_to = args.plot or pathlib.Path(args.out or ".") / "advise.png"
+    if args.out is None and args.task == "demo":   # the demo's vocabulary is built in a cache directory
+        args.out = tempfile.mkdtemp(prefix="doa_advise_")
     cells = Cells(args) if (args.task == "demo" or args.pilots is None) else None
     card = cells.card if cells else cards.load_card(args.task)
     task_names = {args.task, card.name}
@@ -189,7 +193,7 @@ def run(args) -> int:
                            unlabeled_pool=cells.unlabeled_pool if cells else None, n_boot=args.bootstrap,
                            level=args.level, threshold=args.threshold, seed=args.seed)
     advice.notes[:0] = notes
-    plot_path = advise.plot(advice, args.plot or pathlib.Path(args.out or ".") / "advise.png")
+    plot_path = advise.plot(advice, plot_to)
     out = advice.as_json()
     out.update(pricing_note=pricing.note, plot=str(plot_path), seconds=round(time.perf_counter() - started, 1),
                pilot_compute_usd=sum(p.cost_usd or 0.0 for p in pilots))
