@@ -420,19 +420,25 @@ class Advice:
 
 
 def _predict(fit: Fit, o: Option, start_labels: int) -> np.ndarray:
+    """The option's metric per replicate, floored at 0: doa-jax's metrics are scores in [0, 100], and a
+    power law extrapolated far below its pilots would otherwise fall without bound."""
     if o.strategy == "annotate":
-        return fit.annotate_at(start_labels + o.labels_bought)
+        return np.maximum(fit.annotate_at(start_labels + o.labels_bought), 0.0)
     gain = 0.0
     if o.strategy == "mixed":
         gain = fit.annotate_at(start_labels + o.labels_bought) - fit.annotate_at(start_labels)
-    return fit.distill_at(o.unlabeled) + gain
+    return np.maximum(fit.distill_at(o.unlabeled) + gain, 0.0)
 
 
 def _extrapolation_notes(fit: Fit, options: Sequence[Option], start_labels: int) -> list[str]:
     notes = []
     top_n, top_u = fit.annotate_points[0].max(), fit.distill_points[0].max()
+    low_u = fit.distill_points[0].min()
     for o in options:
         n = start_labels + o.labels_bought
+        if o.strategy != "annotate" and o.unlabeled < low_u / 2:
+            notes.append(f"{o.name}: {o.unlabeled} inputs is below half the smallest distill pilot ({low_u:.0f}): "
+                         f"an extrapolation")
         if o.strategy == "annotate" and n > 2 * top_n:
             notes.append(f"annotate: {n} labels is {n / top_n:.1f}x the largest annotate pilot ({top_n:.0f}): "
                          f"an extrapolation")
