@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "calibrate": "doa_jax.commands.calibrate",
     "train": "doa_jax.commands.train",
     "bench": "doa_jax.commands.bench",
+    "advise": "doa_jax.commands.advise",
 }
 
 
