@@ -1,6 +1,6 @@
 """Fit the `paper` cost profile's per-phase rates to what the paper paid (its §7.2 Pareto costs).
 
-The paper's compute dollars (doa_jax/experiment/paper_costs.csv: 4 tasks x 5 start-label counts L x U in
+The paper's compute dollars (doa_jax/experiment/paper_pareto.csv: 4 tasks x 5 start-label counts L x U in
 {10K, 100K}) are modelled as the work `doa_jax.experiment.planner.Planner` counts for each (L, U) point, at the
 paper's recipe (20 teacher epochs, greedy pseudo-labels, 50 distillation epochs with the teacher's
 forward at every step, batch 32) and each task's mean token lengths, priced by three rates:
@@ -20,7 +20,6 @@ first re-measures the tasks' mean token lengths from ../shared/data/doa (written
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import pathlib
 import re
@@ -34,17 +33,16 @@ from doa_jax.experiment import costs
 from doa_jax.experiment import planner
 from doa_jax.model import config_for_size
 
-PAPER_COSTS = pathlib.Path(cost_profiles.__file__).with_name("paper_costs.csv")
+PAPER_COSTS = cost_profiles.PAPER_PARETO
 FITTED = ("teacher_train", "teacher_decode", "student_distill_online")
 MAX_RESIDUAL = 0.22  # the tests allow 25%; the plot is read to about +-2%
 TEACHER, STUDENT = config_for_size("xxl"), config_for_size("small")
 
 
 def read_points(path=PAPER_COSTS) -> list[dict]:
-    with open(path) as f:
-        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    return [dict(task=r["task"], labels=int(r["start_labels"]), unlabeled=int(r["unlabeled"]),
-                 compute_usd=float(r["compute_usd"])) for r in rows]
+    """The §7.2 points with distillation (U > 0): what the paper paid for compute."""
+    return [dict(task=r["task"], labels=r["labels"], unlabeled=r["unlabeled"], compute_usd=r["compute_usd"])
+            for r in cost_profiles.paper_pareto_points(path) if r["unlabeled"] > 0]
 
 
 def measure_lengths(vocab_path: str, tasks) -> dict[str, dict]:
@@ -115,7 +113,7 @@ def fitted_block(theta: np.ndarray, points: list, residuals: np.ndarray) -> str:
               "[paper_rates.fit]", f"points = {len(points)}", f"max_abs_residual = {np.abs(residuals).max():.4f}",
               f"rms_residual = {np.sqrt((residuals ** 2).mean()):.4f}",
               f'date = "{datetime.date.today().isoformat()}"',
-              'data = "doa_jax/experiment/paper_costs.csv (../shared/reference/paper_results.md §7.2)"',
+              'data = "doa_jax/experiment/paper_pareto.csv (../shared/reference/paper_results.md §7.2)"',
               "# END FITTED RATES"]
     return "\n".join(lines)
 

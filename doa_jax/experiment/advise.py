@@ -30,7 +30,6 @@ spending, from a few cheap pilot results (or earlier results, or the paper's own
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -40,9 +39,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from doa_jax.experiment import strategies
+from doa_jax.experiment import cost_profiles, strategies
 
-PARETO_CSV = pathlib.Path(__file__).with_name("paper_pareto.csv")
+PARETO_CSV = cost_profiles.PAPER_PARETO
 FITTED = ("annotate", "distill")          # strategies whose pilots the curves are fitted to
 ANNOTATE_PARAMS, DISTILL_PARAMS = 3, 2    # (a, b, c); (a_D, b_D) with c shared
 ALL_PARAMS = ANNOTATE_PARAMS + DISTILL_PARAMS
@@ -501,10 +500,7 @@ def advise(pilots: Sequence[Pilot], pricing: Pricing, *, task: str, metric: str,
 
 def read_pareto(path: str | os.PathLike = PARETO_CSV) -> list[dict]:
     """The paper's Pareto points (section 7.2 of the reference): one dict per (task, labels, unlabeled)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    ints, floats = ("labels", "unlabeled"), ("labels_usd", "total_usd", "compute_usd", "value")
-    return [{**r, **{k: int(r[k]) for k in ints}, **{k: float(r[k]) for k in floats}} for r in rows]
+    return cost_profiles.paper_pareto_points(path)
 
 
 def paper_pilots(task: str, path: str | os.PathLike = PARETO_CSV) -> list[Pilot]:

@@ -11,6 +11,7 @@ chip-seconds, and its accelerator's rate card turns those into dollars:
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -23,6 +24,9 @@ from doa_jax.experiment import costs
 from doa_jax.model.config import SIZES, T5Config
 
 PROFILES_FILE = pathlib.Path(__file__).with_name("cost_profiles.toml")
+# The paper's Pareto points (§7.2): what its runs scored and what distillation cost; the `paper`
+# profile is fitted to their compute $, and `doa advise` uses them as pilots.
+PAPER_PARETO = pathlib.Path(__file__).with_name("paper_pareto.csv")
 PROFILE_NAMES = ("paper", "calibrated", "mfu")
 CALIBRATION_FORMAT = "doa-calibration/1"
 # The programs work is made of, and the ledger phase each is charged to.
@@ -299,3 +303,11 @@ def check_calibration(profile: CostProfile, *, teacher: T5Config, student: T5Con
     if cal["batch_size"] != batch_size:
         raise ValueError(f"calibration {where} was measured at batch size {cal['batch_size']}, this prices "
                          f"{batch_size}: re-run `doa calibrate --batch-size {batch_size}`")
+
+
+def paper_pareto_points(path: str | os.PathLike = PAPER_PARETO) -> list[dict[str, Any]]:
+    """The paper's Pareto points, one dict per (task, labels, unlabeled); U = 0 rows are annotation only."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    ints, floats = ("labels", "unlabeled"), ("labels_usd", "total_usd", "compute_usd", "value")
+    return [{**r, **{k: int(r[k]) for k in ints}, **{k: float(r[k]) for k in floats}} for r in rows]
