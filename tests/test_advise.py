@@ -196,11 +196,28 @@ def test_a_budget_that_buys_nothing_is_one_clear_message():
                       strategies_=("annotate", "distill"))
 
 
-def test_unknown_cost_profile_and_calibration_are_refused():
-    with pytest.raises(ValueError, match="unknown cost profile 'cheap'; profiles: paper, mfu, calibrated"):
-        advise.pricing_for("nq", "cheap", None)
-    with pytest.raises(ValueError, match="pricing from a calibration needs the cost-profile module"):
-        advise.pricing_for("nq", None, "cal.json")
+def test_unknown_cost_profile_and_missing_calibration_are_refused(tmp_path):
+    from doa_jax.data.cards import load_card
+    from doa_jax.model import config_for_size
+
+    models = dict(teacher=config_for_size("xxl"), student=config_for_size("small"))
+    with pytest.raises(ValueError, match="unknown cost profile 'cheap'; profiles: paper, calibrated, mfu"):
+        advise.pricing_for(load_card("nq"), "cheap", None, **models)
+    with pytest.raises(FileNotFoundError, match="cal.json"):
+        advise.pricing_for(load_card("nq"), None, str(tmp_path / "cal.json"), **models)
+
+
+def test_the_paper_profile_prices_options_as_doa_plan_does():
+    from doa_jax.data.cards import load_card
+    from doa_jax.model import config_for_size
+
+    pricing = advise.pricing_for(load_card("nq"), None, None, teacher=config_for_size("xxl"),
+                                 student=config_for_size("small"))
+    assert pricing.profile == "paper" and "cost profile paper" in pricing.note
+    # §7.2: NQ, 1K labels, 10K unlabeled inputs cost the paper $16 of compute (the profile fits within 25%).
+    compute = pricing.price("distill", 1000, 10000) - 1000 * 0.129
+    assert compute == pytest.approx(16, rel=0.25)
+    assert pricing.price("annotate", 1500, 0) == pytest.approx(1500 * 0.129)   # the paper charges labels only
 
 
 # ---------------------------------------------------------------- the command

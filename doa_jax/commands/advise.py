@@ -99,12 +99,6 @@ class Cells:
         self.label_pool = len(pools.train)
         self.unlabeled_pool = len(pools.unlabeled) if cap is None else min(cap, len(pools.unlabeled))
 
-    def planner_factory(self):
-        p = self.base.pricing
-        note = (f"FLOP planner: {p.accelerator} at an assumed {p.mfu:.0%} MFU (not measured), teacher priced as "
-                f"{p.teacher_as or 'itself'}, student as {p.student_as or 'itself'}")
-        return self.planner, self.card.annotation_cost_usd, note
-
     def annotate_pilot(self, n: int):
         """The cell that trains the student on exactly the first n labels: start n - 1, buy one."""
         ppl = self.card.annotation_cost_usd
@@ -172,6 +166,7 @@ def gather_pilots(args, task_names, cells) -> tuple[list, list[str]]:
 def run(args) -> int:
     from doa_jax.data import cards
     from doa_jax.experiment import advise
+    from doa_jax.model import config_for_size
 
     _check_args(args)
     started = time.perf_counter()
@@ -181,8 +176,8 @@ def run(args) -> int:
     cells = Cells(args) if (args.task == "demo" or args.pilots is None) else None
     card = cells.card if cells else cards.load_card(args.task)
     task_names = {args.task, card.name}
-    pricing = advise.pricing_for(card.name, args.cost_profile, args.calibration,
-                                 planner_factory=cells.planner_factory if cells else lambda: _card_planner(card))
+    teacher, student = cells.base.pricing_models() if cells else (config_for_size("xxl"), config_for_size("small"))
+    pricing = advise.pricing_for(card, args.cost_profile, args.calibration, teacher=teacher, student=student)
     if args.pilots is None:
         run_pilots(args, cells, pricing)
     pilots, notes = gather_pilots(args, task_names, cells)
@@ -202,17 +197,6 @@ def run(args) -> int:
     else:
         print_advice(advice, out)
     return 0
-
-
-def _card_planner(card):
-    """`doa plan`'s defaults for a task card: T5-XXL teacher, T5-Small student, an A100 at 40% MFU."""
-    from doa_jax.experiment import costs, planner
-    from doa_jax.model import config_for_size
-
-    recipe = planner.Recipe(inputs_length=card.feature_lengths["inputs"], targets_length=card.feature_lengths["targets"])
-    plan = planner.Planner(costs.get_accelerator("a100"), config_for_size("small"), config_for_size("xxl"),
-                           card.annotation_cost_usd, recipe)
-    return plan, card.annotation_cost_usd, "FLOP planner: a100 at an assumed 40% MFU (not measured), xxl => small"
 
 
 def print_advice(advice, out: dict) -> None:

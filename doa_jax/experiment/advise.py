@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from doa_jax.experiment import cost_profiles, strategies
+from doa_jax.experiment import cost_profiles, planner, strategies
+from doa_jax.model.config import T5Config
 
 PARETO_CSV = cost_profiles.PAPER_PARETO
 FITTED = ("annotate", "distill")          # strategies whose pilots the curves are fitted to
@@ -549,26 +550,18 @@ def planner_pricing(plan, usd_per_label: float, note: str) -> Pricing:
     return Pricing(price, usd_per_label, "mfu", note)
 
 
-def pricing_for(task: str, profile_name: Optional[str], calibration_path: Optional[str], *,
-                planner_factory: Optional[Callable[[], Any]] = None) -> Pricing:
-    """The pricing callback for `task` under a cost profile (None: `paper` where the paper's costs exist).
-
-    `paper`: the section 7.2 fit (`paper_pricing`); `mfu`: the FLOP planner at its assumed MFU
-    (`planner_factory()` returns (planner, $/label, note)). `calibrated` and calibration files are
-    the cost-profile module's (issue 11); until it lands they are refused with that reason.
-    """
-    if calibration_path is not None or profile_name == "calibrated":
-        raise ValueError("pricing from a calibration needs the cost-profile module (`doa calibrate`, issue 11), "
-                         "which is not in this build; use --cost-profile paper or mfu")
-    if profile_name is not None and profile_name not in PROFILES:
-        raise ValueError(f"unknown cost profile {profile_name!r}; profiles: {', '.join(PROFILES)}")
-    paper_tasks = {r["task"] for r in read_pareto()}
-    if profile_name == "paper" or (profile_name is None and task in paper_tasks):
-        return paper_pricing(task)
-    if planner_factory is None:
-        raise ValueError(f"cost profile 'mfu' needs the task's models and lengths to price {task!r}")
-    plan, per_label, note = planner_factory()
-    return planner_pricing(plan, per_label, note)
+def pricing_for(card, profile_name: Optional[str], calibration_path: Optional[str], *, teacher: T5Config,
+                student: T5Config, accelerator: Optional[str] = None, mfu: Optional[float] = None) -> Pricing:
+    """The pricing callback for `card` under a cost profile, through the planner (`build_planner`):
+    `paper` (the paper's accounting, fitted to its costs), `calibrated` (a `doa calibrate` file) or
+    `mfu` (an assumed MFU, said so). None: `calibrated` when a calibration is given, else `paper`."""
+    name = profile_name or cost_profiles.default_profile_name(calibration_path)
+    profile = cost_profiles.load_profile(name, accelerator=accelerator if name == "mfu" else None,
+                                         calibration=calibration_path, mfu=mfu)
+    plan, lengths = planner.build_planner(card, teacher, student, profile)
+    pricing = planner_pricing(plan, card.annotation_cost_usd,
+                              f"cost profile {name}: {profile.source}; lengths: {lengths['source']}")
+    return dataclasses.replace(pricing, profile=name)
 
 
 # ---------------------------------------------------------------- plot
