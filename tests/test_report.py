@@ -45,7 +45,7 @@ def test_paper_table_has_48_main_cells_per_strategy():
 def test_write_report_renders_tables_and_plots(tmp_path):
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
     md = report.write_report(tmp_path).read_text()
-    assert "| wlp | 1000 | 100 | Ann. | f1 | 51.0 ± 1.4 | 2 | 50.0 |" in md
+    assert "| wlp | 1000 | 100 | Ann. | efficient | f1 | 51.0 ± 1.4 | 2 | 50.0 (not comparable) |" in md
     assert "teacher fine-tune costs $210 > $200" in md
     for name in ("wlp_cost_vs_metric.png", "wlp_budget_bars.png"):
         png = tmp_path / "plots" / name
@@ -56,3 +56,48 @@ def test_a_bad_results_line_names_file_and_line(tmp_path):
     (tmp_path / "results.jsonl").write_text(json.dumps(ROWS[0]) + "\n{broken\n")
     with pytest.raises(ValueError, match=r"results.jsonl:2: not JSON"):
         report.write_report(tmp_path)
+
+
+PAPER_ROW = dict(protocol="paper", cost_profile={"name": "paper", "source": "the paper's GPU-hours"})
+
+
+def _verdict(rows):
+    cell = report.summarise(rows)[0]
+    return report.paper_comparison(report.read_paper_results(), cell)
+
+
+def test_a_row_under_the_papers_protocol_models_data_and_cost_profile_is_comparable():
+    assert _verdict([row("distill", 100, 70.0, 0, 355.0, **PAPER_ROW)]) == (71.1, [])
+
+
+def test_an_efficient_row_before_cost_profiles_is_not_comparable_for_protocol_and_profile():
+    value, reasons = _verdict([row("distill", 100, 70.0, 0, 355.0)])
+    assert value == 71.1 and reasons == [
+        "protocol efficient (paper: the released code's; run with protocols/paper.gin)",
+        "cost profile mfu (paper: the paper's own)"]
+
+
+def test_stand_in_models_priced_as_the_papers_are_not_comparable():
+    stand_in = row("distill", 100, 70.0, 0, 355.0, student="tiny", teacher="tiny",
+                   priced_as={"student": "small", "teacher": "xxl"}, **PAPER_ROW)
+    value, reasons = _verdict([stand_in])
+    assert value == 71.1 and reasons == ["models tiny as xxl ⇒ tiny as small (paper: xxl ⇒ small)"]
+
+
+def test_a_task_carved_from_the_papers_evaluation_file_is_not_comparable():
+    fever = dict(row("annotate", 50, 80.0, 0, 50.0, **PAPER_ROW), task="fever", metric="accuracy")
+    value, reasons = _verdict([fever])
+    assert value is not None and reasons == [
+        "data: test, train and unlabeled carved from fever_dev_all.json (the paper's training file and unlabeled "
+        "pool for fever are not released)"]
+
+
+def test_rows_of_the_two_protocols_are_separate_cells_and_the_report_says_which_compare(tmp_path):
+    rows = [row("distill", 100, 70.0, 0, 355.0, **PAPER_ROW), row("distill", 100, 60.0, 0, 355.0)]
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md = report.write_report(tmp_path).read_text()
+    assert "| wlp | 1000 | 100 | Dist. | paper | f1 | 70.0 | 1 | 71.1 |" in md
+    assert "| wlp | 1000 | 100 | Dist. | efficient | f1 | 60.0 | 1 | 71.1 (not comparable) |" in md
+    assert "| wlp | 1000 | 100 | Dist. | paper | 71.1 | comparable |" in md
+    assert ("| wlp | 1000 | 100 | Dist. | efficient | 71.1 | not comparable: protocol efficient (paper: the "
+            "released code's; run with protocols/paper.gin); cost profile mfu (paper: the paper's own) |") in md

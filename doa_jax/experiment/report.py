@@ -6,7 +6,15 @@ mixed cell's compute share) and models, and summarised as mean ± std over seeds
 numbers come from `paper_results.csv` (data transcribed from the authors' poster) and are shown
 where a cell matches: its main results by extra budget (T5 v1.1 XXL ⇒ Small), its student- and
 teacher-size tables by total budget (starting labels' cost + extra). A cell run with stand-in
-models priced as other sizes (`priced_as`, e.g. the demo's) is compared as the sizes it stands for.
+models priced as other sizes (`priced_as`, e.g. the demo's) is matched to the paper's row for the
+sizes it stands for.
+
+A paper number stands beside a row as comparable only when everything that decides it matches
+(`comparability`): the paper's protocol (`protocol: paper`), metric, the models themselves (not
+stand-ins), start labels, budget, the paper's data (a card that carves its test split out of
+another file is not the paper's split) and the paper's cost profile (`cost_profile.name ==
+'paper'`; a row without one is priced at an assumed MFU, profile 'mfu'). Otherwise the number is
+shown marked "not comparable", with every reason.
 """
 from __future__ import annotations
 
@@ -100,6 +108,8 @@ class Cell:
     seeds: list[int] = dataclasses.field(default_factory=list)    # of the rows with a result
     accelerator: str = ""
     mfu: Optional[float] = None
+    protocol: str = "efficient"
+    cost_profile: str = "mfu"
 
     @property
     def mean(self) -> float:
@@ -165,7 +175,19 @@ def _group_key(r: dict[str, Any]) -> tuple:
     return (task_name(r["task"]), int(r.get("start_labels", 0)), float(r["extra_budget_usd"]), r["strategy"],
             model_name(r.get("student", "")), model_name(r.get("teacher", "")) if distills else "",
             float(r["compute_share"]) if kind.splits_budget and r.get("compute_share") is not None else None,
-            model_name(priced.get("student")), model_name(priced.get("teacher")) if distills else "")
+            model_name(priced.get("student")), model_name(priced.get("teacher")) if distills else "",
+            row_protocol(r), row_cost_profile(r))
+
+
+def row_protocol(r: dict[str, Any]) -> str:
+    """A row's protocol; rows written before protocols existed were 'efficient'."""
+    return r.get("protocol") or "efficient"
+
+
+def row_cost_profile(r: dict[str, Any]) -> str:
+    """A row's cost profile name; rows without one were priced at an assumed MFU ('mfu')."""
+    profile = r.get("cost_profile")
+    return (profile.get("name") if isinstance(profile, dict) else profile) or "mfu"
 
 
 def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
@@ -176,7 +198,7 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
     order = {s: i for i, s in enumerate(strategies.NAMES)}
     for key, members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], order.get(kv[0][3], 9),
                                                                kv[0][4:6], kv[0][6] or 0.0, kv[0][7:])):
-        task, start, extra, strategy, student, teacher, share, p_student, p_teacher = key
+        task, start, extra, strategy, student, teacher, share, p_student, p_teacher, protocol, profile = key
         ok = [m for m in members if m.get("status", "ok") != "infeasible" and m.get("value") is not None]
         phases = {p: (sum((m.get("spent_usd") or {}).get(p, 0.0) for m in ok) / len(ok) if ok else 0.0)
                   for p in PHASES}
@@ -190,20 +212,28 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
                           capped=sum(m.get("status") == "capped" for m in ok), runs=len(members),
                           seeds=[m.get("seed", 0) for m in ok],
                           accelerator=next((m.get("accelerator", "") for m in members if m.get("accelerator")), ""),
-                          mfu=next((m.get("mfu") for m in members if m.get("mfu") is not None), None)))
+                          mfu=next((m.get("mfu") for m in members if m.get("mfu") is not None), None),
+                          protocol=protocol, cost_profile=profile))
     return cells
 
 
 def paper_match(paper: list[dict], cell: Cell) -> Optional[dict]:
     """The paper's row for a cell: its main results (T5 v1.1 XXL ⇒ Small) by extra budget, else its
-    student- or teacher-size tables by total budget (start labels' cost + extra)."""
+    student- or teacher-size tables by total budget (start labels' cost + extra). Stand-in models
+    match the sizes they are priced as; main results also match other models (not comparable)."""
     if not cell.kind.in_paper:
         return None
-    student, teacher = cell.as_student, cell.as_teacher
+    return (_paper_row(paper, cell, cell.as_student, cell.as_teacher)
+            or _paper_row(paper, cell, PAPER_STUDENT, PAPER_TEACHER if cell.kind.uses_teacher else "", main_only=True))
+
+
+def _paper_row(paper: list[dict], cell: Cell, student: str, teacher: str, main_only: bool = False) -> Optional[dict]:
     start_usd = cell.start_usd
     for p in paper:
         if not (p["task"] == cell.task and p["start_labels"] == cell.start_labels and p["strategy"] == cell.strategy
                 and p["student"] == student and (p["teacher"] or "") == teacher):
+            continue
+        if main_only and p["table"] != "main":
             continue
         if p["table"] == "main" and p["extra_budget_usd"] == cell.extra_budget_usd:
             return p
@@ -214,9 +244,58 @@ def paper_match(paper: list[dict], cell: Cell) -> Optional[dict]:
 
 
 def paper_value(paper: list[dict], cell: Cell) -> Optional[float]:
-    """The paper's number for a cell, if it has one (see `paper_match`)."""
+    """The paper's number for a cell, if it has one (see `paper_match`; comparable or not)."""
     match = paper_match(paper, cell)
     return None if match is None else match["value"]
+
+
+# The paper's metric name -> the row metrics it is (the paper's "F1" of Stanceosaurus is read as
+# macro F1, the card's primary metric; its poster does not say macro or micro).
+PAPER_METRICS = {"f1": ("f1", "macro_f1"), "accuracy": ("accuracy",), "bert_ibleu": ("bert_ibleu",)}
+
+
+def data_reason(task: str) -> Optional[str]:
+    """Why a task's splits are not the paper's, or None: a test split carved out of another file."""
+    try:
+        card = cards.load_card(task)
+    except (FileNotFoundError, ValueError):
+        return f"no task card {task!r} to check its data"
+    if "test" in card.pool_fractions:
+        return (f"data: test, train and unlabeled carved from {card.files[card.carve_from]} (the paper's training "
+                f"file and unlabeled pool for {card.name} are not released)")
+    return None
+
+
+def comparability(cell: Cell, match: dict) -> list[str]:
+    """Why the paper's number `match` is not comparable with `cell` ([] when it is)."""
+    reasons = []
+    if cell.protocol != "paper":
+        reasons.append(f"protocol {cell.protocol} (paper: the released code's; run with protocols/paper.gin)")
+    if cell.metric not in PAPER_METRICS.get(match["metric"], (match["metric"],)):
+        reasons.append(f"metric {cell.metric} (paper: {match['metric']})")
+    teacher = cell.teacher if cell.kind.uses_teacher else ""
+    if (cell.student, teacher) != (match["student"], match["teacher"] or ""):
+        paper_models = " ⇒ ".join(m.replace("t5_1_1_", "") for m in (match["teacher"], match["student"]) if m)
+        reasons.append(f"models {cell.models} (paper: {paper_models})")
+    data = data_reason(cell.task)
+    if data:
+        reasons.append(data)
+    if cell.cost_profile != "paper":
+        reasons.append(f"cost profile {cell.cost_profile} (paper: the paper's own)")
+    return reasons
+
+
+def paper_comparison(paper: list[dict], cell: Cell) -> tuple[Optional[float], list[str]]:
+    """(the paper's number or None, reasons it is not comparable: [] = comparable)."""
+    match = paper_match(paper, cell)
+    return (None, []) if match is None else (match["value"], comparability(cell, match))
+
+
+def _paper_cell(paper: list[dict], cell: Cell) -> str:
+    value, reasons = paper_comparison(paper, cell)
+    if value is None:
+        return ""
+    return f"{value:.1f}" if not reasons else f"{value:.1f} (not comparable)"
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -302,18 +381,20 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
             f"{priced or 'the rate card of the run'}); `total $` adds the starting labels' cost. `paper` is "
             "the published PyTorch result (Kang, Xu, Ritter, ACL 2023; HF T5 v1.1, A100 at $1.875/GPU-hour) "
             "for the same task, starting labels, budget, strategy and models, where one exists; models "
-            "written `A as B` are stand-ins priced, and compared, as B.", ""]
+            "written `A as B` are stand-ins priced as B. A paper number is comparable only when protocol, "
+            "metric, models, start labels, budget, data and cost profile all match; otherwise it is marked "
+            "`(not comparable)` and the section *Comparison with the paper* says why.", ""]
     out += ["## Results", "",
-            "| task | start labels | extra $ | strategy | metric | value | n | paper | spent $ | total $ | "
+            "| task | start labels | extra $ | strategy | protocol | metric | value | n | paper | spent $ | total $ | "
             "$ / point | models | notes |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
-        pv = paper_value(paper, c)
         total = None if c.start_usd is None or not c.values else c.start_usd + c.mean_spent
-        out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.metric} | {_fmt(c)} | "
-                   f"{len(c.values)} | {'' if pv is None else f'{pv:.1f}'} | "
+        out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.protocol} | {c.metric} | "
+                   f"{_fmt(c)} | {len(c.values)} | {_paper_cell(paper, c)} | "
                    f"{_money(c.mean_spent) if c.values else ''} | {_money(total)} | "
                    f"{'' if math.isnan(c.usd_per_point) else f'{c.usd_per_point:.3f}'} | {c.models} | {_notes(c)} |")
+    out += _comparison_section(cells, paper)
     wins = winners(cells, paper)
     if wins:
         out += ["", "## Ann. vs Dist.", "",
@@ -339,6 +420,22 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+def _comparison_section(cells: list[Cell], paper: list[dict]) -> list[str]:
+    """One line per row that has a paper number: comparable, or not and why."""
+    lines = []
+    for c in cells:
+        value, reasons = paper_comparison(paper, c)
+        if value is not None:
+            verdict = "comparable" if not reasons else "not comparable: " + "; ".join(reasons)
+            lines.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.protocol} | "
+                         f"{value:.1f} | {verdict} |")
+    if not lines:
+        return []
+    return ["", "## Comparison with the paper", "",
+            "| task | start labels | extra $ | strategy | protocol | paper | comparable? |",
+            "|---|---|---|---|---|---|---|"] + lines
 
 
 # ----------------------------------------------------------------------------- plots

@@ -55,6 +55,7 @@ class ResultRow:
     test_examples: Optional[int] = None
     output: Optional[str] = None
     wall_seconds: Optional[float] = None
+    protocol: Optional[str] = None   # 'efficient' | 'paper' (rows written before protocols: None = efficient)
     key_version: int = KEY_VERSION
 
     def to_json(self) -> dict[str, Any]:
