@@ -93,3 +93,10 @@ def test_a_tiny_run_under_each_protocol_finishes_names_it_and_the_report_says_wh
     # The paper has no 16-label cell: nothing to compare; the comparison logic is checked in
     # test_report.py on rows at the paper's cells.
     assert "## Comparison with the paper" not in md
+
+
+def test_paper_decodes_one_token_less_than_the_targets_length_as_hf_max_length_does():
+    from doa_jax.experiment.phases import TaskSetup
+    lengths = {"inputs": 64, "targets": 8}
+    assert TaskSetup(None, None, None, lengths, "paper").decode_length == 7
+    assert TaskSetup(None, None, None, lengths).decode_length == 8
