@@ -24,7 +24,17 @@ def test_cells_average_over_seeds_and_carry_the_papers_number():
     assert report.paper_value(report.read_paper_results(), ann) == 50.0
     dist = next(c for c in cells if c.strategy == "distill" and c.extra_budget_usd == 100)
     assert report.paper_value(report.read_paper_results(), dist) == 71.1
-    assert dist.usd_per_point == pytest.approx(356.0 / 71.0)
+
+
+
+def test_marginal_dollars_per_point_is_the_next_budget_steps_cost_per_point_gained():
+    rows = ROWS[:4] + [row("annotate", 200, 55.0, 0, 460.0), row("distill", 200, 70.0, 0, 455.0)]
+    cells = report.summarise(rows)
+    by = {(c.strategy, c.extra_budget_usd): c for c in cells}
+    marginal = report.marginal_usd_per_point(cells)
+    assert marginal[id(by[("annotate", 200.0)])] == "25.00"          # ($460 - $360) / (55 - 51) points
+    assert marginal[id(by[("distill", 200.0)])] == "no gain (-1.0)"  # 70 after 71 on average
+    assert id(by[("annotate", 100.0)]) not in marginal                # no smaller budget to compare with
 
 
 def test_infeasible_cells_keep_their_reason_and_no_value():

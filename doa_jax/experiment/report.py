@@ -130,9 +130,6 @@ class Cell:
     def mean_measured(self) -> float:
         return sum(self.measured) / len(self.measured) if self.measured else math.nan
 
-    @property
-    def usd_per_point(self) -> float:
-        return self.mean_spent / self.mean if self.values and self.mean > 0 else math.nan
 
     @property
     def start_usd(self) -> Optional[float]:
@@ -383,17 +380,20 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
             "for the same task, starting labels, budget, strategy and models, where one exists; models "
             "written `A as B` are stand-ins priced as B. A paper number is comparable only when protocol, "
             "metric, models, start labels, budget, data and cost profile all match; otherwise it is marked "
-            "`(not comparable)` and the section *Comparison with the paper* says why.", ""]
+            "`(not comparable)` and the section *Comparison with the paper* says why. `marginal $ / point`: "
+            "the extra $ spent over the next smaller budget of the same arm, per metric point gained there "
+            "(is the next budget step worth it?).", ""]
     out += ["## Results", "",
             "| task | start labels | extra $ | strategy | protocol | metric | value | n | paper | spent $ | total $ | "
-            "$ / point | models | notes |",
+            "marginal $ / point | models | notes |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    marginal = marginal_usd_per_point(cells)
     for c in cells:
         total = None if c.start_usd is None or not c.values else c.start_usd + c.mean_spent
         out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.protocol} | {c.metric} | "
                    f"{_fmt(c)} | {len(c.values)} | {_paper_cell(paper, c)} | "
                    f"{_money(c.mean_spent) if c.values else ''} | {_money(total)} | "
-                   f"{'' if math.isnan(c.usd_per_point) else f'{c.usd_per_point:.3f}'} | {c.models} | {_notes(c)} |")
+                   f"{marginal.get(id(c), '')} | {c.models} | {_notes(c)} |")
     out += _comparison_section(cells, paper)
     wins = winners(cells, paper)
     if wins:
@@ -420,6 +420,24 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+def marginal_usd_per_point(cells: list[Cell]) -> dict[int, str]:
+    """Per cell (by id), what its extra points cost over the next smaller budget of the same task,
+    start, strategy, models and protocol: (Δ spent $) / (Δ metric). It answers "is the next budget
+    step worth it?", which spent $ over the absolute metric (the old "$ / point") did not."""
+    groups: dict[tuple, list[Cell]] = collections.defaultdict(list)
+    for c in cells:
+        if c.values:
+            groups[(c.task, c.start_labels, c.strategy, c.compute_share, c.models, c.protocol, c.cost_profile)].append(c)
+    out = {}
+    for members in groups.values():
+        members.sort(key=lambda c: c.extra_budget_usd)
+        for prev, cur in zip(members, members[1:]):
+            gain = cur.mean - prev.mean
+            out[id(cur)] = (f"{(cur.mean_spent - prev.mean_spent) / gain:,.2f}" if gain > 0
+                            else f"no gain ({gain:+.1f})")
+    return out
 
 
 def _comparison_section(cells: list[Cell], paper: list[dict]) -> list[str]:
@@ -565,8 +583,11 @@ def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: path
     axes[0][0].set_ylim(0, top * 1.2)
     metric = next((c.metric for c in mine if c.metric), "")
     axes[0][0].set_ylabel(metric_label(metric))
-    fig.suptitle(f"{task}: {METRIC_LABELS.get(metric, metric or 'metric')} per extra budget"
-                 + (", this run and the paper" if with_paper else " (the paper has no result for these cells)"))
+    protocol = next((c.protocol for c in mine), "efficient")
+    # Two short lines, so a narrow (one-panel) figure does not clip the title at its edges.
+    fig.suptitle(f"{task}: {METRIC_LABELS.get(metric, metric or 'metric')} per extra budget (protocol {protocol})\n"
+                 + ("this run and the paper" if with_paper else "the paper has no result for these cells"),
+                 fontsize=11)
     ordered = [handles[k] for k in series if k in handles]
     fig.legend([h for h, _ in ordered], [lbl for _, lbl in ordered], loc="lower center", ncol=min(len(ordered), 5),
                fontsize=8, frameon=False)
@@ -599,10 +620,14 @@ def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots = []
     for task in sorted({c.task for c in cells if c.values}):
-        for name, draw in ((f"{task}_cost_vs_metric.png", lambda p: plot_cost_vs_metric(cells, task, p, paper)),
-                           (f"{task}_budget_bars.png", lambda p: plot_budget_bars(cells, paper, task, p))):
-            draw(plot_dir / name)
-            plots.append(f"plots/{name}")
+        protocols = sorted({c.protocol for c in cells if c.task == task})
+        for protocol in protocols:   # one figure per protocol: its cells are not the other's
+            mine = [c for c in cells if c.protocol == protocol]
+            stem = task if len(protocols) == 1 else f"{task}_{protocol}"
+            for name, draw in ((f"{stem}_cost_vs_metric.png", lambda p: plot_cost_vs_metric(mine, task, p, paper)),
+                               (f"{stem}_budget_bars.png", lambda p: plot_budget_bars(mine, paper, task, p))):
+                draw(plot_dir / name)
+                plots.append(f"plots/{name}")
     report = run_dir / "report.md"
     report.write_text(render_markdown(cells, paper, plots, sweep_progress(run_dir, rows)))
     return report
