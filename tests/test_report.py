@@ -55,7 +55,7 @@ def test_paper_table_has_48_main_cells_per_strategy():
 def test_write_report_renders_tables_and_plots(tmp_path):
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
     md = report.write_report(tmp_path).read_text()
-    assert "| wlp | 1000 | 100 | Ann. | efficient | f1 | 51.0 ± 1.4 | 2 | 50.0 (not comparable) |" in md
+    assert "| wlp | 1000 | 100 | Ann. | efficient | f1 | 51.0 ± 1.4 [50.0, 52.0] | 2 | 50.0 (not comparable) |" in md
     assert "teacher fine-tune costs $210 > $200" in md
     for name in ("wlp_cost_vs_metric.png", "wlp_budget_bars.png"):
         png = tmp_path / "plots" / name
@@ -111,3 +111,30 @@ def test_rows_of_the_two_protocols_are_separate_cells_and_the_report_says_which_
     assert "| wlp | 1000 | 100 | Dist. | paper | 71.1 | comparable |" in md
     assert ("| wlp | 1000 | 100 | Dist. | efficient | 71.1 | not comparable: protocol efficient (paper: the "
             "released code's; run with protocols/paper.gin); cost profile mfu (paper: the paper's own) |") in md
+
+
+def _cell_with_predictions(tmp_path, name, predictions, references):
+    out = tmp_path / name
+    out.mkdir()
+    (out / "predictions.jsonl").write_text("".join(
+        json.dumps({"id": i, "prediction": p, "reference": r}) + "\n"
+        for i, (p, r) in enumerate(zip(predictions, references))))
+    value = 100.0 * sum(p == r for p, r in zip(predictions, references)) / len(references)
+    return dict(row("annotate", 50, value, 0, 50.0), task="fever", metric="accuracy", output=str(out))
+
+
+def test_bootstrap_over_test_examples_brackets_the_metric_and_tells_close_arms_apart_or_not(tmp_path):
+    refs = ["SUPPORTS", "REFUTES"] * 50
+    good = _cell_with_predictions(tmp_path, "good", refs[:90] + ["maybe"] * 10, refs)        # 90%
+    close = _cell_with_predictions(tmp_path, "close", refs[:88] + ["maybe"] * 12, refs)      # 88%
+    bad = _cell_with_predictions(tmp_path, "bad", refs[:40] + ["maybe"] * 60, refs)          # 40%
+    cells = [report.summarise([r])[0] for r in (good, close, bad)]
+    for c in cells:
+        c.interval = report.bootstrap(c)
+    g, c_, b = cells
+    assert g.interval[0] < 90.0 < g.interval[1] and g.interval[1] - g.interval[0] > 5   # n = 100: wide
+    assert report.distinguishable(g, c_) is False and report.distinguishable(g, b) is True
+
+
+def test_one_seed_without_per_example_predictions_has_no_interval():
+    assert report.bootstrap(report.summarise([row("annotate", 100, 50.0, 0, 360.0)])[0]) is None

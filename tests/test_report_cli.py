@@ -56,9 +56,9 @@ def test_seeds_strategies_and_mixed_share_each_get_a_row_with_the_papers_number(
     md = report.write_report(tmp_path).read_text()
     # mean ± std over seeds, n, paper, spent, total = $260 of starting labels (1000 x $0.26) + spent
     # (no smaller budget of the same arm: no marginal $ / point)
-    assert ("| wlp | 1000 | 100 | Ann. | efficient | f1 | 42.0 ± 2.8 | 2 | 50.0 (not comparable) | 99.00 | 359.00 "
+    assert ("| wlp | 1000 | 100 | Ann. | efficient | f1 | 42.0 ± 2.8 [40.0, 44.0] | 2 | 50.0 (not comparable) | 99.00 | 359.00 "
             "|  | small |") in md
-    assert "| wlp | 1000 | 100 | Dist. | efficient | f1 | 62.0 ± 2.8 | 2 | 71.1 (not comparable) | 82.00 | 342.00 |" in md
+    assert "| wlp | 1000 | 100 | Dist. | efficient | f1 | 62.0 ± 2.8 [60.0, 64.0] | 2 | 71.1 (not comparable) | 82.00 | 342.00 |" in md
     assert "| wlp | 1000 | 100 | Mixed (50% compute) | efficient | f1 | 55.0 | 1 |  |" in md   # no mixed arm in the paper
     assert "1/2 stopped at the budget cap" in md
     assert "| fever | 1000 | 50 | Dist. | efficient | accuracy | infeasible | 0 | 71.3 (not comparable) |" in md
@@ -103,7 +103,7 @@ def test_rows_of_different_configs_in_one_cell_are_flagged(tmp_path):
             dict(row("wlp", "annotate", 100, 30.0, 0, 99.0), cell_key="other")]
     write_rows(tmp_path, rows)
     md = report.write_report(tmp_path).read_text()
-    assert "| 35.0 ± 7.1 | 2 |" in md and "1 row(s) repeat a seed: results of different configs are averaged" in md
+    assert "| 35.0 ± 7.1 [30.0, 40.0] | 2 |" in md and "1 row(s) repeat a seed: results of different configs are averaged" in md
 
 
 def test_a_sweeps_report_says_how_many_cells_have_a_result(tmp_path):

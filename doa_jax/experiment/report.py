@@ -26,7 +26,8 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Iterable, Optional
+import random
+from typing import Any, Callable, Iterable, Optional
 
 from doa_jax.data import cards, demo as demo_task
 from doa_jax.experiment import results as results_lib, strategies
@@ -110,6 +111,8 @@ class Cell:
     mfu: Optional[float] = None
     protocol: str = "efficient"
     cost_profile: str = "mfu"
+    outputs: list[str] = dataclasses.field(default_factory=list)   # cell dirs of the rows with a result
+    interval: Optional[tuple[float, float]] = None                 # 95% bootstrap interval (see `bootstrap`)
 
     @property
     def mean(self) -> float:
@@ -210,8 +213,64 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
                           seeds=[m.get("seed", 0) for m in ok],
                           accelerator=next((m.get("accelerator", "") for m in members if m.get("accelerator")), ""),
                           mfu=next((m.get("mfu") for m in members if m.get("mfu") is not None), None),
-                          protocol=protocol, cost_profile=profile))
+                          protocol=protocol, cost_profile=profile,
+                          outputs=[m.get("output") or "" for m in ok]))
     return cells
+
+
+BOOTSTRAP_RESAMPLES = 500
+
+
+def _example_scores(cell: Cell) -> Optional[list[Callable[[list[int]], float]]]:
+    """Per seed, a function scoring a resample (example indices) of its test predictions, or None when
+    a row's `predictions.jsonl` lacks references (cells written before they kept them)."""
+    try:
+        card = cards.load_card(cell.task)
+    except (FileNotFoundError, ValueError):
+        return None
+    scorers = []
+    for out in cell.outputs:
+        path = pathlib.Path(out) / "predictions.jsonl"
+        if not out or not path.exists():
+            return None
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows or any("reference" not in r for r in rows):
+            return None
+
+        def score(idx, rows=rows):
+            picked = [rows[i] for i in idx]
+            result = card.score([r["prediction"] for r in picked], [r["reference"] for r in picked],
+                                sources=[r.get("source", "") for r in picked], protocol=cell.protocol)
+            return float(result[card.primary_metric] or 0.0)
+        scorers.append((score, len(rows)))
+    return scorers
+
+
+def bootstrap(cell: Cell, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Optional[tuple[float, float]]:
+    """95% percentile interval of the cell's mean metric: seeds resampled when there are several, and
+    each seed's test examples resampled when its predictions keep their references; None with one
+    seed and no per-example predictions (nothing to resample)."""
+    rng = random.Random(seed)
+    scorers = _example_scores(cell) if cell.values else None
+    if not cell.values or (len(cell.values) < 2 and not scorers):
+        return None
+    means = []
+    for _ in range(resamples):
+        seeds = [rng.randrange(len(cell.values)) for _ in cell.values]
+        if scorers:
+            vals = [scorers[i][0]([rng.randrange(scorers[i][1]) for _ in range(scorers[i][1])]) for i in seeds]
+        else:
+            vals = [cell.values[i] for i in seeds]
+        means.append(sum(vals) / len(vals))
+    means.sort()
+    return means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
+
+
+def distinguishable(a: Cell, b: Cell) -> Optional[bool]:
+    """Whether two cells' 95% bootstrap intervals are disjoint (None when either has none)."""
+    if a.interval is None or b.interval is None:
+        return None
+    return a.interval[1] < b.interval[0] or b.interval[1] < a.interval[0]
 
 
 def paper_match(paper: list[dict], cell: Cell) -> Optional[dict]:
@@ -308,7 +367,8 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, floa
 def _fmt(cell: Cell) -> str:
     if not cell.values:
         return "infeasible"
-    return f"{cell.mean:.1f} ± {cell.std:.1f}" if len(cell.values) > 1 else f"{cell.mean:.1f}"
+    text = f"{cell.mean:.1f} ± {cell.std:.1f}" if len(cell.values) > 1 else f"{cell.mean:.1f}"
+    return text + (f" [{cell.interval[0]:.1f}, {cell.interval[1]:.1f}]" if cell.interval else "")
 
 
 def _money(x: Optional[float]) -> str:
@@ -347,6 +407,7 @@ def winners(cells: list[Cell], paper: list[dict]) -> list[dict[str, Any]]:
         row = {"task": task, "start_labels": start, "extra_budget_usd": extra, "mine": None, "paper": None}
         if ann.values and dist.values:
             row["mine"] = dist.mean - ann.mean
+            row["distinguishable"] = distinguishable(ann, dist)
         pa, pd = paper_value(paper, ann), paper_value(paper, dist)
         if pa is not None and pd is not None:
             row["paper"] = pd - pa
@@ -372,7 +433,9 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
                 ""]
     accs = sorted({(c.accelerator, c.mfu) for c in cells if c.accelerator})
     priced = ", ".join(f"{a} at {m:.0%} MFU" if m else a for a, m in accs)
-    out += ["Mean ± std over seeds (n = seeds with a result). `extra $` is the budget on top of the starting "
+    out += ["Mean ± std over seeds (n = seeds with a result), then [a 95% bootstrap interval] of the mean: "
+            f"{BOOTSTRAP_RESAMPLES} resamples of the seeds and, where a cell's predictions.jsonl keeps references, "
+            "of its test examples (none: one seed and no per-example predictions). `extra $` is the budget on top of the starting "
             "labels; `spent $` is what the run spent of it (labels bought + teacher fine-tuning + teacher "
             "inference + student training, compute projected from FLOPs onto "
             f"{priced or 'the rate card of the run'}); `total $` adds the starting labels' cost. `paper` is "
@@ -400,8 +463,9 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
         out += ["", "## Ann. vs Dist.", "",
                 "The paper's question per budget: which arm gives the better metric, and by how many points.", "",
                 "| task | start labels | extra $ | this run | paper |", "|---|---|---|---|---|"]
-        out += [f"| {w['task']} | {w['start_labels']} | {w['extra_budget_usd']:g} | {_winner(w['mine']) or 'n/a'} | "
-                f"{_winner(w['paper'])} |" for w in wins]
+        out += [f"| {w['task']} | {w['start_labels']} | {w['extra_budget_usd']:g} | {_winner(w['mine']) or 'n/a'}"
+                + (" (not distinguishable: 95% intervals overlap)" if w.get("distinguishable") is False else "")
+                + f" | {_winner(w['paper'])} |" for w in wins]
     out += ["", "## Cost breakdown by phase (mean $ per run)", "",
             "Projected $ per phase (what the budget is charged; evaluation is reported but not charged), "
             "and `measured $`: this machine's accelerator-seconds × its own rate card.", "",
@@ -616,6 +680,8 @@ def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike
     if not rows:
         raise ValueError(f"{results or run_dir / results_lib.RESULTS_FILE} has no result rows")
     cells, paper = summarise(rows), read_paper_results()
+    for c in cells:
+        c.interval = bootstrap(c)
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots = []
