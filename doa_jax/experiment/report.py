@@ -597,7 +597,8 @@ def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"${x:,.0f}"))
     ax.set_xlabel("total cost (USD): starting labels + extra spent" if with_start else "extra spent (USD)")
     ax.set_ylabel(metric_label(mine[0].metric if mine else ""))
-    ax.set_title(f"{task}: {METRIC_LABELS.get(mine[0].metric, mine[0].metric) if mine else 'metric'} vs cost")
+    ax.set_title(f"{task}: {METRIC_LABELS.get(mine[0].metric, mine[0].metric) if mine else 'metric'} vs cost"
+                 + (f" (protocol {mine[0].protocol})" if mine else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", ncol=2, framealpha=0.9)
     fig.tight_layout()
