@@ -151,7 +151,8 @@ class LossConfig:
     label_smoothing: float = 0.0
     loss_normalizing_factor: LossNormalizingFactor = None
     # Distillation: weight of the soft-target term, its temperature, and the released code's
-    # reduction (every position of the batch counts, padding included, mean over B x T).
+    # reduction (every position of the batch padded to its longest teacher sequence counts, padding
+    # included, divided by rows x that length; needs full-vocabulary teacher logits).
     kd_weight: float = 0.0
     kd_temperature: float = 2.0
     kd_paper_exact: bool = False
@@ -169,10 +170,10 @@ class LossConfig:
 
 
 def loss_weights(cfg: LossConfig, batch: Batch) -> tuple[Array, Array]:
-    """`(weights, divisor)` for the global batch: `kd_paper_exact` counts every position (B x T)."""
+    """`(weights, divisor)` for the global batch: `kd_paper_exact` counts every position of the batch
+    padded to its own longest teacher sequence, divided by rows x that length (the released code)."""
     if cfg.kd_weight > 0 and cfg.kd_paper_exact:
-        weights = jnp.ones(batch["decoder_target_tokens"].shape, jnp.float32)
-        return weights, jnp.float32(weights.size)
+        return distill_losses.paper_positions(batch["decoder_target_tokens"])
     return normalizing_factor_and_weights(cfg.loss_normalizing_factor, batch)
 
 
@@ -192,6 +193,8 @@ def sequence_loss(cfg: LossConfig, logits: Array, batch: Batch, weights: Array,
     if cfg.kd_weight > 0:
         if "teacher_topk_values" not in batch:
             raise ValueError("kd_weight > 0 needs teacher_topk_values / teacher_topk_ids in the batch")
+        if cfg.kd_paper_exact:
+            distill_losses.check_paper_exact_targets(logits, batch["teacher_topk_values"])
         kd = distill_losses.topk_kd_per_token(logits, batch["teacher_topk_values"], batch["teacher_topk_ids"],
                                               cfg.kd_temperature)
         train_loss = cfg.kd_weight * kd + (1.0 - cfg.kd_weight) * token_loss

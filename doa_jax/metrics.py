@@ -27,6 +27,13 @@ sources=...)` post-processes and scores (`Card.score` passes the card's label se
   layer 40, in the paper): without one, `self_bleu` is reported, `bert_ibleu` is null and `note`
   says why. Nothing is substituted.
 
+Protocols (`protocol=`): `efficient` (default) scores as above. `paper` scores as the released code
+(run_t5.py of jm-kang/Distill-or-Annotate) does: a classification output outside the label set is
+mapped to the label the released code gives id 0 (the card's `paper_invalid_label`: FEVER REFUTES,
+MultiPIT_Id NO, Stanceosaurus IRRELEVANT), so it is correct whenever gold is that label; WLP's `f1`
+(`precision`, `recall`) are the released parse's micro scores (`paper_f1`), the standard span F1
+moving to `span_f1` (`span_precision`, `span_recall`). The other keys are the same under both.
+
 Pure Python; BERTScore imports torch/transformers only when a scorer model is given.
 """
 from __future__ import annotations
@@ -47,6 +54,38 @@ def canonical_label(prediction: str, labels: Sequence[str]) -> str | None:
     """The label a prediction names (stripped, case-insensitive), or None when it names none."""
     lookup = {label.casefold(): label for label in labels}
     return lookup.get(prediction.strip().casefold())
+
+
+PROTOCOLS = ("efficient", "paper")
+
+
+def check_protocol(protocol: str) -> str:
+    """`protocol` if known, else one error naming the known ones."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; protocols: {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def paper_label(prediction: str, labels: Sequence[str], invalid_label: str | None) -> str:
+    """The released code's mapping: `pred.strip().upper()` if it names a label, else its id-0 label."""
+    lookup = {label.upper(): label for label in labels}
+    label = lookup.get(prediction.strip().upper())
+    if label is not None:
+        return label
+    if invalid_label is None or invalid_label.upper() not in lookup:
+        raise ValueError(f"protocol 'paper' needs the label the released code gives out-of-label outputs "
+                         f"(the card's paper_invalid_label, one of {list(labels)}), got {invalid_label!r}")
+    return lookup[invalid_label.upper()]
+
+
+def _predicted_labels(predictions, labels, protocol: str, invalid_label: str | None) -> list[str | None]:
+    if check_protocol(protocol) == "paper":
+        return [paper_label(p, labels, invalid_label) for p in predictions]
+    return [canonical_label(p, labels) for p in predictions]
+
+
+def _invalid(predictions, labels) -> int:
+    return sum(canonical_label(p, labels) is None for p in predictions)
 
 
 def _check_lengths(predictions: Sequence[str], references: Sequence[str]) -> None:
@@ -70,14 +109,14 @@ def _gold_labels(references: Sequence[str], labels: Sequence[str]) -> list[str]:
 # Classification
 
 
-def accuracy(predictions, references, *, labels, **_):
+def accuracy(predictions, references, *, labels, protocol="efficient", invalid_label=None, **_):
     _check_lengths(predictions, references)
     gold = _gold_labels(references, labels)
-    pred = [canonical_label(p, labels) for p in predictions]
+    pred = _predicted_labels(predictions, labels, protocol, invalid_label)
     correct = sum(p == g for p, g in zip(pred, gold))
     return {
         "accuracy": 100.0 * correct / len(gold),
-        "invalid_predictions": sum(p is None for p in pred),
+        "invalid_predictions": _invalid(predictions, labels),
         "count": len(gold),
     }
 
@@ -86,10 +125,10 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 0.0 if tp == 0 else 2.0 * tp / (2 * tp + fp + fn)
 
 
-def classification_f1(predictions, references, *, labels, **_):
+def classification_f1(predictions, references, *, labels, protocol="efficient", invalid_label=None, **_):
     _check_lengths(predictions, references)
     gold = _gold_labels(references, labels)
-    pred = [canonical_label(p, labels) for p in predictions]
+    pred = _predicted_labels(predictions, labels, protocol, invalid_label)
     present = [lab for lab in labels if lab in set(gold) | set(pred)]
     per_label = []
     for lab in present:
@@ -102,7 +141,7 @@ def classification_f1(predictions, references, *, labels, **_):
         "macro_f1": 100.0 * sum(_f1(*x) for x in per_label) / len(per_label),
         "micro_f1": 100.0 * _f1(tp, fp, fn),
         "accuracy": 100.0 * sum(p == g for p, g in zip(pred, gold)) / len(gold),
-        "invalid_predictions": sum(p is None for p in pred),
+        "invalid_predictions": _invalid(predictions, labels),
         "count": len(gold),
     }
 
@@ -181,7 +220,7 @@ def paper_entity_pairs(predictions, references) -> tuple[list[str], list[str]]:
     return pred_labels, gold_labels
 
 
-def entity_f1(predictions, references, *, entity_types, **_):
+def entity_f1(predictions, references, *, entity_types, protocol="efficient", **_):
     _check_lengths(predictions, references)
     tp = n_pred = n_gold = 0
     for p, r in zip(predictions, references):
@@ -206,7 +245,7 @@ def entity_f1(predictions, references, *, entity_types, **_):
         )
         for lab in labels
     ]
-    return {
+    result = {
         "f1": 100.0 * f1,
         "precision": 100.0 * precision,
         "recall": 100.0 * recall,
@@ -215,6 +254,11 @@ def entity_f1(predictions, references, *, entity_types, **_):
         "predicted_entities": n_pred,
         "gold_entities": n_gold,
     }
+    if check_protocol(protocol) == "paper":
+        # One label per gold key on both sides: micro precision = recall = F1 = the share that agree.
+        result.update(span_f1=result["f1"], span_precision=result["precision"], span_recall=result["recall"],
+                      f1=result["paper_f1"], precision=result["paper_f1"], recall=result["paper_f1"])
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,19 +434,24 @@ METRICS: dict[str, Metric] = {
 
 
 def compute(metric: str, predictions: Sequence[str], references: Sequence[str], *, labels: Sequence[str] = (),
-            entity_types: Sequence[str] = (), sources=None, **options) -> dict:
+            entity_types: Sequence[str] = (), sources=None, protocol: str = "efficient",
+            invalid_label: str | None = None, **options) -> dict:
     """`metric` (a name in METRICS) on predictions vs reference targets, in percent.
 
     `labels` are the label set of classification metrics, `entity_types` WLP's types, `sources` the
-    inputs (MultiPIT_Gen's self-BLEU). A task card passes its own with `Card.score`.
+    inputs (MultiPIT_Gen's self-BLEU), `protocol` 'efficient' or 'paper' (see the module docstring),
+    `invalid_label` the label 'paper' gives an out-of-label output. `Card.score` passes the card's.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; metrics: {', '.join(sorted(METRICS))}")
+    check_protocol(protocol)
     return METRICS[metric].fn(
         list(predictions),
         list(references),
         labels=list(labels),
         entity_types=list(entity_types),
         sources=None if sources is None else list(sources),
+        protocol=protocol,
+        invalid_label=invalid_label,
         **options,
     )

@@ -28,26 +28,62 @@ def test_masked_kd_loss_equals_numpy_reference():
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-def test_paper_exact_kd_counts_every_position_and_divides_by_batch_times_length():
-    expected = 4.0 * np_kl(STUDENT, TEACHER, 2.0).sum() / (B * T)
-    got = dl.kd_loss(STUDENT, TEACHER, WEIGHTS, temperature=2.0, paper_exact=True)
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
+# Teacher sequences of different lengths (EOS = 1 included; 0 after EOS), a longest of 3 tokens, so
+# the released batch has L = 4 columns (start token + 3) of T = 5; the last row pads a short batch.
+TOKENS = np.array([[7, 1, 0, 0, 0], [4, 9, 1, 0, 0], [3, 1, 0, 0, 0]])
 
 
-def test_paper_exact_equals_the_released_pytorch_code():
+def released_kd(student, teacher, length):
+    """The released formula (run_t5.py DistillationTrainer.compute_loss) in PyTorch, on the batch's
+    first `length` decoder positions: KLDivLoss(batchmean) over [B*L, V], times T^2, T = 2."""
     torch = pytest.importorskip("torch")
-    s = torch.tensor(STUDENT).view(-1, V)
-    t = torch.tensor(TEACHER).view(-1, V)
-    loss = torch.nn.KLDivLoss(reduction="batchmean")(torch.log_softmax(s / 2.0, -1), torch.softmax(t / 2.0, -1)) * 4.0
-    np.testing.assert_allclose(dl.kd_loss(STUDENT, TEACHER, paper_exact=True), loss.item(), rtol=1e-5)
+    v = student.shape[-1]
+    s = torch.tensor(student[:, :length]).reshape(-1, v)
+    t = torch.tensor(teacher[:, :length]).reshape(-1, v)
+    kl = torch.nn.KLDivLoss(reduction="batchmean")
+    return float(kl(torch.log_softmax(s / 2.0, -1), torch.softmax(t / 2.0, -1)) * 4.0)
+
+
+def test_paper_positions_are_the_batch_padded_to_its_longest_teacher_sequence_plus_start():
+    weights, divisor = dl.paper_positions(np.concatenate([TOKENS, np.zeros((1, T), int)]))
+    np.testing.assert_array_equal(weights, [[1, 1, 1, 1, 0]] * 3 + [[0, 0, 0, 0, 0]])
+    assert float(divisor) == 3 * 4
+
+
+def test_paper_exact_kd_equals_the_released_pytorch_formula_with_unequal_lengths():
+    got = dl.kd_loss(STUDENT, TEACHER, temperature=2.0, paper_exact=True, target_tokens=TOKENS)
+    np.testing.assert_allclose(got, released_kd(STUDENT, TEACHER, 4), rtol=1e-5)
+
+
+def test_paper_exact_ignores_the_all_zero_rows_that_pad_a_short_last_batch():
+    pad = rng.normal(size=(1, T, V)).astype(np.float32)
+    got = dl.kd_loss(np.concatenate([STUDENT, pad]), np.concatenate([TEACHER, -pad]), paper_exact=True,
+                     target_tokens=np.concatenate([TOKENS, np.zeros((1, T), int)]))
+    np.testing.assert_allclose(got, released_kd(STUDENT, TEACHER, 4), rtol=1e-5)
+
+
+def test_paper_exact_length_is_capped_at_the_arrays_length():
+    full = np.array([[5, 6, 7, 8, 9], [4, 1, 0, 0, 0], [3, 1, 0, 0, 0]])   # no EOS within T: L = T
+    got = dl.kd_loss(STUDENT, TEACHER, paper_exact=True, target_tokens=full)
+    np.testing.assert_allclose(got, released_kd(STUDENT, TEACHER, T), rtol=1e-5)
+
+
+def test_paper_exact_online_soft_targets_in_the_topk_format_equal_the_released_formula():
+    ids = np.broadcast_to(np.arange(V), (B, T, V))   # what OnlineTeacherBatches gives: k = V
+    got = dl.topk_kd_loss(STUDENT, TEACHER, ids, paper_exact=True, target_tokens=TOKENS)
+    np.testing.assert_allclose(got, released_kd(STUDENT, TEACHER, 4), rtol=1e-5)
+
+
+def test_paper_exact_with_stored_topk_is_refused():
+    values, ids = jax.lax.top_k(TEACHER, 3)
+    with pytest.raises(ValueError, match=r"kd_paper_exact with top-3 soft targets: .* \(SOFT_TARGETS='online'\)"):
+        dl.topk_kd_loss(STUDENT, values, ids, paper_exact=True, target_tokens=TOKENS)
 
 
 def test_topk_kd_with_k_equal_to_vocab_equals_full_kd():
     values, ids = jax.lax.top_k(TEACHER, V)
-    for paper_exact in (False, True):
-        full = dl.kd_loss(STUDENT, TEACHER, WEIGHTS, paper_exact=paper_exact)
-        topk = dl.topk_kd_loss(STUDENT, values, ids, WEIGHTS, paper_exact=paper_exact)
-        np.testing.assert_allclose(topk, full, rtol=1e-5)
+    np.testing.assert_allclose(dl.topk_kd_loss(STUDENT, values, ids, WEIGHTS),
+                               dl.kd_loss(STUDENT, TEACHER, WEIGHTS), rtol=1e-5)
 
 
 def test_topk_kd_renormalises_the_teacher_over_its_k_entries():

@@ -140,7 +140,7 @@ RUN_BINDINGS = ["MODEL_DIR = '/tmp/doa_gin_test'", "TASK = 'fever'", "TASK_FEATU
 # Values for the macros a sweep file leaves %gin.REQUIRED (the user sets them).
 SWEEP_REQUIRED = {"OUTPUT_DIR": "/tmp/doa_gin_test", "VOCABULARY": "/tmp/spiece.model", "TEACHER_CHECKPOINT": None,
                   "STUDENT_CHECKPOINT": None, "GRID_TASKS": ["wlp"], "GRID_START_LABELS": [1000],
-                  "GRID_BUDGETS_USD": [100]}
+                  "GRID_BUDGETS_USD": [100], "STUDENT_SIZE": "small", "TEACHER_SIZE": "xxl"}
 
 
 def _parse_sweep_file(rel: str) -> None:
@@ -184,6 +184,9 @@ def test_every_gin_file_parses(rel, tmp_path, monkeypatch):
         _parse_sweep_file(rel)
     elif kind == "experiments" or rel in ("runs/experiment.gin", "runs/demo_models.gin"):
         _parse_cell_file(rel)
+    elif kind == "protocols":   # included after runs/experiment.gin; the cell names its protocol
+        _parse_cell_file(rel)
+        assert gin_utils.macro("CELL").protocol == rel.split("/")[1].removesuffix(".gin")
     elif kind == "runs":
         gin_utils.parse(["models/t5_1_1_tiny.gin", rel],
                         ["MODEL_DIR = '/tmp/doa_gin_test'"] if rel == "runs/smoke.gin" else RUN_BINDINGS)

@@ -34,10 +34,19 @@ def test_kd_weight_one_is_the_papers_masked_kd_loss():
     assert loss_of(cfg) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_kd_paper_exact_counts_every_position():
+def test_kd_paper_exact_counts_every_position_of_the_batch_padded_to_its_longest_sequence():
     cfg = losses.LossConfig(z_loss=0.0, kd_weight=1.0, kd_paper_exact=True)
-    expected = distill_losses.kd_loss(STUDENT, TEACHER, temperature=2.0, paper_exact=True)
+    # Longest teacher sequence 3 tokens -> 4 positions (start token + 3) of T = 4 for both rows.
+    expected = distill_losses.kd_loss(STUDENT, TEACHER, np.ones((B, T)), temperature=2.0)
     assert loss_of(cfg) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_kd_paper_exact_with_stored_topk_is_refused_in_the_trainer_loss():
+    cfg = losses.LossConfig(z_loss=0.0, kd_weight=1.0, kd_paper_exact=True)
+    top = dict(BATCH, teacher_topk_values=TEACHER[..., :3], teacher_topk_ids=BATCH["teacher_topk_ids"][..., :3])
+    w, d = losses.loss_weights(cfg, top)
+    with pytest.raises(ValueError, match="top-3 soft targets"):
+        losses.sequence_loss(cfg, STUDENT, top, w, d)
 
 
 def test_kd_weight_mixes_soft_targets_with_cross_entropy_on_the_targets():

@@ -55,11 +55,13 @@ def test_seeds_strategies_and_mixed_share_each_get_a_row_with_the_papers_number(
     write_rows(tmp_path, ROWS)
     md = report.write_report(tmp_path).read_text()
     # mean ± std over seeds, n, paper, spent, total = $260 of starting labels (1000 x $0.26) + spent
-    assert "| wlp | 1000 | 100 | Ann. | f1 | 42.0 ± 2.8 | 2 | 50.0 | 99.00 | 359.00 | 2.357 | small |" in md
-    assert "| wlp | 1000 | 100 | Dist. | f1 | 62.0 ± 2.8 | 2 | 71.1 | 82.00 | 342.00 |" in md
-    assert "| wlp | 1000 | 100 | Mixed (50% compute) | f1 | 55.0 | 1 |  |" in md       # the paper has no mixed arm
+    # (no smaller budget of the same arm: no marginal $ / point)
+    assert ("| wlp | 1000 | 100 | Ann. | efficient | f1 | 42.0 ± 2.8 [40.0, 44.0] | 2 | 50.0 (not comparable) | 99.00 | 359.00 "
+            "|  | small |") in md
+    assert "| wlp | 1000 | 100 | Dist. | efficient | f1 | 62.0 ± 2.8 [60.0, 64.0] | 2 | 71.1 (not comparable) | 82.00 | 342.00 |" in md
+    assert "| wlp | 1000 | 100 | Mixed (50% compute) | efficient | f1 | 55.0 | 1 |  |" in md   # no mixed arm in the paper
     assert "1/2 stopped at the budget cap" in md
-    assert "| fever | 1000 | 50 | Dist. | accuracy | infeasible | 0 | 71.3 |" in md
+    assert "| fever | 1000 | 50 | Dist. | efficient | accuracy | infeasible | 0 | 71.3 (not comparable) |" in md
     assert "the teacher's fine-tuning reached the budget at step 3" in md
 
 
@@ -84,14 +86,16 @@ def test_student_and_teacher_size_tables_match_by_total_budget(tmp_path):
     assert {(c.strategy, report.paper_value(paper, c)) for c in cells} == {("annotate", 69.9), ("distill", 69.6)}
 
 
-def test_stand_in_models_compare_as_the_sizes_they_are_priced_as(tmp_path):
+def test_stand_in_and_other_models_get_the_papers_main_number_marked_not_comparable(tmp_path):
     priced = row("wlp", "distill", 100, 1.0, 0, 5.0, student="t5_1_1_tiny", teacher="t5_1_1_tiny",
                  priced_as={"teacher": "xxl", "student": "small"})
     plain = row("wlp", "distill", 100, 1.0, 0, 5.0, student="t5_1_1_tiny", teacher="t5_1_1_tiny")
     paper = report.read_paper_results()
     cells = report.summarise([priced, plain])
-    assert {(c.models, report.paper_value(paper, c)) for c in cells} == {
-        ("tiny as xxl ⇒ tiny as small", 71.1), ("tiny ⇒ tiny", None)}
+    got = {c.models: report.paper_comparison(paper, c) for c in cells}
+    assert got["tiny as xxl ⇒ tiny as small"][0] == got["tiny ⇒ tiny"][0] == 71.1
+    assert "models tiny as xxl ⇒ tiny as small (paper: xxl ⇒ small)" in got["tiny as xxl ⇒ tiny as small"][1]
+    assert "models tiny ⇒ tiny (paper: xxl ⇒ small)" in got["tiny ⇒ tiny"][1]
 
 
 def test_rows_of_different_configs_in_one_cell_are_flagged(tmp_path):
@@ -99,7 +103,7 @@ def test_rows_of_different_configs_in_one_cell_are_flagged(tmp_path):
             dict(row("wlp", "annotate", 100, 30.0, 0, 99.0), cell_key="other")]
     write_rows(tmp_path, rows)
     md = report.write_report(tmp_path).read_text()
-    assert "| 35.0 ± 7.1 | 2 |" in md and "1 row(s) repeat a seed: results of different configs are averaged" in md
+    assert "| 35.0 ± 7.1 [30.0, 40.0] | 2 |" in md and "1 row(s) repeat a seed: results of different configs are averaged" in md
 
 
 def test_a_sweeps_report_says_how_many_cells_have_a_result(tmp_path):

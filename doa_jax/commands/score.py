@@ -1,4 +1,5 @@
-"""`doa score --task TASK --predictions P.jsonl --references R.jsonl`: the task's metrics as JSON."""
+"""`doa score --task TASK --predictions P.jsonl --references R.jsonl [--protocol paper]`: the task's metrics
+as JSON (`paper`: scored as the released code scores them)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,9 @@ def register(subparsers) -> None:
     parser.add_argument("--scorer-model", default=os.environ.get("DOA_BERTSCORE_MODEL"),
                         help="BERTScore model folder for BERT-iBLEU (deberta-xlarge-mnli in the paper); "
                         "default $DOA_BERTSCORE_MODEL")
+    parser.add_argument("--protocol", default="efficient", choices=("efficient", "paper"),
+                        help="'paper': score as the released code does (an out-of-label output counts as the "
+                        "card's paper_invalid_label; WLP's f1 is the released parse); default 'efficient'")
     parser.add_argument("--num-layers", type=int, help="BERTScore hidden layer (default: 40 for "
                         "deberta-xlarge-mnli, else the last)")
     parser.set_defaults(func=run)
@@ -37,7 +41,8 @@ def run(args) -> int:
         predictions,
         [r["target"] for r in references],
         sources=[r["source"] for r in references],
+        protocol=args.protocol,
         **options,
     )
-    print(json.dumps({"task": card.name, **result}, indent=2))
+    print(json.dumps({"task": card.name, "protocol": args.protocol, **result}, indent=2))
     return 0

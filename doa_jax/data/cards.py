@@ -61,15 +61,18 @@ class Card:
     carve_from: str | None
     pool_fractions: Mapping[str, float]
     pool_seed: int
+    paper_invalid_label: str | None = None   # the label the released code gives out-of-label outputs (id 0)
 
     @property
     def is_classification(self) -> bool:
         return bool(self.labels)
 
-    def score(self, predictions, references, *, sources=None, **options) -> dict:
-        """This task's metric on predictions vs references, in percent (see `doa_jax.metrics`)."""
+    def score(self, predictions, references, *, sources=None, protocol: str = "efficient", **options) -> dict:
+        """This task's metric on predictions vs references, in percent (see `doa_jax.metrics`);
+        `protocol='paper'` scores as the released code does."""
         return metrics.compute(self.metric, predictions, references, labels=self.labels,
-                               entity_types=self.entity_types, sources=sources, **options)
+                               entity_types=self.entity_types, sources=sources, protocol=protocol,
+                               invalid_label=self.paper_invalid_label, **options)
 
     def data_dir(self, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
         """The folder holding this task's files (see the module docstring for the search order)."""
@@ -169,6 +172,7 @@ def parse_card(raw: Mapping[str, Any], path: pathlib.Path) -> Card:
         entity_types=entity_types,
         **data,
         **pools,
+        paper_invalid_label=_paper_invalid_label(raw, labels, where),
     )
 
 
@@ -218,6 +222,14 @@ def _parse_pools(raw: Mapping[str, Any], where: str, files: Mapping[str, str]) -
             )
     return dict(carve_from=carve_from if fractions else None, pool_fractions=fractions,
                 pool_seed=_get(pools, "seed", int, pwhere, 0))
+
+
+def _paper_invalid_label(raw: Mapping[str, Any], labels: tuple[str, ...], where: str) -> str | None:
+    """`paper_invalid_label`, which must be one of the card's labels (a classification card only)."""
+    value = _get(raw, "paper_invalid_label", str, where, None)
+    if value is not None and value not in labels:
+        raise CardError(f"{where}: paper_invalid_label {value!r} is not one of labels {list(labels)}")
+    return value
 
 
 def load_card(name_or_path: str | os.PathLike, cards_dir: str | os.PathLike | None = None) -> Card:

@@ -51,11 +51,12 @@ def from_store(outputs: TeacherOutputs, enc: np.ndarray, targets_length: int,
 
 
 def with_gold_rows(arrays: Mapping[str, np.ndarray], gold: dict[str, np.ndarray], teacher: Transformer, params: Any,
-                   topk: int) -> dict[str, np.ndarray]:
+                   topk: Optional[int]) -> dict[str, np.ndarray]:
     """Mixed strategy: gold rows join the pseudo-labeled rows, with the teacher's top-k logits on the
-    gold targets (teacher-forced), so `kd_weight` mixes KD and gold cross-entropy."""
+    gold targets (teacher-forced), so `kd_weight` mixes KD and gold cross-entropy. `topk=None`
+    (online soft targets, which replace these per batch) stores only the top-1."""
     values, ids = teacher_outputs.score_targets(teacher, params, gold["encoder_input_tokens"],
-                                                gold["decoder_target_tokens"], topk)
+                                                gold["decoder_target_tokens"], topk or 1)
     gold = dict(gold, teacher_topk_values=values, teacher_topk_ids=ids)
     return {k: np.concatenate([arrays[k], gold[k]]) for k in arrays}
 

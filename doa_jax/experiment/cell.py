@@ -237,7 +237,7 @@ def _row(cfg: CellConfig, setup: Optional[phases.TaskSetup], **fields: Any) -> r
         metric=setup.card.primary_metric if setup else None,
         compute_share=cfg.compute_share if cfg.kind.splits_budget else None,
         priced_as={"teacher": p.teacher_as, "student": p.student_as} if (p.teacher_as or p.student_as) else None,
-        accelerator=p.accelerator, mfu=p.mfu, **fields)
+        accelerator=p.accelerator, mfu=p.mfu, protocol=cfg.protocol, **fields)
 
 
 def size_name(c: T5Config) -> str:

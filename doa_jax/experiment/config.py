@@ -21,6 +21,56 @@ from doa_jax.model.config import config_for_size
 from doa_jax.trainer import TrainConfig
 
 SOFT_TARGETS = ("stored", "online")
+PROTOCOLS = ("efficient", "paper")
+PAPER_LEARNING_RATE = 3e-5
+PAPER_SCHEDULE = "constant * linear_to_zero"
+
+
+def _schedule_factors(schedule: Any) -> Optional[frozenset]:
+    return frozenset(f.strip() for f in schedule.split("*")) if isinstance(schedule, str) else None
+
+
+def paper_contradictions(cell: "CellConfig") -> list[str]:
+    """The settings of `cell` that the paper's protocol (the released run_t5.py under HF Trainer's
+    defaults) does not allow, each as 'SETTING=actual (paper: required)'; [] when none."""
+    opt, loss, d = cell.train.optimizer, cell.train.loss, cell.distill
+    checks = [
+        ("OPTIMIZER", opt.name, "adamw"),
+        ("LEARNING_RATE", opt.learning_rate, PAPER_LEARNING_RATE),
+        ("cell/OptimizerConfig.schedule",
+         opt.schedule if _schedule_factors(opt.schedule) != _schedule_factors(PAPER_SCHEDULE) else PAPER_SCHEDULE,
+         PAPER_SCHEDULE),
+        ("cell/OptimizerConfig.warmup_steps", opt.warmup_steps, 0),
+        ("cell/OptimizerConfig.grad_clip_norm", opt.grad_clip_norm, 1.0),
+        ("cell/OptimizerConfig.weight_decay", opt.weight_decay, 0.0),
+        ("cell/OptimizerConfig.(b1, b2, eps)", (opt.b1, opt.b2, opt.eps), (0.9, 0.999, 1e-8)),
+        ("cell/LossConfig.z_loss", loss.z_loss, 0.0),
+        ("cell/LossConfig.label_smoothing", loss.label_smoothing, 0.0),
+        ("cell/LossConfig.loss_normalizing_factor", loss.loss_normalizing_factor, "NUM_REAL_TARGET_TOKENS"),
+        ("KD_WEIGHT", loss.kd_weight, 1.0),
+        ("KD_TEMPERATURE", loss.kd_temperature, 2.0),
+        ("KD_PAPER_EXACT", loss.kd_paper_exact, True),
+        ("SOFT_TARGETS", d.soft_targets, "online"),
+        ("TOPK", d.topk, None),
+        ("TEACHER_NUM_BEAMS", d.teacher_num_beams, 1),
+        ("MIN_TEACHER_CONFIDENCE", d.min_teacher_confidence, 0.0),
+        ("ACTIVATION_DTYPE (teacher)", cell.teacher.dtype, "float32"),
+        ("ACTIVATION_DTYPE (student)", cell.student.dtype, "float32"),
+        ("teacher/T5Size.dropout_rate", cell.teacher.dropout_rate, 0.1),
+        ("student/T5Size.dropout_rate", cell.student.dropout_rate, 0.1),
+    ]
+    return [f"{name}={actual!r} (paper: {required!r})" for name, actual, required in checks if actual != required]
+
+
+def check_protocol(cell: "CellConfig") -> None:
+    """Unknown protocol, or `paper` with settings it contradicts: one error naming them."""
+    if cell.protocol not in PROTOCOLS:
+        raise ValueError(f"PROTOCOL must be one of {', '.join(PROTOCOLS)}, got {cell.protocol!r}")
+    if cell.protocol == "paper":
+        bad = paper_contradictions(cell)
+        if bad:
+            raise ValueError("PROTOCOL='paper' contradicts " + "; ".join(bad)
+                             + ". Include gin/protocols/paper.gin after runs/experiment.gin and override none of these")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +92,7 @@ class DistillConfig:
     """What the student learns from: the teacher's stored top-k logits or a forward per step."""
 
     soft_targets: str = "stored"        # stored top-k logits, or 'online' (teacher forward every step)
-    topk: int = 8
+    topk: Optional[int] = 8             # None: no stored top-k (online soft targets only)
     teacher_num_beams: int = 1
     min_teacher_confidence: float = 0.0  # drop pseudo-labels whose mean token probability is lower
     max_unlabeled: Optional[int] = None  # cap on the unlabeled pool
@@ -52,8 +102,15 @@ class DistillConfig:
             raise ValueError(f"SOFT_TARGETS must be one of {', '.join(SOFT_TARGETS)}, got {self.soft_targets!r}")
         if not 0.0 <= self.min_teacher_confidence < 1.0:
             raise ValueError(f"MIN_TEACHER_CONFIDENCE must be in [0, 1), got {self.min_teacher_confidence}")
-        if self.topk < 1 or self.teacher_num_beams < 1:
+        if self.topk is None and self.soft_targets == "stored":
+            raise ValueError("TOPK=None stores no soft targets: it needs SOFT_TARGETS='online'")
+        if (self.topk is not None and self.topk < 1) or self.teacher_num_beams < 1:
             raise ValueError(f"TOPK and TEACHER_NUM_BEAMS must be >= 1, got {self.topk}, {self.teacher_num_beams}")
+
+    @property
+    def stored_topk(self) -> int:
+        """k of the teacher store (1 when online targets need only the store's tokens)."""
+        return self.topk or 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +147,16 @@ class CellConfig:
     max_eval_examples: Optional[int] = None
     cache_dir: Optional[str] = None  # shared teacher runs and stores (default: OUTPUT_DIR/cache)
     demo_sizes: Optional[Mapping[str, int]] = None  # demo pools: labeled, unlabeled, test
+    protocol: str = "efficient"      # 'efficient' or 'paper' (gin/protocols/<name>.gin; see check_protocol)
     verbose: bool = True
 
     def __post_init__(self):
         strategies.get(self.strategy, "STRATEGY")
+        check_protocol(self)
+        if self.train.loss.kd_paper_exact and self.distill.soft_targets == "stored":
+            raise ValueError("KD_PAPER_EXACT=True needs SOFT_TARGETS='online': the released reduction counts "
+                             "every position of the padded batch, and the stored top-k has no teacher targets "
+                             "after EOS (the teacher's logits there are what the released code trains on)")
         if not isinstance(self.extra_budget_usd, (int, float)) or isinstance(self.extra_budget_usd, bool) \
                 or not math.isfinite(self.extra_budget_usd) or self.extra_budget_usd < 0:
             raise ValueError(f"EXTRA_BUDGET_USD must be a finite non-negative number, got {self.extra_budget_usd!r}")
@@ -118,6 +181,8 @@ class CellConfig:
             d.pop(k)
         for k in ("model_dir", "epochs", "log_every", "checkpoint_every", "verbose", "tensorboard"):
             d["train"].pop(k)
+        if d["protocol"] == "efficient":
+            d.pop("protocol")   # cells keyed before protocols existed keep their keys
         d["key_version"] = KEY_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

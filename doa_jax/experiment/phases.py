@@ -41,6 +41,13 @@ class TaskSetup:
     pools: Any
     vocab: Any
     lengths: dict[str, int]
+    protocol: str = "efficient"   # how outputs are decoded and scored (see `decode_length`)
+
+    @property
+    def decode_length(self) -> int:
+        """Most tokens a decode may produce: the targets length, or under the paper's protocol one
+        less (HF `generate(max_length=L)` counts the start token, so the released code gets L - 1)."""
+        return self.lengths["targets"] - 1 if self.protocol == "paper" else self.lengths["targets"]
 
 
 def say(cfg: CellConfig, text: str) -> None:
@@ -59,7 +66,11 @@ def load_task(cfg: CellConfig) -> TaskSetup:
         if cfg.vocab is None:
             raise ValueError(f"task {card.name} needs VOCABULARY: T5's spiece.model (or `doa vocab build`)")
         vocab = vocab_lib.load_vocab(cfg.vocab)
-    return TaskSetup(card, pools, vocab, dict(cfg.feature_lengths or card.feature_lengths))
+    lengths = dict(cfg.feature_lengths or card.feature_lengths)
+    if cfg.protocol == "paper" and lengths["targets"] < 2:
+        raise ValueError(f"PROTOCOL='paper' decodes targets length - 1 tokens; targets length {lengths['targets']} "
+                         "leaves none")
+    return TaskSetup(card, pools, vocab, lengths, cfg.protocol)
 
 
 def cache_dir(cfg: CellConfig) -> pathlib.Path:
@@ -124,10 +135,13 @@ def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: c
 
     Its record (steps, seconds, FLOPs) is charged to each cell that uses it. Returns (key, params).
     """
-    key = fingerprint({"teacher": cfg.teacher.to_dict(), "ckpt": cfg.teacher_checkpoint, "task": setup.card.name,
-                       "labels": len(labels), "epochs": cfg.epochs.teacher, "seed": cfg.seed,
-                       "lr": cfg.train.optimizer.learning_rate, "opt": cfg.train.optimizer.name,
-                       "batch": cfg.train.batch_size, "lengths": setup.lengths, "vocab": setup.vocab.spec()["sha256"]})
+    recipe = {"teacher": cfg.teacher.to_dict(), "ckpt": cfg.teacher_checkpoint, "task": setup.card.name,
+              "labels": len(labels), "epochs": cfg.epochs.teacher, "seed": cfg.seed,
+              "lr": cfg.train.optimizer.learning_rate, "opt": cfg.train.optimizer.name,
+              "batch": cfg.train.batch_size, "lengths": setup.lengths, "vocab": setup.vocab.spec()["sha256"]}
+    if cfg.protocol != "efficient":   # its schedule, clipping, dropout, ... (efficient keys stay as they were)
+        recipe["protocol"] = cfg.protocol
+    key = fingerprint(recipe)
     run_dir = cache_dir(cfg) / "teachers" / key
     record_path = run_dir / "record.json"
     step_flops, step_usd = step_cost(cfg, ledger, cfg.pricing_models()[0], setup.lengths)
@@ -156,7 +170,7 @@ def teacher_outputs(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teacher
     Returns (TeacherOutputs, encoded inputs)."""
     request = teacher_store.StoreRequest(
         teacher_key, [ex["source"] for ex in unlabeled], setup.card.input_prefix, setup.lengths["inputs"],
-        setup.lengths["targets"], num_beams=cfg.distill.teacher_num_beams, topk=cfg.distill.topk)
+        setup.decode_length, num_beams=cfg.distill.teacher_num_beams, topk=cfg.distill.stored_topk)
     root = cache_dir(cfg) / "stores"
     start = time.perf_counter()
     say(cfg, f"teacher outputs for {len(request.sources)} unlabeled inputs -> {root}")
@@ -179,7 +193,8 @@ def teacher_outputs(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teacher
 
 def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list, batch_size: int = 64,
              pricing: Optional[T5Config] = None) -> dict[str, Any]:
-    """Greedy decodes of the test examples scored by the card's metric (percent)."""
+    """Greedy decodes of the test examples scored by the card's metric (percent), under the setup's
+    protocol (`paper`: out-of-label outputs scored as the released code scores them)."""
     enc = encode_texts(setup.vocab, [ex["source"] for ex in examples], setup.lengths["inputs"], setup.card.input_prefix)
     preds = []
     for lo in range(0, len(enc), batch_size):
@@ -187,9 +202,10 @@ def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list,
         n = len(chunk)
         if n < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - n, chunk.shape[1]), np.int32)])
-        tokens = np.asarray(decoding.greedy(model_cfg, params, chunk, setup.lengths["targets"]).tokens)[:n]
+        tokens = np.asarray(decoding.greedy(model_cfg, params, chunk, setup.decode_length).tokens)[:n]
         preds += [setup.vocab.decode(t) for t in tokens]
-    result = setup.card.score(preds, [ex["target"] for ex in examples], sources=[ex["source"] for ex in examples])
+    result = setup.card.score(preds, [ex["target"] for ex in examples], sources=[ex["source"] for ex in examples],
+                              protocol=setup.protocol)
     return {"metrics": result, "predictions": preds, "flops": flops.forward_flops(
         pricing or model_cfg, len(examples), setup.lengths["inputs"], setup.lengths["targets"])}
 

@@ -6,7 +6,15 @@ mixed cell's compute share) and models, and summarised as mean ± std over seeds
 numbers come from `paper_results.csv` (data transcribed from the authors' poster) and are shown
 where a cell matches: its main results by extra budget (T5 v1.1 XXL ⇒ Small), its student- and
 teacher-size tables by total budget (starting labels' cost + extra). A cell run with stand-in
-models priced as other sizes (`priced_as`, e.g. the demo's) is compared as the sizes it stands for.
+models priced as other sizes (`priced_as`, e.g. the demo's) is matched to the paper's row for the
+sizes it stands for.
+
+A paper number stands beside a row as comparable only when everything that decides it matches
+(`comparability`): the paper's protocol (`protocol: paper`), metric, the models themselves (not
+stand-ins), start labels, budget, the paper's data (a card that carves its test split out of
+another file is not the paper's split) and the paper's cost profile (`cost_profile.name ==
+'paper'`; a row without one is priced at an assumed MFU, profile 'mfu'). Otherwise the number is
+shown marked "not comparable", with every reason.
 """
 from __future__ import annotations
 
@@ -18,7 +26,8 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Iterable, Optional
+import random
+from typing import Any, Callable, Iterable, Optional
 
 from doa_jax.data import cards, demo as demo_task
 from doa_jax.experiment import results as results_lib, strategies
@@ -100,6 +109,10 @@ class Cell:
     seeds: list[int] = dataclasses.field(default_factory=list)    # of the rows with a result
     accelerator: str = ""
     mfu: Optional[float] = None
+    protocol: str = "efficient"
+    cost_profile: str = "mfu"
+    outputs: list[str] = dataclasses.field(default_factory=list)   # cell dirs of the rows with a result
+    interval: Optional[tuple[float, float]] = None                 # 95% bootstrap interval (see `bootstrap`)
 
     @property
     def mean(self) -> float:
@@ -120,9 +133,6 @@ class Cell:
     def mean_measured(self) -> float:
         return sum(self.measured) / len(self.measured) if self.measured else math.nan
 
-    @property
-    def usd_per_point(self) -> float:
-        return self.mean_spent / self.mean if self.values and self.mean > 0 else math.nan
 
     @property
     def start_usd(self) -> Optional[float]:
@@ -165,7 +175,19 @@ def _group_key(r: dict[str, Any]) -> tuple:
     return (task_name(r["task"]), int(r.get("start_labels", 0)), float(r["extra_budget_usd"]), r["strategy"],
             model_name(r.get("student", "")), model_name(r.get("teacher", "")) if distills else "",
             float(r["compute_share"]) if kind.splits_budget and r.get("compute_share") is not None else None,
-            model_name(priced.get("student")), model_name(priced.get("teacher")) if distills else "")
+            model_name(priced.get("student")), model_name(priced.get("teacher")) if distills else "",
+            row_protocol(r), row_cost_profile(r))
+
+
+def row_protocol(r: dict[str, Any]) -> str:
+    """A row's protocol; rows written before protocols existed were 'efficient'."""
+    return r.get("protocol") or "efficient"
+
+
+def row_cost_profile(r: dict[str, Any]) -> str:
+    """A row's cost profile name; rows without one were priced at an assumed MFU ('mfu')."""
+    profile = r.get("cost_profile")
+    return (profile.get("name") if isinstance(profile, dict) else profile) or "mfu"
 
 
 def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
@@ -176,7 +198,7 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
     order = {s: i for i, s in enumerate(strategies.NAMES)}
     for key, members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], order.get(kv[0][3], 9),
                                                                kv[0][4:6], kv[0][6] or 0.0, kv[0][7:])):
-        task, start, extra, strategy, student, teacher, share, p_student, p_teacher = key
+        task, start, extra, strategy, student, teacher, share, p_student, p_teacher, protocol, profile = key
         ok = [m for m in members if m.get("status", "ok") != "infeasible" and m.get("value") is not None]
         phases = {p: (sum((m.get("spent_usd") or {}).get(p, 0.0) for m in ok) / len(ok) if ok else 0.0)
                   for p in PHASES}
@@ -190,20 +212,84 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
                           capped=sum(m.get("status") == "capped" for m in ok), runs=len(members),
                           seeds=[m.get("seed", 0) for m in ok],
                           accelerator=next((m.get("accelerator", "") for m in members if m.get("accelerator")), ""),
-                          mfu=next((m.get("mfu") for m in members if m.get("mfu") is not None), None)))
+                          mfu=next((m.get("mfu") for m in members if m.get("mfu") is not None), None),
+                          protocol=protocol, cost_profile=profile,
+                          outputs=[m.get("output") or "" for m in ok]))
     return cells
+
+
+BOOTSTRAP_RESAMPLES = 500
+
+
+def _example_scores(cell: Cell) -> Optional[list[Callable[[list[int]], float]]]:
+    """Per seed, a function scoring a resample (example indices) of its test predictions, or None when
+    a row's `predictions.jsonl` lacks references (cells written before they kept them)."""
+    try:
+        card = demo_task.card() if cell.task == demo_task.NAME else cards.load_card(cell.task)
+    except (FileNotFoundError, ValueError):
+        return None
+    scorers = []
+    for out in cell.outputs:
+        path = pathlib.Path(out) / "predictions.jsonl"
+        if not out or not path.exists():
+            return None
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows or any("target" not in r for r in rows):
+            return None
+
+        def score(idx, rows=rows):
+            picked = [rows[i] for i in idx]
+            result = card.score([r["prediction"] for r in picked], [r["target"] for r in picked],
+                                sources=[r.get("source", "") for r in picked], protocol=cell.protocol)
+            return float(result[card.primary_metric] or 0.0)
+        scorers.append((score, len(rows)))
+    return scorers
+
+
+def bootstrap(cell: Cell, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Optional[tuple[float, float]]:
+    """95% percentile interval of the cell's mean metric: seeds resampled when there are several, and
+    each seed's test examples resampled when its predictions keep their references; None with one
+    seed and no per-example predictions (nothing to resample)."""
+    rng = random.Random(seed)
+    scorers = _example_scores(cell) if cell.values else None
+    if not cell.values or (len(cell.values) < 2 and not scorers):
+        return None
+    means = []
+    for _ in range(resamples):
+        seeds = [rng.randrange(len(cell.values)) for _ in cell.values]
+        if scorers:
+            vals = [scorers[i][0]([rng.randrange(scorers[i][1]) for _ in range(scorers[i][1])]) for i in seeds]
+        else:
+            vals = [cell.values[i] for i in seeds]
+        means.append(sum(vals) / len(vals))
+    means.sort()
+    return means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
+
+
+def distinguishable(a: Cell, b: Cell) -> Optional[bool]:
+    """Whether two cells' 95% bootstrap intervals are disjoint (None when either has none)."""
+    if a.interval is None or b.interval is None:
+        return None
+    return a.interval[1] < b.interval[0] or b.interval[1] < a.interval[0]
 
 
 def paper_match(paper: list[dict], cell: Cell) -> Optional[dict]:
     """The paper's row for a cell: its main results (T5 v1.1 XXL ⇒ Small) by extra budget, else its
-    student- or teacher-size tables by total budget (start labels' cost + extra)."""
+    student- or teacher-size tables by total budget (start labels' cost + extra). Stand-in models
+    match the sizes they are priced as; main results also match other models (not comparable)."""
     if not cell.kind.in_paper:
         return None
-    student, teacher = cell.as_student, cell.as_teacher
+    return (_paper_row(paper, cell, cell.as_student, cell.as_teacher)
+            or _paper_row(paper, cell, PAPER_STUDENT, PAPER_TEACHER if cell.kind.uses_teacher else "", main_only=True))
+
+
+def _paper_row(paper: list[dict], cell: Cell, student: str, teacher: str, main_only: bool = False) -> Optional[dict]:
     start_usd = cell.start_usd
     for p in paper:
         if not (p["task"] == cell.task and p["start_labels"] == cell.start_labels and p["strategy"] == cell.strategy
                 and p["student"] == student and (p["teacher"] or "") == teacher):
+            continue
+        if main_only and p["table"] != "main":
             continue
         if p["table"] == "main" and p["extra_budget_usd"] == cell.extra_budget_usd:
             return p
@@ -214,9 +300,58 @@ def paper_match(paper: list[dict], cell: Cell) -> Optional[dict]:
 
 
 def paper_value(paper: list[dict], cell: Cell) -> Optional[float]:
-    """The paper's number for a cell, if it has one (see `paper_match`)."""
+    """The paper's number for a cell, if it has one (see `paper_match`; comparable or not)."""
     match = paper_match(paper, cell)
     return None if match is None else match["value"]
+
+
+# The paper's metric name -> the row metrics it is (the paper's "F1" of Stanceosaurus is read as
+# macro F1, the card's primary metric; its poster does not say macro or micro).
+PAPER_METRICS = {"f1": ("f1", "macro_f1"), "accuracy": ("accuracy",), "bert_ibleu": ("bert_ibleu",)}
+
+
+def data_reason(task: str) -> Optional[str]:
+    """Why a task's splits are not the paper's, or None: a test split carved out of another file."""
+    try:
+        card = cards.load_card(task)
+    except (FileNotFoundError, ValueError):
+        return f"no task card {task!r} to check its data"
+    if "test" in card.pool_fractions:
+        return (f"data: test, train and unlabeled carved from {card.files[card.carve_from]} (the paper's training "
+                f"file and unlabeled pool for {card.name} are not released)")
+    return None
+
+
+def comparability(cell: Cell, match: dict) -> list[str]:
+    """Why the paper's number `match` is not comparable with `cell` ([] when it is)."""
+    reasons = []
+    if cell.protocol != "paper":
+        reasons.append(f"protocol {cell.protocol} (paper: the released code's; run with protocols/paper.gin)")
+    if cell.metric not in PAPER_METRICS.get(match["metric"], (match["metric"],)):
+        reasons.append(f"metric {cell.metric} (paper: {match['metric']})")
+    teacher = cell.teacher if cell.kind.uses_teacher else ""
+    if (cell.student, teacher) != (match["student"], match["teacher"] or ""):
+        paper_models = " ⇒ ".join(m.replace("t5_1_1_", "") for m in (match["teacher"], match["student"]) if m)
+        reasons.append(f"models {cell.models} (paper: {paper_models})")
+    data = data_reason(cell.task)
+    if data:
+        reasons.append(data)
+    if cell.cost_profile != "paper":
+        reasons.append(f"cost profile {cell.cost_profile} (paper: the paper's own)")
+    return reasons
+
+
+def paper_comparison(paper: list[dict], cell: Cell) -> tuple[Optional[float], list[str]]:
+    """(the paper's number or None, reasons it is not comparable: [] = comparable)."""
+    match = paper_match(paper, cell)
+    return (None, []) if match is None else (match["value"], comparability(cell, match))
+
+
+def _paper_cell(paper: list[dict], cell: Cell) -> str:
+    value, reasons = paper_comparison(paper, cell)
+    if value is None:
+        return ""
+    return f"{value:.1f}" if not reasons else f"{value:.1f} (not comparable)"
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -232,7 +367,8 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, floa
 def _fmt(cell: Cell) -> str:
     if not cell.values:
         return "infeasible"
-    return f"{cell.mean:.1f} ± {cell.std:.1f}" if len(cell.values) > 1 else f"{cell.mean:.1f}"
+    text = f"{cell.mean:.1f} ± {cell.std:.1f}" if len(cell.values) > 1 else f"{cell.mean:.1f}"
+    return text + (f" [{cell.interval[0]:.1f}, {cell.interval[1]:.1f}]" if cell.interval else "")
 
 
 def _money(x: Optional[float]) -> str:
@@ -271,6 +407,7 @@ def winners(cells: list[Cell], paper: list[dict]) -> list[dict[str, Any]]:
         row = {"task": task, "start_labels": start, "extra_budget_usd": extra, "mine": None, "paper": None}
         if ann.values and dist.values:
             row["mine"] = dist.mean - ann.mean
+            row["distinguishable"] = distinguishable(ann, dist)
         pa, pd = paper_value(paper, ann), paper_value(paper, dist)
         if pa is not None and pd is not None:
             row["paper"] = pd - pa
@@ -296,31 +433,39 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
                 ""]
     accs = sorted({(c.accelerator, c.mfu) for c in cells if c.accelerator})
     priced = ", ".join(f"{a} at {m:.0%} MFU" if m else a for a, m in accs)
-    out += ["Mean ± std over seeds (n = seeds with a result). `extra $` is the budget on top of the starting "
+    out += ["Mean ± std over seeds (n = seeds with a result), then [a 95% bootstrap interval] of the mean: "
+            f"{BOOTSTRAP_RESAMPLES} resamples of the seeds and, where a cell's predictions.jsonl keeps references, "
+            "of its test examples (none: one seed and no per-example predictions). `extra $` is the budget on top of the starting "
             "labels; `spent $` is what the run spent of it (labels bought + teacher fine-tuning + teacher "
             "inference + student training, compute projected from FLOPs onto "
             f"{priced or 'the rate card of the run'}); `total $` adds the starting labels' cost. `paper` is "
             "the published PyTorch result (Kang, Xu, Ritter, ACL 2023; HF T5 v1.1, A100 at $1.875/GPU-hour) "
             "for the same task, starting labels, budget, strategy and models, where one exists; models "
-            "written `A as B` are stand-ins priced, and compared, as B.", ""]
+            "written `A as B` are stand-ins priced as B. A paper number is comparable only when protocol, "
+            "metric, models, start labels, budget, data and cost profile all match; otherwise it is marked "
+            "`(not comparable)` and the section *Comparison with the paper* says why. `marginal $ / point`: "
+            "the extra $ spent over the next smaller budget of the same arm, per metric point gained there "
+            "(is the next budget step worth it?).", ""]
     out += ["## Results", "",
-            "| task | start labels | extra $ | strategy | metric | value | n | paper | spent $ | total $ | "
-            "$ / point | models | notes |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| task | start labels | extra $ | strategy | protocol | metric | value | n | paper | spent $ | total $ | "
+            "marginal $ / point | models | notes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    marginal = marginal_usd_per_point(cells)
     for c in cells:
-        pv = paper_value(paper, c)
         total = None if c.start_usd is None or not c.values else c.start_usd + c.mean_spent
-        out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.metric} | {_fmt(c)} | "
-                   f"{len(c.values)} | {'' if pv is None else f'{pv:.1f}'} | "
+        out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.protocol} | {c.metric} | "
+                   f"{_fmt(c)} | {len(c.values)} | {_paper_cell(paper, c)} | "
                    f"{_money(c.mean_spent) if c.values else ''} | {_money(total)} | "
-                   f"{'' if math.isnan(c.usd_per_point) else f'{c.usd_per_point:.3f}'} | {c.models} | {_notes(c)} |")
+                   f"{marginal.get(id(c), '')} | {c.models} | {_notes(c)} |")
+    out += _comparison_section(cells, paper)
     wins = winners(cells, paper)
     if wins:
         out += ["", "## Ann. vs Dist.", "",
                 "The paper's question per budget: which arm gives the better metric, and by how many points.", "",
                 "| task | start labels | extra $ | this run | paper |", "|---|---|---|---|---|"]
-        out += [f"| {w['task']} | {w['start_labels']} | {w['extra_budget_usd']:g} | {_winner(w['mine']) or 'n/a'} | "
-                f"{_winner(w['paper'])} |" for w in wins]
+        out += [f"| {w['task']} | {w['start_labels']} | {w['extra_budget_usd']:g} | {_winner(w['mine']) or 'n/a'}"
+                + (" (not distinguishable: 95% intervals overlap)" if w.get("distinguishable") is False else "")
+                + f" | {_winner(w['paper'])} |" for w in wins]
     out += ["", "## Cost breakdown by phase (mean $ per run)", "",
             "Projected $ per phase (what the budget is charged; evaluation is reported but not charged), "
             "and `measured $`: this machine's accelerator-seconds × its own rate card.", "",
@@ -339,6 +484,40 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+def marginal_usd_per_point(cells: list[Cell]) -> dict[int, str]:
+    """Per cell (by id), what its extra points cost over the next smaller budget of the same task,
+    start, strategy, models and protocol: (Δ spent $) / (Δ metric). It answers "is the next budget
+    step worth it?", which spent $ over the absolute metric (the old "$ / point") did not."""
+    groups: dict[tuple, list[Cell]] = collections.defaultdict(list)
+    for c in cells:
+        if c.values:
+            groups[(c.task, c.start_labels, c.strategy, c.compute_share, c.models, c.protocol, c.cost_profile)].append(c)
+    out = {}
+    for members in groups.values():
+        members.sort(key=lambda c: c.extra_budget_usd)
+        for prev, cur in zip(members, members[1:]):
+            gain = cur.mean - prev.mean
+            out[id(cur)] = (f"{(cur.mean_spent - prev.mean_spent) / gain:,.2f}" if gain > 0
+                            else f"no gain ({gain:+.1f})")
+    return out
+
+
+def _comparison_section(cells: list[Cell], paper: list[dict]) -> list[str]:
+    """One line per row that has a paper number: comparable, or not and why."""
+    lines = []
+    for c in cells:
+        value, reasons = paper_comparison(paper, c)
+        if value is not None:
+            verdict = "comparable" if not reasons else "not comparable: " + "; ".join(reasons)
+            lines.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.protocol} | "
+                         f"{value:.1f} | {verdict} |")
+    if not lines:
+        return []
+    return ["", "## Comparison with the paper", "",
+            "| task | start labels | extra $ | strategy | protocol | paper | comparable? |",
+            "|---|---|---|---|---|---|---|"] + lines
 
 
 # ----------------------------------------------------------------------------- plots
@@ -418,7 +597,8 @@ def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"${x:,.0f}"))
     ax.set_xlabel("total cost (USD): starting labels + extra spent" if with_start else "extra spent (USD)")
     ax.set_ylabel(metric_label(mine[0].metric if mine else ""))
-    ax.set_title(f"{task}: {METRIC_LABELS.get(mine[0].metric, mine[0].metric) if mine else 'metric'} vs cost")
+    ax.set_title(f"{task}: {METRIC_LABELS.get(mine[0].metric, mine[0].metric) if mine else 'metric'} vs cost"
+                 + (f" (protocol {mine[0].protocol})" if mine else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", ncol=2, framealpha=0.9)
     fig.tight_layout()
@@ -468,8 +648,11 @@ def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: path
     axes[0][0].set_ylim(0, top * 1.2)
     metric = next((c.metric for c in mine if c.metric), "")
     axes[0][0].set_ylabel(metric_label(metric))
-    fig.suptitle(f"{task}: {METRIC_LABELS.get(metric, metric or 'metric')} per extra budget"
-                 + (", this run and the paper" if with_paper else " (the paper has no result for these cells)"))
+    protocol = next((c.protocol for c in mine), "efficient")
+    # Two short lines, so a narrow (one-panel) figure does not clip the title at its edges.
+    fig.suptitle(f"{task}: {METRIC_LABELS.get(metric, metric or 'metric')} per extra budget (protocol {protocol})\n"
+                 + ("this run and the paper" if with_paper else "the paper has no result for these cells"),
+                 fontsize=11)
     ordered = [handles[k] for k in series if k in handles]
     fig.legend([h for h, _ in ordered], [lbl for _, lbl in ordered], loc="lower center", ncol=min(len(ordered), 5),
                fontsize=8, frameon=False)
@@ -498,14 +681,20 @@ def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike
     if not rows:
         raise ValueError(f"{results or run_dir / results_lib.RESULTS_FILE} has no result rows")
     cells, paper = summarise(rows), read_paper_results()
+    for c in cells:
+        c.interval = bootstrap(c)
     plot_dir = run_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots = []
     for task in sorted({c.task for c in cells if c.values}):
-        for name, draw in ((f"{task}_cost_vs_metric.png", lambda p: plot_cost_vs_metric(cells, task, p, paper)),
-                           (f"{task}_budget_bars.png", lambda p: plot_budget_bars(cells, paper, task, p))):
-            draw(plot_dir / name)
-            plots.append(f"plots/{name}")
+        protocols = sorted({c.protocol for c in cells if c.task == task})
+        for protocol in protocols:   # one figure per protocol: its cells are not the other's
+            mine = [c for c in cells if c.protocol == protocol]
+            stem = task if len(protocols) == 1 else f"{task}_{protocol}"
+            for name, draw in ((f"{stem}_cost_vs_metric.png", lambda p: plot_cost_vs_metric(mine, task, p, paper)),
+                               (f"{stem}_budget_bars.png", lambda p: plot_budget_bars(mine, paper, task, p))):
+                draw(plot_dir / name)
+                plots.append(f"plots/{name}")
     report = run_dir / "report.md"
     report.write_text(render_markdown(cells, paper, plots, sweep_progress(run_dir, rows)))
     return report

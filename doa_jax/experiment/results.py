@@ -57,6 +57,7 @@ class ResultRow:
     output: Optional[str] = None
     wall_seconds: Optional[float] = None
     student_trained_by: Optional[str] = None   # another cell with the same plan trained this student
+    protocol: Optional[str] = None   # 'efficient' | 'paper' (rows written before protocols: None = efficient)
     key_version: int = KEY_VERSION
 
     def to_json(self) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""`doa score --protocol paper` scores real data as the released code (run_t5.py) does.
+
+Each case takes the first lines of the paper's file in ../shared, writes predictions with about 10%
+outside the label set, and checks the numbers derived by hand from the released `postprocess_text`:
+`pred.strip().upper()` if it names a label, else label id 0 (FEVER REFUTES, MultiPIT_Id NO,
+Stanceosaurus IRRELEVANT); scikit-learn accuracy / F1 over the ids.
+"""
+import json
+
+import pytest
+
+from doa_jax import cli, metrics
+from doa_jax.data import cards
+
+
+@pytest.fixture
+def score(monkeypatch, capsys):
+    """`doa score` in-process on the first len(predictions) lines of a real file; (code, JSON, stderr)."""
+    monkeypatch.setattr(cli, "COMMANDS", {k: v for k, v in cli.COMMANDS.items() if k == "score"})
+
+    def run(tmp_path, task, data_file, predictions, *extra):
+        lines = data_file.read_text().splitlines()[: len(predictions)]
+        (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+        (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prediction": p}) + "\n" for p in predictions))
+        code = cli.main(["score", "--task", task, "--predictions", str(tmp_path / "p.jsonl"),
+                         "--references", str(tmp_path / "r.jsonl"), *extra])
+        out = capsys.readouterr()
+        return code, (json.loads(out.out) if code == 0 else None), out.err
+
+    return run
+
+
+def _golds(data_file, n):
+    return [json.loads(line)["target"] for line in data_file.read_text().splitlines()[:n]]
+
+
+def test_fever_invalid_output_counts_as_refutes(score, doa_data, tmp_path):
+    data = doa_data / "fever" / "fever_dev_all.jsonl"
+    assert _golds(data, 10) == ["SUPPORTS", "REFUTES", "REFUTES", "SUPPORTS", "SUPPORTS", "REFUTES", "REFUTES",
+                                "SUPPORTS", "SUPPORTS", "SUPPORTS"]
+    # 0: valid after strip/upper; 1: invalid, gold REFUTES (right under the released code);
+    # 3: a wrong valid label. Efficient: 8/10 right. Paper: 9/10.
+    preds = [" supports ", "it is refuted", "REFUTES", "REFUTES", "SUPPORTS", "REFUTES", "REFUTES", "SUPPORTS",
+             "SUPPORTS", "SUPPORTS"]
+    code, eff, _ = score(tmp_path, "fever", data, preds)
+    assert code == 0 and eff["accuracy"] == pytest.approx(80.0) and eff["invalid_predictions"] == 1
+    code, paper, _ = score(tmp_path, "fever", data, preds, "--protocol", "paper")
+    assert code == 0 and paper["protocol"] == "paper"
+    assert paper["accuracy"] == pytest.approx(90.0) and paper["invalid_predictions"] == 1
+    assert set(paper) == set(eff)  # the same keys under both protocols
+
+
+def test_multipit_id_invalid_output_counts_as_no(score, doa_data, tmp_path):
+    data = doa_data / "multipit_id" / "multipit_id_test_all.jsonl"
+    assert _golds(data, 20) == ["YES"] * 17 + ["NO", "YES", "YES"]
+    preds = ["YES"] * 20
+    preds[17] = ""        # invalid, gold NO: right under the released code
+    preds[2] = "maybe"    # invalid, gold YES: wrong either way
+    preds[5] = "NO"       # valid, wrong
+    code, eff, _ = score(tmp_path, "multipit_id", data, preds)
+    assert eff["accuracy"] == pytest.approx(85.0) and eff["invalid_predictions"] == 2
+    code, paper, _ = score(tmp_path, "multipit_id", data, preds, "--protocol", "paper")
+    assert code == 0 and paper["accuracy"] == pytest.approx(90.0)
+
+
+def test_stanceosaurus_invalid_output_counts_as_irrelevant(score, doa_data, tmp_path):
+    data = doa_data / "stanceosaurus" / "stanceosaurus_test_all.jsonl"
+    golds = ["Discussing", "Supporting", "Discussing", "Supporting", "Refuting", "Discussing", "Refuting",
+             "Discussing", "Discussing", "Supporting", "Irrelevant"]
+    assert _golds(data, 11) == golds
+    preds = list(golds)
+    preds[4] = "Supporting"   # gold Refuting
+    preds[10] = "off-topic"   # invalid, gold Irrelevant
+    # Efficient (invalid = a miss, no false positive): D 5/0/0 -> 1; S tp3 fp1 -> 6/7; R tp1 fn1 -> 2/3;
+    # I tp0 -> 0. Macro (1 + 6/7 + 2/3 + 0) / 4; micro 2*9 / (18 + 1 + 2) = 18/21.
+    code, eff, _ = score(tmp_path, "stanceosaurus", data, preds)
+    assert eff["macro_f1"] == pytest.approx(100 * (1 + 6 / 7 + 2 / 3 + 0) / 4)
+    assert eff["micro_f1"] == pytest.approx(100 * 18 / 21)
+    # Paper: the invalid output is IRRELEVANT (right here): I -> 1; macro (1 + 6/7 + 2/3 + 1) / 4;
+    # micro F1 over single labels = accuracy 10/11.
+    code, paper, _ = score(tmp_path, "stanceosaurus", data, preds, "--protocol", "paper")
+    assert paper["macro_f1"] == pytest.approx(100 * (1 + 6 / 7 + 2 / 3 + 1) / 4)
+    assert paper["micro_f1"] == pytest.approx(100 * 10 / 11)
+    assert paper["accuracy"] == pytest.approx(100 * 10 / 11)
+
+
+def test_wlp_paper_f1_of_a_model_that_predicts_nothing_is_the_share_of_amount_keys(score, doa_data, tmp_path):
+    """The released parse keys entities by their words minus the last; a gold key the prediction
+    lacks gets AMOUNT (id 0), so an empty output is right on every gold AMOUNT key. First three test
+    sentences, keys by hand:
+      1: '' (4 tags, last Reagent) REAGENT, 'stock' REAGENT, '0.5' CONCENTRATION, 'MilliQ' REAGENT
+      2: '' REAGENT, '50' AMOUNT (twice, one key), '4' CONCENTRATION, '0.5' CONCENTRATION
+      3: '' MEASURE-TYPE, '500' AMOUNT, 'MilliQ' REAGENT
+    11 gold keys, 2 AMOUNT: 2/11 right. This is why paper_f1 is not 0 for an empty model; kept."""
+    data = doa_data / "wlp" / "wlp_test_all.jsonl"
+    code, paper, _ = score(tmp_path, "wlp", data, ["", "", ""], "--protocol", "paper")
+    assert code == 0
+    assert paper["f1"] == pytest.approx(100 * 2 / 11) and paper["paper_f1"] == pytest.approx(100 * 2 / 11)
+    assert paper["span_f1"] == 0.0
+    code, eff, _ = score(tmp_path, "wlp", data, ["", "", ""])
+    assert eff["f1"] == 0.0 and eff["paper_f1"] == pytest.approx(100 * 2 / 11)
+
+
+def test_wlp_paper_f1_with_one_right_and_one_spurious_entity(score, doa_data, tmp_path):
+    data = doa_data / "wlp" / "wlp_test_all.jsonl"
+    # Sentence 1 predicted exactly (4 keys right); 2 empty (AMOUNT on '50': 1 of 4 right); 3 with a
+    # spurious entity only (costs nothing in the released parse; AMOUNT on '500': 1 of 3). 6/11.
+    first = data.read_text().splitlines()[0]
+    preds = [json.loads(first)["target"], "", "foo bar [Device]"]
+    code, paper, _ = score(tmp_path, "wlp", data, preds, "--protocol", "paper")
+    assert paper["f1"] == pytest.approx(100 * 6 / 11)
+
+
+def test_unknown_protocol_is_one_clear_error(score, doa_data, tmp_path, capsys):
+    data = doa_data / "fever" / "fever_dev_all.jsonl"
+    with pytest.raises(SystemExit) as e:
+        score(tmp_path, "fever", data, ["SUPPORTS"], "--protocol", "exact")
+    assert e.value.code == 2
+    assert "invalid choice: 'exact'" in capsys.readouterr().err
+
+
+def test_metrics_compute_rejects_an_unknown_protocol():
+    with pytest.raises(ValueError, match="unknown protocol 'exact'; protocols: efficient, paper"):
+        metrics.compute("accuracy", ["YES"], ["YES"], labels=["YES", "NO"], protocol="exact")
+
+
+def test_paper_protocol_without_the_cards_invalid_label_is_a_clear_error():
+    with pytest.raises(ValueError, match="paper_invalid_label"):
+        metrics.compute("accuracy", ["maybe"], ["YES"], labels=["YES", "NO"], protocol="paper")
+
+
+def test_card_invalid_label_must_be_one_of_its_labels(tmp_path):
+    text = cards.load_card("fever").path.read_text().replace('paper_invalid_label = "REFUTES"',
+                                                             'paper_invalid_label = "FALSE"')
+    (tmp_path / "fever.toml").write_text(text)
+    with pytest.raises(cards.CardError, match=r"fever.toml: paper_invalid_label 'FALSE' is not one of labels"):
+        cards.load_card(tmp_path / "fever.toml")
+
+
+@pytest.mark.parametrize("task,label", [("fever", "REFUTES"), ("multipit_id", "NO"),
+                                        ("stanceosaurus", "Irrelevant")])
+def test_cards_carry_the_released_codes_label_id_0(task, label):
+    assert cards.load_card(task).paper_invalid_label == label

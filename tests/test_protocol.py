@@ -1,0 +1,102 @@
+"""PROTOCOL: `doa run` under 'efficient' (default) and 'paper' (gin/protocols/paper.gin), the checks a
+paper cell makes before any compute, and a report over both saying which rows compare with the paper."""
+import json
+
+import pytest
+
+from data_helpers import task_vocab
+from doa_jax import cli
+from doa_jax.data.demo import model_vocab_size
+from doa_jax.experiment import report
+
+REQUIRED = ["--gin.TASK='wlp'", "--gin.START_LABELS=16", "--gin.EXTRA_BUDGET_USD=5.0", "--gin.STRATEGY='distill'",
+            "--gin.VOCABULARY=None"]
+
+
+@pytest.fixture
+def doa(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", {k: v for k, v in cli.COMMANDS.items() if k in ("run", "report")})
+
+    def run(*args):
+        code = cli.main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def _paper_run(doa, tmp_path, *flags):
+    return doa("run", "--gin_file", "runs/experiment.gin", "--gin_file", "protocols/paper.gin",
+               f"--gin.OUTPUT_DIR='{tmp_path}'", *REQUIRED, *flags)
+
+
+def test_unknown_protocol_is_one_clear_error(doa, tmp_path):
+    code, _, err = doa("run", "--gin_file", "runs/experiment.gin", f"--gin.OUTPUT_DIR='{tmp_path}'", *REQUIRED,
+                       "--gin.PROTOCOL='exact'")
+    assert code == 2 and "PROTOCOL must be one of efficient, paper, got 'exact'" in err
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("flag,named", [
+    ("--gin.TOPK=8", "TOPK=8 (paper: None)"),
+    ("--gin.SOFT_TARGETS='stored' --gin.TOPK=8", "SOFT_TARGETS='stored' (paper: 'online'); TOPK=8 (paper: None)"),
+    ("--gin.cell/OptimizerConfig.schedule='constant'",
+     "cell/OptimizerConfig.schedule='constant' (paper: 'constant * linear_to_zero')"),
+    ("--gin.ACTIVATION_DTYPE='bfloat16'", "ACTIVATION_DTYPE (teacher)='bfloat16' (paper: 'float32')"),
+    ("--gin.student/T5Size.dropout_rate=0.0", "student/T5Size.dropout_rate=0.0 (paper: 0.1)"),
+])
+def test_paper_protocol_with_a_setting_it_contradicts_names_the_setting(doa, tmp_path, flag, named):
+    code, _, err = _paper_run(doa, tmp_path, *flag.split())
+    first = err.splitlines()[0]   # (gin adds the configurable's name on a second line)
+    assert code == 2 and first.startswith("doa run: error: CellConfig: PROTOCOL='paper' contradicts") and named in first
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_released_reduction_with_stored_topk_is_refused_under_either_protocol(doa, tmp_path):
+    code, _, err = doa("run", "--gin_file", "runs/experiment.gin", f"--gin.OUTPUT_DIR='{tmp_path}'", *REQUIRED,
+                       "--gin.KD_PAPER_EXACT=True")
+    assert code == 2 and "KD_PAPER_EXACT=True needs SOFT_TARGETS='online'" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_gin(doa_data, tmp_path_factory):
+    """Tiny teacher and student on real WLP: a gin file of model and run settings."""
+    vocab = task_vocab(str(doa_data), vocab_size=2000)
+    v = model_vocab_size(vocab)
+    path = tmp_path_factory.mktemp("gin") / "tiny.gin"
+    models = "".join(f"{role}/T5Size.{k} = {val}\n" for role in ("teacher", "student") for k, val in
+                     dict(vocab_size=v, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
+                          num_decoder_layers=1).items())
+    path.write_text(models + f"VOCABULARY = '{vocab.path}'\nTASK = 'wlp'\nSTART_LABELS = 16\n"
+                    "EXTRA_BUDGET_USD = 5.0\nSTRATEGY = 'distill'\nTEACHER_SIZE = 'tiny'\nSTUDENT_SIZE = 'tiny'\n"
+                    "BATCH_SIZE = 8\nTEACHER_EPOCHS = 1\nDISTILL_EPOCHS = 1\nMAX_UNLABELED = 16\n"
+                    "MAX_EVAL_EXAMPLES = 8\nFEATURE_LENGTHS = {'inputs': 32, 'targets': 32}\n")
+    return path
+
+
+@pytest.mark.slow   # two distill cells with teacher fine-tune, store, student and evaluation: ~7 min on 2 busy cores
+def test_a_tiny_run_under_each_protocol_finishes_names_it_and_the_report_says_which_compare(doa, tmp_path,
+                                                                                             tiny_gin):
+    base = ["--gin_file", "runs/experiment.gin"]
+    code, out, err = doa("run", *base, "--gin_file", tiny_gin, f"--gin.OUTPUT_DIR='{tmp_path}'")
+    assert code == 0, err
+    code, out, err = doa("run", *base, "--gin_file", "protocols/paper.gin", "--gin_file", tiny_gin,
+                         f"--gin.OUTPUT_DIR='{tmp_path}'")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["protocol"], r["status"]) for r in rows] == [("efficient", "ok"), ("paper", "ok")]
+    assert rows[0]["cell_key"] != rows[1]["cell_key"]
+    code, _, err = doa("report", tmp_path)
+    assert code == 0, err
+    md = (tmp_path / "report.md").read_text()
+    assert "| wlp | 16 | 5 | Dist. | efficient | f1 |" in md and "| wlp | 16 | 5 | Dist. | paper | f1 |" in md
+    # The paper has no 16-label cell: nothing to compare; the comparison logic is checked in
+    # test_report.py on rows at the paper's cells.
+    assert "## Comparison with the paper" not in md
+
+
+def test_paper_decodes_one_token_less_than_the_targets_length_as_hf_max_length_does():
+    from doa_jax.experiment.phases import TaskSetup
+    lengths = {"inputs": 64, "targets": 8}
+    assert TaskSetup(None, None, None, lengths, "paper").decode_length == 7
+    assert TaskSetup(None, None, None, lengths).decode_length == 8
