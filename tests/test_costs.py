@@ -1,4 +1,6 @@
 """Rate cards and the ledger: arithmetic by hand, resume safety, clear errors."""
+import json
+
 import pytest
 
 from doa_jax.experiment import costs
@@ -90,3 +92,17 @@ def test_ledger_entries_say_whether_compute_was_assumed_or_measured():
     assumed = projected.add_compute("a", "teacher_finetune", 1, 1e12)
     measured = costs.Ledger(None, measured_on=cpu).add_compute("a", "teacher_finetune", 1, 1e12)
     assert (assumed.cost_profile, measured.cost_profile) == ("mfu", "measured")
+
+
+def test_a_ledger_line_torn_by_a_kill_is_dropped_and_the_ledger_reopens(tmp_path):
+    acc = costs.get_accelerator("cpu")
+    path = tmp_path / "ledger.jsonl"
+    ledger = costs.Ledger(path, measured_on=acc)
+    ledger.add_compute("teacher_finetune:k", "teacher_finetune", 10.0, 1e9)
+    with open(path, "a") as f:
+        f.write('{"key": "teacher_inference:k", "phase": "teacher_inf')       # a kill mid-write
+    again = costs.Ledger(path, measured_on=acc)
+    assert list(again.entries) == ["teacher_finetune:k"]
+    again.add_compute("teacher_inference:k", "teacher_inference", 2.0, 1e8)
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["teacher_finetune:k",
+                                                                                 "teacher_inference:k"]

@@ -7,7 +7,9 @@ import pytest
 
 from doa_jax import experiment
 from doa_jax.distill import student_data
-from doa_jax.experiment import costs, phases, planner
+from doa_jax.data.cards import load_card
+from doa_jax.experiment import planner
+from doa_jax.experiment.pricing import Pricer
 from doa_jax.experiment.config import DistillConfig, Epochs, PricingConfig
 from doa_jax.losses import LossConfig
 from doa_jax.optimizers import OptimizerConfig
@@ -111,9 +113,8 @@ def test_the_budget_cap_stops_the_student_within_one_step_and_reports_the_spend(
     cfg = dataclasses.replace(wlp, strategy="distill", output_dir=str(tmp_path), pricing=PricingConfig(student_as="base"),
                               epochs=Epochs(teacher=2, student=2, distill=50), extra_budget_usd=3e-4)
     row = experiment.run_cell(cfg)
-    step_usd = phases.step_cost(cfg, costs.Ledger(None, costs.get_accelerator("cpu"),
-                                                  project_to=costs.get_accelerator("a100")),
-                                config_for_size("base"), LENGTHS)[1]
+    pricer = Pricer.for_cell(cfg, load_card("wlp"), LENGTHS)
+    step_usd = pricer.step_usd(pricer.student(True, row["pseudo_labels_kept"]))
     assert row["status"] == "capped" and "budget reached at student step" in row["reason"]
     assert row["spent_total_usd"] <= 3e-4 + 1e-12 and 3e-4 - row["spent_total_usd"] < step_usd
     assert 0 < row["student_steps"] < 50 * 3

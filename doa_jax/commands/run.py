@@ -21,15 +21,21 @@ def register(subparsers) -> None:
 
 
 def format_row(row: dict) -> str:
-    """One line per cell for the console."""
+    """One line per cell for the console: what it scored, bought and spent (and what priced it), and
+    what it really took on this machine."""
     if row.get("status") == "infeasible":
         return (f"{row['task']} {row['strategy']:<8} +${row['extra_budget_usd']:g}: INFEASIBLE: {row['reason']}")
     spent = row.get("spent_usd", {})
     phases = ", ".join(f"{k} ${v:.4g}" for k, v in spent.items() if v)
+    profile = (row.get("cost_profile") or {}).get("name", "mfu")
+    assumed = " ASSUMED" if (row.get("cost_profile") or {}).get("assumed", profile == "mfu") else ""
+    shared = f" (student shared with cell {row['student_trained_by']})" if row.get("student_trained_by") else ""
+    status = row.get("status", "ok")
     return (f"{row['task']} {row['strategy']:<8} +${row['extra_budget_usd']:g}: {row['metric']} {row['value']:.2f} "
             f"| labels {row['labels_used']} (+{row['labels_bought']}), unlabeled {row['unlabeled_used']} "
-            f"| spent ${row['spent_total_usd']:.4g} of ${row['budget_usd']:g} ({phases or 'nothing'})"
-            f"{' | CAPPED: ' + row['reason'] if row.get('status') == 'capped' else ''}")
+            f"| spent ${row['spent_total_usd']:.4g} of ${row['budget_usd']:g} ({phases or 'nothing'}; "
+            f"{profile}{assumed}) | here: {row.get('wall_seconds') or 0:.0f} s{shared}"
+            f"{' | ' + status.upper() + ': ' + row['reason'] if status in ('capped', 'diverged') else ''}")
 
 
 def run(args) -> int:

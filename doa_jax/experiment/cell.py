@@ -28,6 +28,7 @@ from doa_jax.distill import student_data
 from doa_jax.experiment import costs, locking, phases, planner, results
 from doa_jax.experiment.config import CellConfig, fingerprint
 from doa_jax.experiment.phases import say
+from doa_jax.experiment.pricing import Pricer, as_run, profile_name
 from doa_jax.model import T5Config, Transformer
 from doa_jax.model.config import SIZES
 
@@ -40,7 +41,6 @@ class StudentData:
     epochs: float
     kd: bool
     source_wrapper: Optional[Callable] = None
-    extra_step_flops: float = 0.0
     unlabeled_used: int = 0
     pseudo_labels_kept: int = 0
 
@@ -93,49 +93,49 @@ def _run(cfg: CellConfig) -> results.ResultRow:
     reason = phases.unfit_reason(cfg, setup)
     if reason:
         return _row(cfg, setup, status="infeasible", reason=reason)
+    pricer = Pricer.for_cell(cfg, setup.card, setup.lengths)
     ledger = costs.Ledger(pathlib.Path(cfg.output_dir) / "cells" / cfg.key() / "ledger.jsonl",
-                          measured_on=costs.get_accelerator(cfg.pricing.measured_on),
-                          project_to=costs.get_accelerator(cfg.pricing.accelerator), mfu=cfg.pricing.mfu)
-    plan = _plan(cfg, setup)
-    planned = {k: v for k, v in plan.as_row().items() if k.endswith(("_usd", "_used")) or k == "labels_bought"}
+                          measured_on=costs.get_accelerator(cfg.pricing.measured_on), profile=pricer.profile)
+    plan = _plan(cfg, setup, pricer)
+    planned = {k: v for k, v in plan.as_row().items()
+               if k.endswith(("_usd", "_used")) or k in ("labels_bought", "note")}
     if not plan.feasible:
-        return _row(cfg, setup, status="infeasible", reason=plan.reason, plan=planned)
+        return _row(cfg, setup, status="infeasible", reason=plan.reason, plan=planned, cost_profile=pricer.describe())
     say(cfg, f"plan: buy {plan.labels_bought} labels, use {plan.unlabeled_used} unlabeled inputs "
-             f"(projected ${plan.total_usd:.2f} of ${cfg.extra_budget_usd:g})")
+             f"(projected ${plan.total_usd:.2f} of ${cfg.extra_budget_usd:g}; cost profile {pricer.profile.name}"
+             f"{', ASSUMED' if pricer.profile.assumed else ''})" + (f"; {plan.note}" if plan.note else ""))
     budget = phases.Budget(ledger, cfg.extra_budget_usd)
     labels = setup.pools.annotate(cfg.start_labels + plan.labels_bought)
     if plan.labels_bought:
         ledger.add_labels(f"labels:{cfg.start_labels}+{plan.labels_bought}", plan.labels_bought,
                           setup.card.annotation_cost_usd)
     try:
-        data = _student_data(cfg, setup, plan, labels, ledger, budget)
+        data = _student_data(cfg, setup, plan, labels, ledger, budget, pricer)
     except phases.BudgetExhausted as e:
-        return _row(cfg, setup, status="infeasible", reason=str(e))
+        return _row(cfg, setup, status="infeasible", reason=str(e), cost_profile=pricer.describe())
     if isinstance(data, str):
-        return _row(cfg, setup, status="infeasible", reason=data)
-    return _train_and_evaluate(cfg, setup, data, ledger, budget, planned, labels, plan)
+        return _row(cfg, setup, status="infeasible", reason=data, cost_profile=pricer.describe())
+    return _train_and_evaluate(cfg, setup, data, ledger, budget, planned, labels, plan, pricer)
 
 
-def _plan(cfg: CellConfig, setup: phases.TaskSetup) -> planner.Plan:
+def _plan(cfg: CellConfig, setup: phases.TaskSetup, pricer: Pricer) -> planner.Plan:
     pools = setup.pools
     unlabeled = len(pools.unlabeled) if cfg.distill.max_unlabeled is None else min(cfg.distill.max_unlabeled,
                                                                                    len(pools.unlabeled))
-    price_teacher, price_student = cfg.pricing_models()
-    return planner.Planner(costs.get_accelerator(cfg.pricing.accelerator), price_student, price_teacher,
-                           setup.card.annotation_cost_usd, cfg.recipe(setup.lengths)).plan(
-        cfg.strategy, cfg.start_labels, cfg.extra_budget_usd, unlabeled_available=unlabeled,
-        labels_available=len(pools.train), compute_share=cfg.compute_share)
+    return pricer.planner.plan(cfg.strategy, cfg.start_labels, cfg.extra_budget_usd, unlabeled_available=unlabeled,
+                               labels_available=len(pools.train), compute_share=cfg.compute_share,
+                               unlabeled_grid=cfg.pricing.unlabeled_grid)
 
 
 def _student_data(cfg: CellConfig, setup: phases.TaskSetup, plan: planner.Plan, labels: list,
-                  ledger: costs.Ledger, budget: phases.Budget) -> StudentData | str:
+                  ledger: costs.Ledger, budget: phases.Budget, pricer: Pricer) -> StudentData | str:
     """The student's training data for the cell's strategy, or why there is none."""
     if not cfg.kind.uses_teacher:
         return StudentData(encode_examples(setup.card, setup.vocab, labels, setup.lengths), cfg.epochs.student,
                            kd=False)
-    teacher_key, teacher_params = phases.fine_tune_teacher(cfg, setup, labels, ledger, budget)
+    teacher_key, teacher_params = phases.fine_tune_teacher(cfg, setup, labels, ledger, budget, pricer)
     unlabeled = setup.pools.unlabeled[: plan.unlabeled_used]
-    outputs, enc = phases.teacher_outputs(cfg, setup, teacher_key, teacher_params, unlabeled, ledger)
+    outputs, enc = phases.teacher_outputs(cfg, setup, teacher_key, teacher_params, unlabeled, ledger, pricer)
     keep = student_data.confident_rows(outputs, cfg.distill.min_teacher_confidence)
     if len(keep) == 0:
         return (f"no pseudo-label reaches MIN_TEACHER_CONFIDENCE {cfg.distill.min_teacher_confidence} "
@@ -144,8 +144,7 @@ def _student_data(cfg: CellConfig, setup: phases.TaskSetup, plan: planner.Plan, 
     if cfg.kind.mixes_gold:
         gold = encode_examples(setup.card, setup.vocab, labels, setup.lengths)
         arrays = student_data.with_gold_rows(arrays, gold, Transformer(cfg.teacher), teacher_params, cfg.distill.topk)
-    wrapper, extra = phases.online_teacher(cfg, teacher_params, setup.lengths)
-    return StudentData(arrays, cfg.epochs.distill, kd=True, source_wrapper=wrapper, extra_step_flops=extra,
+    return StudentData(arrays, cfg.epochs.distill, kd=True, source_wrapper=phases.online_teacher(cfg, teacher_params),
                        unlabeled_used=len(unlabeled), pseudo_labels_kept=len(keep))
 
 
@@ -173,39 +172,44 @@ def _shared_run_path(cfg: CellConfig, plan: planner.Plan) -> pathlib.Path:
     return phases.cache_dir(cfg) / "students" / f"{work}.json"
 
 
-def _train_student(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, step: tuple[float, float],
+def _train_student(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, pricer: Pricer,
                    budget: phases.Budget, test: list) -> StudentRun:
     cell_dir = pathlib.Path(cfg.output_dir) / "cells" / cfg.key()
-    step_flops, step_usd = step
+    work = pricer.student(data.kd, len(data.arrays["encoder_input_tokens"]))
     say(cfg, f"training the student on {len(data.arrays['encoder_input_tokens'])} examples ({data.epochs:g} epochs)")
     result, seconds = phases.train(cfg, cfg.student, data.arrays, cell_dir / "student", epochs=data.epochs,
                                    initial_checkpoint=cfg.student_checkpoint, kd=data.kd,
-                                   source_wrapper=data.source_wrapper, step_allowed=budget.step_allowed(step_usd))
+                                   source_wrapper=data.source_wrapper,
+                                   step_allowed=budget.step_allowed(pricer.step_usd(work)))
     start = time.perf_counter()
     evaluation = phases.evaluate(cfg.student, result.state.params, setup, test, pricing=cfg.pricing_models()[1])
     values = {k: v for k, v in evaluation["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return StudentRun(result.step, seconds, result.step * step_flops, time.perf_counter() - start, evaluation["flops"],
+    return StudentRun(result.step, seconds, sum(w.flops for w in as_run(work, result.step)),
+                      time.perf_counter() - start, evaluation["flops"],
                       values, evaluation["predictions"], result.stopped_by_budget, cfg.key(), result.diverged)
 
 
 def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, ledger: costs.Ledger,
-                        budget: phases.Budget, planned: dict, labels: list, plan: planner.Plan) -> results.ResultRow:
+                        budget: phases.Budget, planned: dict, labels: list, plan: planner.Plan,
+                        pricer: Pricer) -> results.ResultRow:
     cell_dir = pathlib.Path(cfg.output_dir) / "cells" / cfg.key()
-    step = phases.step_cost(cfg, ledger, cfg.pricing_models()[1], setup.lengths, data.extra_step_flops)
     test = setup.pools.test[: cfg.max_eval_examples] if cfg.max_eval_examples else setup.pools.test
     shared = _shared_run_path(cfg, plan)
     if shared.exists():
         run = StudentRun(**json.loads(shared.read_text()))
         say(cfg, f"the same plan was trained by cell {run.trained_by}: reusing its student ({shared})")
     else:
-        run = _train_student(cfg, setup, data, step, budget, test)
+        run = _train_student(cfg, setup, data, pricer, budget, test)
         if not (run.capped or run.diverged):   # a capped run depends on its budget: never shared
             shared.parent.mkdir(parents=True, exist_ok=True)
             tmp = shared.with_suffix(".tmp")
             tmp.write_text(json.dumps(dataclasses.asdict(run)))
             tmp.replace(shared)
-    ledger.add_compute(f"student_training:{run.trained_by}:{run.steps}", "student_training", run.seconds, run.flops)
-    ledger.add_compute(f"evaluation:{run.trained_by}:{run.steps}", "evaluation", run.eval_seconds, run.eval_flops)
+    work = as_run(pricer.student(data.kd, len(data.arrays["encoder_input_tokens"])), run.steps)
+    ledger.add_compute(f"student_training:{run.trained_by}:{run.steps}", "student_training", run.seconds, run.flops,
+                       work=work)
+    ledger.add_compute(f"evaluation:{run.trained_by}:{run.steps}", "evaluation", run.eval_seconds, run.eval_flops,
+                       work=pricer.evaluation(cfg.pricing_models()[1], len(test)))
     cell_dir.mkdir(parents=True, exist_ok=True)
     write_predictions(cell_dir / "predictions.jsonl", test, run.predictions)
     by_phase = ledger.by_phase()
@@ -216,7 +220,8 @@ def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentD
                 measured_usd=ledger.measured_total(), labels_used=len(labels), labels_bought=plan.labels_bought,
                 unlabeled_used=data.unlabeled_used, pseudo_labels_kept=data.pseudo_labels_kept,
                 student_steps=run.steps, plan=planned, test_examples=len(test), output=str(cell_dir),
-                student_trained_by=None if run.trained_by == cfg.key() else run.trained_by)
+                student_trained_by=None if run.trained_by == cfg.key() else run.trained_by,
+                cost_profile=pricer.describe())
 
 
 def _status(run: StudentRun) -> tuple[str, str]:
@@ -237,7 +242,8 @@ def _row(cfg: CellConfig, setup: Optional[phases.TaskSetup], **fields: Any) -> r
         metric=setup.card.primary_metric if setup else None,
         compute_share=cfg.compute_share if cfg.kind.splits_budget else None,
         priced_as={"teacher": p.teacher_as, "student": p.student_as} if (p.teacher_as or p.student_as) else None,
-        accelerator=p.accelerator, mfu=p.mfu, protocol=cfg.protocol, **fields)
+        accelerator=(fields.get("cost_profile") or {}).get("accelerator", p.accelerator),
+        mfu=p.mfu if profile_name(cfg) == "mfu" else None, protocol=cfg.protocol, **fields)
 
 
 def size_name(c: T5Config) -> str:

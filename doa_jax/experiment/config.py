@@ -115,13 +115,23 @@ class DistillConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PricingConfig:
-    """How compute is charged: as `accelerator` at `mfu`, for the sizes the models stand for."""
+    """How compute is charged: by a cost profile (experiment/pricing.py), for the sizes the models
+    stand for; `accelerator` and `mfu` are the `mfu` profile's (an assumed utilisation)."""
 
     accelerator: str = "a100"
     mfu: float = 0.4
     teacher_as: Optional[str] = None    # price the teacher's FLOPs as this size (e.g. 'xxl')
     student_as: Optional[str] = None
     measured_on: str = "cpu"            # this machine's rate card (the measured view)
+    cost_profile: Optional[str] = None  # 'paper' | 'calibrated' | 'mfu'; None: see experiment/pricing.py
+    calibration: Optional[str] = None   # a `doa calibrate` file (the `calibrated` profile)
+    unlabeled_grid: Optional[tuple[int, ...]] = None   # U chosen on this grid (the paper: 10K, 100K)
+
+    def __post_init__(self):
+        if self.cost_profile is not None and self.cost_profile not in ("paper", "calibrated", "mfu"):
+            raise ValueError(f"COST_PROFILE must be 'paper', 'calibrated' or 'mfu', got {self.cost_profile!r}")
+        if self.unlabeled_grid is not None:
+            object.__setattr__(self, "unlabeled_grid", tuple(self.unlabeled_grid))
 
 
 @dataclasses.dataclass(frozen=True)

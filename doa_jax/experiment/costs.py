@@ -103,6 +103,7 @@ class Ledger:
         self.cost_profile = profile.name if profile is not None else ("mfu" if project_to is not None else "measured")
         self.entries: dict[str, Entry] = {}
         if self.path is not None and self.path.exists():
+            self._cut_torn_line()
             for lineno, line in enumerate(self.path.read_text().splitlines(), 1):
                 if not line.strip():
                     continue
@@ -111,6 +112,14 @@ class Ledger:
                 except (json.JSONDecodeError, TypeError) as e:
                     raise ValueError(f"{self.path}:{lineno}: not a ledger entry ({e})") from None
                 self.entries.setdefault(entry.key, entry)
+
+    def _cut_torn_line(self) -> None:
+        """A last line without its newline is an entry a kill cut short: it is dropped (its work is
+        charged again when the phase reruns), as results.jsonl does."""
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
 
     def _add(self, entry: Entry) -> Entry:
         if entry.key in self.entries:

@@ -24,6 +24,7 @@ from doa_jax.distill import store as teacher_store
 from doa_jax.distill import student_data
 from doa_jax.experiment import costs
 from doa_jax.experiment.config import CellConfig, fingerprint
+from doa_jax.experiment.pricing import Pricer, as_run
 from doa_jax.model import T5Config, Transformer
 from doa_jax.trainer import Trainer, TrainResult
 
@@ -107,13 +108,6 @@ class Budget:
         return lambda step: before + (step + 1) * step_usd <= self.cap + 1e-9
 
 
-def step_cost(cfg: CellConfig, ledger: costs.Ledger, model_cfg: T5Config, lengths: Mapping[str, int],
-              extra_flops: float = 0.0) -> tuple[float, float]:
-    """(FLOPs, $) of one training step of `model_cfg` (plus `extra_flops`, e.g. an online teacher)."""
-    step_flops = flops.train_flops(model_cfg, cfg.train.batch_size, lengths["inputs"], lengths["targets"]) + extra_flops
-    return step_flops, ledger.compute_usd(0.0, step_flops)
-
-
 def train(cfg: CellConfig, model_cfg: T5Config, arrays: Mapping[str, np.ndarray], model_dir: pathlib.Path, *,
           epochs: float, initial_checkpoint: Optional[str], kd: bool,
           step_allowed: Optional[Callable[[int], bool]] = None, source_wrapper=None) -> tuple[TrainResult, float]:
@@ -130,7 +124,7 @@ def train(cfg: CellConfig, model_cfg: T5Config, arrays: Mapping[str, np.ndarray]
 
 
 def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: costs.Ledger,
-                      budget: Budget) -> tuple[str, Any]:
+                      budget: Budget, pricer: Pricer) -> tuple[str, Any]:
     """The teacher fine-tuned on `labels`, shared by every cell with the same teacher recipe.
 
     Its record (steps, seconds, FLOPs) is charged to each cell that uses it. Returns (key, params).
@@ -144,27 +138,28 @@ def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: c
     key = fingerprint(recipe)
     run_dir = cache_dir(cfg) / "teachers" / key
     record_path = run_dir / "record.json"
-    step_flops, step_usd = step_cost(cfg, ledger, cfg.pricing_models()[0], setup.lengths)
+    work = pricer.teacher_finetune(len(labels))
     if not record_path.exists():
         say(cfg, f"fine-tuning the teacher on {len(labels)} labels ({cfg.epochs.teacher:g} epochs) in {run_dir}")
         arrays = encode_examples(setup.card, setup.vocab, labels, setup.lengths)
         result, seconds = train(cfg, cfg.teacher, arrays, run_dir, epochs=cfg.epochs.teacher,
                                 initial_checkpoint=cfg.teacher_checkpoint, kd=False,
-                                step_allowed=budget.step_allowed(step_usd))
+                                step_allowed=budget.step_allowed(pricer.step_usd(work)))
         if result.stopped_by_budget:
             raise BudgetExhausted(f"the teacher's fine-tuning reached the budget at step {result.step}")
         record_path.write_text(json.dumps({"steps": result.step, "seconds": seconds,
-                                           "flops": result.step * step_flops}))
+                                           "flops": sum(w.flops for w in as_run(work, result.step))}))
     else:
         say(cfg, f"reusing the fine-tuned teacher in {run_dir}")
     record = json.loads(record_path.read_text())
-    ledger.add_compute(f"teacher_finetune:{key}", "teacher_finetune", record["seconds"], record["flops"])
+    ledger.add_compute(f"teacher_finetune:{key}", "teacher_finetune", record["seconds"], record["flops"],
+                       work=as_run(work, record["steps"]))
     _, params = checkpoints.load_checkpoint(run_dir / "checkpoints", config=cfg.teacher)
     return key, jax.tree_util.tree_map(np.asarray, params)
 
 
 def teacher_outputs(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teacher_params: Any, unlabeled: list,
-                    ledger: costs.Ledger):
+                    ledger: costs.Ledger, pricer: Pricer):
     """Teacher outputs over the unlabeled inputs: computed once per key, resumable, shared.
 
     Returns (TeacherOutputs, encoded inputs)."""
@@ -183,11 +178,9 @@ def teacher_outputs(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teacher
         record_path.write_text(json.dumps({"seconds": time.perf_counter() - start,
                                            "computed_chunks": stats.computed_chunks}))
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    # Decoding plus one teacher-forced pass for the top-k logits: two forward passes per input.
-    inference_flops = 2 * flops.forward_flops(cfg.pricing_models()[0], len(request.sources),
-                                              setup.lengths["inputs"], setup.lengths["targets"])
+    work = pricer.teacher_inference(len(request.sources))
     ledger.add_compute(f"teacher_inference:{store.key}", "teacher_inference", record.get("seconds", 0.0),
-                       inference_flops)
+                       sum(w.flops for w in work), work=work)
     return store.load(), enc
 
 
@@ -210,10 +203,9 @@ def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list,
         pricing or model_cfg, len(examples), setup.lengths["inputs"], setup.lengths["targets"])}
 
 
-def online_teacher(cfg: CellConfig, teacher_params: Any, lengths: Mapping[str, int]):
-    """(batch-source wrapper, extra FLOPs per student step) for online soft targets, else (None, 0)."""
+def online_teacher(cfg: CellConfig, teacher_params: Any):
+    """The batch-source wrapper that runs the teacher on every student batch (online soft targets), or None."""
     if cfg.distill.soft_targets != "online":
-        return None, 0.0
+        return None
     module = Transformer(cfg.teacher)
-    extra = flops.forward_flops(cfg.pricing_models()[0], cfg.train.batch_size, lengths["inputs"], lengths["targets"])
-    return (lambda src: student_data.OnlineTeacherBatches(src, module, teacher_params)), extra
+    return lambda src: student_data.OnlineTeacherBatches(src, module, teacher_params)

@@ -57,6 +57,7 @@ class ResultRow:
     output: Optional[str] = None
     wall_seconds: Optional[float] = None
     student_trained_by: Optional[str] = None   # another cell with the same plan trained this student
+    cost_profile: Optional[dict[str, Any]] = None   # what priced the compute: name, source, assumed, ...
     protocol: Optional[str] = None   # 'efficient' | 'paper' (rows written before protocols: None = efficient)
     key_version: int = KEY_VERSION
 
