@@ -7,6 +7,15 @@
   checkpoints, so its decay starts near 1 — see t5x issue #1478).
 * `adamw`: decoupled weight decay (the paper's PyTorch fine-tuning: lr 3e-5, batch 32).
 
+Scanned layers (`T5Config.scan_layers`) hold each stack's params on a leading `layers` axis.
+`per_layer` runs the optimizer once per layer over that axis (a `fori_loop` that slices a layer,
+updates it and writes it back in place), so every layer keeps its own statistics (Adafactor's
+parameter-scale and update clipping are per layer, exactly as T5X's per-layer names give them)
+and the float32 temporaries are one layer's, not the whole stack's. `OptimizerConfig.build`
+always wraps the optimizer in it; on per-layer (unscanned) params it is the plain optimizer,
+with the same state. The update is computed in float32 whatever the params' dtype;
+`apply_updates` writes it back, stochastically rounded when params are bfloat16.
+
 Schedules are T5X's `create_learning_rate_scheduler` factor strings (`'constant'`,
 `'constant * rsqrt_decay'`, `'constant * linear_warmup * rsqrt_decay'`, ...) plus
 `'linear_to_zero'` (PyTorch/HF's linear decay from `warmup_steps` to the last step).
@@ -15,10 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
+import jax
 import jax.numpy as jnp
 import optax
+
+from doa_jax.model.scan import STACKED
 
 Schedule = Callable[[Any], Any]
 
@@ -90,6 +102,152 @@ def learning_rate_schedule(factors: str = "constant", *, base_learning_rate: flo
         return jnp.maximum(jnp.asarray(value, jnp.float32), min_learning_rate)
 
     return schedule
+
+
+# ----------------------------------------------------------------------------- per-layer update
+
+class PerLayerState(NamedTuple):
+    """State of `per_layer`: the inner state of the unstacked params, and one per stack."""
+
+    rest: Any     # inner state over the params outside any `layers` stack
+    stacks: tuple  # per stack (in `_stack_paths` order): each layer's inner state, stacked on axis 0
+
+
+def _stack_paths(tree: Any, path: tuple = ()) -> list[tuple]:
+    """Paths (dict keys) of every stacked `layers` entry, in sorted order."""
+    if not isinstance(tree, Mapping):
+        return []
+    found = []
+    for key in sorted(tree):
+        if key == STACKED:
+            found.append(path + (key,))
+        else:
+            found.extend(_stack_paths(tree[key], path + (key,)))
+    return found
+
+
+def _split(tree: Any, paths: list[tuple]) -> tuple[Any, list[Any]]:
+    """`(tree without the stacks, [each stack as a one-branch tree keeping its full path])`."""
+    if tree is None:
+        return None, [None] * len(paths)
+
+    def without(node, path):
+        out = dict(node)
+        if len(path) == 1:
+            del out[path[0]]
+        else:
+            out[path[0]] = without(node[path[0]], path[1:])
+        return out
+
+    def branch(node, path):
+        return {path[0]: node[path[0]] if len(path) == 1 else branch(node[path[0]], path[1:])}
+
+    rest = tree
+    for path in paths:
+        rest = without(rest, path)
+    return rest, [branch(tree, path) for path in paths]
+
+
+def _merge(rest: Any, branches: list[Any]) -> Any:
+    def put(node, branch):
+        out = dict(node)
+        for key, value in branch.items():
+            out[key] = put(node.get(key, {}), value) if isinstance(value, Mapping) and key != STACKED else value
+        return out
+
+    for branch in branches:
+        rest = put(rest, branch)
+    return rest
+
+
+def _f32(tree):
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                  tree)
+
+
+def _layer(tree, i):
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
+
+
+def _put_layer(buffers, values, i):
+    return jax.tree_util.tree_map(
+        lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), i, 0), buffers, values)
+
+
+def _stack_update(inner: optax.GradientTransformation, grads, state, params):
+    """One stack: update layer i from its own slices, writing updates over the gradient buffer."""
+    num = jax.tree_util.tree_leaves(grads)[0].shape[0]
+
+    def body(i, carry):
+        buffer, st = carry     # buffer[j] holds the gradient for j >= i and the update for j < i
+        p = None if params is None else _f32(_layer(params, i))
+        u, s = inner.update(_f32(_layer(buffer, i)), _layer(st, i), p)
+        return _put_layer(buffer, u, i), _put_layer(st, s, i)
+
+    return jax.lax.fori_loop(0, num, body, (grads, state))
+
+
+def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to each layer of every stacked `layers` entry separately (see module doc).
+
+    Params without stacks get `inner`'s own state and update unchanged (float32 cast aside).
+    """
+
+    def init(params):
+        paths = _stack_paths(params)
+        if not paths:
+            return inner.init(_f32(params))
+        rest, branches = _split(params, paths)
+        return PerLayerState(inner.init(_f32(rest)),
+                             tuple(jax.vmap(lambda b: inner.init(_f32(b)))(b) for b in branches))
+
+    def update(grads, state, params=None):
+        if not isinstance(state, PerLayerState):
+            updates, state = inner.update(_f32(grads), state, None if params is None else _f32(params))
+            return jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype), updates, grads), state
+        paths = _stack_paths(grads)
+        g_rest, g_stacks = _split(grads, paths)
+        p_rest, p_stacks = _split(params, paths)
+        u_rest, s_rest = inner.update(_f32(g_rest), state.rest, None if p_rest is None else _f32(p_rest))
+        u_rest = jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype), u_rest, g_rest)
+        done = [_stack_update(inner, g, s, p) for g, s, p in zip(g_stacks, state.stacks, p_stacks)]
+        return (_merge(u_rest, [u for u, _ in done]),
+                PerLayerState(s_rest, tuple(s for _, s in done)))
+
+    return optax.GradientTransformation(init, update)
+
+
+def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
+    """float32 `x` rounded to bfloat16 `dtype`, up or down with probability by distance: unbiased.
+
+    Adds 16 random low bits to the float32 bit pattern and truncates them; sign-magnitude bits make
+    this round the magnitude, so it is unbiased for either sign.
+    """
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        raise ValueError(f"stochastic rounding is to bfloat16, not {jnp.dtype(dtype).name}")
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
+    rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+
+
+def apply_updates(params: Any, updates: Any, key: Optional[jax.Array] = None) -> Any:
+    """`params + updates`, added in float32 and written back in each param's dtype.
+
+    bfloat16 params are stochastically rounded with `key` (a fresh key per step): an update
+    smaller than half a bf16 ulp of its weight then still moves it on average, where rounding to
+    nearest would drop it. Without a key (or for float32 params) rounding is to nearest.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    upd = treedef.flatten_up_to(updates)
+    out = []
+    for n, (p, u) in enumerate(zip(leaves, upd)):
+        total = p.astype(jnp.float32) + u.astype(jnp.float32)
+        if p.dtype == jnp.bfloat16 and key is not None:
+            out.append(stochastic_round(total, p.dtype, jax.random.fold_in(key, n)))
+        else:
+            out.append(total.astype(p.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -168,10 +326,11 @@ class OptimizerConfig:
     def build(self, total_steps: int) -> tuple[optax.GradientTransformation, Schedule]:
         """`(optax transformation, schedule)`; `total_steps` feeds decays that end with training."""
         schedule = self.make_schedule(total_steps)
-        tx = OPTIMIZERS[self.name](self, schedule)
+        tx = per_layer(OPTIMIZERS[self.name](self, schedule))
         if self.grad_clip_norm is not None:
             tx = optax.chain(optax.clip_by_global_norm(self.grad_clip_norm), tx)
         return tx, schedule
 
 
-__all__ = ["OPTIMIZERS", "OptimizerConfig", "SCHEDULE_FACTORS", "learning_rate_schedule"]
+__all__ = ["OPTIMIZERS", "OptimizerConfig", "PerLayerState", "SCHEDULE_FACTORS", "apply_updates",
+           "learning_rate_schedule", "per_layer", "stochastic_round"]
