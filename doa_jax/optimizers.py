@@ -174,21 +174,55 @@ def _put_layer(buffers, values, i):
         lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), i, 0), buffers, values)
 
 
-def _stack_update(inner: optax.GradientTransformation, grads, state, params):
-    """One stack: update layer i from its own slices, writing updates over the gradient buffer."""
-    num = jax.tree_util.tree_leaves(grads)[0].shape[0]
+def _sq_norm(tree) -> jax.Array:
+    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)),
+               jnp.float32(0.0))
 
+
+def _stack_update(inner, grads, state, params, scale):
+    """One stack: update layer i from its own slices, writing updates over the gradient buffer."""
     def body(i, carry):
         buffer, st = carry     # buffer[j] holds the gradient for j >= i and the update for j < i
         p = None if params is None else _f32(_layer(params, i))
-        u, s = inner.update(_f32(_layer(buffer, i)), _layer(st, i), p)
+        u, s = inner.update(_scaled(_layer(buffer, i), scale), _layer(st, i), p)
         return _put_layer(buffer, u, i), _put_layer(st, s, i)
 
-    return jax.lax.fori_loop(0, num, body, (grads, state))
+    return jax.lax.fori_loop(0, _num_layers(grads), body, (grads, state))
 
 
-def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`inner` applied to each layer of every stacked `layers` entry separately (see module doc).
+def _stack_apply(inner, grads, state, params, scale, key):
+    """One stack: update layer i and write it into the (donated) params and state in place."""
+    def body(i, carry):
+        p_buf, st, sq = carry
+        p = _layer(p_buf, i)
+        u, s = inner.update(_scaled(_layer(grads, i), scale), _layer(st, i), _f32(p))
+        new = apply_updates(p, u, None if key is None else jax.random.fold_in(key, i))
+        return _put_layer(p_buf, new, i), _put_layer(st, s, i), sq + _sq_norm(u)
+
+    return jax.lax.fori_loop(0, _num_layers(grads), body, (params, state, jnp.float32(0.0)))
+
+
+def _num_layers(tree) -> int:
+    return jax.tree_util.tree_leaves(tree)[0].shape[0]
+
+
+def _scaled(grads, scale):
+    return _f32(grads) if scale is None else jax.tree_util.tree_map(lambda g: g.astype(jnp.float32) * scale, grads)
+
+
+class PerLayerTransformation(NamedTuple):
+    """An optax `GradientTransformation` (`init`, `update`) with a fused `apply`:
+    `apply(grads, state, params, key=None) -> (new params, new state, update norm)` updates and
+    writes back each layer in place (no full-size update tree; what the trainer uses)."""
+
+    init: Callable
+    update: Callable
+    apply: Callable
+
+
+def per_layer(inner: optax.GradientTransformation, clip_norm: Optional[float] = None) -> PerLayerTransformation:
+    """`inner` applied to each layer of every stacked `layers` entry separately (see module doc),
+    after clipping the gradients' global norm to `clip_norm` (optax's `clip_by_global_norm`).
 
     Params without stacks get `inner`'s own state and update unchanged (float32 cast aside).
     """
@@ -201,20 +235,49 @@ def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformati
         return PerLayerState(inner.init(_f32(rest)),
                              tuple(jax.vmap(lambda b: inner.init(_f32(b)))(b) for b in branches))
 
+    def clip_scale(grads):
+        if clip_norm is None:
+            return None
+        norm = jnp.sqrt(_sq_norm(grads))
+        return jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
+
     def update(grads, state, params=None):
+        scale = clip_scale(grads)
         if not isinstance(state, PerLayerState):
-            updates, state = inner.update(_f32(grads), state, None if params is None else _f32(params))
+            updates, state = inner.update(_scaled(grads, scale), state, None if params is None else _f32(params))
             return jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype), updates, grads), state
         paths = _stack_paths(grads)
-        g_rest, g_stacks = _split(grads, paths)
-        p_rest, p_stacks = _split(params, paths)
-        u_rest, s_rest = inner.update(_f32(g_rest), state.rest, None if p_rest is None else _f32(p_rest))
+        (g_rest, g_stacks), (p_rest, p_stacks) = _split(grads, paths), _split(params, paths)
+        u_rest, s_rest = inner.update(_scaled(g_rest, scale), state.rest, None if p_rest is None else _f32(p_rest))
         u_rest = jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype), u_rest, g_rest)
-        done = [_stack_update(inner, g, s, p) for g, s, p in zip(g_stacks, state.stacks, p_stacks)]
-        return (_merge(u_rest, [u for u, _ in done]),
-                PerLayerState(s_rest, tuple(s for _, s in done)))
+        done = [_stack_update(inner, g, s, p, scale) for g, s, p in zip(g_stacks, state.stacks, p_stacks)]
+        return _merge(u_rest, [u for u, _ in done]), PerLayerState(s_rest, tuple(s for _, s in done))
 
-    return optax.GradientTransformation(init, update)
+    def apply(grads, state, params, key=None):
+        scale = clip_scale(grads)
+        if not isinstance(state, PerLayerState):
+            updates, state = inner.update(_scaled(grads, scale), state, _f32(params))
+            return apply_updates(params, updates, key), state, jnp.sqrt(_sq_norm(updates))
+        paths = _stack_paths(grads)
+        (g_rest, g_stacks), (p_rest, p_stacks) = _split(grads, paths), _split(params, paths)
+        u_rest, s_rest = inner.update(_scaled(g_rest, scale), state.rest, _f32(p_rest))
+        keys = [None] * (len(paths) + 1) if key is None else list(jax.random.split(key, len(paths) + 1))
+        done = [_stack_apply(inner, g, s, p, scale, k)
+                for g, s, p, k in zip(g_stacks, state.stacks, p_stacks, keys[1:])]
+        new_params = _merge(apply_updates(p_rest, u_rest, keys[0]), [p for p, _, _ in done])
+        sq = _sq_norm(u_rest) + sum(q for _, _, q in done)
+        return new_params, PerLayerState(s_rest, tuple(s for _, s, _ in done)), jnp.sqrt(sq)
+
+    return PerLayerTransformation(init, update, apply)
+
+
+def apply_gradients(tx, grads, state, params, key=None):
+    """`(new params, new state, update norm)`: `tx.apply` when `tx` has one (`per_layer`), else
+    optax's `update` followed by `apply_updates`."""
+    if isinstance(tx, PerLayerTransformation):
+        return tx.apply(grads, state, params, key)
+    updates, state = tx.update(grads, state, params)
+    return apply_updates(params, updates, key), state, jnp.sqrt(_sq_norm(updates))
 
 
 def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
@@ -229,6 +292,25 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
     rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
     return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+
+
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def cast_params(tree: Any, dtype: str) -> Any:
+    """Floating leaves of `tree` (arrays or ShapeDtypeStructs) in `dtype` ('float32' or 'bfloat16')."""
+    if dtype not in PARAM_DTYPES:
+        raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got {dtype!r}")
+    target = jnp.dtype(dtype)
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == target:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, target, sharding=x.sharding)
+        return x.astype(target)
+
+    return jax.tree_util.tree_map(cast, tree)
 
 
 def apply_updates(params: Any, updates: Any, key: Optional[jax.Array] = None) -> Any:
@@ -326,11 +408,9 @@ class OptimizerConfig:
     def build(self, total_steps: int) -> tuple[optax.GradientTransformation, Schedule]:
         """`(optax transformation, schedule)`; `total_steps` feeds decays that end with training."""
         schedule = self.make_schedule(total_steps)
-        tx = per_layer(OPTIMIZERS[self.name](self, schedule))
-        if self.grad_clip_norm is not None:
-            tx = optax.chain(optax.clip_by_global_norm(self.grad_clip_norm), tx)
-        return tx, schedule
+        return per_layer(OPTIMIZERS[self.name](self, schedule), clip_norm=self.grad_clip_norm), schedule
 
 
-__all__ = ["OPTIMIZERS", "OptimizerConfig", "PerLayerState", "SCHEDULE_FACTORS", "apply_updates",
+__all__ = ["OPTIMIZERS", "OptimizerConfig", "PerLayerState", "PerLayerTransformation", "SCHEDULE_FACTORS",
+           "PARAM_DTYPES", "apply_gradients", "apply_updates", "cast_params",
            "learning_rate_schedule", "per_layer", "stochastic_round"]
