@@ -12,8 +12,8 @@ Scanned layers (`T5Config.scan_layers`) hold each stack's params on a leading `l
 updates it and writes it back in place), so every layer keeps its own statistics (Adafactor's
 parameter-scale and update clipping are per layer, exactly as T5X's per-layer names give them)
 and the float32 temporaries are one layer's, not the whole stack's. `OptimizerConfig.build`
-always wraps the optimizer in it; on per-layer (unscanned) params it is the plain optimizer,
-with the same state. The update is computed in float32 whatever the params' dtype;
+always wraps the optimizer in it; on per-layer (unscanned) params, and for element-wise AdamW
+(whose whole-array update is the per-layer one), it is the plain optimizer with the same state. The update is computed in float32 whatever the params' dtype;
 `apply_updates` writes it back, stochastically rounded when params are bfloat16.
 
 Schedules are T5X's `create_learning_rate_scheduler` factor strings (`'constant'`,
@@ -220,15 +220,17 @@ class PerLayerTransformation(NamedTuple):
     apply: Callable
 
 
-def per_layer(inner: optax.GradientTransformation, clip_norm: Optional[float] = None) -> PerLayerTransformation:
+def per_layer(inner: optax.GradientTransformation, clip_norm: Optional[float] = None,
+              loop: bool = True) -> PerLayerTransformation:
     """`inner` applied to each layer of every stacked `layers` entry separately (see module doc),
     after clipping the gradients' global norm to `clip_norm` (optax's `clip_by_global_norm`).
 
-    Params without stacks get `inner`'s own state and update unchanged (float32 cast aside).
+    Params without stacks (or `loop=False`: an element-wise `inner`, whose update of a whole
+    stacked array is the per-layer one) get `inner`'s own state and update (in float32).
     """
 
     def init(params):
-        paths = _stack_paths(params)
+        paths = _stack_paths(params) if loop else []
         if not paths:
             return inner.init(_f32(params))
         rest, branches = _split(params, paths)
@@ -350,6 +352,9 @@ OPTIMIZERS: dict[str, Callable[["OptimizerConfig", Schedule], optax.GradientTran
     "adafactor": _adafactor,
     "adamw": _adamw,
 }
+# Element-wise optimizers: updating a whole stacked array equals updating each layer, and XLA
+# does it in place with no temporaries (notes/performance.md), so `per_layer` does not loop.
+ELEMENTWISE = frozenset({"adamw"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,7 +413,9 @@ class OptimizerConfig:
     def build(self, total_steps: int) -> tuple[optax.GradientTransformation, Schedule]:
         """`(optax transformation, schedule)`; `total_steps` feeds decays that end with training."""
         schedule = self.make_schedule(total_steps)
-        return per_layer(OPTIMIZERS[self.name](self, schedule), clip_norm=self.grad_clip_norm), schedule
+        tx = per_layer(OPTIMIZERS[self.name](self, schedule), clip_norm=self.grad_clip_norm,
+                       loop=self.name not in ELEMENTWISE)
+        return tx, schedule
 
 
 __all__ = ["OPTIMIZERS", "OptimizerConfig", "PerLayerState", "PerLayerTransformation", "SCHEDULE_FACTORS",

@@ -147,10 +147,14 @@ def test_per_layer_adamw_equals_the_whole_tree_update():
     params = _stacked_tree(rng)
     grads = [jax.tree.map(lambda x: rng.normal(0, 1, x.shape).astype(np.float32), params) for _ in range(3)]
     config = OptimizerConfig(name="adamw", learning_rate=1e-2, weight_decay=0.01)
-    got, state = _run(config.build(10)[0], params, grads)
-    want, _ = _run(optimizers._adamw(config, config.make_schedule(10)), params, grads)
+    adamw = optimizers._adamw(config, config.make_schedule(10))
+    got, state = _run(optimizers.per_layer(adamw), params, grads)
+    want, _ = _run(adamw, params, grads)
     assert isinstance(state, PerLayerState) and len(state.stacks) == 1
     assert _max_diff(got, want) < 1e-6
+    # So the trainer's AdamW updates whole arrays (in place, no loop): the same numbers.
+    built, state = _run(config.build(10)[0], params, grads)
+    assert not isinstance(state, PerLayerState) and _max_diff(built, want) < 1e-6
 
 
 def test_per_layer_adafactor_equals_the_unrolled_per_layer_update():

@@ -43,6 +43,15 @@ def test_stochastic_rounding_keeps_representable_values_and_special_values():
         stochastic_round(x, jnp.float16, jax.random.PRNGKey(1))
 
 
+def test_param_dtype_is_set_from_gin(tmp_path):
+    from doa_jax import gin_utils
+
+    gin_utils.parse([], [f"TrainConfig.model_dir = '{tmp_path}'", "TrainConfig.batch_size = 2",
+                         "TrainConfig.train_steps = 1", "TrainConfig.param_dtype = 'bfloat16'",
+                         "TRAIN_CONFIG = @TrainConfig()"], check=False)
+    assert gin_utils.macro("TRAIN_CONFIG").param_dtype == "bfloat16"
+
+
 def test_bad_param_dtype_is_refused_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match="param_dtype must be one of .*'float16'"):
         TrainConfig(model_dir=str(tmp_path), batch_size=2, train_steps=1, param_dtype="float16")
