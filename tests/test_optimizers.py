@@ -170,6 +170,15 @@ def test_per_layer_adafactor_equals_the_unrolled_per_layer_update():
         ulp = 2 ** -23 * float(np.abs(value).max())
         np.testing.assert_allclose(value, flatten(unrolled)[name], rtol=1e-6, atol=4 * ulp, err_msg=name)
         np.testing.assert_allclose(value, flat_ref[name], rtol=2e-5, atol=4 * ulp, err_msg=name)
+    # The trainer's fused path (update and write back layer by layer, in place) gives the same params.
+    tx = config.build(10)[0]
+    fused, apply = jax.tree.map(jnp.asarray, params), jax.jit(tx.apply)
+    fused_state = tx.init(fused)
+    for g in grads:
+        fused, fused_state, _ = apply(jax.tree.map(jnp.asarray, g), fused_state, fused)
+    for name, value in flatten(jax.tree.map(np.asarray, fused)).items():   # XLA may fuse differently
+        np.testing.assert_allclose(value, flatten(got)[name], rtol=1e-6,
+                                   atol=4 * 2 ** -23 * float(np.abs(value).max()), err_msg=name)
     # Each layer is factored on its own [130, 160] matrix, as the unrolled model's kernels are.
     assert state.stacks[0][0].v_row["encoder"]["layers"]["mlp"]["kernel"].shape == (3, 130)
     # optax on the whole stack (the bug this fixes) scales and clips over all layers at once.
