@@ -60,23 +60,31 @@ def test_bad_param_dtype_is_refused_naming_the_field(tmp_path):
 ADAFACTOR = OptimizerConfig(name="adafactor", learning_rate=1e-2)
 
 
-def test_bf16_params_train_checkpoint_in_bf16_and_resume_exactly(tmp_path):
+def test_bf16_params_train_and_checkpoint_in_bf16(tmp_path):
+    cfg = tiny_config(scan_layers=True)
+    run = run_config(tmp_path, train_steps=3, optimizer=ADAFACTOR, param_dtype="bfloat16", checkpoint_every=3)
+    result = Trainer(cfg, run).fit(train_source(16))
+    params = flat(result.state.params)
+    assert {v.dtype for v in params.values()} == {np.dtype(jnp.bfloat16)}
+    # Optimizer slots stay float32 (Adafactor's factored moments and full `v` for small leaves).
+    assert {x.dtype for x in jax.tree.leaves(result.state.opt_state) if x.ndim > 1} == {np.dtype(np.float32)}
+    losses = [r["loss"] for r in metric_rows(tmp_path)]
+    assert losses[-1] < losses[0]
+    on_disk = read_orbax_item(latest_step_dir(tmp_path / "checkpoints") / "params")
+    assert {a.dtype for a in on_disk.values()} == {np.dtype(jnp.bfloat16)}
+    _, loaded = load_checkpoint(tmp_path / "checkpoints")    # inference loads as float32
+    np.testing.assert_array_equal(loaded["encoder"]["layers"]["mlp"]["wo"]["kernel"],
+                                  params["encoder/layers/mlp/wo/kernel"].astype(np.float32))
+
+
+def test_bf16_run_stopped_and_resumed_ends_bit_identical(tmp_path):
+    # Reuses the compiled step of the test above (same settings): a few seconds after it.
     cfg = tiny_config(scan_layers=True)
     common = dict(optimizer=ADAFACTOR, param_dtype="bfloat16", checkpoint_every=2)
     whole = Trainer(cfg, run_config(tmp_path / "whole", train_steps=4, **common)).fit(train_source(16))
-    params = flat(whole.state.params)
-    assert {v.dtype for v in params.values()} == {np.dtype(jnp.bfloat16)}
-    # Optimizer slots stay float32 (Adafactor's factored moments and full `v` for small leaves).
-    assert {x.dtype for x in jax.tree.leaves(whole.state.opt_state) if x.ndim > 1} == {np.dtype(np.float32)}
-    losses = [r["loss"] for r in metric_rows(tmp_path / "whole")]
-    assert losses[-1] < losses[0]
     # Interrupted after step 2 and rerun: same params, bit for bit (rounding is keyed by the step).
     Trainer(cfg, run_config(tmp_path / "split", train_steps=2, **common)).fit(train_source(16))
     resumed = Trainer(cfg, run_config(tmp_path / "split", train_steps=4, **common)).fit(train_source(16))
+    params = flat(whole.state.params)
     for name, value in flat(resumed.state.params).items():
         np.testing.assert_array_equal(value, params[name], err_msg=name)
-    on_disk = read_orbax_item(latest_step_dir(tmp_path / "whole" / "checkpoints") / "params")
-    assert {a.dtype for a in on_disk.values()} == {np.dtype(jnp.bfloat16)}
-    _, loaded = load_checkpoint(tmp_path / "whole" / "checkpoints")    # inference loads as float32
-    np.testing.assert_array_equal(loaded["encoder"]["layers"]["mlp"]["wo"]["kernel"],
-                                  params["encoder/layers/mlp/wo/kernel"].astype(np.float32))
