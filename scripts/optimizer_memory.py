@@ -5,8 +5,8 @@
 
 For each size, optimizer and param dtype it compiles `update + write-back` for abstract inputs
 (nothing is allocated, so XXL compiles on a laptop) twice: optax applied to the whole stacked
-arrays (then `apply_updates`), and `optimizers.per_layer`'s fused `apply` (the trainer's update: a
-loop over the `layers` axis writing each layer back in place). Params and optimizer state are
+arrays (then `apply_updates`), and `optimizers.per_layer`'s fused `apply` (the trainer's Adafactor
+update: a loop over the `layers` axis writing each layer back in place). Params and optimizer state are
 donated, as in the train step; the gradients are an input. It prints `memory_analysis()`: the arguments and the temporaries XLA allocates on
 top of them. On the CPU backend this is XLA CPU's buffer assignment; the GPU's differs in fusion,
 but the whole-stack temporaries come from the algorithm (full-size float32 intermediates of every
@@ -44,7 +44,9 @@ def abstract_params(size: str, param_dtype: str):
 def measure(size: str, optimizer: str, param_dtype: str, per_layer: bool) -> dict:
     """One compiled update: its compile time and XLA's memory analysis (GiB)."""
     config = OptimizerConfig(name=optimizer)
-    tx = config.build(1)[0] if per_layer else optimizers.OPTIMIZERS[optimizer](config, config.make_schedule(1))
+    inner = optimizers.OPTIMIZERS[optimizer](config, config.make_schedule(1))
+    tx = optimizers.per_layer(inner) if per_layer else inner   # the loop, for AdamW too (the trainer's
+    # AdamW updates whole arrays: `optimizers.ELEMENTWISE`)
     params = abstract_params(size, param_dtype)
     state = jax.eval_shape(tx.init, params)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
