@@ -181,13 +181,13 @@ def _one_device_mesh():
     return mesh, partitioning.logical_axis_rules()
 
 
-def _program(cfg, optimizer: str, loss=None):
+def _program(cfg, optimizer: str, loss=None, param_dtype: str = "float32"):
     from doa_jax import losses, trainer
     from doa_jax.optimizers import OptimizerConfig
 
     mesh, rules = _one_device_mesh()
     prog = trainer.step_program(cfg, loss or losses.LossConfig(), OptimizerConfig(name=optimizer), 1, 1,
-                                mesh, tuple(tuple(r) for r in rules))
+                                mesh, tuple(tuple(r) for r in rules), param_dtype)
     return prog, mesh, rules
 
 
@@ -198,40 +198,23 @@ def _cast_floats(tree, dtype):
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _init_state(prog, param_dtype: str, seed: int):
-    """The program's train state; with `param_dtype='bfloat16'` params (and optimizer slots) in bf16."""
-    import flax.linen as nn
+def _init_state(prog, seed: int):
+    """The program's train state, params in the program's `param_dtype` (the trainer's own init)."""
     import jax
-    import jax.numpy as jnp
 
-    from doa_jax.trainer import TrainState
-
-    if param_dtype == "float32":
-        return prog.init(jax.random.PRNGKey(seed))
-    tokens = jnp.zeros((1, 1), jnp.int32)
-
-    def init(rng):
-        params = _cast_floats(nn.meta.unbox(prog.model.init(rng, tokens, tokens))["params"], jnp.dtype(param_dtype))
-        return TrainState(jnp.zeros((), jnp.int32), params, prog.tx.init(params))
-
-    return jax.jit(init, out_shardings=prog.state_shardings)(jax.random.PRNGKey(seed))
+    return prog.init(jax.random.PRNGKey(seed))
 
 
-def _abstract_state(prog, param_dtype: str):
+def _abstract_state(prog):
     """ShapeDtypeStructs (with shardings) of the train state: nothing is allocated."""
     import jax
     import jax.numpy as jnp
 
     from doa_jax.trainer import TrainState
 
-    params = prog.abstract_params
-    if param_dtype != "float32":
-        params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(param_dtype)), params)
-    opt = jax.eval_shape(prog.tx.init, params)
-    with_sharding = lambda t, s: jax.tree_util.tree_map(  # noqa: E731
-        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s)
+    params, opt = prog.abstract_state()
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=prog.state_shardings.step)
-    return TrainState(step, with_sharding(params, prog.param_shardings), with_sharding(opt, prog.opt_shardings))
+    return TrainState(step, params, opt)
 
 
 def _abstract_batch(mesh, vocab: int, batch: int, enc_len: int, dec_len: int):
@@ -262,7 +245,7 @@ def _train_case(case: Mapping[str, Any], part: str):
     c = {**DEFAULTS, **case}
     size, batch = c["size"], c["batch"] or default_batch(c["size"])
     cfg = model_config(size, scan=c["scan"], remat=c["remat"], dtype=c["dtype"])
-    prog, mesh, rules = _program(cfg, c["optimizer"])
+    prog, mesh, rules = _program(cfg, c["optimizer"], param_dtype=c["param_dtype"])
     row = dict(part=part, size=size, optimizer=c["optimizer"], batch=batch, enc_len=c["enc_len"],
                dec_len=c["dec_len"], scan=c["scan"], remat=c["remat"], param_dtype=c["param_dtype"],
                params=cfg.num_params())
@@ -278,7 +261,7 @@ def bench_train(case: Mapping[str, Any]) -> dict[str, Any]:
     c, batch, cfg, prog, mesh, rules, row = _train_case(case, "train")
     with partitioning.mesh_context(mesh, rules):
         t = _now()
-        state = _init_state(prog, c["param_dtype"], c["seed"])
+        state = _init_state(prog, c["seed"])
         jax.block_until_ready(state)
         row["init_s"] = _now() - t
         host = random_batch(cfg.vocab_size, batch, c["enc_len"], c["dec_len"], c["seed"])
@@ -464,7 +447,7 @@ def aot_train(case: Mapping[str, Any]) -> dict[str, Any]:
 
     c, batch, cfg, prog, mesh, rules, row = _train_case(case, "aot_train")
     row["backend"] = jax.default_backend()
-    state = _abstract_state(prog, c["param_dtype"])
+    state = _abstract_state(prog)
     data = _abstract_batch(mesh, cfg.vocab_size, batch, c["enc_len"], c["dec_len"])
     rng = jax.ShapeDtypeStruct((2,), jax.numpy.uint32, sharding=partitioning.replicated(mesh))
     with partitioning.mesh_context(mesh, rules):

@@ -7,6 +7,15 @@
   checkpoints, so its decay starts near 1 — see t5x issue #1478).
 * `adamw`: decoupled weight decay (the paper's PyTorch fine-tuning: lr 3e-5, batch 32).
 
+Scanned layers (`T5Config.scan_layers`) hold each stack's params on a leading `layers` axis.
+`per_layer` runs the optimizer once per layer over that axis (a `fori_loop` that slices a layer,
+updates it and writes it back in place), so every layer keeps its own statistics (Adafactor's
+parameter-scale and update clipping are per layer, exactly as T5X's per-layer names give them)
+and the float32 temporaries are one layer's, not the whole stack's. `OptimizerConfig.build`
+always wraps the optimizer in it; on per-layer (unscanned) params, and for element-wise AdamW
+(whose whole-array update is the per-layer one), it is the plain optimizer with the same state. The update is computed in float32 whatever the params' dtype;
+`apply_updates` writes it back, stochastically rounded when params are bfloat16.
+
 Schedules are T5X's `create_learning_rate_scheduler` factor strings (`'constant'`,
 `'constant * rsqrt_decay'`, `'constant * linear_warmup * rsqrt_decay'`, ...) plus
 `'linear_to_zero'` (PyTorch/HF's linear decay from `warmup_steps` to the last step).
@@ -15,10 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
+import jax
 import jax.numpy as jnp
 import optax
+
+from doa_jax.model.scan import STACKED
 
 Schedule = Callable[[Any], Any]
 
@@ -92,6 +104,236 @@ def learning_rate_schedule(factors: str = "constant", *, base_learning_rate: flo
     return schedule
 
 
+# ----------------------------------------------------------------------------- per-layer update
+
+class PerLayerState(NamedTuple):
+    """State of `per_layer`: the inner state of the unstacked params, and one per stack."""
+
+    rest: Any     # inner state over the params outside any `layers` stack
+    stacks: tuple  # per stack (in `_stack_paths` order): each layer's inner state, stacked on axis 0
+
+
+def _stack_paths(tree: Any, path: tuple = ()) -> list[tuple]:
+    """Paths (dict keys) of every stacked `layers` entry, in sorted order."""
+    if not isinstance(tree, Mapping):
+        return []
+    found = []
+    for key in sorted(tree):
+        if key == STACKED:
+            found.append(path + (key,))
+        else:
+            found.extend(_stack_paths(tree[key], path + (key,)))
+    return found
+
+
+def _split(tree: Any, paths: list[tuple]) -> tuple[Any, list[Any]]:
+    """`(tree without the stacks, [each stack as a one-branch tree keeping its full path])`."""
+    if tree is None:
+        return None, [None] * len(paths)
+
+    def without(node, path):
+        out = dict(node)
+        if len(path) == 1:
+            del out[path[0]]
+        else:
+            out[path[0]] = without(node[path[0]], path[1:])
+        return out
+
+    def branch(node, path):
+        return {path[0]: node[path[0]] if len(path) == 1 else branch(node[path[0]], path[1:])}
+
+    rest = tree
+    for path in paths:
+        rest = without(rest, path)
+    return rest, [branch(tree, path) for path in paths]
+
+
+def _merge(rest: Any, branches: list[Any]) -> Any:
+    def put(node, branch):
+        out = dict(node)
+        for key, value in branch.items():
+            out[key] = put(node.get(key, {}), value) if isinstance(value, Mapping) and key != STACKED else value
+        return out
+
+    for branch in branches:
+        rest = put(rest, branch)
+    return rest
+
+
+def _f32(tree):
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                  tree)
+
+
+def _layer(tree, i):
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
+
+
+def _put_layer(buffers, values, i):
+    return jax.tree_util.tree_map(
+        lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), i, 0), buffers, values)
+
+
+def _sq_norm(tree) -> jax.Array:
+    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)),
+               jnp.float32(0.0))
+
+
+def _stack_update(inner, grads, state, params, scale):
+    """One stack: update layer i from its own slices, writing updates over the gradient buffer."""
+    def body(i, carry):
+        buffer, st = carry     # buffer[j] holds the gradient for j >= i and the update for j < i
+        p = None if params is None else _f32(_layer(params, i))
+        u, s = inner.update(_scaled(_layer(buffer, i), scale), _layer(st, i), p)
+        return _put_layer(buffer, u, i), _put_layer(st, s, i)
+
+    return jax.lax.fori_loop(0, _num_layers(grads), body, (grads, state))
+
+
+def _stack_apply(inner, grads, state, params, scale, key):
+    """One stack: update layer i and write it into the (donated) params and state in place."""
+    def body(i, carry):
+        p_buf, st, sq = carry
+        p = _layer(p_buf, i)
+        u, s = inner.update(_scaled(_layer(grads, i), scale), _layer(st, i), _f32(p))
+        new = apply_updates(p, u, None if key is None else jax.random.fold_in(key, i))
+        return _put_layer(p_buf, new, i), _put_layer(st, s, i), sq + _sq_norm(u)
+
+    return jax.lax.fori_loop(0, _num_layers(grads), body, (params, state, jnp.float32(0.0)))
+
+
+def _num_layers(tree) -> int:
+    return jax.tree_util.tree_leaves(tree)[0].shape[0]
+
+
+def _scaled(grads, scale):
+    return _f32(grads) if scale is None else jax.tree_util.tree_map(lambda g: g.astype(jnp.float32) * scale, grads)
+
+
+class PerLayerTransformation(NamedTuple):
+    """An optax `GradientTransformation` (`init`, `update`) with a fused `apply`:
+    `apply(grads, state, params, key=None) -> (new params, new state, update norm)` updates and
+    writes back each layer in place (no full-size update tree; what the trainer uses)."""
+
+    init: Callable
+    update: Callable
+    apply: Callable
+
+
+def per_layer(inner: optax.GradientTransformation, clip_norm: Optional[float] = None,
+              loop: bool = True) -> PerLayerTransformation:
+    """`inner` applied to each layer of every stacked `layers` entry separately (see module doc),
+    after clipping the gradients' global norm to `clip_norm` (optax's `clip_by_global_norm`).
+
+    Params without stacks (or `loop=False`: an element-wise `inner`, whose update of a whole
+    stacked array is the per-layer one) get `inner`'s own state and update (in float32).
+    """
+
+    def init(params):
+        paths = _stack_paths(params) if loop else []
+        if not paths:
+            return inner.init(_f32(params))
+        rest, branches = _split(params, paths)
+        return PerLayerState(inner.init(_f32(rest)),
+                             tuple(jax.vmap(lambda b: inner.init(_f32(b)))(b) for b in branches))
+
+    def clip_scale(grads):
+        if clip_norm is None:
+            return None
+        norm = jnp.sqrt(_sq_norm(grads))
+        return jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
+
+    def update(grads, state, params=None):
+        scale = clip_scale(grads)
+        if not isinstance(state, PerLayerState):
+            updates, state = inner.update(_scaled(grads, scale), state, None if params is None else _f32(params))
+            return jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype), updates, grads), state
+        paths = _stack_paths(grads)
+        (g_rest, g_stacks), (p_rest, p_stacks) = _split(grads, paths), _split(params, paths)
+        u_rest, s_rest = inner.update(_scaled(g_rest, scale), state.rest, None if p_rest is None else _f32(p_rest))
+        u_rest = jax.tree_util.tree_map(lambda u, g: u.astype(g.dtype), u_rest, g_rest)
+        done = [_stack_update(inner, g, s, p, scale) for g, s, p in zip(g_stacks, state.stacks, p_stacks)]
+        return _merge(u_rest, [u for u, _ in done]), PerLayerState(s_rest, tuple(s for _, s in done))
+
+    def apply(grads, state, params, key=None):
+        scale = clip_scale(grads)
+        if not isinstance(state, PerLayerState):
+            updates, state = inner.update(_scaled(grads, scale), state, _f32(params))
+            return apply_updates(params, updates, key), state, jnp.sqrt(_sq_norm(updates))
+        paths = _stack_paths(grads)
+        (g_rest, g_stacks), (p_rest, p_stacks) = _split(grads, paths), _split(params, paths)
+        u_rest, s_rest = inner.update(_scaled(g_rest, scale), state.rest, _f32(p_rest))
+        keys = [None] * (len(paths) + 1) if key is None else list(jax.random.split(key, len(paths) + 1))
+        done = [_stack_apply(inner, g, s, p, scale, k)
+                for g, s, p, k in zip(g_stacks, state.stacks, p_stacks, keys[1:])]
+        new_params = _merge(apply_updates(p_rest, u_rest, keys[0]), [p for p, _, _ in done])
+        sq = _sq_norm(u_rest) + sum(q for _, _, q in done)
+        return new_params, PerLayerState(s_rest, tuple(s for _, s, _ in done)), jnp.sqrt(sq)
+
+    return PerLayerTransformation(init, update, apply)
+
+
+def apply_gradients(tx, grads, state, params, key=None):
+    """`(new params, new state, update norm)`: `tx.apply` when `tx` has one (`per_layer`), else
+    optax's `update` followed by `apply_updates`."""
+    if isinstance(tx, PerLayerTransformation):
+        return tx.apply(grads, state, params, key)
+    updates, state = tx.update(grads, state, params)
+    return apply_updates(params, updates, key), state, jnp.sqrt(_sq_norm(updates))
+
+
+def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
+    """float32 `x` rounded to bfloat16 `dtype`, up or down with probability by distance: unbiased.
+
+    Adds 16 random low bits to the float32 bit pattern and truncates them; sign-magnitude bits make
+    this round the magnitude, so it is unbiased for either sign.
+    """
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        raise ValueError(f"stochastic rounding is to bfloat16, not {jnp.dtype(dtype).name}")
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
+    rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+
+
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def cast_params(tree: Any, dtype: str) -> Any:
+    """Floating leaves of `tree` (arrays or ShapeDtypeStructs) in `dtype` ('float32' or 'bfloat16')."""
+    if dtype not in PARAM_DTYPES:
+        raise ValueError(f"param_dtype must be one of {PARAM_DTYPES}, got {dtype!r}")
+    target = jnp.dtype(dtype)
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == target:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, target, sharding=x.sharding)
+        return x.astype(target)
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def apply_updates(params: Any, updates: Any, key: Optional[jax.Array] = None) -> Any:
+    """`params + updates`, added in float32 and written back in each param's dtype.
+
+    bfloat16 params are stochastically rounded with `key` (a fresh key per step): an update
+    smaller than half a bf16 ulp of its weight then still moves it on average, where rounding to
+    nearest would drop it. Without a key (or for float32 params) rounding is to nearest.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    upd = treedef.flatten_up_to(updates)
+    out = []
+    for n, (p, u) in enumerate(zip(leaves, upd)):
+        total = p.astype(jnp.float32) + u.astype(jnp.float32)
+        if p.dtype == jnp.bfloat16 and key is not None:
+            out.append(stochastic_round(total, p.dtype, jax.random.fold_in(key, n)))
+        else:
+            out.append(total.astype(p.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 # ----------------------------------------------------------------------------- optimizers
 
 def _adafactor(c: "OptimizerConfig", lr: Schedule) -> optax.GradientTransformation:
@@ -110,6 +352,9 @@ OPTIMIZERS: dict[str, Callable[["OptimizerConfig", Schedule], optax.GradientTran
     "adafactor": _adafactor,
     "adamw": _adamw,
 }
+# Element-wise optimizers: updating a whole stacked array equals updating each layer, and XLA
+# does it in place with no temporaries (notes/performance.md), so `per_layer` does not loop.
+ELEMENTWISE = frozenset({"adamw"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +413,11 @@ class OptimizerConfig:
     def build(self, total_steps: int) -> tuple[optax.GradientTransformation, Schedule]:
         """`(optax transformation, schedule)`; `total_steps` feeds decays that end with training."""
         schedule = self.make_schedule(total_steps)
-        tx = OPTIMIZERS[self.name](self, schedule)
-        if self.grad_clip_norm is not None:
-            tx = optax.chain(optax.clip_by_global_norm(self.grad_clip_norm), tx)
+        tx = per_layer(OPTIMIZERS[self.name](self, schedule), clip_norm=self.grad_clip_norm,
+                       loop=self.name not in ELEMENTWISE)
         return tx, schedule
 
 
-__all__ = ["OPTIMIZERS", "OptimizerConfig", "SCHEDULE_FACTORS", "learning_rate_schedule"]
+__all__ = ["OPTIMIZERS", "OptimizerConfig", "PerLayerState", "PerLayerTransformation", "SCHEDULE_FACTORS",
+           "PARAM_DTYPES", "apply_gradients", "apply_updates", "cast_params",
+           "learning_rate_schedule", "per_layer", "stochastic_round"]

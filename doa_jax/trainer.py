@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from doa_jax import flops, losses, partitioning, progress
+from doa_jax import flops, losses, optimizers, partitioning, progress
 from doa_jax.checkpoints import steps as train_checkpoints
 from doa_jax.losses import LossConfig
 from doa_jax.model import T5Config, Transformer
@@ -86,7 +86,8 @@ class TrainState:
 
 _FIELD_TYPES = {"batch_size": (int,), "train_steps": (int, type(None)), "epochs": (int, float, type(None)),
                 "num_microbatches": (int,), "seed": (int,), "keep_checkpoints": (int, type(None)),
-                "max_grad_norm": (int, float, type(None)), "max_param_growth": (int, float, type(None))}
+                "max_grad_norm": (int, float, type(None)), "max_param_growth": (int, float, type(None)),
+                "param_dtype": (str,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +129,9 @@ class TrainConfig:
     max_grad_norm: Optional[float] = None
     max_param_growth: Optional[float] = 100.0
     handle_signals: bool = True
+    # 'bfloat16': params stored (and checkpointed) in bf16, updates computed in float32 and written
+    # back with stochastic rounding (`optimizers.apply_updates`); optimizer slots stay float32.
+    param_dtype: str = "float32"
 
     def __post_init__(self):
         for name, kinds in _FIELD_TYPES.items():
@@ -148,6 +152,8 @@ class TrainConfig:
         if self.initial_checkpoint_mode not in ("params", "full"):
             raise ValueError(f"initial_checkpoint_mode must be 'params' (weights only, fresh optimizer) or "
                              f"'full' (resume a doa_jax trainer checkpoint), got {self.initial_checkpoint_mode!r}")
+        if self.param_dtype not in optimizers.PARAM_DTYPES:
+            raise ValueError(f"param_dtype must be one of {optimizers.PARAM_DTYPES}, got {self.param_dtype!r}")
         if self.eval_mode not in (None, "min", "max"):
             raise ValueError(f"eval_mode must be 'min', 'max' or None, got {self.eval_mode!r}")
         for name in ("log_every", "checkpoint_every", "eval_every", "early_stopping_patience"):
@@ -242,8 +248,9 @@ class StepProgram:
     """
 
     def __init__(self, model_config: T5Config, loss: LossConfig, optimizer: OptimizerConfig, total_steps: int,
-                 num_microbatches: int, mesh: jax.sharding.Mesh, rules: tuple):
+                 num_microbatches: int, mesh: jax.sharding.Mesh, rules: tuple, param_dtype: str = "float32"):
         self.model_config, self.loss, self.num_microbatches = model_config, loss, num_microbatches
+        self.param_dtype = param_dtype
         self.mesh, self.rules = mesh, [tuple(r) for r in rules]
         self.model = Transformer(model_config)
         self.tx, self.schedule = optimizer.build(total_steps)
@@ -251,7 +258,7 @@ class StepProgram:
         self._init_inputs = (shape, shape)
         boxed = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), shape, shape))
         self.logical_specs = nn.get_partition_spec(boxed)["params"]
-        self.abstract_params = _unbox(boxed)["params"]
+        self.abstract_params = optimizers.cast_params(_unbox(boxed)["params"], param_dtype)
         self.param_shardings = partitioning.param_shardings(mesh, self.rules, self.logical_specs)
         self.abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
         self.opt_shardings = partitioning.opt_state_shardings(mesh, self.abstract_params, self.param_shardings,
@@ -282,7 +289,7 @@ class StepProgram:
         return TrainState(self.put_step(0), params, opt_state)
 
     def _init_fn(self, rng):
-        params = _unbox(self.model.init(rng, *self._init_inputs))["params"]
+        params = optimizers.cast_params(_unbox(self.model.init(rng, *self._init_inputs))["params"], self.param_dtype)
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
     def _loss_and_metrics(self, params, batch, weights, divisor, rng, loss: Optional[LossConfig] = None):
@@ -321,10 +328,11 @@ class StepProgram:
             zero = (jax.tree_util.tree_map(jnp.zeros_like, state.params),
                     jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
             (grads, metrics), _ = jax.lax.scan(body, zero, (jnp.arange(m), micro))
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        # bf16 params are written back with stochastic rounding, keyed by the step (resumes replay it).
+        params, opt_state, update_norm = optimizers.apply_gradients(
+            self.tx, grads, state.opt_state, state.params, jax.random.fold_in(rng, 0x5352))
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=self.schedule(state.step),
                        nonfinite=(~finite).astype(jnp.int32), param_norm=optax.tree.norm(params))
         return TrainState(state.step + 1, params, opt_state), metrics
@@ -340,8 +348,9 @@ class StepProgram:
 
 @functools.lru_cache(maxsize=8)
 def step_program(model_config: T5Config, loss: LossConfig, optimizer: OptimizerConfig, total_steps: int,
-                 num_microbatches: int, mesh: jax.sharding.Mesh, rules: tuple) -> StepProgram:
-    return StepProgram(model_config, loss, optimizer, total_steps, num_microbatches, mesh, rules)
+                 num_microbatches: int, mesh: jax.sharding.Mesh, rules: tuple,
+                 param_dtype: str = "float32") -> StepProgram:
+    return StepProgram(model_config, loss, optimizer, total_steps, num_microbatches, mesh, rules, param_dtype)
 
 
 class Trainer:
@@ -359,7 +368,8 @@ class Trainer:
         if self.program is None:
             total_steps = total_steps if cfg.optimizer.uses_total_steps else 1
             self.program = step_program(self.model_config, cfg.loss, cfg.optimizer, total_steps,
-                                        cfg.num_microbatches, self.mesh, tuple(tuple(r) for r in self.rules))
+                                        cfg.num_microbatches, self.mesh, tuple(tuple(r) for r in self.rules),
+                                        cfg.param_dtype)
         return self.program
 
     # ------------------------------------------------------------------ state creation

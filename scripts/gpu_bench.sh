@@ -1,147 +1,217 @@
 #!/usr/bin/env bash
-# Issue 7 on one H100: the PyTorch peer (hf_t5_baseline.py) and `doa bench`, side by side, in the
-# same device call. notes/performance.md says what each figure is for.
+# Issue 16 on one lent GPU (H200): the PyTorch peer (hf_t5_baseline.py) and `doa bench` in ONE
+# device call of under 9 minutes, in the issue's priority order, each case under its own timeout,
+# the tables rewritten after every case (so whatever ran is kept if a later case fails or hangs).
 #
-# 1. Once, on the developer machine (../shared does not travel to the device machine, so the
-#    peer's script is copied into an ignored folder that the call carries):
+# 1. Here, once (../shared does not travel; the peer's script is copied into .carry/, which
+#    .git/info/exclude ignores and the call carries):
 #        bash scripts/gpu_bench.sh prepare
-# 2. Through the device tool, one plan per call (each is sized for the 10-minute limit; the
-#    three together take about 25 minutes of the 30-minute device budget):
-#        run(command="bash scripts/gpu_bench.sh train",  carry=[".carry"], timeout_s=600)
-#        run(command="bash scripts/gpu_bench.sh decode", carry=[".carry"], timeout_s=600)
-#        run(command="bash scripts/gpu_bench.sh xxl",    carry=[".carry"], timeout_s=600)
-#    Each writes to $OUT: peer_PLAN.json (the peer's rows), ours_PLAN.json (doa bench rows),
-#    table_PLAN.md (ours with the peer's figures and ratios) and log_PLAN.txt.
-#    Afterwards, here: python3 scripts/bench.py --show ours_PLAN.json --peer peer_PLAN.json
+# 2. The device call (timeout_s 600 leaves a margin over the 530 s deadline below):
+#        run(command="bash scripts/gpu_bench.sh run", carry=[".carry"], timeout_s=600)
+#    A `shared/bench/hf_t5_baseline.py` inside the checkout (a `shared/` folder travels) or
+#    PEER_SCRIPT=... is used instead of .carry/ when present.
+# 3. $OUT then holds five files: env.json (device, date, versions), peer.json (the peer's rows),
+#    ours.json (doa bench rows), table.md (ours with the peer's figures and ratios), log.txt.
+#    Here: python3 scripts/bench.py --show ours.json --peer peer.json
 #
-# Needs on the device machine only what its image has (Python 3.12, JAX CUDA, Flax, Optax, Orbax,
-# TensorStore, PyTorch, transformers): the benchmark imports no TensorFlow, SeqIO or gin.
+# Dry run on any machine (CPU included), tiny sizes, same control flow:
+#        GPU_BENCH_TINY=1 OUT=/tmp/gb bash scripts/gpu_bench.sh run
+# Per-case timeouts are T_A_PEER, T_A, T_B_PEER, ... (seconds, environment); DEADLINE (default 530)
+# is when no new case starts; every case's timeout is cut to what is left before it. The dry run
+# multiplies the deadline and every timeout by SCALE (default 4).
+#
+# Cases, in priority order (the issue's (a)-(f)):
+#   (a) base train step, batch 32, 512/128: peer torch.compile (trainc:base) vs ours (AdamW, scanned)
+#   (b) XL train step, batch 8: peer eager (train:xl) vs ours; MFU by the peer's formula and with attention
+#   (c) XXL fine-tune step, batch 8, 512/128: Adafactor, bf16 params, remat full: peak memory, step time
+#   (d) XXL greedy decode, batch 256, 128 in, exactly 32 new: peer generate (gen:xxl) vs ours
+#   (e) small and large greedy decode: peer gen:small gen:large vs ours
+#   (f) `doa calibrate` XXL teacher / Small student on WLP lengths, if this checkout has the command;
+#       then, if time is left, stored top-k vs online KD per student step (distill rows)
+# The device image has JAX/Flax/Optax/Orbax/PyTorch/transformers but no TensorFlow, SeqIO or gin;
+# `doa bench` imports none of them (checked at the start of the run, and by tests/test_bench.py).
 set -uo pipefail
 
-plan=${1:-train}
+plan=${1:-run}
 root=$(cd "$(dirname "$0")/.." && pwd)
-carry=$root/.carry
 
 if [ "$plan" = prepare ]; then
     src=${PEER_SCRIPT:-$root/../shared/bench/hf_t5_baseline.py}
     [ -f "$src" ] || { echo "peer script not found at $src (set PEER_SCRIPT)" >&2; exit 2; }
-    mkdir -p "$carry" && cp "$src" "$carry/hf_t5_baseline.py"
-    grep -qxF '/.carry/' "$root/.git/info/exclude" 2>/dev/null || echo '/.carry/' >> "$root/.git/info/exclude"
-    echo "copied $src to $carry; now run: bash scripts/gpu_bench.sh train|decode|xxl with carry=[\".carry\"]"
+    mkdir -p "$root/.carry" && cp "$src" "$root/.carry/hf_t5_baseline.py"
+    exclude=$(git -C "$root" rev-parse --path-format=absolute --git-path info/exclude)
+    if ! git -C "$root" check-ignore -q .carry/hf_t5_baseline.py; then
+        mkdir -p "$(dirname "$exclude")" && echo '/.carry/' >> "$exclude"
+    fi
+    echo "copied $src to $root/.carry; now: run(command=\"bash scripts/gpu_bench.sh run\", carry=[\".carry\"], timeout_s=600)"
     exit 0
+fi
+if [ "$plan" != run ]; then
+    echo "unknown plan '$plan': use prepare or run" >&2
+    exit 2
 fi
 
 OUT=${OUT:-$root/bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
-# JAX may take 95% of the card (each case runs in its own process, so nothing is shared).
+# Each case runs in its own process: JAX may take 95% of the card.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-log=$OUT/log_$plan.txt
-peer_json=$OUT/peer_$plan.json
-ours_json=$OUT/ours_$plan.json
+log=$OUT/log.txt
+work=$(mktemp -d)
 start=$(date +%s)
+DEADLINE=${DEADLINE:-530}
 elapsed() { echo $(( $(date +%s) - start )); }
-# Steps stop being started at DEADLINE seconds, so the tables and archives are written inside the
-# device tool's 600-second limit; every case's time is capped by what is left.
-DEADLINE=${DEADLINE:-540}
-left() { echo $(( DEADLINE - $(elapsed) )); }
+say() { echo "$*" | tee -a "$log"; }
 
-peer() {   # peer ITEMS... : the PyTorch baseline, capped so that our half of the call keeps its time
-    if [ ! -f "$carry/hf_t5_baseline.py" ]; then
-        echo "no $carry/hf_t5_baseline.py: run 'bash scripts/gpu_bench.sh prepare' here and carry .carry" | tee -a "$log"
-        return
-    fi
-    echo "== peer $* (t=$(elapsed)s)" | tee -a "$log"
-    local cap=${PEER_TIMEOUT:-240}
-    [ "$(left)" -lt "$cap" ] && cap=$(left)
-    timeout "$cap" python3 "$carry/hf_t5_baseline.py" "$peer_json" "$@" 2>&1 | tee -a "$log"
-}
+peer_script=${PEER_SCRIPT:-}           # PEER_SCRIPT=none: ours only
+for candidate in "$root/.carry/hf_t5_baseline.py" "$root/shared/bench/hf_t5_baseline.py"; do
+    [ -z "$peer_script" ] && [ -f "$candidate" ] && peer_script=$candidate
+done
+[ "$peer_script" = none ] && peer_script=""
 
-ours() {   # ours FLAGS... : doa bench, every case in its own process, rows appended to ours_PLAN.json
-    local cap=${CASE_TIMEOUT:-150}
-    if [ "$(left)" -lt 30 ]; then
-        echo "== skipped (deadline): doa bench $*" | tee -a "$log"
-        return
-    fi
-    [ "$(left)" -lt "$cap" ] && cap=$(left)
-    echo "== doa bench $* (t=$(elapsed)s, at most ${cap}s a case)" | tee -a "$log"
-    python3 "$root/scripts/bench.py" --append --out "$ours_json" --timeout "$cap" "$@" 2>&1 \
-        | grep -v '^|' | tee -a "$log"
-}
-
-pack() {   # pack NAME DIR [FIND ARGS...]: DIR's matching files as $OUT/NAME.tgz (skipped past 15 MB)
-    local name=$1 dir=$2
-    shift 2
-    [ -d "$dir" ] || return
-    (cd "$dir" && find . -type f "$@" -print0 | tar -czf "$OUT/$name.tgz" --null -T -)
-    if [ "$(stat -c %s "$OUT/$name.tgz")" -gt 15000000 ]; then
-        echo "$name.tgz is over 15 MB; not kept" | tee -a "$log"
-        rm -f "$OUT/$name.tgz"
-    fi
-}
-
-hlo_dump() {   # hlo_dump DIR: XLA flags that write each compiled program's optimised HLO and buffers
-    echo "--xla_dump_to=$1 --xla_dump_hlo_as_text"
-}
-
-{
-    echo "== plan $plan on $(hostname), $(date -u +%FT%TZ)"
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
-    python3 - <<'EOF' 2>&1
-import importlib.util, jax, flax, optax, orbax.checkpoint, torch, transformers
-print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "torch", torch.__version__,
-      "transformers", transformers.__version__, "devices", jax.devices())
-print("TF/seqio/gin present (the bench needs none):",
-      {m: importlib.util.find_spec(m) is not None for m in ("tensorflow", "seqio", "gin")})
-EOF
-} | tee "$log"
-
-case "$plan" in
-train)   # train step: tokens/s and MFU vs the peer (eager and torch.compile); XL start-up
-    peer train:small train:base trainc:base train:large train:xl
-    ours --parts train --sizes base --optimizers adamw --profile /tmp/prof_train
-    ours --parts train --sizes base --optimizers adamw --no-scan
-    ours --parts train --sizes xl small large --optimizers adamw
-    XLA_FLAGS="$(hlo_dump /tmp/hlo_train)" ours --parts aot_train --sizes base --optimizers adamw
-    pack profile_train /tmp/prof_train
-    pack hlo_train /tmp/hlo_train -name '*after_optimizations*'
-    ;;
-decode)  # greedy decoding, batch 256, 128 in, exactly 32 new; XXL decode start-up, scanned and unrolled
-    peer gen:small gen:large gen:xxl
-    ours --parts decode --sizes xxl --profile /tmp/prof_decode
-    ours --parts decode --sizes small large
-    XLA_FLAGS="$(hlo_dump /tmp/hlo_decode)" ours --parts aot_decode --sizes large
-    XLA_FLAGS="$(hlo_dump /tmp/hlo_decode_unrolled)" ours --parts aot_decode --sizes large --no-scan
-    CASE_TIMEOUT=240 ours --parts decode --sizes xxl --no-scan --reps 2
-    pack profile_decode /tmp/prof_decode
-    pack hlo_decode /tmp/hlo_decode -name '*after_optimizations*'
-    pack hlo_decode_unrolled /tmp/hlo_decode_unrolled -name '*after_optimizations*'
-    ;;
-xxl)     # XXL fine-tuning on one card (batch 8, 512/128), distillation cost, XL unrolled start-up, GPU AOT memory
-    ours --parts train --sizes xxl --optimizers adafactor --param-dtype bfloat16 --remat full --steps 5 --warmup 1
-    ours --parts distill --teacher xxl --student small --batch 32 --steps 5
-    ours --parts train --sizes xl --optimizers adafactor
-    ours --parts aot_train --sizes xxl --optimizers adafactor --param-dtype bfloat16 --remat dots
-    ours --parts aot_train --sizes xxl --optimizers adafactor --param-dtype float32 --remat full
-    CASE_TIMEOUT=240 ours --parts train --sizes xl --optimizers adamw --no-scan --steps 3 --warmup 1
-    ;;
-smoke)   # the script itself, on any machine (CPU included), with the tiny size and no peer
-    tiny=(--sizes tiny --batch 2 --enc-len 16 --dec-len 8 --steps 2 --decode-batch 4 --in-len 8 --new-tokens 4 --no-scan)
-    ours --parts train decode "${tiny[@]}" --profile /tmp/prof_smoke_$$
-    XLA_FLAGS="$(hlo_dump /tmp/hlo_smoke_$$)" ours --parts aot_decode "${tiny[@]}"
-    pack profile_smoke /tmp/prof_smoke_$$
-    pack hlo_smoke /tmp/hlo_smoke_$$ -name '*after_optimizations*'
-    rm -rf /tmp/prof_smoke_$$ /tmp/hlo_smoke_$$
-    ;;
-*)
-    echo "unknown plan '$plan': use prepare, train, decode, xxl (or smoke)" >&2
-    exit 2
-    ;;
-esac
-
-if [ -s "$ours_json" ]; then
-    args=(--show "$ours_json")
-    [ -s "$peer_json" ] && args+=(--peer "$peer_json")
-    python3 "$root/scripts/bench.py" "${args[@]}" | tee "$OUT/table_$plan.md"
+TINY=()
+if [ -n "${GPU_BENCH_TINY:-}" ]; then   # dry run: every case with the tiny model (later flags win)
+    SCALE=${SCALE:-4}                     # a CPU compiles slowly: every timeout x SCALE
+    DEADLINE=$(( DEADLINE * SCALE ))
+    TINY=(--sizes tiny --batch 2 --enc-len 16 --dec-len 8 --steps 1 --warmup 0 --decode-batch 4 --in-len 8
+          --new-tokens 4 --reps 1 --teacher tiny --student tiny)
 fi
-echo "== plan $plan done in $(elapsed)s; files in $OUT" | tee -a "$log"
+
+cap() {   # cap SECONDS: the case's timeout (x SCALE), cut to what is left before the deadline
+    local want=$(( $1 * ${SCALE:-1} )) left=$(( DEADLINE - $(elapsed) ))
+    [ "$left" -lt "$want" ] && want=$left
+    echo "$want"
+}
+
+tables() {   # merge the peer's per-case files into peer.json and rewrite table.md
+    python3 - "$work" "$OUT/peer.json" <<'EOF'
+import glob, json, os, sys
+rows = []
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "peer_*.json"))):
+    try:
+        rows += json.load(open(path))
+    except (OSError, ValueError):
+        pass
+if rows:
+    json.dump(rows, open(sys.argv[2], "w"), indent=1)
+EOF
+    [ -s "$OUT/ours.json" ] || return 0
+    local args=(--show "$OUT/ours.json")
+    [ -s "$OUT/peer.json" ] && args+=(--peer "$OUT/peer.json")
+    python3 "$root/scripts/bench.py" "${args[@]}" > "$OUT/table.md" 2>>"$log"
+}
+
+want() {   # CASES="a b" runs only those cases (all when unset)
+    [ -z "${CASES:-}" ] || [[ " $CASES " == *" $1 "* ]]
+}
+
+finish() {   # run the command under its timeout, log how it ended, rewrite the tables
+    local label=$1 seconds=$2
+    shift 2
+    if [ "$seconds" -lt 10 ]; then
+        say "== ($label) skipped: deadline (t=$(elapsed)s)"
+        return
+    fi
+    say "== ($label) t=$(elapsed)s, timeout ${seconds}s: $*"
+    timeout -k 10 "$seconds" "$@" >>"$log" 2>&1
+    local rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        say "== ($label) TIMED OUT after ${seconds}s"
+    else
+        say "== ($label) exit $rc (t=$(elapsed)s)"
+    fi
+    tables
+}
+
+peer() {   # peer LABEL SECONDS ITEMS...: the PyTorch baseline, rows to peer.json
+    local label=$1 seconds=$2
+    shift 2
+    if [ -z "$peer_script" ]; then
+        say "== ($label) peer skipped: no peer script (run 'bash scripts/gpu_bench.sh prepare' here and carry .carry)"
+        return
+    fi
+    finish "$label peer" "$(cap "$seconds")" python3 "$peer_script" "$work/peer_$label.json" "$@"
+}
+
+ours() {   # ours LABEL SECONDS FLAGS...: doa bench, each case in its own process, rows appended to ours.json
+    local label=$1 seconds
+    seconds=$(cap "$2")
+    shift 2
+    finish "$label ours" "$seconds" python3 "$root/scripts/bench.py" --append --out "$OUT/ours.json" \
+        --timeout "$(( seconds > 15 ? seconds - 5 : seconds ))" "$@" "${TINY[@]}"
+}
+
+main() {   # the whole run is one function, so bash has parsed all of it before it starts
+{
+    echo "== gpu_bench on $(hostname), $(date -u +%FT%TZ)${GPU_BENCH_TINY:+ (TINY dry run)}"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+} | tee "$log"
+python3 - "$OUT/env.json" <<'EOF' 2>&1 | tee -a "$log"
+# Versions and device, and the import check: the device image has no TensorFlow, SeqIO or gin.
+import datetime, importlib, importlib.util, json, platform, sys
+info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "host": platform.node()}
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch", "transformers"):
+    try:
+        info[name] = importlib.import_module(name).__version__
+    except Exception as e:  # recorded, not fatal: the cases that need it will fail on their own
+        info[name] = f"missing ({type(e).__name__})"
+try:
+    import jax
+    info["devices"] = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]
+except Exception as e:
+    info["devices"] = f"error: {e}"
+info["tf_seqio_gin_present"] = {m: importlib.util.find_spec(m) is not None for m in ("tensorflow", "seqio", "gin")}
+before = set(sys.modules)
+from doa_jax import benchmark  # noqa: F401  (what `doa bench` and its case processes import)
+from doa_jax.commands import bench  # noqa: F401
+heavy = sorted(m for m in set(sys.modules) - before if m.split(".")[0] in ("tensorflow", "seqio", "gin"))
+info["bench_imports_tf_seqio_gin"] = heavy
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(info))
+EOF
+
+# (a) base train step vs the peer's torch.compile
+if want a; then
+    peer a "${T_A_PEER:-150}" trainc:base
+    ours a "${T_A:-120}" --parts train --sizes base --optimizers adamw --steps 8 --warmup 2
+fi
+# (b) XL train step, MFU
+if want b; then
+    peer b "${T_B_PEER:-90}" train:xl
+    ours b "${T_B:-150}" --parts train --sizes xl --optimizers adamw --steps 5 --warmup 1
+fi
+# (c) XXL fine-tune step: Adafactor, bf16 params (per-layer update), remat full; peak memory, step time
+if want c; then
+    ours c "${T_C:-180}" --parts train --sizes xxl --optimizers adafactor --param-dtype bfloat16 --remat full \
+        --steps 4 --warmup 1
+fi
+# (d) XXL greedy decode vs the peer's generate
+if want d; then
+    peer d "${T_D_PEER:-150}" gen:xxl
+    ours d "${T_D:-150}" --parts decode --sizes xxl --reps 2
+fi
+# (e) small and large greedy decode
+if want e; then
+    peer e "${T_E_PEER:-90}" gen:small gen:large
+    ours e "${T_E:-120}" --parts decode --sizes small large
+fi
+# (f) calibration of an XXL teacher / Small student at WLP's lengths, priced as an H100 (the nearest
+# rate card), written to $OUT/calibration.json; then distillation cost if time is left
+if want f; then
+    # shellcheck disable=SC2086  # CALIBRATE_ARGS is a list of flags
+    finish "f calibrate" "$(cap "${T_F:-120}")" python3 -m doa_jax calibrate \
+        ${CALIBRATE_ARGS:---accelerator h100 --teacher xxl --student small --task wlp} --out "$OUT/calibration.json"
+fi
+if want g; then
+    ours g "${T_G:-90}" --parts distill --teacher xxl --student small --batch 32 --steps 3
+fi
+
+tables
+[ -s "$OUT/table.md" ] && cat "$OUT/table.md"
+rm -rf "$work"
+say "== gpu_bench done in $(elapsed)s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+}
+
+main
+exit 0

@@ -130,16 +130,22 @@ def test_decode_floor_is_compute_bound_for_the_encoder_and_bytes_bound_per_step(
 
 
 @pytest.mark.slow
-def test_gpu_bench_script_smoke_plan_writes_rows_table_and_archives(tmp_path):
+def test_gpu_bench_dry_run_writes_env_rows_and_table_and_survives_a_timed_out_case(tmp_path):
+    """The one-call device script, tiny sizes on the CPU, cases (a), (b), (d) and (e): (b) is given too
+    little time and times out; the case after it still runs and the files the device tool brings back
+    are all there."""
     root = benchmark.__file__.rsplit("/doa_jax/", 1)[0]
-    done = subprocess.run(["bash", "scripts/gpu_bench.sh", "smoke"], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu"})
+    env = {**os.environ, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu", "GPU_BENCH_TINY": "1", "SCALE": "1",
+           "DEADLINE": "3000", "T_B": "12", "PEER_SCRIPT": "none", "CASES": "a b d e"}
+    done = subprocess.run(["bash", "scripts/gpu_bench.sh", "run"], cwd=root, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert {p.name for p in tmp_path.iterdir()} == {"ours_smoke.json", "table_smoke.md", "log_smoke.txt",
-                                                    "profile_smoke.tgz", "hlo_smoke.tgz"}
-    rows = json.loads((tmp_path / "ours_smoke.json").read_text())
-    assert [r["part"] for r in rows] == ["train", "decode", "aot_decode"] and not any("error" in r for r in rows)
-    assert "| tiny | adamw | 2 |" in (tmp_path / "table_smoke.md").read_text()
+    assert {"env.json", "ours.json", "table.md", "log.txt"} <= {p.name for p in tmp_path.iterdir()}
+    assert json.loads((tmp_path / "env.json").read_text())["bench_imports_tf_seqio_gin"] == []
+    log = (tmp_path / "log.txt").read_text()
+    assert "== (b ours) TIMED OUT after 12s" in log
+    rows = json.loads((tmp_path / "ours.json").read_text())
+    assert [r["part"] for r in rows if "error" not in r] == ["train", "decode", "decode"]
+    assert "| tiny | adafactor | 2 |" in (tmp_path / "table.md").read_text()
 
 
 BLOCK_TF_SEQIO_GIN = """

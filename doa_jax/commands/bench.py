@@ -54,7 +54,8 @@ def register(sub) -> None:
                    help="scan over layers (default) or unroll them")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none", help="rematerialisation policy")
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="train-state parameter dtype (bfloat16: half the memory, loses small updates)")
+                   help="train-state parameter dtype (bfloat16: half the memory; updates written back "
+                        "with stochastic rounding, as TrainConfig.param_dtype)")
     p.add_argument("--teacher", default="xxl", help="distill: teacher size (default xxl)")
     p.add_argument("--student", default="small", help="distill: student size (default small)")
     p.add_argument("--topk", type=_positive, default=8, help="distill: stored teacher logits per token")
