@@ -145,7 +145,7 @@ def test_gpu_bench_dry_run_writes_env_rows_and_table_and_survives_a_timed_out_ca
     assert "== (b ours) TIMED OUT after 12s" in log
     rows = json.loads((tmp_path / "ours.json").read_text())
     assert [r["part"] for r in rows if "error" not in r] == ["train", "decode", "decode"]
-    assert "| tiny | adafactor | 2 |" in (tmp_path / "table.md").read_text()
+    assert "| tiny | adamw | 2 |" in (tmp_path / "table.md").read_text()
 
 
 BLOCK_TF_SEQIO_GIN = """

@@ -85,7 +85,6 @@ def test_cells_that_share_a_teacher_reuse_its_fine_tune_and_store(wlp, tmp_path)
 
 
 @pytest.mark.parametrize("change,reason", [
-    (dict(strategy="distill", teacher=tiny(4096)), "vocabulary does not fit"),
     (dict(strategy="distill", distill=DistillConfig(max_unlabeled=0)), "the unlabeled pool is empty"),
     (dict(strategy="distill", distill=DistillConfig(max_unlabeled=48, min_teacher_confidence=0.999)),
      "no pseudo-label reaches MIN_TEACHER_CONFIDENCE"),
@@ -100,10 +99,21 @@ def test_infeasible_cells_are_reported_with_their_reason(wlp, tmp_path, change, 
     assert row["status"] == "infeasible" and reason in row["reason"] and row["value"] is None
 
 
-def test_teacher_and_student_vocabularies_that_differ_are_infeasible(wlp, tmp_path):
-    teacher = wlp.teacher.replace(vocab_size=wlp.student.vocab_size + 128)
-    row = experiment.run_cell(dataclasses.replace(wlp, strategy="distill", teacher=teacher, output_dir=str(tmp_path)))
-    assert row["status"] == "infeasible" and "vocabulary" in row["reason"]
+@pytest.mark.parametrize("teacher_vocab,message", [
+    (4096, r"the teacher's vocabulary does not fit the task's: .* set teacher/T5Size.vocab_size = \d+"),
+    ("unpadded", r"teacher and student vocabularies differ"),
+])
+def test_a_model_that_does_not_fit_the_vocabulary_is_an_error_before_any_compute(wlp, tmp_path, teacher_vocab,
+                                                                                  message):
+    # A configuration mistake is not a budget outcome: no `infeasible` row is written, nothing is trained.
+    from doa_jax.data.vocab import load_vocab
+
+    size = load_vocab(wlp.vocab).vocab_size if teacher_vocab == "unpadded" else teacher_vocab   # fits, unpadded
+    cfg = dataclasses.replace(wlp, strategy="distill", teacher=wlp.teacher.replace(vocab_size=size),
+                              output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        experiment.run_cell(cfg)
+    assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "cache" / "teachers").exists()
 
 
 def test_the_budget_cap_stops_the_student_within_one_step_and_reports_the_spend(wlp, tmp_path, monkeypatch):

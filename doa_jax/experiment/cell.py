@@ -90,6 +90,7 @@ def _warn_stale(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
 
 def _run(cfg: CellConfig) -> results.ResultRow:
     setup = phases.load_task(cfg)
+    phases.check_models(cfg, setup)
     reason = phases.unfit_reason(cfg, setup)
     if reason:
         return _row(cfg, setup, status="infeasible", reason=reason)

@@ -78,16 +78,24 @@ def cache_dir(cfg: CellConfig) -> pathlib.Path:
     return pathlib.Path(cfg.cache_dir) if cfg.cache_dir else pathlib.Path(cfg.output_dir) / "cache"
 
 
-def unfit_reason(cfg: CellConfig, setup: TaskSetup) -> Optional[str]:
-    """Why the cell cannot run on this task's data and vocabulary, or None."""
+def check_models(cfg: CellConfig, setup: TaskSetup) -> None:
+    """Configuration errors, raised before any compute (no results row): a model whose vocab_size does
+    not fit the task's vocabulary, or a teacher and student with different vocabularies. The message
+    names the gin knob to set."""
     roles = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.kind.uses_teacher else [])
     for role, model_cfg in roles:
         try:
             vocab_lib.check_vocab(setup.vocab, model_cfg.vocab_size)
         except ValueError as e:
-            return f"the {role}'s vocabulary does not fit the task's: {e}"
+            raise ValueError(f"the {role}'s vocabulary does not fit the task's: {e}; set {role}/T5Size.vocab_size "
+                             f"= {vocab_lib.padded_vocab_size(setup.vocab)} (or use that model's vocabulary)") from None
     if cfg.kind.uses_teacher and cfg.student.vocab_size != cfg.teacher.vocab_size:
-        return f"teacher and student vocabularies differ ({cfg.teacher.vocab_size} vs {cfg.student.vocab_size} ids)"
+        raise ValueError(f"teacher and student vocabularies differ ({cfg.teacher.vocab_size} vs "
+                         f"{cfg.student.vocab_size} ids): distillation needs one vocabulary")
+
+
+def unfit_reason(cfg: CellConfig, setup: TaskSetup) -> Optional[str]:
+    """Why the cell cannot run on this task's data (a results row says `infeasible`), or None."""
     if cfg.start_labels > len(setup.pools.train):
         return f"START_LABELS {cfg.start_labels} exceeds the labeled pool ({len(setup.pools.train)} examples)"
     return None
