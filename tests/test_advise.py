@@ -262,7 +262,7 @@ def test_demo_pilot_cells_train_on_exactly_the_pilot_label_and_input_counts(tmp_
     args = argparse.Namespace(task="demo", start_labels=200, budget=1.0, out=str(tmp_path), seed=0, quiet=True,
                               gin=[], gin_file=[])
     cells = advise_cmd.Cells(args)
-    assert (cells.label_pool, cells.unlabeled_pool) == (512, 512)
+    assert (cells.label_pool, cells.unlabeled_pool) == (512, 4096)   # gin/runs/demo_models.gin
     ann = cells.annotate_pilot(25)
     plan = cells.planner.plan("annotate", ann.start_labels, ann.extra_budget_usd)
     assert (ann.strategy, ann.start_labels, plan.labels_used) == ("annotate", 24, 25)

@@ -85,15 +85,15 @@ class Cells:
     """The task as pilot cells see it: its card, pools and the planner that prices its cells."""
 
     def __init__(self, args):
-        from doa_jax.experiment import costs, phases, planner
+        from doa_jax.experiment import phases
+        from doa_jax.experiment.pricing import Pricer
 
         self.args = args
         self.base = make_cell(args, "annotate", args.start_labels, args.budget)
         self.setup = phases.load_task(self.base)
-        teacher, student = self.base.pricing_models()
         self.card = self.setup.card
-        self.planner = planner.Planner(costs.get_accelerator(self.base.pricing.accelerator), student, teacher,
-                                       self.card.annotation_cost_usd, self.base.recipe(self.setup.lengths))
+        # The cells' own pricing, so each pilot's budget buys exactly its labels or inputs.
+        self.planner = Pricer.for_cell(self.base, self.card, self.setup.lengths).planner
         pools = self.setup.pools
         cap = self.base.distill.max_unlabeled
         self.label_pool = len(pools.train)
