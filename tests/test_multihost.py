@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from doa_jax.checkpoints.steps import TrainCheckpoints
+from train_helpers import final_params, logged_steps
 
 CHILD = pathlib.Path(__file__).resolve().parent / "multihost_child.py"
 REPO = CHILD.parents[1]
@@ -45,18 +46,6 @@ def _finish(procs, timeout=400) -> None:
     assert all(p.returncode == 0 for p in procs), "\n---\n".join(o[-3000:] for o in outs)
 
 
-def _logged_steps(model_dir) -> list[int]:
-    path = pathlib.Path(model_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
-
-
-def _final(model_dir) -> dict:
-    with np.load(pathlib.Path(model_dir) / "final.npz") as f:
-        return {k: f[k] for k in f.files}
-
-
 def _rows(model_dir, process) -> dict[int, list[int]]:
     """step -> example indices host `process` read (the rerun's reads replace the killed run's)."""
     out = {}
@@ -69,12 +58,12 @@ def _rows(model_dir, process) -> dict[int, list[int]]:
 def test_two_hosts_killed_and_resumed_match_one_host_with_eight_devices(tmp_path):
     env = _env(tmp_path / "compile_cache")
     _finish(_start(tmp_path / "one_host", "normal", env, 1))
-    want = _final(tmp_path / "one_host")
+    want = final_params(tmp_path / "one_host")
 
     model_dir = tmp_path / "two_hosts"
     procs = _start(model_dir, "slow", env, 2)
     deadline = time.time() + 400
-    while not (any(s >= 6 for s in _logged_steps(model_dir))
+    while not (any(s >= 6 for s in logged_steps(model_dir))
                and (model_dir / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists()):
         assert all(p.poll() is None for p in procs) and time.time() < deadline, procs[0].stdout.read()[-3000:]
         time.sleep(0.05)
@@ -82,15 +71,15 @@ def test_two_hosts_killed_and_resumed_match_one_host_with_eight_devices(tmp_path
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
     assert TrainCheckpoints(model_dir / "checkpoints").latest_step() in (4, 8)
-    assert max(_logged_steps(model_dir)) < 12
+    assert max(logged_steps(model_dir)) < 12
 
     _finish(_start(model_dir, "normal", env, 2))
-    got = _final(model_dir)
+    got = final_params(model_dir)
     assert got.keys() == want.keys()
     worst = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
     # gloo's cross-process all-reduce adds in another order than one process does (measured 7.6e-7).
     assert worst <= 1e-5, f"max |diff| {worst}"
-    assert _logged_steps(model_dir) == list(range(1, 13))
+    assert logged_steps(model_dir) == list(range(1, 13))
 
     rows = [_rows(model_dir, p) for p in (0, 1)]
     one = _rows(tmp_path / "one_host", 0)

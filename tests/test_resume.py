@@ -2,7 +2,6 @@
 the step checkpoint), stopped with SIGTERM or Ctrl-C, or left with a damaged newest checkpoint, and
 rerun with the same command, ends with the parameters of an uninterrupted run and one metrics row
 per step."""
-import json
 import os
 import pathlib
 import signal
@@ -15,6 +14,7 @@ import pytest
 
 from doa_jax.checkpoints import load_checkpoint
 from doa_jax.checkpoints.steps import TrainCheckpoints
+from train_helpers import final_params, logged_steps
 
 CHILD = pathlib.Path(__file__).resolve().parent / "resume_child.py"
 REPO = CHILD.parents[1]
@@ -51,25 +51,13 @@ def _kill_when(proc: subprocess.Popen, ready, timeout=300) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def _logged_steps(model_dir) -> list[int]:
-    path = pathlib.Path(model_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
-
-
-def _final(model_dir) -> dict:
-    with np.load(pathlib.Path(model_dir) / "final.npz") as f:
-        return {k: f[k] for k in f.files}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
     env = _env(base / "compile_cache")
     done = _run(base / "uninterrupted", "normal", env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return base, env, _final(base / "uninterrupted")
+    return base, env, final_params(base / "uninterrupted")
 
 
 def _assert_same_params(got: dict, want: dict) -> None:
@@ -83,15 +71,15 @@ def test_sigkill_mid_training_then_rerun_matches_an_uninterrupted_run(uninterrup
     model_dir = base / "killed"
     proc = _start(model_dir, "slow", env)
     # Kill once step 10 is logged: checkpoints 4 and 8 exist, steps 9-10 are lost.
-    _kill_when(proc, lambda: any(s >= 10 for s in _logged_steps(model_dir)))
-    assert max(_logged_steps(model_dir)) < 24
+    _kill_when(proc, lambda: any(s >= 10 for s in logged_steps(model_dir)))
+    assert max(logged_steps(model_dir)) < 24
     latest = TrainCheckpoints(model_dir / "checkpoints").latest_step()
     assert latest in (4, 8)
     rerun = _run(model_dir, "slow", env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resumed the full train state from {model_dir / 'checkpoints'} at step {latest}" in rerun.stdout
-    _assert_same_params(_final(model_dir), want)
-    assert _logged_steps(model_dir) == list(range(1, 25))        # steps 9-10 are not logged twice
+    _assert_same_params(final_params(model_dir), want)
+    assert logged_steps(model_dir) == list(range(1, 25))        # steps 9-10 are not logged twice
 
 
 def test_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_usable(uninterrupted):
@@ -106,7 +94,7 @@ def test_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_usable(uni
     rerun = _run(model_dir, "normal", env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "at step 4" in rerun.stdout and not tmp_dir.exists()                 # leftover cleaned up
-    _assert_same_params(_final(model_dir), want)
+    _assert_same_params(final_params(model_dir), want)
 
 
 def jax_leaves(tree):
@@ -124,7 +112,7 @@ def test_kill_after_the_best_checkpoint_before_the_step_checkpoint_resumes(unint
     rerun = _run(model_dir, "eval", env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "at step 4" in rerun.stdout and "already exists" not in rerun.stderr
-    _assert_same_params(_final(model_dir), want)        # dev evaluation does not change training
+    _assert_same_params(final_params(model_dir), want)        # dev evaluation does not change training
 
 
 def _truncate_largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
@@ -153,41 +141,40 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(uninterrupted)
     assert f"checkpoint {model_dir / 'checkpoints' / str(newest)} is damaged" in rerun.stderr
     assert f"at step {previous}" in rerun.stdout
     assert [p.name.split("-")[0] for p in (model_dir / "checkpoints.corrupt").iterdir()] == [str(newest)]
-    _assert_same_params(_final(model_dir), want)
+    _assert_same_params(final_params(model_dir), want)
+
+
+def _signal_after(model_dir, env, step: int, sig: int) -> tuple[subprocess.Popen, str]:
+    """Starts a slow training run, sends `sig` once it has logged `step`, and waits for it to exit."""
+    proc = _start(model_dir, "slow", env)
+    deadline = time.time() + 300
+    while not any(s >= step for s in logged_steps(model_dir)):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, sig)
+    return proc, proc.communicate(timeout=120)[0]
 
 
 def test_sigterm_finishes_the_step_saves_it_and_exits_143_then_resumes(uninterrupted):
     base, env, want = uninterrupted
     model_dir = base / "sigterm"
-    proc = _start(model_dir, "slow", env)
-    deadline = time.time() + 300
-    while not any(s >= 10 for s in _logged_steps(model_dir)):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
+    proc, out = _signal_after(model_dir, env, 10, signal.SIGTERM)
     assert proc.returncode == 143, out[-3000:]
-    stopped = max(_logged_steps(model_dir))
+    stopped = max(logged_steps(model_dir))
     assert f"SIGTERM: saved step {stopped} in {model_dir / 'checkpoints'}; exiting with code 143" in out
     assert TrainCheckpoints(model_dir / "checkpoints").latest_step() == stopped < 24
     rerun = _run(model_dir, "normal", env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"at step {stopped}" in rerun.stdout
-    _assert_same_params(_final(model_dir), want)
-    assert _logged_steps(model_dir) == list(range(1, 25))
+    _assert_same_params(final_params(model_dir), want)
+    assert logged_steps(model_dir) == list(range(1, 25))
 
 
 def test_ctrl_c_saves_and_exits_130_without_a_traceback(uninterrupted):
     base, env, _ = uninterrupted
     model_dir = base / "sigint"
-    proc = _start(model_dir, "slow", env)
-    deadline = time.time() + 300
-    while not any(s >= 6 for s in _logged_steps(model_dir)):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGINT)
-    out = proc.communicate(timeout=120)[0]
+    proc, out = _signal_after(model_dir, env, 6, signal.SIGINT)
     assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
-    stopped = max(_logged_steps(model_dir))
+    stopped = max(logged_steps(model_dir))
     assert f"SIGINT: saved step {stopped} in" in out
     assert TrainCheckpoints(model_dir / "checkpoints").latest_step() == stopped

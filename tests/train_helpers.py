@@ -49,3 +49,17 @@ def metric_rows(model_dir) -> list[dict]:
 def flat(params) -> dict[str, np.ndarray]:
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
     return {"/".join(str(k.key) for k in path): np.asarray(v) for path, v in leaves}
+
+
+def logged_steps(model_dir) -> list[int]:
+    """The steps a (possibly still running) training process has logged to MODEL_DIR/metrics.jsonl."""
+    path = pathlib.Path(model_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_params(model_dir) -> dict:
+    """The parameters a child training process saved to MODEL_DIR/final.npz."""
+    with np.load(pathlib.Path(model_dir) / "final.npz") as f:
+        return {k: f[k] for k in f.files}
