@@ -31,14 +31,19 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-# bf16 dense matmul rate measured on the lent H100 kind (the peer's PEAK, KINDS.md): MFU on
-# H100/H200 uses it so our MFU and the peer's share a denominator.
-MEASURED_PEAK = (("h100", 798e12, "798 TFLOP/s: bf16 matmul measured on this H100 kind (the peer's PEAK)"),
-                 ("h200", 798e12, "798 TFLOP/s: the peer's PEAK (H100 measurement; H200 has the same cores)"))
-PEER_PEAK = 798e12
-# Device-memory bandwidth (bytes read + written per second) measured by a device-to-device copy
-# on the lent kinds (KINDS.md), for the decode floor.
-MEASURED_BANDWIDTH = (("h100", 3.0e12), ("h200", 4.3e12))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from doa_jax import decoding, flops, hardware, losses, partitioning, progress, trainer
+from doa_jax.model import Transformer, config_for_size
+from doa_jax.optimizers import OptimizerConfig
+from doa_jax.trainer import TrainState
+
+# MFU on H100/H200 uses the bf16 matmul rate measured on the lent kind (doa_jax/hardware.toml), so
+# our MFU and the PyTorch peer's share a denominator.
+PEER_PEAK = hardware.get("h100").measured_peak_flops
 GIB = 2.0 ** 30
 DEFAULTS = dict(batch=None, enc_len=512, dec_len=128, steps=10, warmup=2, optimizer="adamw", scan=True,
                 remat="none", param_dtype="float32", dtype="bfloat16", new_tokens=32, in_len=128,
@@ -51,18 +56,17 @@ def default_batch(size: str) -> int:
 
 
 def peak_flops(device_kind: str) -> tuple[Optional[float], str]:
-    from doa_jax import progress
-
-    kind = device_kind.lower()
-    for key, peak, note in MEASURED_PEAK:
-        if key in kind:
-            return peak, note
+    """The MFU denominator: a measured matmul rate where `hardware.toml` has one, else the datasheet peak."""
+    hw = hardware.for_device_kind(device_kind)
+    if hw is not None and hw.measured_peak_flops:
+        return hw.measured_peak_flops, hw.measured_note
     return progress.peak_flops_per_device(device_kind)
 
 
 def bandwidth(device_kind: str) -> Optional[float]:
-    kind = device_kind.lower()
-    return next((bw for key, bw in MEASURED_BANDWIDTH if key in kind), None)
+    """Memory bandwidth measured on the lent kind (`hardware.toml`), or None."""
+    hw = hardware.for_device_kind(device_kind)
+    return hw.hbm_bytes_per_s if hw is not None else None
 
 
 def decode_floor_s(cfg, batch: int, in_len: int, new_tokens: int, peak: float, bytes_per_s: float) -> float:
@@ -93,7 +97,6 @@ def _profile(directory: Optional[str], run: Callable[[], Any], row: dict) -> Non
     """A `jax.profiler` trace of `run()` (after the timed loop, so timing is unaffected)."""
     if not directory:
         return
-    import jax
 
     with jax.profiler.trace(directory):
         jax.block_until_ready(run())
@@ -101,7 +104,6 @@ def _profile(directory: Optional[str], run: Callable[[], Any], row: dict) -> Non
 
 
 def _device_memory() -> dict[str, float]:
-    import jax
 
     stats = jax.devices()[0].memory_stats() or {}
     out = {}
@@ -137,15 +139,12 @@ def _cost_flops(compiled) -> Optional[float]:
 
 
 def model_config(size: str, *, scan: bool, remat: str = "none", dtype: str = "bfloat16"):
-    from doa_jax.model import config_for_size
 
     return config_for_size(size, dtype=dtype, scan_layers=bool(scan), remat_policy=remat)
 
 
 def stack_param_counts(abstract_params: Mapping[str, Any]) -> tuple[int, int]:
     """(encoder, decoder + logits) parameter counts without the shared embedding: the peer's N."""
-    import numpy as np
-    import jax
 
     def count(tree):
         return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)))
@@ -161,7 +160,6 @@ def peer_train_flops(abstract_params, batch: int, enc_len: int, dec_len: int) ->
 
 def random_batch(vocab_size: int, batch: int, enc_len: int, dec_len: int, seed: int = 0) -> dict:
     """Full-length random examples (no padding), tokens in [2, min(vocab, 32000)) as the peer draws."""
-    import numpy as np
 
     rng = np.random.default_rng(seed)
     high = min(vocab_size, 32000)
@@ -173,17 +171,13 @@ def random_batch(vocab_size: int, batch: int, enc_len: int, dec_len: int, seed: 
 
 
 def _one_device_mesh():
-    import jax
 
-    from doa_jax import partitioning
 
     mesh = partitioning.make_mesh(1, 1, jax.devices()[:1])
     return mesh, partitioning.logical_axis_rules()
 
 
 def _program(cfg, optimizer: str, loss=None, param_dtype: str = "float32"):
-    from doa_jax import losses, trainer
-    from doa_jax.optimizers import OptimizerConfig
 
     mesh, rules = _one_device_mesh()
     prog = trainer.step_program(cfg, loss or losses.LossConfig(), OptimizerConfig(name=optimizer), 1, 1,
@@ -192,25 +186,19 @@ def _program(cfg, optimizer: str, loss=None, param_dtype: str = "float32"):
 
 
 def _cast_floats(tree, dtype):
-    import jax
-    import jax.numpy as jnp
 
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def _init_state(prog, seed: int):
     """The program's train state, params in the program's `param_dtype` (the trainer's own init)."""
-    import jax
 
     return prog.init(jax.random.PRNGKey(seed))
 
 
 def _abstract_state(prog):
     """ShapeDtypeStructs (with shardings) of the train state: nothing is allocated."""
-    import jax
-    import jax.numpy as jnp
 
-    from doa_jax.trainer import TrainState
 
     params, opt = prog.abstract_state()
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=prog.state_shardings.step)
@@ -218,10 +206,7 @@ def _abstract_state(prog):
 
 
 def _abstract_batch(mesh, vocab: int, batch: int, enc_len: int, dec_len: int):
-    import jax
-    import jax.numpy as jnp
 
-    from doa_jax import partitioning
 
     data = partitioning.data_sharding(mesh)
     shapes = dict(encoder_input_tokens=((batch, enc_len), jnp.int32),
@@ -232,7 +217,6 @@ def _abstract_batch(mesh, vocab: int, batch: int, enc_len: int, dec_len: int):
 
 
 def _train_flops_fields(cfg, prog, batch, enc_len, dec_len) -> dict[str, float]:
-    from doa_jax import flops
 
     return dict(peer_flops=peer_train_flops(prog.abstract_params, batch, enc_len, dec_len),
                 attn_flops=flops.train_flops(cfg, batch, enc_len, dec_len, attention=True))
@@ -254,9 +238,7 @@ def _train_case(case: Mapping[str, Any], part: str):
 
 def bench_train(case: Mapping[str, Any]) -> dict[str, Any]:
     """One train-step configuration: start-up (init, compile, first step), then timed steps."""
-    import jax
 
-    from doa_jax import partitioning
 
     c, batch, cfg, prog, mesh, rules, row = _train_case(case, "train")
     with partitioning.mesh_context(mesh, rules):
@@ -304,7 +286,6 @@ def bench_train(case: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _add_mfu(row: dict) -> None:
-    import jax
 
     peak, note = peak_flops(jax.devices()[0].device_kind)
     row.update(device=jax.devices()[0].device_kind, peak_flops=peak, peak_note=note)
@@ -317,12 +298,7 @@ def _add_mfu(row: dict) -> None:
 
 def _decode_params(cfg, seed: int):
     """Random params created straight in the decoding dtypes (bf16 kernels, float32 logits)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
 
-    from doa_jax import decoding
-    from doa_jax.model import Transformer
 
     model, tokens = Transformer(cfg), jnp.zeros((1, 1), jnp.int32)
     return jax.jit(lambda rng: decoding.decoding_params(nn.meta.unbox(model.init(rng, tokens, tokens))["params"],
@@ -331,10 +307,7 @@ def _decode_params(cfg, seed: int):
 
 def bench_decode(case: Mapping[str, Any]) -> dict[str, Any]:
     """Greedy decoding throughput: exactly `new_tokens` tokens for each of `decode_batch` rows."""
-    import jax
-    import numpy as np
 
-    from doa_jax import decoding
 
     c = {**DEFAULTS, **case}
     size, batch, in_len, new = c["size"], c["decode_batch"], c["in_len"], c["new_tokens"]
@@ -372,13 +345,7 @@ def bench_decode(case: Mapping[str, Any]) -> dict[str, Any]:
 
 def bench_distill(case: Mapping[str, Any]) -> dict[str, Any]:
     """Student step with stored top-k teacher logits vs the same step plus a teacher forward (online KD)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from doa_jax import flops, losses, partitioning
-    from doa_jax.model import Transformer
 
     c = {**DEFAULTS, **case}
     batch = c["batch"] or 32
@@ -441,9 +408,7 @@ def _lower_and_compile(fn, row: dict[str, Any], *args):
 
 def aot_train(case: Mapping[str, Any]) -> dict[str, Any]:
     """Compile the train step for abstract inputs (nothing allocated): compile time, memory, FLOPs."""
-    import jax
 
-    from doa_jax import partitioning
 
     c, batch, cfg, prog, mesh, rules, row = _train_case(case, "aot_train")
     row["backend"] = jax.default_backend()
@@ -462,12 +427,7 @@ def aot_train(case: Mapping[str, Any]) -> dict[str, Any]:
 
 def aot_decode(case: Mapping[str, Any]) -> dict[str, Any]:
     """Compile the greedy decode loop for abstract bf16 params and tokens: compile time and memory."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
 
-    from doa_jax import decoding
-    from doa_jax.model import Transformer
 
     c = {**DEFAULTS, **case}
     size, batch, in_len, new = c["size"], c["decode_batch"], c["in_len"], c["new_tokens"]

@@ -15,31 +15,17 @@ import struct
 import time
 from typing import Any, Mapping, Optional, Sequence
 
-# Peak dense bf16 FLOP/s per device, matched by substring of `device.device_kind` (lowercase),
-# first match wins. H100/H200: 989e12 dense (1979e12 is with 2:4 sparsity).
-PEAK_FLOPS: tuple[tuple[str, float, str], ...] = (
-    ("h100", 989e12, "NVIDIA H100 SXM, dense bf16"),
-    ("h200", 989e12, "NVIDIA H200, dense bf16 (same tensor cores as H100)"),
-    ("a100", 312e12, "NVIDIA A100, dense bf16"),
-    ("v5 lite", 197e12, "TPU v5e"),
-    ("v5e", 197e12, "TPU v5e"),
-    ("v5p", 459e12, "TPU v5p"),
-    ("tpu v5", 459e12, "TPU v5p (reported as 'TPU v5')"),
-    ("v6 lite", 918e12, "TPU v6e (Trillium)"),
-    ("v4", 275e12, "TPU v4"),
-    # Not a measured or vendor number: a nominal 1 TFLOP/s per CPU device, so MFU prints
-    # something on test machines. Do not read CPU MFU as a utilisation figure.
-    ("cpu", 1e12, "CPU: nominal 1e12, not measured"),
-)
-
+from doa_jax import hardware
 
 def peak_flops_per_device(device_kind: str) -> tuple[Optional[float], str]:
-    """`(peak FLOP/s, note)` for a device kind; `(None, reason)` when the kind is not in the table."""
-    kind = device_kind.lower()
-    for key, peak, note in PEAK_FLOPS:
-        if key in kind:
-            return peak, note
-    return None, f"no peak FLOP/s known for device kind {device_kind!r}"
+    """`(peak FLOP/s, note)` for a device kind (`doa_jax/hardware.toml`); `(None, reason)` when the kind
+    is unknown or its peak is only nominal (the CPU's): MFU against it would mean nothing."""
+    hw = hardware.for_device_kind(device_kind)
+    if hw is None:
+        return None, f"no peak FLOP/s known for device kind {device_kind!r}"
+    if hw.nominal:
+        return None, f"{hw.name}: no real peak FLOP/s ({hw.source}), so no MFU"
+    return hw.peak_flops, hw.note()
 
 
 def _fmt_count(x: float) -> str:
@@ -115,27 +101,30 @@ class MetricsLog:
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def drop_after(self, step: int) -> int:
+    def drop_after(self, step: int) -> float:
         """Rewrites the log without rows of steps after `step` (and without a torn last line, left
-        by a kill mid-write); returns how many rows were dropped."""
+        by a kill mid-write); returns the seconds those steps took (`step_time_s` x the steps each
+        row covers): compute a kill lost, to be done again. A lower bound: steps after the last
+        logged row left no trace."""
         if not self.path.exists():
-            return 0
-        kept, dropped = [], 0
+            return 0.0
+        kept, lost, previous = [], 0.0, 0
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
-                keep = int(row["step"]) <= step
+                row_step = int(row["step"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                keep = False
-            if keep:
+                continue
+            if row_step <= step:
                 kept.append(line + "\n")
             else:
-                dropped += bool(line.strip())
-        if dropped:
+                lost += float(row.get("step_time_s") or 0.0) * (row_step - previous)
+            previous = row_step
+        if len(kept) != len(self.path.read_text(encoding="utf-8", errors="replace").splitlines()):
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(kept), encoding="utf-8")
             os.replace(tmp, self.path)
-        return dropped
+        return lost
 
     def write(self, row: Mapping[str, Any]) -> None:
         clean = {k: (float(v) if not isinstance(v, (int, str, bool, type(None))) else v)

@@ -180,6 +180,7 @@ class TrainResult:
     last_metrics: dict[str, float]
     stopped_by_budget: bool = False
     diverged: Optional[str] = None     # why training stopped as diverged (None: it did not)
+    lost_seconds: float = 0.0          # steps a kill undid before this resume, as logged (redone here)
 
 
 def _unbox(tree):
@@ -589,7 +590,7 @@ class Trainer:
                 events.close()
         return TrainResult(state, step, tstate.get("best_metric"), tstate.get("best_step"),
                            stopped_early or bool(tstate.get("stopped_early")), last, stopped_by_budget=capped,
-                           diverged=diverged)
+                           diverged=diverged, lost_seconds=getattr(self, "_lost_seconds", 0.0))
 
     def _open_outputs(self, state, tstate: dict, step: int):
         """`(metrics log, event writer)` (None off the chief); records the initial parameter norm
@@ -600,7 +601,7 @@ class Trainer:
         if not self._is_chief:
             return None, None
         log = progress.MetricsLog(self.model_dir / "metrics.jsonl")
-        log.drop_after(step)    # rows of steps after the resumed checkpoint are logged again
+        self._lost_seconds = log.drop_after(step)    # steps after the resumed checkpoint run again
         return log, progress.EventWriter(self.model_dir / "tensorboard") if self.config.tensorboard else None
 
     def _meter(self, example, total_steps: int) -> progress.Throughput:

@@ -106,3 +106,12 @@ def test_a_ledger_line_torn_by_a_kill_is_dropped_and_the_ledger_reopens(tmp_path
     again.add_compute("teacher_inference:k", "teacher_inference", 2.0, 1e8)
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["teacher_finetune:k",
                                                                                  "teacher_inference:k"]
+
+
+def test_compute_lost_to_a_kill_is_measured_but_not_charged(tmp_path):
+    ledger = costs.Ledger(tmp_path / "ledger.jsonl", measured_on=costs.get_accelerator("cpu"))
+    ledger.add_compute("student_training:k:40", "student_training", 36.0, 1e9)
+    ledger.add_lost("lost:student_training:k", "student_training", 18.0)
+    assert ledger.total() == pytest.approx(costs.get_accelerator("cpu").usd(36.0))          # the budget's view
+    assert ledger.measured_total() == pytest.approx(costs.get_accelerator("cpu").usd(54.0))  # what it really cost
+    assert ledger.add_lost("lost:none", "student_training", 0.0) is None

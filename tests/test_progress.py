@@ -19,8 +19,21 @@ def test_peak_flops_table():
     assert progress.peak_flops_per_device("TPU v5 lite")[0] == 197e12
     assert progress.peak_flops_per_device("TPU v5p")[0] == 459e12
     peak, note = progress.peak_flops_per_device("cpu")
-    assert peak == 1e12 and "nominal" in note and "not measured" in note
+    assert peak is None and "nominal" in note and "no MFU" in note   # the CPU's peak is only nominal
     assert progress.peak_flops_per_device("Quantum QPU")[0] is None
+
+
+def test_one_peak_table_serves_progress_the_bench_and_the_rate_cards():
+    from doa_jax import benchmark, hardware
+    from doa_jax.experiment import costs
+
+    cards = costs.load_rate_cards()
+    for key, card in cards.items():
+        assert card.peak_flops == hardware.get(key).peak_flops
+    assert progress.peak_flops_per_device("NVIDIA H200")[0] == hardware.get("h200").peak_flops
+    # The bench's MFU denominator is the measured matmul rate where the table has one.
+    assert benchmark.peak_flops("NVIDIA H200")[0] == hardware.get("h200").measured_peak_flops == 798e12
+    assert benchmark.bandwidth("NVIDIA H200") == 4.3e12 and benchmark.bandwidth("cpu") is None
 
 
 def test_event_files_are_read_by_tensorflow(tmp_path):

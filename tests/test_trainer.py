@@ -1,6 +1,7 @@
 """The fine-tuning loop: learning, microbatches, epochs, evaluation, best/last checkpoints, early
 stopping, NaN handling, and starting from a pretrained checkpoint."""
 import re
+import shutil
 
 import flax.linen as nn
 import jax
@@ -161,3 +162,15 @@ def test_batch_not_divisible_by_the_data_axis_fails_before_compiling(tmp_path):
             ArrayBatches(copy_arrays(), 12))
     with pytest.raises(ValueError, match="set exactly one of TRAIN_STEPS"):
         run_config(tmp_path, train_steps=10, epochs=2)
+
+
+def test_a_resume_reports_the_seconds_of_the_steps_a_kill_undid(tmp_path):
+    # Steps 5-8 ran and were logged, but the kill came before step 8's checkpoint: they run again,
+    # and the result says how long they had taken (the ledger records it as lost compute).
+    cfg = run_config(tmp_path, train_steps=8, checkpoint_every=4, keep_checkpoints=3)
+    Trainer(tiny_config(), cfg).fit(train_source(16))
+    logged = {r["step"]: r.get("step_time_s", 0.0) for r in metric_rows(tmp_path)}
+    shutil.rmtree(tmp_path / "checkpoints" / "8")
+    again = Trainer(tiny_config(), cfg).fit(train_source(16))
+    assert again.step == 8 and again.lost_seconds == pytest.approx(sum(logged[s] for s in range(5, 9)))
+    assert [r["step"] for r in metric_rows(tmp_path)] == list(range(1, 9))

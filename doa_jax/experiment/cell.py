@@ -163,6 +163,7 @@ class StudentRun:
     capped: bool
     trained_by: str      # the cell key whose run this is
     diverged: Optional[str] = None   # why training stopped as diverged (non-finite loss, exploding norms)
+    lost_seconds: float = 0.0        # steps a kill undid, run again (measured, not charged)
 
 
 def _shared_run_path(cfg: CellConfig, plan: planner.Plan) -> pathlib.Path:
@@ -187,7 +188,8 @@ def _train_student(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, 
     values = {k: v for k, v in evaluation["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return StudentRun(result.step, seconds, sum(w.flops for w in as_run(work, result.step)),
                       time.perf_counter() - start, evaluation["flops"],
-                      values, evaluation["predictions"], result.stopped_by_budget, cfg.key(), result.diverged)
+                      values, evaluation["predictions"], result.stopped_by_budget, cfg.key(), result.diverged,
+                      result.lost_seconds)
 
 
 def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, ledger: costs.Ledger,
@@ -209,6 +211,7 @@ def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentD
     work = as_run(pricer.student(data.kd, len(data.arrays["encoder_input_tokens"])), run.steps)
     ledger.add_compute(f"student_training:{run.trained_by}:{run.steps}", "student_training", run.seconds, run.flops,
                        work=work)
+    ledger.add_lost(f"lost:student_training:{run.trained_by}", "student_training", run.lost_seconds)
     ledger.add_compute(f"evaluation:{run.trained_by}:{run.steps}", "evaluation", run.eval_seconds, run.eval_flops,
                        work=pricer.evaluation(cfg.pricing_models()[1], len(test)))
     cell_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ import pathlib
 import tomllib
 from typing import Any, Iterable, Optional, Sequence
 
+from doa_jax import hardware
+
 RATE_CARDS = pathlib.Path(__file__).with_name("rate_cards.toml")
 PHASES = ("labels", "teacher_finetune", "teacher_inference", "student_training", "evaluation")
 
@@ -48,9 +50,10 @@ def load_rate_cards(path: Optional[str | os.PathLike] = None) -> dict[str, Accel
         raise ValueError(f"{path}: not valid TOML: {e}") from None
     cards = {}
     for key, row in data.get("accelerators", {}).items():
-        missing = [f for f in ("name", "usd_per_chip_hour", "peak_flops", "source", "date") if f not in row]
+        missing = [f for f in ("name", "usd_per_chip_hour", "source", "date") if f not in row]
         if missing:
             raise ValueError(f"{path}: [accelerators.{key}] lacks {', '.join(missing)}")
+        row = {**row, "peak_flops": _peak_flops(row, key, path)}
         for f in ("usd_per_chip_hour", "peak_flops"):
             if not isinstance(row[f], (int, float)) or row[f] <= 0:
                 raise ValueError(f"{path}: accelerators.{key}.{f} must be a positive number, got {row[f]!r}")
@@ -59,6 +62,18 @@ def load_rate_cards(path: Optional[str | os.PathLike] = None) -> dict[str, Accel
     if not cards:
         raise ValueError(f"{path}: no [accelerators.*] tables")
     return cards
+
+
+def _peak_flops(row: dict, key: str, path: pathlib.Path) -> float:
+    """A card's peak: from the one hardware table (its key, or `hardware = KEY`), unless the card (a
+    user's own file, for an accelerator the table lacks) gives `peak_flops` itself."""
+    if "peak_flops" in row:
+        return row["peak_flops"]
+    hw = hardware.get(row.get("hardware", key))
+    if hw is None:
+        raise ValueError(f"{path}: [accelerators.{key}] names no accelerator of doa_jax/hardware.toml "
+                         f"({', '.join(hardware.table())}): set hardware = KEY or peak_flops")
+    return hw.peak_flops
 
 
 def get_accelerator(key: str, cards: Optional[dict[str, Accelerator]] = None) -> Accelerator:
@@ -150,6 +165,15 @@ class Ledger:
         return self._add(Entry(key, phase, self.compute_usd(seconds, flops, work),
                                measured_usd=self.measured_on.usd(seconds * self.chips),
                                seconds=seconds, chips=self.chips, flops=flops, cost_profile=self.cost_profile))
+
+    def add_lost(self, key: str, phase: str, seconds: float) -> Optional[Entry]:
+        """Compute a kill undid (steps after the last checkpoint, run again on resume): measured here,
+        not charged to the budget (the plan prices the work once), so `measured_total` shows what
+        the run really cost. Nothing is recorded for no loss."""
+        if seconds <= 0:
+            return None
+        return self._add(Entry(key, phase, 0.0, measured_usd=self.measured_on.usd(seconds * self.chips),
+                               seconds=seconds, chips=self.chips, cost_profile="lost to a kill (measured only)"))
 
     def add_labels(self, key: str, count: int, usd_per_label: float) -> Entry:
         return self._add(Entry(key, "labels", count * usd_per_label, labels=count, cost_profile="task card"))

@@ -155,13 +155,14 @@ def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: c
                                 step_allowed=budget.step_allowed(pricer.step_usd(work)))
         if result.stopped_by_budget:
             raise BudgetExhausted(f"the teacher's fine-tuning reached the budget at step {result.step}")
-        record_path.write_text(json.dumps({"steps": result.step, "seconds": seconds,
+        record_path.write_text(json.dumps({"steps": result.step, "seconds": seconds, "lost_seconds": result.lost_seconds,
                                            "flops": sum(w.flops for w in as_run(work, result.step))}))
     else:
         say(cfg, f"reusing the fine-tuned teacher in {run_dir}")
     record = json.loads(record_path.read_text())
     ledger.add_compute(f"teacher_finetune:{key}", "teacher_finetune", record["seconds"], record["flops"],
                        work=as_run(work, record["steps"]))
+    ledger.add_lost(f"lost:teacher_finetune:{key}", "teacher_finetune", record.get("lost_seconds", 0.0))
     _, params = checkpoints.load_checkpoint(run_dir / "checkpoints", config=cfg.teacher)
     return key, jax.tree_util.tree_map(np.asarray, params)
 
