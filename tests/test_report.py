@@ -55,7 +55,7 @@ def test_paper_table_has_48_main_cells_per_strategy():
 def test_write_report_renders_tables_and_plots(tmp_path):
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
     md = report.write_report(tmp_path).read_text()
-    assert "| wlp | 1000 | 100 | Ann. | efficient | f1 | 51.0 ± 1.4 [50.0, 52.0] | 2 | 50.0 (not comparable) |" in md
+    assert "| wlp | 1000 | 100 | Ann. | efficient | mfu (ASSUMED) | f1 | 51.0 ± 1.4 [50.0, 52.0] | 2 | 50.0 (not comparable) |" in md
     assert "teacher fine-tune costs $210 > $200" in md
     for name in ("wlp_cost_vs_metric.png", "wlp_budget_bars.png"):
         png = tmp_path / "plots" / name
@@ -106,8 +106,8 @@ def test_rows_of_the_two_protocols_are_separate_cells_and_the_report_says_which_
     rows = [row("distill", 100, 70.0, 0, 355.0, **PAPER_ROW), row("distill", 100, 60.0, 0, 355.0)]
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     md = report.write_report(tmp_path).read_text()
-    assert "| wlp | 1000 | 100 | Dist. | paper | f1 | 70.0 | 1 | 71.1 |" in md
-    assert "| wlp | 1000 | 100 | Dist. | efficient | f1 | 60.0 | 1 | 71.1 (not comparable) |" in md
+    assert "| wlp | 1000 | 100 | Dist. | paper | paper | f1 | 70.0 | 1 | 71.1 |" in md
+    assert "| wlp | 1000 | 100 | Dist. | efficient | mfu (ASSUMED) | f1 | 60.0 | 1 | 71.1 (not comparable) |" in md
     assert "| wlp | 1000 | 100 | Dist. | paper | 71.1 | comparable |" in md
     assert ("| wlp | 1000 | 100 | Dist. | efficient | 71.1 | not comparable: protocol efficient (paper: the "
             "released code's; run with protocols/paper.gin); cost profile mfu (paper: the paper's own) |") in md

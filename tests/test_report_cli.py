@@ -56,12 +56,12 @@ def test_seeds_strategies_and_mixed_share_each_get_a_row_with_the_papers_number(
     md = report.write_report(tmp_path).read_text()
     # mean ± std over seeds, n, paper, spent, total = $260 of starting labels (1000 x $0.26) + spent
     # (no smaller budget of the same arm: no marginal $ / point)
-    assert ("| wlp | 1000 | 100 | Ann. | efficient | f1 | 42.0 ± 2.8 [40.0, 44.0] | 2 | 50.0 (not comparable) | 99.00 | 359.00 "
+    assert ("| wlp | 1000 | 100 | Ann. | efficient | mfu (ASSUMED) | f1 | 42.0 ± 2.8 [40.0, 44.0] | 2 | 50.0 (not comparable) | 99.00 | 359.00 "
             "|  | small |") in md
-    assert "| wlp | 1000 | 100 | Dist. | efficient | f1 | 62.0 ± 2.8 [60.0, 64.0] | 2 | 71.1 (not comparable) | 82.00 | 342.00 |" in md
-    assert "| wlp | 1000 | 100 | Mixed (50% compute) | efficient | f1 | 55.0 | 1 |  |" in md   # no mixed arm in the paper
+    assert "| wlp | 1000 | 100 | Dist. | efficient | mfu (ASSUMED) | f1 | 62.0 ± 2.8 [60.0, 64.0] | 2 | 71.1 (not comparable) | 82.00 | 342.00 |" in md
+    assert "| wlp | 1000 | 100 | Mixed (50% compute) | efficient | mfu (ASSUMED) | f1 | 55.0 | 1 |  |" in md   # no mixed arm in the paper
     assert "1/2 stopped at the budget cap" in md
-    assert "| fever | 1000 | 50 | Dist. | efficient | accuracy | infeasible | 0 | 71.3 (not comparable) |" in md
+    assert "| fever | 1000 | 50 | Dist. | efficient | mfu (ASSUMED) | accuracy | infeasible | 0 | 71.3 (not comparable) |" in md
     assert "the teacher's fine-tuning reached the budget at step 3" in md
 
 

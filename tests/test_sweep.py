@@ -271,7 +271,7 @@ def test_small_real_wlp_sweep_renders_the_report_beside_the_papers_numbers(tmp_p
     assert "Sweep progress: 4 of 4 cells have a result." in md
     # this run's mean over seeds 0 and 1, and the paper's number for the same cell beside it
     ann = [r["value"] for r in rows_ if r["strategy"] == "annotate"]
-    assert f"| wlp | 1000 | 100 | Ann. | efficient | f1 | {sum(ann) / 2:.1f} ± " in md and "| 2 | 50.0 (not comparable) |" in md
+    assert f"| wlp | 1000 | 100 | Ann. | efficient | mfu (ASSUMED) | f1 | {sum(ann) / 2:.1f} ± " in md and "| 2 | 50.0 (not comparable) |" in md
     assert "| 2 | 71.1 (not comparable) |" in md                 # Dist., +$100: the paper's 71.1
     for name in ("wlp_cost_vs_metric.png", "wlp_budget_bars.png"):
         png = out / "plots" / name

@@ -431,14 +431,14 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
         out += [f"Sweep progress: {done} of {total} cells have a result"
                 + ("." if done >= total else f"; rerun the same `doa sweep` command to run the other {total - done}."),
                 ""]
-    accs = sorted({(c.accelerator, c.mfu) for c in cells if c.accelerator})
-    priced = ", ".join(f"{a} at {m:.0%} MFU" if m else a for a, m in accs)
+    profiles = sorted({c.cost_profile for c in cells})
     out += ["Mean ± std over seeds (n = seeds with a result), then [a 95% bootstrap interval] of the mean: "
             f"{BOOTSTRAP_RESAMPLES} resamples of the seeds and, where a cell's predictions.jsonl keeps references, "
             "of its test examples (none: one seed and no per-example predictions). `extra $` is the budget on top of the starting "
             "labels; `spent $` is what the run spent of it (labels bought + teacher fine-tuning + teacher "
-            "inference + student training, compute projected from FLOPs onto "
-            f"{priced or 'the rate card of the run'}); `total $` adds the starting labels' cost. `paper` is "
+            "inference + student training, compute priced by the row's `cost profile`: `paper` = the paper's "
+            "own accounting fitted to its published costs, `calibrated` = throughput measured by `doa calibrate`, "
+            "`mfu` = an ASSUMED utilisation, not a measurement); `total $` adds the starting labels' cost. `paper` is "
             "the published PyTorch result (Kang, Xu, Ritter, ACL 2023; HF T5 v1.1, A100 at $1.875/GPU-hour) "
             "for the same task, starting labels, budget, strategy and models, where one exists; models "
             "written `A as B` are stand-ins priced as B. A paper number is comparable only when protocol, "
@@ -446,14 +446,19 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
             "`(not comparable)` and the section *Comparison with the paper* says why. `marginal $ / point`: "
             "the extra $ spent over the next smaller budget of the same arm, per metric point gained there "
             "(is the next budget step worth it?).", ""]
+    if len(profiles) > 1:
+        out += [f"**Rows here were priced under different cost profiles ({', '.join(profiles)}): their dollars "
+                "are not comparable with each other.**", ""]
     out += ["## Results", "",
-            "| task | start labels | extra $ | strategy | protocol | metric | value | n | paper | spent $ | total $ | "
-            "marginal $ / point | models | notes |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| task | start labels | extra $ | strategy | protocol | cost profile | metric | value | n | paper | spent $ | "
+            "total $ | marginal $ / point | models | notes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     marginal = marginal_usd_per_point(cells)
     for c in cells:
         total = None if c.start_usd is None or not c.values else c.start_usd + c.mean_spent
-        out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.protocol} | {c.metric} | "
+        profile = f"{c.cost_profile} (ASSUMED)" if c.cost_profile == "mfu" else c.cost_profile
+        out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.protocol} | {profile} | "
+                   f"{c.metric} | "
                    f"{_fmt(c)} | {len(c.values)} | {_paper_cell(paper, c)} | "
                    f"{_money(c.mean_spent) if c.values else ''} | {_money(total)} | "
                    f"{marginal.get(id(c), '')} | {c.models} | {_notes(c)} |")
