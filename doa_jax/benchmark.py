@@ -104,7 +104,6 @@ def _profile(directory: Optional[str], run: Callable[[], Any], row: dict) -> Non
 
 
 def _device_memory() -> dict[str, float]:
-
     stats = jax.devices()[0].memory_stats() or {}
     out = {}
     if "peak_bytes_in_use" in stats:
@@ -139,7 +138,6 @@ def _cost_flops(compiled) -> Optional[float]:
 
 
 def model_config(size: str, *, scan: bool, remat: str = "none", dtype: str = "bfloat16"):
-
     return config_for_size(size, dtype=dtype, scan_layers=bool(scan), remat_policy=remat)
 
 
@@ -171,14 +169,11 @@ def random_batch(vocab_size: int, batch: int, enc_len: int, dec_len: int, seed: 
 
 
 def _one_device_mesh():
-
-
     mesh = partitioning.make_mesh(1, 1, jax.devices()[:1])
     return mesh, partitioning.logical_axis_rules()
 
 
 def _program(cfg, optimizer: str, loss=None, param_dtype: str = "float32"):
-
     mesh, rules = _one_device_mesh()
     prog = trainer.step_program(cfg, loss or losses.LossConfig(), OptimizerConfig(name=optimizer), 1, 1,
                                 mesh, tuple(tuple(r) for r in rules), param_dtype)
@@ -186,7 +181,6 @@ def _program(cfg, optimizer: str, loss=None, param_dtype: str = "float32"):
 
 
 def _cast_floats(tree, dtype):
-
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
@@ -206,8 +200,6 @@ def _abstract_state(prog):
 
 
 def _abstract_batch(mesh, vocab: int, batch: int, enc_len: int, dec_len: int):
-
-
     data = partitioning.data_sharding(mesh)
     shapes = dict(encoder_input_tokens=((batch, enc_len), jnp.int32),
                   decoder_input_tokens=((batch, dec_len), jnp.int32),
@@ -217,7 +209,6 @@ def _abstract_batch(mesh, vocab: int, batch: int, enc_len: int, dec_len: int):
 
 
 def _train_flops_fields(cfg, prog, batch, enc_len, dec_len) -> dict[str, float]:
-
     return dict(peer_flops=peer_train_flops(prog.abstract_params, batch, enc_len, dec_len),
                 attn_flops=flops.train_flops(cfg, batch, enc_len, dec_len, attention=True))
 
@@ -286,7 +277,6 @@ def bench_train(case: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _add_mfu(row: dict) -> None:
-
     peak, note = peak_flops(jax.devices()[0].device_kind)
     row.update(device=jax.devices()[0].device_kind, peak_flops=peak, peak_note=note)
     if peak:

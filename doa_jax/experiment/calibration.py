@@ -205,7 +205,6 @@ def _program_flops(program: str, teacher: T5Config, student: T5Config, b: int, i
 
 
 def _peak_memory() -> Optional[int]:
-
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
     return max(peaks) if peaks and all(isinstance(p, int) for p in peaks) else None
 
