@@ -21,7 +21,8 @@ def _error_line(capsys) -> str:
 def test_smoke_run_writes_checkpoints_metrics_config_and_events(tmp_path, capsys):
     assert cli.main(SMOKE + [f"--gin.MODEL_DIR={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert "step 20/20 | loss " in out and " ex/s | " in out and " tok/s | MFU " in out and "ETA 0:00:00" in out
+    assert "step 20/20 | loss " in out and " ex/s | " in out and " tok/s | " in out and "ETA 0:00:00" in out
+    assert "| MFU" not in out     # the CPU's peak is only nominal (doa_jax/hardware.toml): no MFU claimed
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert {"step", "loss", "learning_rate", "examples_per_s", "tokens_per_s"} <= set(rows[0])
