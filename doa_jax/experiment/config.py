@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any, Mapping, Optional
 
-from doa_jax.experiment import planner, strategies
+from doa_jax.experiment import strategies
 from doa_jax.experiment.results import KEY_VERSION
 from doa_jax.model import T5Config
 from doa_jax.model.config import config_for_size
@@ -201,13 +201,6 @@ class CellConfig:
         p = self.pricing
         return (config_for_size(p.teacher_as) if p.teacher_as else self.teacher,
                 config_for_size(p.student_as) if p.student_as else self.student)
-
-    def recipe(self, lengths: Mapping[str, int]) -> planner.Recipe:
-        """What the planner prices: this cell's epochs, batch size and lengths."""
-        return planner.Recipe(teacher_epochs=self.epochs.teacher, student_epochs=self.epochs.student,
-                              distill_epochs=self.epochs.distill, inputs_length=lengths["inputs"],
-                              targets_length=lengths["targets"], batch_size=self.train.batch_size,
-                              online_kd=self.distill.soft_targets == "online", mfu=self.pricing.mfu)
 
     def describe(self) -> str:
         return f"{self.task} {self.strategy} +${self.extra_budget_usd:g}"

@@ -25,10 +25,11 @@ from typing import Any, Callable, Optional, Sequence
 
 from doa_jax import flops
 from doa_jax.experiment.cost_profiles import CostProfile, MfuProfile, PaperProfile, Work, check_calibration
+from doa_jax.experiment import strategies
 from doa_jax.experiment.costs import Accelerator
 from doa_jax.model.config import T5Config
 
-STRATEGIES = ("annotate", "distill", "mixed")
+STRATEGIES = strategies.NAMES
 # Beyond this a budget is a typo, not a plan (and label/input counts stop being meaningful).
 MAX_BUDGET_USD = 1e9
 
@@ -176,23 +177,22 @@ class Planner:
     def plan(self, strategy: str, start_labels: int, budget_usd: float, *, unlabeled_available: Optional[int] = None,
              labels_available: Optional[int] = None, compute_share: float = 0.5,
              unlabeled_grid: Optional[Sequence[int]] = None) -> Plan:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; strategies: {', '.join(STRATEGIES)}")
+        kind = strategies.get(strategy)
         _check_budget(budget_usd)
         if start_labels < 0:
             raise ValueError(f"start labels must be >= 0, got {start_labels}")
         grid = _check_grid(unlabeled_grid)
-        if strategy == "annotate":
+        if not kind.uses_teacher:
             return self._annotate(start_labels, budget_usd, labels_available)
-        if strategy == "distill":
-            return self._distill(start_labels, 0, 0.0, budget_usd, budget_usd, unlabeled_available, "distill", grid)
+        if not kind.splits_budget:
+            return self._distill(start_labels, 0, 0.0, budget_usd, budget_usd, unlabeled_available, strategy, grid)
         if not 0 < compute_share < 1:
             raise ValueError(f"compute_share must be in (0, 1) for mixed, got {compute_share}")
         labels_budget = budget_usd * (1 - compute_share)
         bought = self._affordable_labels(labels_budget, labels_available, start_labels)
         labels_usd = bought * self.usd_per_label
         return self._distill(start_labels, bought, labels_usd, budget_usd - labels_usd, budget_usd, unlabeled_available,
-                             "mixed", grid)
+                             strategy, grid)
 
     def price(self, start_labels: int, unlabeled: int, budget_usd: Optional[float] = None) -> Plan:
         """The distill arm at a fixed (L, U) point; feasible unless a given budget does not cover it."""
@@ -244,7 +244,7 @@ class Planner:
                  unlabeled_available: Optional[int], strategy: str, grid: Optional[tuple[int, ...]]) -> Plan:
         labels = start + bought
         teacher_ft = self.teacher_finetune_usd(labels)
-        gold_rows = labels if strategy == "mixed" else 0   # mixed: gold rows join the student's data
+        gold_rows = labels if strategies.get(strategy).mixes_gold else 0   # mixed: gold rows join the student's data
 
         def infeasible(reason: str) -> Plan:
             return self._plan(strategy, False, reason, budget, bought, labels, 0, labels_usd, teacher_ft, 0.0, 0.0)

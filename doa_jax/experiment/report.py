@@ -107,8 +107,6 @@ class Cell:
     capped: int = 0
     runs: int = 0                # rows, feasible or not
     seeds: list[int] = dataclasses.field(default_factory=list)    # of the rows with a result
-    accelerator: str = ""
-    mfu: Optional[float] = None
     protocol: str = "efficient"
     cost_profile: str = "mfu"
     outputs: list[str] = dataclasses.field(default_factory=list)   # cell dirs of the rows with a result
@@ -211,8 +209,6 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
                           measured=[float(m["measured_usd"]) for m in ok if m.get("measured_usd") is not None],
                           capped=sum(m.get("status") == "capped" for m in ok), runs=len(members),
                           seeds=[m.get("seed", 0) for m in ok],
-                          accelerator=next((m.get("accelerator", "") for m in members if m.get("accelerator")), ""),
-                          mfu=next((m.get("mfu") for m in members if m.get("mfu") is not None), None),
                           protocol=protocol, cost_profile=profile,
                           outputs=[m.get("output") or "" for m in ok]))
     return cells
