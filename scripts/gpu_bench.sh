@@ -18,7 +18,8 @@
 #        GPU_BENCH_TINY=1 OUT=/tmp/gb bash scripts/gpu_bench.sh run
 # Per-case timeouts are T_A_PEER, T_A, T_B_PEER, ... (seconds, environment); DEADLINE (default 530)
 # is when no new case starts; every case's timeout is cut to what is left before it. The dry run
-# multiplies the deadline and every timeout by SCALE (default 4).
+# multiplies the deadline and every timeout by SCALE (default 4). GPU_BENCH_HANG="b" makes the named
+# cases hang instead of running (a test that a timed-out case does not stop the ones after it).
 #
 # Cases, in priority order (the (a)-(f)):
 #   (a) base train step, batch 32, 512/128: peer torch.compile (trainc:base) vs ours (AdamW, scanned)
@@ -137,6 +138,10 @@ ours() {   # ours LABEL SECONDS FLAGS...: doa bench, each case in its own proces
     local label=$1 seconds
     seconds=$(cap "$2")
     shift 2
+    if [[ " ${GPU_BENCH_HANG:-} " == *" $label "* ]]; then   # dry-run fault injection: this case hangs
+        finish "$label ours" "$seconds" sleep 100000
+        return
+    fi
     finish "$label ours" "$seconds" python3 "$root/scripts/bench.py" --append --out "$OUT/ours.json" \
         --timeout "$(( seconds > 15 ? seconds - 5 : seconds ))" "$@" "${TINY[@]}"
 }

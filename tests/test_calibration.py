@@ -13,12 +13,13 @@ def test_calibrate_tiny_models_on_the_demo_task_then_plan_with_the_file(capsys, 
     assert cli.main(["calibrate", "--accelerator", "cpu", "--teacher", "tiny", "--student", "tiny", "--task", "demo",
                      "--batch-size", "8", "--inputs-length", "8", "--targets-length", "4", "--reps", "1",
                      "--warmup", "0", "--run-steps", "2", "--out", str(out)]) == 0
-    assert "compile and warm-up excluded" in capsys.readouterr().out
+    assert "per-call rates exclude compile and warm-up" in capsys.readouterr().out
     record = cost_profiles.read_calibration(out)
     assert set(record["programs"]) == set(cost_profiles.PROGRAMS)
     assert all(p["examples_per_s"] > 0 and p["mfu"] > 0 for p in record["programs"].values())
     assert record["lengths"] == {"inputs": 8, "targets": 4} and record["batch_size"] == 8
     assert all(record["programs"][p]["run_overhead_s"] >= 0 for p in ("teacher_train", "student_distill_online"))
+    assert all(p["startup_s"] > 0 for p in record["programs"].values())   # every program compiled once
     assert record["teacher"]["size"] == "t5_1_1_tiny" and record["device_count"] >= 1 and record["jax_version"]
     assert record["warmup_calls_excluded"] == 1
     # A run-length mismatch is refused; the matching lengths price from the file.

@@ -66,6 +66,7 @@ def _calibration(tmp_path, **changes):
                             "student_distill_stored": 40.0, "student_distill_online": 10.0,
                             "eval_decode": 64.0}.items()}}
     record["programs"]["teacher_train"]["run_overhead_s"] = 2.0  # set-up and final checkpoint of a run
+    record["programs"]["teacher_decode"]["startup_s"] = 3.0      # its compilation, paid once per run
     record.update(changes)
     path = tmp_path / "cal.json"
     path.write_text(json.dumps(record))
@@ -84,7 +85,7 @@ def test_a_calibration_prices_measured_examples_per_second(capsys, tmp_path):
     assert out["cost_profile"]["name"] == "calibrated" and str(cal) in out["cost_profile"]["source"]
     d = out["distill"]  # $3.6/h = $0.001 per second
     assert d["teacher_finetune_usd"] == pytest.approx((16 * 8 / 8.0 + 2.0) * 0.001)  # 2 epochs x 8 steps x 8 rows
-    assert d["teacher_inference_usd"] == pytest.approx((80 / 16.0 + 80 / 32.0) * 0.001)  # decode + score
+    assert d["teacher_inference_usd"] == pytest.approx((80 / 16.0 + 3.0 + 80 / 32.0) * 0.001)  # decode + score
     assert d["student_training_usd"] == pytest.approx(30 * 8 / 40.0 * 0.001)     # 3 epochs x 10 steps, stored
 
 
@@ -98,6 +99,8 @@ def test_a_calibration_prices_measured_examples_per_second(capsys, tmp_path):
     ({"device_count": "one"}, [], "field 'device_count' is missing or not a int"),
     ({"programs": {"teacher_train": {"examples_per_s": 8.0, "run_overhead_s": -1}}}, [],
      "programs.teacher_train.run_overhead_s must be seconds >= 0, got -1"),
+    ({"programs": {"eval_decode": {"examples_per_s": 8.0, "startup_s": "slow"}}}, [],
+     "programs.eval_decode.startup_s must be seconds >= 0, got 'slow'"),
 ])
 def test_a_calibration_for_something_else_is_refused_naming_the_mismatch(capsys, tmp_path, change, argv, message):
     cal, cards = _calibration(tmp_path, **change)

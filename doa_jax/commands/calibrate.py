@@ -55,7 +55,8 @@ def run(args) -> int:
           f"{record['task']} at {record['lengths']['inputs']}/{record['lengths']['targets']} tokens, batch "
           f"{record['batch_size']}; {record['timing']}")
     for program, row in record["programs"].items():
-        fixed = f"   + {row['run_overhead_s']:.2f} s a run" if "run_overhead_s" in row else ""
+        once = sum(row.get(f, 0.0) for f in cost_profiles.ONCE_PER_RUN)
+        fixed = f"   + {once:.2f} s a run (compile, set-up)" if once else ""
         print(f"  {program:<24} {row['examples_per_s']:>12.1f} examples/s   MFU {row['mfu']:.2%}{fixed}")
     print(f"wrote {path}; price with `doa plan --calibration {path} ...`")
     return 0

@@ -39,11 +39,12 @@ from doa_jax.model.config import T5Config
 from doa_jax.optimizers import OptimizerConfig
 from doa_jax.trainer import TrainConfig, Trainer
 
-TIMING_NOTE = ("compile and warm-up excluded. Training programs: a real Trainer.fit run after a compiling one; "
-               "seconds per step = the trainer's own step_time_s (first step left out), the rest of the run's wall "
-               "time is its fixed cost (set-up, final checkpoint). Decoding: mean wall time of at least "
-               "`reps` calls (and 0.5 s of them) after the compiling call and `warmup` more, ended by "
-               "jax.block_until_ready, forced to the full target length. Random weights.")
+TIMING_NOTE = ("per-call rates exclude compile and warm-up; what a run pays once is recorded apart (startup_s: "
+               "the compiling run's or call's extra seconds; run_overhead_s: a training run's set-up and final "
+               "checkpoint) and charged once per run. Training programs: a real Trainer.fit run after a compiling "
+               "one; seconds per step = the trainer's own step_time_s (first step left out). Decoding: mean wall "
+               "time of at least `reps` calls (and 0.5 s of them) after the compiling call and `warmup` more, "
+               "ended by jax.block_until_ready, forced to the full target length. Random weights.")
 
 
 def task_card(name: str):
@@ -99,20 +100,25 @@ class Settings:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
 
-def _timed(fn: Callable[[], Any], reps: int, warmup: int, min_seconds: float = 0.5) -> float:
-    """Mean seconds per call of `fn`, after one compiling call and `warmup` more (not timed).
+def _timed(fn: Callable[[], Any], reps: int, warmup: int, min_seconds: float = 0.5) -> dict[str, float]:
+    """Mean seconds per call of `fn`, after one compiling call and `warmup` more (not timed), and the
+    compiling call's extra seconds (`startup_s`).
 
     At least `reps` calls are timed, and more (up to 1000) until `min_seconds` have passed, so a
     millisecond-scale program is not timed on a handful of calls.
     """
 
-    for _ in range(1 + warmup):
+    first = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - first
+    for _ in range(warmup):
         jax.block_until_ready(fn())
     start, calls = time.perf_counter(), 0
     while calls < reps or (time.perf_counter() - start < min_seconds and calls < 1000):
         jax.block_until_ready(fn())
         calls += 1
-    return (time.perf_counter() - start) / calls
+    per_call = (time.perf_counter() - start) / calls
+    return {"seconds_per_call": per_call, "startup_s": max(first - per_call, 0.0)}
 
 
 def _batch(vocab_size: int, batch: int, in_len: int, out_len: int, seed: int) -> dict[str, np.ndarray]:
@@ -147,7 +153,7 @@ def _time_runs(cfg: T5Config, s: Settings, arrays: dict, directory: pathlib.Path
                wrapper: Optional[Callable] = None) -> dict[str, float]:
     """Seconds per step and per run (set-up, final checkpoint) of a real training run, compile excluded.
 
-    A first run compiles (its extra seconds are `startup_s`, not priced). A second run of the same
+    A first run compiles (its extra seconds are `startup_s`, charged once per run as a cell pays it). A second run of the same
     programs gives the step time the trainer itself measures (`step_time_s` in its metrics.jsonl,
     its first step left out) and, as the rest of its wall time, the run's fixed cost.
     """
@@ -190,7 +196,7 @@ def _measure(teacher: T5Config, student: T5Config, s: Settings, lengths: dict[st
              "teacher_score": lambda: teacher_outputs._score(t_module, t_params, enc, decoded, s.topk),
              "eval_decode": lambda: decoding.greedy(s_module, s_params, enc, out_len, min_length=out_len)}
     for program, call in calls.items():
-        measured[program] = {"seconds_per_call": _timed(call, s.reps, s.warmup)}
+        measured[program] = _timed(call, s.reps, s.warmup)
     return measured
 
 

@@ -29,6 +29,7 @@ PROFILES_FILE = pathlib.Path(__file__).with_name("cost_profiles.toml")
 PAPER_PARETO = pathlib.Path(__file__).with_name("paper_pareto.csv")
 PROFILE_NAMES = ("paper", "calibrated", "mfu")
 CALIBRATION_FORMAT = "doa-calibration/1"
+ONCE_PER_RUN = ("startup_s", "run_overhead_s")   # calibrated seconds a run of a program pays once
 # The programs work is made of, and the ledger phase each is charged to.
 PROGRAMS = {
     "teacher_train": "teacher_finetune",          # one teacher train step on a batch of labels
@@ -161,8 +162,10 @@ class PaperProfile(CostProfile):
 
 @dataclasses.dataclass(frozen=True)
 class CalibratedProfile(CostProfile):
-    """Examples per second measured by `doa calibrate` on this hardware, per program; a training
-    program also has the fixed seconds of a run (set-up, final checkpoint), charged once per Work."""
+    """Examples per second measured by `doa calibrate` on this hardware, per program, plus what each
+    run of a program pays once in a fresh process, as a cell does: its compilation (`startup_s`) and,
+    for training, the fixed seconds of a run (set-up, final checkpoint: `run_overhead_s`). The
+    accelerator is held, and billed, for both."""
 
     calibration: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     path: str = ""
@@ -173,7 +176,7 @@ class CalibratedProfile(CostProfile):
             raise ValueError(f"calibration {self.path} has no measurement of {work.program!r}; "
                              f"measured: {', '.join(programs)}")
         row = programs[work.program]
-        fixed = row.get("run_overhead_s", 0.0) if work.rows > 0 else 0.0
+        fixed = sum(row.get(f, 0.0) for f in ONCE_PER_RUN) if work.rows > 0 else 0.0
         return (work.rows / row["examples_per_s"] + fixed) * self.calibration["device_count"]
 
 
@@ -276,10 +279,11 @@ def read_calibration(path: str | os.PathLike) -> dict[str, Any]:
         if program not in PROGRAMS or not isinstance(rate, (int, float)) or not rate > 0 or not math.isfinite(rate):
             raise ValueError(f"calibration file {path}: programs.{program} needs a known program and a positive "
                              f"examples_per_s")
-        fixed = row.get("run_overhead_s", 0.0)
-        if not isinstance(fixed, (int, float)) or not 0 <= fixed < math.inf:
-            raise ValueError(f"calibration file {path}: programs.{program}.run_overhead_s must be seconds >= 0, "
-                             f"got {fixed!r}")
+        for field in ONCE_PER_RUN:
+            fixed = row.get(field, 0.0)
+            if not isinstance(fixed, (int, float)) or not 0 <= fixed < math.inf:
+                raise ValueError(f"calibration file {path}: programs.{program}.{field} must be seconds >= 0, "
+                                 f"got {fixed!r}")
     return cal
 
 
