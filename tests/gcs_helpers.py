@@ -33,6 +33,8 @@ def _free_port() -> int:
 def gcs_emulator():
     """Yields the environment (a dict) that points GCS clients at a fresh emulator; sets it in
     os.environ meanwhile (subprocesses inherit it)."""
+    saved = {k: os.environ.get(k) for k in [*ENV, "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                            "GOOGLE_APPLICATION_CREDENTIALS"]}
     os.environ.update(ENV)    # before gcsfs is imported: it picks its client class at import
     pytest.importorskip("gcsfs", reason="gs:// needs gcsfs (pip install -e '.[gcs]')")
     pytest.importorskip("gcp_storage_emulator", reason="the GCS tests need gcp-storage-emulator ('.[test]')")
@@ -42,7 +44,6 @@ def gcs_emulator():
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     env = dict(ENV, STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
-    saved = {k: os.environ.get(k) for k in [*env, "GOOGLE_APPLICATION_CREDENTIALS"]}
     try:
         deadline = time.time() + 30
         while True:

@@ -1,0 +1,161 @@
+"""Outputs on object stores (doa_jax.storage): a local GCS emulator (gcsfs pointed at it) holds a
+sweep's files, results rows, ledgers and metrics; fsspec's `memory://` filesystem checks what the
+emulator does not enforce (the lock object's create-if-absent precondition). A bad bucket or missing
+credentials stop `doa run` before any compute. `scripts/tpu_vm.sh --dry-run` prints its gcloud commands.
+
+Not covered here: Orbax checkpoints on the emulator. TensorStore's OCDBT manifests fail on it
+("Malformed StorageGeneration": the emulator's object generations are not GCS's), so the trainer and
+real `doa run` cells with a gs:// MODEL_DIR/OUTPUT_DIR are not run against it.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import fsspec
+import pytest
+
+from doa_jax import cli, storage
+from doa_jax.experiment import costs, results, sweep
+from doa_jax.progress import MetricsLog
+from gcs_helpers import BUCKET, gcs_emulator, ls
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    with gcs_emulator() as env:
+        yield env
+
+
+# ----------------------------------------------------------------------------- memory://
+
+def test_rows_appended_to_an_object_store_are_one_object_each_read_back_in_order():
+    path = "memory://appends/results.jsonl"
+    for key in ("a", "b", "c"):
+        results.append_row(path, {"cell_key": key, "task": "t", "strategy": "annotate", "extra_budget_usd": 1.0,
+                                  "metric": "f1", "value": 50.0})
+    assert [r["cell_key"] for r in results.read_rows(path)] == ["a", "b", "c"]
+    assert len(fsspec.filesystem("memory").ls("/appends/results.jsonl.rows")) == 3
+
+
+def test_a_lock_object_refuses_a_second_holder_and_is_removed_on_exit():
+    lock = "memory://locks/.sweep.lock"
+    with storage.hold(lock, "a sweep in memory://locks"):
+        with pytest.raises(storage.Busy, match=rf"a sweep in memory://locks is being run by pid {os.getpid()} .*"
+                                               rf"delete {lock}"):
+            with storage.hold(lock, "a sweep in memory://locks"):
+                pass
+    assert not fsspec.filesystem("memory").exists("/locks/.sweep.lock")
+
+
+def test_a_lock_object_left_by_a_dead_process_on_this_host_is_taken_over():
+    lock = "memory://locks/stale.lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage.write_atomic(lock, f"pid {dead.stdout.strip()} on {os.uname().nodename} (abcd1234)")
+    with storage.hold(lock, "cell k"):
+        assert f"pid {os.getpid()} " in fsspec.filesystem("memory").cat_file("/locks/stale.lock").decode()
+
+
+# ----------------------------------------------------------------------------- the GCS emulator
+
+def test_ledger_entries_survive_a_reopen_on_gcs(gcs):
+    path = f"gs://{BUCKET}/ledger/cells/k/ledger.jsonl"
+    ledger = costs.Ledger(path, measured_on=costs.get_accelerator("a100"))
+    ledger.add_labels("labels", 10, 0.5)
+    ledger.add_labels("labels", 10, 0.5)        # the same key again: charged once
+    reopened = costs.Ledger(path, measured_on=costs.get_accelerator("a100"))
+    assert list(reopened.entries) == ["labels"] and reopened.total() == pytest.approx(5.0)
+    assert len(ls(path + ".rows")) == 1
+
+
+def test_metrics_rows_after_a_resumed_step_are_dropped_on_gcs(gcs):
+    log = MetricsLog(f"gs://{BUCKET}/train/metrics.jsonl")
+    for step in (1, 2, 3, 4):
+        log.write({"step": step, "loss": 1.0 / step, "step_time_s": 0.5})
+    assert log.drop_after(2) == pytest.approx(1.0)      # steps 3 and 4 ran 0.5 s each and are lost
+    rows = [json.loads(line) for line in storage.read_appended(log.path).decode().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+class RowWriter:
+    """Appends a row per cell through results.append_row (as run_cell does), without training."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cell):
+        self.calls.append(cell.key())
+        row = {"cell_key": cell.key(), "task": "demo", "strategy": cell.strategy, "start_labels": cell.start_labels,
+               "extra_budget_usd": cell.extra_budget_usd, "seed": cell.seed, "metric": "f1", "value": 10.0,
+               "status": "ok", "spent_total_usd": 0.5, "wall_seconds": 0.1}
+        results.append_row(f"{cell.output_dir}/results.jsonl", row)
+        return row
+
+
+def test_a_sweep_on_gcs_writes_its_files_there_and_a_rerun_runs_no_finished_cell(gcs):
+    out = f"gs://{BUCKET}/sweep"
+    points, cells = sweep.load_sweep(["sweeps/demo.gin"], [f"OUTPUT_DIR = '{out}'", "GRID_SEEDS = [0]"])
+    first = RowWriter()
+    sweep.run_sweep(points, cells, runner=first, write_report=False, log=lambda s: None, config_gin="# grid\n")
+    again = RowWriter()
+    done = sweep.run_sweep(points, cells, runner=again, write_report=False, log=lambda s: None, config_gin="# grid\n")
+    assert len(first.calls) == 6 and again.calls == [] and done.skipped == 6
+    files = ls(out)
+    assert "config.gin" in files and "sweep.json" in files and ".sweep.lock" not in files
+    assert sum(f.startswith("results.jsonl.rows/") for f in files) == 6
+    assert not pathlib.Path("gs:").exists()       # nothing went to a local folder named like the URL
+
+
+def test_doa_run_on_a_missing_bucket_fails_before_any_compute_naming_the_path(gcs, capsys):
+    argv = ["run", "--gin_file", "runs/experiment.gin", "--gin_file", "runs/demo_models.gin",
+            "--gin_file", "experiments/demo_distill.gin", "--gin.OUTPUT_DIR=gs://no-such-bucket/run"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("doa run: error: cannot write the OUTPUT_DIR gs://no-such-bucket/run: ")
+    assert err.count("\n") == 1 and "operative gin config" not in err
+
+
+def test_doa_run_without_its_credentials_file_fails_naming_the_path_and_the_file(tmp_path):
+    pytest.importorskip("gcsfs")
+    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+    env.update(GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "missing.json"), GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+               PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "doa_jax", "run", "--gin_file", "runs/experiment.gin",
+                           "--gin_file", "runs/demo_models.gin", "--gin_file", "experiments/demo_distill.gin",
+                           "--gin.OUTPUT_DIR=gs://my-bucket/run"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("doa run: error: cannot write the OUTPUT_DIR gs://my-bucket/run: ")
+    assert f"GOOGLE_APPLICATION_CREDENTIALS={tmp_path / 'missing.json'}" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- scripts/tpu_vm.sh
+
+def _tpu_vm(*args):
+    env = dict(os.environ, TPU_NAME="doa-pod", ZONE="us-central2-b", SPOT="1")
+    return subprocess.run(["bash", str(REPO / "scripts" / "tpu_vm.sh"), "--dry-run", *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_tpu_vm_dry_run_prints_the_spot_create_command():
+    out = _tpu_vm("create")
+    assert out.returncode == 0
+    assert out.stdout == ("+ gcloud compute tpus tpu-vm create doa-pod --zone=us-central2-b "
+                          "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot\n")
+
+
+def test_tpu_vm_starts_train_on_every_worker_with_the_multihost_flag():
+    out = _tpu_vm("start", "train", "--gin_file", "runs/finetune.gin", "--gin.MODEL_DIR=gs://b/run")
+    assert out.returncode == 0
+    line = out.stdout.strip()
+    assert line.startswith("+ gcloud compute tpus tpu-vm ssh doa-pod --zone=us-central2-b --worker=all --command=")
+    assert r"python3\ -m\ doa_jax\ train\ --multihost\ --gin_file\ runs/finetune.gin\ --gin.MODEL_DIR=gs://b/run" \
+        in line
+
+
+def test_tpu_vm_refuses_an_unknown_doa_command():
+    out = _tpu_vm("start", "demo")
+    assert out.returncode == 2 and "start needs train, run or sweep" in out.stderr and out.stdout == ""
