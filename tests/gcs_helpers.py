@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 import pytest
 
 BUCKET = "doa-test"
+MAIN = pathlib.Path(__file__).resolve().with_name("gcs_emulator_main.py")
 ENV = {
     # gcsfs's zonal-bucket probe (a gRPC call the emulator does not serve) is off; epath uses gcsfs.
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
@@ -39,7 +41,7 @@ def gcs_emulator():
     pytest.importorskip("gcsfs", reason="gs:// needs gcsfs (pip install -e '.[gcs]')")
     pytest.importorskip("gcp_storage_emulator", reason="the GCS tests need gcp-storage-emulator ('.[test]')")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+    proc = subprocess.Popen([sys.executable, str(MAIN), "start", "--host=127.0.0.1",
                              f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
