@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import fsspec
 import pytest
@@ -159,3 +160,57 @@ def test_tpu_vm_starts_train_on_every_worker_with_the_multihost_flag():
 def test_tpu_vm_refuses_an_unknown_doa_command():
     out = _tpu_vm("start", "demo")
     assert out.returncode == 2 and "start needs train, run or sweep" in out.stderr and out.stdout == ""
+
+
+# ----------------------------------------------------------------------------- training on the emulator
+
+def test_the_trainer_writes_checkpoints_and_metrics_to_gcs_and_resumes_from_them(gcs):
+    from doa_jax.checkpoints.steps import TrainCheckpoints
+    from doa_jax.trainer import Trainer
+    from train_helpers import run_config, tiny_config, train_source
+
+    model_dir = f"gs://{BUCKET}/trainer"
+    Trainer(tiny_config(), run_config(model_dir, train_steps=4, checkpoint_every=2)).fit(train_source(16))
+    result = Trainer(tiny_config(), run_config(model_dir, train_steps=6, checkpoint_every=2)).fit(train_source(16))
+    assert result.step == 6
+    assert TrainCheckpoints(f"{model_dir}/checkpoints").all_steps() == [4, 6]     # keep=2
+    rows = [json.loads(line) for line in storage.read_appended(f"{model_dir}/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]      # the resumed run went on from step 4
+    assert not pathlib.Path("gs:").exists()
+
+
+DEMO_CELL = ["--gin_file", "runs/experiment.gin", "--gin_file", "runs/demo_models.gin",
+             "--gin_file", "experiments/demo_distill.gin", "--gin.TEACHER_EPOCHS=2", "--gin.STUDENT_EPOCHS=2",
+             "--gin.DISTILL_EPOCHS=1", "--gin.MAX_EVAL_EXAMPLES=16",
+             "--gin.CellConfig.demo_sizes={'labeled': 256, 'unlabeled': 64, 'test': 16}"]
+
+
+@pytest.mark.slow
+def test_doa_run_cells_of_both_arms_on_gcs_resume_after_a_kill(gcs, capsys):
+    out = f"gs://{BUCKET}/cells"
+    argv = ["run", *DEMO_CELL, f"--gin.OUTPUT_DIR={out}"]
+    proc = subprocess.Popen([sys.executable, "-m", "doa_jax", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        deadline = time.time() + 300
+        while not any(f.startswith("cache/teachers/") and f.endswith("/record.json") for f in ls(out)):
+            assert proc.poll() is None, "the cell ended before its teacher was recorded"
+            assert time.time() < deadline, "no fine-tuned teacher after 300 s"
+            time.sleep(0.5)
+        proc.kill()                      # after the teacher, before the cell's row
+    finally:
+        proc.kill()
+        proc.wait()
+    assert results.read_rows(f"{out}/results.jsonl") == []
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "reusing the fine-tuned teacher" in capsys.readouterr().out
+    assert cli.main([*argv, "--gin.STRATEGY='annotate'"]) == 0
+    rows = results.read_rows(f"{out}/results.jsonl")
+    assert sorted(r["strategy"] for r in rows) == ["annotate", "distill"]
+    files = ls(out)
+    assert sum(f.startswith("results.jsonl.rows/") for f in files) == 2        # one row per cell
+    for row in rows:
+        assert f"cells/{row['cell_key']}/predictions.jsonl" in files
+        assert any(f.startswith(f"cells/{row['cell_key']}/ledger.jsonl.rows/") for f in files)
+        assert not any(f == f"cells/{row['cell_key']}/.lock" for f in files)
