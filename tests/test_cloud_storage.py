@@ -133,6 +133,19 @@ def test_doa_run_without_its_credentials_file_fails_naming_the_path_and_the_file
     assert f"GOOGLE_APPLICATION_CREDENTIALS={tmp_path / 'missing.json'}" in proc.stderr
 
 
+def test_a_vocabulary_and_task_data_are_read_from_gcs(gcs, tmp_path):
+    from doa_jax.data import demo, jsonl, vocab as vocab_lib
+
+    local = demo.build_vocab(tmp_path)
+    url = f"gs://{BUCKET}/assets/demo_vocab.model"
+    storage.write_atomic(url, local.path.read_bytes())
+    remote = vocab_lib.load_vocab(url)
+    assert remote.encode("protocol: add 5 ml water") == local.encode("protocol: add 5 ml water")
+    data = f"gs://{BUCKET}/assets/train.jsonl"
+    storage.write_atomic(data, '{"source": "a b", "target": "c"}\n{"source": "d", "target": "e f"}\n')
+    assert jsonl.load_examples(data).examples == [{"source": "a b", "target": "c"}, {"source": "d", "target": "e f"}]
+
+
 # ----------------------------------------------------------------------------- scripts/tpu_vm.sh
 
 def _tpu_vm(*args):
@@ -164,18 +177,19 @@ def test_tpu_vm_refuses_an_unknown_doa_command():
 
 # ----------------------------------------------------------------------------- training on the emulator
 
+@pytest.mark.slow   # ~38 s here, nearly all of it compiling the tiny model
 def test_the_trainer_writes_checkpoints_and_metrics_to_gcs_and_resumes_from_them(gcs):
     from doa_jax.checkpoints.steps import TrainCheckpoints
     from doa_jax.trainer import Trainer
     from train_helpers import run_config, tiny_config, train_source
 
     model_dir = f"gs://{BUCKET}/trainer"
-    Trainer(tiny_config(), run_config(model_dir, train_steps=4, checkpoint_every=2)).fit(train_source(16))
-    result = Trainer(tiny_config(), run_config(model_dir, train_steps=6, checkpoint_every=2)).fit(train_source(16))
-    assert result.step == 6
-    assert TrainCheckpoints(f"{model_dir}/checkpoints").all_steps() == [4, 6]     # keep=2
+    Trainer(tiny_config(), run_config(model_dir, train_steps=2)).fit(train_source(16))
+    result = Trainer(tiny_config(), run_config(model_dir, train_steps=3)).fit(train_source(16))
+    assert result.step == 3
+    assert TrainCheckpoints(f"{model_dir}/checkpoints").all_steps() == [2, 3]
     rows = [json.loads(line) for line in storage.read_appended(f"{model_dir}/metrics.jsonl").decode().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]      # the resumed run went on from step 4
+    assert [r["step"] for r in rows] == [1, 2, 3]      # the second run resumed at step 2
     assert not pathlib.Path("gs:").exists()
 
 

@@ -274,7 +274,7 @@ def read_t5x_infer_jsonl(path: str | os.PathLike, prefix: Optional[str] = None) 
     `prefix` (the task card's input prefix, which the SeqIO task put before each input), "source"
     is the raw input with it removed; an input without it is an error naming the line.
     """
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"T5X infer output {path} not found")
     rows = []
