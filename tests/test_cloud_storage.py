@@ -1,11 +1,9 @@
-"""Outputs on object stores (doa_jax.storage): a local GCS emulator (gcsfs pointed at it) holds a
-sweep's files, results rows, ledgers and metrics; fsspec's `memory://` filesystem checks what the
-emulator does not enforce (the lock object's create-if-absent precondition). A bad bucket or missing
-credentials stop `doa run` before any compute. `scripts/tpu_vm.sh --dry-run` prints its gcloud commands.
-
-Not covered here: Orbax checkpoints on the emulator. TensorStore's OCDBT manifests fail on it
-("Malformed StorageGeneration": the emulator's object generations are not GCS's), so the trainer and
-real `doa run` cells with a gs:// MODEL_DIR/OUTPUT_DIR are not run against it.
+"""Outputs on object stores (doa_jax.storage), against a local GCS emulator (gcsfs and TensorStore
+pointed at it, see tests/gcs_helpers.py): the trainer's checkpoints, metrics and resume; `doa run`
+cells of both arms killed and resumed; a sweep's files, results rows and ledgers; vocabularies and
+task data read from gs://; a bad bucket or missing credentials stopping `doa run` before any
+compute. fsspec's `memory://` filesystem checks what the emulator does not enforce: the lock
+object's create-if-absent precondition. `scripts/tpu_vm.sh --dry-run` prints its gcloud commands.
 """
 import json
 import os
