@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import pathlib
 import signal
 import sys
 import threading
