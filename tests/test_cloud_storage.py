@@ -94,16 +94,17 @@ class RowWriter:
         return row
 
 
-def test_a_sweep_on_gcs_writes_its_files_there_and_a_rerun_runs_no_finished_cell(gcs):
+def test_a_sweep_on_gcs_writes_its_files_and_report_there_and_a_rerun_runs_no_finished_cell(gcs):
     out = f"gs://{BUCKET}/sweep"
     points, cells = sweep.load_sweep(["sweeps/demo.gin"], [f"OUTPUT_DIR = '{out}'", "GRID_SEEDS = [0]"])
     first = RowWriter()
-    sweep.run_sweep(points, cells, runner=first, write_report=False, log=lambda s: None, config_gin="# grid\n")
+    sweep.run_sweep(points, cells, runner=first, write_report=True, log=lambda s: None, config_gin="# grid\n")
     again = RowWriter()
     done = sweep.run_sweep(points, cells, runner=again, write_report=False, log=lambda s: None, config_gin="# grid\n")
     assert len(first.calls) == 6 and again.calls == [] and done.skipped == 6
     files = ls(out)
-    assert "config.gin" in files and "sweep.json" in files and ".sweep.lock" not in files
+    assert {"config.gin", "sweep.json", "report.md"} <= set(files) and ".sweep.lock" not in files
+    assert sum(f.startswith("plots/") and f.endswith(".png") for f in files) == 2    # the report's figures
     assert sum(f.startswith("results.jsonl.rows/") for f in files) == 6
     assert not pathlib.Path("gs:").exists()       # nothing went to a local folder named like the URL
 
