@@ -5,7 +5,8 @@
 #   scripts/tpu_vm.sh [--dry-run] create              # the VM (SPOT=1: a spot VM)
 #   scripts/tpu_vm.sh [--dry-run] install             # copy this checkout to every worker, pip install it
 #   scripts/tpu_vm.sh [--dry-run] start train ARGS... # `doa train --multihost ARGS` on every worker
-#   scripts/tpu_vm.sh [--dry-run] start run ARGS...   # `doa run ARGS` on worker 0 (likewise sweep)
+#   scripts/tpu_vm.sh [--dry-run] start run ARGS...   # `doa run ARGS` on worker 0 (likewise sweep;
+#                                                     #  no multi-host mode: use a single-host VM)
 #   scripts/tpu_vm.sh [--dry-run] logs                # follow worker 0's log (Ctrl-C stops following only)
 #   scripts/tpu_vm.sh [--dry-run] stop                # SIGTERM: the step finishes, is saved, doa exits
 #   scripts/tpu_vm.sh [--dry-run] delete              # delete the VM
