@@ -4,7 +4,9 @@ scheme fsspec knows, e.g. `memory://` in tests).
 `path(p)` is a `pathlib.Path` for a local path (so local runs behave exactly as before) and an
 `etils.epath.Path` for a URL (the path type Orbax and T5X use; `gs://` goes through gcsfs, for our
 files and Orbax's alike, so one client and one set of credentials serve the run). Both have the
-same pathlib API (`/`, `exists`, `read_text`, `write_text`, `open`, `iterdir`, `unlink`).
+same pathlib API (`/`, `exists`, `read_text`, `write_text`, `open`, `iterdir`, `unlink`). Path
+objects exist for the schemes epath knows (gs, s3, az, hf); the functions below that take a path
+(`append_line`, `read_appended`, `write_atomic`, `hold`, `check_writable`) take any fsspec URL.
 
 What an object store cannot do, and the design used instead:
 

@@ -70,6 +70,15 @@ def test_ledger_entries_survive_a_reopen_on_gcs(gcs):
     assert len(ls(path + ".rows")) == 1
 
 
+def test_a_ledger_off_process_zero_reads_the_entries_and_writes_none(gcs):
+    path = f"gs://{BUCKET}/ledger_hosts/ledger.jsonl"
+    costs.Ledger(path, measured_on=costs.get_accelerator("a100")).add_labels("labels", 10, 0.5)
+    reader = costs.Ledger(path, measured_on=costs.get_accelerator("a100"), writable=False)
+    reader.add_labels("more_labels", 4, 0.5)
+    assert reader.total() == pytest.approx(7.0)          # its own entry counts in its budget...
+    assert len(ls(path + ".rows")) == 1                  # ...but only process 0's entry is written
+
+
 def test_metrics_rows_after_a_resumed_step_are_dropped_on_gcs(gcs):
     log = MetricsLog(f"gs://{BUCKET}/train/metrics.jsonl")
     for step in (1, 2, 3, 4):

@@ -86,9 +86,9 @@ def is_chief() -> bool:
 def write_predictions(path: storage.AnyPath, examples: list, predictions: list[str]) -> None:
     """Per test example: its index, input, reference and the student's output, so that
     `doa score --task T --predictions P --references P` re-scores the cell from this file alone."""
-    storage.write_atomic(path, "".join(json.dumps({"id": i, "source": ex["source"], "target": ex["target"], "prediction": p},
-                                       ensure_ascii=False) + "\n"
-                            for i, (ex, p) in enumerate(zip(examples, predictions))))
+    storage.write_atomic(path, "".join(
+        json.dumps({"id": i, "source": ex["source"], "target": ex["target"], "prediction": p}, ensure_ascii=False)
+        + "\n" for i, (ex, p) in enumerate(zip(examples, predictions))))
 
 
 def _warn_stale(path: storage.AnyPath, rows: list[dict[str, Any]]) -> None:
@@ -107,8 +107,9 @@ def _run(cfg: CellConfig) -> results.ResultRow:
     if reason:
         return _row(cfg, setup, status="infeasible", reason=reason)
     pricer = Pricer.for_cell(cfg, setup.card, setup.lengths)
-    ledger = costs.Ledger(storage.path(cfg.output_dir) / "cells" / cfg.key() / "ledger.jsonl" if is_chief() else None,
-                          measured_on=costs.get_accelerator(cfg.pricing.measured_on), profile=pricer.profile)
+    ledger = costs.Ledger(storage.path(cfg.output_dir) / "cells" / cfg.key() / "ledger.jsonl",
+                          measured_on=costs.get_accelerator(cfg.pricing.measured_on), profile=pricer.profile,
+                          writable=is_chief())
     plan = _plan(cfg, setup, pricer)
     planned = {k: v for k, v in plan.as_row().items()
                if k.endswith(("_usd", "_used")) or k in ("labels_bought", "note")}
@@ -215,7 +216,7 @@ def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentD
         say(cfg, f"the same plan was trained by cell {run.trained_by}: reusing its student ({shared})")
     else:
         run = _train_student(cfg, setup, data, pricer, budget, test)
-        if not (run.capped or run.diverged) and is_chief():   # a capped run depends on its budget: never shared
+        if not (run.capped or run.diverged) and is_chief():   # a capped run depends on its budget: not shared
             storage.write_atomic(shared, json.dumps(dataclasses.asdict(run)))
     work = as_run(pricer.student(data.kd, len(data.arrays["encoder_input_tokens"])), run.steps)
     ledger.add_compute(f"student_training:{run.trained_by}:{run.steps}", "student_training", run.seconds, run.flops,

@@ -109,16 +109,19 @@ class Ledger:
     """
 
     def __init__(self, path: Optional[str | os.PathLike], measured_on: Accelerator, chips: int = 1,
-                 project_to: Optional[Accelerator] = None, mfu: float = 0.5, profile: Optional[Any] = None):
+                 project_to: Optional[Accelerator] = None, mfu: float = 0.5, profile: Optional[Any] = None,
+                 writable: bool = True):
         if not 0 < mfu <= 1:
             raise ValueError(f"mfu must be in (0, 1], got {mfu}")
         self.path = storage.path(path) if path is not None else None
+        self.writable = writable    # False: reads the entries, appends none (multi-host: not process 0)
         self.measured_on, self.chips, self.project_to, self.mfu = measured_on, chips, project_to, mfu
         self.profile = profile
         self.cost_profile = profile.name if profile is not None else ("mfu" if project_to is not None else "measured")
         self.entries: dict[str, Entry] = {}
         if self.path is not None and storage.log_exists(self.path):
-            self._cut_torn_line()
+            if writable:
+                self._cut_torn_line()
             for lineno, line in enumerate(storage.read_appended(self.path).decode().splitlines(), 1):
                 if not line.strip():
                     continue
@@ -139,7 +142,7 @@ class Ledger:
         if entry.phase not in PHASES:
             raise ValueError(f"unknown phase {entry.phase!r}; phases: {', '.join(PHASES)}")
         self.entries[entry.key] = entry
-        if self.path is not None:
+        if self.path is not None and self.writable:
             storage.append_line(self.path, json.dumps(dataclasses.asdict(entry)))
         return entry
 
