@@ -13,9 +13,11 @@ import sys
 import time
 
 import fsspec
+import numpy as np
 import pytest
 
 from doa_jax import cli, storage
+from doa_jax.checkpoints.tree import flatten
 from doa_jax.experiment import costs, results, sweep
 from doa_jax.progress import MetricsLog
 from gcs_helpers import BUCKET, gcs_emulator, ls
@@ -152,6 +154,25 @@ def test_a_vocabulary_and_task_data_are_read_from_gcs(gcs, tmp_path):
     data = f"gs://{BUCKET}/assets/train.jsonl"
     storage.write_atomic(data, '{"source": "a b", "target": "c"}\n{"source": "d", "target": "e f"}\n')
     assert jsonl.load_examples(data).examples == [{"source": "a b", "target": "c"}, {"source": "d", "target": "e f"}]
+
+
+# The legacy checkpoint is ~100 small objects, which the emulator takes 10-30 s to upload here.
+@pytest.mark.parametrize("kind", ["orbax", pytest.param("legacy", marks=pytest.mark.slow)])
+def test_a_t5x_checkpoint_in_a_bucket_loads_as_it_does_from_disk(gcs, t5x_fixtures, kind):
+    from doa_jax.checkpoints import detect_format, load_checkpoint
+
+    local = t5x_fixtures / kind / "checkpoint_0"
+    url = f"gs://{BUCKET}/t5x_{kind}/checkpoint_0"
+    fs, key = fsspec.core.url_to_fs(url)
+    fs.pipe({f"{key}/{p.relative_to(local)}": p.read_bytes() for p in local.rglob("*")    # params only
+             if p.is_file() and not p.relative_to(local).parts[0].startswith("state.")})
+    assert detect_format(url) == f"t5x_{kind}"
+    want_config, want = load_checkpoint(local)
+    got_config, got = load_checkpoint(url)
+    assert got_config == want_config
+    flat_want, flat_got = flatten(want), flatten(got)
+    assert flat_got.keys() == flat_want.keys()
+    assert all(np.array_equal(flat_got[k], flat_want[k]) for k in flat_want)
 
 
 # ----------------------------------------------------------------------------- scripts/tpu_vm.sh
