@@ -175,6 +175,26 @@ def test_a_t5x_checkpoint_in_a_bucket_loads_as_it_does_from_disk(gcs, t5x_fixtur
     assert all(np.array_equal(flat_got[k], flat_want[k]) for k in flat_want)
 
 
+@pytest.mark.parametrize("max_shard_bytes", [2**30, 20_000])    # one safetensors file; sharded with an index
+def test_an_hf_checkpoint_in_a_bucket_loads_as_it_does_from_disk(gcs, tmp_path, max_shard_bytes):
+    from doa_jax.checkpoints import load_checkpoint
+    from doa_jax.checkpoints.hf import save_hf
+    from doa_jax.checkpoints.tree import expected_shapes, unflatten
+    from train_helpers import tiny_config
+
+    config = tiny_config()
+    rng = np.random.default_rng(0)
+    params = unflatten({p: rng.standard_normal(shape, np.float32) for p, shape in expected_shapes(config).items()})
+    files = save_hf(tmp_path / "hf", config, params, max_shard_bytes=max_shard_bytes)
+    url = f"gs://{BUCKET}/hf_{max_shard_bytes}"
+    fs, key = fsspec.core.url_to_fs(url)
+    fs.pipe({f"{key}/{p.name}": p.read_bytes() for p in (tmp_path / "hf").iterdir()})
+    want_config, want = load_checkpoint(tmp_path / "hf")
+    got_config, got = load_checkpoint(url)
+    assert got_config == want_config and (len(files) > 3) == (max_shard_bytes == 20_000)
+    assert all(np.array_equal(a, b) for a, b in zip(flatten(got).values(), flatten(want).values()))
+
+
 # ----------------------------------------------------------------------------- scripts/tpu_vm.sh
 
 def _tpu_vm(*args):
