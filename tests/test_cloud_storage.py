@@ -90,6 +90,19 @@ def test_metrics_rows_after_a_resumed_step_are_dropped_on_gcs(gcs):
     assert [r["step"] for r in rows] == [1, 2]
 
 
+def test_tensorboard_events_written_to_gcs_are_the_bytes_written_locally(gcs, tmp_path, monkeypatch):
+    from doa_jax import progress
+
+    monkeypatch.setattr(progress.time, "time", lambda: 1700000000.0)    # same wall time in both files
+    files = []
+    for logdir in (tmp_path, f"gs://{BUCKET}/events"):
+        writer = progress.EventWriter(logdir)
+        writer.scalars(5, {"train/loss": 1.5})
+        writer.close()
+        files.append(writer.path.read_bytes())
+    assert files[1] == files[0] and len(files[0]) > 50
+
+
 class RowWriter:
     """Appends a row per cell through results.append_row (as run_cell does), without training."""
 
