@@ -258,7 +258,9 @@ def test_the_trainer_writes_checkpoints_and_metrics_to_gcs_and_resumes_from_them
 DEMO_CELL = ["--gin_file", "runs/experiment.gin", "--gin_file", "runs/demo_models.gin",
              "--gin_file", "experiments/demo_distill.gin", "--gin.TEACHER_EPOCHS=2", "--gin.STUDENT_EPOCHS=2",
              "--gin.DISTILL_EPOCHS=1", "--gin.MAX_EVAL_EXAMPLES=16",
-             "--gin.CellConfig.demo_sizes={'labeled': 256, 'unlabeled': 64, 'test': 16}"]
+             "--gin.CellConfig.demo_sizes={'labeled': 256, 'unlabeled': 64, 'test': 16}",
+             "--gin.SOFT_TARGETS='stored'",          # the teacher's outputs go to a store (chunks on gs://)
+             *(f"--gin.{m}/T5Size.num_{s}_layers=1" for m in ("teacher", "student") for s in ("encoder", "decoder"))]
 
 
 @pytest.mark.slow
@@ -286,6 +288,7 @@ def test_doa_run_cells_of_both_arms_on_gcs_resume_after_a_kill(gcs, capsys):
     assert sorted(r["strategy"] for r in rows) == ["annotate", "distill"]
     files = ls(out)
     assert sum(f.startswith("results.jsonl.rows/") for f in files) == 2        # one row per cell
+    assert any(f.startswith("cache/stores/") and f.endswith("/chunk_00000.COMPLETED") for f in files)
     for row in rows:
         assert f"cells/{row['cell_key']}/predictions.jsonl" in files
         assert any(f.startswith(f"cells/{row['cell_key']}/ledger.jsonl.rows/") for f in files)
