@@ -29,6 +29,8 @@ from typing import Any, Iterable, Optional
 
 import gin
 
+from doa_jax import storage
+
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
 
 _registered = False
@@ -336,11 +338,10 @@ def macro(name: str, default: Any = _NO_DEFAULT) -> Any:
     return value
 
 
-def write_operative_config(model_dir: str | os.PathLike, name: str = "config.gin") -> pathlib.Path:
-    """Writes the operative config (what the run used) into `model_dir`; returns its path."""
-    path = pathlib.Path(model_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(gin.operative_config_str())
+def write_operative_config(model_dir: str | os.PathLike, name: str = "config.gin") -> storage.AnyPath:
+    """Writes the operative config (what the run used) into `model_dir` (local or a URL); returns its path."""
+    path = storage.path(model_dir) / name
+    storage.write_atomic(path, gin.operative_config_str())
     return path
 
 

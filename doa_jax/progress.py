@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import socket
 import struct
 import time
 from typing import Any, Mapping, Optional, Sequence
 
-from doa_jax import hardware
+from doa_jax import hardware, storage
 
 def peak_flops_per_device(device_kind: str) -> tuple[Optional[float], str]:
     """`(peak FLOP/s, note)` for a device kind (`doa_jax/hardware.toml`); `(None, reason)` when the kind
@@ -98,18 +97,19 @@ class MetricsLog:
     after `drop_after(resume_step)` removes the rows the resumed steps will log again)."""
 
     def __init__(self, path: os.PathLike):
-        self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = storage.path(path)
+        storage.makedirs(self.path.parent)
 
     def drop_after(self, step: int) -> float:
         """Rewrites the log without rows of steps after `step` (and without a torn last line, left
         by a kill mid-write); returns the seconds those steps took (`step_time_s` x the steps each
         row covers): compute a kill lost, to be done again. A lower bound: steps after the last
         logged row left no trace."""
-        if not self.path.exists():
+        if not storage.log_exists(self.path):
             return 0.0
         kept, lost, previous = [], 0.0, 0
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+        lines = storage.read_appended(self.path).decode("utf-8", errors="replace").splitlines()
+        for line in lines:
             try:
                 row = json.loads(line)
                 row_step = int(row["step"])
@@ -120,17 +120,14 @@ class MetricsLog:
             else:
                 lost += float(row.get("step_time_s") or 0.0) * (row_step - previous)
             previous = row_step
-        if len(kept) != len(self.path.read_text(encoding="utf-8", errors="replace").splitlines()):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+        if len(kept) != len(lines):
+            storage.rewrite_appended(self.path, kept)
         return lost
 
     def write(self, row: Mapping[str, Any]) -> None:
         clean = {k: (float(v) if not isinstance(v, (int, str, bool, type(None))) else v)
                  for k, v in row.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean, allow_nan=True) + "\n")
+        storage.append_line(self.path, json.dumps(clean, allow_nan=True), durable=False)
 
 
 # ----------------------------------------------------------------------------- TensorBoard
@@ -190,13 +187,14 @@ def _event(wall_time: float, step: int, *, file_version: Optional[str] = None,
 
 
 class EventWriter:
-    """Writes TensorBoard scalar summaries to `logdir/events.out.tfevents.<time>.<host>`."""
+    """Writes TensorBoard scalar summaries to `logdir/events.out.tfevents.<time>.<host>` (on an object
+    store the file is one upload, completed when the writer closes)."""
 
     def __init__(self, logdir: os.PathLike):
-        logdir = pathlib.Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
+        logdir = storage.path(logdir)
+        storage.makedirs(logdir)
         self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self._f = open(self.path, "ab")
+        self._f = self.path.open("wb") if storage.is_url(self.path) else open(self.path, "ab")
         self._record(_event(time.time(), 0, file_version="brain.Event:2"))
 
     def _record(self, data: bytes) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import pathlib
 import signal
 import sys
 import threading
@@ -48,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from doa_jax import flops, losses, optimizers, partitioning, progress
+from doa_jax import flops, losses, optimizers, partitioning, progress, storage
 from doa_jax.checkpoints import steps as train_checkpoints
 from doa_jax.losses import LossConfig
 from doa_jax.model import T5Config, Transformer
@@ -360,7 +359,7 @@ class Trainer:
     def __init__(self, model_config: T5Config, config: TrainConfig, *, devices: Optional[Sequence[Any]] = None):
         self.model_config, self.config = model_config, config
         self.mesh, self.rules = config.mesh.build(devices)
-        self.model_dir = pathlib.Path(config.model_dir).absolute()
+        self.model_dir = storage.absolute(config.model_dir)   # a local folder or a URL (gs://)
         self._is_chief = jax.process_index() == 0
         self.program: Optional[StepProgram] = None
 
@@ -493,7 +492,7 @@ class Trainer:
         self._program(total_steps)
         self._eval_period = self._period(cfg.eval_every, train.steps_per_epoch, "eval_every")
         self._ckpt_period = self._period(cfg.checkpoint_every, train.steps_per_epoch, "checkpoint_every")
-        self.model_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.model_dir)
         self.checkpoints = train_checkpoints.TrainCheckpoints(
             self.model_dir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
         self.best = (train_checkpoints.TrainCheckpoints(self.model_dir / "best", keep=1,

@@ -5,6 +5,9 @@ NUM_PROCESSES=1 runs on 8 CPU devices; 2 runs on 4 CPU devices each, joined by
 (12 steps, a checkpoint every 4, mesh data=2 x model=4). MODE `slow` sleeps 0.2 s per batch so
 the parent can kill it. Each process appends the example indices it read per step to
 `MODEL_DIR/rows_<PROCESS_ID>.jsonl`; process 0 writes the final parameters to `MODEL_DIR/final.npz`.
+MODE `gcs`: MODEL_DIR is a gs:// URL (the emulator of tests/gcs_helpers.py, from the environment);
+the process trains 4 steps with a checkpoint every 2, then writes the run's results row to
+MODEL_DIR/results.jsonl the way `run_cell` does (only process 0 writes shared files), and exits.
 """
 import json
 import os
@@ -54,11 +57,28 @@ class RecordingBatches(ArrayBatches):
             yield batch
 
 
+def shared_store(model_dir: str) -> None:
+    """Both processes train into one gs:// MODEL_DIR; process 0 alone appends the results row."""
+    from doa_jax.experiment import cell, results
+
+    arrays = copy_arrays()
+    shard = partitioning.host_shard_info()
+    source = ArrayBatches(arrays, 16, shuffle=True, seed=0, shard_index=shard.index, num_shards=shard.num_shards)
+    config = run_config(model_dir, data=2, model=4, train_steps=4, checkpoint_every=2, async_checkpointing=True)
+    result = Trainer(tiny_config(), config).fit(source)
+    if cell.is_chief():
+        results.append_row(f"{model_dir}/results.jsonl", {
+            "cell_key": "multihost", "task": "copy", "strategy": "annotate", "extra_budget_usd": 0.0,
+            "metric": "loss", "value": float(result.last_metrics["loss"]), "student_steps": result.step})
+
+
 def main(model_dir: str, mode: str) -> None:
-    model_dir = pathlib.Path(model_dir)
     if NUM_PROCESSES > 1:
         partitioning.initialize_distributed(f"127.0.0.1:{PORT}", NUM_PROCESSES, PROCESS_ID)
     assert jax.process_count() == NUM_PROCESSES and jax.device_count() == 8
+    if mode == "gcs":
+        return shared_store(model_dir)
+    model_dir = pathlib.Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     arrays = dict(copy_arrays(), index=np.arange(64))
     shard = partitioning.host_shard_info()

@@ -86,3 +86,26 @@ def test_two_hosts_killed_and_resumed_match_one_host_with_eight_devices(tmp_path
     assert sorted(rows[0]) == sorted(rows[1]) == list(range(1, 13))
     for step in range(1, 13):
         assert rows[0][step] == one[step][:8] and rows[1][step] == one[step][8:], step
+
+
+def test_two_hosts_share_one_gcs_model_dir_one_checkpoint_per_step_one_row(tmp_path):
+    from doa_jax import storage
+    from doa_jax.experiment import results
+    from gcs_helpers import BUCKET, gcs_emulator, ls
+
+    with gcs_emulator():
+        env = _env(tmp_path / "compile_cache")
+        model_dir = f"gs://{BUCKET}/two_hosts"
+        _finish(_start(model_dir, "gcs", env, 2))
+        files = ls(model_dir)
+        assert TrainCheckpoints(f"{model_dir}/checkpoints").all_steps() == [2, 4]
+        for step in (2, 4):      # one committed step each, written by both hosts' shards, no leftovers
+            assert files.count(f"checkpoints/{step}/_CHECKPOINT_METADATA") == 1
+            assert any(f.startswith(f"checkpoints/{step}/params/ocdbt.process_1/") for f in files)
+        assert not any(".orbax-checkpoint-tmp" in f for f in files)
+        metrics = [f for f in files if f.startswith("metrics.jsonl.rows/")]
+        assert len(metrics) == 4 and len({f.split("-", 1)[1].rsplit("-", 1)[0] for f in metrics}) == 1
+        rows = results.read_rows(f"{model_dir}/results.jsonl")
+        assert [r["cell_key"] for r in rows] == ["multihost"] and rows[0]["student_steps"] == 4
+        assert [json.loads(line)["step"] for line in storage.read_appended(f"{model_dir}/metrics.jsonl")
+                .decode().splitlines()] == [1, 2, 3, 4]

@@ -30,6 +30,7 @@ import os
 import pathlib
 from typing import Any, Mapping, Optional
 
+from doa_jax import storage
 from doa_jax.checkpoints import hf, native, t5x, t5x_save
 from doa_jax.checkpoints.native import load_native, save_native
 from doa_jax.checkpoints.tree import CheckpointError
@@ -53,9 +54,9 @@ _SAVERS = {"native": save_native, "orbax": save_native, "hf": hf.save_hf,
 
 def detect_format(path: str | os.PathLike) -> str:
     """One of `FORMATS`, from what the directory holds; `CheckpointError` when it is none of them."""
-    if not pathlib.Path(path).exists():
+    if not storage.path(path).exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    path = pathlib.Path(path).resolve()
+    path = storage.path(path) if storage.is_url(path) else pathlib.Path(path).resolve()
     if path.is_file() and not t5x.is_legacy_file(path):
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory holding it ({path.parent})")
     has_weights = (path / hf.WEIGHTS_FILE).is_file() or (path / hf.INDEX_FILE).is_file()
@@ -88,7 +89,8 @@ def load_checkpoint(path: str | os.PathLike, config: Optional[T5Config] = None) 
 
     Params come in the layout of the returned config: stacked layers when `config.scan_layers`.
     """
-    path = pathlib.Path(path).resolve() if pathlib.Path(path).exists() else path
+    if not storage.is_url(path):
+        path = pathlib.Path(path).resolve() if pathlib.Path(path).exists() else path
     config, params = _LOADERS[detect_format(path)](path, config)
     return config, (stack_layers(params) if config.scan_layers else params)
 

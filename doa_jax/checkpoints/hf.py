@@ -12,6 +12,7 @@ come from `shared` (our `logits_dense` is then `shared.T`).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from doa_jax import storage
 from doa_jax.checkpoints import mapping
 from doa_jax.checkpoints.tree import CheckpointError, check_params, flatten, float32_tree
 from doa_jax.model import T5Config
@@ -122,10 +124,12 @@ def config_from_hf(d: Mapping[str, Any], source: str) -> T5Config:
 # ----------------------------------------------------------------------------------- safetensors
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as numpy arrays (float16/bfloat16 widened to float32)."""
-    path = pathlib.Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    """All tensors of one safetensors file as numpy arrays (float16/bfloat16 widened to float32).
+    A local file is memory-mapped; an object (gs://) is read whole."""
+    path = storage.path(path)
+    blob = path.read_bytes() if storage.is_url(path) else None
+    size = len(blob) if blob is not None else path.stat().st_size
+    with (io.BytesIO(blob) if blob is not None else open(path, "rb")) as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path} is truncated or corrupt ({size} bytes, no header)")
@@ -149,7 +153,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if found < needed:
         raise CheckpointError(f"{path} is truncated or corrupt (expected {needed} bytes of tensor "
                               f"data, found {found})")
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(found,)) if found else None
+    data = None
+    if found:
+        data = (np.frombuffer(blob, np.uint8, count=found, offset=data_start) if blob is not None else
+                np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(found,)))
     tensors = {}
     for name, info in header.items():
         dtype = _bfloat16() if info.get("dtype") == "BF16" else _DTYPES.get(info.get("dtype"))
@@ -191,7 +198,7 @@ def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
 def read_hf_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of an HF directory (single file or sharded)."""
     tensors: dict[str, np.ndarray] = {}
-    for file in _weight_files(pathlib.Path(directory)):
+    for file in _weight_files(storage.path(directory)):
         tensors.update(read_safetensors(file))
     return tensors
 
@@ -223,8 +230,8 @@ def _describe(path: str) -> str:
 
 
 def load_hf(directory: str | os.PathLike, config: Optional[T5Config] = None) -> tuple[T5Config, dict]:
-    """(config, params) from an HF T5 directory; `config` overrides `config.json`."""
-    directory = pathlib.Path(directory)
+    """(config, params) from an HF T5 directory (local or gs://); `config` overrides `config.json`."""
+    directory = storage.path(directory)
     source = f"{directory} (weights vs the given config; shapes in T5X layout)"
     if config is None:
         source = f"{directory} (weights vs {CONFIG_FILE}; shapes in T5X layout)"

@@ -15,6 +15,7 @@ import pathlib
 import re
 from typing import Any, Mapping, Optional
 
+from doa_jax import storage
 from doa_jax.checkpoints.tensorstore_io import read_orbax_item
 from doa_jax.checkpoints.tree import CheckpointError, check_params, flatten, float32_tree, unflatten
 from doa_jax.model import T5Config
@@ -66,7 +67,7 @@ def run_steps(path: pathlib.Path) -> dict[int, pathlib.Path]:
 
 
 def latest_step_dir(root: str | os.PathLike) -> pathlib.Path:
-    steps = run_steps(pathlib.Path(root))
+    steps = run_steps(storage.path(root))
     if not steps:
         raise CheckpointError(f"{root}: no step checkpoints (directories with '{PARAMS_ITEM}' and "
                               f"'{CONFIG_ITEM}' items)")
@@ -79,7 +80,7 @@ def save_native(path: str | os.PathLike, config: T5Config, params: Mapping[str, 
     import numpy as np
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(path).absolute()
+    path = storage.absolute(path)
     check_params(config, flatten(params), "params to save")
     params = jax.tree_util.tree_map(
         lambda a: a if getattr(a, "dtype", None) == np.float32 else np.asarray(a, np.float32), params)
@@ -100,7 +101,7 @@ def read_config(path: str | os.PathLike) -> T5Config:
     """The `config` item of a native checkpoint (or step) directory."""
     import orbax.checkpoint as ocp
 
-    path = pathlib.Path(path).absolute()
+    path = storage.absolute(path)
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             restored = checkpointer.restore(path, ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
@@ -111,7 +112,7 @@ def read_config(path: str | os.PathLike) -> T5Config:
 
 def load_native(path: str | os.PathLike, config: Optional[T5Config] = None) -> tuple[T5Config, dict]:
     """(config, float32 params) from a native checkpoint, a trainer step, or a run's latest step."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not is_native(path):
         path = latest_step_dir(path)
     config = config or read_config(path)

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
+from doa_jax import storage
 from doa_jax.checkpoints.native import CONFIG_ITEM, FORMAT as NATIVE_FORMAT, PARAMS_ITEM, model_items
 
 ITEMS = (PARAMS_ITEM, CONFIG_ITEM, "opt_state", "trainer_state")
@@ -32,7 +33,7 @@ class TrainCheckpoints:
 
     def __init__(self, directory: str | pathlib.Path, *, keep: Optional[int] = 2, async_save: bool = True,
                  with_optimizer: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = storage.absolute(directory)   # a local folder or a URL (gs://)
         self.with_optimizer = with_optimizer
         items = ITEMS if with_optimizer else ("params", "config", "trainer_state")
         self.manager = ocp.CheckpointManager(
@@ -83,7 +84,7 @@ class TrainCheckpoints:
         rereads. Returns where the step went."""
         dest = self.directory.with_name(self.directory.name + ".corrupt") / f"{step}-{int(time.time())}"
         if move:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            storage.makedirs(dest.parent)
             (self.directory / str(step)).rename(dest)
         self.manager.reload()
         return dest
@@ -97,7 +98,7 @@ class TrainCheckpoints:
 
 def has_checkpoint(directory: str | pathlib.Path) -> bool:
     """True when `directory` is a manager root with at least one committed step."""
-    directory = pathlib.Path(directory)
+    directory = storage.path(directory)
     if not directory.is_dir():
         return False
     return any(p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()
@@ -106,7 +107,7 @@ def has_checkpoint(directory: str | pathlib.Path) -> bool:
 
 def step_directory(path: str | pathlib.Path) -> pathlib.Path:
     """A native step directory from either a step directory or a manager root (its latest step)."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if (path / "params").is_dir() and (path / "config").exists():
         return path
     steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()

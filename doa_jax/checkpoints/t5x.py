@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from doa_jax import storage
 from doa_jax.checkpoints.tensorstore_io import read_arrays, read_orbax_item, zarr_dir_spec
 from doa_jax.checkpoints.tree import CheckpointError, check_params, flatten, float32_tree, unflatten
 from doa_jax.model import T5Config
@@ -57,7 +58,7 @@ def _leaves(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, 
 def is_legacy_file(file: pathlib.Path) -> bool:
     """A flax-msgpack T5X checkpoint starts with a msgpack map (fixmap, map16 or map32)."""
     try:
-        with open(file, "rb") as f:
+        with file.open("rb") as f:      # a local file or an object (gs://)
             first = f.read(1)
     except OSError:
         return False
@@ -123,7 +124,7 @@ def read_t5x(path: str | os.PathLike, include_state: bool = False) -> dict[str, 
     Returns `{'target': params}`, plus `'state'` (step and optimizer slots) with `include_state`.
     The path is resolved first (relative, `..`, symlinks): TensorStore rejects `..` in file paths.
     """
-    ckpt_dir = pathlib.Path(path).resolve()
+    ckpt_dir = storage.path(path) if storage.is_url(path) else pathlib.Path(path).resolve()
     wanted = {"target", "state"} if include_state else {"target"}
     file = legacy_file(ckpt_dir)
     if file is not None:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional
 
 import numpy as np
 
+from doa_jax import storage
 from doa_jax.checkpoints.tree import CheckpointError
 
 Path = tuple[str, ...]
@@ -40,13 +41,18 @@ def read_arrays(specs: Mapping[Hashable, dict], source: str,
     return arrays
 
 
+def kvstore_url(path: str | os.PathLike) -> str:
+    """A TensorStore kvstore URL for a local path (`file://`) or a URL TensorStore reads (gs://)."""
+    return os.fspath(path) if storage.is_url(path) else f"file://{os.fspath(path)}"
+
+
 def zarr_dir_spec(directory: str | os.PathLike) -> dict:
-    return {"driver": "zarr", "kvstore": {"driver": "file", "path": os.fspath(directory)}}
+    return {"driver": "zarr", "kvstore": kvstore_url(directory)}
 
 
 def orbax_leaves(item_dir: str | os.PathLike) -> dict[Path, dict]:
     """{tree path: TensorStore spec} for the array leaves of an Orbax PyTree item directory."""
-    item_dir = pathlib.Path(item_dir).resolve()
+    item_dir = storage.path(item_dir) if storage.is_url(item_dir) else pathlib.Path(item_dir).resolve()
     metadata_file = item_dir / "_METADATA"
     try:
         metadata = json.loads(metadata_file.read_text())
@@ -64,9 +70,9 @@ def orbax_leaves(item_dir: str | os.PathLike) -> dict[Path, dict]:
         path = tuple(str(k["key"]) for k in entry["key_metadata"])
         name = ".".join(path)
         if metadata.get("use_ocdbt"):
-            kvstore = {"driver": "ocdbt", "base": f"file://{item_dir}", "path": name}
+            kvstore = {"driver": "ocdbt", "base": kvstore_url(item_dir), "path": name}
         else:
-            kvstore = {"driver": "file", "path": str(item_dir / name)}
+            kvstore = kvstore_url(item_dir / name)
         leaves[path] = {"driver": driver, "kvstore": kvstore}
     return leaves
 

@@ -47,6 +47,7 @@ def _convert_t5x(args) -> int:
     import os
     import re
 
+    from doa_jax import storage
     from doa_jax.distill import store as teacher_store
     from doa_jax.cli import UserError
     from doa_jax.data import cards
@@ -60,10 +61,9 @@ def _convert_t5x(args) -> int:
             raise UserError(f"{args.t5x_infer} is T5X output of task doa_{m.group(1)}, not of --task {card.name}")
         prefix = card.input_prefix
     rows = teacher_store.read_t5x_infer_jsonl(args.t5x_infer, prefix=prefix)
-    with open(args.out, "w") as f:
-        for row in rows:
-            f.write(json.dumps({"source": row["source"], "target": row["prediction"],
-                                **({"score": row["score"]} if "score" in row else {})}) + "\n")
+    storage.write_atomic(args.out, "".join(   # a local file or a URL (gs://)
+        json.dumps({"source": row["source"], "target": row["prediction"],
+                    **({"score": row["score"]} if "score" in row else {})}) + "\n" for row in rows))
     kind = (f"raw inputs, task {args.task}'s prefix {prefix!r} removed" if args.task else
             "T5X's inputs as given, any task prefix kept (pass --task to store raw inputs)")
     print(f"wrote {len(rows)} pseudo-labels to {args.out}; sources are {kind}")
@@ -85,6 +85,7 @@ def run(args) -> int:
     import jax
 
     from doa_jax import checkpoints, partitioning
+    from doa_jax import storage
     from doa_jax.distill import store as teacher_store
     from doa_jax.data import cards, jsonl, pools, vocab as vocab_lib
     from doa_jax.model import Transformer

@@ -22,11 +22,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import pathlib
-
+    from doa_jax import storage
     from doa_jax.experiment import report
 
-    run_dir = pathlib.Path(args.run_dir)
+    run_dir = storage.path(args.run_dir)     # a local folder or a URL (gs://)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR {run_dir} is not a directory")
     path = report.write_report(run_dir, args.results)

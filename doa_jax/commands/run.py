@@ -38,6 +38,16 @@ def format_row(row: dict) -> str:
             f"{' | ' + status.upper() + ': ' + row['reason'] if status in ('capped', 'diverged') else ''}")
 
 
+def preflight(cell) -> None:
+    """Before any compute: OUTPUT_DIR and CACHE_DIR can be written (a gs:// bucket that is missing or
+    whose credentials are missing fails here, naming the path)."""
+    from doa_jax import storage
+
+    storage.check_writable(cell.output_dir, "OUTPUT_DIR")
+    if cell.cache_dir:
+        storage.check_writable(cell.cache_dir, "CACHE_DIR")
+
+
 def run(args) -> int:
     from doa_jax import configurables, experiment, gin_utils
 
@@ -45,6 +55,7 @@ def run(args) -> int:
 
     gin_utils.parse_flags(args)
     cell = gin_utils.macro("CELL")
+    preflight(cell)
     path = gin_utils.write_operative_config(cell.output_dir)
     print(f"operative gin config: {path}", flush=True)
     row = experiment.run_cell(cell)

@@ -32,17 +32,18 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import pathlib
-
     import gin
 
-    from doa_jax import configurables
+    from doa_jax import configurables, storage
+    from doa_jax.commands.run import preflight
     from doa_jax.experiment import results, sweep
 
     configurables.register()
     search = [s for s in args.gin_search_paths.split(",") if s]
     points, cells = sweep.load_sweep(args.gin_file, args.gin_bindings, search_paths=search)
-    out = pathlib.Path(cells[0].output_dir)
+    out = storage.path(cells[0].output_dir)
+    if not args.dry_run:
+        preflight(cells[0])
     if args.dry_run:
         done = {r.get("cell_key") for r in results.read_rows(out / results.RESULTS_FILE)}
         print(f"sweep: {len(cells)} cells in {out} ({sum(c.key() in done for c in cells)} already have a row)")

@@ -69,8 +69,10 @@ def _run(args: argparse.Namespace) -> int:
 
     import jax
 
+    from doa_jax import storage
     from doa_jax.trainer import Trainer
 
+    storage.check_writable(train_config.model_dir, "MODEL_DIR")   # a bad bucket fails before any compute
     trainer = Trainer(model_config, train_config)   # builds the mesh: bad mesh sizes fail here
     partitioning.check_batch_size(train_config.batch_size, trainer.mesh, jax.process_count(),
                                   train_config.num_microbatches)

@@ -20,7 +20,7 @@ import re
 import tomllib
 from typing import Any, Mapping
 
-from doa_jax import metrics
+from doa_jax import metrics, storage
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CARDS_DIR = REPO / "tasks"
@@ -77,10 +77,10 @@ class Card:
     def data_dir(self, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
         """The folder holding this task's files (see the module docstring for the search order)."""
         if data_dir is not None:
-            return pathlib.Path(data_dir)
+            return storage.path(data_dir)      # a local folder or a URL (gs://)
         root = os.environ.get("DOA_DATA_DIR")
         if root:
-            return pathlib.Path(root) / self.subdir
+            return storage.path(root) / self.subdir
         if (SHARED_DATA / self.subdir).exists():
             return SHARED_DATA / self.subdir
         return CACHE_DATA / self.subdir

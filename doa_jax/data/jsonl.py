@@ -13,6 +13,8 @@ import os
 import pathlib
 from typing import Any, Iterator
 
+from doa_jax import storage
+
 
 @dataclasses.dataclass
 class Loaded:
@@ -26,12 +28,12 @@ class Loaded:
 def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 text file (a leading BOM dropped); bytes that are not UTF-8
     raise one ValueError naming the file, line and column, instead of a bare codec error."""
-    path = pathlib.Path(path)
+    path = storage.path(path)     # a local file or a URL (gs://)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.is_dir():
         raise FileNotFoundError(f"{path}: is a folder, expected a text file")
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -69,7 +71,7 @@ def load_examples(
     A file with no examples at all (empty, or every line skipped) is an error unless `allow_empty`:
     an empty train file would otherwise give a run that trains on nothing.
     """
-    path = pathlib.Path(path)
+    path = storage.path(path)
     examples: list[dict[str, str]] = []
     skipped: list[tuple[int, str]] = []
 

@@ -16,6 +16,7 @@ import os
 import pathlib
 from typing import Iterable, Sequence
 
+from doa_jax import storage
 from doa_jax.data import cards, jsonl
 from doa_jax.model import config as model_config
 from doa_jax.model.config import T5_EXTRA_IDS, VOCAB_PAD_MULTIPLE
@@ -29,13 +30,13 @@ class Vocabulary:
     def __init__(self, path: str | os.PathLike, extra_ids: int = T5_EXTRA_IDS):
         import sentencepiece as spm
 
-        self.path = pathlib.Path(path)
+        self.path = storage.path(path)     # a local file or a URL (gs://), read whole
         if not self.path.is_file():
             raise FileNotFoundError(f"SentencePiece model {self.path} not found")
         self.extra_ids = int(extra_ids)
         self._sp = spm.SentencePieceProcessor()
         try:
-            self._sp.Load(str(self.path))
+            self._sp.LoadFromSerializedProto(self.path.read_bytes())
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{self.path}: not a SentencePiece model ({e})") from None
         ids = {"pad": self._sp.pad_id(), "eos": self._sp.eos_id(), "unk": self._sp.unk_id()}

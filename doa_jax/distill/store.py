@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from doa_jax import storage
 from doa_jax.data import jsonl
 from doa_jax.data.encode import encode_texts
 from doa_jax.distill import outputs as teacher_outputs
@@ -90,7 +91,7 @@ class TeacherStore:
 
     def __init__(self, root: str | os.PathLike, key: str):
         self.key = key
-        self.dir = pathlib.Path(root) / key
+        self.dir = storage.path(root) / key   # a local folder or a URL (gs://)
 
     def _chunk(self, i: int, suffix: str) -> pathlib.Path:
         return self.dir / f"chunk_{i:05d}{suffix}"
@@ -138,7 +139,7 @@ class TeacherStore:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         num_chunks = -(-len(sources) // chunk_size)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.dir)
         manifest = {"key": self.key, "format_version": FORMAT_VERSION, "num_examples": len(sources),
                     "chunk_size": chunk_size, "num_chunks": num_chunks, "settings": dict(settings or {})}
         if self.manifest_path.exists():
@@ -262,13 +263,8 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _atomic_write(path: storage.AnyPath, data: bytes) -> None:
+    storage.write_atomic(path, data)
 
 
 def read_t5x_infer_jsonl(path: str | os.PathLike, prefix: Optional[str] = None) -> list[dict[str, Any]]:
@@ -278,7 +274,7 @@ def read_t5x_infer_jsonl(path: str | os.PathLike, prefix: Optional[str] = None) 
     `prefix` (the task card's input prefix, which the SeqIO task put before each input), "source"
     is the raw input with it removed; an input without it is an error naming the line.
     """
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"T5X infer output {path} not found")
     rows = []

@@ -14,15 +14,17 @@ student vocabularies that differ) yields a row with `status: infeasible` and the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import pathlib
 import sys
 import time
 from typing import Any, Callable, Optional
 
+import jax
 import numpy as np
 
+from doa_jax import storage
 from doa_jax.data.encode import encode_examples
 from doa_jax.distill import student_data
 from doa_jax.experiment import costs, locking, phases, planner, results
@@ -50,9 +52,11 @@ def run_cell(cfg: CellConfig) -> dict[str, Any]:
 
     Idempotent: a cell whose key already has a row there is not run again (its row is returned).
     A cell killed part-way resumes its phases (teacher, store chunks, student) on the next run.
+    Multi-host: every process runs the cell; only process 0 holds the lock and writes the shared
+    files (ledger, predictions, the results row).
     """
-    out = pathlib.Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(cfg.output_dir)
+    storage.makedirs(out)
     path = out / results.RESULTS_FILE
     rows = results.read_rows(path)
     done = {r["cell_key"]: r for r in rows if "cell_key" in r}.get(cfg.key())
@@ -60,26 +64,34 @@ def run_cell(cfg: CellConfig) -> dict[str, Any]:
         say(cfg, f"already in {path} (cell {cfg.key()}); not run again")
         return done
     _warn_stale(path, rows)
-    with locking.hold(out / "cells" / cfg.key() / ".lock", f"cell {cfg.key()} ({cfg.describe()})"):
+    lock = (locking.hold(out / "cells" / cfg.key() / ".lock", f"cell {cfg.key()} ({cfg.describe()})")
+            if is_chief() else contextlib.nullcontext())
+    with lock:
         done = results.finished(path).get(cfg.key())      # another process may have finished it meanwhile
         if done is not None:
             return done
         started = time.perf_counter()
         row = _run(cfg)
         row.wall_seconds = round(time.perf_counter() - started, 2)
-        results.append_row(path, row)
+        if is_chief():
+            results.append_row(path, row)
     return row.to_json()
 
 
-def write_predictions(path: pathlib.Path, examples: list, predictions: list[str]) -> None:
+def is_chief() -> bool:
+    """True on the process that writes shared files (process 0; the only one on one host)."""
+    return jax.process_index() == 0
+
+
+def write_predictions(path: storage.AnyPath, examples: list, predictions: list[str]) -> None:
     """Per test example: its index, input, reference and the student's output, so that
     `doa score --task T --predictions P --references P` re-scores the cell from this file alone."""
-    path.write_text("".join(json.dumps({"id": i, "source": ex["source"], "target": ex["target"], "prediction": p},
-                                       ensure_ascii=False) + "\n"
-                            for i, (ex, p) in enumerate(zip(examples, predictions))))
+    storage.write_atomic(path, "".join(
+        json.dumps({"id": i, "source": ex["source"], "target": ex["target"], "prediction": p}, ensure_ascii=False)
+        + "\n" for i, (ex, p) in enumerate(zip(examples, predictions))))
 
 
-def _warn_stale(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+def _warn_stale(path: storage.AnyPath, rows: list[dict[str, Any]]) -> None:
     stale = results.stale_rows(rows)
     if stale:
         print(f"note: {path} has {len(stale)} row(s) keyed by an older doa-jax (key version "
@@ -95,8 +107,9 @@ def _run(cfg: CellConfig) -> results.ResultRow:
     if reason:
         return _row(cfg, setup, status="infeasible", reason=reason)
     pricer = Pricer.for_cell(cfg, setup.card, setup.lengths)
-    ledger = costs.Ledger(pathlib.Path(cfg.output_dir) / "cells" / cfg.key() / "ledger.jsonl",
-                          measured_on=costs.get_accelerator(cfg.pricing.measured_on), profile=pricer.profile)
+    ledger = costs.Ledger(storage.path(cfg.output_dir) / "cells" / cfg.key() / "ledger.jsonl",
+                          measured_on=costs.get_accelerator(cfg.pricing.measured_on), profile=pricer.profile,
+                          writable=is_chief())
     plan = _plan(cfg, setup, pricer)
     planned = {k: v for k, v in plan.as_row().items()
                if k.endswith(("_usd", "_used")) or k in ("labels_bought", "note")}
@@ -166,7 +179,7 @@ class StudentRun:
     lost_seconds: float = 0.0        # steps a kill undid, run again (measured, not charged)
 
 
-def _shared_run_path(cfg: CellConfig, plan: planner.Plan) -> pathlib.Path:
+def _shared_run_path(cfg: CellConfig, plan: planner.Plan) -> storage.AnyPath:
     """Cells that differ only in budget but plan the same labels and unlabeled inputs train the same
     student: the first one's uncapped run is recorded here and reused (and charged) by the others."""
     work = fingerprint({"cell": dataclasses.replace(cfg, extra_budget_usd=0.0).key(),
@@ -176,7 +189,7 @@ def _shared_run_path(cfg: CellConfig, plan: planner.Plan) -> pathlib.Path:
 
 def _train_student(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, pricer: Pricer,
                    budget: phases.Budget, test: list) -> StudentRun:
-    cell_dir = pathlib.Path(cfg.output_dir) / "cells" / cfg.key()
+    cell_dir = storage.path(cfg.output_dir) / "cells" / cfg.key()
     work = pricer.student(data.kd, len(data.arrays["encoder_input_tokens"]))
     say(cfg, f"training the student on {len(data.arrays['encoder_input_tokens'])} examples ({data.epochs:g} epochs)")
     result, seconds = phases.train(cfg, cfg.student, data.arrays, cell_dir / "student", epochs=data.epochs,
@@ -195,7 +208,7 @@ def _train_student(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, 
 def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentData, ledger: costs.Ledger,
                         budget: phases.Budget, planned: dict, labels: list, plan: planner.Plan,
                         pricer: Pricer) -> results.ResultRow:
-    cell_dir = pathlib.Path(cfg.output_dir) / "cells" / cfg.key()
+    cell_dir = storage.path(cfg.output_dir) / "cells" / cfg.key()
     test = setup.pools.test[: cfg.max_eval_examples] if cfg.max_eval_examples else setup.pools.test
     shared = _shared_run_path(cfg, plan)
     if shared.exists():
@@ -203,19 +216,17 @@ def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentD
         say(cfg, f"the same plan was trained by cell {run.trained_by}: reusing its student ({shared})")
     else:
         run = _train_student(cfg, setup, data, pricer, budget, test)
-        if not (run.capped or run.diverged):   # a capped run depends on its budget: never shared
-            shared.parent.mkdir(parents=True, exist_ok=True)
-            tmp = shared.with_suffix(".tmp")
-            tmp.write_text(json.dumps(dataclasses.asdict(run)))
-            tmp.replace(shared)
+        if not (run.capped or run.diverged) and is_chief():   # a capped run depends on its budget: not shared
+            storage.write_atomic(shared, json.dumps(dataclasses.asdict(run)))
     work = as_run(pricer.student(data.kd, len(data.arrays["encoder_input_tokens"])), run.steps)
     ledger.add_compute(f"student_training:{run.trained_by}:{run.steps}", "student_training", run.seconds, run.flops,
                        work=work)
     ledger.add_lost(f"lost:student_training:{run.trained_by}", "student_training", run.lost_seconds)
     ledger.add_compute(f"evaluation:{run.trained_by}:{run.steps}", "evaluation", run.eval_seconds, run.eval_flops,
                        work=pricer.evaluation(cfg.pricing_models()[1], len(test)))
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    write_predictions(cell_dir / "predictions.jsonl", test, run.predictions)
+    if is_chief():
+        storage.makedirs(cell_dir)
+        write_predictions(cell_dir / "predictions.jsonl", test, run.predictions)
     by_phase = ledger.by_phase()
     status, reason = _status(run)
     return _row(cfg, setup, status=status, reason=reason,

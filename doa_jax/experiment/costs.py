@@ -16,7 +16,7 @@ import pathlib
 import tomllib
 from typing import Any, Iterable, Optional, Sequence
 
-from doa_jax import hardware
+from doa_jax import hardware, storage
 
 RATE_CARDS = pathlib.Path(__file__).with_name("rate_cards.toml")
 PHASES = ("labels", "teacher_finetune", "teacher_inference", "student_training", "evaluation")
@@ -109,17 +109,20 @@ class Ledger:
     """
 
     def __init__(self, path: Optional[str | os.PathLike], measured_on: Accelerator, chips: int = 1,
-                 project_to: Optional[Accelerator] = None, mfu: float = 0.5, profile: Optional[Any] = None):
+                 project_to: Optional[Accelerator] = None, mfu: float = 0.5, profile: Optional[Any] = None,
+                 writable: bool = True):
         if not 0 < mfu <= 1:
             raise ValueError(f"mfu must be in (0, 1], got {mfu}")
-        self.path = pathlib.Path(path) if path is not None else None
+        self.path = storage.path(path) if path is not None else None
+        self.writable = writable    # False: reads the entries, appends none (multi-host: not process 0)
         self.measured_on, self.chips, self.project_to, self.mfu = measured_on, chips, project_to, mfu
         self.profile = profile
         self.cost_profile = profile.name if profile is not None else ("mfu" if project_to is not None else "measured")
         self.entries: dict[str, Entry] = {}
-        if self.path is not None and self.path.exists():
-            self._cut_torn_line()
-            for lineno, line in enumerate(self.path.read_text().splitlines(), 1):
+        if self.path is not None and storage.log_exists(self.path):
+            if writable:
+                self._cut_torn_line()
+            for lineno, line in enumerate(storage.read_appended(self.path).decode().splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -131,10 +134,7 @@ class Ledger:
     def _cut_torn_line(self) -> None:
         """A last line without its newline is an entry a kill cut short: it is dropped (its work is
         charged again when the phase reruns), as results.jsonl does."""
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+        storage.cut_torn_line(self.path)
 
     def _add(self, entry: Entry) -> Entry:
         if entry.key in self.entries:
@@ -142,12 +142,8 @@ class Ledger:
         if entry.phase not in PHASES:
             raise ValueError(f"unknown phase {entry.phase!r}; phases: {', '.join(PHASES)}")
         self.entries[entry.key] = entry
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json.dumps(dataclasses.asdict(entry)) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+        if self.path is not None and self.writable:
+            storage.append_line(self.path, json.dumps(dataclasses.asdict(entry)))
         return entry
 
     def compute_usd(self, seconds: float, flops: float, work: Sequence[Any] = ()) -> float:

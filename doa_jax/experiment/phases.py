@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 
-from doa_jax import checkpoints, decoding, flops
+from doa_jax import checkpoints, decoding, flops, storage
 from doa_jax.data import cards, demo, pools as pools_lib, vocab as vocab_lib
 from doa_jax.data.batches import ArrayBatches
 from doa_jax.data.encode import encode_examples, encode_texts
@@ -60,7 +60,7 @@ def load_task(cfg: CellConfig) -> TaskSetup:
     """Card, pools (seeded, nested annotation order) and vocabulary of the cell's task."""
     if cfg.task == "demo":
         card, pools = demo.card(), demo.pools(seed=0, **dict(cfg.demo_sizes or {}))
-        vocab = vocab_lib.load_vocab(cfg.vocab) if cfg.vocab else demo.build_vocab(cache_dir(cfg), pools)
+        vocab = vocab_lib.load_vocab(cfg.vocab) if cfg.vocab else demo.build_vocab(_local_vocab_dir(cfg), pools)
     else:
         card = cards.load_card(cfg.task)
         pools = pools_lib.make_pools(card)
@@ -74,8 +74,16 @@ def load_task(cfg: CellConfig) -> TaskSetup:
     return TaskSetup(card, pools, vocab, lengths, cfg.protocol)
 
 
-def cache_dir(cfg: CellConfig) -> pathlib.Path:
-    return pathlib.Path(cfg.cache_dir) if cfg.cache_dir else pathlib.Path(cfg.output_dir) / "cache"
+def cache_dir(cfg: CellConfig) -> storage.AnyPath:
+    """CACHE_DIR, else OUTPUT_DIR/cache (a local folder or a URL)."""
+    return storage.path(cfg.cache_dir) if cfg.cache_dir else storage.path(cfg.output_dir) / "cache"
+
+
+def _local_vocab_dir(cfg: CellConfig) -> pathlib.Path:
+    """Where the demo's vocabulary is built: the cache when local; with a URL cache, a local folder
+    (SentencePiece trains into local files; the build is deterministic, so any host rebuilds it alike)."""
+    cache = cache_dir(cfg)
+    return cache if not storage.is_url(cache) else pathlib.Path.home() / ".cache" / "doa_jax" / "vocab"
 
 
 def check_models(cfg: CellConfig, setup: TaskSetup) -> None:
@@ -116,7 +124,7 @@ class Budget:
         return lambda step: before + (step + 1) * step_usd <= self.cap + 1e-9
 
 
-def train(cfg: CellConfig, model_cfg: T5Config, arrays: Mapping[str, np.ndarray], model_dir: pathlib.Path, *,
+def train(cfg: CellConfig, model_cfg: T5Config, arrays: Mapping[str, np.ndarray], model_dir: storage.AnyPath, *,
           epochs: float, initial_checkpoint: Optional[str], kd: bool,
           step_allowed: Optional[Callable[[int], bool]] = None, source_wrapper=None) -> tuple[TrainResult, float]:
     """Fine-tunes `model_cfg` on in-memory arrays with the cell's TrainConfig; (result, wall seconds)."""
@@ -155,8 +163,9 @@ def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: c
                                 step_allowed=budget.step_allowed(pricer.step_usd(work)))
         if result.stopped_by_budget:
             raise BudgetExhausted(f"the teacher's fine-tuning reached the budget at step {result.step}")
-        record_path.write_text(json.dumps({"steps": result.step, "seconds": seconds, "lost_seconds": result.lost_seconds,
-                                           "flops": sum(w.flops for w in as_run(work, result.step))}))
+        storage.write_atomic(record_path, json.dumps({
+            "steps": result.step, "seconds": seconds, "lost_seconds": result.lost_seconds,
+            "flops": sum(w.flops for w in as_run(work, result.step))}))
     else:
         say(cfg, f"reusing the fine-tuned teacher in {run_dir}")
     record = json.loads(record_path.read_text())
@@ -184,8 +193,8 @@ def teacher_outputs(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teacher
         on_chunk=lambda done, total, n: say(cfg, f"  teacher chunk {done}/{total}"))
     record_path = store.dir / "record.json"
     if stats.computed_chunks:
-        record_path.write_text(json.dumps({"seconds": time.perf_counter() - start,
-                                           "computed_chunks": stats.computed_chunks}))
+        storage.write_atomic(record_path, json.dumps({"seconds": time.perf_counter() - start,
+                                                      "computed_chunks": stats.computed_chunks}))
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     work = pricer.teacher_inference(len(request.sources))
     ledger.add_compute(f"teacher_inference:{store.key}", "teacher_inference", record.get("seconds", 0.0),

@@ -29,6 +29,7 @@ import pathlib
 import random
 from typing import Any, Callable, Iterable, Optional
 
+from doa_jax import storage
 from doa_jax.data import cards, demo as demo_task
 from doa_jax.experiment import results as results_lib, strategies
 from doa_jax.experiment.costs import PHASES  # the ledger's phases, in its order
@@ -42,7 +43,7 @@ PAPER_STUDENT, PAPER_TEACHER = "t5_1_1_small", "t5_1_1_xxl"
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a results.jsonl (`results.read_rows`: a torn last line is skipped, a bad line is an
     error naming file and line); a missing file is an error."""
-    if not pathlib.Path(path).exists():
+    if not storage.log_exists(path):
         raise FileNotFoundError(f"no results file at {path}")
     return results_lib.read_rows(path)
 
@@ -226,7 +227,7 @@ def _example_scores(cell: Cell) -> Optional[list[Callable[[list[int]], float]]]:
         return None
     scorers = []
     for out in cell.outputs:
-        path = pathlib.Path(out) / "predictions.jsonl"
+        path = storage.path(out) / "predictions.jsonl"
         if not out or not path.exists():
             return None
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -603,7 +604,7 @@ def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", ncol=2, framealpha=0.9)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -658,8 +659,17 @@ def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: path
     fig.legend([h for h, _ in ordered], [lbl for _, lbl in ordered], loc="lower center", ncol=min(len(ordered), 5),
                fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
+
+
+def _save(fig, path) -> None:
+    """Saves a figure to a local path or a URL (PNG; the format comes from the name)."""
+    if storage.is_url(path):
+        with storage.path(path).open("wb") as f:
+            fig.savefig(f, format="png")
+    else:
+        fig.savefig(path)
 
 
 def sweep_progress(run_dir: pathlib.Path, rows: list[dict]) -> Optional[tuple[int, int]]:
@@ -677,7 +687,7 @@ def sweep_progress(run_dir: pathlib.Path, rows: list[dict]) -> Optional[tuple[in
 
 def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike] = None) -> pathlib.Path:
     """Writes RUN_DIR/report.md and RUN_DIR/plots/*.png from RUN_DIR/results.jsonl; returns report.md."""
-    run_dir = pathlib.Path(run_dir)
+    run_dir = storage.path(run_dir)
     rows = read_results(results or run_dir / results_lib.RESULTS_FILE)
     if not rows:
         raise ValueError(f"{results or run_dir / results_lib.RESULTS_FILE} has no result rows")
@@ -685,7 +695,7 @@ def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike
     for c in cells:
         c.interval = bootstrap(c)
     plot_dir = run_dir / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(plot_dir)
     plots = []
     for task in sorted({c.task for c in cells if c.values}):
         protocols = sorted({c.protocol for c in cells if c.task == task})
@@ -697,5 +707,5 @@ def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike
                 draw(plot_dir / name)
                 plots.append(f"plots/{name}")
     report = run_dir / "report.md"
-    report.write_text(render_markdown(cells, paper, plots, sweep_progress(run_dir, rows)))
+    storage.write_atomic(report, render_markdown(cells, paper, plots, sweep_progress(run_dir, rows)))
     return report

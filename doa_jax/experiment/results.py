@@ -3,15 +3,17 @@
 The torn-line rule, the same for every reader: a last line without its newline is a write cut
 short by a kill. Readers skip it; the appender (and `read_rows(repair=True)`, under a lock) cuts it
 off the file first, so the cell reruns and the next row starts on a line of its own. Any other
-line that is not a results row is an error naming the file and line.
+line that is not a results row is an error naming the file and line. On an object store (gs://)
+each row is an object of its own (`doa_jax.storage.append_line`), so no row is ever torn.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any, Optional
+
+from doa_jax import storage
 
 RESULTS_FILE = "results.jsonl"
 SWEEP_STATE_FILE = "sweep.json"   # a sweep's cells, in grid order, with their keys
@@ -73,25 +75,18 @@ def _lines(data: bytes) -> tuple[list[str], int]:
     return data[:cut].decode("utf-8", errors="strict").splitlines(), cut
 
 
-def _cut_torn_line(path: pathlib.Path) -> None:
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-
-
 def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict[str, Any]]:
     """The rows of a results file, in order ([] when it does not exist); see the torn-line rule."""
-    path = pathlib.Path(path)
-    if not path.exists():
+    path = os.fspath(path)
+    data = storage.read_appended(path)
+    if not data:
         return []
-    data = path.read_bytes()
     try:
         lines, cut = _lines(data)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if repair and cut < len(data):
-        _cut_torn_line(path)
+        storage.cut_torn_line(path)
     rows = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -119,12 +114,5 @@ def stale_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def append_row(path: str | os.PathLike, row: ResultRow | dict[str, Any]) -> None:
     """Appends one row durably, first cutting a torn last line back to its newline."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        _cut_torn_line(path)
     payload = row.to_json() if isinstance(row, ResultRow) else row
-    with open(path, "a") as f:
-        f.write(json.dumps(payload) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    storage.append_line(path, json.dumps(payload))

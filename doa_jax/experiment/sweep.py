@@ -13,6 +13,7 @@ stores live in the cells' shared `cache_dir`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -23,10 +24,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import gin
 
-from doa_jax import gin_utils
+from doa_jax import gin_utils, storage
 from doa_jax.data import cards, vocab as vocab_lib
 from doa_jax.experiment import costs, locking, report, strategies
 from doa_jax.experiment import results as results_lib
+from doa_jax.experiment import cell as cell_lib
 from doa_jax.experiment.cell import run_cell
 
 # Grid axis -> the gin macro that sets it (a sweep file sets these) and the cell macro it binds.
@@ -273,16 +275,14 @@ def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Call
         raise ValueError(f"run_sweep needs one cell per point, got {len(cells)} cells for {len(points)} points")
     if len({c.output_dir for c in cells}) > 1:
         raise ValueError("the sweep's cells write to several OUTPUT_DIRs; a sweep has one")
-    out = pathlib.Path(cells[0].output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(cells[0].output_dir)
+    storage.makedirs(out)
     results = out / "results.jsonl"
-    with locking.hold(out / ".sweep.lock", f"a sweep in {out}"):
-        if config_gin is not None:
-            (out / "config.gin").write_text(config_gin)
-            log(f"sweep gin config: {out / 'config.gin'}")
+    chief = cell_lib.is_chief()    # multi-host: process 0 holds the lock and writes the shared files
+    with locking.hold(out / ".sweep.lock", f"a sweep in {out}") if chief else contextlib.nullcontext():
         keys = [c.key() for c in cells]
-        (out / STATE_FILE).write_text(json.dumps({"cells": [dict(dataclasses.asdict(p), cell_key=k)
-                                                            for p, k in zip(points, keys)]}, indent=1) + "\n")
+        if chief:
+            _write_state(out, config_gin, points, keys, log)
         done = {r.get("cell_key"): r for r in results_lib.read_rows(results, repair=True)}
         todo = [k for k in keys if k not in done]
         n = len(cells)
@@ -312,10 +312,20 @@ def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Call
         rows = [done[k] for k in keys]
         log(summary_table(points, rows))
         report_path = None
-        if write_report:
+        if write_report and chief:
             report_path = report.write_report(out)
             log(f"report: {report_path}")
     return SweepResult(rows, ran, n - len(todo), report_path)
+
+
+def _write_state(out: storage.AnyPath, config_gin: Optional[str], points: Sequence[Point], keys: list[str],
+                 log: Callable[[str], None]) -> None:
+    """OUTPUT_DIR/config.gin (when given) and OUTPUT_DIR/sweep.json (the cells and their keys)."""
+    if config_gin is not None:
+        storage.write_atomic(out / "config.gin", config_gin)
+        log(f"sweep gin config: {out / 'config.gin'}")
+    storage.write_atomic(out / STATE_FILE, json.dumps({"cells": [dict(dataclasses.asdict(p), cell_key=k)
+                                                                 for p, k in zip(points, keys)]}, indent=1) + "\n")
 
 
 def summary_table(points: Sequence[Point], rows: Sequence[Mapping[str, Any]]) -> str:
