@@ -25,9 +25,7 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 if NUM_PROCESSES > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-if os.environ.get("DOA_TEST_COMPILE_CACHE"):
-    jax.config.update("jax_compilation_cache_dir", os.environ["DOA_TEST_COMPILE_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# The compilation cache comes from the environment (tests/conftest.py sets JAX_COMPILATION_CACHE_DIR).
 
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402

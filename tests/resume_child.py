@@ -18,9 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-if os.environ.get("DOA_TEST_COMPILE_CACHE"):
-    jax.config.update("jax_compilation_cache_dir", os.environ["DOA_TEST_COMPILE_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# The compilation cache comes from the environment (tests/conftest.py sets JAX_COMPILATION_CACHE_DIR).
 
 import numpy as np  # noqa: E402
 

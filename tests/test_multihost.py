@@ -21,8 +21,9 @@ REPO = CHILD.parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _env(cache: pathlib.Path) -> dict:
-    env = dict(os.environ, DOA_TEST_COMPILE_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="3")
+def _env() -> dict:
+    """The children inherit the session's compilation cache (tests/conftest.py)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.pop("XLA_FLAGS", None)
     return env
@@ -56,7 +57,7 @@ def _rows(model_dir, process) -> dict[int, list[int]]:
 
 
 def test_two_hosts_killed_and_resumed_match_one_host_with_eight_devices(tmp_path):
-    env = _env(tmp_path / "compile_cache")
+    env = _env()
     _finish(_start(tmp_path / "one_host", "normal", env, 1))
     want = final_params(tmp_path / "one_host")
 
@@ -94,7 +95,7 @@ def test_two_hosts_share_one_gcs_model_dir_one_checkpoint_per_step_one_row(tmp_p
     from gcs_helpers import BUCKET, gcs_emulator, ls
 
     with gcs_emulator():
-        env = _env(tmp_path / "compile_cache")
+        env = _env()
         model_dir = f"gs://{BUCKET}/two_hosts"
         _finish(_start(model_dir, "gcs", env, 2))
         files = ls(model_dir)

@@ -21,8 +21,9 @@ REPO = CHILD.parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _env(cache: pathlib.Path) -> dict:
-    env = dict(os.environ, DOA_TEST_COMPILE_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="3")
+def _env() -> dict:
+    """The children inherit the session's compilation cache (tests/conftest.py)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
@@ -54,7 +55,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout=300) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
-    env = _env(base / "compile_cache")
+    env = _env()
     done = _run(base / "uninterrupted", "normal", env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return base, env, final_params(base / "uninterrupted")
