@@ -7,10 +7,13 @@ from doa_jax.model import SIZES, T5Config, config_for_size
 
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_model_gin_file_builds_the_size_table_config(size):
+    # the vocab size is left to follow the run's vocabulary (MODEL_VOCAB_SIZE = None)
     gin_utils.parse([f"models/{size}.gin"])
     built = gin_utils.macro("MODEL_CONFIG")
     assert isinstance(built, T5Config)
-    assert built == config_for_size(size)
+    assert built == config_for_size(size, vocab_size=None)
+    gin_utils.parse([f"models/{size}.gin"], ["MODEL_VOCAB_SIZE = 32128"])
+    assert gin_utils.macro("MODEL_CONFIG") == config_for_size(size)
 
 
 def test_gin_binding_overrides_a_model_field():

@@ -30,7 +30,7 @@ def test_smoke_run_writes_checkpoints_metrics_config_and_events(tmp_path, capsys
     assert "TrainConfig.batch_size = %BATCH_SIZE" in (tmp_path / "config.gin").read_text()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     config, _ = load_checkpoint(tmp_path / "checkpoints")
-    assert config == config_for_size("tiny", dtype="float32")
+    assert config == config_for_size("tiny", dtype="float32", vocab_size=128)   # the copy task's 32 ids, padded
 
 
 def test_missing_required_macro(tmp_path, capsys):
@@ -53,16 +53,66 @@ def test_batch_not_divisible_by_the_data_axis(tmp_path, capsys):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_initial_checkpoint_of_another_size(tmp_path, capsys):
-    other = config_for_size("tiny", vocab_size=64, dtype="float32")
+def _save_tiny(path, **overrides):
+    config = config_for_size("tiny", dtype="float32", **overrides)
     tokens = jnp.ones((1, 4), jnp.int32)
-    params = nn.meta.unbox(Transformer(other).init(jax.random.PRNGKey(0), tokens, tokens))["params"]
-    save_checkpoint(tmp_path / "other", other, jax.device_get(params))
+    params = nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(0), tokens, tokens))["params"]
+    save_checkpoint(path, config, jax.device_get(params))
+
+
+def test_initial_checkpoint_of_another_size(tmp_path, capsys):
+    _save_tiny(tmp_path / "other", vocab_size=128, emb_dim=16)
     argv = SMOKE + [f"--gin.MODEL_DIR={tmp_path / 'run'}", f"--gin.INITIAL_CHECKPOINT_PATH={tmp_path / 'other'}"]
     assert cli.main(argv) == 2
     line = _error_line(capsys)
     assert f"initial checkpoint {tmp_path / 'other'} does not fit the model" in line
-    assert "token_embedder/embedding expected (32128, 8) found (64, 8)" in line
+    assert "token_embedder/embedding expected (128, 8) found (128, 16)" in line
+
+
+def test_the_model_vocab_size_follows_the_checkpoint_it_starts_from(tmp_path, capsys):
+    _save_tiny(tmp_path / "ckpt", vocab_size=64)     # 64 rows hold the copy task's 32 ids
+    argv = SMOKE + [f"--gin.MODEL_DIR={tmp_path / 'run'}", f"--gin.INITIAL_CHECKPOINT_PATH={tmp_path / 'ckpt'}",
+                    "--gin.TRAIN_STEPS=2", "--gin.EVAL_DATA=None"]
+    assert cli.main(argv) == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints")[0].vocab_size == 64
+
+
+def test_a_checkpoint_whose_vocab_does_not_fit_the_data_is_an_error_naming_both(tmp_path, capsys):
+    _save_tiny(tmp_path / "ckpt", vocab_size=256)    # T5-like rows for a 32-id task
+    argv = SMOKE + [f"--gin.MODEL_DIR={tmp_path / 'run'}", f"--gin.INITIAL_CHECKPOINT_PATH={tmp_path / 'ckpt'}"]
+    assert cli.main(argv) == 2
+    assert _error_line(capsys) == (
+        f"doa train: error: CopyTaskData has 32 ids but checkpoint {tmp_path / 'ckpt'} has 256 embedding rows "
+        "(expected 32..128): use the vocabulary that checkpoint was trained with")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_model_vocab_size_overrides_the_vocabulary_in_doa_train(tmp_path, capsys):
+    argv = SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin.MODEL_VOCAB_SIZE=96", "--gin.TRAIN_STEPS=2",
+                    "--gin.EVAL_DATA=None"]
+    assert cli.main(argv) == 0
+    assert load_checkpoint(tmp_path / "checkpoints")[0].vocab_size == 96
+
+
+def test_a_model_vocab_size_that_does_not_fit_names_the_knob_before_any_compute(tmp_path, capsys):
+    assert cli.main(SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin.MODEL_VOCAB_SIZE=16"]) == 2
+    assert _error_line(capsys) == (
+        "doa train: error: CopyTaskData has 32 ids but MODEL_VOCAB_SIZE (the model's vocab_size) is 16; "
+        "expected 32..128: set MODEL_VOCAB_SIZE = 128, or None to follow the vocabulary")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_progress_line_appears_between_logged_steps_every_log_seconds(tmp_path, capsys):
+    argv = SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin.TRAIN_STEPS=6", "--gin.LOG_PERIOD=100",
+                    "--gin.EVAL_DATA=None", "--gin.CHECKPOINT_PERIOD=100", "--gin.LOG_SECONDS=1e-6"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    # steps 1..5 each get a time-based line (the loss labelled with its unit); step 6 is the logged row
+    for step in range(2, 6):
+        assert f"step {step}/6 | loss " in out and "(sum over the batch's target tokens)" in out
+    assert "| 1 steps since the last line" in out
+    assert "input pipeline: building CopyTaskData" in out and "input pipeline: ready in " in out
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [6]
 
 
 def test_exploding_parameters_stop_with_one_line(tmp_path, capsys):

@@ -50,7 +50,9 @@ def run_cell(cfg: CellConfig) -> dict[str, Any]:
 
     Idempotent: a cell whose key already has a row there is not run again (its row is returned).
     A cell killed part-way resumes its phases (teacher, store chunks, student) on the next run.
+    Models whose vocab size follows the vocabulary (MODEL_VOCAB_SIZE = None) are resolved first.
     """
+    cfg = phases.resolve_models(cfg)
     out = pathlib.Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / results.RESULTS_FILE
