@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from doa_jax.data import vocab as vocab_lib
 from doa_jax.data.encode import encode_examples
 from doa_jax.distill import student_data
 from doa_jax.experiment import costs, locking, phases, planner, results
@@ -93,6 +94,8 @@ def _warn_stale(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
 def _run(cfg: CellConfig) -> results.ResultRow:
     setup = phases.load_task(cfg)
     phases.check_models(cfg, setup)
+    say(cfg, f"models' vocab size: student {cfg.student.vocab_size}, teacher {cfg.teacher.vocab_size} "
+             f"(task {vocab_lib.describe(setup.vocab)})")
     reason = phases.unfit_reason(cfg, setup)
     if reason:
         return _row(cfg, setup, status="infeasible", reason=reason)
