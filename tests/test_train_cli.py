@@ -1,14 +1,23 @@
 """`doa train --gin_file ... --gin.MACRO=value`: a smoke run and one clear error per bad input."""
 import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import pytest
 
-from doa_jax import cli
+from doa_jax import cli, configurables, gin_utils
+from doa_jax.commands import train as train_command
 from doa_jax.checkpoints import load_checkpoint, save_checkpoint
+from doa_jax.data import vocab as vocab_lib
 from doa_jax.model import Transformer, config_for_size
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ["train", "--gin_file", "models/t5_1_1_tiny.gin", "--gin_file", "runs/smoke.gin"]
 
 
@@ -178,3 +187,63 @@ def test_a_bad_value_in_an_included_file_names_that_file_and_line(tmp_path, caps
                      f"--gin.MODEL_DIR={tmp_path}"]) == 2
     assert _error_line(capsys) == ("doa train: error: TrainConfig: num_microbatches must be int, got 'two' "
                                    f"(num_microbatches = %NUM_MICROBATCHES from {base}:2)")
+
+
+TOY_CARD = """
+name = "toycopy"
+input_prefix = "copy: "
+metric = "squad"
+primary_metric = "f1"
+annotation_cost_usd = 0.1
+[lengths]
+inputs = 12
+targets = 8
+[data]
+files = { all = "toycopy.json" }
+[pools]
+carve_from = "all"
+fractions = { test = 0.125, validation = 0.25, unlabeled = 0.125, train = 0.5 }
+"""
+
+
+def test_doa_train_fits_the_model_to_a_tasks_own_vocabulary_before_any_compute(tmp_path, monkeypatch):
+    # A user's task and a vocabulary built on its text (not T5's spiece.model), no vocab_size binding:
+    # the model doa train builds has the vocabulary's ids padded to 128 rows, not T5's 32128.
+    words = ["red", "green", "blue", "cyan", "plum", "gold", "teal"]
+    examples = [{"source": f"{words[i % 7]} {words[i % 5]}", "target": f"{words[i % 7]} {words[i % 5]}"}
+                for i in range(64)]
+    (tmp_path / "data" / "toycopy").mkdir(parents=True)
+    (tmp_path / "data" / "toycopy" / "toycopy.json").write_text("".join(json.dumps(e) + "\n" for e in examples))
+    (tmp_path / "toycopy.toml").write_text(TOY_CARD)
+    monkeypatch.setenv("DOA_DATA_DIR", str(tmp_path / "data"))
+    vocab = vocab_lib.Vocabulary(vocab_lib.build_vocab(["copy: " + e["source"] for e in examples],
+                                                       tmp_path / "toy.model", vocab_size=30))
+    configurables.register()
+    gin_utils.parse(["models/t5_1_1_tiny.gin", "runs/finetune.gin"], [
+        f"MODEL_DIR = '{tmp_path / 'run'}'", f"TASK = '{tmp_path / 'toycopy.toml'}'", f"VOCABULARY = '{vocab.path}'",
+        "TASK_FEATURE_LENGTHS = None", "BATCH_SIZE = 8", "TRAIN_STEPS = 2", "EPOCHS = None",
+        "INITIAL_CHECKPOINT_PATH = None"])
+    model = train_command.fit_vocab_size(gin_utils.macro("MODEL_CONFIG"), gin_utils.macro("TRAIN_DATA"),
+                                         gin_utils.macro("TRAIN_CONFIG"))
+    assert vocab.vocab_size == 127 and model.vocab_size == 128
+
+
+def test_seqios_uncached_function_dataset_warning_is_dropped_and_other_warnings_kept(caplog):
+    import logging
+
+    import doa_jax.data.pipeline  # noqa: F401  (installs the filter on absl's logger)
+
+    absl = logging.getLogger("absl")
+    with caplog.at_level(logging.WARNING):
+        absl.warning("Using an uncached FunctionDataset for training is not recommended since ...")
+        absl.warning("a real problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real problem"]
+
+
+@pytest.mark.slow   # a fresh TensorFlow import: 10-20 s on 2 shared cores
+def test_importing_the_tf_data_pipeline_prints_no_start_up_noise():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-c", "import doa_jax.data.pipeline"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == ""     # no oneDNN notice, no "cudart_stub ... cuda drivers"
