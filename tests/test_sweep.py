@@ -143,6 +143,23 @@ def test_dry_run_lists_cells_and_runs_none(tmp_path, capsys):
     assert not (tmp_path / "results.jsonl").exists()
 
 
+@pytest.mark.parametrize("sweep_file", ["sweeps/demo.gin", "sweeps/wlp_tiny.gin"])
+def test_a_sweeps_default_output_dir_is_under_runs_and_git_ignored(sweep_file, tmp_path):
+    gin_utils.parse([sweep_file], ["VOCABULARY = 'x'"], finalize=False)
+    out = pathlib.PurePosixPath(gin_utils.macro("OUTPUT_DIR"))
+    assert not out.is_absolute() and out.parts[0] == "runs"
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: cannot ask git what it ignores")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "results.jsonl")], cwd=REPO)
+    assert ignored.returncode == 0, f"{out} is not git-ignored"
+
+
+def test_doa_sweep_says_where_it_writes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", "--gin_file", "sweeps/demo.gin", "--dry_run"]) == 0
+    assert f"sweep output: {tmp_path / 'runs' / 'demo_sweep'} (OUTPUT_DIR;" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- resume
 
 class FakeRunner:

@@ -43,6 +43,7 @@ def run(args) -> int:
     search = [s for s in args.gin_search_paths.split(",") if s]
     points, cells = sweep.load_sweep(args.gin_file, args.gin_bindings, search_paths=search)
     out = pathlib.Path(cells[0].output_dir)
+    print(f"sweep output: {out.resolve()} (OUTPUT_DIR; --gin.OUTPUT_DIR=DIR to choose)", flush=True)
     if args.dry_run:
         done = {r.get("cell_key") for r in results.read_rows(out / results.RESULTS_FILE)}
         print(f"sweep: {len(cells)} cells in {out} ({sum(c.key() in done for c in cells)} already have a row)")
