@@ -78,12 +78,18 @@ def test_initial_checkpoint_of_another_size(tmp_path, capsys):
     assert "token_embedder/embedding expected (128, 8) found (128, 16)" in line
 
 
-def test_the_model_vocab_size_follows_the_checkpoint_it_starts_from(tmp_path, capsys):
+def _smoke_model(tmp_path, *bindings):
+    """The model config `doa train` would build for runs/smoke.gin (copy task: 32 ids), before compute."""
+    configurables.register()
+    gin_utils.parse(["models/t5_1_1_tiny.gin", "runs/smoke.gin"], [f"MODEL_DIR = '{tmp_path / 'run'}'", *bindings])
+    return train_command.fit_vocab_size(gin_utils.macro("MODEL_CONFIG"), gin_utils.macro("TRAIN_DATA"),
+                                        gin_utils.macro("TRAIN_CONFIG"))
+
+
+def test_the_model_vocab_size_follows_the_checkpoint_it_starts_from(tmp_path):
     _save_tiny(tmp_path / "ckpt", vocab_size=64)     # 64 rows hold the copy task's 32 ids
-    argv = SMOKE + [f"--gin.MODEL_DIR={tmp_path / 'run'}", f"--gin.INITIAL_CHECKPOINT_PATH={tmp_path / 'ckpt'}",
-                    "--gin.TRAIN_STEPS=2", "--gin.EVAL_DATA=None"]
-    assert cli.main(argv) == 0
-    assert load_checkpoint(tmp_path / "run" / "checkpoints")[0].vocab_size == 64
+    assert _smoke_model(tmp_path).vocab_size == 128
+    assert _smoke_model(tmp_path, f"INITIAL_CHECKPOINT_PATH = '{tmp_path / 'ckpt'}'").vocab_size == 64
 
 
 def test_a_checkpoint_whose_vocab_does_not_fit_the_data_is_an_error_naming_both(tmp_path, capsys):
@@ -96,11 +102,8 @@ def test_a_checkpoint_whose_vocab_does_not_fit_the_data_is_an_error_naming_both(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_model_vocab_size_overrides_the_vocabulary_in_doa_train(tmp_path, capsys):
-    argv = SMOKE + [f"--gin.MODEL_DIR={tmp_path}", "--gin.MODEL_VOCAB_SIZE=64", "--gin.TRAIN_STEPS=2",
-                    "--gin.EVAL_DATA=None"]
-    assert cli.main(argv) == 0
-    assert load_checkpoint(tmp_path / "checkpoints")[0].vocab_size == 64   # not the 128 it would follow
+def test_model_vocab_size_overrides_the_vocabulary_in_doa_train(tmp_path):
+    assert _smoke_model(tmp_path, "MODEL_VOCAB_SIZE = 64").vocab_size == 64     # not the 128 it would follow
 
 
 def test_a_model_vocab_size_that_does_not_fit_names_the_knob_before_any_compute(tmp_path, capsys):
