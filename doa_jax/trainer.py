@@ -497,6 +497,8 @@ class Trainer:
             raise ValueError(f"the training source's batch size ({train.batch_size}) differs from "
                              f"BATCH_SIZE ({cfg.batch_size})")
         partitioning.check_batch_size(cfg.batch_size, self.mesh, jax.process_count(), cfg.num_microbatches)
+        self._say("starting: first batch, parameters, then compiling the training step (the first step's line "
+                  "waits for the compile)")
         example = take_features(next(iter(train.iterate(0))))
         self.program = None
         self._program(total_steps)
@@ -760,8 +762,9 @@ class Trainer:
             return
         if self.config.verbose and self._is_chief:
             row = dict(loss=float(np.mean([float(m["loss"]) for m in jax.device_get(pending)])), **meter.peek(step))
+            n = len(pending)
             print(progress.console_line(step, total_steps, row, losses.loss_unit(self.config.loss))
-                  + f" | {len(pending)} steps since the last line", flush=True)
+                  + f" | {n} step{'' if n == 1 else 's'} since the last line", flush=True)
         self._beat.reset()
 
     def _say(self, text: str) -> None:

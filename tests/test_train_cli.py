@@ -122,7 +122,7 @@ def test_a_progress_line_appears_between_logged_steps_every_log_seconds(tmp_path
     # steps 1..5 each get a time-based line (the loss labelled with its unit); step 6 is the logged row
     for step in range(2, 6):
         assert f"step {step}/6 | loss " in out and "(sum over the batch's target tokens)" in out
-    assert "| 1 steps since the last line" in out
+    assert "| 1 step since the last line" in out
     assert "input pipeline: building CopyTaskData" in out and "input pipeline: ready in " in out
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [6]
 

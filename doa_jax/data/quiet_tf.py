@@ -4,9 +4,11 @@ TF's C++ start-up lines are silenced: `TF_CPP_MIN_LOG_LEVEL=3` (read once, at im
 first; a value the user set is kept) hides the oneDNN notices, and TensorFlow itself is imported
 here with file descriptor 2 pointed at /dev/null, because TF 2.21's CUDA stub logs "could not find
 cuda drivers" through absl's C++ logging before any level applies. Only that import is muted: an
-import error is raised after stderr is restored, and later warnings print as usual. SeqIO's absl warning about an "uncached FunctionDataset" does not
-apply here: the pools live in memory and are shuffled whole with a fixed seed
-(`seqio_tasks.SHUFFLE_BUFFER`), so that one message is filtered; every other warning still shows.
+import error is raised after stderr is restored, and later warnings print as usual.
+
+SeqIO's absl warning about an "uncached FunctionDataset" does not apply here: the pools live in
+memory and are shuffled whole with a fixed seed (`seqio_tasks.SHUFFLE_BUFFER`), so that one
+message is filtered; every other warning still shows.
 """
 from __future__ import annotations
 
