@@ -14,6 +14,7 @@ from doa_jax.model.config import T5Config
 
 def _dense_params_per_token(cfg: T5Config) -> dict[str, int]:
     """Weights touched per token, by where the token flows (multiply-adds per token)."""
+    cfg.require_vocab_size()
     d, inner, f = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
     attn = 4 * d * inner                      # q, k, v, out
     mlp = (len(cfg.mlp_activations) + 1) * d * f

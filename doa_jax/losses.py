@@ -169,6 +169,21 @@ class LossConfig:
         check_normalizing_factor(self.loss_normalizing_factor)
 
 
+def loss_unit(cfg: LossConfig) -> str:
+    """What the training loss's number is (the console labels it): its normalisation, in words.
+    z-loss and any distillation term are included in it."""
+    if cfg.kd_weight > 0 and cfg.kd_paper_exact:
+        return "per padded target position"
+    factor = cfg.loss_normalizing_factor
+    if factor is None:
+        return "sum over the batch's target tokens"
+    if isinstance(factor, str):
+        return {"NUM_REAL_TARGET_TOKENS": "per target token",
+                "NUM_TOTAL_TARGET_TOKENS": "per target position, padding included",
+                "AVERAGE_PER_SEQUENCE": "per sequence"}[factor]
+    return f"sum over the batch's target tokens / {factor:g}"
+
+
 def loss_weights(cfg: LossConfig, batch: Batch) -> tuple[Array, Array]:
     """`(weights, divisor)` for the global batch: `kd_paper_exact` counts every position of the batch
     padded to its own longest teacher sequence, divided by rows x that length (the released code)."""

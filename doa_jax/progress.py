@@ -43,11 +43,16 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-def console_line(step: int, total_steps: Optional[int], metrics: Mapping[str, float]) -> str:
-    """`step 120/1000 | loss 2.3456 | lr 1.0e-03 | 310.2 ex/s | 40.1k tok/s | MFU 12.3% | ETA 0:05:12`."""
+def console_line(step: int, total_steps: Optional[int], metrics: Mapping[str, float],
+                 loss_unit: Optional[str] = None) -> str:
+    """`step 120/1000 | loss 2.3456 (per target token) | lr 1.0e-03 | 310.2 ex/s | 40.1k tok/s | ETA 0:05:12`.
+
+    The training loss is labelled with its unit (`loss_unit`, from the loss normalisation: a sum
+    over the batch's tokens is not a per-token number); eval losses are per target token.
+    """
     parts = [f"step {step}" + (f"/{total_steps}" if total_steps else "")]
     if "loss" in metrics:
-        parts.append(f"loss {metrics['loss']:.4f}")
+        parts.append(f"loss {metrics['loss']:.4f}" + (f" ({loss_unit})" if loss_unit else ""))
     if "learning_rate" in metrics:
         parts.append(f"lr {metrics['learning_rate']:.1e}")
     if "examples_per_s" in metrics:
@@ -58,8 +63,24 @@ def console_line(step: int, total_steps: Optional[int], metrics: Mapping[str, fl
         parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
     if "eta_s" in metrics:
         parts.append(f"ETA {_fmt_eta(metrics['eta_s'])}")
-    evals = [f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/")]
+    evals = [f"{k} {v:.4g}" + (" (per target token)" if k == "eval/loss" else "")
+             for k, v in metrics.items() if k.startswith("eval/")]
     return " | ".join(parts + evals)
+
+
+class Heartbeat:
+    """Says when `seconds` have passed since the last console line, so long stretches between
+    logged steps (or of decoding) still show progress; `seconds=None` never fires."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.seconds = seconds
+        self._last = time.perf_counter()
+
+    def due(self) -> bool:
+        return self.seconds is not None and time.perf_counter() - self._last >= self.seconds
+
+    def reset(self) -> None:
+        self._last = time.perf_counter()
 
 
 class Throughput:
@@ -74,6 +95,16 @@ class Throughput:
 
     def start(self, step: int) -> None:
         self._t, self._step = time.perf_counter(), step
+
+    def peek(self, step: int) -> dict[str, float]:
+        """Examples/s and ETA since the last `report`, without starting a new interval."""
+        if self._t is None or step <= self._step:
+            return {}
+        rate = (step - self._step) / (time.perf_counter() - self._t)
+        out = dict(examples_per_s=rate * self.examples_per_step)
+        if self.total_steps:
+            out["eta_s"] = max(self.total_steps - step, 0) / rate
+        return out
 
     def report(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
@@ -213,5 +244,5 @@ class EventWriter:
         self._f.close()
 
 
-__all__ = ["EventWriter", "MetricsLog", "PEAK_FLOPS", "Throughput", "console_line",
+__all__ = ["EventWriter", "Heartbeat", "MetricsLog", "PEAK_FLOPS", "Throughput", "console_line",
            "peak_flops_per_device"]

@@ -37,6 +37,7 @@ import math
 import signal
 import sys
 import threading
+import time
 import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -86,7 +87,7 @@ class TrainState:
 _FIELD_TYPES = {"batch_size": (int,), "train_steps": (int, type(None)), "epochs": (int, float, type(None)),
                 "num_microbatches": (int,), "seed": (int,), "keep_checkpoints": (int, type(None)),
                 "max_grad_norm": (int, float, type(None)), "max_param_growth": (int, float, type(None)),
-                "param_dtype": (str,)}
+                "param_dtype": (str,), "log_seconds": (int, float, type(None))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,10 @@ class TrainConfig:
     initial_checkpoint_mode: str = "params"
     resume: bool = True
     log_every: int = 100
+    # A console line at least this often (seconds) between logged steps, and a counter during
+    # validation decoding; None: only every `log_every` steps. Console only (metrics.jsonl keeps
+    # its `log_every` rows).
+    log_seconds: Optional[float] = 30.0
     checkpoint_every: Optional[Union[int, str]] = 1000
     keep_checkpoints: Optional[int] = 2
     async_checkpointing: bool = True
@@ -153,6 +158,8 @@ class TrainConfig:
                              f"'full' (resume a doa_jax trainer checkpoint), got {self.initial_checkpoint_mode!r}")
         if self.param_dtype not in optimizers.PARAM_DTYPES:
             raise ValueError(f"param_dtype must be one of {optimizers.PARAM_DTYPES}, got {self.param_dtype!r}")
+        if self.log_seconds is not None and not self.log_seconds > 0:
+            raise ValueError(f"log_seconds must be > 0 or None, got {self.log_seconds!r}")
         if self.eval_mode not in (None, "min", "max"):
             raise ValueError(f"eval_mode must be 'min', 'max' or None, got {self.eval_mode!r}")
         for name in ("log_every", "checkpoint_every", "eval_every", "early_stopping_patience"):
@@ -459,12 +466,14 @@ class Trainer:
         (global arrays from `partitioning.global_batch`, or host numpy on one host)."""
         from doa_jax import decoding
 
-        outs = []
+        outs, counter = [], _DecodeCounter(self, batches)
         with partitioning.mesh_context(self.mesh, self.rules):
             for b in batches:
                 length = max_decode_len or b["decoder_target_tokens"].shape[1]
                 outs.append(_to_host(decoding.greedy(self.model_config, params, b["encoder_input_tokens"],
                                                      length).tokens))
+                counter.add()
+        counter.done()
         return np.concatenate(outs)
 
     # ------------------------------------------------------------------ the loop
@@ -487,6 +496,8 @@ class Trainer:
             raise ValueError(f"the training source's batch size ({train.batch_size}) differs from "
                              f"BATCH_SIZE ({cfg.batch_size})")
         partitioning.check_batch_size(cfg.batch_size, self.mesh, jax.process_count(), cfg.num_microbatches)
+        self._say("starting: first batch, parameters, then compiling the training step (the first step's line "
+                  "waits for the compile)")
         example = take_features(next(iter(train.iterate(0))))
         self.program = None
         self._program(total_steps)
@@ -567,6 +578,7 @@ class Trainer:
                                 tstate["stopped_early"] = True
                         self._emit(row, step, total_steps, log, events)
                         last = row
+                    self._heartbeat(pending, step, total_steps, meter)   # a console line when one is due
                     if do_ckpt:
                         self._save(state, tstate)
                     if stop_signal is not None:
@@ -609,7 +621,8 @@ class Trainer:
         peak, peak_note = progress.peak_flops_per_device(jax.devices()[0].device_kind)
         self._say(f"mesh {dict(self.mesh.shape)}, {self.model_config.num_params() / 1e6:.1f}M params, "
                   f"batch {cfg.batch_size} x {cfg.num_microbatches} microbatch(es), {total_steps} steps; "
-                  f"MFU peak: {peak_note}")
+                  f"MFU peak: {peak_note}; loss: {losses.loss_unit(cfg.loss)}")
+        self._beat = progress.Heartbeat(cfg.log_seconds)   # time-based console lines (`_heartbeat`)
         return progress.Throughput(
             flops_per_step=flops.train_flops(self.model_config, cfg.batch_size, in_len, out_len),
             peak_flops=peak * self.mesh.size if peak else None, total_steps=total_steps,
@@ -738,11 +751,50 @@ class Trainer:
             events.scalars(step, {k if k.startswith("eval/") else f"train/{k}": v
                                   for k, v in row.items() if k != "step"})
         if self.config.verbose and self._is_chief:
-            print(progress.console_line(step, total_steps, row), flush=True)
+            print(progress.console_line(step, total_steps, row, losses.loss_unit(self.config.loss)), flush=True)
+        self._beat.reset()
+
+    def _heartbeat(self, pending: list, step: int, total_steps: int, meter: progress.Throughput) -> None:
+        """A console line between logged steps when `log_seconds` have passed (no metrics row): the
+        mean loss of the steps since the last line, the rate and ETA so far."""
+        if not (pending and self._beat.due()):
+            return
+        if self.config.verbose and self._is_chief:
+            row = dict(loss=float(np.mean([float(m["loss"]) for m in jax.device_get(pending)])), **meter.peek(step))
+            n = len(pending)
+            print(progress.console_line(step, total_steps, row, losses.loss_unit(self.config.loss))
+                  + f" | {n} step{'' if n == 1 else 's'} since the last line", flush=True)
+        self._beat.reset()
 
     def _say(self, text: str) -> None:
         if self.config.verbose and self._is_chief:
             print(text, flush=True)
+
+
+class _DecodeCounter:
+    """Validation decoding's progress: `decoding validation: 128/835 examples (12.3 ex/s)` at most
+    every `log_seconds`, and one closing line; counts real rows (a padding row has no target)."""
+
+    def __init__(self, trainer: "Trainer", batches: Sequence[Mapping[str, Any]]):
+        self.on = trainer.config.verbose and trainer._is_chief and trainer.config.log_seconds is not None
+        self.beat = progress.Heartbeat(trainer.config.log_seconds)
+        self.start, self.done_rows = time.perf_counter(), 0
+        real = [int((_to_host(b["decoder_target_tokens"]).max(axis=1) > 0).sum()) for b in batches] if self.on else []
+        self.total, self.rows = sum(real), iter(real)
+
+    def add(self) -> None:
+        self.done_rows += next(self.rows, 0)
+        if self.on and self.beat.due():
+            print(f"decoding validation: {self.done_rows}/{self.total} examples ({self._rate():.1f} ex/s)", flush=True)
+            self.beat.reset()
+
+    def done(self) -> None:
+        if self.on:
+            print(f"decoded {self.total} validation examples in {time.perf_counter() - self.start:.1f} s "
+                  f"({self._rate():.1f} ex/s)", flush=True)
+
+    def _rate(self) -> float:
+        return self.done_rows / max(time.perf_counter() - self.start, 1e-9)
 
 
 def _sync_hosts(name: str) -> None:

@@ -40,8 +40,7 @@ def cell(out: pathlib.Path, strategy: str, cal: pathlib.Path, args) -> dict:
         f"--gin.BATCH_SIZE={args.batch_size}", f"--gin.TEACHER_EPOCHS={args.epochs}",
         f"--gin.STUDENT_EPOCHS={args.epochs}", f"--gin.DISTILL_EPOCHS={args.epochs}", "--gin.LEARNING_RATE=0.003",
         "--gin.COST_PROFILE='calibrated'", f"--gin.CALIBRATION={cal}", "--gin.MEASURED_ON=cpu",
-        "--gin.MAX_EVAL_EXAMPLES=128", "--gin_bindings", "teacher/T5Size.vocab_size = 384",
-        "--gin_bindings", "student/T5Size.vocab_size = 384", "--gin_bindings",
+        "--gin.MAX_EVAL_EXAMPLES=128", "--gin_bindings",
         "CellConfig.demo_sizes = {'labeled': 512, 'unlabeled': 1024, 'test': 128}",
         "--gin_bindings", "CellConfig.verbose = False")
     row = json.loads((out / "results.jsonl").read_text().splitlines()[-1])

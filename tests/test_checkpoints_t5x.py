@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from doa_jax.checkpoints import CheckpointError, detect_format, load_checkpoint
+from doa_jax.checkpoints import CheckpointError, detect_format, load_checkpoint, stored_vocab_size, t5x
 from doa_jax.checkpoints.t5x import infer_config, read_t5x
 from doa_jax.checkpoints.tree import expected_shapes, flatten
 from doa_jax.model import T5Config, Transformer, config_for_size
@@ -164,3 +164,13 @@ def test_directory_with_two_single_file_checkpoints_names_both(t5x_fixtures, tmp
     with pytest.raises(CheckpointError, match=r"holds 2 T5X msgpack checkpoint files "
                                               r"\(a.checkpoint_0, b.checkpoint_1\); pass one of them"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("checkpoint", sorted(TINY))
+def test_the_vocab_size_a_checkpoint_fixes_is_read_without_its_weights(t5x_fixtures, checkpoint, monkeypatch):
+    def no_reads(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(t5x, "read_arrays", no_reads)
+    monkeypatch.setattr(t5x, "read_orbax_item", no_reads)
+    assert stored_vocab_size(t5x_fixtures / checkpoint) == 128

@@ -113,12 +113,15 @@ def test_score_counts_must_match_and_files_must_exist(doa, tmp_path):
 
 def test_vocab_build_writes_a_t5_style_model(doa, doa_data, tmp_path):
     out_path = tmp_path / "nq.model"
-    code, out, _ = doa("vocab", "build", "--tasks", "nq", "--vocab-size", "300", "--out", out_path,
-                       "--data-dir", doa_data / "nq")
+    code, out, err = doa("vocab", "build", "--tasks", "nq", "--vocab-size", "300", "--out", out_path,
+                         "--data-dir", doa_data / "nq")
     assert code == 0
     spec = json.loads(out)
     assert out_path.exists() and spec["path"] == str(out_path)
     assert spec["vocab_size"] == spec["pieces"] + 100 and spec["pieces"] <= 300
+    # the model vocab size it needs (its ids padded to a multiple of 128) and the gin line to pin it
+    rows = -(-spec["vocab_size"] // 128) * 128
+    assert spec["model_vocab_size"] == rows and f"--gin.MODEL_VOCAB_SIZE={rows}" in err
 
 
 TOY_CARD = """

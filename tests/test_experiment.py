@@ -2,20 +2,24 @@
 import dataclasses
 import json
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
-from doa_jax import experiment
+from doa_jax import cli, experiment
+from doa_jax.checkpoints import save_checkpoint
 from doa_jax.distill import student_data
 from doa_jax.data.cards import load_card
-from doa_jax.experiment import planner
+from doa_jax.data.vocab import load_vocab
+from doa_jax.experiment import phases, planner
 from doa_jax.experiment.pricing import Pricer
 from doa_jax.experiment.config import DistillConfig, Epochs, PricingConfig
 from doa_jax.losses import LossConfig
 from doa_jax.optimizers import OptimizerConfig
 from doa_jax.trainer import TrainConfig
 from doa_jax.data.demo import model_vocab_size
-from doa_jax.model import config_for_size
+from doa_jax.model import Transformer, config_for_size
 from data_helpers import task_vocab
 
 LENGTHS = {"inputs": 48, "targets": 48}
@@ -100,20 +104,87 @@ def test_infeasible_cells_are_reported_with_their_reason(wlp, tmp_path, change, 
 
 
 @pytest.mark.parametrize("teacher_vocab,message", [
-    (4096, r"the teacher's vocabulary does not fit the task's: .* set teacher/T5Size.vocab_size = \d+"),
+    (4096, r"the teacher's vocabulary does not fit the task's: .* set MODEL_VOCAB_SIZE = \d+, or None to follow"),
     ("unpadded", r"teacher and student vocabularies differ"),
 ])
 def test_a_model_that_does_not_fit_the_vocabulary_is_an_error_before_any_compute(wlp, tmp_path, teacher_vocab,
                                                                                   message):
     # A configuration mistake is not a budget outcome: no `infeasible` row is written, nothing is trained.
-    from doa_jax.data.vocab import load_vocab
-
     size = load_vocab(wlp.vocab).vocab_size if teacher_vocab == "unpadded" else teacher_vocab   # fits, unpadded
     cfg = dataclasses.replace(wlp, strategy="distill", teacher=wlp.teacher.replace(vocab_size=size),
                               output_dir=str(tmp_path))
     with pytest.raises(ValueError, match=message):
         experiment.run_cell(cfg)
     assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "cache" / "teachers").exists()
+
+
+def test_models_left_to_follow_the_vocabulary_get_its_ids_padded_to_128_and_the_same_key(wlp):
+    follow = dataclasses.replace(wlp, student=wlp.student.replace(vocab_size=None),
+                                 teacher=wlp.teacher.replace(vocab_size=None))
+    resolved = phases.resolve_models(follow)
+    rows = model_vocab_size(load_vocab(wlp.vocab))
+    assert (resolved.student.vocab_size, resolved.teacher.vocab_size) == (rows, rows)
+    assert resolved.key() == wlp.key()     # the cell an explicit, fitting size would have been
+
+
+def _hf_checkpoint(path, vocab_size):
+    cfg = tiny(vocab_size)
+    tokens = np.ones((1, 4), np.int32)
+    params = nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), tokens, tokens))["params"]
+    save_checkpoint(path, cfg, jax.device_get(params), format="hf")
+    return str(path)
+
+
+def test_the_checkpoint_a_model_starts_from_fixes_its_vocab_size(wlp, tmp_path):
+    ids = load_vocab(wlp.vocab).vocab_size
+    ckpt = _hf_checkpoint(tmp_path / "student", ids)     # unpadded rows: they fit, and the checkpoint rules
+    cfg = dataclasses.replace(wlp, student=wlp.student.replace(vocab_size=None), student_checkpoint=ckpt)
+    assert phases.resolve_models(cfg).student.vocab_size == ids
+
+
+def test_a_checkpoint_whose_vocab_differs_from_the_tasks_is_an_error_naming_both(wlp, tmp_path):
+    ckpt = _hf_checkpoint(tmp_path / "student", 4096)
+    cfg = dataclasses.replace(wlp, student=wlp.student.replace(vocab_size=None), student_checkpoint=ckpt,
+                              output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"the student's vocabulary does not fit the task's: vocabulary {wlp.vocab} "
+                                         rf"has \d+ ids .* but checkpoint {ckpt} has 4096 embedding rows"):
+        experiment.run_cell(cfg)
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_model_vocab_size_conflicting_with_a_checkpoint_names_both(wlp, tmp_path):
+    rows = model_vocab_size(load_vocab(wlp.vocab))
+    ckpt = _hf_checkpoint(tmp_path / "student", rows)
+    cfg = dataclasses.replace(wlp, student=wlp.student.replace(vocab_size=rows - 64), student_checkpoint=ckpt)
+    with pytest.raises(ValueError, match=rf"MODEL_VOCAB_SIZE is {rows - 64} but checkpoint {ckpt} has {rows} "
+                                         r"embedding rows; set MODEL_VOCAB_SIZE = None"):
+        phases.resolve_models(cfg)
+
+
+def _doa_run(wlp, out, *flags):
+    """`doa run` of a WLP cell that plans and stops (+$0.10 buys no label): no training."""
+    return cli.main(["run", "--gin_file", "runs/experiment.gin", f"--gin.OUTPUT_DIR='{out}'", "--gin.TASK='wlp'",
+                     "--gin.START_LABELS=16", "--gin.EXTRA_BUDGET_USD=0.1", "--gin.STRATEGY='annotate'",
+                     f"--gin.VOCABULARY='{wlp.vocab}'", *flags])
+
+
+def test_doa_run_with_a_non_t5_vocabulary_needs_no_vocab_size_binding(wlp, tmp_path, capsys):
+    assert _doa_run(wlp, tmp_path) == 0
+    rows = model_vocab_size(load_vocab(wlp.vocab))
+    assert f"models' vocab size: student {rows}, teacher {rows} (task vocabulary {wlp.vocab}" in capsys.readouterr().out
+    (row,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert row["status"] == "infeasible" and "buys no label" in row["reason"]    # a budget outcome, not a config error
+
+
+def test_model_vocab_size_overrides_the_vocabulary_in_doa_run(wlp, tmp_path, capsys):
+    ids = load_vocab(wlp.vocab).vocab_size                                        # unpadded: fits
+    assert _doa_run(wlp, tmp_path, f"--gin.MODEL_VOCAB_SIZE={ids}") == 0
+    assert f"models' vocab size: student {ids}, teacher {ids}" in capsys.readouterr().out
+    assert _doa_run(wlp, tmp_path / "bad", "--gin.MODEL_VOCAB_SIZE=4096") == 2
+    err = capsys.readouterr().err
+    assert f"MODEL_VOCAB_SIZE (the model's vocab_size) is 4096; expected {ids}..{model_vocab_size(load_vocab(wlp.vocab))}: " \
+           f"set MODEL_VOCAB_SIZE = {model_vocab_size(load_vocab(wlp.vocab))}" in err
+    assert not (tmp_path / "bad" / "results.jsonl").exists()
 
 
 def test_the_budget_cap_stops_the_student_within_one_step_and_reports_the_spend(wlp, tmp_path, monkeypatch):

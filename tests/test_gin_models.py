@@ -1,16 +1,21 @@
 """Model-size gin files build exactly the configs of the size table."""
+import jax
+import jax.numpy as jnp
 import pytest
 
 from doa_jax import gin_utils
-from doa_jax.model import SIZES, T5Config, config_for_size
+from doa_jax.model import SIZES, T5Config, Transformer, config_for_size
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_model_gin_file_builds_the_size_table_config(size):
+    # the vocab size is left to follow the run's vocabulary (MODEL_VOCAB_SIZE = None)
     gin_utils.parse([f"models/{size}.gin"])
     built = gin_utils.macro("MODEL_CONFIG")
     assert isinstance(built, T5Config)
-    assert built == config_for_size(size)
+    assert built == config_for_size(size, vocab_size=None)
+    gin_utils.parse([f"models/{size}.gin"], ["MODEL_VOCAB_SIZE = 32128"])
+    assert gin_utils.macro("MODEL_CONFIG") == config_for_size(size)
 
 
 def test_gin_binding_overrides_a_model_field():
@@ -30,3 +35,12 @@ def test_param_count_matches_published_sizes():
     counts = {s: config_for_size(s).num_params() / 1e6 for s in ("small", "base", "large", "xl", "xxl")}
     assert round(counts["small"]) == 77 and round(counts["base"]) == 248 and round(counts["large"]) == 783
     assert 2840 < counts["xl"] < 2860 and 11100 < counts["xxl"] < 11200
+
+
+def test_a_vocab_size_left_unresolved_is_a_clear_error_before_any_model_is_built():
+    follow = config_for_size("tiny", vocab_size=None)      # gin's MODEL_VOCAB_SIZE = None, never resolved
+    tokens = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="T5Config.vocab_size is None .* was not resolved"):
+        Transformer(follow).init(jax.random.PRNGKey(0), tokens, tokens)
+    with pytest.raises(ValueError, match="was not resolved"):
+        follow.num_params()

@@ -4,12 +4,25 @@ import pytest
 from doa_jax import progress
 
 
-def test_console_line_shows_step_loss_rates_mfu_and_eta():
-    line = progress.console_line(120, 1000, dict(loss=2.34567, learning_rate=1e-3, examples_per_s=310.24,
+def test_console_line_shows_step_loss_rates_mfu_and_eta_with_the_losses_units():
+    line = progress.console_line(120, 1000, dict(loss=535.4567, learning_rate=1e-3, examples_per_s=310.24,
                                                  tokens_per_s=40123.0, mfu=0.1234, eta_s=312.4,
-                                                 **{"eval/loss": 1.5}))
-    assert line == ("step 120/1000 | loss 2.3457 | lr 1.0e-03 | 310.2 ex/s | 40.1k tok/s | MFU 12.3% | "
-                    "ETA 0:05:12 | eval/loss 1.5")
+                                                 **{"eval/loss": 1.5}), "sum over the batch's target tokens")
+    assert line == ("step 120/1000 | loss 535.4567 (sum over the batch's target tokens) | lr 1.0e-03 | 310.2 ex/s | "
+                    "40.1k tok/s | MFU 12.3% | ETA 0:05:12 | eval/loss 1.5 (per target token)")
+
+
+@pytest.mark.parametrize("factor,kd_exact,unit", [
+    (None, False, "sum over the batch's target tokens"),          # T5X's default: a sum, not per token
+    ("NUM_REAL_TARGET_TOKENS", False, "per target token"),
+    (233472, False, "sum over the batch's target tokens / 233472"),
+    ("NUM_REAL_TARGET_TOKENS", True, "per padded target position"),   # the released KD reduction
+])
+def test_the_training_loss_unit_follows_its_normalisation(factor, kd_exact, unit):
+    from doa_jax.losses import LossConfig, loss_unit
+
+    cfg = LossConfig(loss_normalizing_factor=factor, kd_weight=1.0 if kd_exact else 0.0, kd_paper_exact=kd_exact)
+    assert loss_unit(cfg) == unit
 
 
 def test_peak_flops_table():

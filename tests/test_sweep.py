@@ -13,7 +13,7 @@ import pytest
 
 from doa_jax import cli, experiment, gin_utils
 from doa_jax.experiment import report
-from doa_jax.experiment import sweep
+from doa_jax.experiment import phases, sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,16 @@ def test_demo_sweep_cells_are_the_cells_doa_run_builds(tmp_path):
     gin_utils.parse(["runs/experiment.gin", "runs/demo_models.gin"],
                     [f"OUTPUT_DIR = '{tmp_path}'", f"TASK = '{p.task}'", f"START_LABELS = {p.start_labels}",
                      f"EXTRA_BUDGET_USD = {p.extra_budget_usd!r}", f"STRATEGY = '{p.strategy}'", f"SEED = {p.seed}"])
-    assert gin_utils.macro("CELL").key() == cell.key()
+    assert phases.resolve_models(gin_utils.macro("CELL")).key() == cell.key()   # as run_cell keys it
+
+
+def test_sweep_cells_follow_the_vocabulary_unless_model_vocab_size_overrides_it(tmp_path):
+    _, cells = _demo_sweep(tmp_path)      # the demo's own vocabulary: 265 ids, padded to 384 rows
+    assert {(c.student.vocab_size, c.teacher.vocab_size) for c in cells} == {(384, 384)}
+    _, cells = _demo_sweep(tmp_path, "MODEL_VOCAB_SIZE = 320")
+    assert {(c.student.vocab_size, c.teacher.vocab_size) for c in cells} == {(320, 320)}
+    with pytest.raises(ValueError, match="has 265 ids .* is 256; expected 265..384: set MODEL_VOCAB_SIZE = 384"):
+        _demo_sweep(tmp_path, "MODEL_VOCAB_SIZE = 256")
 
 
 def test_a_sweep_cell_has_the_key_doa_run_gives_the_same_experiment():
@@ -132,6 +141,23 @@ def test_dry_run_lists_cells_and_runs_none(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sweep: 12 cells" in out and out.count("to run") == 12 and "demo, 200 labels, +$10, distill, seed 1" in out
     assert not (tmp_path / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("sweep_file", ["sweeps/demo.gin", "sweeps/wlp_tiny.gin"])
+def test_a_sweeps_default_output_dir_is_under_runs_and_git_ignored(sweep_file, tmp_path):
+    gin_utils.parse([sweep_file], ["VOCABULARY = 'x'"], finalize=False)
+    out = pathlib.PurePosixPath(gin_utils.macro("OUTPUT_DIR"))
+    assert not out.is_absolute() and out.parts[0] == "runs"
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: cannot ask git what it ignores")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "results.jsonl")], cwd=REPO)
+    assert ignored.returncode == 0, f"{out} is not git-ignored"
+
+
+def test_doa_sweep_says_where_it_writes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", "--gin_file", "sweeps/demo.gin", "--dry_run"]) == 0
+    assert f"sweep output: {tmp_path / 'runs' / 'demo_sweep'} (OUTPUT_DIR;" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- resume
@@ -254,8 +280,9 @@ def test_small_real_wlp_sweep_renders_the_report_beside_the_papers_numbers(tmp_p
     vocab = vocab_lib.Vocabulary(vocab_lib.build_vocab(vocab_lib.task_texts(["wlp"], doa_data / "wlp"),
                                                        tmp_path / "vocab" / "wlp.model", vocab_size=2000))
     rows = demo_task.model_vocab_size(vocab)
-    gin_utils.parse(["sweeps/wlp_tiny.gin"], ["VOCABULARY = 'x'"])
-    assert gin_utils.macro("MODEL_VOCAB_SIZE") == rows         # what wlp_tiny.gin's comment promises
+    _, cells = sweep.load_sweep(["sweeps/wlp_tiny.gin"], [f"VOCABULARY = '{vocab.path}'",
+                                                          f"OUTPUT_DIR = '{tmp_path / 'sweep'}'"])
+    assert {c.student.vocab_size for c in cells} == {rows} == {2176}   # what wlp_tiny.gin's comment promises
     out = tmp_path / "sweep"
     argv = ["sweep", "--gin_file", "sweeps/wlp_tiny.gin", f"--gin.OUTPUT_DIR={out}",
             f"--gin.VOCABULARY={tmp_path / 'vocab' / 'wlp.model'}", "--gin.GRID_BUDGETS_USD=[100]",

@@ -174,3 +174,17 @@ def test_a_resume_reports_the_seconds_of_the_steps_a_kill_undid(tmp_path):
     again = Trainer(tiny_config(), cfg).fit(train_source(16))
     assert again.step == 8 and again.lost_seconds == pytest.approx(sum(logged[s] for s in range(5, 9)))
     assert [r["step"] for r in metric_rows(tmp_path)] == list(range(1, 9))
+
+
+def test_validation_decoding_counts_the_examples_it_has_decoded(tmp_path, capsys):
+    # 80 real examples in batches of 32: 32, 32, then 16 real + 16 padding rows (not counted); the
+    # shapes of the copy-task test above, so its compiled decode is reused
+    cfg = tiny_config()
+    trainer = Trainer(cfg, run_config(tmp_path, verbose=True, log_seconds=1e-9))
+    tokens = jnp.ones((1, 4), jnp.int32)
+    params = nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), tokens, tokens))["params"]
+    batches = list(eval_source(32, num_examples=80).iterate(0))
+    assert len(trainer.greedy_decode(params, batches)) == 96
+    out = capsys.readouterr().out
+    assert "decoding validation: 32/80 examples (" in out and "decoding validation: 64/80 examples (" in out
+    assert re.search(r"decoded 80 validation examples in [\d.]+ s \([\d.]+ ex/s\)", out)

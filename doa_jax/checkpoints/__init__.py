@@ -35,6 +35,7 @@ from doa_jax.checkpoints import hf, native, t5x, t5x_save
 from doa_jax.checkpoints.native import load_native, save_native
 from doa_jax.checkpoints.tree import CheckpointError
 from doa_jax.model import T5Config
+from doa_jax.model import config as model_config
 from doa_jax.model.scan import is_stacked, stack_layers, unstack_layers
 
 FORMATS = ("hf", "t5x_legacy", "t5x_orbax", "native", "native_run")
@@ -95,6 +96,27 @@ def load_checkpoint(path: str | os.PathLike, config: Optional[T5Config] = None) 
     return config, (stack_layers(params) if config.scan_layers else params)
 
 
+def stored_vocab_size(path: str | os.PathLike) -> int:
+    """The vocab size (embedding rows) the checkpoint at `path` fixes, read from its config or its
+    arrays' metadata: no weights are loaded."""
+    fmt = detect_format(path)
+    path = pathlib.Path(path).resolve()
+    if fmt == "hf":
+        return hf.read_config(path).vocab_size
+    if fmt in ("native", "native_run"):
+        return native.read_config(path if native.is_native(path) else native.latest_step_dir(path)).vocab_size
+    return t5x.embedding_rows(path)
+
+
+def resolve_vocab_size(config: T5Config, num_ids: int, what: str,
+                       checkpoint: Optional[str | os.PathLike] = None) -> T5Config:
+    """`config` with the vocab size a run needs: the checkpoint's when one is loaded, else
+    `MODEL_VOCAB_SIZE` (`config.vocab_size`) or, when None, the vocabulary's `num_ids` padded
+    (`doa_jax.model.config.resolve_vocab_size`; `what` names the vocabulary in errors)."""
+    rows = stored_vocab_size(checkpoint) if checkpoint else None
+    return model_config.resolve_vocab_size(config, num_ids, what, checkpoint_rows=rows, checkpoint=checkpoint)
+
+
 def save_checkpoint(path: str | os.PathLike, config: T5Config, params: Mapping[str, Any],
                     format: str = "native", **options: Any) -> pathlib.Path:
     """Writes a checkpoint in `format` (see the module doc) at `path`; returns the directory written.
@@ -110,5 +132,6 @@ def save_checkpoint(path: str | os.PathLike, config: T5Config, params: Mapping[s
     return written if format.startswith("t5x") else pathlib.Path(path)
 
 
-__all__ = ["FORMATS", "CheckpointError", "detect_format", "load_checkpoint", "save_checkpoint",
+__all__ = ["FORMATS", "CheckpointError", "detect_format", "load_checkpoint", "resolve_vocab_size",
+           "save_checkpoint", "stored_vocab_size",
            "load_native", "save_native"]

@@ -235,14 +235,19 @@ def load_hf(directory: str | os.PathLike, config: Optional[T5Config] = None) -> 
     source = f"{directory} (weights vs the given config; shapes in T5X layout)"
     if config is None:
         source = f"{directory} (weights vs {CONFIG_FILE}; shapes in T5X layout)"
-        config_path = directory / CONFIG_FILE
-        if not config_path.exists():
-            raise CheckpointError(f"{directory}: no {CONFIG_FILE} (pass a T5Config to read weights alone)")
-        try:
-            config = config_from_hf(json.loads(config_path.read_text()), str(config_path))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_path} is not valid JSON ({e})") from None
+        config = read_config(directory)
     return config, params_from_hf_tensors(read_hf_tensors(directory), config, source)
+
+
+def read_config(directory: str | os.PathLike) -> T5Config:
+    """The `T5Config` of an HF directory's `config.json`."""
+    config_path = pathlib.Path(directory) / CONFIG_FILE
+    if not config_path.exists():
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (pass a T5Config to read weights alone)")
+    try:
+        return config_from_hf(json.loads(config_path.read_text()), str(config_path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON ({e})") from None
 
 
 def tokenizer_config(vocab_path: str | os.PathLike, model_vocab_size: int,

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from doa_jax import storage
-from doa_jax.checkpoints.tensorstore_io import read_arrays, read_orbax_item, zarr_dir_spec
+from doa_jax.checkpoints.tensorstore_io import orbax_leaves, read_arrays, read_orbax_item, zarr_dir_spec
 from doa_jax.checkpoints.tree import CheckpointError, check_params, flatten, float32_tree, unflatten
 from doa_jax.model import T5Config
 
@@ -78,6 +78,12 @@ def single_file(directory: pathlib.Path) -> Optional[pathlib.Path]:
 
 def _read_legacy(file: pathlib.Path, wanted: set[str]) -> dict[tuple[str, ...], np.ndarray]:
     """Arrays of a msgpack checkpoint file; TensorStore paths are relative to the file's directory."""
+    inline, specs = _legacy_leaves(file, wanted)
+    return {**inline, **read_arrays(specs, str(file.parent), ".".join)}
+
+
+def _legacy_leaves(file: pathlib.Path, wanted: set[str]) -> tuple[dict, dict]:
+    """(inline arrays, TensorStore specs) of the `wanted` trees of a msgpack checkpoint file."""
     import msgpack
 
     ckpt_dir = file.parent
@@ -105,7 +111,31 @@ def _read_legacy(file: pathlib.Path, wanted: set[str]) -> dict[tuple[str, ...], 
         one = len(missing) == 1
         raise CheckpointError(f"T5X checkpoint {ckpt_dir}: array director{'y' if one else 'ies'} "
                               f"{', '.join(missing)} {'is' if one else 'are'} missing")
-    return {**inline, **read_arrays(specs, str(ckpt_dir), ".".join)}
+    return inline, specs
+
+
+EMBEDDING = ("target", "token_embedder", "embedding")
+
+
+def embedding_rows(path: str | os.PathLike) -> int:
+    """Rows of a T5X checkpoint's token embedding (its vocab size), from array metadata alone."""
+    import tensorstore as ts
+
+    ckpt_dir = pathlib.Path(path).resolve()
+    file = legacy_file(ckpt_dir)
+    if file is not None:
+        inline, specs = _legacy_leaves(file, {"target"})
+    else:
+        item = ckpt_dir / ORBAX_ITEM if (ckpt_dir / ORBAX_ITEM / "_METADATA").exists() else ckpt_dir
+        inline, specs = {}, orbax_leaves(item)
+    if EMBEDDING in inline:
+        return int(np.shape(inline[EMBEDDING])[0])
+    if EMBEDDING not in specs:
+        raise CheckpointError(f"T5X checkpoint {ckpt_dir} has no {'/'.join(EMBEDDING)}")
+    try:
+        return int(ts.open(specs[EMBEDDING], read=True).result().shape[0])
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt_dir}: cannot open {'/'.join(EMBEDDING)}: {e}") from None
 
 
 def legacy_file(path: pathlib.Path) -> Optional[pathlib.Path]:

@@ -69,6 +69,7 @@ def _check_args(args) -> None:
 def make_cell(args, strategy: str, start_labels: int, budget: float, **extra):
     """A cell configured as `doa demo` / `doa run` build theirs, with extra gin macros (e.g. MAX_UNLABELED)."""
     from doa_jax import configurables, gin_utils
+    from doa_jax.experiment import phases
 
     configurables.register()
     files = list(DEMO_GIN) if args.task == "demo" else ["runs/experiment.gin"]
@@ -78,7 +79,7 @@ def make_cell(args, strategy: str, start_labels: int, budget: float, **extra):
         bindings.append(f"TASK = '{args.task}'")
     bindings += [f"{k} = {v!r}" for k, v in extra.items()] + list(args.gin)
     gin_utils.parse(files + list(args.gin_file), bindings)
-    return gin_utils.macro("CELL")
+    return phases.resolve_models(gin_utils.macro("CELL"))   # vocab sizes fixed, as run_cell keys the cell
 
 
 class Cells:

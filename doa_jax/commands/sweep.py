@@ -42,6 +42,7 @@ def run(args) -> int:
     search = [s for s in args.gin_search_paths.split(",") if s]
     points, cells = sweep.load_sweep(args.gin_file, args.gin_bindings, search_paths=search)
     out = storage.path(cells[0].output_dir)
+    print(f"sweep output: {storage.absolute(out)} (OUTPUT_DIR; --gin.OUTPUT_DIR=DIR to choose)", flush=True)
     if not args.dry_run:
         preflight(cells[0])
     if args.dry_run:

@@ -44,6 +44,36 @@ def run(args: argparse.Namespace) -> int:
         return 128 + signal.SIGINT
 
 
+def fit_vocab_size(model_config, train_data, train_config):
+    """The model config with its vocab size fixed before any compute: by the checkpoint the run
+    starts from (its own, when resuming; else INITIAL_CHECKPOINT_PATH), else by MODEL_VOCAB_SIZE,
+    else by the training data's vocabulary (its ids padded to 128)."""
+    import pathlib
+
+    from doa_jax import checkpoints
+    from doa_jax.checkpoints.steps import has_checkpoint
+
+    num_ids, what = train_data.vocab_ids()
+    own = pathlib.Path(train_config.model_dir) / "checkpoints"
+    start = own if train_config.resume and has_checkpoint(own) else train_config.initial_checkpoint
+    return checkpoints.resolve_vocab_size(model_config, num_ids, what, start)
+
+
+def _build_source(train_data, batch_size: int, shard):
+    """The training batches, saying what is being built and how long it took (a task's TF/SeqIO
+    pipeline reads, tokenizes and counts one epoch first, silently, for minutes on a large task)."""
+    import time
+
+    what = (f"task {train_data.task} split {train_data.split}" if hasattr(train_data, "task")
+            else type(train_data).__name__)
+    print(f"input pipeline: building {what} (reading, tokenizing, counting one epoch) ...", flush=True)
+    start = time.perf_counter()
+    source = train_data.source(batch_size, train=True, shard_index=shard.index, num_shards=shard.num_shards)
+    print(f"input pipeline: ready in {time.perf_counter() - start:.1f} s ({source.steps_per_epoch} batches of "
+          f"{batch_size} per epoch)", flush=True)
+    return source
+
+
 def _run(args: argparse.Namespace) -> int:
     from doa_jax import configurables, gin_utils, partitioning
     from doa_jax.cli import UserError
@@ -62,10 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     train_data = gin_utils.macro("TRAIN_DATA")
     eval_data = gin_utils.macro("EVAL_DATA", None)
     decode_eval = bool(gin_utils.macro("DECODE_EVAL", False))
-    if getattr(train_data, "vocab", None):
-        from doa_jax.data import vocab as vocab_lib
-
-        vocab_lib.check_vocab(vocab_lib.load_vocab(train_data.vocab), model_config.vocab_size)
+    model_config = fit_vocab_size(model_config, train_data, train_config)
 
     import jax
 
@@ -80,8 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         path = gin_utils.write_operative_config(train_config.model_dir)
         print(f"operative gin config: {path}", flush=True)
     shard = partitioning.host_shard_info()
-    train_source = train_data.source(train_config.batch_size, train=True, shard_index=shard.index,
-                                     num_shards=shard.num_shards)
+    train_source = _build_source(train_data, train_config.batch_size, shard)
     eval_source = None if eval_data is None else eval_data.source(
         train_config.batch_size, train=False, shard_index=shard.index, num_shards=shard.num_shards)
     decode_metrics = eval_data.decode_metrics() if (eval_data is not None and decode_eval) else None

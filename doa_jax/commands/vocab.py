@@ -20,8 +20,10 @@ def register(subparsers) -> None:
 
 def run_build(args) -> int:
     import pathlib
+    import sys
 
     from doa_jax.data import cards, vocab
+    from doa_jax.model.config import VOCAB_PAD_MULTIPLE
 
     names = cards.card_names() if args.tasks == ["all"] else args.tasks
     data_dir = args.data_dir if len(names) == 1 else None
@@ -33,5 +35,9 @@ def run_build(args) -> int:
         texts.extend(p.read_text(encoding="utf-8").splitlines())
     path = vocab.build_vocab(texts, args.out, vocab_size=args.vocab_size, model_type=args.model_type)
     v = vocab.Vocabulary(path)
-    print(json.dumps({"pieces": v.base_vocab_size, **v.spec()}, indent=2))
+    rows = vocab.padded_vocab_size(v)
+    print(json.dumps({"pieces": v.base_vocab_size, **v.spec(), "model_vocab_size": rows}, indent=2))
+    print(f"models for this vocabulary need vocab_size {rows} ({v.vocab_size} ids padded to a multiple of "
+          f"{VOCAB_PAD_MULTIPLE}). doa train/run/sweep follow VOCABULARY by default (MODEL_VOCAB_SIZE = None); "
+          f"to pin it: --gin.MODEL_VOCAB_SIZE={rows}", file=sys.stderr)
     return 0

@@ -149,6 +149,10 @@ class CopyTaskData:
     def feature_lengths(self) -> dict[str, int]:
         return {"inputs": self.length, "targets": self.length}
 
+    def vocab_ids(self) -> tuple[int, str]:
+        """(ids the model must embed, what they are): the vocab size of a model follows it."""
+        return self.vocab_size, f"CopyTaskData has {self.vocab_size} ids"
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskData:
@@ -192,6 +196,13 @@ class TaskData:
             lambda: self._batches(local_batch, shard_index, num_shards, train=train,
                                   num_epochs=None if train else 1),
             batch_size, steps)
+
+    def vocab_ids(self) -> tuple[int, str]:
+        """(ids the model must embed, what they are): the vocabulary's, pieces + extra ids."""
+        if self.vocab is None:
+            raise ValueError(f"task {self.task!r} needs a vocabulary: set VOCABULARY to a SentencePiece model")
+        vocab = vocab_lib.load_vocab(self.vocab)
+        return vocab.vocab_size, vocab_lib.describe(vocab)
 
     def decode_metrics(self) -> Callable[[np.ndarray, Any], dict[str, float]]:
         """The card's task metrics (`doa_jax.metrics`, percent) on detokenized greedy decodes."""

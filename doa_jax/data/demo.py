@@ -87,7 +87,7 @@ def make_task(seed: int = 0, labeled: int = 512, unlabeled: int = 1024, test: in
 FEATURE_LENGTHS = {"inputs": 40, "targets": 48}
 VOCAB_PIECES = 400
 # Embedding rows of the demo's models: `model_vocab_size(build_vocab(...))` (the build is
-# deterministic; a test checks this constant, which gin/runs/demo_models.gin repeats).
+# deterministic; a test checks this constant, which `doa calibrate --task demo` uses without building it).
 MODEL_VOCAB_SIZE = 384
 
 

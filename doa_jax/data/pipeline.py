@@ -15,6 +15,8 @@ import os
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+
+from doa_jax.data import quiet_tf  # noqa: F401  (before TF loads: silences its start-up lines)
 import seqio
 
 from doa_jax.data import cards as cards_lib

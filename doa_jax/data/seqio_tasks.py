@@ -18,6 +18,7 @@ import functools
 import os
 from typing import Mapping, Sequence
 
+from doa_jax.data import quiet_tf  # noqa: F401  (before TF loads: silences its start-up lines)
 import seqio
 import tensorflow as tf
 

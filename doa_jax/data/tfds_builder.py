@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pathlib
 
+from doa_jax.data import quiet_tf  # noqa: F401  (before TF loads: silences its start-up lines)
 import tensorflow_datasets as tfds
 
 from doa_jax.data import cards as cards_lib

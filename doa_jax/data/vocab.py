@@ -100,10 +100,13 @@ def check_vocab(vocab: Vocabulary, model_vocab_size: int, *, pad_multiple: int =
 
     T5: 32000 pieces + 100 extra ids = 32100, padded to 32128 (`doa_jax.model.config.check_vocab_size`).
     """
-    model_config.check_vocab_size(
-        vocab.vocab_size, model_vocab_size,
-        f"vocabulary {vocab.path} has {vocab.vocab_size} ids ({vocab.base_vocab_size} pieces + {vocab.extra_ids} "
-        f"extra ids)", pad_multiple)
+    model_config.check_vocab_size(vocab.vocab_size, model_vocab_size, describe(vocab), pad_multiple)
+
+
+def describe(vocab: Vocabulary) -> str:
+    """'vocabulary PATH has N ids (P pieces + E extra ids)', as errors about model sizes name it."""
+    return (f"vocabulary {vocab.path} has {vocab.vocab_size} ids ({vocab.base_vocab_size} pieces + "
+            f"{vocab.extra_ids} extra ids)")
 
 
 def build_vocab(

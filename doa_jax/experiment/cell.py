@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from doa_jax import storage
+from doa_jax.data import vocab as vocab_lib
 from doa_jax.data.encode import encode_examples
 from doa_jax.distill import student_data
 from doa_jax.experiment import costs, locking, phases, planner, results
@@ -53,8 +54,10 @@ def run_cell(cfg: CellConfig) -> dict[str, Any]:
     Idempotent: a cell whose key already has a row there is not run again (its row is returned).
     A cell killed part-way resumes its phases (teacher, store chunks, student) on the next run.
     Multi-host: every process runs the cell; only process 0 holds the lock and writes the shared
-    files (ledger, predictions, the results row).
+    files (ledger, predictions, the results row). Models whose vocab size follows the vocabulary
+    (MODEL_VOCAB_SIZE = None) are resolved first.
     """
+    cfg = phases.resolve_models(cfg)
     out = storage.path(cfg.output_dir)
     storage.makedirs(out)
     path = out / results.RESULTS_FILE
@@ -103,6 +106,8 @@ def _warn_stale(path: storage.AnyPath, rows: list[dict[str, Any]]) -> None:
 def _run(cfg: CellConfig) -> results.ResultRow:
     setup = phases.load_task(cfg)
     phases.check_models(cfg, setup)
+    say(cfg, f"models' vocab size: student {cfg.student.vocab_size}, teacher {cfg.teacher.vocab_size} "
+             f"(task {vocab_lib.describe(setup.vocab)})")
     reason = phases.unfit_reason(cfg, setup)
     if reason:
         return _row(cfg, setup, status="infeasible", reason=reason)

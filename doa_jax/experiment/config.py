@@ -189,7 +189,7 @@ class CellConfig:
         d = dataclasses.asdict(self)
         for k in ("output_dir", "cache_dir", "verbose"):
             d.pop(k)
-        for k in ("model_dir", "epochs", "log_every", "checkpoint_every", "verbose", "tensorboard"):
+        for k in ("model_dir", "epochs", "log_every", "log_seconds", "checkpoint_every", "verbose", "tensorboard"):
             d["train"].pop(k)
         if d["protocol"] == "efficient":
             d.pop("protocol")   # cells keyed before protocols existed keep their keys

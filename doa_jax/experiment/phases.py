@@ -60,13 +60,11 @@ def load_task(cfg: CellConfig) -> TaskSetup:
     """Card, pools (seeded, nested annotation order) and vocabulary of the cell's task."""
     if cfg.task == "demo":
         card, pools = demo.card(), demo.pools(seed=0, **dict(cfg.demo_sizes or {}))
-        vocab = vocab_lib.load_vocab(cfg.vocab) if cfg.vocab else demo.build_vocab(_local_vocab_dir(cfg), pools)
+        vocab = task_vocab(cfg, pools)
     else:
         card = cards.load_card(cfg.task)
+        vocab = task_vocab(cfg)
         pools = pools_lib.make_pools(card)
-        if cfg.vocab is None:
-            raise ValueError(f"task {card.name} needs VOCABULARY: T5's spiece.model (or `doa vocab build`)")
-        vocab = vocab_lib.load_vocab(cfg.vocab)
     lengths = dict(cfg.feature_lengths or card.feature_lengths)
     if cfg.protocol == "paper" and lengths["targets"] < 2:
         raise ValueError(f"PROTOCOL='paper' decodes targets length - 1 tokens; targets length {lengths['targets']} "
@@ -86,17 +84,39 @@ def _local_vocab_dir(cfg: CellConfig) -> pathlib.Path:
     return cache if not storage.is_url(cache) else pathlib.Path.home() / ".cache" / "doa_jax" / "vocab"
 
 
-def check_models(cfg: CellConfig, setup: TaskSetup) -> None:
-    """Configuration errors, raised before any compute (no results row): a model whose vocab_size does
-    not fit the task's vocabulary, or a teacher and student with different vocabularies. The message
-    names the gin knob to set."""
-    roles = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.kind.uses_teacher else [])
-    for role, model_cfg in roles:
+def task_vocab(cfg: CellConfig, demo_pools: Any = None) -> vocab_lib.Vocabulary:
+    """The cell's vocabulary: VOCABULARY, or for the demo task without one the demo's own (built
+    once in the cache directory)."""
+    if cfg.vocab:
+        return vocab_lib.load_vocab(cfg.vocab)
+    if cfg.task == "demo":
+        pools = demo_pools or demo.pools(seed=0, **dict(cfg.demo_sizes or {}))
+        return demo.build_vocab(_local_vocab_dir(cfg), pools)
+    raise ValueError(f"task {cfg.task} needs VOCABULARY: T5's spiece.model (or `doa vocab build`)")
+
+
+def resolve_models(cfg: CellConfig, vocab: Optional[vocab_lib.Vocabulary] = None) -> CellConfig:
+    """`cfg` with each model's vocab size fixed (before its key is taken): the rows of the checkpoint
+    it starts from, else MODEL_VOCAB_SIZE, else the vocabulary's ids padded to 128. A size that does
+    not fit is a configuration error (no results row) naming MODEL_VOCAB_SIZE. The teacher's
+    checkpoint is read only by cells that use the teacher."""
+    vocab = vocab or task_vocab(cfg)
+    what = vocab_lib.describe(vocab)
+    fixed = {}
+    for role, model_cfg, ckpt in (("student", cfg.student, cfg.student_checkpoint),
+                                  ("teacher", cfg.teacher, cfg.teacher_checkpoint)):
         try:
-            vocab_lib.check_vocab(setup.vocab, model_cfg.vocab_size)
+            fixed[role] = checkpoints.resolve_vocab_size(
+                model_cfg, vocab.vocab_size, what, ckpt if role == "student" or cfg.kind.uses_teacher else None)
         except ValueError as e:
-            raise ValueError(f"the {role}'s vocabulary does not fit the task's: {e}; set {role}/T5Size.vocab_size "
-                             f"= {vocab_lib.padded_vocab_size(setup.vocab)} (or use that model's vocabulary)") from None
+            raise ValueError(f"the {role}'s vocabulary does not fit the task's: {e}") from None
+    return dataclasses.replace(cfg, **fixed) if fixed != {"student": cfg.student, "teacher": cfg.teacher} else cfg
+
+
+def check_models(cfg: CellConfig, setup: TaskSetup) -> None:
+    """Configuration errors, raised before any compute (no results row), after `resolve_models`
+    (which refuses a model whose vocab size does not fit the task's vocabulary): a teacher and
+    student with different vocabularies."""
     if cfg.kind.uses_teacher and cfg.student.vocab_size != cfg.teacher.vocab_size:
         raise ValueError(f"teacher and student vocabularies differ ({cfg.teacher.vocab_size} vs "
                          f"{cfg.student.vocab_size} ids): distillation needs one vocabulary")

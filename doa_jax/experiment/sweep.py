@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import gin
 
 from doa_jax import gin_utils, storage
-from doa_jax.data import cards, vocab as vocab_lib
-from doa_jax.experiment import costs, locking, report, strategies
+from doa_jax.data import cards
+from doa_jax.experiment import costs, locking, phases, report, strategies
 from doa_jax.experiment import results as results_lib
 from doa_jax.experiment import cell as cell_lib
 from doa_jax.experiment.cell import run_cell
@@ -173,9 +173,10 @@ def cells_from_gin(points: Iterable[Point], cell_macro: str = "CELL") -> list:
     return cells
 
 
-def check_cells(cells: Sequence) -> None:
+def check_cells(cells: Sequence) -> list:
     """Everything that can be checked before compute: one output dir, tasks, accelerators, data
-    files, and that each vocabulary fits its models."""
+    files, and that each vocabulary fits its models. Returns the cells with their models' vocab
+    sizes resolved (`phases.resolve_models`), as `run_cell` will run them."""
     if not cells:
         raise ValueError("the sweep's grid is empty")
     dirs = {c.output_dir for c in cells}
@@ -201,24 +202,16 @@ def check_cells(cells: Sequence) -> None:
                 card.file_path(key)          # a missing data file is named now, not mid-sweep
             if c.vocab is None:
                 raise ValueError(f"task {card.name} needs VOCABULARY: T5's spiece.model (or `doa vocab build`)")
-    fits = set()
-    for c in cells:
-        if c.vocab is None:
-            continue
-        roles = [("student", c.student)] + ([("teacher", c.teacher)] if c.kind.uses_teacher else [])
-        for role, model in roles:
-            if (c.vocab, model.vocab_size) in fits:
-                continue
-            try:
-                vocab = vocab_lib.load_vocab(c.vocab)
-            except (ValueError, OSError) as e:
-                raise ValueError(f"VOCABULARY: {e}") from None
-            try:
-                vocab_lib.check_vocab(vocab, model.vocab_size)
-            except ValueError as e:
-                raise ValueError(f"VOCABULARY {c.vocab} does not fit the {role} "
-                                 f"(vocab_size {model.vocab_size}): {e}") from None
-            fits.add((c.vocab, model.vocab_size))
+    vocabs: dict[str, Any] = {}
+    resolved = []
+    for c in cells:                           # each model's vocab size, fitted to its vocabulary now
+        try:
+            vocab = vocabs.get(c.vocab) or phases.task_vocab(c)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"VOCABULARY: {e}") from None
+        vocabs.setdefault(c.vocab, vocab)
+        resolved.append(phases.resolve_models(c, vocab))
+    return resolved
 
 
 def load_sweep(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = (),
@@ -231,8 +224,7 @@ def load_sweep(gin_files: Sequence[str], bindings: Sequence[str] = (), search_pa
     points = grid.points()
     for task in dict.fromkeys(p.task for p in points):
         check_task(task)
-    cells = cells_from_gin(points)
-    check_cells(cells)
+    cells = check_cells(cells_from_gin(points))
     return points, cells
 
 

@@ -5,7 +5,7 @@ The field names follow T5X's `network.T5Config` so gin files read the same way.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,9 +15,12 @@ class T5Config:
     T5 v1.1 (the paper's models): gated GELU MLP (`mlp_activations=('gelu', 'linear')`), untied
     `decoder/logits_dense`, no embedding scaling. Original T5: `mlp_activations=('relu',)`,
     `logits_via_embedding=True` (logits from the shared embedding, scaled by emb_dim**-0.5).
+
+    `vocab_size=None` means "follows the run's vocabulary": the commands fix it with
+    `resolve_vocab_size` before any model is built (gin: `MODEL_VOCAB_SIZE = None`).
     """
 
-    vocab_size: int = 32128
+    vocab_size: Optional[int] = 32128
     emb_dim: int = 512
     num_heads: int = 6
     head_dim: int = 64
@@ -45,6 +48,8 @@ class T5Config:
         for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
                      "num_encoder_layers", "num_decoder_layers"):
             value = getattr(self, name)
+            if name == "vocab_size" and value is None:
+                continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"T5Config.{name} must be a positive int, got {value!r}")
         unknown = [a for a in self.mlp_activations if a not in ACTIVATIONS]
@@ -76,12 +81,20 @@ class T5Config:
             raise ValueError(f"unknown T5Config fields {unknown}; known: {sorted(known)}")
         return cls(**dict(d))
 
+    def require_vocab_size(self) -> None:
+        """Raises when the vocab size was left to follow a vocabulary and never resolved."""
+        if self.vocab_size is None:
+            raise ValueError("T5Config.vocab_size is None (follow the vocabulary) and was not resolved: call "
+                             "doa_jax.model.config.resolve_vocab_size with the run's vocabulary, or set "
+                             "MODEL_VOCAB_SIZE")
+
     @property
     def gated(self) -> bool:
         return len(self.mlp_activations) > 1
 
     def num_params(self) -> int:
         """Parameter count (all arrays), from shapes alone."""
+        self.require_vocab_size()
         d, h, k, f, v = self.emb_dim, self.num_heads, self.head_dim, self.mlp_dim, self.vocab_size
         attn = 4 * d * h * k
         mlp = (len(self.mlp_activations) + 1) * d * f
@@ -147,3 +160,29 @@ def check_vocab_size(num_ids: int, model_vocab_size: int, what: str, multiple: i
     padded = padded_vocab_size(num_ids, multiple)
     if not num_ids <= model_vocab_size <= padded:
         raise ValueError(f"{what} but the model's vocab_size is {model_vocab_size}; expected {num_ids}..{padded}")
+
+
+def resolve_vocab_size(config: T5Config, num_ids: int, what: str, *, checkpoint_rows: Optional[int] = None,
+                       checkpoint: Any = None, multiple: int = VOCAB_PAD_MULTIPLE) -> T5Config:
+    """`config` with its vocab size fixed for a vocabulary of `num_ids` ids (`what` describes it).
+
+    A checkpoint being loaded fixes it (`checkpoint_rows`, its embedding rows; a different explicit
+    size, or rows that do not fit the vocabulary, is an error naming both); else `vocab_size=None`
+    follows the vocabulary (its ids padded to `multiple`); else the explicit size must fit. The one
+    knob, in every command's gin, is `MODEL_VOCAB_SIZE`.
+    """
+    padded = padded_vocab_size(num_ids, multiple)
+    if checkpoint_rows is not None:
+        if config.vocab_size is not None and config.vocab_size != checkpoint_rows:
+            raise ValueError(f"MODEL_VOCAB_SIZE is {config.vocab_size} but checkpoint {checkpoint} has "
+                             f"{checkpoint_rows} embedding rows; set MODEL_VOCAB_SIZE = None (the checkpoint fixes it)")
+        if not num_ids <= checkpoint_rows <= padded:
+            raise ValueError(f"{what} but checkpoint {checkpoint} has {checkpoint_rows} embedding rows (expected "
+                             f"{num_ids}..{padded}): use the vocabulary that checkpoint was trained with")
+        return config.replace(vocab_size=checkpoint_rows)
+    if config.vocab_size is None:
+        return config.replace(vocab_size=padded)
+    if not num_ids <= config.vocab_size <= padded:
+        raise ValueError(f"{what} but MODEL_VOCAB_SIZE (the model's vocab_size) is {config.vocab_size}; expected "
+                         f"{num_ids}..{padded}: set MODEL_VOCAB_SIZE = {padded}, or None to follow the vocabulary")
+    return config

@@ -290,6 +290,7 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.config
+        cfg.require_vocab_size()
         self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, _dtype(cfg))
         self.encoder = Encoder(cfg, self.token_embedder)
         self.decoder = Decoder(cfg, self.token_embedder)
