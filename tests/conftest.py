@@ -5,6 +5,12 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# The suite's main cost is compiling many tiny programs that then run in microseconds: compile
+# them at XLA's lowest CPU backend optimisation (about 30% less compile time measured here; the
+# programs' HLO is unchanged; results may differ in the last bits, within every tolerance the tests use).
+for _flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"):
+    if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += " " + _flag
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent XLA compilation cache for the session and every subprocess it starts: the suite
 # compiles the same tiny programs in many tests and CLI runs; a cache hit skips only compilation.

@@ -243,7 +243,8 @@ def test_operative_config_is_written_into_the_model_dir(tmp_path):
     path = gin_utils.write_operative_config(tmp_path)
     text = path.read_text()
     assert path == tmp_path / "config.gin"
-    assert f"MODEL_DIR = '{tmp_path}'" in text and "TrainConfig.batch_size = %BATCH_SIZE" in text
+    flat = " ".join(text.replace("\\\n", " ").split())    # gin wraps a long binding over two lines
+    assert f"MODEL_DIR = '{tmp_path}'" in flat and "TrainConfig.batch_size = %BATCH_SIZE" in text
 
 
 def _macros_in_scope(rel: str) -> set[str]:
