@@ -66,8 +66,8 @@ def main() -> int:
         for e in got["ledger"]:
             if e["phase"] == "labels" or not e["seconds"]:
                 continue
-            programs = [p for p in PHASE_PROGRAMS[e["phase"]]
-                        if p in record["programs"] and (strategy == "distill") == (p != "student_train")]
+            programs = [p for p in PHASE_PROGRAMS[e["phase"]] if p in record["programs"]
+                        and (e["phase"] != "student_training" or (strategy == "distill") == (p != "student_train"))]
             once = sum(record["programs"][p].get(f, 0.0) for p in programs for f in ("startup_s", "run_overhead_s"))
             rows.append(dict(cell=strategy, phase=e["phase"], charged_s=e["usd"] / rate, measured_s=e["seconds"],
                              once_s=once))

@@ -108,6 +108,7 @@ def _timed(fn: Callable[[], Any], reps: int, warmup: int, min_seconds: float = 0
     millisecond-scale program is not timed on a handful of calls.
     """
 
+    jax.clear_caches()    # compile afresh, as a cell's process does (another program may share this one)
     first = time.perf_counter()
     jax.block_until_ready(fn())
     first = time.perf_counter() - first
@@ -157,6 +158,7 @@ def _time_runs(cfg: T5Config, s: Settings, arrays: dict, directory: pathlib.Path
     programs gives the step time the trainer itself measures (`step_time_s` in its metrics.jsonl,
     its first step left out) and, as the rest of its wall time, the run's fixed cost.
     """
+    jax.clear_caches()    # compile afresh, as a cell's process does (the teacher may be the student's size)
     cold = _fit_seconds(cfg, s, arrays, s.run_steps, directory / "cold", kd, wrapper)
     for i in range(s.warmup - 1):
         _fit_seconds(cfg, s, arrays, s.run_steps, directory / f"warm{i}", kd, wrapper)

@@ -546,9 +546,17 @@ def _start_text(task: str, start: int) -> str:
     return f"{_start_short(start)} start labels" + ("" if rate is None else f" (${start * rate:,.0f})")
 
 
+def _error_bar(c: Cell) -> tuple[float, float]:
+    """Below/above the mean: the cell's bootstrap interval when it has one, else its seeds' std."""
+    if c.interval is not None:
+        return max(c.mean - c.interval[0], 0.0), max(c.interval[1] - c.mean, 0.0)
+    return c.std, c.std
+
+
 def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper: Optional[list[dict]] = None) -> None:
-    """Metric vs total cost (starting labels + extra spent) per strategy, this run's Pareto frontier
-    marked, and the paper's cells (hollow markers, at their budgets) for the same start sizes."""
+    """Metric vs total cost (starting labels + extra spent) per strategy, with each cell's interval,
+    this run's Pareto frontier marked, and the paper's cells (hollow markers, at their budgets) for
+    the same start sizes; the x label names the cost profile(s) that priced the compute."""
     from matplotlib.ticker import FuncFormatter
 
     plt = _pyplot()
@@ -569,10 +577,11 @@ def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper:
             if not group:
                 continue
             label = kind.label + (f" {_start_short(start)}" if len(starts) > 1 else "")
-            ax.errorbar([x_of(c) for c in group], [c.mean for c in group], yerr=[c.std for c in group],
+            low, high = zip(*(_error_bar(c) for c in group))
+            ax.errorbar([x_of(c) for c in group], [c.mean for c in group], yerr=[low, high],
                         marker=kind.marker, color=kind.color, capsize=3,
                         ls=linestyles[si % len(linestyles)], label=f"{label} (this run)")
-            ys += [c.mean + c.std for c in group] + [c.mean - c.std for c in group]
+            ys += [c.mean + h for c, h in zip(group, high)] + [c.mean - lo for c, lo in zip(group, low)]
     if paper and with_start:
         rate = label_cost_usd(task)
         for strategy in strategies.PAPER:
@@ -597,7 +606,10 @@ def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper:
     # A line plot need not start at 0: room below the lowest point, and above for the legend.
     ax.set_ylim(max(lo - 0.15 * span, -0.03 * span), hi + 0.5 * span)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"${x:,.0f}"))
-    ax.set_xlabel("total cost (USD): starting labels + extra spent" if with_start else "extra spent (USD)")
+    priced = ", ".join(sorted({c.cost_profile for c in mine})) or "?"
+    assumed = " (ASSUMED MFU)" if any(c.cost_profile == "mfu" for c in mine) else ""
+    ax.set_xlabel(("total cost (USD): starting labels + extra spent" if with_start else "extra spent (USD)")
+                  + f"; compute priced by cost profile {priced}{assumed}")
     ax.set_ylabel(metric_label(mine[0].metric if mine else ""))
     ax.set_title(f"{task}: {METRIC_LABELS.get(mine[0].metric, mine[0].metric) if mine else 'metric'} vs cost"
                  + (f" (protocol {mine[0].protocol})" if mine else ""))
