@@ -72,6 +72,19 @@ def test_ledger_entries_survive_a_reopen_on_gcs(gcs):
     assert len(ls(path + ".rows")) == 1
 
 
+def test_a_calibration_file_is_written_to_and_read_from_gcs(gcs):
+    from doa_jax.experiment import calibration, cost_profiles
+
+    record = {"format": cost_profiles.CALIBRATION_FORMAT, "date": "2026-11-29", "jax_version": "0",
+              "device_kind": "cpu", "device_count": 1, "accelerator": "cpu", "task": "demo_protocols",
+              "teacher": {"size": "t5_1_1_tiny", "params": 1}, "student": {"size": "t5_1_1_tiny", "params": 1},
+              "lengths": {"inputs": 40, "targets": 48}, "batch_size": 8,
+              "programs": {"teacher_train": {"examples_per_s": 8.0, "startup_s": 3.0}}}
+    path = calibration.write_calibration(record, f"gs://{BUCKET}/calibrations/cpu.json")
+    assert str(path).startswith("gs://") and ls(f"gs://{BUCKET}/calibrations") == ["cpu.json"]
+    assert cost_profiles.read_calibration(f"gs://{BUCKET}/calibrations/cpu.json") == record
+
+
 def test_a_ledger_off_process_zero_reads_the_entries_and_writes_none(gcs):
     path = f"gs://{BUCKET}/ledger_hosts/ledger.jsonl"
     costs.Ledger(path, measured_on=costs.get_accelerator("a100")).add_labels("labels", 10, 0.5)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doa_jax import decoding, flops, partitioning
+from doa_jax import decoding, flops, partitioning, storage
 from doa_jax.data import demo as demo_task
 from doa_jax.data import pools
 from doa_jax.data.batches import ArrayBatches
@@ -249,8 +249,9 @@ def calibrate(s: Settings) -> dict[str, Any]:
         "peak_memory_bytes": _peak_memory(), "programs": programs}
 
 
-def write_calibration(record: dict[str, Any], path: str | os.PathLike) -> pathlib.Path:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
+def write_calibration(record: dict[str, Any], path: str | os.PathLike) -> storage.AnyPath:
+    """Writes the record (a local path or a URL such as gs://...); returns its path."""
+    path = storage.path(path)
+    storage.makedirs(path.parent)
+    storage.write_atomic(path, json.dumps(record, indent=1) + "\n")
     return path

@@ -20,6 +20,7 @@ import pathlib
 import tomllib
 from typing import Any, Mapping, Optional
 
+from doa_jax import storage
 from doa_jax.experiment import costs
 from doa_jax.model.config import SIZES, T5Config
 
@@ -260,7 +261,7 @@ _CALIBRATION_FIELDS = {"format": str, "date": str, "jax_version": str, "device_k
 
 def read_calibration(path: str | os.PathLike) -> dict[str, Any]:
     """A calibration file, checked field by field (one clear error naming the file and the field)."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file {path} not found; make one with `doa calibrate`")
     try:
