@@ -361,3 +361,11 @@ def test_paper_teacher_size_runs_are_the_papers_table(task, starts, budget):
                            [f"TEACHER_SIZE = '{size}'", f"GRID_TASKS = ['{task}']", f"GRID_START_LABELS = {starts}",
                             f"GRID_BUDGETS_USD = {budget}", f"GRID_STRATEGIES = {strategies_}"])
     assert got == _paper_cells("teacher_size", task=task)
+
+
+def test_a_sweep_of_stand_in_models_says_it_is_a_plumbing_check_and_names_the_pairs():
+    rows = [{"teacher": "t5_1_1_tiny", "student": "t5_1_1_tiny", "priced_as": {"teacher": "xxl", "student": "small"}},
+            {"teacher": "t5_1_1_tiny", "student": "t5_1_1_tiny", "priced_as": None}]
+    note = sweep.stand_in_note(rows)
+    assert "t5_1_1_tiny as small, t5_1_1_tiny as xxl" in note and "plumbing check" in note
+    assert sweep.stand_in_note([{"teacher": "xxl", "student": "small", "priced_as": None}]) is None

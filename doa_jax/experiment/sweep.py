@@ -303,6 +303,9 @@ def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Call
                 + (f" ({row['reason']})" if row.get("reason") else ""))
         rows = [done[k] for k in keys]
         log(summary_table(points, rows))
+        note = stand_in_note(rows)
+        if note:
+            log(note)
         report_path = None
         if write_report and chief:
             report_path = report.write_report(out)
@@ -320,6 +323,17 @@ def _write_state(out: storage.AnyPath, config_gin: Optional[str], points: Sequen
                                                                  for p, k in zip(points, keys)]}, indent=1) + "\n")
 
 
+def stand_in_note(rows: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    """What a sweep of stand-in models (run as one size, priced as another) can and cannot show."""
+    pairs = sorted({f"{r[role]} as {r['priced_as'][role]}" for r in rows for role in ("teacher", "student")
+                    if (r.get("priced_as") or {}).get(role) and r.get(role)})
+    if not pairs:
+        return None
+    return (f"note: stand-in models ({', '.join(pairs)}): the dollars are those of the sizes they stand for, "
+            "the metrics are these small models' own. A plumbing check of the pipeline and the prices, "
+            "not the paper's numbers (the report marks them not comparable).")
+
+
 def summary_table(points: Sequence[Point], rows: Sequence[Mapping[str, Any]]) -> str:
     header = (f"{'#':>3} {'task':<14} {'start':>6} {'extra $':>8} {'strategy':<9} {'seed':>4} {'status':<10} "
               f"{'metric':<9} {'value':>6} {'spent $':>9} {'wall s':>7}")
@@ -333,4 +347,4 @@ def summary_table(points: Sequence[Point], rows: Sequence[Mapping[str, Any]]) ->
 
 
 __all__ = ["AXES", "Grid", "Point", "SweepResult", "cells_from_gin", "check_cells", "load_sweep",
-           "run_sweep", "summary_table"]
+           "run_sweep", "stand_in_note", "summary_table"]
