@@ -241,7 +241,7 @@ def load_hf(directory: str | os.PathLike, config: Optional[T5Config] = None) -> 
 
 def read_config(directory: str | os.PathLike) -> T5Config:
     """The `T5Config` of an HF directory's `config.json`."""
-    config_path = pathlib.Path(directory) / CONFIG_FILE
+    config_path = storage.path(directory) / CONFIG_FILE
     if not config_path.exists():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE} (pass a T5Config to read weights alone)")
     try:
