@@ -185,7 +185,7 @@ def test_a_vocabulary_and_task_data_are_read_from_gcs(gcs, tmp_path):
 # The legacy checkpoint is ~100 small objects, which the emulator takes 10-30 s to upload here.
 @pytest.mark.parametrize("kind", ["orbax", pytest.param("legacy", marks=pytest.mark.slow)])
 def test_a_t5x_checkpoint_in_a_bucket_loads_as_it_does_from_disk(gcs, t5x_fixtures, kind):
-    from doa_jax.checkpoints import detect_format, load_checkpoint
+    from doa_jax.checkpoints import detect_format, load_checkpoint, stored_vocab_size
 
     local = t5x_fixtures / kind / "checkpoint_0"
     url = f"gs://{BUCKET}/t5x_{kind}/checkpoint_0"
@@ -193,6 +193,7 @@ def test_a_t5x_checkpoint_in_a_bucket_loads_as_it_does_from_disk(gcs, t5x_fixtur
     fs.pipe({f"{key}/{p.relative_to(local)}": p.read_bytes() for p in local.rglob("*")    # params only
              if p.is_file() and not p.relative_to(local).parts[0].startswith("state.")})
     assert detect_format(url) == f"t5x_{kind}"
+    assert stored_vocab_size(url) == stored_vocab_size(local)     # read from the arrays' metadata
     want_config, want = load_checkpoint(local)
     got_config, got = load_checkpoint(url)
     assert got_config == want_config
@@ -203,7 +204,7 @@ def test_a_t5x_checkpoint_in_a_bucket_loads_as_it_does_from_disk(gcs, t5x_fixtur
 
 @pytest.mark.parametrize("max_shard_bytes", [2**30, 20_000])    # one safetensors file; sharded with an index
 def test_an_hf_checkpoint_in_a_bucket_loads_as_it_does_from_disk(gcs, tmp_path, max_shard_bytes):
-    from doa_jax.checkpoints import load_checkpoint
+    from doa_jax.checkpoints import load_checkpoint, stored_vocab_size
     from doa_jax.checkpoints.hf import save_hf
     from doa_jax.checkpoints.tree import expected_shapes, unflatten
     from train_helpers import tiny_config
@@ -218,6 +219,7 @@ def test_an_hf_checkpoint_in_a_bucket_loads_as_it_does_from_disk(gcs, tmp_path, 
     want_config, want = load_checkpoint(tmp_path / "hf")
     got_config, got = load_checkpoint(url)
     assert got_config == want_config and (len(files) > 3) == (max_shard_bytes == 20_000)
+    assert stored_vocab_size(url) == config.vocab_size
     assert all(np.array_equal(a, b) for a, b in zip(flatten(got).values(), flatten(want).values()))
 
 

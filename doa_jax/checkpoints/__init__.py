@@ -100,7 +100,7 @@ def stored_vocab_size(path: str | os.PathLike) -> int:
     """The vocab size (embedding rows) the checkpoint at `path` fixes, read from its config or its
     arrays' metadata: no weights are loaded."""
     fmt = detect_format(path)
-    path = pathlib.Path(path).resolve()
+    path = storage.path(path) if storage.is_url(path) else pathlib.Path(path).resolve()
     if fmt == "hf":
         return hf.read_config(path).vocab_size
     if fmt in ("native", "native_run"):

@@ -121,7 +121,7 @@ def embedding_rows(path: str | os.PathLike) -> int:
     """Rows of a T5X checkpoint's token embedding (its vocab size), from array metadata alone."""
     import tensorstore as ts
 
-    ckpt_dir = pathlib.Path(path).resolve()
+    ckpt_dir = storage.path(path) if storage.is_url(path) else pathlib.Path(path).resolve()
     file = legacy_file(ckpt_dir)
     if file is not None:
         inline, specs = _legacy_leaves(file, {"target"})
