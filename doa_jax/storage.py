@@ -78,6 +78,12 @@ def absolute(p: str | os.PathLike) -> AnyPath:
     return q if is_url(q) else q.absolute()
 
 
+def resolved(p: str | os.PathLike) -> AnyPath:
+    """`path(p)`, made absolute with symlinks followed when local (URLs as they are)."""
+    q = path(p)
+    return q if is_url(q) else q.resolve()
+
+
 def _fs(p: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and key of a URL. For gs:// with GOOGLE_APPLICATION_CREDENTIALS set, that file
     is the token (a missing file is an error at once, not a fall-through to other credential

@@ -57,7 +57,7 @@ def detect_format(path: str | os.PathLike) -> str:
     """One of `FORMATS`, from what the directory holds; `CheckpointError` when it is none of them."""
     if not storage.path(path).exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    path = storage.path(path) if storage.is_url(path) else pathlib.Path(path).resolve()
+    path = storage.resolved(path)
     if path.is_file() and not t5x.is_legacy_file(path):
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory holding it ({path.parent})")
     has_weights = (path / hf.WEIGHTS_FILE).is_file() or (path / hf.INDEX_FILE).is_file()
@@ -100,7 +100,7 @@ def stored_vocab_size(path: str | os.PathLike) -> int:
     """The vocab size (embedding rows) the checkpoint at `path` fixes, read from its config or its
     arrays' metadata: no weights are loaded."""
     fmt = detect_format(path)
-    path = storage.path(path) if storage.is_url(path) else pathlib.Path(path).resolve()
+    path = storage.resolved(path)
     if fmt == "hf":
         return hf.read_config(path).vocab_size
     if fmt in ("native", "native_run"):

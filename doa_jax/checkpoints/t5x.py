@@ -121,7 +121,7 @@ def embedding_rows(path: str | os.PathLike) -> int:
     """Rows of a T5X checkpoint's token embedding (its vocab size), from array metadata alone."""
     import tensorstore as ts
 
-    ckpt_dir = storage.path(path) if storage.is_url(path) else pathlib.Path(path).resolve()
+    ckpt_dir = storage.resolved(path)
     file = legacy_file(ckpt_dir)
     if file is not None:
         inline, specs = _legacy_leaves(file, {"target"})
@@ -154,7 +154,7 @@ def read_t5x(path: str | os.PathLike, include_state: bool = False) -> dict[str, 
     Returns `{'target': params}`, plus `'state'` (step and optimizer slots) with `include_state`.
     The path is resolved first (relative, `..`, symlinks): TensorStore rejects `..` in file paths.
     """
-    ckpt_dir = storage.path(path) if storage.is_url(path) else pathlib.Path(path).resolve()
+    ckpt_dir = storage.resolved(path)
     wanted = {"target", "state"} if include_state else {"target"}
     file = legacy_file(ckpt_dir)
     if file is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, Callable, Hashable, Mapping, Optional
 
 import numpy as np
@@ -52,7 +51,7 @@ def zarr_dir_spec(directory: str | os.PathLike) -> dict:
 
 def orbax_leaves(item_dir: str | os.PathLike) -> dict[Path, dict]:
     """{tree path: TensorStore spec} for the array leaves of an Orbax PyTree item directory."""
-    item_dir = storage.path(item_dir) if storage.is_url(item_dir) else pathlib.Path(item_dir).resolve()
+    item_dir = storage.resolved(item_dir)
     metadata_file = item_dir / "_METADATA"
     try:
         metadata = json.loads(metadata_file.read_text())
