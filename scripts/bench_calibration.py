@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 
+from doa_jax.experiment.cost_profiles import ONCE_PER_RUN
 from doa_jax.experiment.costs import get_accelerator
 
 PHASE_PROGRAMS = {"teacher_finetune": ["teacher_train"], "teacher_inference": ["teacher_decode", "teacher_score"],
@@ -68,7 +69,7 @@ def main() -> int:
                 continue
             programs = [p for p in PHASE_PROGRAMS[e["phase"]] if p in record["programs"]
                         and (e["phase"] != "student_training" or (strategy == "distill") == (p != "student_train"))]
-            once = sum(record["programs"][p].get(f, 0.0) for p in programs for f in ("startup_s", "run_overhead_s"))
+            once = sum(record["programs"][p].get(f, 0.0) for p in programs for f in ONCE_PER_RUN)
             rows.append(dict(cell=strategy, phase=e["phase"], charged_s=e["usd"] / rate, measured_s=e["seconds"],
                              once_s=once))
     print(f"calibration on {record['device_count']} x {record['device_kind']} ({record['date']}); "

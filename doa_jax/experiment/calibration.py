@@ -152,9 +152,10 @@ def _fit_seconds(cfg: T5Config, s: Settings, arrays: dict, steps: int, directory
 
 def _time_runs(cfg: T5Config, s: Settings, arrays: dict, directory: pathlib.Path, *, kd: bool = False,
                wrapper: Optional[Callable] = None) -> dict[str, float]:
-    """Seconds per step and per run (set-up, final checkpoint) of a real training run, compile excluded.
+    """Seconds per step of a real training run, and what a run pays once: compilation (`startup_s`)
+    and set-up plus final checkpoint (`run_overhead_s`).
 
-    A first run compiles (its extra seconds are `startup_s`, charged once per run as a cell pays it). A second run of the same
+    A first run compiles afresh (its extra seconds are `startup_s`). A second run of the same
     programs gives the step time the trainer itself measures (`step_time_s` in its metrics.jsonl,
     its first step left out) and, as the rest of its wall time, the run's fixed cost.
     """

@@ -453,8 +453,8 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
     marginal = marginal_usd_per_point(cells)
     for c in cells:
         total = None if c.start_usd is None or not c.values else c.start_usd + c.mean_spent
-        profile = f"{c.cost_profile} (ASSUMED)" if c.cost_profile == "mfu" else c.cost_profile
-        out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.protocol} | {profile} | "
+        out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.protocol} | "
+                   f"{profile_label(c.cost_profile)} | "
                    f"{c.metric} | "
                    f"{_fmt(c)} | {len(c.values)} | {_paper_cell(paper, c)} | "
                    f"{_money(c.mean_spent) if c.values else ''} | {_money(total)} | "
@@ -546,6 +546,11 @@ def _start_text(task: str, start: int) -> str:
     return f"{_start_short(start)} start labels" + ("" if rate is None else f" (${start * rate:,.0f})")
 
 
+def profile_label(name: str) -> str:
+    """A cost profile's name as tables and plots show it: `mfu` is an assumption and says so."""
+    return f"{name} (ASSUMED)" if name == "mfu" else name
+
+
 def _error_bar(c: Cell) -> tuple[float, float]:
     """Below/above the mean: the cell's bootstrap interval when it has one, else its seeds' std."""
     if c.interval is not None:
@@ -606,10 +611,9 @@ def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper:
     # A line plot need not start at 0: room below the lowest point, and above for the legend.
     ax.set_ylim(max(lo - 0.15 * span, -0.03 * span), hi + 0.5 * span)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"${x:,.0f}"))
-    priced = ", ".join(sorted({c.cost_profile for c in mine})) or "?"
-    assumed = " (ASSUMED MFU)" if any(c.cost_profile == "mfu" for c in mine) else ""
+    priced = ", ".join(profile_label(p) for p in sorted({c.cost_profile for c in mine})) or "?"
     ax.set_xlabel(("total cost (USD): starting labels + extra spent" if with_start else "extra spent (USD)")
-                  + f"; compute priced by cost profile {priced}{assumed}")
+                  + f"; compute priced by cost profile {priced}")
     ax.set_ylabel(metric_label(mine[0].metric if mine else ""))
     ax.set_title(f"{task}: {METRIC_LABELS.get(mine[0].metric, mine[0].metric) if mine else 'metric'} vs cost"
                  + (f" (protocol {mine[0].protocol})" if mine else ""))
