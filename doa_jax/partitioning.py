@@ -205,6 +205,11 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                                process_id=process_id, local_device_ids=local_device_ids)
 
 
+def is_chief() -> bool:
+    """True on the process that writes shared files (process 0; the only process on one host)."""
+    return jax.process_index() == 0
+
+
 def host_shard_info() -> ShardInfo:
     """This host's data shard: `shard_id = jax.process_index()`, `num_shards = jax.process_count()`."""
     return ShardInfo(jax.process_index(), jax.process_count())

@@ -367,7 +367,7 @@ class Trainer:
         self.model_config, self.config = model_config, config
         self.mesh, self.rules = config.mesh.build(devices)
         self.model_dir = storage.absolute(config.model_dir)   # a local folder or a URL (gs://)
-        self._is_chief = jax.process_index() == 0
+        self._is_chief = partitioning.is_chief()
         self.program: Optional[StepProgram] = None
 
     def _program(self, total_steps: int = 1) -> StepProgram:

@@ -57,14 +57,14 @@ class RecordingBatches(ArrayBatches):
 
 def shared_store(model_dir: str) -> None:
     """Both processes train into one gs:// MODEL_DIR; process 0 alone appends the results row."""
-    from doa_jax.experiment import cell, results
+    from doa_jax.experiment import results
 
     arrays = copy_arrays()
     shard = partitioning.host_shard_info()
     source = ArrayBatches(arrays, 16, shuffle=True, seed=0, shard_index=shard.index, num_shards=shard.num_shards)
     config = run_config(model_dir, data=2, model=4, train_steps=4, checkpoint_every=2, async_checkpointing=True)
     result = Trainer(tiny_config(), config).fit(source)
-    if cell.is_chief():
+    if partitioning.is_chief():
         results.append_row(f"{model_dir}/results.jsonl", {
             "cell_key": "multihost", "task": "copy", "strategy": "annotate", "extra_budget_usd": 0.0,
             "metric": "loss", "value": float(result.last_metrics["loss"]), "student_steps": result.step})

@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     trainer = Trainer(model_config, train_config)   # builds the mesh: bad mesh sizes fail here
     partitioning.check_batch_size(train_config.batch_size, trainer.mesh, jax.process_count(),
                                   train_config.num_microbatches)
-    if jax.process_index() == 0:
+    if partitioning.is_chief():
         path = gin_utils.write_operative_config(train_config.model_dir)
         print(f"operative gin config: {path}", flush=True)
     shard = partitioning.host_shard_info()

@@ -21,10 +21,9 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-import jax
 import numpy as np
 
-from doa_jax import storage
+from doa_jax import partitioning, storage
 from doa_jax.data import vocab as vocab_lib
 from doa_jax.data.encode import encode_examples
 from doa_jax.distill import student_data
@@ -68,7 +67,7 @@ def run_cell(cfg: CellConfig) -> dict[str, Any]:
         return done
     _warn_stale(path, rows)
     lock = (locking.hold(out / "cells" / cfg.key() / ".lock", f"cell {cfg.key()} ({cfg.describe()})")
-            if is_chief() else contextlib.nullcontext())
+            if partitioning.is_chief() else contextlib.nullcontext())
     with lock:
         done = results.finished(path).get(cfg.key())      # another process may have finished it meanwhile
         if done is not None:
@@ -76,14 +75,9 @@ def run_cell(cfg: CellConfig) -> dict[str, Any]:
         started = time.perf_counter()
         row = _run(cfg)
         row.wall_seconds = round(time.perf_counter() - started, 2)
-        if is_chief():
+        if partitioning.is_chief():
             results.append_row(path, row)
     return row.to_json()
-
-
-def is_chief() -> bool:
-    """True on the process that writes shared files (process 0; the only one on one host)."""
-    return jax.process_index() == 0
 
 
 def write_predictions(path: storage.AnyPath, examples: list, predictions: list[str]) -> None:
@@ -114,7 +108,7 @@ def _run(cfg: CellConfig) -> results.ResultRow:
     pricer = Pricer.for_cell(cfg, setup.card, setup.lengths)
     ledger = costs.Ledger(storage.path(cfg.output_dir) / "cells" / cfg.key() / "ledger.jsonl",
                           measured_on=costs.get_accelerator(cfg.pricing.measured_on), profile=pricer.profile,
-                          writable=is_chief())
+                          writable=partitioning.is_chief())
     plan = _plan(cfg, setup, pricer)
     planned = {k: v for k, v in plan.as_row().items()
                if k.endswith(("_usd", "_used")) or k in ("labels_bought", "note")}
@@ -221,7 +215,7 @@ def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentD
         say(cfg, f"the same plan was trained by cell {run.trained_by}: reusing its student ({shared})")
     else:
         run = _train_student(cfg, setup, data, pricer, budget, test)
-        if not (run.capped or run.diverged) and is_chief():   # a capped run depends on its budget: not shared
+        if not (run.capped or run.diverged) and partitioning.is_chief():   # a capped run depends on its budget: not shared
             storage.write_atomic(shared, json.dumps(dataclasses.asdict(run)))
     work = as_run(pricer.student(data.kd, len(data.arrays["encoder_input_tokens"])), run.steps)
     ledger.add_compute(f"student_training:{run.trained_by}:{run.steps}", "student_training", run.seconds, run.flops,
@@ -229,7 +223,7 @@ def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentD
     ledger.add_lost(f"lost:student_training:{run.trained_by}", "student_training", run.lost_seconds)
     ledger.add_compute(f"evaluation:{run.trained_by}:{run.steps}", "evaluation", run.eval_seconds, run.eval_flops,
                        work=pricer.evaluation(cfg.pricing_models()[1], len(test)))
-    if is_chief():
+    if partitioning.is_chief():
         storage.makedirs(cell_dir)
         write_predictions(cell_dir / "predictions.jsonl", test, run.predictions)
     by_phase = ledger.by_phase()

@@ -24,11 +24,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import gin
 
-from doa_jax import gin_utils, storage
+from doa_jax import gin_utils, partitioning, storage
 from doa_jax.data import cards
 from doa_jax.experiment import costs, locking, phases, report, strategies
 from doa_jax.experiment import results as results_lib
-from doa_jax.experiment import cell as cell_lib
 from doa_jax.experiment.cell import run_cell
 
 # Grid axis -> the gin macro that sets it (a sweep file sets these) and the cell macro it binds.
@@ -270,7 +269,7 @@ def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Call
     out = storage.path(cells[0].output_dir)
     storage.makedirs(out)
     results = out / "results.jsonl"
-    chief = cell_lib.is_chief()    # multi-host: process 0 holds the lock and writes the shared files
+    chief = partitioning.is_chief()    # multi-host: process 0 holds the lock and writes the shared files
     with locking.hold(out / ".sweep.lock", f"a sweep in {out}") if chief else contextlib.nullcontext():
         keys = [c.key() for c in cells]
         if chief:
