@@ -8,17 +8,23 @@ activations when FSDP puts it on `data` for parameters).
 
 Multi-host: `initialize_distributed` wraps `jax.distributed.initialize`; every host then feeds
 its own shard of each global batch (`host_shard_info()`, SeqIO's `ShardInfo(shard_id,
-num_shards)`), and `global_batch` assembles the global arrays without gathering.
+num_shards)`), and `global_batch` assembles the global arrays without gathering. Every process
+runs the same program; a decision that branches on shared files (is this cell done? is the
+teacher stored?) is taken once, on process 0, and given to all (`from_chief`), and a file process 0
+writes is read by the others only after it (`chief_first`); otherwise hosts take different
+branches and wait forever in the next collective.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+import json
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "model")
@@ -210,6 +216,48 @@ def is_chief() -> bool:
     return jax.process_index() == 0
 
 
+T = TypeVar("T")
+
+
+def _broadcast_json(value: Any) -> Any:
+    """Process 0's JSON-able `value`, on every process (the others' `value` is ignored)."""
+    data = json.dumps(value).encode() if is_chief() else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    buf = np.frombuffer(data, np.uint8) if is_chief() else np.zeros(size, np.uint8)
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes())
+
+
+def from_chief(compute: Callable[[], Any]) -> Any:
+    """`compute()` run on process 0 only; its value (JSON-able) returned on every process.
+
+    The others wait meanwhile, so this is also a barrier. An exception on process 0 is raised
+    there and, as a RuntimeError naming it, on every other process (no host is left waiting)."""
+    if jax.process_count() == 1:
+        return compute()
+    message = None
+    if is_chief():
+        try:
+            value = compute()
+        except BaseException as e:
+            _broadcast_json({"error": f"{type(e).__name__}: {e}"})
+            raise
+        message = {"ok": value}
+    got = _broadcast_json(message)
+    if "error" in got:
+        raise RuntimeError(f"process 0 failed: {got['error']}")
+    return got["ok"]
+
+
+def chief_first(fn: Callable[[], T]) -> T:
+    """`fn()` on process 0, then on the others: what process 0 wrote (a store, a ledger) is there
+    when they read it. Returns each process's own value (which need not be JSON-able)."""
+    if jax.process_count() == 1:
+        return fn()
+    box = []
+    from_chief(lambda: box.append(fn()))
+    return box[0] if box else fn()
+
+
 def host_shard_info() -> ShardInfo:
     """This host's data shard: `shard_id = jax.process_index()`, `num_shards = jax.process_count()`."""
     return ShardInfo(jax.process_index(), jax.process_count())
@@ -220,6 +268,24 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
     sharding = data_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A numpy copy of `x`; an array spread over several processes is gathered first (every
+    process must call this then)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def like_global(host: np.ndarray, other: Any) -> Any:
+    """`host` (the same value on every process) as an array replicated over the mesh of `other`
+    when `other` spans several processes (jit refuses to mix host and multi-process arrays);
+    else `host` itself."""
+    if not (isinstance(other, jax.Array) and not other.is_fully_addressable):
+        return host
+    sharding = NamedSharding(other.sharding.mesh, PartitionSpec())
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def put_params(host_tree: Any, shardings: Any) -> Any:

@@ -4,6 +4,9 @@ Writes OUTPUT_DIR/config.gin (the operative config), OUTPUT_DIR/results.jsonl (o
 cell), and OUTPUT_DIR/cells/<key>/ (ledger, checkpoints, predictions); teacher runs and teacher
 stores go to OUTPUT_DIR/cache (or CACHE_DIR) and are reused by any later cell that can. Rerunning
 the same command after a kill resumes; after the row is written, it does nothing.
+Multi-host (a TPU pod slice, or GPU hosts): the same command on every host, with --multihost (TPU
+VMs) or --coordinator_address host:port --num_processes N --process_id I; OUTPUT_DIR must be one
+folder every host sees (a gs:// URL). Process 0 writes every shared file.
 """
 from __future__ import annotations
 
@@ -11,12 +14,14 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from doa_jax.commands.train import add_multihost_flags
     from doa_jax.gin_flags import add_gin_flags
 
     p = subparsers.add_parser("run", help="run one budget cell (annotate | distill | mixed) from gin",
                               description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_gin_flags(p)
+    add_multihost_flags(p)
     p.set_defaults(func=run)
 
 
@@ -49,15 +54,18 @@ def preflight(cell) -> None:
 
 
 def run(args) -> int:
-    from doa_jax import configurables, experiment, gin_utils
+    from doa_jax import configurables, experiment, gin_utils, partitioning
+    from doa_jax.commands.train import start_multihost
 
+    start_multihost(args)   # before any other JAX call
     configurables.register()
 
     gin_utils.parse_flags(args)
     cell = gin_utils.macro("CELL")
     preflight(cell)
-    path = gin_utils.write_operative_config(cell.output_dir)
-    print(f"operative gin config: {path}", flush=True)
+    if partitioning.is_chief():
+        path = gin_utils.write_operative_config(cell.output_dir)
+        print(f"operative gin config: {path}", flush=True)
     row = experiment.run_cell(cell)
     print(format_row(row))
     print(f"results: {cell.output_dir}/results.jsonl (cell {row['cell_key']})")

@@ -12,6 +12,8 @@ OUTPUT_DIR/report.md with plots (as `doa report OUTPUT_DIR`).
       --gin.VOCABULARY=/t5/spiece.model --gin.TEACHER_CHECKPOINT=/ckpt/t5-v1_1-xxl \\
       --gin.STUDENT_CHECKPOINT=/ckpt/t5-v1_1-small
     doa sweep --gin_file sweeps/demo.gin --dry_run     # list the cells (done or to run), run none
+Multi-host: the same command on every host with --multihost (TPU VMs) or --coordinator_address,
+--num_processes and --process_id, OUTPUT_DIR a gs:// URL: every host runs every cell together.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from doa_jax.commands.train import add_multihost_flags
     from doa_jax.gin_flags import add_gin_flags
 
     p = subparsers.add_parser("sweep", help="run a grid of budget cells from gin (resumable), then report",
@@ -28,6 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--dry_run", "--dry-run", action="store_true",
                    help="list the grid's cells and which already have a row; run nothing")
     p.add_argument("--no_report", "--no-report", action="store_true", help="do not write report.md at the end")
+    add_multihost_flags(p)
     p.set_defaults(func=run)
 
 
@@ -36,8 +40,11 @@ def run(args) -> int:
 
     from doa_jax import configurables, storage
     from doa_jax.commands.run import preflight
+    from doa_jax.commands.train import start_multihost
     from doa_jax.experiment import results, sweep
 
+    if not args.dry_run:
+        start_multihost(args)   # before any other JAX call
     configurables.register()
     search = [s for s in args.gin_search_paths.split(",") if s]
     points, cells = sweep.load_sweep(args.gin_file, args.gin_bindings, search_paths=search)

@@ -24,12 +24,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from doa_jax.gin_flags import add_gin_flags
 
     add_gin_flags(p)
+    add_multihost_flags(p)
+    p.set_defaults(func=run)
+
+
+def add_multihost_flags(p: argparse.ArgumentParser) -> None:
+    """The multi-host flags of `doa train`, `doa run` and `doa sweep` (see `start_multihost`)."""
     p.add_argument("--coordinator_address", help="multi-host: 'host:port' of process 0")
     p.add_argument("--num_processes", "--process_count", type=int, help="multi-host: number of processes")
     p.add_argument("--process_id", "--process_index", type=int, help="multi-host: this process's index")
     p.add_argument("--multihost", action="store_true",
                    help="multi-host with auto-detected peers (Cloud TPU VM pods, SLURM)")
-    p.set_defaults(func=run)
+
+
+def start_multihost(args: argparse.Namespace) -> None:
+    """Joins the multi-host job the flags describe (a no-op without them); must come before any
+    other JAX call."""
+    from doa_jax import partitioning
+
+    partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                        auto=args.multihost)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,9 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     from doa_jax import configurables, gin_utils, partitioning
     from doa_jax.cli import UserError
 
-    # jax.distributed must start before any other JAX call.
-    partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
-                                        auto=args.multihost)
+    start_multihost(args)   # jax.distributed must start before any other JAX call
     configurables.register()
     gin_utils.parse_flags(args, known_macros=("EVAL_DATA", "DECODE_EVAL"))
     try:

@@ -14,7 +14,6 @@ student vocabularies that differ) yields a row with `status: infeasible` and the
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import sys
@@ -52,24 +51,22 @@ def run_cell(cfg: CellConfig) -> dict[str, Any]:
 
     Idempotent: a cell whose key already has a row there is not run again (its row is returned).
     A cell killed part-way resumes its phases (teacher, store chunks, student) on the next run.
-    Multi-host: every process runs the cell; only process 0 holds the lock and writes the shared
-    files (ledger, predictions, the results row). Models whose vocab size follows the vocabulary
+    Multi-host: every process runs the cell's phases together; process 0 takes every decision that
+    reads shared files and gives it to all, holds the lock and writes the shared files (ledger,
+    teacher record and store, predictions, the results row). Models whose vocab size follows the vocabulary
     (MODEL_VOCAB_SIZE = None) are resolved first.
     """
     cfg = phases.resolve_models(cfg)
     out = storage.path(cfg.output_dir)
     storage.makedirs(out)
     path = out / results.RESULTS_FILE
-    rows = results.read_rows(path)
-    done = {r["cell_key"]: r for r in rows if "cell_key" in r}.get(cfg.key())
+    done = partitioning.from_chief(lambda: _finished_row(path, cfg.key(), warn=True))
     if done is not None:
         say(cfg, f"already in {path} (cell {cfg.key()}); not run again")
         return done
-    _warn_stale(path, rows)
-    lock = (locking.hold(out / "cells" / cfg.key() / ".lock", f"cell {cfg.key()} ({cfg.describe()})")
-            if partitioning.is_chief() else contextlib.nullcontext())
-    with lock:
-        done = results.finished(path).get(cfg.key())      # another process may have finished it meanwhile
+    with locking.hold_on_chief(out / "cells" / cfg.key() / ".lock", f"cell {cfg.key()} ({cfg.describe()})"):
+        # another process may have finished it meanwhile
+        done = partitioning.from_chief(lambda: _finished_row(path, cfg.key()))
         if done is not None:
             return done
         started = time.perf_counter()
@@ -86,6 +83,14 @@ def write_predictions(path: storage.AnyPath, examples: list, predictions: list[s
     storage.write_atomic(path, "".join(
         json.dumps({"id": i, "source": ex["source"], "target": ex["target"], "prediction": p}, ensure_ascii=False)
         + "\n" for i, (ex, p) in enumerate(zip(examples, predictions))))
+
+
+def _finished_row(path: storage.AnyPath, key: str, warn: bool = False) -> Optional[dict[str, Any]]:
+    """The row of cell `key` in the results file, or None (noting rows of older keys when `warn`)."""
+    rows = results.read_rows(path)
+    if warn:
+        _warn_stale(path, rows)
+    return {r["cell_key"]: r for r in rows if "cell_key" in r}.get(key)
 
 
 def _warn_stale(path: storage.AnyPath, rows: list[dict[str, Any]]) -> None:
@@ -106,9 +111,10 @@ def _run(cfg: CellConfig) -> results.ResultRow:
     if reason:
         return _row(cfg, setup, status="infeasible", reason=reason)
     pricer = Pricer.for_cell(cfg, setup.card, setup.lengths)
-    ledger = costs.Ledger(storage.path(cfg.output_dir) / "cells" / cfg.key() / "ledger.jsonl",
-                          measured_on=costs.get_accelerator(cfg.pricing.measured_on), profile=pricer.profile,
-                          writable=partitioning.is_chief())
+    ledger = partitioning.chief_first(lambda: costs.Ledger(   # process 0 repairs it before the others read it
+        storage.path(cfg.output_dir) / "cells" / cfg.key() / "ledger.jsonl",
+        measured_on=costs.get_accelerator(cfg.pricing.measured_on), profile=pricer.profile,
+        writable=partitioning.is_chief()))
     plan = _plan(cfg, setup, pricer)
     planned = {k: v for k, v in plan.as_row().items()
                if k.endswith(("_usd", "_used")) or k in ("labels_bought", "note")}
@@ -210,8 +216,9 @@ def _train_and_evaluate(cfg: CellConfig, setup: phases.TaskSetup, data: StudentD
     cell_dir = storage.path(cfg.output_dir) / "cells" / cfg.key()
     test = setup.pools.test[: cfg.max_eval_examples] if cfg.max_eval_examples else setup.pools.test
     shared = _shared_run_path(cfg, plan)
-    if shared.exists():
-        run = StudentRun(**json.loads(shared.read_text()))
+    recorded = partitioning.from_chief(lambda: json.loads(shared.read_text()) if shared.exists() else None)
+    if recorded is not None:
+        run = StudentRun(**recorded)
         say(cfg, f"the same plan was trained by cell {run.trained_by}: reusing its student ({shared})")
     else:
         run = _train_student(cfg, setup, data, pricer, budget, test)

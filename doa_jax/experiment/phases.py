@@ -4,6 +4,11 @@ outputs, train the student, evaluate. `cell.run_cell` calls them in order.
 Shared work is keyed and cached under the cell's cache directory: a teacher fine-tuned on the same
 labels with the same recipe, and its outputs over the same inputs, are computed once and charged to
 every cell that uses them (the paper charges each cell its teacher).
+
+Multi-host: every process runs every phase. Training and evaluation are collective programs over
+the job's mesh (each host feeds its share of each batch); process 0 decides whether the teacher is
+already trained, builds the teacher store (on its own devices, as on one host) and writes the
+records, and the others read what it wrote once it is there (`partitioning.from_chief`/`chief_first`).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 
-from doa_jax import checkpoints, decoding, flops, storage
+from doa_jax import checkpoints, decoding, flops, partitioning, storage
 from doa_jax.data import cards, demo, pools as pools_lib, vocab as vocab_lib
 from doa_jax.data.batches import ArrayBatches
 from doa_jax.data.encode import encode_examples, encode_texts
@@ -151,7 +156,9 @@ def train(cfg: CellConfig, model_cfg: T5Config, arrays: Mapping[str, np.ndarray]
     loss = cfg.train.loss if kd else dataclasses.replace(cfg.train.loss, kd_weight=0.0)
     config = dataclasses.replace(cfg.train, model_dir=str(model_dir), epochs=epochs, train_steps=None, loss=loss,
                                  initial_checkpoint=initial_checkpoint, verbose=cfg.verbose)
-    source = ArrayBatches(arrays, cfg.train.batch_size, shuffle=True, seed=cfg.seed, pad_remainder=True)
+    shard = partitioning.host_shard_info()     # multi-host: each host feeds its rows of every batch
+    source = ArrayBatches(arrays, cfg.train.batch_size, shuffle=True, seed=cfg.seed, pad_remainder=True,
+                          shard_index=shard.index, num_shards=shard.num_shards)
     if source_wrapper is not None:
         source = source_wrapper(source)
     start = time.perf_counter()
@@ -175,7 +182,7 @@ def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: c
     run_dir = cache_dir(cfg) / "teachers" / key
     record_path = run_dir / "record.json"
     work = pricer.teacher_finetune(len(labels))
-    if not record_path.exists():
+    if not partitioning.from_chief(record_path.exists):
         say(cfg, f"fine-tuning the teacher on {len(labels)} labels ({cfg.epochs.teacher:g} epochs) in {run_dir}")
         arrays = encode_examples(setup.card, setup.vocab, labels, setup.lengths)
         result, seconds = train(cfg, cfg.teacher, arrays, run_dir, epochs=cfg.epochs.teacher,
@@ -183,12 +190,13 @@ def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: c
                                 step_allowed=budget.step_allowed(pricer.step_usd(work)))
         if result.stopped_by_budget:
             raise BudgetExhausted(f"the teacher's fine-tuning reached the budget at step {result.step}")
-        storage.write_atomic(record_path, json.dumps({
-            "steps": result.step, "seconds": seconds, "lost_seconds": result.lost_seconds,
-            "flops": sum(w.flops for w in as_run(work, result.step))}))
+        if partitioning.is_chief():
+            storage.write_atomic(record_path, json.dumps({
+                "steps": result.step, "seconds": seconds, "lost_seconds": result.lost_seconds,
+                "flops": sum(w.flops for w in as_run(work, result.step))}))
     else:
         say(cfg, f"reusing the fine-tuned teacher in {run_dir}")
-    record = json.loads(record_path.read_text())
+    record = partitioning.from_chief(lambda: json.loads(record_path.read_text()))
     ledger.add_compute(f"teacher_finetune:{key}", "teacher_finetune", record["seconds"], record["flops"],
                        work=as_run(work, record["steps"]))
     ledger.add_lost(f"lost:teacher_finetune:{key}", "teacher_finetune", record.get("lost_seconds", 0.0))
@@ -207,14 +215,19 @@ def teacher_outputs(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teacher
     root = cache_dir(cfg) / "stores"
     start = time.perf_counter()
     say(cfg, f"teacher outputs for {len(request.sources)} unlabeled inputs -> {root}")
-    store, enc, stats = teacher_store.build_store(
-        root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
-        batch_size=min(64, cfg.train.batch_size * 2), chunk_size=256,
-        on_chunk=lambda done, total, n: say(cfg, f"  teacher chunk {done}/{total}"))
+
+    def build():   # process 0 computes and writes the store; the others then find it complete and read it
+        store, enc, stats = teacher_store.build_store(
+            root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
+            batch_size=min(64, cfg.train.batch_size * 2), chunk_size=256,
+            on_chunk=lambda done, total, n: say(cfg, f"  teacher chunk {done}/{total}"))
+        if stats.computed_chunks:
+            storage.write_atomic(store.dir / "record.json", json.dumps(
+                {"seconds": time.perf_counter() - start, "computed_chunks": stats.computed_chunks}))
+        return store, enc
+
+    store, enc = partitioning.chief_first(build)
     record_path = store.dir / "record.json"
-    if stats.computed_chunks:
-        storage.write_atomic(record_path, json.dumps({"seconds": time.perf_counter() - start,
-                                                      "computed_chunks": stats.computed_chunks}))
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     work = pricer.teacher_inference(len(request.sources))
     ledger.add_compute(f"teacher_inference:{store.key}", "teacher_inference", record.get("seconds", 0.0),
@@ -233,7 +246,8 @@ def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list,
         n = len(chunk)
         if n < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - n, chunk.shape[1]), np.int32)])
-        tokens = np.asarray(decoding.greedy(model_cfg, params, chunk, setup.decode_length).tokens)[:n]
+        chunk = partitioning.like_global(chunk, jax.tree_util.tree_leaves(params)[0])   # multi-host: on the mesh
+        tokens = partitioning.to_host(decoding.greedy(model_cfg, params, chunk, setup.decode_length).tokens)[:n]
         preds += [setup.vocab.decode(t) for t in tokens]
     result = setup.card.score(preds, [ex["target"] for ex in examples], sources=[ex["source"] for ex in examples],
                               protocol=setup.protocol)

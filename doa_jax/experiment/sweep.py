@@ -13,7 +13,6 @@ stores live in the cells' shared `cache_dir`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -269,12 +268,15 @@ def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Call
     out = storage.path(cells[0].output_dir)
     storage.makedirs(out)
     results = out / "results.jsonl"
-    chief = partitioning.is_chief()    # multi-host: process 0 holds the lock and writes the shared files
-    with locking.hold(out / ".sweep.lock", f"a sweep in {out}") if chief else contextlib.nullcontext():
+    # Multi-host: process 0 holds the lock, writes the shared files and reads which cells are done
+    # for every process (all run the same cells in the same order).
+    chief = partitioning.is_chief()
+    with locking.hold_on_chief(out / ".sweep.lock", f"a sweep in {out}"):
         keys = [c.key() for c in cells]
         if chief:
             _write_state(out, config_gin, points, keys, log)
-        done = {r.get("cell_key"): r for r in results_lib.read_rows(results, repair=True)}
+        done = partitioning.from_chief(
+            lambda: {r.get("cell_key"): r for r in results_lib.read_rows(results, repair=True)})
         todo = [k for k in keys if k not in done]
         n = len(cells)
         log(f"sweep: {n} cells in {out}: {n - len(todo)} already finished, {len(todo)} to run")
