@@ -110,3 +110,56 @@ def test_two_hosts_share_one_gcs_model_dir_one_checkpoint_per_step_one_row(tmp_p
         assert [r["cell_key"] for r in rows] == ["multihost"] and rows[0]["student_steps"] == 4
         assert [json.loads(line)["step"] for line in storage.read_appended(f"{model_dir}/metrics.jsonl")
                 .decode().splitlines()] == [1, 2, 3, 4]
+
+
+CHILD_CELL = CHILD.with_name("multihost_cell_child.py")
+# The cheapest distill cell of the demo task: 1+1-layer models, one epoch per phase, teacher outputs
+# stored (chunks in the teacher store), a prebuilt vocabulary (no host builds one).
+CELL_SETTINGS = [
+    "--gin.TEACHER_EPOCHS=1", "--gin.STUDENT_EPOCHS=1", "--gin.DISTILL_EPOCHS=1", "--gin.MAX_EVAL_EXAMPLES=16",
+    "--gin.CellConfig.demo_sizes={'labeled': 64, 'unlabeled': 32, 'test': 16}", "--gin.SOFT_TARGETS='stored'",
+    *(f"--gin.{m}/T5Size.num_{s}_layers=1" for m in ("teacher", "student") for s in ("encoder", "decoder"))]
+RUN = ["run", "--gin_file", "runs/experiment.gin", "--gin_file", "runs/demo_models.gin",
+       "--gin_file", "experiments/demo_distill.gin"]
+SWEEP = ["sweep", "--gin_file", "sweeps/demo.gin", "--gin.GRID_START_LABELS=[50]", "--gin.GRID_BUDGETS_USD=[5]",
+         "--gin.GRID_SEEDS=[0]", "--gin.GRID_STRATEGIES=['annotate', 'distill']"]
+
+
+def test_doa_run_and_doa_sweep_on_two_hosts_write_each_shared_file_once_and_match_one_host(tmp_path, capsys):
+    from doa_jax import cli
+    from doa_jax.data import demo
+    from doa_jax.experiment import results
+
+    vocab = demo.build_vocab(tmp_path).path
+    settings = lambda out: [*CELL_SETTINGS, f"--gin.VOCABULARY='{vocab}'", f"--gin.OUTPUT_DIR='{out}'"]
+    out = tmp_path / "two_hosts"
+    port = _free_port()
+    commands = json.dumps([[*RUN, *settings(out)], [*SWEEP, *settings(out)]])
+    procs = [subprocess.Popen([sys.executable, str(CHILD_CELL), str(i), "2", str(port), commands], cwd=REPO,
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (0, 1)]
+    one = tmp_path / "one_host"              # meanwhile, the same cell in this 8-device process
+    assert cli.main([*RUN, *settings(one)]) == 0
+    capsys.readouterr()
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n---\n".join(log[-3000:] for log in logs)
+
+    rows = results.read_rows(out / "results.jsonl")          # one row per cell: process 1 wrote none
+    assert sorted(r["strategy"] for r in rows) == ["annotate", "distill"]
+    distill = next(r for r in rows if r["strategy"] == "distill")
+    want = results.read_rows(one / "results.jsonl")[0]
+    assert distill["cell_key"] == want["cell_key"]
+    assert distill["metrics"] == want["metrics"] and distill["spent_usd"] == want["spent_usd"]
+    key = want["cell_key"]
+    # the student's decodes on the two hosts' mesh are the one host's, token for token
+    assert (out / "cells" / key / "predictions.jsonl").read_text() == (one / "cells" / key / "predictions.jsonl").read_text()
+    ledger = [json.loads(line)["key"] for line in (out / "cells" / key / "ledger.jsonl").read_text().splitlines()]
+    assert sorted(k.split(":")[0] for k in ledger) == ["evaluation", "student_training", "teacher_finetune",
+                                                       "teacher_inference"]
+    assert len(list((out / "cache" / "teachers").iterdir())) == 1
+    [store] = (out / "cache" / "stores").iterdir()
+    assert sorted(p.name for p in store.iterdir()) == ["chunk_00000.COMPLETED", "chunk_00000.jsonl",
+                                                       "chunk_00000.npz", "manifest.json", "record.json"]
+    for log in logs:      # both processes were told, by process 0, that the distill cell was done
+        assert "sweep: 2 cells in" in log and "1 already finished, 1 to run" in log
+    assert (out / "report.md").exists() and (out / "sweep.json").exists()
