@@ -22,6 +22,9 @@ What an object store cannot do, and the design used instead:
   deleted on exit. A holder killed without cleanup leaves it: a process on the same host whose pid
   is gone takes it over; from another host the message names the object to delete.
 * Directories do not exist on object stores: `makedirs` is a no-op there.
+* Writers that can only write local files (SentencePiece's trainer, checkpoint savers that
+  `doa convert` calls) write into a local temporary folder (`staged`), uploaded file by file
+  when they finish without error; a failure leaves nothing at the URL.
 
 Multi-host: every host runs the same command, and only process 0 writes shared files (the trainer's
 chief writes metrics and config; `run_cell` and sweeps write rows on process 0 only), while Orbax's
@@ -34,7 +37,9 @@ import fcntl
 import itertools
 import os
 import pathlib
+import shutil
 import socket
+import tempfile
 import time
 import uuid
 from typing import Iterator, Union
@@ -254,6 +259,50 @@ def _hold_object(p: str, what: str) -> Iterator[None]:
             fs.rm_file(key)
 
 
+# ----------------------------------------------------------------------------- local-only writers
+
+def exists(p: str | os.PathLike) -> bool:
+    """True when a file, folder or (URL) any object at or under `p` exists."""
+    if not is_url(p):
+        return os.path.lexists(p)
+    fs, key = _fs(p)
+    return fs.exists(key)
+
+
+def remove(p: str | os.PathLike) -> None:
+    """Removes the file or folder at `p` (on an object store: every object under it)."""
+    if not is_url(p):
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+        return
+    fs, key = _fs(p)
+    fs.rm(key, recursive=True)
+
+
+def upload(local: str | os.PathLike, url: str | os.PathLike) -> None:
+    """Copies a local file to the URL, or each file of a local folder under it (one put each)."""
+    local = pathlib.Path(local)
+    fs, key = _fs(url)
+    key = key.rstrip("/")
+    files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file())
+    for f in files:
+        fs.put_file(str(f), key if f == local else f"{key}/{f.relative_to(local).as_posix()}")
+
+
+@contextlib.contextmanager
+def staged(p: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """A local path to write `p` at, for writers that only write local files: `p` itself when local;
+    for a URL, a path of the same name in a temporary folder, whose file (or folder's files) is
+    uploaded to `p` when the block ends without error."""
+    if not is_url(p):
+        yield pathlib.Path(p)
+        return
+    url = os.fspath(p).rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="doa-staged-") as tmp:
+        local = pathlib.Path(tmp) / url.rsplit("/", 1)[-1]
+        yield local
+        upload(local, url)
+
+
 # ----------------------------------------------------------------------------- preflight
 
 def check_writable(p: str | os.PathLike, what: str = "output folder") -> None:
@@ -277,5 +326,6 @@ def check_writable(p: str | os.PathLike, what: str = "output folder") -> None:
                          f"credentials may write it; {hint})") from None
 
 
-__all__ = ["Busy", "absolute", "append_line", "check_writable", "cut_torn_line", "hold", "is_url",
-           "log_exists", "makedirs", "path", "read_appended", "rewrite_appended", "write_atomic"]
+__all__ = ["Busy", "absolute", "append_line", "check_writable", "cut_torn_line", "exists", "hold", "is_url",
+           "log_exists", "makedirs", "path", "read_appended", "remove", "rewrite_appended", "staged", "upload",
+           "write_atomic"]

@@ -5,8 +5,8 @@
 #   scripts/tpu_vm.sh [--dry-run] create              # the VM (SPOT=1: a spot VM)
 #   scripts/tpu_vm.sh [--dry-run] install             # copy this checkout to every worker, pip install it
 #   scripts/tpu_vm.sh [--dry-run] start train ARGS... # `doa train --multihost ARGS` on every worker
-#   scripts/tpu_vm.sh [--dry-run] start run ARGS...   # `doa run ARGS` on worker 0 (likewise sweep;
-#                                                     #  no multi-host mode: use a single-host VM)
+#   scripts/tpu_vm.sh [--dry-run] start run ARGS...   # `doa run --multihost ARGS` on every worker
+#   scripts/tpu_vm.sh [--dry-run] start sweep ARGS... # `doa sweep --multihost ARGS` on every worker
 #   scripts/tpu_vm.sh [--dry-run] logs                # follow worker 0's log (Ctrl-C stops following only)
 #   scripts/tpu_vm.sh [--dry-run] stop                # SIGTERM: the step finishes, is saved, doa exits
 #   scripts/tpu_vm.sh [--dry-run] delete              # delete the VM
@@ -64,14 +64,9 @@ python3 -m pip install -q -c constraints.txt -e '.[gcs]' && python3 -m pip insta
     [[ "$sub" =~ ^(train|run|sweep)$ ]] || die "start needs train, run or sweep, then doa's arguments"
     shift
     args="$(printf '%q ' "$@")"
-    if [[ "$sub" == train ]]; then   # every worker joins one multi-host JAX job
-      worker=all
-      line="doa train --multihost ${args% }"
-    else                             # a cell's models fit one host: its CLI runs on worker 0
-      worker=0
-      line="doa $sub ${args% }"
-    fi
-    ssh_on "$worker" "cd $REMOTE_DIR && (nohup python3 -m doa_jax ${line#doa } > ~/doa.log 2>&1 & echo \$! > ~/doa.pid)"
+    # every worker joins one multi-host JAX job; process 0 writes the shared files
+    ssh_on all "cd $REMOTE_DIR && (nohup python3 -m doa_jax $sub --multihost ${args% } > ~/doa.log 2>&1 & \
+echo \$! > ~/doa.pid)"
     ;;
   logs)
     ssh_on 0 "tail -n 100 -F ~/doa.log"

@@ -223,6 +223,108 @@ def test_an_hf_checkpoint_in_a_bucket_loads_as_it_does_from_disk(gcs, tmp_path, 
     assert all(np.array_equal(a, b) for a, b in zip(flatten(got).values(), flatten(want).values()))
 
 
+# ----------------------------------------------------------------------------- convert, vocab, data, bench outputs
+
+TOY_CARD = """
+name = "toy"
+input_prefix = "toy: "
+metric = "squad"
+primary_metric = "f1"
+annotation_cost_usd = 0.1
+[lengths]
+inputs = 16
+targets = 8
+[data]
+files = { all = "toy_all.jsonl" }
+urls = { all = "https://example.org/toy_all.jsonl" }
+[pools]
+carve_from = "all"
+fractions = { test = 0.2, validation = 0.2, unlabeled = 0.3, train = 0.3 }
+"""
+TOY_ROWS = "".join(json.dumps({"source": f"add {i} ml of buffer {i % 3}", "target": f"step {i}"}) + "\n"
+                   for i in range(40))
+
+
+@pytest.fixture
+def toy_card(tmp_path, monkeypatch):
+    """A task card `toy` whose one file is in tmp_path/data and served at its https URL (no network)."""
+    import io
+    import urllib.request
+
+    from doa_jax.data import cards
+
+    (tmp_path / "toy.toml").write_text(TOY_CARD)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "toy_all.jsonl").write_text(TOY_ROWS)
+    monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
+    pages = {"https://example.org/toy_all.jsonl": TOY_ROWS.encode()}
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(pages[url]))
+    return tmp_path / "data"
+
+
+def test_doa_convert_writes_a_checkpoint_to_gcs_that_loads_back(gcs):
+    from doa_jax.api import init_params, size_config
+    from doa_jax.checkpoints import load_checkpoint
+
+    url = f"gs://{BUCKET}/converted/tiny"
+    assert cli.main(["convert", "tiny", url, "--to", "hf", "--seed", "3"]) == 0
+    config, params = load_checkpoint(url)
+    want = flatten(init_params(size_config("tiny"), 3))
+    assert config == size_config("tiny") and flatten(params).keys() == want.keys()
+    assert all(np.array_equal(np.asarray(flatten(params)[k]), np.asarray(want[k])) for k in want)
+    assert not pathlib.Path("gs:").exists()
+
+
+def test_doa_vocab_build_writes_the_model_a_local_build_writes_to_gcs(gcs, toy_card, tmp_path, capsys):
+    from doa_jax.data import vocab as vocab_lib
+
+    url = f"gs://{BUCKET}/vocab/toy.model"
+    args = ["vocab", "build", "--tasks", "toy", "--data-dir", str(toy_card), "--vocab-size", "60"]
+    assert cli.main([*args, "--out", url]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "toy.model")]) == 0
+    assert ls(f"gs://{BUCKET}/vocab") == ["toy.model", "toy.vocab"]
+    # the same pieces and scores (the .model also records the folder it was trained in)
+    assert storage.path(f"gs://{BUCKET}/vocab/toy.vocab").read_bytes() == (tmp_path / "toy.vocab").read_bytes()
+    remote, local = vocab_lib.load_vocab(url), vocab_lib.load_vocab(tmp_path / "toy.model")
+    assert remote.vocab_size == local.vocab_size == 160
+    assert all(remote.encode(line) == local.encode(line) for line in TOY_ROWS.splitlines())
+
+
+def test_doa_data_download_puts_the_checked_file_in_a_bucket(gcs, toy_card, capsys):
+    from doa_jax.data import jsonl
+
+    folder = f"gs://{BUCKET}/data/toy"
+    assert cli.main(["data", "download", "toy", "--data-dir", folder]) == 0
+    assert f"toy: {folder}/toy_all.jsonl (40 examples)" in capsys.readouterr().out
+    assert ls(folder) == ["toy_all.jsonl"]
+    assert len(jsonl.load_examples(f"{folder}/toy_all.jsonl").examples) == 40
+
+
+def test_doa_bench_rows_go_to_gcs_and_show_reads_them_back(gcs, capsys):
+    url = f"gs://{BUCKET}/bench/rows.json"
+    assert cli.main(["bench", "--parts", "decode", "--sizes", "tiny", "--decode-batch", "2", "--in-len", "4",
+                     "--new-tokens", "2", "--reps", "1", "--no-scan", "--in-process", "--out", url]) == 0
+    rows = json.loads(storage.path(url).read_text())
+    assert [(r["part"], r["size"]) for r in rows] == [("decode", "tiny")] and rows[0]["examples_per_s"] > 0
+    capsys.readouterr()
+    assert cli.main(["bench", "--show", url]) == 0
+    assert "tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["convert", "tiny", "gs://no-such-bucket/ckpt/tiny", "--to", "hf"], "DST folder gs://no-such-bucket/ckpt"),
+    (["vocab", "build", "--tasks", "toy", "--out", "gs://no-such-bucket/v/toy.model"],
+     "--out folder gs://no-such-bucket/v"),
+    (["data", "download", "toy", "--data-dir", "gs://no-such-bucket/data"], "data folder gs://no-such-bucket/data"),
+    (["bench", "--sizes", "tiny", "--in-process", "--out", "gs://no-such-bucket/b/rows.json"],
+     "--out folder gs://no-such-bucket/b"),
+])
+def test_an_output_in_a_missing_bucket_fails_before_any_work_naming_the_path(gcs, toy_card, capsys, argv, what):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"doa {argv[0]}: error: cannot write the {what}: ") and err.count("\n") == 1
+
+
 # ----------------------------------------------------------------------------- scripts/tpu_vm.sh
 
 def _tpu_vm(*args):
@@ -238,13 +340,14 @@ def test_tpu_vm_dry_run_prints_the_spot_create_command():
                           "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot\n")
 
 
-def test_tpu_vm_starts_train_on_every_worker_with_the_multihost_flag():
-    out = _tpu_vm("start", "train", "--gin_file", "runs/finetune.gin", "--gin.MODEL_DIR=gs://b/run")
+@pytest.mark.parametrize("command", ["train", "run", "sweep"])
+def test_tpu_vm_starts_each_doa_command_on_every_worker_with_the_multihost_flag(command):
+    out = _tpu_vm("start", command, "--gin_file", "runs/x.gin", "--gin.OUTPUT_DIR=gs://b/run")
     assert out.returncode == 0
     line = out.stdout.strip()
     assert line.startswith("+ gcloud compute tpus tpu-vm ssh doa-pod --zone=us-central2-b --worker=all --command=")
-    assert r"python3\ -m\ doa_jax\ train\ --multihost\ --gin_file\ runs/finetune.gin\ --gin.MODEL_DIR=gs://b/run" \
-        in line
+    assert (rf"python3\ -m\ doa_jax\ {command}\ --multihost\ --gin_file\ runs/x.gin\ "
+            r"--gin.OUTPUT_DIR=gs://b/run\ \>\ ~/doa.log") in line
 
 
 def test_tpu_vm_refuses_an_unknown_doa_command():

@@ -3,7 +3,9 @@
 Measures T5 v1.1 shapes with random weights and bf16 activations (`doa_jax.benchmark`), prints a
 table, writes the rows as JSON, and with `--peer PEER.json` (the output of the PyTorch peer
 `hf_t5_baseline.py`) puts the peer's figures and the ratios beside ours. `--show ROWS.json`
-prints the table of stored rows without measuring.
+prints the table of stored rows without measuring. `--out`, `--show` and `--peer` may be URLs
+(gs://...): the rows are put whole after every case; a bucket that cannot be written is an error
+before any measurement. `--profile` traces go to a local folder.
 """
 from __future__ import annotations
 
@@ -74,7 +76,9 @@ def register(sub) -> None:
 def _read_rows(path: str, what: str) -> list[dict]:
     from doa_jax.cli import UserError
 
-    file = pathlib.Path(path)
+    from doa_jax import storage
+
+    file = storage.path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{what} {file} does not exist")
     try:
@@ -87,7 +91,7 @@ def _read_rows(path: str, what: str) -> list[dict]:
 
 
 def run(args) -> int:
-    from doa_jax import benchmark
+    from doa_jax import benchmark, storage
     from doa_jax.model import config_for_size
 
     peer = _read_rows(args.peer, "peer JSON") if args.peer else []
@@ -104,12 +108,14 @@ def run(args) -> int:
     if args.profile:
         for i, case in enumerate(cases):
             case["profile"] = str(pathlib.Path(args.profile).absolute() / f"{i:02d}_{case['part']}_{case.get('size', '')}")
-    out = pathlib.Path(args.out)
+    out = storage.path(args.out)
+    if storage.is_url(out):
+        storage.check_writable(args.out.rpartition("/")[0], "--out folder")
     rows = _read_rows(args.out, "rows JSON") if args.append and out.is_file() else []
 
     def save(row):
         rows.append(row)
-        out.write_text(json.dumps(rows, indent=1))   # after every case: a killed run keeps its rows
+        storage.write_atomic(out, json.dumps(rows, indent=1))   # after every case: a killed run keeps its rows
         print(json.dumps(row), flush=True)
 
     benchmark.run_cases(cases, isolate=not args.in_process, timeout_s=args.timeout, on_row=save)

@@ -9,13 +9,14 @@ a size name (`tiny`, `small`, `t5_base`, ...), which is initialised randomly fro
 saves (`--t5x-format orbax`, T5X's default, or `legacy`) that `t5x.infer` restores as CHECKPOINT_PATH
 and `t5x.train` as INITIAL_CHECKPOINT_PATH. T5X reads the step from the directory name: DST named
 `checkpoint_N` is written as is, any other DST is a T5X model directory that gets `checkpoint_<step>`.
+DST may be a URL (gs://bucket/...): the checkpoint is written to a local temporary folder, then
+uploaded file by file; a bucket that cannot be written is an error before SRC is read.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pathlib
-import shutil
 
 TARGETS = {"orbax": "native", "hf": "hf", "t5x": "t5x"}
 T5X_FORMATS = ("orbax", "legacy")
@@ -46,7 +47,9 @@ def _load(src: str, seed: int):
     from doa_jax.checkpoints import detect_format, load_checkpoint
     from doa_jax.cli import UserError
 
-    if os.path.exists(src):
+    from doa_jax import storage
+
+    if storage.is_url(src) or os.path.exists(src):
         source = f"{detect_format(src)} checkpoint {src}"
         return (*load_checkpoint(src), source)
     try:
@@ -64,21 +67,32 @@ def _source_vocab(src: str):
     return str(candidate) if candidate.is_file() and (pathlib.Path(src) / hf.CONFIG_FILE).is_file() else None
 
 
-def run(args: argparse.Namespace) -> int:
-    from doa_jax.checkpoints import hf, save_checkpoint, t5x_save
+def _destination(args: argparse.Namespace) -> tuple[str, dict]:
+    """(the checkpoint's path, local or URL, and the saver's options) from DST and the flags."""
+    from doa_jax import storage
+    from doa_jax.checkpoints import t5x_save
     from doa_jax.cli import UserError
 
-    dst = pathlib.Path(args.dst)
-    options = {}
+    dst, options = os.fspath(args.dst), {}
     if args.to == "t5x":
-        dst, step = t5x_save.checkpoint_dir(dst, args.step)
-        options = {"step": step}
+        base, sep, name = dst.rstrip("/").rpartition("/")     # a URL's '//' must not be collapsed
+        local, step = t5x_save.checkpoint_dir(name, args.step)
+        dst, options = f"{base}{sep}{local}", {"step": step}
     elif args.step is not None:
         raise UserError("--step applies to --to t5x only")
     if args.vocab and args.to != "hf":
         raise UserError("--vocab applies to --to hf only (T5X and native checkpoints hold no tokenizer)")
-    if dst.exists() and not args.force:
+    storage.check_writable(dst.rstrip("/").rpartition("/")[0] if storage.is_url(dst) else dst, "DST folder")
+    if storage.exists(dst) and not args.force:
         raise UserError(f"{dst} exists; pass --force to replace it")
+    return dst, options
+
+
+def run(args: argparse.Namespace) -> int:
+    from doa_jax import storage
+    from doa_jax.checkpoints import hf, save_checkpoint, t5x_save
+
+    dst, options = _destination(args)
     config, params, source = _load(args.src, args.seed)
     if args.to == "t5x":
         t5x_save.check_expressible(config)
@@ -86,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
         options = {"vocab": args.vocab or _source_vocab(args.src)}
         if options["vocab"]:
             hf.tokenizer_config(options["vocab"], config.vocab_size)  # fails before DST is touched
-    if dst.exists():
-        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    if storage.exists(dst):
+        storage.remove(dst)
     fmt = f"t5x_{args.t5x_format}" if args.to == "t5x" else TARGETS[args.to]
-    written = save_checkpoint(dst, config, params, format=fmt, **options)
+    with storage.staged(dst) as local:   # a URL: written here, then uploaded
+        written = save_checkpoint(local, config, params, format=fmt, **options)
+    written = dst if storage.is_url(dst) else written
     kind = "T5 v1.1" if config.gated and not config.logits_via_embedding else "T5"
     name = {"orbax": "native orbax", "hf": "hf", "t5x": f"t5x {args.t5x_format}"}[args.to]
     print(f"wrote {name} checkpoint: {written} "

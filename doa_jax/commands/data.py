@@ -1,9 +1,14 @@
-"""`doa data download TASK` and `doa data stats TASK`: fetch the paper's files; describe a task's data."""
+"""`doa data download TASK` and `doa data stats TASK`: fetch the paper's files; describe a task's data.
+
+The download folder (`--data-dir`, `$DOA_DATA_DIR`) may be a URL (gs://bucket/data): each file is
+downloaded to a local temporary file, checked, then uploaded in one put.
+"""
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import tempfile
 
 
 def register(subparsers) -> None:
@@ -36,17 +41,24 @@ def _task_names(task: str) -> list[str]:
     return cards.card_names() if task == "all" else [task]
 
 
-def download_dir(card, data_dir=None) -> pathlib.Path:
+def download_dir(card, data_dir=None) -> storage.AnyPath:
+    from doa_jax import storage
     from doa_jax.data import cards
 
     if data_dir:
-        return pathlib.Path(data_dir)
+        return storage.path(data_dir)
     root = os.environ.get("DOA_DATA_DIR")
-    return (pathlib.Path(root) if root else cards.CACHE_DATA) / card.subdir
+    return (storage.path(root) if root else cards.CACHE_DATA) / card.subdir
 
 
-def confined(folder: pathlib.Path, name: str, where: str) -> pathlib.Path:
+def confined(folder: storage.AnyPath, name: str, where: str) -> storage.AnyPath:
     """`folder / name`, refused (ValueError naming `where`) when it resolves outside `folder`."""
+    from doa_jax import storage
+
+    if storage.is_url(folder):      # no links on an object store: the name alone decides
+        if name.startswith("/") or ".." in pathlib.PurePosixPath(name).parts:
+            raise ValueError(f"{where} = {name!r} points outside the data folder {folder}")
+        return folder / name
     dest = (folder / name).resolve()
     if not dest.is_relative_to(folder.resolve()):
         raise ValueError(f"{where} = {name!r} points outside the data folder {folder}")
@@ -57,12 +69,14 @@ def run_download(args) -> int:
     import urllib.error
     import urllib.request
 
+    from doa_jax import storage
     from doa_jax.data import cards, jsonl
 
     for name in _task_names(args.task):
         card = cards.load_card(name)
         folder = download_dir(card, args.data_dir if args.task != "all" else None)
-        folder.mkdir(parents=True, exist_ok=True)
+        storage.check_writable(folder, "data folder")     # a bad bucket fails before any download
+        storage.makedirs(folder)
         for key, filename in card.files.items():
             if key not in card.urls:
                 raise ValueError(f"{card.path}: [data.urls] has no URL for {key!r}")
@@ -73,16 +87,18 @@ def run_download(args) -> int:
             if dest.exists() and not args.force:
                 print(f"{card.name}: {dest} is there (use --force to download again)")
                 continue
-            part = dest.with_name(dest.name + ".part")
-            try:
-                with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-                    while chunk := r.read(1 << 20):
-                        f.write(chunk)
-            except (urllib.error.URLError, OSError) as e:
-                part.unlink(missing_ok=True)
-                raise ValueError(f"{card.name}: could not download {url} ({e})") from None
-            loaded = jsonl.load_examples(part, require_target=False, empty_targets="keep")
-            part.replace(dest)
+            with tempfile.TemporaryDirectory(prefix="doa-download-") as tmp:
+                part = (pathlib.Path(tmp) / dest.name if storage.is_url(dest) else
+                        dest.with_name(dest.name + ".part"))
+                try:
+                    with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+                        while chunk := r.read(1 << 20):
+                            f.write(chunk)
+                except (urllib.error.URLError, OSError) as e:
+                    part.unlink(missing_ok=True)
+                    raise ValueError(f"{card.name}: could not download {url} ({e})") from None
+                loaded = jsonl.load_examples(part, require_target=False, empty_targets="keep")
+                storage.upload(part, dest) if storage.is_url(dest) else part.replace(dest)
             print(f"{card.name}: {dest} ({len(loaded.examples)} examples)")
     return 0
 

@@ -1,4 +1,8 @@
-"""`doa vocab build`: a SentencePiece model with T5's ids (pad 0, eos 1, unk 2; +100 extra ids) from task text."""
+"""`doa vocab build`: a SentencePiece model with T5's ids (pad 0, eos 1, unk 2; +100 extra ids) from task text.
+
+`--out` (and `--text` files) may be URLs (gs://bucket/spiece.model): a bucket that cannot be
+written is an error before any text is read.
+"""
 from __future__ import annotations
 
 import json
@@ -9,7 +13,8 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="vocab_command", metavar="ACTION")
     sub.required = True
     build = sub.add_parser("build", help="train a SentencePiece model on task text (T5 ids)")
-    build.add_argument("--out", required=True, help="model path, ending in .model (a .vocab is written beside)")
+    build.add_argument("--out", required=True,
+                       help="model path or URL, ending in .model (a .vocab is written beside)")
     build.add_argument("--tasks", nargs="+", default=["all"], help="task card names, or 'all' (default)")
     build.add_argument("--text", nargs="*", default=[], help="extra plain-text files, one sentence a line")
     build.add_argument("--vocab-size", type=int, default=32000, help="pieces (T5: 32000), an upper bound")
@@ -19,17 +24,19 @@ def register(subparsers) -> None:
 
 
 def run_build(args) -> int:
-    import pathlib
     import sys
 
+    from doa_jax import storage
     from doa_jax.data import cards, vocab
     from doa_jax.model.config import VOCAB_PAD_MULTIPLE
 
+    if storage.is_url(args.out):
+        storage.check_writable(args.out.rpartition("/")[0], "--out folder")
     names = cards.card_names() if args.tasks == ["all"] else args.tasks
     data_dir = args.data_dir if len(names) == 1 else None
     texts = vocab.task_texts(names, data_dir) if names else []
     for path in args.text:
-        p = pathlib.Path(path)
+        p = storage.path(path)
         if not p.is_file():
             raise FileNotFoundError(f"text file {p} not found")
         texts.extend(p.read_text(encoding="utf-8").splitlines())

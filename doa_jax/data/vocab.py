@@ -117,22 +117,34 @@ def build_vocab(
     model_type: str = "unigram",
     character_coverage: float = 0.9999,
     input_sentence_size: int = 2_000_000,
-) -> pathlib.Path:
+) -> storage.AnyPath:
     """Trains a SentencePiece model on `texts` with T5's special ids; writes `model_path` (+ .vocab).
 
     `vocab_size` is the number of pieces (extra ids are added by `Vocabulary`, not stored); with a
     small corpus it is an upper bound (SentencePiece keeps what the text supports). Past
-    `input_sentence_size` sentences, only the first ones are used.
+    `input_sentence_size` sentences, only the first ones are used. `model_path` may be a URL
+    (gs://): SentencePiece trains into a local temporary folder, and both files are uploaded.
     """
-    import sentencepiece as spm
-
-    model_path = pathlib.Path(model_path)
-    if model_path.suffix != ".model":
-        raise ValueError(f"{model_path}: the SentencePiece model path must end in .model")
-    model_path.parent.mkdir(parents=True, exist_ok=True)
+    target = os.fspath(model_path)
+    if not target.endswith(".model"):
+        raise ValueError(f"{target}: the SentencePiece model path must end in .model")
     sentences: Sequence[str] = [t for t in texts if t.strip()]
     if not sentences:
         raise ValueError("no text to train a vocabulary on")
+    folder, _, name = target.rpartition("/")
+    if not storage.is_url(target):
+        folder, name = str(pathlib.Path(target).parent), pathlib.Path(target).name
+    with storage.staged(folder) as local:       # the folder itself when local
+        local.mkdir(parents=True, exist_ok=True)
+        _train_sentencepiece(sentences, local / name, vocab_size, model_type, character_coverage,
+                             input_sentence_size)
+    return storage.path(target)
+
+
+def _train_sentencepiece(sentences: Sequence[str], model_path: pathlib.Path, vocab_size: int, model_type: str,
+                         character_coverage: float, input_sentence_size: int) -> None:
+    import sentencepiece as spm
+
     spm.SentencePieceTrainer.Train(
         sentence_iterator=iter(sentences),
         model_prefix=str(model_path.with_suffix("")),
@@ -149,7 +161,6 @@ def build_vocab(
         num_threads=1,
         minloglevel=2,
     )
-    return model_path
 
 
 def task_texts(task_names: Iterable[str], data_dir: str | os.PathLike | None = None) -> list[str]:
