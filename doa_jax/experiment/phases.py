@@ -96,7 +96,8 @@ def task_vocab(cfg: CellConfig, demo_pools: Any = None) -> vocab_lib.Vocabulary:
         return vocab_lib.load_vocab(cfg.vocab)
     if cfg.task == "demo":
         pools = demo_pools or demo.pools(seed=0, **dict(cfg.demo_sizes or {}))
-        return demo.build_vocab(_local_vocab_dir(cfg), pools)
+        # process 0 first: processes that share a folder (several on one host) then find it built
+        return partitioning.chief_first(lambda: demo.build_vocab(_local_vocab_dir(cfg), pools))
     raise ValueError(f"task {cfg.task} needs VOCABULARY: T5's spiece.model (or `doa vocab build`)")
 
 
