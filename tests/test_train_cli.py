@@ -51,6 +51,13 @@ def test_missing_required_macro(tmp_path, capsys):
     assert "BATCH_SIZE" not in line and "--gin.TASK=VALUE" in line
 
 
+@pytest.mark.parametrize("command", ["train", "run", "sweep"])
+def test_doa_train_run_and_sweep_refuse_incomplete_multihost_flags_before_reading_gin(command, capsys):
+    assert cli.main([command, "--gin_file", "no_such_file.gin", "--num_processes", "2", "--process_id", "0"]) == 2
+    assert _error_line(capsys) == (f"doa {command}: error: multi-host start needs coordinator_address, "
+                                   "num_processes and process_id together (or auto-detection on a TPU VM / SLURM)")
+
+
 def test_missing_model_size_file(tmp_path, capsys):
     assert cli.main(["train", "--gin_file", "runs/smoke.gin", f"--gin.MODEL_DIR={tmp_path}"]) == 2
     assert "MODEL_CONFIG is not set: add a model-size gin file" in _error_line(capsys)
