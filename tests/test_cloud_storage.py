@@ -1,9 +1,11 @@
 """Outputs on object stores (doa_jax.storage), against a local GCS emulator (gcsfs and TensorStore
 pointed at it, see tests/gcs_helpers.py): the trainer's checkpoints, metrics and resume; `doa run`
 cells of both arms killed and resumed; a sweep's files, results rows and ledgers; vocabularies and
-task data read from gs://; a bad bucket or missing credentials stopping `doa run` before any
-compute. fsspec's `memory://` filesystem checks what the emulator does not enforce: the lock
-object's create-if-absent precondition. `scripts/tpu_vm.sh --dry-run` prints its gcloud commands.
+task data read from gs://; what `doa convert`, `doa vocab build`, `doa data download` and `doa bench`
+write; a bad bucket or missing credentials stopping each command before any compute. fsspec's
+`memory://` filesystem checks what the emulator does not enforce: the lock object's
+create-if-absent precondition. `scripts/tpu_vm.sh --dry-run` prints its gcloud commands (`doa
+train|run|sweep --multihost` on every worker).
 """
 import json
 import os

@@ -1,6 +1,7 @@
 """Multi-host: 2 processes x 4 CPU devices on 127.0.0.1 (jax.distributed, gloo collectives) train,
 checkpoint, are killed, resume, and end with the parameters of a 1-process 8-device run; each host
-reads only its half of every global batch."""
+reads only its half of every global batch. `doa run` and `doa sweep` as one 2-process job write each
+shared file once and score as one process does."""
 import json
 import os
 import pathlib
