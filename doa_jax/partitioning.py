@@ -220,11 +220,14 @@ T = TypeVar("T")
 
 
 def _broadcast_json(value: Any) -> Any:
-    """Process 0's JSON-able `value`, on every process (the others' `value` is ignored)."""
+    """Process 0's JSON-able `value`, on every process (the others' `value` is ignored). The bytes
+    travel in a buffer padded to a power of two, so a few shapes (each one compile) serve every call."""
     data = json.dumps(value).encode() if is_chief() else b""
     size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
-    buf = np.frombuffer(data, np.uint8) if is_chief() else np.zeros(size, np.uint8)
-    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes())
+    buf = np.zeros(max(64, 1 << (size - 1).bit_length()), np.uint8)
+    if is_chief():
+        buf[:size] = np.frombuffer(data, np.uint8)
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:size].tobytes())
 
 
 def from_chief(compute: Callable[[], Any]) -> Any:
