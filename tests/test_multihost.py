@@ -152,7 +152,8 @@ def test_doa_run_and_doa_sweep_on_two_hosts_write_each_shared_file_once_and_matc
     assert distill["metrics"] == want["metrics"] and distill["spent_usd"] == want["spent_usd"]
     key = want["cell_key"]
     # the student's decodes on the two hosts' mesh are the one host's, token for token
-    assert (out / "cells" / key / "predictions.jsonl").read_text() == (one / "cells" / key / "predictions.jsonl").read_text()
+    decodes = [(d / "cells" / key / "predictions.jsonl").read_text() for d in (out, one)]
+    assert decodes[0] == decodes[1]
     ledger = [json.loads(line)["key"] for line in (out / "cells" / key / "ledger.jsonl").read_text().splitlines()]
     assert sorted(k.split(":")[0] for k in ledger) == ["evaluation", "student_training", "teacher_finetune",
                                                        "teacher_inference"]

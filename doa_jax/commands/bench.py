@@ -74,9 +74,8 @@ def register(sub) -> None:
 
 
 def _read_rows(path: str, what: str) -> list[dict]:
-    from doa_jax.cli import UserError
-
     from doa_jax import storage
+    from doa_jax.cli import UserError
 
     file = storage.path(path)
     if not file.is_file():

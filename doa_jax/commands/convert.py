@@ -44,10 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _load(src: str, seed: int):
     """(config, params, description) of SRC: a checkpoint path or a size name (random init)."""
     from doa_jax.api import init_params, size_config
+    from doa_jax import storage
     from doa_jax.checkpoints import detect_format, load_checkpoint
     from doa_jax.cli import UserError
-
-    from doa_jax import storage
 
     if storage.is_url(src) or os.path.exists(src):
         source = f"{detect_format(src)} checkpoint {src}"

@@ -5,6 +5,7 @@ downloaded to a local temporary file, checked, then uploaded in one put.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -87,9 +88,9 @@ def run_download(args) -> int:
             if dest.exists() and not args.force:
                 print(f"{card.name}: {dest} is there (use --force to download again)")
                 continue
-            with tempfile.TemporaryDirectory(prefix="doa-download-") as tmp:
-                part = (pathlib.Path(tmp) / dest.name if storage.is_url(dest) else
-                        dest.with_name(dest.name + ".part"))
+            remote = storage.is_url(dest)     # then the file is checked locally, then put whole
+            with tempfile.TemporaryDirectory(prefix="doa-download-") if remote else contextlib.nullcontext() as tmp:
+                part = pathlib.Path(tmp) / dest.name if remote else dest.with_name(dest.name + ".part")
                 try:
                     with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
                         while chunk := r.read(1 << 20):
@@ -98,7 +99,7 @@ def run_download(args) -> int:
                     part.unlink(missing_ok=True)
                     raise ValueError(f"{card.name}: could not download {url} ({e})") from None
                 loaded = jsonl.load_examples(part, require_target=False, empty_targets="keep")
-                storage.upload(part, dest) if storage.is_url(dest) else part.replace(dest)
+                storage.upload(part, dest) if remote else part.replace(dest)
             print(f"{card.name}: {dest} ({len(loaded.examples)} examples)")
     return 0
 
