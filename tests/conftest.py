@@ -1,16 +1,14 @@
 """Test setup: a fake 8-device CPU mesh, quiet TensorFlow, float32 matmuls, shared paths."""
+import collections
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-# The suite's main cost is compiling many tiny programs that then run in microseconds: compile
-# them at XLA's lowest CPU backend optimisation (about 30% less compile time measured here; the
-# programs' HLO is unchanged; results may differ in the last bits, within every tolerance the tests use).
-for _flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"):
-    if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
-        os.environ["XLA_FLAGS"] += " " + _flag
+import xla_env  # noqa: E402  (tests/ is on sys.path: rootdir-relative conftest)
+
+# A fake 8-device CPU mesh (unless the caller set a device count), compiled cheaply (xla_env).
+_count = next((f.split("=")[1] for f in os.environ.get("XLA_FLAGS", "").split()
+               if f.startswith(xla_env.DEVICE_COUNT + "=")), "8")
+os.environ["XLA_FLAGS"] = xla_env.flags(int(_count))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent XLA compilation cache for the session and every subprocess it starts: the suite
 # compiles the same tiny programs in many tests and CLI runs; a cache hit skips only compilation.
@@ -52,3 +50,11 @@ def t5x_fixtures() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def doa_data() -> pathlib.Path:
     return require_shared(DATA)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first, the most first: xdist (`--dist loadfile`) hands out whole files
+    in this order, so the long files start early on both workers and the short ones fill in at the
+    end (its default order, most tests first, left the few-test long files for a one-worker tail)."""
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])

@@ -11,9 +11,10 @@ import pathlib
 import sys
 
 PROCESS_ID, NUM_PROCESSES, PORT = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-# tests/conftest.py's compile flags: the programs are those of a 1-process run in the test session.
-os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={8 // NUM_PROCESSES} "
-                           "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import xla_env  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_env.flags(8 // NUM_PROCESSES)   # the session's compile flags
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -16,9 +16,11 @@ import sys
 import time
 
 PROCESS_ID, NUM_PROCESSES, PORT = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // NUM_PROCESSES}"
-os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import xla_env  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_env.flags(8 // NUM_PROCESSES)
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 

@@ -11,9 +11,11 @@ import pathlib
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import xla_env  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_env.flags(8)
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 

@@ -237,6 +237,7 @@ def test_bad_inputs_are_rejected():
 # ----------------------------------------------------------------------------------------- mesh
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data,model_axis", [(2, 4), (8, 1)])
 def test_decoding_with_sharded_params_under_a_mesh_matches_unsharded(biased, data, model_axis):
     params, enc = biased, ENC

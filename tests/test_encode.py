@@ -1,10 +1,12 @@
 """The NumPy encoder of in-memory pools equals the SeqIO pipeline token for token."""
 import numpy as np
+import pytest
 
 from doa_jax.data import cards, encode, pipeline, pools
 from data_helpers import task_vocab
 
 
+@pytest.mark.slow
 def test_numpy_encoding_equals_the_seqio_pipeline(doa_data):
     card = cards.load_card("wlp")
     vocab = task_vocab(str(doa_data))

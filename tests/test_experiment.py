@@ -51,6 +51,7 @@ def distilling(cfg, **changes):
     return dataclasses.replace(cfg, strategy="distill", distill=dataclasses.replace(cfg.distill, **changes))
 
 
+@pytest.mark.slow
 def test_annotate_and_distill_on_real_wlp_each_produce_a_row_with_entity_f1(wlp):
     rows = {s: experiment.run_cell(dataclasses.replace(wlp, strategy=s)) for s in ("annotate", "distill")}
     ann, dist = rows["annotate"], rows["distill"]

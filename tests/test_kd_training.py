@@ -62,6 +62,7 @@ def test_kd_without_teacher_logits_in_the_batch_is_an_error():
         losses.sequence_loss(cfg, STUDENT, batch, *losses.loss_weights(cfg, batch))
 
 
+@pytest.mark.slow
 def test_student_trained_on_stored_top_k_logits_moves_toward_the_teacher(tmp_path):
     cfg = tiny_config()
     teacher = Transformer(cfg)

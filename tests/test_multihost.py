@@ -26,7 +26,6 @@ def _env() -> dict:
     """The children inherit the session's compilation cache (tests/conftest.py)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.pop("XLA_FLAGS", None)
     return env
 
 

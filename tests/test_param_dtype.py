@@ -60,6 +60,7 @@ def test_bad_param_dtype_is_refused_naming_the_field(tmp_path):
 ADAFACTOR = OptimizerConfig(name="adafactor", learning_rate=1e-2)
 
 
+@pytest.mark.slow
 def test_bf16_params_train_and_checkpoint_in_bf16(tmp_path):
     cfg = tiny_config(scan_layers=True)
     run = run_config(tmp_path, train_steps=3, optimizer=ADAFACTOR, param_dtype="bfloat16", checkpoint_every=3)

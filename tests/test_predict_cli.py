@@ -2,14 +2,17 @@
 import json
 
 import numpy as np
+import pytest
 
 import doa_jax
 from doa_jax import cli, decoding
 from doa_jax.distill import store as teacher_store
 from doa_jax.data.encode import encode_texts
 from doa_jax.data.vocab import load_vocab
+import xla_env
 
 
+@pytest.mark.slow
 def test_predict_writes_a_store_equal_to_greedy_decoding_and_reuses_it(tmp_path, capsys, t5x_fixtures):
     vocab_path = t5x_fixtures / "train_run" / "tiny_spm.model"  # 46 pieces + 100 extra ids, padded to 256
     teacher = doa_jax.load_model("tiny", seed=2, vocab_size=256)
@@ -82,6 +85,7 @@ def test_predict_without_a_teacher_is_a_clear_error(capsys, tmp_path):
     assert "--checkpoint and --vocab are required" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_predict_killed_mid_run_resumes_without_recomputing_finished_chunks(tmp_path, capsys, t5x_fixtures):
     import os
     import signal
@@ -96,7 +100,7 @@ def test_a_predict_killed_mid_run_resumes_without_recomputing_finished_chunks(tm
     argv = ["predict", "--checkpoint", ckpt, "--vocab", str(vocab_path), "--inputs", str(inputs),
             "--out", str(tmp_path / "stores"), "--max-decode-len", "8", "--inputs-length", "12",
             "--batch-size", "8", "--chunk-size", "2", "--dtype", "float32"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_env.flags(1)}
     child = subprocess.Popen([sys.executable, "-m", "doa_jax", *argv], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -117,6 +117,7 @@ def test_a_cell_already_running_elsewhere_is_refused_with_its_holder(tmp_path):
     assert run_cell(cell)["status"] == "infeasible"     # the lock died with its process
 
 
+@pytest.mark.slow
 def test_a_diverging_student_marks_its_row_diverged(tmp_path):
     from doa_jax import gin_utils
     from doa_jax.experiment import run_cell

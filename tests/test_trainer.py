@@ -23,6 +23,7 @@ from train_helpers import (copy_arrays, eval_source, flat, metric_rows, run_conf
 ADAMW = OptimizerConfig(name="adamw", learning_rate=3e-3)
 
 
+@pytest.mark.slow
 def test_tiny_t5_learns_a_copy_task(tmp_path):
     cfg = tiny_config()
     trainer = Trainer(cfg, run_config(tmp_path, batch_size=32, train_steps=150, log_every=50, optimizer=ADAMW))
