@@ -71,7 +71,8 @@ def main() -> int:
     advice, wall, cpu = run_advice(out, args.start_labels, args.budget, env)
     load = os.getloadavg()[0]
     print(f"doa advise --task demo --start-labels {args.start_labels} --budget {args.budget:g} ({out}); "
-          f"compilation cache {'as doa left it (warm)' if args.warm else 'empty at the start (cold)'}")
+          f"compilation cache {'as doa left it (warm)' if args.warm else 'empty at the start (cold)'} "
+          f"({env.get('JAX_COMPILATION_CACHE_DIR', '~/.cache/doa_jax/xla')})")
     print(f"  pilots + advice: {wall:.1f} s wall, {cpu:.1f} s CPU on {os.cpu_count()} cores "
           f"(load average {load_before:.1f} before, {load:.1f} after); target < {TARGET_S:.0f} s wall: {'PASS' if wall < TARGET_S else 'FAIL'}")
     print(f"  {advice['verdict']}")

@@ -41,7 +41,8 @@ def main() -> int:
         return proc.returncode
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     print(f"doa demo on {os.cpu_count()} CPU cores ({out}); compilation cache "
-          f"{'as doa left it (warm)' if args.warm else 'empty at the start (cold)'}; load average "
+          f"{'as doa left it (warm)' if args.warm else 'empty at the start (cold)'} "
+          f"({env.get('JAX_COMPILATION_CACHE_DIR', '~/.cache/doa_jax/xla')}); load average "
           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"{'cell':<22} {'status':<10} {'metric':>8} {'spent $':>9} {'wall s':>8}")
     for r in rows:

@@ -15,7 +15,9 @@ def test_the_demo_vocabulary_fits_the_demo_models(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_both_arms_and_writes_results_report_and_plots(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--budgets", "2", "--quiet", "--start-labels", "64"]) == 0
+    # Few epochs keep it cheap: the test checks the machinery, not the scores.
+    assert cli.main(["demo", "--out", str(tmp_path), "--budgets", "2", "--quiet", "--start-labels", "64",
+                     "--gin", "TEACHER_EPOCHS = 8", "--gin", "STUDENT_EPOCHS = 8", "--gin", "DISTILL_EPOCHS = 1"]) == 0
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [(r["strategy"], r["status"]) for r in rows] == [("annotate", "ok"), ("distill", "ok")]
@@ -26,6 +28,7 @@ def test_demo_runs_both_arms_and_writes_results_report_and_plots(tmp_path, capsy
     # the table says so, with what each cell took on this machine.
     assert {r["cost_profile"]["name"] for r in rows} == {"paper"} and "cost profile paper" in out
     assert all(r["wall_seconds"] > 0 for r in rows) and "| here: " in out
+    assert "who wins (higher metric):\n  +$2: " in out
     assert (tmp_path / "report.md").exists() and list((tmp_path / "plots").glob("*.png"))
 
 
