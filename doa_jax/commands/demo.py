@@ -61,7 +61,18 @@ def run(args) -> int:
         print("  " + format_row(row))
     print("\n" + who_wins(rows))
     print(f"\ndone in {time.perf_counter() - started:.0f} s: {args.out}/results.jsonl, {path}, {args.out}/plots/")
+    print(_cache_note())
     return 0
+
+
+def _cache_note() -> str:
+    """Where this run's compiled programs went (a rerun reads them instead of compiling)."""
+    import jax
+
+    where = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+    if not where:
+        return "compiled programs were not cached (DOA_COMPILATION_CACHE=off): a rerun compiles them again"
+    return f"compiled programs are cached in {where}: a rerun skips their compilation (seconds above include it)"
 
 
 def who_wins(rows: list[dict]) -> str:
