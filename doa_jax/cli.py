@@ -61,13 +61,16 @@ def compilation_cache() -> str | None:
     dozens). Set through the environment before JAX is imported, and through jax.config when it
     already is (`doa` called in-process, e.g. by tests).
     """
+    jax = sys.modules.get("jax")
     if os.environ.get(CACHE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
+        os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"   # also a JAX_COMPILATION_CACHE_DIR set elsewhere
+        if jax is not None:
+            jax.config.update("jax_enable_compilation_cache", False)
         return None
     default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
                            "doa_jax", "xla")
     directory = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", default)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    jax = sys.modules.get("jax")
     if jax is not None:   # imported before: its config read the environment then
         if jax.config.jax_compilation_cache_dir is None:
             jax.config.update("jax_compilation_cache_dir", directory)

@@ -50,6 +50,8 @@ def main() -> int:
         spent = r.get("spent_total_usd")
         print(f"{r['strategy'] + ' +$' + format(r['extra_budget_usd'], 'g'):<22} {r['status']:<10} {value:>8} "
               f"{'-' if spent is None else format(spent, '.3f'):>9} {r['wall_seconds']:>8.1f}")
+    summary = proc.stdout[proc.stdout.find("who wins"):] if "who wins" in proc.stdout else ""
+    print(summary.rstrip())
     verdict = "PASS" if total < TARGET_S else "FAIL"
     print(f"{'total (incl. start-up, report)':<22} {'':<10} {'':>8} {'':>9} {total:>8.1f}  "
           f"target < {TARGET_S:.0f} s: {verdict}; {cpu:.0f} CPU s")
