@@ -9,7 +9,7 @@ Pilots come from `--pilots FILE` (JSON lines {"strategy", "labels", "unlabeled",
 `--pilots`, cheap pilot cells are run in `--out DIR` first (annotate at a few label counts up to
 the start labels; distill with the start-label teacher at a few unlabeled counts), reusing any
 already there. Examples:
-    doa advise --task demo --start-labels 200 --budget 1 --out advise_demo
+    doa advise --task demo --start-labels 100 --budget 5 --out advise_demo
     doa advise --task nq --start-labels 1000 --budget 50 --pilots nq_pilots.jsonl --json
 """
 from __future__ import annotations
