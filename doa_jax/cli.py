@@ -7,6 +7,7 @@ heavy imports (JAX, TensorFlow) inside `run`, so `doa --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -30,6 +31,11 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# The persistent XLA compilation cache (`compilation_cache`): where it lives unless the user set
+# JAX_COMPILATION_CACHE_DIR, and the switch that turns it off.
+CACHE_ENV = "DOA_COMPILATION_CACHE"
+
+
 class UserError(Exception):
     """A problem with the user's input: printed as one clear line, exit code 2, no traceback."""
 
@@ -43,9 +49,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def compilation_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache for this process; returns its directory (None: off).
+
+    The cells of a demo, sweep or advice, and reruns of a command, compile the same programs again
+    (each process, and each new model or loss, builds its own jitted functions); with the cache a
+    repeated compile of an identical program is a file read (MaxText turns its `jax_cache_dir` on by
+    default too). The directory is JAX_COMPILATION_CACHE_DIR when set, else
+    $XDG_CACHE_HOME/doa_jax/xla (~/.cache/doa_jax/xla); DOA_COMPILATION_CACHE=off turns it off.
+    Programs are cached however fast they compiled (the demo's take a second each, and there are
+    dozens). Set through the environment before JAX is imported, and through jax.config when it
+    already is (`doa` called in-process, e.g. by tests).
+    """
+    jax = sys.modules.get("jax")
+    if os.environ.get(CACHE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
+        os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"   # also a JAX_COMPILATION_CACHE_DIR set elsewhere
+        if jax is not None:
+            jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                           "doa_jax", "xla")
+    directory = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", default)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    if jax is not None:   # imported before: its config read the environment then
+        if jax.config.jax_compilation_cache_dir is None:
+            jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+        directory = jax.config.jax_compilation_cache_dir
+    return directory
+
+
+@contextlib.contextmanager
+def compilation_cache_off():
+    """Inside, programs compile afresh: the persistent cache is neither read nor written.
+
+    For `doa calibrate`, which times a cold compile (what a run pays on a machine whose cache does
+    not hold its programs yet). JAX decides once per process whether it uses the cache, so the
+    decision is reset on the way in and on the way out.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    jax_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        jax_cache.reset_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
+    compilation_cache()
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, ValueError) as e:

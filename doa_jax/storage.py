@@ -100,6 +100,19 @@ def _fs(p: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(s)
 
 
+def read_bytes(p: str | os.PathLike) -> bytes:
+    """The bytes of the file at `p` (a local path or any fsspec URL); FileNotFoundError when absent."""
+    if not is_url(p):
+        return pathlib.Path(p).read_bytes()
+    fs, key = _fs(p)
+    return fs.cat_file(key)
+
+
+def join(p: str | os.PathLike, name: str) -> str:
+    """`p/name` for a local path or a URL (any fsspec scheme), as a string."""
+    return f"{os.fspath(p).rstrip('/')}/{name}" if is_url(p) else os.path.join(os.fspath(p), name)
+
+
 def makedirs(p: str | os.PathLike) -> None:
     """Creates a local directory (and parents); nothing on an object store."""
     if not is_url(p):

@@ -270,3 +270,17 @@ def test_demo_pilot_cells_train_on_exactly_the_pilot_label_and_input_counts(tmp_
     plan = cells.planner.plan("distill", dist.start_labels, dist.extra_budget_usd,
                               unlabeled_available=dist.distill.max_unlabeled)
     assert (dist.strategy, dist.start_labels, plan.unlabeled_used, plan.feasible) == ("distill", 200, 64, True)
+
+
+def test_pilots_are_read_from_and_the_plot_written_to_an_object_store(tmp_path, capsys):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/advise_in/pilots.jsonl", paper_pilot_file(tmp_path).read_bytes())
+    argv = ["advise", "--task", "nq", "--start-labels", "1000", "--budget", "50", "--pilots",
+            "memory://advise_in/pilots.jsonl", "--out", "memory://advise_out", "--json", "--bootstrap", "300"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["recommended"] == "distill" and out["plot"] == "memory://advise_out/advise.png"
+    assert fs.cat_file("/advise_out/advise.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fs.size("/advise_out/advise.png") > 10_000

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from doa_jax import cli
+from doa_jax.commands import demo as demo_cmd
 from doa_jax.data import demo as demo_task
 
 
@@ -14,7 +15,9 @@ def test_the_demo_vocabulary_fits_the_demo_models(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_both_arms_and_writes_results_report_and_plots(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--budgets", "2", "--quiet", "--start-labels", "64"]) == 0
+    # Few epochs keep it cheap: the test checks the machinery, not the scores.
+    assert cli.main(["demo", "--out", str(tmp_path), "--budgets", "2", "--quiet", "--start-labels", "64",
+                     "--gin", "TEACHER_EPOCHS = 8", "--gin", "STUDENT_EPOCHS = 8", "--gin", "DISTILL_EPOCHS = 1"]) == 0
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [(r["strategy"], r["status"]) for r in rows] == [("annotate", "ok"), ("distill", "ok")]
@@ -25,4 +28,23 @@ def test_demo_runs_both_arms_and_writes_results_report_and_plots(tmp_path, capsy
     # the table says so, with what each cell took on this machine.
     assert {r["cost_profile"]["name"] for r in rows} == {"paper"} and "cost profile paper" in out
     assert all(r["wall_seconds"] > 0 for r in rows) and "| here: " in out
+    assert "who wins (higher metric):\n  +$2: " in out
     assert (tmp_path / "report.md").exists() and list((tmp_path / "plots").glob("*.png"))
+
+
+def _row(strategy, budget, value, status="ok"):
+    return {"strategy": strategy, "extra_budget_usd": budget, "value": value, "status": status}
+
+
+def test_who_wins_names_the_budgets_between_which_distillation_overtakes():
+    rows = [_row("annotate", 5, 59.1), _row("annotate", 10, 66.3), _row("annotate", 20, 67.0),
+            _row("distill", 5, None, "infeasible"), _row("distill", 10, 26.7), _row("distill", 20, 70.2)]
+    text = demo_cmd.who_wins(rows)
+    assert "+$5: annotate 59.1 (the only arm that ran)" in text and "+$10: annotate 66.3 vs 26.7" in text
+    assert "+$20: distill 70.2 vs 67.0" in text
+    assert text.endswith("distill overtakes between +$10 and +$20")
+
+
+def test_who_wins_says_so_when_one_arm_leads_everywhere():
+    rows = [_row("annotate", 10, 66.3), _row("distill", 10, 26.7), _row("annotate", 20, 67.0), _row("distill", 20, 54.9)]
+    assert demo_cmd.who_wins(rows).endswith("annotate leads at every budget: no crossover in this range")

@@ -9,14 +9,13 @@ Pilots come from `--pilots FILE` (JSON lines {"strategy", "labels", "unlabeled",
 `--pilots`, cheap pilot cells are run in `--out DIR` first (annotate at a few label counts up to
 the start labels; distill with the start-label teacher at a few unlabeled counts), reusing any
 already there. Examples:
-    doa advise --task demo --start-labels 200 --budget 1 --out advise_demo
+    doa advise --task demo --start-labels 100 --budget 5 --out advise_demo
     doa advise --task nq --start-labels 1000 --budget 50 --pilots nq_pilots.jsonl --json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 import tempfile
 import time
@@ -146,6 +145,7 @@ def run_pilots(args, cells: Cells, pricing) -> list[dict]:
 
 def gather_pilots(args, task_names, cells) -> tuple[list, list[str]]:
     """Pilots from --pilots and from the finished cells of --out (rows of this task and models)."""
+    from doa_jax import storage
     from doa_jax.experiment import advise, results
     from doa_jax.experiment.cell import size_name
 
@@ -153,7 +153,7 @@ def gather_pilots(args, task_names, cells) -> tuple[list, list[str]]:
     if args.pilots:
         pilots += advise.read_pilots(args.pilots)
     if args.out:
-        path = pathlib.Path(args.out) / results.RESULTS_FILE
+        path = storage.join(args.out, results.RESULTS_FILE)
         rows = results.read_rows(path)
         mine = [r for r in rows if r.get("task") in task_names and (cells is None or (
             r.get("student") == size_name(cells.base.student) and r.get("teacher") == size_name(cells.base.teacher)))]
@@ -165,13 +165,14 @@ def gather_pilots(args, task_names, cells) -> tuple[list, list[str]]:
 
 
 def run(args) -> int:
+    from doa_jax import storage
     from doa_jax.data import cards
     from doa_jax.experiment import advise
     from doa_jax.model import config_for_size
 
     _check_args(args)
     started = time.perf_counter()
-    plot_to = args.plot or pathlib.Path(args.out or ".") / "advise.png"
+    plot_to = args.plot or storage.join(args.out or ".", "advise.png")
     if args.out is None and args.task == "demo":   # the demo's vocabulary is built in a cache directory
         args.out = tempfile.mkdtemp(prefix="doa_advise_")
     cells = Cells(args) if (args.task == "demo" or args.pilots is None) else None

@@ -49,7 +49,10 @@ def run(args) -> int:
                                     optimizer=args.optimizer, reps=args.reps, warmup=args.warmup, run_steps=args.run_steps,
                                     inputs_length=args.inputs_length, targets_length=args.targets_length,
                                     vocab_size=args.vocab_size)
-    record = calibration.calibrate(settings)
+    from doa_jax.cli import compilation_cache_off
+
+    with compilation_cache_off():   # a calibration times cold compiles, not reads of doa's compilation cache
+        record = calibration.calibrate(settings)
     path = calibration.write_calibration(record, args.out)
     print(f"calibrated {record['device_count']} x {record['device_kind']} (priced as {record['accelerator']}) on "
           f"{record['task']} at {record['lengths']['inputs']}/{record['lengths']['targets']} tokens, batch "

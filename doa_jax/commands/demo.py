@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-labels", type=int, default=START_LABELS, help="labels already bought")
     p.add_argument("--quiet", action="store_true", help="no per-step training lines")
+    p.add_argument("--gin", action="append", default=[], metavar="BINDING",
+                   help="a gin binding after the demo's own, e.g. 'TEACHER_EPOCHS = 10' (repeatable)")
     p.set_defaults(func=run)
 
 
@@ -43,7 +45,8 @@ def run(args) -> int:
     for i, (strategy, budget) in enumerate(cells, 1):
         gin_utils.parse(["runs/experiment.gin", "runs/demo_models.gin"],
                         [f"STRATEGY = '{strategy}'", f"EXTRA_BUDGET_USD = {budget}", f"START_LABELS = {args.start_labels}",
-                         f"OUTPUT_DIR = '{args.out}'", f"SEED = {args.seed}", f"CellConfig.verbose = {not args.quiet}"])
+                         f"OUTPUT_DIR = '{args.out}'", f"SEED = {args.seed}", f"CellConfig.verbose = {not args.quiet}"]
+                        + list(args.gin))
         cell = gin_utils.macro("CELL")
         if i == 1:
             gin_utils.write_operative_config(args.out)
@@ -56,5 +59,40 @@ def run(args) -> int:
           f"{profile.get('name', '?')}: {profile.get('source', '')}):")
     for row in rows:
         print("  " + format_row(row))
+    print("\n" + who_wins(rows))
     print(f"\ndone in {time.perf_counter() - started:.0f} s: {args.out}/results.jsonl, {path}, {args.out}/plots/")
+    print(_cache_note())
     return 0
+
+
+def _cache_note() -> str:
+    """Where this run's compiled programs went (a rerun reads them instead of compiling)."""
+    import jax
+
+    where = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+    if not where:
+        return "compiled programs were not cached (DOA_COMPILATION_CACHE=off): a rerun compiles them again"
+    return f"compiled programs are cached in {where}: a rerun skips their compilation (seconds above include it)"
+
+
+def who_wins(rows: list[dict]) -> str:
+    """Which arm scores higher at each budget, and between which budgets the lead changes hands (a
+    cell that could not run, e.g. distillation below the teacher's price, loses to one that did)."""
+    scores: dict[float, dict[str, float]] = {r["extra_budget_usd"]: {} for r in rows}
+    for r in rows:
+        if r.get("value") is not None and r.get("status") in ("ok", "capped"):
+            scores[r["extra_budget_usd"]][r["strategy"]] = r["value"]
+    budgets, lines, leaders = sorted(scores), [], []
+    for b in budgets:
+        ran = scores[b]
+        best = max(ran, key=ran.get) if ran else None
+        leaders.append(best)
+        rest = [v for k, v in ran.items() if k != best]
+        lines.append(f"  +${b:g}: " + ("nothing ran" if best is None else f"{best} {ran[best]:.1f}" + (
+            f" vs {max(rest):.1f}" if rest else " (the only arm that ran)")))
+    changes = [f"{leaders[i]} overtakes between +${budgets[i - 1]:g} and +${budgets[i]:g}"
+               for i in range(1, len(budgets)) if None not in leaders[i - 1:i + 1] and leaders[i] != leaders[i - 1]]
+    lead = next((x for x in leaders if x), None)
+    verdict = "; ".join(changes) if changes else (
+        f"{lead} leads at every budget: no crossover in this range" if lead else "no arm ran")
+    return "who wins (higher metric):\n" + "\n".join(lines) + f"\n  {verdict}"

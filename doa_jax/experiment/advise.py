@@ -31,14 +31,15 @@ spending, from a few cheap pilot results (or earlier results, or the paper's own
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
-import pathlib
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from doa_jax import storage
 from doa_jax.experiment import cost_profiles, planner, strategies
 from doa_jax.model.config import T5Config
 
@@ -127,12 +128,13 @@ def pilot_from_json(raw: Any, where: str) -> Pilot:
 
 
 def read_pilots(path: str | os.PathLike) -> list[Pilot]:
-    """Pilots from a JSON-lines file, validated line by line (errors name file:line:field)."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"pilots file {path} does not exist")
+    """Pilots from a JSON-lines file (local or a URL), validated line by line (errors name file:line:field)."""
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"pilots file {path} does not exist") from None
     pilots = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -571,10 +573,11 @@ def _band(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     return np.quantile(samples, q, axis=0), np.quantile(samples, 1 - q, axis=0)
 
 
-def plot(advice: Advice, path: str | os.PathLike) -> pathlib.Path:
+def plot(advice: Advice, path: str | os.PathLike) -> str:
     """Both fitted curves with their bands, the pilots, what the budget buys and the chosen point.
 
-    matplotlib is imported here (Agg backend): it is only needed for this picture.
+    matplotlib is imported here (Agg backend): it is only needed for this picture. The PNG is
+    written through `doa_jax.storage` (a local path or a URL such as gs://).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -622,8 +625,8 @@ def plot(advice: Advice, path: str | os.PathLike) -> pathlib.Path:
                  f"{r.name}, {r.expected:.1f} [{r.interval[0]:.1f}, {r.interval[1]:.1f}], P(best) {advice.p_best:.2f}",
                  fontsize=10)
     fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return path
+    storage.write_atomic(path, png.getvalue())
+    return os.fspath(path)
