@@ -181,6 +181,13 @@ def generate(model: ModelSpec, params: Any, encoder_input_tokens: Any, max_decod
 _FLOAT32_PARAMS = ("decoder/logits_dense/kernel",)
 
 
+def clear_compiled() -> None:
+    """Forget this process's compiled decoders, so the next call compiles afresh (what a fresh
+    process pays once; `doa calibrate` times it)."""
+    _compiled_sampling.cache_clear()
+    _compiled_beam.cache_clear()
+
+
 def decoding_params(params: Any, model: ModelSpec) -> Any:
     """Params cast once to the activation dtype, for decoding.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -29,7 +30,10 @@ PHASE_PROGRAMS = {"teacher_finetune": ["teacher_train"], "teacher_inference": ["
 
 
 def doa(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "doa_jax", *args], capture_output=True, text=True)
+    # Cold compiles on both sides: `doa calibrate` times a cold compile (the cache off), so each cell
+    # runs with the persistent compilation cache off too (a cached rerun would pay less than charged).
+    env = {**os.environ, "DOA_COMPILATION_CACHE": "off"}
+    done = subprocess.run([sys.executable, "-m", "doa_jax", *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"doa {args[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
 

@@ -31,6 +31,12 @@ def _score(module: Transformer, params: Any, enc: jax.Array, tokens: jax.Array, 
             jnp.where(valid[..., None] > 0, ids, 0))
 
 
+def clear_compiled() -> None:
+    """Forget the compiled scoring pass and decoders, so the next call compiles afresh."""
+    _score.clear_cache()
+    decoding.clear_compiled()
+
+
 def _valid_positions(tokens: jax.Array) -> jax.Array:
     """1.0 up to and including the first EOS (1); 0 after it and on padding."""
     is_eos = (tokens == decoding.EOS_ID).astype(jnp.int32)
