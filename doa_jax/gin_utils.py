@@ -28,10 +28,28 @@ import tokenize
 from typing import Any, Iterable, Optional
 
 import gin
+from gin import resource_reader
 
 from doa_jax import storage
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
+
+
+
+def _package_file_exists(path: str) -> bool:
+    """gin's check for a gin file inside a Python package, without its crash when the folder part
+    names a plain folder on sys.path (a namespace package, e.g. the `runs/` output folder next to
+    `include 'runs/sweep.gin'`): such a folder holds no packaged gin files."""
+    try:
+        return resource_reader.system_path_file_exists(path)
+    except TypeError:
+        return False
+
+
+# The project's gin files are found through search paths; the package-resource reader gin registers
+# stays (T5X-style `package/file.gin` names), with its existence check made safe.
+gin.config._FILE_READERS[:] = [(read, _package_file_exists if exists is resource_reader.system_path_file_exists
+                                else exists) for read, exists in gin.config._FILE_READERS]
 
 _registered = False
 _search_paths: list[pathlib.Path] = []

@@ -223,6 +223,16 @@ def test_missing_required_macro_is_named_with_its_file_and_line():
         gin_utils.parse(["models/t5_1_1_tiny.gin", "runs/finetune.gin"], bindings)
 
 
+def test_an_output_folder_named_like_a_gin_folder_does_not_break_includes(tmp_path, monkeypatch):
+    # `doa sweep` writes runs/<name>/ in the cwd, which is on sys.path (`python -m`, PYTHONPATH=$PWD);
+    # gin then took `include 'runs/sweep.gin'` for a file of a Python package `runs` and crashed.
+    (tmp_path / "runs" / "demo_sweep").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, cells = sweep.load_sweep(["sweeps/demo.gin"], [f"OUTPUT_DIR = '{tmp_path / 'out'}'"])
+    assert len(cells) == 12
+
+
 def test_t5x_style_flags_become_bindings():
     argv = ["--gin_file", "runs/finetune.gin", "--gin.MODEL_DIR=/tmp/run", "--gin.BATCH_SIZE=32",
             "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}", "--gin.TRAIN_CONFIG=@TrainConfig()",
