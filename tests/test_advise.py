@@ -272,6 +272,19 @@ def test_demo_pilot_cells_train_on_exactly_the_pilot_label_and_input_counts(tmp_
     assert (dist.strategy, dist.start_labels, plan.unlabeled_used, plan.feasible) == ("distill", 200, 64, True)
 
 
+def test_demo_options_cost_what_their_cells_then_charge(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(task="demo", start_labels=200, budget=5.0, out=str(tmp_path), seed=0, quiet=True,
+                              gin=[], gin_file=[], cost_profile=None, calibration=None)
+    cells = advise_cmd.Cells(args)
+    pricing = advise_cmd.option_pricing(args, cells.card, cells)
+    plan = cells.planner.plan("distill", 200, 1e9, unlabeled_available=1024)   # the cells' own planner
+    compute = pricing.price("distill", 200, 1024) - 200 * cells.card.annotation_cost_usd
+    assert compute == pytest.approx(plan.compute_usd, rel=1e-9)
+    assert plan.teacher_finetune_usd == pytest.approx(4.936, abs=0.001)   # 40 epochs (demo_models.gin), not 20
+
+
 def test_pilots_are_read_from_and_the_plot_written_to_an_object_store(tmp_path, capsys):
     import fsspec
 

@@ -15,6 +15,7 @@ already there. Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -164,11 +165,26 @@ def gather_pilots(args, task_names, cells) -> tuple[list, list[str]]:
     return pilots, notes
 
 
+def option_pricing(args, card, cells: "Cells | None"):
+    """How the options are priced. With cells to run (the demo, or pilots run here): as those cells
+    run and will charge (their models, lengths, epochs, batch, soft targets); with pilots from a file
+    only: the paper's XXL teacher and Small student under the profile's recipe."""
+    from doa_jax.experiment import advise
+    from doa_jax.experiment.pricing import recipe_of
+    from doa_jax.model import config_for_size
+
+    if cells is None:
+        return advise.pricing_for(card, args.cost_profile, args.calibration, teacher=config_for_size("xxl"),
+                                  student=config_for_size("small"))
+    teacher, student = cells.base.pricing_models()
+    return advise.pricing_for(dataclasses.replace(card, feature_lengths=dict(cells.setup.lengths)), args.cost_profile,
+                              args.calibration, teacher=teacher, student=student, **recipe_of(cells.base))
+
+
 def run(args) -> int:
     from doa_jax import storage
     from doa_jax.data import cards
     from doa_jax.experiment import advise
-    from doa_jax.model import config_for_size
 
     _check_args(args)
     started = time.perf_counter()
@@ -178,8 +194,7 @@ def run(args) -> int:
     cells = Cells(args) if (args.task == "demo" or args.pilots is None) else None
     card = cells.card if cells else cards.load_card(args.task)
     task_names = {args.task, card.name}
-    teacher, student = cells.base.pricing_models() if cells else (config_for_size("xxl"), config_for_size("small"))
-    pricing = advise.pricing_for(card, args.cost_profile, args.calibration, teacher=teacher, student=student)
+    pricing = option_pricing(args, card, cells)
     if args.pilots is None:
         run_pilots(args, cells, pricing)
     pilots, notes = gather_pilots(args, task_names, cells)

@@ -553,14 +553,17 @@ def planner_pricing(plan, usd_per_label: float, note: str) -> Pricing:
 
 
 def pricing_for(card, profile_name: Optional[str], calibration_path: Optional[str], *, teacher: T5Config,
-                student: T5Config, accelerator: Optional[str] = None, mfu: Optional[float] = None) -> Pricing:
+                student: T5Config, accelerator: Optional[str] = None, mfu: Optional[float] = None,
+                **recipe: Any) -> Pricing:
     """The pricing callback for `card` under a cost profile, through the planner (`build_planner`):
     `paper` (the paper's accounting, fitted to its costs), `calibrated` (a `doa calibrate` file) or
-    `mfu` (an assumed MFU, said so). None: `calibrated` when a calibration is given, else `paper`."""
+    `mfu` (an assumed MFU, said so). None: `calibrated` when a calibration is given, else `paper`.
+    `recipe` (epochs, batch size, soft targets: `build_planner`'s settings) prices the runs the
+    advice is about as they will run; unset, the profile's recipe (the paper's runs) applies."""
     name = profile_name or cost_profiles.default_profile_name(calibration_path)
     profile = cost_profiles.load_profile(name, accelerator=accelerator if name == "mfu" else None,
                                          calibration=calibration_path, mfu=mfu)
-    plan, lengths = planner.build_planner(card, teacher, student, profile)
+    plan, lengths = planner.build_planner(card, teacher, student, profile, **recipe)
     pricing = planner_pricing(plan, card.annotation_cost_usd,
                               f"cost profile {name}: {profile.source}; lengths: {lengths['source']}")
     return dataclasses.replace(pricing, profile=name)

@@ -30,6 +30,12 @@ def profile_name(cfg: CellConfig) -> str:
     return "paper" if cfg.distill.soft_targets == "online" else "mfu"
 
 
+def recipe_of(cfg: CellConfig) -> dict[str, Any]:
+    """The cell's settings that set its price (`planner.build_planner`'s keywords)."""
+    return dict(soft_targets=cfg.distill.soft_targets, teacher_epochs=cfg.epochs.teacher,
+                student_epochs=cfg.epochs.student, distill_epochs=cfg.epochs.distill, batch_size=cfg.train.batch_size)
+
+
 @dataclasses.dataclass
 class Pricer:
     """The cell's profile and the planner built on it; prices each phase's work."""
@@ -45,9 +51,7 @@ class Pricer:
                                              calibration=p.calibration, mfu=p.mfu)
         teacher, student = cfg.pricing_models()
         plan, priced = planner.build_planner(
-            dataclasses.replace(card, feature_lengths=dict(lengths)), teacher, student, profile,
-            soft_targets=cfg.distill.soft_targets, teacher_epochs=cfg.epochs.teacher,
-            student_epochs=cfg.epochs.student, distill_epochs=cfg.epochs.distill, batch_size=cfg.train.batch_size)
+            dataclasses.replace(card, feature_lengths=dict(lengths)), teacher, student, profile, **recipe_of(cfg))
         return cls(profile, plan, priced)
 
     def describe(self) -> dict[str, Any]:
