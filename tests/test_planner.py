@@ -132,6 +132,12 @@ def test_u_on_a_grid_is_the_largest_grid_value_the_budget_covers(toy):
     assert not none.feasible and "does not cover the grid's smallest U=300 ($5.40)" in none.reason
 
 
+def test_a_pool_below_every_grid_value_is_bought_whole_and_the_plan_says_the_pool_caps_u(toy):
+    p = toy.plan("distill", 100, 10.0, unlabeled_available=50, unlabeled_grid=[100, 200])
+    assert p.unlabeled_used == 50
+    assert p.note == "the unlabeled pool (50 inputs) caps U: $3.10 of the budget is unspent"
+
+
 def test_when_the_pool_caps_u_the_plan_says_so_with_the_unspent_budget(toy):
     p = toy.plan("distill", 100, 10.0, unlabeled_available=50)
     assert p.unlabeled_used == 50 and p.unspent_usd == pytest.approx(4.0 - 50 * 0.018)

@@ -276,7 +276,8 @@ class Planner:
                           grid: Optional[tuple[int, ...]]) -> tuple[int, str]:
         """The U to buy (largest affordable, on the grid when given) and, for U = 0, what was not covered."""
         if grid is not None:
-            points = [g for g in grid if available is None or g <= available] or [min(grid)]
+            # A pool smaller than every grid value: all of it (the cap note then says so).
+            points = [g for g in grid if available is None or g <= available] or [available]
             fits = [g for g in points if cost(g) <= left]
             return (max(fits) if fits else 0), f"the grid's smallest U={min(points)} (${cost(min(points)):.2f})"
         per_input = self.teacher_inference_usd(self.recipe.batch_size) / self.recipe.batch_size
