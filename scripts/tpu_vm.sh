@@ -54,7 +54,10 @@ case "$CMD" in
     ;;
   install)
     archive="/tmp/doa-jax-$$.tar.gz"
-    run tar -czf "$archive" -C "$REPO" --exclude=.git --exclude='*.egg-info' --exclude=__pycache__ .
+    # The checkout's files as git sees them (tracked, and new ones not ignored): no run outputs,
+    # caches or virtualenvs (runs/, demo_out/, .venv/ ... are git-ignored).
+    run bash -c "cd $(printf '%q' "$REPO") && git ls-files -z --cached --others --exclude-standard | \
+tar -czf $archive --null --ignore-failed-read -T -"
     run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:doa-jax.tar.gz" "${WHERE[@]}" --worker=all
     ssh_on all "mkdir -p $REMOTE_DIR && tar -xzf doa-jax.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR && \
 python3 -m pip install -q -c constraints.txt -e '.[gcs]' && python3 -m pip install -q 'jax[tpu]'"

@@ -352,6 +352,25 @@ def test_tpu_vm_starts_each_doa_command_on_every_worker_with_the_multihost_flag(
             r"--gin.OUTPUT_DIR=gs://b/run\ \>\ ~/doa.log") in line
 
 
+def test_tpu_vm_install_archives_the_checkout_without_git_ignored_outputs(tmp_path):
+    repo = tmp_path / "checkout"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "scripts" / "tpu_vm.sh").write_bytes((REPO / "scripts" / "tpu_vm.sh").read_bytes())
+    (repo / ".gitignore").write_text("/runs/\n")
+    (repo / "runs" / "demo_sweep").mkdir(parents=True)
+    (repo / "runs" / "demo_sweep" / "results.jsonl").write_text("{}\n")
+    (repo / "new_module.py").write_text("x = 1\n")   # not committed yet: still shipped
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", ".gitignore", "scripts"], cwd=repo, check=True)
+    out = subprocess.run(["bash", str(repo / "scripts" / "tpu_vm.sh"), "--dry-run", "install"], capture_output=True,
+                         text=True, timeout=30, env=dict(os.environ, TPU_NAME="doa-pod", ZONE="z"))
+    archive_line = out.stdout.splitlines()[0]
+    subprocess.run(archive_line[2:], shell=True, check=True, executable="/bin/bash")   # run what it printed
+    archive = archive_line.split("tar\\ -czf\\ ")[1].split("\\ ")[0]
+    names = subprocess.run(["tar", "-tzf", archive], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(names) == [".gitignore", "new_module.py", "scripts/tpu_vm.sh"]
+
+
 def test_tpu_vm_refuses_an_unknown_doa_command():
     out = _tpu_vm("start", "demo")
     assert out.returncode == 2 and "start needs train, run or sweep" in out.stderr and out.stdout == ""
