@@ -78,7 +78,7 @@ def test_a_calibration_file_is_written_to_and_read_from_gcs(gcs):
     from doa_jax.experiment import calibration, cost_profiles
 
     record = {"format": cost_profiles.CALIBRATION_FORMAT, "date": "2026-11-29", "jax_version": "0",
-              "device_kind": "cpu", "device_count": 1, "accelerator": "cpu", "task": "demo_protocols",
+              "device_kind": "cpu", "device_count": 1, "accelerator": "cpu", "task": "demo",
               "teacher": {"size": "t5_1_1_tiny", "params": 1}, "student": {"size": "t5_1_1_tiny", "params": 1},
               "lengths": {"inputs": 40, "targets": 48}, "batch_size": 8,
               "programs": {"teacher_train": {"examples_per_s": 8.0, "startup_s": 3.0}}}

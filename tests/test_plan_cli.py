@@ -57,7 +57,7 @@ def test_when_the_pool_caps_u_the_plan_says_so_and_reports_the_unspent_budget(ca
 def _calibration(tmp_path, **changes):
     """A hand-made calibration: tiny models on the demo task, batch 8, round throughputs."""
     record = {"format": "doa-calibration/1", "date": "2026-01-01", "jax_version": "0", "device_kind": "cpu",
-              "device_count": 1, "accelerator": "toy", "task": "demo_protocols",
+              "device_count": 1, "accelerator": "toy", "task": "demo",
               "teacher": {"size": "t5_1_1_tiny", "params": config_for_size("tiny", vocab_size=384).num_params()},
               "student": {"size": "t5_1_1_tiny", "params": config_for_size("tiny", vocab_size=384).num_params()},
               "lengths": {"inputs": 40, "targets": 48}, "batch_size": 8,
@@ -92,7 +92,7 @@ def test_a_calibration_prices_measured_examples_per_second(capsys, tmp_path):
 @pytest.mark.parametrize("change,argv,message", [
     ({}, ["--student", "small"], "measured for a student of"),
     ({}, ["--accelerator", "a100"], "was measured for accelerator 'toy', not 'a100'"),
-    ({"lengths": {"inputs": 32, "targets": 48}}, [], "was measured at inputs length 32 (task demo_protocols), "
+    ({"lengths": {"inputs": 32, "targets": 48}}, [], "was measured at inputs length 32 (task demo), "
                                                      "this prices 40"),
     ({"batch_size": 16}, [], "measured at batch size 16, this prices 8"),
     ({"programs": {"teacher_train": {"examples_per_s": -1}}}, [], "programs.teacher_train needs"),

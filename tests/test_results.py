@@ -78,7 +78,7 @@ def test_a_run_directory_from_before_the_new_cell_keys_says_which_rows_are_stale
     from doa_jax import gin_utils
     from doa_jax.experiment import run_cell
 
-    old = {k: v for k, v in row("0123456789abcdef", task="demo_protocols").to_json().items() if k != "key_version"}
+    old = {k: v for k, v in row("0123456789abcdef", task="demo").to_json().items() if k != "key_version"}
     (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
     gin_utils.parse(["runs/experiment.gin", "runs/demo_models.gin"],
                     ["STRATEGY = 'annotate'", "EXTRA_BUDGET_USD = 0", "START_LABELS = 0", f"OUTPUT_DIR = '{tmp_path}'",

@@ -172,7 +172,7 @@ class FakeRunner:
         self.calls.append(cell.key())
         if len(self.calls) == self.fail_at:
             raise RuntimeError("injected failure")
-        row = {"cell_key": cell.key(), "task": "demo_protocols", "strategy": cell.strategy,
+        row = {"cell_key": cell.key(), "task": "demo", "strategy": cell.strategy,
                "start_labels": cell.start_labels,
                "extra_budget_usd": cell.extra_budget_usd, "seed": cell.seed, "metric": "f1", "value": 10.0 + cell.seed,
                "status": "ok", "spent_total_usd": cell.extra_budget_usd / 2, "wall_seconds": 0.1}

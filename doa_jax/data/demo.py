@@ -14,7 +14,7 @@ from doa_jax.data import vocab as vocab_lib
 from doa_jax.data.cards import Card
 from doa_jax.data.pools import Pools
 
-NAME = "demo_protocols"
+NAME = "demo"   # the name users type (`--task demo`, TASK = 'demo'), in reports and plots too
 # Priced like WLP, whose format it copies.
 ANNOTATION_COST_USD = 0.26
 
