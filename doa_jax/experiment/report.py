@@ -509,15 +509,17 @@ def interval_text(cells: list[Cell]) -> str:
     examples = [c for c in done if c.interval is not None and c.examples_resampled]
     seeds_only = [c for c in done if c.interval is not None and not c.examples_resampled]
     none = [c for c in done if c.interval is None]
+    its = lambda group: "its" if len(group) == 1 else "their"   # noqa: E731
     parts = []
     if examples:
         several = sum(len(c.values) > 1 for c in examples)
-        parts.append(f"{len(examples)} resampled the test examples of each seed's predictions.jsonl (it keeps "
-                     "references)" + (f", {several} of them their seeds too" if several else ""))
+        parts.append(f"{len(examples)} resampled the test examples of {its(examples)} seeds' predictions.jsonl "
+                     "(they keep references)" + (f", {several} of them the seeds too" if several else ""))
     if seeds_only:
-        parts.append(f"{len(seeds_only)} resampled their seeds only (no per-example predictions)")
+        parts.append(f"{len(seeds_only)} resampled {its(seeds_only)} seeds only (no per-example predictions)")
     if none:
-        parts.append(f"{len(none)} have no interval (one seed and no per-example predictions)")
+        parts.append(f"{len(none)} {'has' if len(none) == 1 else 'have'} no interval (one seed and no "
+                     "per-example predictions)")
     seeds = sorted({len(c.values) for c in done})
     return (f"[a 95% bootstrap interval] of the mean ({BOOTSTRAP_RESAMPLES} resamples). Of the {len(done)} "
             f"cell(s) with a result, " + "; ".join(parts)
