@@ -593,7 +593,8 @@ def _buys(ax, advice: Advice, o: Option, x: int, unit: str) -> float:
     chosen = advice.recommended is o
     ax.errorbar([x], [o.expected], yerr=[[o.expected - o.interval[0]], [o.interval[1] - o.expected]],
                 fmt="*" if chosen else "D", ms=14 if chosen else 7, color="crimson" if chosen else "gray",
-                capsize=4, zorder=4, label=("chosen" if chosen else "predicted") + f" {o.expected:.1f} ({lv:.0%} run interval)")
+                capsize=4, zorder=4,
+                label=("chosen" if chosen else "predicted") + f" {o.expected:.1f} ({lv:.0%} run interval)")
     return o.interval[1]
 
 
@@ -618,12 +619,13 @@ def figure(advice: Advice):
     fit, L, lv = advice.fit, advice.start_labels, advice.level
     by = {o.strategy: o for o in advice.options if o.feasible and o.strategy != "mixed"}
     fig, (ax_a, ax_d) = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    n_a, _ = fit.annotate_points
-    n = np.geomspace(max(n_a.min() * 0.7, 1), max(n_a.max(), L + by["annotate"].labels_bought if "annotate" in by else 0) * 1.3, 120)
+    n_a, u_d = fit.annotate_points[0], fit.distill_points[0]
+    n_top = max(n_a.max(), L + by["annotate"].labels_bought if "annotate" in by else 0)
+    n = np.geomspace(max(n_a.min() * 0.7, 1), n_top * 1.3, 120)
     top = _panel(ax_a, n, np.stack([fit.annotate_at(v) for v in n], axis=1), annotate_value(fit.annotate, n),
                  fit.annotate_points, "tab:blue", "fit: a - b n^-c", lv)
-    u_d, _ = fit.distill_points
-    ex = np.geomspace(max(u_d.min() * 0.7, 1), max(u_d.max(), by["distill"].unlabeled if "distill" in by else 0) * 1.3, 120)
+    u_top = max(u_d.max(), by["distill"].unlabeled if "distill" in by else 0)
+    ex = np.geomspace(max(u_d.min() * 0.7, 1), u_top * 1.3, 120)
     top = max(top, _panel(ax_d, ex, np.stack([fit.distill_at(v) for v in ex], axis=1),
                           distill_value(fit.distill, fit.annotate, ex), fit.distill_points, "tab:orange",
                           "fit: a_D - b_D U^-c", lv))

@@ -260,7 +260,8 @@ def attach_intervals(cells: Iterable[Cell]) -> None:
         c.interval = _bootstrap(c, scorers)
 
 
-def _bootstrap(cell: Cell, scorers, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Optional[tuple[float, float]]:
+def _bootstrap(cell: Cell, scorers: Optional[list], resamples: int = BOOTSTRAP_RESAMPLES,
+               seed: int = 0) -> Optional[tuple[float, float]]:
     rng = random.Random(seed)
     if not cell.values or (len(cell.values) < 2 and not scorers):
         return None
@@ -444,7 +445,8 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
                 + ("." if done >= total else f"; rerun the same `doa sweep` command to run the other {total - done}."),
                 ""]
     profiles = sorted({c.cost_profile for c in cells})
-    out += ["Mean ± std over seeds (n = seeds with a result), then " + interval_text(cells) + " `extra $` is the budget on top of the starting "
+    out += ["Mean ± std over seeds (n = seeds with a result), then " + interval_text(cells)
+            + " `extra $` is the budget on top of the starting "
             "labels; `spent $` is what the run spent of it (labels bought + teacher fine-tuning + teacher "
             "inference + student training, compute priced by the row's `cost profile`: `paper` = the paper's "
             "own accounting fitted to its published costs, `calibrated` = throughput measured by `doa calibrate`, "
