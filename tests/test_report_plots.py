@@ -59,7 +59,10 @@ def test_budget_bars_carry_the_tables_95_interval_and_the_legend_says_so(tmp_pat
     bars = [c for c in fig.axes[0].containers if getattr(c, "errorbar", None) is not None]
     spans = sorted(tuple(seg[:, 1]) for b in bars for seg in b.errorbar.lines[2][0].get_segments())
     assert spans == sorted(c.interval for c in cells) == [(50.0, 52.0), (70.0, 74.0)]   # the table's [lo, hi]
-    assert INTERVAL_KEY in [t.get_text() for t in fig.legends[0].get_texts()]
+    legend = fig.legends[0]
+    assert INTERVAL_KEY in [t.get_text() for t in legend.get_texts()]
+    box = legend.get_window_extent(drawn(fig))
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width                  # 5 entries, one 6.4-inch panel
 
 
 def test_cost_plot_labels_its_error_bars_as_95_intervals(tmp_path):

@@ -778,9 +778,10 @@ def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: path
     ordered = [handles[k] for k in series if k in handles]
     if any(c.interval is not None for c in mine):
         ordered.append((_interval_key(), INTERVAL_LABEL))
-    fig.legend([h for h, _ in ordered], [lbl for _, lbl in ordered], loc="lower center", ncol=min(len(ordered), 5),
+    ncol = max(min(len(ordered), int(fig.get_figwidth() // 2.1)), 1)   # columns that fit the figure's width
+    fig.legend([h for h, _ in ordered], [lbl for _, lbl in ordered], loc="lower center", ncol=ncol,
                fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.02 + 0.05 * math.ceil(len(ordered) / ncol), 1, 1))
     _save(fig, path)
     plt.close(fig)
     return fig
