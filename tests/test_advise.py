@@ -3,8 +3,10 @@ import importlib.util
 import json
 import pathlib
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from matplotlib.collections import PolyCollection
 
 from doa_jax import cli
 from doa_jax.commands import advise as advise_cmd
@@ -297,3 +299,38 @@ def test_pilots_are_read_from_and_the_plot_written_to_an_object_store(tmp_path, 
     assert out["recommended"] == "distill" and out["plot"] == "memory://advise_out/advise.png"
     assert fs.cat_file("/advise_out/advise.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert fs.size("/advise_out/advise.png") > 10_000
+
+
+@pytest.fixture(scope="module")
+def steep_figure(tmp_path_factory):
+    """The advice plot of pilots whose annotation curve, drawn left of them, falls below 0 (60 - 6000/n
+    at n = 70 is -25.7), at a budget that cannot pay the teacher ($0.20 per label x 1000 > $100).
+    Rendered to a tmp dir like `doa advise --plot` does."""
+    a = advise.advise(synthetic_pilots(ann=(60.0, 6000.0, 1.0)), linear_pricing(per_label_compute=0.2), task="t",
+                      metric="f1", start_labels=1000, budget=100.0, strategies_=("annotate", "distill"), n_boot=200)
+    fig = advise.figure(a)
+    fig.savefig(tmp_path_factory.mktemp("advise") / "advise.png")
+    yield fig
+    plt.close(fig)
+
+
+def test_plot_clips_curves_bands_and_axis_to_the_metrics_range(steep_figure):
+    for ax in steep_figure.axes:
+        ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]   # fill_between's
+        ys += [y for band in bands for p in band.get_paths() for y in p.vertices[:, 1]]
+        assert bands and ys and 0.0 <= min(ys) and max(ys) <= 100.0
+        low, high = ax.get_ylim()
+        assert low == 0.0 and high <= 100.0
+
+
+def test_plot_labels_the_metric_axis_with_its_unit_like_the_report(steep_figure):
+    assert steep_figure.axes[0].get_ylabel() == "F1 (%)"
+
+
+def test_a_panel_whose_strategy_the_budget_cannot_buy_says_so(steep_figure):
+    ax_a, ax_d = steep_figure.axes
+    said = [t.get_text().replace("\n", " ") for t in ax_d.texts]
+    assert said == ["infeasible at +$100: $100 does not cover the teacher's fine-tuning on 1000 labels and one "
+                    "unlabeled input ($200)"]
+    assert len(ax_a.texts) == 0

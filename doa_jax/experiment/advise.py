@@ -35,12 +35,13 @@ import io
 import json
 import math
 import os
+import textwrap
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from doa_jax import storage
-from doa_jax.experiment import cost_profiles, planner, strategies
+from doa_jax.experiment import cost_profiles, planner, report, strategies
 from doa_jax.model.config import T5Config
 
 PARETO_CSV = cost_profiles.PAPER_PARETO
@@ -49,6 +50,7 @@ ANNOTATE_PARAMS, DISTILL_PARAMS = 3, 2    # (a, b, c); (a_D, b_D) with c shared
 ALL_PARAMS = ANNOTATE_PARAMS + DISTILL_PARAMS
 C_GRID = np.geomspace(0.01, 3.0, 240)     # the exponent's bounds and grid
 PROFILES = ("paper", "mfu", "calibrated")
+METRIC_RANGE = (0.0, 100.0)               # doa-jax's metrics are scores in [0, 100]
 PILOT_FIELDS = {"strategy": str, "labels": int, "unlabeled": int, "value": float}
 OPTIONAL_FIELDS = {"task": str, "metric": str, "seed": int, "cost_usd": float}
 
@@ -576,12 +578,42 @@ def _band(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     return np.quantile(samples, q, axis=0), np.quantile(samples, 1 - q, axis=0)
 
 
-def plot(advice: Advice, path: str | os.PathLike) -> str:
-    """Both fitted curves with their bands, the pilots, what the budget buys and the chosen point.
+def _panel(ax, xs: np.ndarray, samples: np.ndarray, point_fit: np.ndarray, pilots: tuple[np.ndarray, np.ndarray],
+           color: str, fit_label: str, level: float) -> float:
+    """One curve with its band and pilots, clipped to the metric's range; returns the highest y drawn."""
+    lo, hi = (np.clip(b, *METRIC_RANGE) for b in _band(samples, level))
+    ax.fill_between(xs, lo, hi, color=color, alpha=0.2, label=f"{level:.0%} band (curve)")
+    ax.plot(xs, np.clip(point_fit, *METRIC_RANGE), color=color, label=fit_label)
+    ax.scatter(*pilots, color="k", zorder=3, s=18, label="pilots")
+    return float(max(hi.max(), pilots[1].max()))
 
-    matplotlib is imported here (Agg backend): it is only needed for this picture. The PNG is
-    written through `doa_jax.storage` (a local path or a URL such as gs://).
-    """
+
+def _buys(ax, advice: Advice, o: Option, x: int, unit: str) -> float:
+    """What the budget buys under one strategy: where it lands, and its predicted run interval; returns
+    the interval's top."""
+    lv = advice.level
+    ax.axvline(x, color="gray", ls="--", lw=1, label=f"${advice.budget_usd:g} buys ({x:,} {unit})")
+    chosen = advice.recommended is o
+    ax.errorbar([x], [o.expected], yerr=[[o.expected - o.interval[0]], [o.interval[1] - o.expected]],
+                fmt="*" if chosen else "D", ms=14 if chosen else 7, color="crimson" if chosen else "gray",
+                capsize=4, zorder=4,
+                label=("chosen" if chosen else "predicted") + f" {o.expected:.1f} ({lv:.0%} run interval)")
+    return o.interval[1]
+
+
+def _infeasible_note(ax, advice: Advice, strategy: str) -> None:
+    """Says on the panel that the budget cannot buy this strategy, and why."""
+    o = next((o for o in advice.options if o.strategy == strategy and not o.feasible), None)
+    if o is not None:
+        ax.text(0.03, 0.96, textwrap.fill(f"infeasible at +${advice.budget_usd:g}: {o.reason}", 44),
+                transform=ax.transAxes, ha="left", va="top", fontsize=9, color="crimson", parse_math=False,
+                bbox=dict(boxstyle="round", fc="white", ec="crimson", alpha=0.9), zorder=5)
+
+
+def figure(advice: Advice):
+    """The advice as a figure: both fitted curves with their bands (clipped to the metric's range
+    [0, 100]), the pilots, what the budget buys and the chosen point; a panel whose strategy the
+    budget cannot buy says so. matplotlib is imported here (Agg backend): only this picture needs it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -590,36 +622,31 @@ def plot(advice: Advice, path: str | os.PathLike) -> str:
     fit, L, lv = advice.fit, advice.start_labels, advice.level
     by = {o.strategy: o for o in advice.options if o.feasible and o.strategy != "mixed"}
     fig, (ax_a, ax_d) = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    n_a, y_a = fit.annotate_points
-    top_n = max(n_a.max(), L + by["annotate"].labels_bought if "annotate" in by else 0) * 1.3
-    n = np.geomspace(max(n_a.min() * 0.7, 1), top_n, 120)
-    curves_a = np.stack([fit.annotate_at(v) for v in n], axis=1)
-    ax_a.fill_between(n, *_band(curves_a, lv), color="tab:blue", alpha=0.2, label=f"{lv:.0%} band (curve)")
-    ax_a.plot(n, annotate_value(fit.annotate, n), color="tab:blue", label="fit: a - b n^-c")
-    ax_a.scatter(n_a, y_a, color="k", zorder=3, s=18, label="pilots")
-    u_d, y_d = fit.distill_points
-    ex_top = max(u_d.max(), by["distill"].unlabeled if "distill" in by else 0) * 1.3
-    ex = np.geomspace(max(u_d.min() * 0.7, 1), ex_top, 120)
-    curves_d = np.stack([fit.distill_at(v) for v in ex], axis=1)
-    ax_d.fill_between(ex, *_band(curves_d, lv), color="tab:orange", alpha=0.2, label=f"{lv:.0%} band (curve)")
-    ax_d.plot(ex, distill_value(fit.distill, fit.annotate, ex), color="tab:orange", label="fit: a_D - b_D U^-c")
-    ax_d.scatter(u_d, y_d, color="k", zorder=3, s=18, label="pilots")
-    for ax, strategy, x in ((ax_a, "annotate", lambda o: L + o.labels_bought), (ax_d, "distill", lambda o: o.unlabeled)):
+    n_a, u_d = fit.annotate_points[0], fit.distill_points[0]
+    n_top = max(n_a.max(), L + by["annotate"].labels_bought if "annotate" in by else 0)
+    n = np.geomspace(max(n_a.min() * 0.7, 1), n_top * 1.3, 120)
+    top = _panel(ax_a, n, np.stack([fit.annotate_at(v) for v in n], axis=1), annotate_value(fit.annotate, n),
+                 fit.annotate_points, "tab:blue", "fit: a - b n^-c", lv)
+    u_top = max(u_d.max(), by["distill"].unlabeled if "distill" in by else 0)
+    ex = np.geomspace(max(u_d.min() * 0.7, 1), u_top * 1.3, 120)
+    top = max(top, _panel(ax_d, ex, np.stack([fit.distill_at(v) for v in ex], axis=1),
+                          distill_value(fit.distill, fit.annotate, ex), fit.distill_points, "tab:orange",
+                          "fit: a_D - b_D U^-c", lv))
+    for ax, strategy in ((ax_a, "annotate"), (ax_d, "distill")):
         if strategy in by:
             o = by[strategy]
-            ax.axvline(x(o), color="gray", ls="--", lw=1, label=f"${advice.budget_usd:g} buys ({x(o):,} {'labels' if strategy == 'annotate' else 'inputs'})")
-            marker = "*" if advice.recommended is o else "D"
-            ax.errorbar([x(o)], [o.expected], yerr=[[o.expected - o.interval[0]], [o.interval[1] - o.expected]],
-                        fmt=marker, ms=14 if marker == "*" else 7, color="crimson" if marker == "*" else "gray",
-                        capsize=4, zorder=4, label=("chosen" if marker == "*" else "predicted") + f" {o.expected:.1f} ({lv:.0%} run interval)")
+            x, unit = (L + o.labels_bought, "labels") if strategy == "annotate" else (o.unlabeled, "inputs")
+            top = max(top, _buys(ax, advice, o, x, unit))
+        _infeasible_note(ax, advice, strategy)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7.5, loc="lower right")
+    ax_a.set_ylim(METRIC_RANGE[0], min(METRIC_RANGE[1], top * 1.08))
     ax_a.set_xlabel("labels n")
-    ax_a.set_ylabel(advice.metric)
+    ax_a.set_ylabel(report.metric_label(advice.metric))
     ax_a.set_title("annotate: metric vs labels")
     ax_d.set_xlabel("unlabeled inputs U")
     ax_d.set_title(f"distill: metric vs unlabeled inputs (teacher on {L:,} labels)")
@@ -628,6 +655,14 @@ def plot(advice: Advice, path: str | os.PathLike) -> str:
                  f"{r.name}, {r.expected:.1f} [{r.interval[0]:.1f}, {r.interval[1]:.1f}], P(best) {advice.p_best:.2f}",
                  fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot(advice: Advice, path: str | os.PathLike) -> str:
+    """Writes `figure(advice)` as a PNG through `doa_jax.storage` (a local path or a URL such as gs://)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(advice)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)

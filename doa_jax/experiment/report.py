@@ -112,6 +112,7 @@ class Cell:
     cost_profile: str = "mfu"
     outputs: list[str] = dataclasses.field(default_factory=list)   # cell dirs of the rows with a result
     interval: Optional[tuple[float, float]] = None                 # 95% bootstrap interval (see `bootstrap`)
+    examples_resampled: bool = False     # whether `interval` resampled test examples (see `attach_intervals`)
 
     @property
     def mean(self) -> float:
@@ -247,8 +248,21 @@ def bootstrap(cell: Cell, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -
     """95% percentile interval of the cell's mean metric: seeds resampled when there are several, and
     each seed's test examples resampled when its predictions keep their references; None with one
     seed and no per-example predictions (nothing to resample)."""
+    return _bootstrap(cell, _example_scores(cell) if cell.values else None, resamples, seed)
+
+
+def attach_intervals(cells: Iterable[Cell]) -> None:
+    """Sets each cell's `interval` (see `bootstrap`) and `examples_resampled`, which the report's
+    header counts to say what its intervals resampled."""
+    for c in cells:
+        scorers = _example_scores(c) if c.values else None
+        c.examples_resampled = bool(scorers)
+        c.interval = _bootstrap(c, scorers)
+
+
+def _bootstrap(cell: Cell, scorers: Optional[list], resamples: int = BOOTSTRAP_RESAMPLES,
+               seed: int = 0) -> Optional[tuple[float, float]]:
     rng = random.Random(seed)
-    scorers = _example_scores(cell) if cell.values else None
     if not cell.values or (len(cell.values) < 2 and not scorers):
         return None
     means = []
@@ -351,10 +365,12 @@ def _paper_cell(paper: list[dict], cell: Cell) -> str:
     return f"{value:.1f}" if not reasons else f"{value:.1f} (not comparable)"
 
 
-def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points not dominated by a cheaper-or-equal point with a higher-or-equal metric."""
+def pareto_frontier(points: list[tuple[float, Optional[float]]]) -> list[tuple[float, float]]:
+    """Points not dominated by a cheaper-or-equal point with a higher-or-equal metric. A metric of
+    0 (or None/NaN) is a run that learned nothing: never the frontier, however little it spent."""
     frontier, best = [], -math.inf
-    for cost, value in sorted(points, key=lambda p: (p[0], -p[1])):
+    scored = [(cost, value) for cost, value in points if value is not None and value > 0]
+    for cost, value in sorted(scored, key=lambda p: (p[0], -p[1])):
         if value > best:
             frontier.append((cost, value))
             best = value
@@ -429,9 +445,8 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
                 + ("." if done >= total else f"; rerun the same `doa sweep` command to run the other {total - done}."),
                 ""]
     profiles = sorted({c.cost_profile for c in cells})
-    out += ["Mean ± std over seeds (n = seeds with a result), then [a 95% bootstrap interval] of the mean: "
-            f"{BOOTSTRAP_RESAMPLES} resamples of the seeds and, where a cell's predictions.jsonl keeps references, "
-            "of its test examples (none: one seed and no per-example predictions). `extra $` is the budget on top of the starting "
+    out += ["Mean ± std over seeds (n = seeds with a result), then " + interval_text(cells)
+            + " `extra $` is the budget on top of the starting "
             "labels; `spent $` is what the run spent of it (labels bought + teacher fine-tuning + teacher "
             "inference + student training, compute priced by the row's `cost profile`: `paper` = the paper's "
             "own accounting fitted to its published costs, `calibrated` = throughput measured by `doa calibrate`, "
@@ -486,6 +501,31 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+def interval_text(cells: list[Cell]) -> str:
+    """What the report's 95% intervals resampled, counted from its cells (not a fixed claim)."""
+    done = [c for c in cells if c.values]
+    if not done:
+        return "[a 95% bootstrap interval] of the mean: no cell has a result, so there is none."
+    examples = [c for c in done if c.interval is not None and c.examples_resampled]
+    seeds_only = [c for c in done if c.interval is not None and not c.examples_resampled]
+    none = [c for c in done if c.interval is None]
+    its = lambda group: "its" if len(group) == 1 else "their"   # noqa: E731
+    parts = []
+    if examples:
+        several = sum(len(c.values) > 1 for c in examples)
+        parts.append(f"{len(examples)} resampled the test examples of {its(examples)} seeds' predictions.jsonl "
+                     "(they keep references)" + (f", {several} of them the seeds too" if several else ""))
+    if seeds_only:
+        parts.append(f"{len(seeds_only)} resampled {its(seeds_only)} seeds only (no per-example predictions)")
+    if none:
+        parts.append(f"{len(none)} {'has' if len(none) == 1 else 'have'} no interval (one seed and no "
+                     "per-example predictions)")
+    seeds = sorted({len(c.values) for c in done})
+    return (f"[a 95% bootstrap interval] of the mean ({BOOTSTRAP_RESAMPLES} resamples). Of the {len(done)} "
+            f"cell(s) with a result, " + "; ".join(parts)
+            + f". Seeds per cell: {seeds[0]}" + (f" to {seeds[-1]}." if len(seeds) > 1 else "."))
 
 
 def marginal_usd_per_point(cells: list[Cell]) -> dict[int, str]:
@@ -551,29 +591,56 @@ def profile_label(name: str) -> str:
     return f"{name} (ASSUMED)" if name == "mfu" else name
 
 
+INTERVAL_LABEL = "error bars: 95% bootstrap interval"
+
+
 def _error_bar(c: Cell) -> tuple[float, float]:
-    """Below/above the mean: the cell's bootstrap interval when it has one, else its seeds' std."""
-    if c.interval is not None:
-        return max(c.mean - c.interval[0], 0.0), max(c.interval[1] - c.mean, 0.0)
-    return c.std, c.std
+    """Below/above the mean: the cell's 95% bootstrap interval, the one the report's table prints
+    (none, 0 and 0, when the cell has no interval)."""
+    if c.interval is None:
+        return 0.0, 0.0
+    return max(c.mean - c.interval[0], 0.0), max(c.interval[1] - c.mean, 0.0)
 
 
-def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper: Optional[list[dict]] = None) -> None:
-    """Metric vs total cost (starting labels + extra spent) per strategy, with each cell's interval,
-    this run's Pareto frontier marked, and the paper's cells (hollow markers, at their budgets) for
-    the same start sizes; the x label names the cost profile(s) that priced the compute."""
-    from matplotlib.ticker import FuncFormatter
+def _interval_key():
+    """A legend entry saying what the error bars are."""
+    from matplotlib.lines import Line2D
 
-    plt = _pyplot()
-    mine = [c for c in cells if c.task == task and c.values]
-    with_start = all(c.start_usd is not None for c in mine)
+    return Line2D([], [], color="0.2", marker="|", ms=12, mew=1.5, ls="none", label=INTERVAL_LABEL)
 
-    def x_of(c: Cell) -> float:
-        return c.mean_spent + (c.start_usd if with_start else 0.0)
 
+def usd_decimals(values: Iterable[float], most: int = 6) -> int:
+    """The fewest decimals (at most `most`) that write every value exactly: tick labels then follow
+    the tick step ($52.5, not a rounded $52) and stay distinct however close the ticks are."""
+    values = list(values)
+    for d in range(most + 1):
+        if all(abs(v - round(v, d)) <= 1e-9 * max(1.0, abs(v)) for v in values):
+            return d
+    return most
+
+
+def _usd_formatter():
+    """A matplotlib tick formatter: '$' and as many decimals as the axis's ticks need (`usd_decimals`)."""
+    from matplotlib import ticker
+
+    class UsdFormatter(ticker.Formatter):
+        decimals = 0
+
+        def set_locs(self, locs):
+            super().set_locs(locs)
+            self.decimals = usd_decimals(locs)
+
+        def __call__(self, x, pos=None):
+            return f"${x:,.{self.decimals}f}"
+
+    return UsdFormatter()
+
+
+def _draw_this_run(ax, mine: list[Cell], x_of: Callable[[Cell], float]) -> list[float]:
+    """This run's cells, one line per start size and strategy, each cell with its interval; returns
+    the y extents drawn."""
     starts = sorted({c.start_labels for c in mine})
     linestyles = ("-", "--", ":", "-.")
-    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
     ys: list[float] = []
     for si, start in enumerate(starts):
         for strategy in strategies.NAMES:
@@ -587,21 +654,45 @@ def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper:
                         marker=kind.marker, color=kind.color, capsize=3,
                         ls=linestyles[si % len(linestyles)], label=f"{label} (this run)")
             ys += [c.mean + h for c, h in zip(group, high)] + [c.mean - lo for c, lo in zip(group, low)]
+    return ys
+
+
+def _draw_paper_points(ax, paper: list[dict], task: str, starts: list[int]) -> list[float]:
+    """The paper's main cells for the same start sizes (hollow markers, at their budgets); returns
+    their values."""
+    rate, ys = label_cost_usd(task), []
+    for strategy in strategies.PAPER:
+        kind = strategies.TABLE[strategy]
+        labelled = False
+        for start in starts:
+            pts = sorted((start * rate + p["extra_budget_usd"], p["value"]) for p in paper
+                         if p["table"] == "main" and p["task"] == task and p["strategy"] == strategy
+                         and p["start_labels"] == start)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=kind.marker, ls=":",
+                        mfc="none", color=kind.color, alpha=0.8,
+                        label=None if labelled else f"{kind.label} (paper, at its budget)")
+                labelled = True
+                ys += [p[1] for p in pts]
+    return ys
+
+
+def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper: Optional[list[dict]] = None):
+    """Metric vs total cost (starting labels + extra spent) per strategy, with each cell's 95%
+    bootstrap interval (the table's), this run's Pareto frontier marked (cells that scored 0 are not
+    on it), and the paper's cells for the same start sizes; the x label names the cost profile(s)
+    that priced the compute. Returns the figure (closed), for callers that inspect what was drawn."""
+    plt = _pyplot()
+    mine = [c for c in cells if c.task == task and c.values]
+    with_start = all(c.start_usd is not None for c in mine)
+
+    def x_of(c: Cell) -> float:
+        return c.mean_spent + (c.start_usd if with_start else 0.0)
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    ys = _draw_this_run(ax, mine, x_of)
     if paper and with_start:
-        rate = label_cost_usd(task)
-        for strategy in strategies.PAPER:
-            kind = strategies.TABLE[strategy]
-            labelled = False
-            for start in starts:
-                pts = sorted((start * rate + p["extra_budget_usd"], p["value"]) for p in paper
-                             if p["table"] == "main" and p["task"] == task and p["strategy"] == strategy
-                             and p["start_labels"] == start)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=kind.marker, ls=":",
-                            mfc="none", color=kind.color, alpha=0.8,
-                            label=None if labelled else f"{kind.label} (paper, at its budget)")
-                    labelled = True
-                    ys += [p[1] for p in pts]
+        ys += _draw_paper_points(ax, paper, task, sorted({c.start_labels for c in mine}))
     frontier = pareto_frontier([(x_of(c), c.mean) for c in mine])
     if frontier:
         ax.plot([p[0] for p in frontier], [p[1] for p in frontier], color="0.3", lw=7, alpha=0.25, zorder=0,
@@ -610,23 +701,40 @@ def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper:
     span = max(hi - lo, 5.0)
     # A line plot need not start at 0: room below the lowest point, and above for the legend.
     ax.set_ylim(max(lo - 0.15 * span, -0.03 * span), hi + 0.5 * span)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"${x:,.0f}"))
+    ax.xaxis.set_major_formatter(_usd_formatter())
     priced = ", ".join(profile_label(p) for p in sorted({c.cost_profile for c in mine})) or "?"
+    # Two lines: on one, the profile's name ran past the figure's right edge.
     ax.set_xlabel(("total cost (USD): starting labels + extra spent" if with_start else "extra spent (USD)")
-                  + f"; compute priced by cost profile {priced}")
+                  + f"\ncompute priced by cost profile {priced}")
     ax.set_ylabel(metric_label(mine[0].metric if mine else ""))
     ax.set_title(f"{task}: {METRIC_LABELS.get(mine[0].metric, mine[0].metric) if mine else 'metric'} vs cost"
                  + (f" (protocol {mine[0].protocol})" if mine else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", ncol=2, framealpha=0.9)
+    handles, _ = ax.get_legend_handles_labels()
+    if any(c.interval is not None for c in mine):
+        handles.append(_interval_key())
+    ax.legend(handles=handles, fontsize=8, loc="upper left", ncol=2, framealpha=0.9)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+    return fig
 
 
-def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: pathlib.Path) -> None:
-    """Bars per extra budget (one panel per start size): each strategy's result with the paper's bar
-    (hatched) beside it, values printed on the bars, seeds' std as error bars."""
+def _draw_bar(ax, x: float, width: float, cell: Cell, value: float, is_paper: bool):
+    """One bar, this run's with its 95% bootstrap interval; returns (the bar, the top of what it drew)."""
+    low, high = (0.0, 0.0) if is_paper else _error_bar(cell)
+    bar = ax.bar(x, value, width, color=strategies.TABLE[cell.strategy].color, alpha=0.4 if is_paper else 0.9,
+                 hatch="//" if is_paper else None, edgecolor="0.25" if is_paper else None,
+                 yerr=None if is_paper or cell.interval is None else [[low], [high]], capsize=2)
+    ax.annotate(f"{value:.1f}", (x, value + high), xytext=(0, 2),
+                textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    return bar, value + high
+
+
+def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: pathlib.Path):
+    """Bars per extra budget (one panel per start size): each strategy's result with its 95%
+    bootstrap interval (the table's) and the paper's bar (hatched) beside it, values printed on the
+    bars. Returns the figure (closed), for callers that inspect what was drawn."""
     plt = _pyplot()
     mine = [c for c in cells if c.task == task]
     starts = sorted({c.start_labels for c in mine if c.values}) or sorted({c.start_labels for c in mine})
@@ -651,12 +759,8 @@ def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: path
                     if not is_paper:
                         ax.text(x, 0.5, "infeasible", rotation=90, ha="center", va="bottom", fontsize=7)
                     continue
-                bar = ax.bar(x, value, width, color=strategies.TABLE[strategy].color, alpha=0.4 if is_paper else 0.9,
-                             hatch="//" if is_paper else None, edgecolor="0.25" if is_paper else None,
-                             yerr=None if is_paper or len(cell.values) < 2 else cell.std, capsize=2)
-                ax.annotate(f"{value:.1f}", (x, value + (0 if is_paper else cell.std)), xytext=(0, 2),
-                            textcoords="offset points", ha="center", va="bottom", fontsize=7)
-                top = max(top, value + (0 if is_paper else cell.std))
+                bar, drawn_top = _draw_bar(ax, x, width, cell, value, is_paper)
+                top = max(top, drawn_top)
                 source = "paper" if is_paper else "this run"
                 handles[(strategy, is_paper)] = (bar, f"{strategies.TABLE[strategy].label} ({source})")
         ax.set_xticks(range(len(budgets)), [f"+${b:g}" for b in budgets])
@@ -672,11 +776,15 @@ def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: path
                  + ("this run and the paper" if with_paper else "the paper has no result for these cells"),
                  fontsize=11)
     ordered = [handles[k] for k in series if k in handles]
-    fig.legend([h for h, _ in ordered], [lbl for _, lbl in ordered], loc="lower center", ncol=min(len(ordered), 5),
+    if any(c.interval is not None for c in mine):
+        ordered.append((_interval_key(), INTERVAL_LABEL))
+    ncol = max(min(len(ordered), int(fig.get_figwidth() // 2.1)), 1)   # columns that fit the figure's width
+    fig.legend([h for h, _ in ordered], [lbl for _, lbl in ordered], loc="lower center", ncol=ncol,
                fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.02 + 0.05 * math.ceil(len(ordered) / ncol), 1, 1))
     _save(fig, path)
     plt.close(fig)
+    return fig
 
 
 def _save(fig, path) -> None:
@@ -708,8 +816,7 @@ def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike
     if not rows:
         raise ValueError(f"{results or run_dir / results_lib.RESULTS_FILE} has no result rows")
     cells, paper = summarise(rows), read_paper_results()
-    for c in cells:
-        c.interval = bootstrap(c)
+    attach_intervals(cells)
     plot_dir = run_dir / "plots"
     storage.makedirs(plot_dir)
     plots = []
