@@ -27,6 +27,14 @@ def peak_flops_per_device(device_kind: str) -> tuple[Optional[float], str]:
     return hw.peak_flops, hw.note()
 
 
+def params_text(n: int) -> str:
+    """A parameter count for a console line: '22.98k params', '76.96M params' (not '0.0M')."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit} params"
+    return f"{n} params"
+
+
 def _fmt_count(x: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
@@ -95,6 +103,10 @@ class Throughput:
 
     def start(self, step: int) -> None:
         self._t, self._step = time.perf_counter(), step
+
+    def since_start(self) -> float:
+        """Seconds since the last `start`."""
+        return time.perf_counter() - self._t
 
     def peek(self, step: int) -> dict[str, float]:
         """Examples/s and ETA since the last `report`, without starting a new interval."""

@@ -554,9 +554,7 @@ class Trainer:
                     pending.append(metrics)
                     step += 1
                     if not compiled:
-                        jax.block_until_ready(metrics)   # keep compilation out of the throughput
-                        compiled = True
-                        meter.start(step)
+                        compiled = self._first_step_done(metrics, meter, step)
                     tstate["step"] = step
                     tstate["data_position"] = {"batches": int(tstate["data_position"]["batches"]) + 1}
                     stop_signal = self._agreed_signal()
@@ -615,13 +613,22 @@ class Trainer:
         self._lost_seconds = log.drop_after(step)    # steps after the resumed checkpoint run again
         return log, progress.EventWriter(self.model_dir / "tensorboard") if self.config.tensorboard else None
 
+    def _first_step_done(self, metrics, meter: progress.Throughput, step: int) -> bool:
+        """Waits for the run's first step (its compile), says so, and restarts the throughput meter
+        after it, keeping compilation out of the throughput."""
+        jax.block_until_ready(metrics)
+        self._say(f"compiled; step {step} done in {meter.since_start():.1f} s")
+        meter.start(step)
+        return True
+
     def _meter(self, example, total_steps: int) -> progress.Throughput:
         cfg = self.config
         in_len, out_len = example["encoder_input_tokens"].shape[1], example["decoder_input_tokens"].shape[1]
         peak, peak_note = progress.peak_flops_per_device(jax.devices()[0].device_kind)
-        self._say(f"mesh {dict(self.mesh.shape)}, {self.model_config.num_params() / 1e6:.1f}M params, "
+        self._say(f"mesh {dict(self.mesh.shape)}, {progress.params_text(self.model_config.num_params())}, "
                   f"batch {cfg.batch_size} x {cfg.num_microbatches} microbatch(es), {total_steps} steps; "
-                  f"MFU peak: {peak_note}; loss: {losses.loss_unit(cfg.loss)}")
+                  f"MFU peak: {peak_note}; loss: {losses.loss_unit(cfg.loss)}; compiling the training step next "
+                  f"(minutes for a large model on a CPU), then its first step")
         self._beat = progress.Heartbeat(cfg.log_seconds)   # time-based console lines (`_heartbeat`)
         return progress.Throughput(
             flops_per_step=flops.train_flops(self.model_config, cfg.batch_size, in_len, out_len),

@@ -60,3 +60,9 @@ def test_event_files_are_read_by_tensorflow(tmp_path):
               for e in tf.compat.v1.train.summary_iterator(str(writer.path))]
     assert events == [(0, []), (5, [("train/loss", 1.5), ("train/learning_rate", 0.001)]),
                       (10, [("eval/loss", 0.75)])]
+
+
+def test_parameter_counts_read_in_their_own_unit():
+    # the tiny T5X fixture, T5 v1.1 Small, and a toy: never "0.0M params"
+    assert [progress.params_text(n) for n in (22_976, 76_961_152, 512)] == [
+        "22.98k params", "76.96M params", "512 params"]
