@@ -62,6 +62,13 @@ def test_write_report_renders_tables_and_plots(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_two_arms_that_both_scored_zero_are_no_answer_not_a_tie():
+    zeros = [row("annotate", 100, 0.0, 0, 360.0), row("distill", 100, 0.0, 0, 0.02)]
+    md = report.render_markdown(report.summarise(zeros), report.read_paper_results(), [])
+    assert "| wlp | 1000 | 100 | no answer: both arms scored 0 (nothing learned) | Dist. by 21.1 |" in md
+    assert "tie" not in md.split("## Ann. vs Dist.")[1].split("##")[0]
+
+
 def test_a_bad_results_line_names_file_and_line(tmp_path):
     (tmp_path / "results.jsonl").write_text(json.dumps(ROWS[0]) + "\n{broken\n")
     with pytest.raises(ValueError, match=r"results.jsonl:2: not JSON"):

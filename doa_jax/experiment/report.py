@@ -421,6 +421,7 @@ def winners(cells: list[Cell], paper: list[dict]) -> list[dict[str, Any]]:
         if ann.values and dist.values:
             row["mine"] = dist.mean - ann.mean
             row["distinguishable"] = distinguishable(ann, dist)
+            row["nothing_learned"] = ann.mean == 0 and dist.mean == 0
         pa, pd = paper_value(paper, ann), paper_value(paper, dist)
         if pa is not None and pd is not None:
             row["paper"] = pd - pa
@@ -434,6 +435,14 @@ def _winner(margin: Optional[float]) -> str:
     if margin == 0:
         return "tie"
     return f"{'Dist.' if margin > 0 else 'Ann.'} by {abs(margin):.1f}"
+
+
+def _this_run(w: dict[str, Any]) -> str:
+    """This run's verdict in the Ann. vs Dist. table."""
+    if w.get("nothing_learned"):
+        return "no answer: both arms scored 0 (nothing learned)"
+    return (_winner(w["mine"]) or "n/a") + (
+        " (not distinguishable: 95% intervals overlap)" if w.get("distinguishable") is False else "")
 
 
 def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
@@ -480,9 +489,8 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
         out += ["", "## Ann. vs Dist.", "",
                 "The paper's question per budget: which arm gives the better metric, and by how many points.", "",
                 "| task | start labels | extra $ | this run | paper |", "|---|---|---|---|---|"]
-        out += [f"| {w['task']} | {w['start_labels']} | {w['extra_budget_usd']:g} | {_winner(w['mine']) or 'n/a'}"
-                + (" (not distinguishable: 95% intervals overlap)" if w.get("distinguishable") is False else "")
-                + f" | {_winner(w['paper'])} |" for w in wins]
+        out += [f"| {w['task']} | {w['start_labels']} | {w['extra_budget_usd']:g} | {_this_run(w)} | "
+                f"{_winner(w['paper'])} |" for w in wins]
     out += ["", "## Cost breakdown by phase (mean $ per run)", "",
             "Projected $ per phase (what the budget is charged; evaluation is reported but not charged), "
             "and `measured $`: this machine's accelerator-seconds × its own rate card.", "",
