@@ -182,11 +182,9 @@ def _time_runs(cfg: T5Config, s: Settings, arrays: dict, directory: pathlib.Path
 
 
 def _measure(teacher: T5Config, student: T5Config, s: Settings, lengths: dict[str, int],
-             directory: pathlib.Path) -> dict[str, dict]:
+             directory: pathlib.Path, say: Callable[[str], None]) -> dict[str, dict]:
     """Per program: seconds per call (a train step, or a batch of `s.batch_size` decodes), and for
     training the fixed seconds of a run."""
-
-
     mesh, _ = partitioning.MeshConfig().build()
     partitioning.check_batch_size(s.batch_size, mesh)
     in_len, out_len, b = lengths["inputs"], lengths["targets"], s.batch_size
@@ -199,18 +197,24 @@ def _measure(teacher: T5Config, student: T5Config, s: Settings, lengths: dict[st
     tokens = jnp.zeros((1, 1), jnp.int32)
     t_params = jax.jit(lambda r: nn.meta.unbox(t_module.init(r, tokens, tokens))["params"])(jax.random.PRNGKey(3))
     s_params = jax.jit(lambda r: nn.meta.unbox(s_module.init(r, tokens, tokens))["params"])(jax.random.PRNGKey(4))
-    measured = {"teacher_train": _time_runs(teacher, s, data, directory / "teacher_train"),
-                "student_train": _time_runs(student, s, data, directory / "student_train"),
-                "student_distill_stored": _time_runs(student, s, kd_data, directory / "stored", kd=True),
-                "student_distill_online": _time_runs(student, s, data, directory / "online", kd=True,
-                                                     wrapper=lambda src: OnlineTeacherBatches(src, t_module, t_params))}
     enc = jnp.asarray(data["encoder_input_tokens"][:b])
     decoded = decoding.greedy(t_module, t_params, enc, out_len, min_length=out_len).tokens
-    calls = {"teacher_decode": lambda: decoding.greedy(t_module, t_params, enc, out_len, min_length=out_len),
-             "teacher_score": lambda: teacher_outputs._score(t_module, t_params, enc, decoded, s.topk),
-             "eval_decode": lambda: decoding.greedy(s_module, s_params, enc, out_len, min_length=out_len)}
-    for program, call in calls.items():
-        measured[program] = _timed(call, s.reps, s.warmup)
+    online = lambda src: OnlineTeacherBatches(src, t_module, t_params)  # noqa: E731
+    jobs = {"teacher_train": lambda: _time_runs(teacher, s, data, directory / "teacher_train"),
+            "student_train": lambda: _time_runs(student, s, data, directory / "student_train"),
+            "student_distill_stored": lambda: _time_runs(student, s, kd_data, directory / "stored", kd=True),
+            "student_distill_online": lambda: _time_runs(student, s, data, directory / "online", kd=True,
+                                                         wrapper=online),
+            "teacher_decode": lambda: _timed(lambda: decoding.greedy(t_module, t_params, enc, out_len,
+                                                                     min_length=out_len), s.reps, s.warmup),
+            "teacher_score": lambda: _timed(lambda: teacher_outputs._score(t_module, t_params, enc, decoded, s.topk),
+                                            s.reps, s.warmup),
+            "eval_decode": lambda: _timed(lambda: decoding.greedy(s_module, s_params, enc, out_len,
+                                                                  min_length=out_len), s.reps, s.warmup)}
+    measured, started = {}, time.perf_counter()
+    for i, (program, job) in enumerate(jobs.items(), 1):
+        say(f"[{i}/{len(jobs)}] {program}: compiling afresh, then timing ({time.perf_counter() - started:.0f} s so far)")
+        measured[program] = job()
     return measured
 
 
@@ -234,8 +238,9 @@ def _model_record(name: str, cfg: T5Config) -> dict[str, Any]:
             "dtype": cfg.dtype}
 
 
-def calibrate(s: Settings) -> dict[str, Any]:
-    """Measure every program on this machine; the calibration record (see `cost_profiles.read_calibration`)."""
+def calibrate(s: Settings, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every program on this machine; the calibration record (see `cost_profiles.read_calibration`).
+    `say` gets a progress line as each program's timing starts."""
 
     acc = costs.get_accelerator(s.accelerator)
     card = task_card(s.task)
@@ -243,7 +248,7 @@ def calibrate(s: Settings) -> dict[str, Any]:
                "targets": int(s.targets_length or card.feature_lengths["targets"])}
     teacher, student = model_configs(card, s.teacher, s.student, s.vocab_size)
     with tempfile.TemporaryDirectory(prefix="doa_calibrate_") as directory:
-        measured = _measure(teacher, student, s, lengths, pathlib.Path(directory))
+        measured = _measure(teacher, student, s, lengths, pathlib.Path(directory), say)
     devices = jax.devices()
     peak = acc.peak_flops * len(devices)
     programs = {}
