@@ -50,9 +50,23 @@ def _entries(directory) -> set:
     return set(os.listdir(directory)) if os.path.isdir(directory) else set()
 
 
-def test_inside_compilation_cache_off_nothing_is_written_to_the_cache_and_after_it_again():
+@pytest.fixture
+def own_cache(tmp_path):
+    """This test's own cache folder (the session's is shared with the other xdist worker, which
+    writes to it meanwhile)."""
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+    jax_cache.reset_cache()
+    yield tmp_path / "xla"
+    jax.config.update("jax_compilation_cache_dir", previous)
+    jax_cache.reset_cache()
+
+
+def test_inside_compilation_cache_off_nothing_is_written_to_the_cache_and_after_it_again(own_cache):
     directory = cli.compilation_cache()
-    assert directory, "the test session runs with a persistent cache (tests/conftest.py)"
+    assert directory == str(own_cache)
     fresh = float(time.time_ns() % 10 ** 9) + 0.5      # a constant no earlier run compiled: a new program
     before = _entries(directory)
     with cli.compilation_cache_off():
