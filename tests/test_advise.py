@@ -274,6 +274,17 @@ def test_demo_pilot_cells_train_on_exactly_the_pilot_label_and_input_counts(tmp_
     assert (dist.strategy, dist.start_labels, plan.unlabeled_used, plan.feasible) == ("distill", 200, 64, True)
 
 
+def test_a_run_interval_stays_within_the_metrics_range():
+    # distill pilots that all scored 0 (the demo's 64-256 inputs): the noise must not push a run below 0 F1
+    pilots = ([advise.Pilot("annotate", n, 0, v) for n, v in ((12, 7.3), (25, 7.4), (50, 16.6), (100, 36.5))]
+              + [advise.Pilot("distill", 100, u, 0.0) for u in (64, 128, 256)])
+    pricing = advise.Pricing(lambda s, labels, u: labels * 0.26 + (2.82 + 0.005 * u if s == "distill" else 0.0),
+                             0.26, "mfu", "toy")
+    advice = advise.advise(pilots, pricing, task="demo", metric="f1", start_labels=100, budget=5.0,
+                           strategies_=("annotate", "distill"), n_boot=300)
+    assert all(0.0 <= o.interval[0] <= o.interval[1] <= 100.0 for o in advice.options if o.feasible)
+
+
 def test_demo_options_cost_what_their_cells_then_charge(tmp_path):
     import argparse
 

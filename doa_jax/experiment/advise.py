@@ -464,7 +464,7 @@ def recommend(fit: Fit, options: list[Option], *, task: str, metric: str, budget
     for o in feasible:
         o.samples = _predict(fit, o, fit.start_labels)
         o.expected = float(o.samples.mean())
-        run = o.samples + noise
+        run = np.clip(o.samples + noise, *METRIC_RANGE)     # a run scores within the metric's range
         o.interval = (float(np.quantile(run, q)), float(np.quantile(run, 1 - q)))
     best_per = {}
     for o in feasible:
