@@ -62,7 +62,7 @@ def main() -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix="doa_bench_calibration_"))
     cal = work / "calibration.json"
     doa("calibrate", "--accelerator", "cpu", "--teacher", "tiny", "--student", "tiny", "--task", "demo",
-        "--batch-size", str(args.batch_size), "--out", str(cal))
+        "--batch-size", str(args.batch_size), "--dtype", "float32", "--out", str(cal))   # the cells' ACTIVATION_DTYPE
     record = json.loads(cal.read_text())
     rate = get_accelerator(record["accelerator"]).usd_per_chip_hour / 3600   # $ per chip-second, from the rate card
     rows = []

@@ -30,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--targets-length", type=_positive, default=None, help="default: the card's")
     p.add_argument("--vocab-size", type=_positive, default=None,
                    help="model embedding rows (default: the size's; the demo task: the demo's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="the run's activation dtype (ACTIVATION_DTYPE; default: the size's, bfloat16)")
     p.add_argument("--reps", type=_positive, default=3, help="timed calls per program (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the compiling one (default 1)")
     p.add_argument("--run-steps", type=_positive, default=20,
@@ -48,7 +50,7 @@ def run(args) -> int:
                                     task=args.task, batch_size=args.batch_size, topk=args.topk,
                                     optimizer=args.optimizer, reps=args.reps, warmup=args.warmup, run_steps=args.run_steps,
                                     inputs_length=args.inputs_length, targets_length=args.targets_length,
-                                    vocab_size=args.vocab_size)
+                                    vocab_size=args.vocab_size, dtype=args.dtype)
     from doa_jax.cli import compilation_cache_off
 
     with compilation_cache_off():   # a calibration times cold compiles, not reads of doa's compilation cache

@@ -65,12 +65,16 @@ def task_pools(card, data_dir: Optional[str | os.PathLike] = None):
     return pools.make_pools(card, data_dir=data_dir)
 
 
-def model_configs(card, teacher: str, student: str, vocab_size: Optional[int] = None) -> tuple[T5Config, T5Config]:
-    """(teacher, student) configs of named sizes; the demo task's models use its small vocabulary."""
+def model_configs(card, teacher: str, student: str, vocab_size: Optional[int] = None,
+                  dtype: Optional[str] = None) -> tuple[T5Config, T5Config]:
+    """(teacher, student) configs of named sizes (activations in `dtype`, default the sizes'); the
+    demo task's models use its small vocabulary."""
 
     if vocab_size is None and card.name == demo_task.NAME:
         vocab_size = demo_task.MODEL_VOCAB_SIZE
     overrides = {"vocab_size": vocab_size} if vocab_size else {}
+    if dtype:
+        overrides["dtype"] = dtype
     return config_for_size(teacher, **overrides), config_for_size(student, **overrides)
 
 
@@ -89,6 +93,7 @@ class Settings:
     inputs_length: Optional[int] = None   # default: the card's
     targets_length: Optional[int] = None
     vocab_size: Optional[int] = None      # default: the demo's for the demo task, else the size's
+    dtype: Optional[str] = None           # activations (ACTIVATION_DTYPE); default: the size's
 
     def __post_init__(self):
         for f in ("batch_size", "topk", "reps"):
@@ -246,7 +251,7 @@ def calibrate(s: Settings, say: Callable[[str], None] = print) -> dict[str, Any]
     card = task_card(s.task)
     lengths = {"inputs": int(s.inputs_length or card.feature_lengths["inputs"]),
                "targets": int(s.targets_length or card.feature_lengths["targets"])}
-    teacher, student = model_configs(card, s.teacher, s.student, s.vocab_size)
+    teacher, student = model_configs(card, s.teacher, s.student, s.vocab_size, s.dtype)
     with tempfile.TemporaryDirectory(prefix="doa_calibrate_") as directory:
         measured = _measure(teacher, student, s, lengths, pathlib.Path(directory), say)
     devices = jax.devices()

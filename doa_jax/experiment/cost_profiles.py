@@ -300,6 +300,9 @@ def check_calibration(profile: CostProfile, *, teacher: T5Config, student: T5Con
             raise ValueError(f"calibration {where} was measured for a {role} of {measured.get('params')} parameters "
                              f"({measured.get('size')}), not this {role}'s {cfg.num_params()}: re-run "
                              f"`doa calibrate` with this {role}")
+        if measured.get("dtype") not in (None, cfg.dtype):
+            raise ValueError(f"calibration {where} was measured with {role} activations in {measured['dtype']}, "
+                             f"this {role} runs in {cfg.dtype}: re-run `doa calibrate --dtype {cfg.dtype}`")
     for key in ("inputs", "targets"):
         if int(cal["lengths"].get(key, -1)) != int(lengths[key]):
             raise ValueError(f"calibration {where} was measured at {key} length {cal['lengths'].get(key)} "
