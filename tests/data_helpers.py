@@ -18,3 +18,26 @@ def task_vocab(data_root: str, vocab_size: int = 8000) -> vocab.Vocabulary:
         texts += vocab.task_texts([name], f"{data_root}/{card.subdir}")
     path = vocab.build_vocab(texts, f"{tempfile.mkdtemp(prefix='doa_vocab_')}/tasks.model", vocab_size=vocab_size)
     return vocab.Vocabulary(path)
+
+
+TOY_CARD = """
+name = "toy"
+input_prefix = "toy: "
+metric = "squad"
+primary_metric = "f1"
+annotation_cost_usd = 0.1
+[lengths]
+inputs = 16
+targets = 8
+[data]
+files = {{ all = "{file}" }}
+urls = {{ all = "{url}" }}
+[pools]
+carve_from = "all"
+fractions = {{ test = 0.2, validation = 0.2, unlabeled = 0.3, train = 0.3 }}
+"""
+
+
+def toy_card(file: str = "toy_all.jsonl", url: str = "https://example.org/toy_all.jsonl") -> str:
+    """A task card of one data file carved into the four pools (data download and storage tests)."""
+    return TOY_CARD.format(file=file, url=url)

@@ -22,6 +22,7 @@ from doa_jax import cli, storage
 from doa_jax.checkpoints.tree import flatten
 from doa_jax.experiment import costs, results, sweep
 from doa_jax.progress import MetricsLog
+import data_helpers
 from gcs_helpers import BUCKET, gcs_emulator, ls
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -227,22 +228,6 @@ def test_an_hf_checkpoint_in_a_bucket_loads_as_it_does_from_disk(gcs, tmp_path, 
 
 # ----------------------------------------------------------------------------- convert, vocab, data, bench outputs
 
-TOY_CARD = """
-name = "toy"
-input_prefix = "toy: "
-metric = "squad"
-primary_metric = "f1"
-annotation_cost_usd = 0.1
-[lengths]
-inputs = 16
-targets = 8
-[data]
-files = { all = "toy_all.jsonl" }
-urls = { all = "https://example.org/toy_all.jsonl" }
-[pools]
-carve_from = "all"
-fractions = { test = 0.2, validation = 0.2, unlabeled = 0.3, train = 0.3 }
-"""
 TOY_ROWS = "".join(json.dumps({"source": f"add {i} ml of buffer {i % 3}", "target": f"step {i}"}) + "\n"
                    for i in range(40))
 
@@ -255,7 +240,7 @@ def toy_card(tmp_path, monkeypatch):
 
     from doa_jax.data import cards
 
-    (tmp_path / "toy.toml").write_text(TOY_CARD)
+    (tmp_path / "toy.toml").write_text(data_helpers.toy_card())
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "toy_all.jsonl").write_text(TOY_ROWS)
     monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)

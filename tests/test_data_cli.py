@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from data_helpers import task_vocab
+from data_helpers import task_vocab, toy_card
 from doa_jax import cli
 from doa_jax.data import cards
 
@@ -124,24 +124,6 @@ def test_vocab_build_writes_a_t5_style_model(doa, doa_data, tmp_path):
     assert spec["model_vocab_size"] == rows and f"--gin.MODEL_VOCAB_SIZE={rows}" in err
 
 
-TOY_CARD = """
-name = "toy"
-input_prefix = "toy: "
-metric = "squad"
-primary_metric = "f1"
-annotation_cost_usd = 0.1
-[lengths]
-inputs = 16
-targets = 8
-[data]
-files = {{ all = "{file}" }}
-urls = {{ all = "{url}" }}
-[pools]
-carve_from = "all"
-fractions = {{ test = 0.2, validation = 0.2, unlabeled = 0.3, train = 0.3 }}
-"""
-
-
 def _serve(monkeypatch, pages: dict):
     """`urllib.request.urlopen` answering from `pages` (url -> bytes); nothing reaches the network."""
     import io
@@ -161,7 +143,7 @@ def test_download_fetches_a_cards_urls(doa, tmp_path, monkeypatch):
     text = "".join(json.dumps({"source": f"q{i}", "target": "a"}) + "\n" for i in range(10))
     url = "https://example.org/toy_all.json"
     _serve(monkeypatch, {url: text.encode()})
-    (tmp_path / "toy.toml").write_text(TOY_CARD.format(file="toy_all.json", url=url))
+    (tmp_path / "toy.toml").write_text(toy_card("toy_all.json", url))
     monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
     dest = tmp_path / "data"
     code, out, _ = doa("data", "download", "toy", "--data-dir", dest)
@@ -173,7 +155,7 @@ def test_download_fetches_a_cards_urls(doa, tmp_path, monkeypatch):
 
 def test_download_failure_is_one_clear_line(doa, tmp_path, monkeypatch):
     _serve(monkeypatch, {})
-    (tmp_path / "toy.toml").write_text(TOY_CARD.format(file="toy_all.json", url="https://example.org/gone.json"))
+    (tmp_path / "toy.toml").write_text(toy_card("toy_all.json", "https://example.org/gone.json"))
     monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
     code, _, err = doa("data", "download", "toy", "--data-dir", tmp_path / "d")
     assert code == 2 and "could not download https://example.org/gone.json" in err and err.count("\n") == 1
@@ -182,7 +164,7 @@ def test_download_failure_is_one_clear_line(doa, tmp_path, monkeypatch):
 def test_download_refuses_a_file_url(doa, tmp_path, monkeypatch):
     secret = tmp_path / "secret.json"
     secret.write_text(json.dumps({"source": "s", "target": "t"}) + "\n")
-    (tmp_path / "toy.toml").write_text(TOY_CARD.format(file="toy_all.json", url=secret.as_uri()))
+    (tmp_path / "toy.toml").write_text(toy_card("toy_all.json", secret.as_uri()))
     monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
     code, _, err = doa("data", "download", "toy", "--data-dir", tmp_path / "d")
     assert code == 2 and err.count("\n") == 1
@@ -193,7 +175,7 @@ def test_download_refuses_a_file_url(doa, tmp_path, monkeypatch):
 def test_download_refuses_a_file_name_outside_the_data_folder(doa, tmp_path, monkeypatch):
     url = "https://example.org/toy_all.json"
     _serve(monkeypatch, {url: (json.dumps({"source": "s", "target": "t"}) + "\n").encode()})
-    (tmp_path / "toy.toml").write_text(TOY_CARD.format(file="../escaped.json", url=url))
+    (tmp_path / "toy.toml").write_text(toy_card("../escaped.json", url))
     monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
     code, _, err = doa("data", "download", "toy", "--data-dir", tmp_path / "d")
     assert code == 2 and "files.all: '../escaped.json' must be a relative path inside the data folder" in err
@@ -203,7 +185,7 @@ def test_download_refuses_a_file_name_outside_the_data_folder(doa, tmp_path, mon
 def test_download_refuses_a_file_name_through_a_link_out_of_the_folder(doa, tmp_path, monkeypatch):
     url = "https://example.org/toy_all.json"
     _serve(monkeypatch, {url: (json.dumps({"source": "s", "target": "t"}) + "\n").encode()})
-    (tmp_path / "toy.toml").write_text(TOY_CARD.format(file="out/escaped.json", url=url))
+    (tmp_path / "toy.toml").write_text(toy_card("out/escaped.json", url))
     monkeypatch.setattr(cards, "CARDS_DIR", tmp_path)
     (tmp_path / "d").mkdir()
     (tmp_path / "elsewhere").mkdir()
