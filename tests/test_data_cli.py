@@ -48,6 +48,16 @@ def test_stats_text_report(doa, doa_data):
     assert "truncation at inputs=64, targets=8: inputs " in out
 
 
+def test_stats_say_why_lines_were_skipped(doa, doa_data):
+    # WLP's sentences without entities have empty targets, which its card skips (the paper did too).
+    from doa_jax.data import pools
+    skipped = pools.make_pools("wlp", data_dir=doa_data / "wlp").skipped
+    vocab = task_vocab(str(doa_data))
+    code, out, _ = doa("data", "stats", "wlp", "--vocab", vocab.path, "--data-dir", doa_data / "wlp")
+    assert code == 0 and skipped["train"] > 0
+    assert f"lines skipped: train {skipped['train']} (empty 'target' {skipped['train']})" in out
+
+
 def test_stats_without_a_vocabulary_is_one_clear_error(doa, monkeypatch):
     monkeypatch.delenv("DOA_VOCAB", raising=False)
     code, _, err = doa("data", "stats", "fever")

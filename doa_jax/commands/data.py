@@ -104,13 +104,19 @@ def run_download(args) -> int:
     return 0
 
 
+def _skipped(key: str, count: int, why: dict[str, int] | None) -> str:
+    """`train 12 (empty 'target' 12)`: how many lines of a file were skipped, and why."""
+    return f"{key} {count}" + (f" ({', '.join(f'{r} {n}' for r, n in why.items())})" if why else "")
+
+
 def _format(stats: dict) -> str:
     p = stats["length_percentiles"]
     cols = list(p["inputs"])
     lines = [
         f"task {stats['task']} (vocabulary {stats['vocabulary']['path']}, {stats['vocabulary']['vocab_size']} ids)",
         "sizes: " + ", ".join(f"{k} {v}" for k, v in stats["sizes"].items())
-        + "; lines skipped: " + (", ".join(f"{k} {v}" for k, v in stats["skipped_lines"].items()) or "none"),
+        + "; lines skipped: " + (", ".join(_skipped(k, v, stats.get("skipped_why", {}).get(k))
+                                           for k, v in stats["skipped_lines"].items() if v) or "none"),
     ]
     for split, counts in stats["label_counts"].items():
         if counts:

@@ -11,6 +11,7 @@ seed gives the same pools on every machine and NumPy version. Imports no TensorF
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -55,6 +56,8 @@ class Pools:
     validation: list[dict[str, str]]
     test: list[dict[str, str]]
     skipped: dict[str, int]  # file key -> lines skipped while reading (bad lines, empty targets)
+    # file key -> why its lines were skipped -> how many (e.g. {"train": {"empty 'target'": 12}})
+    skip_reasons: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def split(self, name: str) -> list[dict[str, str]]:
         if name not in cards_lib.SPLITS:
@@ -89,6 +92,7 @@ def make_pools(
     seed = card.pool_seed if seed is None else seed
     parts: dict[str, list] = {}
     skipped: dict[str, int] = {}
+    reasons: dict[str, dict[str, int]] = {}
     for key in card.files:
         if key not in cards_lib.SPLITS and key != card.carve_from:
             continue
@@ -101,6 +105,7 @@ def make_pools(
             skip_bad=skip_bad,
         )
         skipped[key] = len(loaded.skipped)
+        reasons[key] = dict(collections.Counter(why for _, why in loaded.skipped).most_common())
         if key == card.carve_from:
             parts.update(carve(loaded.examples, card.pool_fractions, seed))
         else:
@@ -116,4 +121,5 @@ def make_pools(
         validation=parts["validation"],
         test=parts["test"],
         skipped=skipped,
+        skip_reasons=reasons,
     )

@@ -63,6 +63,7 @@ def task_stats(
         "vocabulary": {"path": str(vocab.path), "vocab_size": vocab.vocab_size},
         "sizes": pools.sizes(),
         "skipped_lines": pools.skipped,
+        "skipped_why": pools.skip_reasons,
         "label_counts": {s: label_counts(card, pools.split(s)) for s in ("train", "validation", "test")},
         "length_percentiles": {
             "inputs": {str(p): int(np.percentile(inputs, p, method="higher")) for p in PERCENTILES},
