@@ -15,6 +15,8 @@ def test_size_name_becomes_an_hf_directory_transformers_loads(tmp_path, capsys):
     tiny = config_for_size("tiny")
     assert f"wrote hf checkpoint: {tmp_path / 'hf'} (T5 v1.1, {tiny.num_params():,} params" in out
     assert "random init of 'tiny' (seed 1)" in out
+    # It says what it is doing before each long part (the initialiser's compile, the write).
+    assert out.index("initialising 'tiny' randomly") < out.index("writing hf checkpoint to") < out.index("wrote hf")
     model, info = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf",
                                                                           output_loading_info=True)
     assert not any(info.values())
@@ -26,7 +28,8 @@ def test_size_name_becomes_an_hf_directory_transformers_loads(tmp_path, capsys):
 def test_t5x_checkpoint_converts_to_native_with_the_same_params(t5x_fixtures, tmp_path, capsys):
     src = t5x_fixtures / "legacy" / "checkpoint_0"
     assert main(["convert", str(src), str(tmp_path / "native"), "--to", "orbax"]) == 0
-    assert f"from t5x_legacy checkpoint {src}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"reading the t5x_legacy checkpoint {src} ..." in out and f"from t5x_legacy checkpoint {src} in " in out
     assert detect_format(tmp_path / "native") == "native"
     golden = np.load(t5x_fixtures / "golden.npz")
     for path, array in flatten(load_checkpoint(tmp_path / "native")[1]).items():

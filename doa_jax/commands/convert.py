@@ -17,6 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import time
+
+from doa_jax import progress
 
 TARGETS = {"orbax": "native", "hf": "hf", "t5x": "t5x"}
 T5X_FORMATS = ("orbax", "legacy")
@@ -50,11 +53,14 @@ def _load(src: str, seed: int):
 
     if storage.is_url(src) or os.path.exists(src):
         source = f"{detect_format(src)} checkpoint {src}"
+        print(f"reading the {source} ...", flush=True)
         return (*load_checkpoint(src), source)
     try:
         config = size_config(src)
     except FileNotFoundError as e:
         raise UserError(f"SRC {e}") from None
+    print(f"initialising {src!r} randomly ({progress.params_text(config.num_params())}, seed {seed}; "
+          "compiling the initialiser first) ...", flush=True)
     return config, init_params(config, seed), f"random init of {src!r} (seed {seed})"
 
 
@@ -91,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from doa_jax import storage
     from doa_jax.checkpoints import hf, save_checkpoint, t5x_save
 
+    started = time.perf_counter()
     dst, options = _destination(args)
     config, params, source = _load(args.src, args.seed)
     if args.to == "t5x":
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if storage.exists(dst):
         storage.remove(dst)
     fmt = f"t5x_{args.t5x_format}" if args.to == "t5x" else TARGETS[args.to]
+    print(f"writing {fmt} checkpoint to {dst} ({time.perf_counter() - started:.0f} s so far) ...", flush=True)
     with storage.staged(dst) as local:   # a URL: written here, then uploaded
         written = save_checkpoint(local, config, params, format=fmt, **options)
     written = dst if storage.is_url(dst) else written
@@ -109,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     name = {"orbax": "native orbax", "hf": "hf", "t5x": f"t5x {args.t5x_format}"}[args.to]
     print(f"wrote {name} checkpoint: {written} "
           f"({kind}, {config.num_params():,} params, d_model {config.emb_dim}, "
-          f"{config.num_encoder_layers}+{config.num_decoder_layers} layers) from {source}")
+          f"{config.num_encoder_layers}+{config.num_decoder_layers} layers) from {source} "
+          f"in {time.perf_counter() - started:.0f} s")
     if args.to == "hf":
         print(f"tokenizer: {options['vocab']} (transformers.AutoTokenizer loads it)" if options["vocab"] else
               "no tokenizer written: pass --vocab spiece.model for AutoTokenizer.from_pretrained to work")
