@@ -140,12 +140,11 @@ def test_decode_floor_is_compute_bound_for_the_encoder_and_bytes_bound_per_step(
 
 @pytest.mark.slow
 def test_gpu_bench_dry_run_writes_env_rows_and_table_and_survives_a_timed_out_case(tmp_path):
-    """The one-call device script, tiny sizes on the CPU, cases (a), (b), (d) and (e): (b) hangs (GPU_BENCH_HANG) and
-    times out; the case after it still runs and the files the device tool brings back
-    are all there."""
+    """The one-call device script, tiny sizes on the CPU, cases (b) and (d): (b) hangs (GPU_BENCH_HANG) and
+    times out; the case after it still runs and the files the device tool brings back are all there."""
     root = benchmark.__file__.rsplit("/doa_jax/", 1)[0]
     env = {**os.environ, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu", "GPU_BENCH_TINY": "1", "SCALE": "1",
-           "DEADLINE": "3000", "T_B": "10", "PEER_SCRIPT": "none", "CASES": "a b d e",
+           "DEADLINE": "3000", "T_B": "10", "PEER_SCRIPT": "none", "CASES": "b d",
            "GPU_BENCH_HANG": "b"}
     done = subprocess.run(["bash", "scripts/gpu_bench.sh", "run"], cwd=root, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -154,8 +153,8 @@ def test_gpu_bench_dry_run_writes_env_rows_and_table_and_survives_a_timed_out_ca
     log = (tmp_path / "log.txt").read_text()
     assert "== (b ours) TIMED OUT after 10s" in log
     rows = json.loads((tmp_path / "ours.json").read_text())
-    assert [r["part"] for r in rows if "error" not in r] == ["train", "decode", "decode"]
-    assert "| tiny | adamw | 2 |" in (tmp_path / "table.md").read_text()
+    assert [r["part"] for r in rows if "error" not in r] == ["decode"]
+    assert "| tiny | 4 | 8/4 | True |" in (tmp_path / "table.md").read_text()    # the decode row (size, batch, lengths, scan)
 
 
 BLOCK_TF_SEQIO_GIN = """
