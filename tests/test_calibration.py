@@ -16,7 +16,9 @@ def test_calibrate_tiny_models_on_the_demo_task_then_plan_with_the_file(capsys, 
     assert "per-call rates exclude compile and warm-up" in capsys.readouterr().out
     record = cost_profiles.read_calibration(out)
     assert set(record["programs"]) == set(cost_profiles.PROGRAMS)
-    assert all(p["examples_per_s"] > 0 and p["mfu"] > 0 for p in record["programs"].values())
+    assert all(p["examples_per_s"] > 0 for p in record["programs"].values())
+    # A CPU's peak FLOP/s is only nominal, so no MFU is claimed against it (as `doa train` does).
+    assert all(p["mfu"] is None for p in record["programs"].values()) and "no real peak" in record["mfu_note"]
     assert record["lengths"] == {"inputs": 8, "targets": 4} and record["batch_size"] == 8
     assert all(record["programs"][p]["run_overhead_s"] >= 0 for p in ("teacher_train", "student_distill_online"))
     assert all(p["startup_s"] > 0 for p in record["programs"].values())   # every program compiled once

@@ -62,6 +62,9 @@ def run(args) -> int:
     for program, row in record["programs"].items():
         once = sum(row.get(f, 0.0) for f in cost_profiles.ONCE_PER_RUN)
         fixed = f"   + {once:.2f} s a run (compile, set-up)" if once else ""
-        print(f"  {program:<24} {row['examples_per_s']:>12.1f} examples/s   MFU {row['mfu']:.2%}{fixed}")
+        mfu = "MFU n/a" if row["mfu"] is None else f"MFU {row['mfu']:.2%}"
+        print(f"  {program:<24} {row['examples_per_s']:>12.1f} examples/s   {mfu}{fixed}")
+    if any(row["mfu"] is None for row in record["programs"].values()):
+        print(f"  MFU n/a: {record['mfu_note']}")
     print(f"wrote {path}; price with `doa plan --calibration {path} ...`")
     return 0

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doa_jax import decoding, flops, partitioning, storage
+from doa_jax import decoding, flops, partitioning, progress, storage
 from doa_jax.data import demo as demo_task
 from doa_jax.data import pools
 from doa_jax.data.batches import ArrayBatches
@@ -255,16 +255,19 @@ def calibrate(s: Settings, say: Callable[[str], None] = print) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="doa_calibrate_") as directory:
         measured = _measure(teacher, student, s, lengths, pathlib.Path(directory), say)
     devices = jax.devices()
-    peak = acc.peak_flops * len(devices)
+    # MFU against the device's real peak, as `doa train` reports it; none where the peak is only
+    # nominal (a CPU's) or unknown: the note says why.
+    peak, mfu_note = progress.peak_flops_per_device(devices[0].device_kind)
     programs = {}
     for program, row in measured.items():
         f = _program_flops(program, teacher, student, s.batch_size, lengths["inputs"], lengths["targets"])
         sec = row["seconds_per_call"]
         programs[program] = {"examples_per_s": s.batch_size / sec, "examples_per_call": s.batch_size, **row,
-                             "flops_per_call": f, "mfu": f / sec / peak}
+                             "flops_per_call": f, "mfu": f / sec / (peak * len(devices)) if peak else None}
     return {"format": cost_profiles.CALIBRATION_FORMAT, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "jax_version": jax.__version__, "device_kind": devices[0].device_kind,
         "device_count": len(devices), "accelerator": acc.key, "accelerator_peak_flops": acc.peak_flops,
+        "mfu_note": mfu_note,
         "teacher": _model_record(s.teacher, teacher), "student": _model_record(s.student, student), "task": card.name,
         "lengths": lengths, "batch_size": s.batch_size, "topk": s.topk, "optimizer": s.optimizer,
         "timing": TIMING_NOTE, "warmup_calls_excluded": 1 + s.warmup, "reps": s.reps, "run_steps": s.run_steps,
