@@ -91,8 +91,10 @@ class _SampleSettings:
 
 @dataclasses.dataclass(frozen=True)
 class _BeamSettings:
+    """What a compiled beam search is specialised on. The length penalty's value is not: its divisor
+    table is an argument, so another penalty reuses the program; only its sign changes control flow."""
     num_beams: int
-    length_penalty: float
+    penalty_positive: bool
     early_stopping: Union[bool, str]
     num_return_sequences: int
     convention: str
@@ -157,12 +159,14 @@ def beam_search(model: ModelSpec, params: Any, encoder_input_tokens: Any, max_de
                          f"got {num_return_sequences}")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    settings = _BeamSettings(int(num_beams), float(length_penalty), early_stopping,
+    settings = _BeamSettings(int(num_beams), float(length_penalty) > 0.0, early_stopping,
                              int(num_return_sequences), convention, eos_id)
     config = _config_of(model)
     tokens = _check_inputs(encoder_input_tokens, max_decode_len)
     fn = _compiled_beam(config, int(max_decode_len), settings, _context_key())
-    return fn(decoding_params(params, config), tokens)
+    # Divisor for a hypothesis of n generated tokens, n = 0..max_len+1 (float32, as the reference does).
+    divisors = CONVENTIONS[convention].length_penalty(np.arange(int(max_decode_len) + 2), float(length_penalty))
+    return fn(decoding_params(params, config), tokens, jnp.asarray(divisors, jnp.float32))
 
 
 def generate(model: ModelSpec, params: Any, encoder_input_tokens: Any, max_decode_len: int, *,
@@ -394,11 +398,9 @@ def _compiled_beam(config: T5Config, max_len: int, s: _BeamSettings, context: tu
     conv = CONVENTIONS[s.convention]
     k, neg = s.num_beams, conv.neg_inf
     hf = s.convention == "hf"
-    # Divisor for a hypothesis of n generated tokens, n = 0..max_len+1 (float32, as the reference does).
-    penalty = jnp.asarray(conv.length_penalty(np.arange(max_len + 2), s.length_penalty), jnp.float32)
 
     @jax.jit
-    def run(params, enc):
+    def run(params, enc, penalty):
         batch = enc.shape[0]
         cache, enc = _prepare(model, params, enc, max_len, k)
         position = jnp.arange(max_len)
@@ -487,7 +489,7 @@ def _hf_keep_going(was_open: Array, state: dict, stops: Array, generated: Array,
     A row stays open while its best live beam, scored at the most favourable length it could
     reach, beats the worst of its num_beams finished hypotheses (an empty slot counts as -1e9).
     """
-    if s.early_stopping == "never" and s.length_penalty > 0.0:
+    if s.early_stopping == "never" and s.penalty_positive:
         best_len = max_len
     else:
         best_len = generated

@@ -152,6 +152,17 @@ def test_beam_scores_are_teacher_forced_log_probs_over_the_length_penalty(biased
     assert (np.diff(np.asarray(result.all_scores), axis=1) <= 0).all()  # best first
 
 
+def test_another_length_penalty_reuses_the_compiled_beam_search(biased):
+    # The penalty's divisors are an argument of the program: sweeping it compiles nothing new.
+    first = decoding.beam_search(CFG, biased, ENC, 8, num_beams=3, length_penalty=0.8)
+    compiled = decoding._compiled_beam.cache_info().currsize
+    second = decoding.beam_search(CFG, biased, ENC, 8, num_beams=3, length_penalty=1.7)
+    assert decoding._compiled_beam.cache_info().currsize == compiled
+    lengths = np.asarray(second.lengths)
+    np.testing.assert_allclose(np.asarray(second.scores), np.asarray(second.log_probs) / lengths ** 1.7, rtol=1e-5)
+    assert not np.array_equal(np.asarray(first.scores), np.asarray(second.scores))
+
+
 def test_decoding_params_cast_once_gives_bit_identical_bfloat16_logits():
     cfg = CFG.replace(dtype="bfloat16")
     params = init_params(cfg)
