@@ -48,3 +48,15 @@ def test_who_wins_names_the_budgets_between_which_distillation_overtakes():
 def test_who_wins_says_so_when_one_arm_leads_everywhere():
     rows = [_row("annotate", 10, 66.3), _row("distill", 10, 26.7), _row("annotate", 20, 67.0), _row("distill", 20, 54.9)]
     assert demo_cmd.who_wins(rows).endswith("annotate leads at every budget: no crossover in this range")
+
+
+def test_who_wins_shows_the_intervals_and_calls_overlapping_ones_within_noise():
+    rows = [_row("annotate", 10, 66.3), _row("distill", 10, 26.7), _row("annotate", 20, 67.0), _row("distill", 20, 70.2)]
+    intervals = {("annotate", 10): (60.1, 71.9), ("distill", 10): (20.4, 33.0),
+                 ("annotate", 20): (61.0, 72.5), ("distill", 20): (65.2, 75.0)}
+    text = demo_cmd.who_wins(rows, intervals)
+    assert "+$10: annotate 66.3 [60.1, 71.9] vs 26.7 [20.4, 33.0]: beyond noise" in text
+    assert "+$20: distill 70.2 [65.2, 75.0] vs 67.0 [61.0, 72.5]: within noise (the 95% intervals overlap)" in text
+    assert text.endswith("distill overtakes between +$10 and +$20 (not beyond noise: the arms' intervals overlap at +$20)")
+    intervals[("distill", 20)] = (72.6, 77.0)
+    assert demo_cmd.who_wins(rows, intervals).endswith("distill overtakes between +$10 and +$20")
