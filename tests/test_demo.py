@@ -60,3 +60,11 @@ def test_who_wins_shows_the_intervals_and_calls_overlapping_ones_within_noise():
     assert text.endswith("distill overtakes between +$10 and +$20 (not beyond noise: the arms' intervals overlap at +$20)")
     intervals[("distill", 20)] = (72.6, 77.0)
     assert demo_cmd.who_wins(rows, intervals).endswith("distill overtakes between +$10 and +$20")
+
+
+def test_the_loss_note_says_when_the_demo_does_not_distil_with_the_papers_loss():
+    assert demo_cmd.loss_note(1.0, 2.0) == ("distillation loss: the paper's T²·KL at T = 2 on the teacher's greedy "
+                                            "outputs (KD_WEIGHT = 1)")
+    assert demo_cmd.loss_note(0.0, 2.0).startswith("distillation loss: sequence-level KD, cross-entropy on the "
+                                                   "teacher's greedy outputs (KD_WEIGHT = 0), NOT the paper's")
+    assert "0.5 x the paper's T²·KL at T = 2 + 0.5 x sequence-level KD (NOT" in demo_cmd.loss_note(0.5, 2.0)
