@@ -68,3 +68,18 @@ def test_the_loss_note_says_when_the_demo_does_not_distil_with_the_papers_loss()
     assert demo_cmd.loss_note(0.0, 2.0).startswith("distillation loss: sequence-level KD, cross-entropy on the "
                                                    "teacher's greedy outputs (KD_WEIGHT = 0), NOT the paper's")
     assert "0.5 x the paper's T²·KL at T = 2 + 0.5 x sequence-level KD (NOT" in demo_cmd.loss_note(0.5, 2.0)
+
+
+@pytest.mark.parametrize("kd_weight, runs_teacher", [(1.0, True), (0.0, False)])
+def test_the_teacher_runs_at_every_student_step_only_when_the_loss_reads_its_soft_targets(tmp_path, kd_weight,
+                                                                                         runs_teacher):
+    from doa_jax import configurables, gin_utils
+    from doa_jax.experiment import phases
+
+    configurables.register()
+    gin_utils.parse(["runs/experiment.gin", "runs/demo_models.gin"],
+                    ["STRATEGY = 'distill'", "EXTRA_BUDGET_USD = 10", "START_LABELS = 200", f"OUTPUT_DIR = '{tmp_path}'",
+                     f"KD_WEIGHT = {kd_weight}"])
+    cell = gin_utils.macro("CELL")
+    assert cell.distill.soft_targets == "online"
+    assert (phases.online_teacher(cell, teacher_params={}) is not None) == runs_teacher
