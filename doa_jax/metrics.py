@@ -34,7 +34,11 @@ MultiPIT_Id NO, Stanceosaurus IRRELEVANT), so it is correct whenever gold is tha
 (`precision`, `recall`) are the released parse's micro scores (`paper_f1`), the standard span F1
 moving to `span_f1` (`span_precision`, `span_recall`). The other keys are the same under both.
 
-Pure Python; BERTScore imports torch/transformers only when a scorer model is given.
+Per-example statistics (`compute_statistics`, `ExampleStatistics`): for the metrics that are sums over
+examples (counts of correct labels, of matched entities, ...), each example's counts, so a bootstrap
+resample is scored by summing rows instead of re-parsing every prediction (same numbers).
+
+Pure Python and numpy; BERTScore imports torch/transformers only when a scorer model is given.
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ import os
 import re
 import string
 from typing import Callable, Sequence
+
+import numpy as np
 
 # ---------------------------------------------------------------------------------------------
 # Post-processing
@@ -125,25 +131,38 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 0.0 if tp == 0 else 2.0 * tp / (2 * tp + fp + fn)
 
 
+def _label_counts(pred: Sequence[str | None], gold: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """Per example, [tp, fp, fn] of every label (label-major, 3 x len(labels) columns): an invalid
+    prediction (None) is a miss for its gold label and a false positive for none."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    counts = np.zeros((len(gold), len(labels), 3), np.int64)
+    for row, (p, g) in enumerate(zip(pred, gold)):
+        if p == g:
+            counts[row, index[g], 0] = 1
+        else:
+            counts[row, index[g], 2] = 1
+            if p is not None:
+                counts[row, index[p], 1] = 1
+    return counts.reshape(len(gold), 3 * len(labels))
+
+
+def _classification_scores(per_label: np.ndarray, correct: int, n: int) -> dict[str, float]:
+    """macro/micro F1 over the labels present (in the references or valid predictions: any tp, fp or
+    fn) and accuracy, from summed [tp, fp, fn] per label."""
+    per_label = per_label.reshape(-1, 3)
+    present = [tuple(int(v) for v in x) for x in per_label if x.sum() > 0]
+    tp, fp, fn = (sum(x[k] for x in present) for k in range(3))
+    return {"macro_f1": 100.0 * sum(_f1(*x) for x in present) / len(present), "micro_f1": 100.0 * _f1(tp, fp, fn),
+            "accuracy": 100.0 * correct / n}
+
+
 def classification_f1(predictions, references, *, labels, protocol="efficient", invalid_label=None, **_):
     _check_lengths(predictions, references)
     gold = _gold_labels(references, labels)
     pred = _predicted_labels(predictions, labels, protocol, invalid_label)
-    present = [lab for lab in labels if lab in set(gold) | set(pred)]
-    per_label = []
-    for lab in present:
-        tp = sum(p == lab and g == lab for p, g in zip(pred, gold))
-        fp = sum(p == lab and g != lab for p, g in zip(pred, gold))
-        fn = sum(p != lab and g == lab for p, g in zip(pred, gold))
-        per_label.append((tp, fp, fn))
-    tp, fp, fn = (sum(x[k] for x in per_label) for k in range(3))
-    return {
-        "macro_f1": 100.0 * sum(_f1(*x) for x in per_label) / len(per_label),
-        "micro_f1": 100.0 * _f1(tp, fp, fn),
-        "accuracy": 100.0 * sum(p == g for p, g in zip(pred, gold)) / len(gold),
-        "invalid_predictions": _invalid(predictions, labels),
-        "count": len(gold),
-    }
+    scores = _classification_scores(_label_counts(pred, gold, labels).sum(axis=0),
+                                    sum(p == g for p, g in zip(pred, gold)), len(gold))
+    return {**scores, "invalid_predictions": _invalid(predictions, labels), "count": len(gold)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,21 +239,35 @@ def paper_entity_pairs(predictions, references) -> tuple[list[str], list[str]]:
     return pred_labels, gold_labels
 
 
-def entity_f1(predictions, references, *, entity_types, protocol="efficient", **_):
-    _check_lengths(predictions, references)
-    tp = n_pred = n_gold = 0
-    for p, r in zip(predictions, references):
-        pred = collections.Counter(parse_entities(p, entity_types))
-        gold = collections.Counter(parse_entities(r, entity_types))
-        tp += sum((pred & gold).values())
-        n_pred += sum(pred.values())
-        n_gold += sum(gold.values())
-    precision = tp / n_pred if n_pred else 0.0
-    recall = tp / n_gold if n_gold else 0.0
+def _entity_counts(prediction: str, reference: str, entity_types: Sequence[str]) -> tuple[int, int, int]:
+    """(matched, predicted, gold) (entity text, type) pairs of one sentence."""
+    pred = collections.Counter(parse_entities(prediction, entity_types))
+    gold = collections.Counter(parse_entities(reference, entity_types))
+    return sum((pred & gold).values()), sum(pred.values()), sum(gold.values())
+
+
+def _span_scores(tp: int, n_pred: int, n_gold: int) -> dict[str, float]:
+    """Micro span F1, precision and recall (percent) from summed counts."""
     if n_pred == 0 and n_gold == 0:
         f1 = 1.0  # nothing to find and nothing found
     else:
         f1 = _f1(tp, n_pred - tp, n_gold - tp)
+    return {"f1": 100.0 * f1, "precision": 100.0 * (tp / n_pred) if n_pred else 0.0,
+            "recall": 100.0 * (tp / n_gold) if n_gold else 0.0}
+
+
+def _paper_protocol_keys(result: dict, paper_f1: float) -> dict:
+    """`protocol='paper'`: one label per gold key on both sides, so micro precision = recall = F1 =
+    the share that agree; the standard span scores move to span_*."""
+    result.update(span_f1=result["f1"], span_precision=result["precision"], span_recall=result["recall"],
+                  f1=paper_f1, precision=paper_f1, recall=paper_f1)
+    return result
+
+
+def entity_f1(predictions, references, *, entity_types, protocol="efficient", **_):
+    _check_lengths(predictions, references)
+    tp, n_pred, n_gold = (sum(c) for c in zip(*(_entity_counts(p, r, entity_types)
+                                                for p, r in zip(predictions, references))))
     pp, pg = paper_entity_pairs(predictions, references)
     labels = sorted(set(pp) | set(pg))
     per_label = [
@@ -245,20 +278,15 @@ def entity_f1(predictions, references, *, entity_types, protocol="efficient", **
         )
         for lab in labels
     ]
+    paper_f1 = 100.0 * sum(a == b for a, b in zip(pp, pg)) / len(pg) if pg else 0.0
     result = {
-        "f1": 100.0 * f1,
-        "precision": 100.0 * precision,
-        "recall": 100.0 * recall,
-        "paper_f1": 100.0 * sum(a == b for a, b in zip(pp, pg)) / len(pg) if pg else 0.0,
+        **_span_scores(tp, n_pred, n_gold),
+        "paper_f1": paper_f1,
         "paper_macro_f1": 100.0 * sum(per_label) / len(per_label) if per_label else 0.0,
         "predicted_entities": n_pred,
         "gold_entities": n_gold,
     }
-    if check_protocol(protocol) == "paper":
-        # One label per gold key on both sides: micro precision = recall = F1 = the share that agree.
-        result.update(span_f1=result["f1"], span_precision=result["precision"], span_recall=result["recall"],
-                      f1=result["paper_f1"], precision=result["paper_f1"], recall=result["paper_f1"])
-    return result
+    return _paper_protocol_keys(result, paper_f1) if check_protocol(protocol) == "paper" else result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +443,63 @@ def bert_ibleu(predictions, references, *, sources=None, scorer_model=None, num_
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-example statistics (bootstrap resamples)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleStatistics:
+    """Each example's counts (one row per example) and how summed counts become the metric's keys: a
+    resample of examples (indices, repeats allowed) is scored as the sum of its rows, with the same
+    numbers as scoring its predictions again, without re-parsing them. `finish` gives the keys that
+    are functions of the sums (not every key of the metric: e.g. not WLP's paper_macro_f1)."""
+
+    counts: np.ndarray                                   # [examples, statistics]
+    finish: Callable[[np.ndarray], dict[str, float]]     # summed counts -> {key: percent}
+
+    def score(self, indices: Sequence[int]) -> dict[str, float]:
+        return self.finish(self.counts[np.asarray(indices, np.int64)].sum(axis=0))
+
+
+def _accuracy_statistics(predictions, references, *, labels, protocol="efficient", invalid_label=None, **_):
+    gold = _gold_labels(references, labels)
+    pred = _predicted_labels(predictions, labels, protocol, invalid_label)
+    counts = np.array([[p == g, 1] for p, g in zip(pred, gold)], np.int64)
+    return ExampleStatistics(counts, lambda c: {"accuracy": 100.0 * int(c[0]) / int(c[1])})
+
+
+def _classification_statistics(predictions, references, *, labels, protocol="efficient", invalid_label=None, **_):
+    gold = _gold_labels(references, labels)
+    pred = _predicted_labels(predictions, labels, protocol, invalid_label)
+    correct = np.array([[p == g, 1] for p, g in zip(pred, gold)], np.int64)
+    counts = np.concatenate([_label_counts(pred, gold, labels), correct], axis=1)
+    return ExampleStatistics(counts, lambda c: _classification_scores(c[:-2], int(c[-2]), int(c[-1])))
+
+
+def _squad_statistics(predictions, references, **_):
+    counts = np.array([[normalize_answer(p) == normalize_answer(r), squad_f1(p, r), 1.0]
+                       for p, r in zip(predictions, references)], np.float64)
+    return ExampleStatistics(counts, lambda c: {"exact_match": 100.0 * c[0] / c[2], "f1": 100.0 * c[1] / c[2]})
+
+
+def _entity_statistics(predictions, references, *, entity_types, protocol="efficient", **_):
+    """Per sentence: matched, predicted and gold spans (micro span F1), and the released code's gold
+    keys and how many of them the prediction labels alike (its micro F1, `paper_f1`)."""
+    rows = []
+    for p, r in zip(predictions, references):
+        pp, pg = paper_entity_pairs([p], [r])
+        rows.append((*_entity_counts(p, r, entity_types), sum(a == b for a, b in zip(pp, pg)), len(pg)))
+    paper = check_protocol(protocol) == "paper"
+
+    def finish(c: np.ndarray) -> dict[str, float]:
+        tp, n_pred, n_gold, agree, keys = (int(v) for v in c)
+        paper_f1 = 100.0 * agree / keys if keys else 0.0
+        result = {**_span_scores(tp, n_pred, n_gold), "paper_f1": paper_f1}
+        return _paper_protocol_keys(result, paper_f1) if paper else result
+
+    return ExampleStatistics(np.array(rows, np.int64).reshape(len(rows), 5), finish)
+
+
+# ---------------------------------------------------------------------------------------------
 # The table
 
 
@@ -422,14 +507,16 @@ def bert_ibleu(predictions, references, *, sources=None, scorer_model=None, num_
 class Metric:
     fn: Callable[..., dict]
     needs: str | None  # what the card must give: "labels" | "entity_types" | None
+    # Per-example statistics (`compute_statistics`), for metrics that are functions of sums over examples.
+    statistics: Callable[..., ExampleStatistics] | None = None
 
 
 METRICS: dict[str, Metric] = {
-    "accuracy": Metric(accuracy, "labels"),
-    "classification_f1": Metric(classification_f1, "labels"),
-    "squad": Metric(squad, None),
-    "entity_f1": Metric(entity_f1, "entity_types"),
-    "bert_ibleu": Metric(bert_ibleu, None),
+    "accuracy": Metric(accuracy, "labels", _accuracy_statistics),
+    "classification_f1": Metric(classification_f1, "labels", _classification_statistics),
+    "squad": Metric(squad, None, _squad_statistics),
+    "entity_f1": Metric(entity_f1, "entity_types", _entity_statistics),
+    "bert_ibleu": Metric(bert_ibleu, None),   # a per-example BERTScore model: re-scored, no statistics
 }
 
 
@@ -455,3 +542,19 @@ def compute(metric: str, predictions: Sequence[str], references: Sequence[str], 
         invalid_label=invalid_label,
         **options,
     )
+
+
+def compute_statistics(metric: str, predictions: Sequence[str], references: Sequence[str], *,
+                       labels: Sequence[str] = (), entity_types: Sequence[str] = (), protocol: str = "efficient",
+                       invalid_label: str | None = None) -> ExampleStatistics | None:
+    """`metric`'s per-example statistics (see `ExampleStatistics`), or None for a metric without
+    them (BERT-iBLEU: score resamples with `compute`). Same arguments and errors as `compute`."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; metrics: {', '.join(sorted(METRICS))}")
+    check_protocol(protocol)
+    statistics = METRICS[metric].statistics
+    if statistics is None:
+        return None
+    _check_lengths(predictions, references)
+    return statistics(list(predictions), list(references), labels=list(labels), entity_types=list(entity_types),
+                      protocol=protocol, invalid_label=invalid_label)

@@ -44,12 +44,12 @@ def main() -> int:
           f"{'as doa left it (warm)' if args.warm else 'empty at the start (cold)'} "
           f"({env.get('JAX_COMPILATION_CACHE_DIR', '~/.cache/doa_jax/xla')}); load average "
           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print(f"{'cell':<22} {'status':<10} {'metric':>8} {'spent $':>9} {'wall s':>8}")
+    print(f"{'cell':<22} {'status':<10} {'metric':>8} {'bought':>16} {'spent $':>9} {'wall s':>8}")
     for r in rows:
         value = "-" if r["value"] is None else f"{r['value']:.1f}"
         spent = r.get("spent_total_usd")
         print(f"{r['strategy'] + ' +$' + format(r['extra_budget_usd'], 'g'):<22} {r['status']:<10} {value:>8} "
-              f"{'-' if spent is None else format(spent, '.3f'):>9} {r['wall_seconds']:>8.1f}")
+              f"{bought(r):>16} {'-' if spent is None else format(spent, '.3f'):>9} {r['wall_seconds']:>8.1f}")
     summary = proc.stdout[proc.stdout.find("who wins"):] if "who wins" in proc.stdout else ""
     print(summary.rstrip())
     verdict = "PASS" if total < TARGET_S else "FAIL"
@@ -58,9 +58,19 @@ def main() -> int:
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({
             "total_s": total, "cpu_s": cpu, "target_s": TARGET_S, "cache": "warm" if args.warm else "cold", "cells": [
-            {k: r[k] for k in ("strategy", "extra_budget_usd", "status", "value", "wall_seconds")} for r in rows]},
+            {k: r.get(k) for k in ("strategy", "extra_budget_usd", "status", "value", "labels_bought", "unlabeled_used",
+                            "spent_total_usd", "wall_seconds")} for r in rows]},
             indent=1))
     return 0 if total < TARGET_S else 1
+
+
+def bought(row: dict) -> str:
+    """What the cell's budget bought: labels (annotate) or unlabeled inputs the teacher labelled."""
+    if row.get("unlabeled_used"):
+        return f"{row['unlabeled_used']:,} inputs"
+    if row.get("labels_bought") is not None and row.get("status") != "infeasible":
+        return f"{row['labels_bought']:,} labels"
+    return "-"
 
 
 if __name__ == "__main__":

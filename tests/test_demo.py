@@ -48,3 +48,38 @@ def test_who_wins_names_the_budgets_between_which_distillation_overtakes():
 def test_who_wins_says_so_when_one_arm_leads_everywhere():
     rows = [_row("annotate", 10, 66.3), _row("distill", 10, 26.7), _row("annotate", 20, 67.0), _row("distill", 20, 54.9)]
     assert demo_cmd.who_wins(rows).endswith("annotate leads at every budget: no crossover in this range")
+
+
+def test_who_wins_shows_the_intervals_and_calls_overlapping_ones_within_noise():
+    rows = [_row("annotate", 10, 66.3), _row("distill", 10, 26.7), _row("annotate", 20, 67.0), _row("distill", 20, 70.2)]
+    intervals = {("annotate", 10): (60.1, 71.9), ("distill", 10): (20.4, 33.0),
+                 ("annotate", 20): (61.0, 72.5), ("distill", 20): (65.2, 75.0)}
+    text = demo_cmd.who_wins(rows, intervals)
+    assert "+$10: annotate 66.3 [60.1, 71.9] vs 26.7 [20.4, 33.0]: beyond noise" in text
+    assert "+$20: distill 70.2 [65.2, 75.0] vs 67.0 [61.0, 72.5]: within noise (the 95% intervals overlap)" in text
+    assert text.endswith("distill overtakes between +$10 and +$20 (not beyond noise: the arms' intervals overlap at +$20)")
+    intervals[("distill", 20)] = (72.6, 77.0)
+    assert demo_cmd.who_wins(rows, intervals).endswith("distill overtakes between +$10 and +$20")
+
+
+def test_the_loss_note_says_when_the_demo_does_not_distil_with_the_papers_loss():
+    assert demo_cmd.loss_note(1.0, 2.0) == ("distillation loss: the paper's T²·KL at T = 2 on the teacher's greedy "
+                                            "outputs (KD_WEIGHT = 1)")
+    assert demo_cmd.loss_note(0.0, 2.0).startswith("distillation loss: sequence-level KD, cross-entropy on the "
+                                                   "teacher's greedy outputs (KD_WEIGHT = 0), NOT the paper's")
+    assert "0.5 x the paper's T²·KL at T = 2 + 0.5 x sequence-level KD (NOT" in demo_cmd.loss_note(0.5, 2.0)
+
+
+@pytest.mark.parametrize("kd_weight, runs_teacher", [(1.0, True), (0.0, False)])
+def test_the_teacher_runs_at_every_student_step_only_when_the_loss_reads_its_soft_targets(tmp_path, kd_weight,
+                                                                                         runs_teacher):
+    from doa_jax import configurables, gin_utils
+    from doa_jax.experiment import phases
+
+    configurables.register()
+    gin_utils.parse(["runs/experiment.gin", "runs/demo_models.gin"],
+                    ["STRATEGY = 'distill'", "EXTRA_BUDGET_USD = 10", "START_LABELS = 200", f"OUTPUT_DIR = '{tmp_path}'",
+                     f"KD_WEIGHT = {kd_weight}"])
+    cell = gin_utils.macro("CELL")
+    assert cell.distill.soft_targets == "online"
+    assert (phases.online_teacher(cell, teacher_params={}) is not None) == runs_teacher

@@ -308,3 +308,36 @@ def test_metrics_module_imports_without_tensorflow():
            "print('tensorflow' in sys.modules, 'seqio' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "False"]
+
+
+WLP_PREDS = ["Add [Action] 5 ul [Amount] water [Reagent]", "Mix [Action] buffer [Location]", "", "Spin [Action]"]
+WLP_REFS = ["Add [Action] 5 ul [Amount] water [Reagent]", "Mix [Action] buffer [Reagent]", "Wash [Action]", ""]
+
+
+@pytest.mark.parametrize("metric, preds, refs, options", [
+    ("accuracy", ["SUPPORTS", "maybe", "refutes ", "REFUTES"], ["SUPPORTS", "REFUTES", "REFUTES", "SUPPORTS"],
+     {"labels": ["SUPPORTS", "REFUTES"]}),
+    ("classification_f1", ["Supporting", "maybe", "Querying", "Refuting", "Querying"],
+     ["Supporting", "Refuting", "Querying", "Discussing", "Supporting"], {"labels": STANCE}),
+    ("classification_f1", ["Supporting", "maybe", "Querying", "Refuting", "Querying"],
+     ["Supporting", "Refuting", "Querying", "Discussing", "Supporting"],
+     {"labels": STANCE, "protocol": "paper", "invalid_label": "Irrelevant"}),
+    ("squad", ["the Eiffel Tower", "Paris, France", "1889"], ["Eiffel Tower", "Paris", "in 1887"], {}),
+    ("entity_f1", WLP_PREDS, WLP_REFS, {"entity_types": WLP_TYPES}),
+    ("entity_f1", WLP_PREDS, WLP_REFS, {"entity_types": WLP_TYPES, "protocol": "paper"}),
+])
+def test_summed_example_statistics_score_a_resample_as_scoring_it_again(metric, preds, refs, options):
+    # A bootstrap resample (indices with repeats, some examples left out) scored from per-example
+    # counts gives every key the statistics cover exactly as re-scoring the picked predictions.
+    stats = metrics.compute_statistics(metric, preds, refs, **options)
+    rng = random.Random(7)
+    for _ in range(20):
+        idx = [rng.randrange(len(refs)) for _ in refs]
+        fast = stats.score(idx)
+        slow = metrics.compute(metric, [preds[i] for i in idx], [refs[i] for i in idx], **options)
+        assert fast == pytest.approx({k: slow[k] for k in fast}, abs=1e-9, rel=0)
+    assert {"accuracy": "accuracy", "classification_f1": "macro_f1", "squad": "f1", "entity_f1": "f1"}[metric] in fast
+
+
+def test_bert_ibleu_has_no_example_statistics_so_resamples_are_rescored():
+    assert metrics.compute_statistics("bert_ibleu", ["a b"], ["a b"]) is None

@@ -145,3 +145,42 @@ def test_bootstrap_over_test_examples_brackets_the_metric_and_tells_close_arms_a
 
 def test_one_seed_without_per_example_predictions_has_no_interval():
     assert report.bootstrap(report.summarise([row("annotate", 100, 50.0, 0, 360.0)])[0]) is None
+
+
+def _perturbed(task, target, i):
+    """A model-like prediction for a real reference: WLP drops its last entity (every other one) or
+    retypes its first (every fourth); Stanceosaurus answers the wrong label (every fourth) or no label
+    (every seventh)."""
+    if task == "wlp":
+        words = target.split()
+        tags = [j for j, w in enumerate(words) if w.startswith("[")]
+        if i % 2 == 0 and len(tags) > 1:
+            words = words[: tags[-2] + 1]
+        elif i % 4 == 1 and tags:
+            words[tags[0]] = "[Reagent]" if words[tags[0]] != "[Reagent]" else "[Action]"
+        return " ".join(words)
+    return "Querying" if i % 4 == 0 and target != "Querying" else ("maybe" if i % 7 == 0 else target)
+
+
+@pytest.mark.parametrize("task, path, metric, protocol", [
+    ("wlp", "wlp/wlp_test_all.jsonl", "f1", "efficient"), ("wlp", "wlp/wlp_test_all.jsonl", "f1", "paper"),
+    ("stanceosaurus", "stanceosaurus/stanceosaurus_test_all.jsonl", "macro_f1", "efficient")])
+def test_the_bootstrap_from_example_statistics_equals_rescoring_every_resample(tmp_path, doa_data, monkeypatch,
+                                                                                task, path, metric, protocol):
+    from doa_jax.data import cards
+
+    lines = (doa_data / path).read_text().splitlines()[:80]
+    refs = [json.loads(line)["target"] for line in lines]
+    out = tmp_path / "cell"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text("".join(
+        json.dumps({"id": i, "prediction": _perturbed(task, r, i), "source": "", "target": r}) + "\n"
+        for i, r in enumerate(refs)))
+    value = cards.load_card(task).score([_perturbed(task, r, i) for i, r in enumerate(refs)], refs,
+                                        protocol=protocol)[metric]
+    cell = report.summarise([dict(row("annotate", 50, value, 0, 50.0), task=task, metric=metric,
+                                  protocol=protocol, output=str(out))])[0]
+    fast = report.bootstrap(cell, resamples=100)
+    monkeypatch.setattr(cards.Card, "example_statistics", lambda self, *args, **kwargs: None)
+    rescored = report.bootstrap(cell, resamples=100)
+    assert fast == rescored and fast[0] < value < fast[1] and value < 95

@@ -74,6 +74,13 @@ class Card:
                                entity_types=self.entity_types, sources=sources, protocol=protocol,
                                invalid_label=self.paper_invalid_label, **options)
 
+    def example_statistics(self, predictions, references, *, protocol: str = "efficient"):
+        """Per-example statistics of this task's metric (`metrics.compute_statistics`): resamples of
+        the examples scored by summing rows; None when the metric has none."""
+        return metrics.compute_statistics(self.metric, predictions, references, labels=self.labels,
+                                          entity_types=self.entity_types, protocol=protocol,
+                                          invalid_label=self.paper_invalid_label)
+
     def data_dir(self, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
         """The folder holding this task's files (see the module docstring for the search order)."""
         if data_dir is not None:

@@ -257,8 +257,10 @@ def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list,
 
 
 def online_teacher(cfg: CellConfig, teacher_params: Any):
-    """The batch-source wrapper that runs the teacher on every student batch (online soft targets), or None."""
-    if cfg.distill.soft_targets != "online":
+    """The batch-source wrapper that runs the teacher on every student batch (online soft targets), or
+    None: stored targets, or sequence-level KD (KD_WEIGHT = 0), whose loss reads no soft targets, so the
+    teacher's forward would be thrown away (the cell's price still charges it: the paper's program)."""
+    if cfg.distill.soft_targets != "online" or cfg.train.loss.kd_weight == 0.0:
         return None
     module = Transformer(cfg.teacher)
     return lambda src: student_data.OnlineTeacherBatches(src, module, teacher_params)

@@ -219,9 +219,11 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
 BOOTSTRAP_RESAMPLES = 500
 
 
-def _example_scores(cell: Cell) -> Optional[list[Callable[[list[int]], float]]]:
-    """Per seed, a function scoring a resample (example indices) of its test predictions, or None when
-    a row's `predictions.jsonl` lacks references (cells written before they kept them)."""
+def _example_scores(cell: Cell) -> Optional[list[tuple[Callable[[list[int]], float], int]]]:
+    """Per seed, (a function scoring a resample (example indices) of its test predictions, the number
+    of examples), or None when a row's `predictions.jsonl` lacks references (cells written before
+    they kept them). A resample sums the metric's per-example statistics where it has them
+    (`Card.example_statistics`), else re-scores the picked predictions."""
     try:
         card = demo_task.card() if cell.task == demo_task.NAME else cards.load_card(cell.task)
     except (FileNotFoundError, ValueError):
@@ -234,14 +236,23 @@ def _example_scores(cell: Cell) -> Optional[list[Callable[[list[int]], float]]]:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if not rows or any("target" not in r for r in rows):
             return None
-
-        def score(idx, rows=rows):
-            picked = [rows[i] for i in idx]
-            result = card.score([r["prediction"] for r in picked], [r["target"] for r in picked],
-                                sources=[r.get("source", "") for r in picked], protocol=cell.protocol)
-            return float(result[card.primary_metric] or 0.0)
-        scorers.append((score, len(rows)))
+        scorers.append((_resample_scorer(card, rows, cell.protocol), len(rows)))
     return scorers
+
+
+def _resample_scorer(card: cards.Card, rows: list[dict], protocol: str) -> Callable[[list[int]], float]:
+    """`indices -> the card's primary metric` over those prediction rows (see `_example_scores`)."""
+    predictions, targets = [r["prediction"] for r in rows], [r["target"] for r in rows]
+    stats = card.example_statistics(predictions, targets, protocol=protocol)
+    if stats is not None and card.primary_metric in stats.score([0]):
+        return lambda idx: float(stats.score(idx)[card.primary_metric] or 0.0)
+
+    def score(idx):
+        picked = [rows[i] for i in idx]
+        result = card.score([r["prediction"] for r in picked], [r["target"] for r in picked],
+                            sources=[r.get("source", "") for r in picked], protocol=protocol)
+        return float(result[card.primary_metric] or 0.0)
+    return score
 
 
 def bootstrap(cell: Cell, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Optional[tuple[float, float]]:
