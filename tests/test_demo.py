@@ -29,6 +29,7 @@ def test_demo_runs_both_arms_and_writes_results_report_and_plots(tmp_path, capsy
     assert {r["cost_profile"]["name"] for r in rows} == {"paper"} and "cost profile paper" in out
     assert all(r["wall_seconds"] > 0 for r in rows) and "| here: " in out
     assert "who wins (higher metric):\n  +$2: " in out
+    assert "distillation loss: sequence-level KD" in out     # the demo's stated deviation from the paper's loss
     assert (tmp_path / "report.md").exists() and list((tmp_path / "plots").glob("*.png"))
 
 
