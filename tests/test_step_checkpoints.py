@@ -1,4 +1,8 @@
 """The trainer's step checkpoints (`checkpoints.steps`): how replicated arrays are written."""
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -40,3 +44,10 @@ def test_large_replicated_arrays_are_still_written_by_all_replicas(tmp_path, mon
     calls, restored = _slices_while_saving(tmp_path, monkeypatch, params)
     assert calls == [(rows, 256)] * 8
     np.testing.assert_array_equal(np.asarray(restored["big"]), np.asarray(params["big"]))
+
+
+def test_importing_step_checkpoints_prints_nothing():
+    # Registering the handler overrides Orbax's default, which Orbax would announce on stderr.
+    done = subprocess.run([sys.executable, "-c", "import doa_jax.checkpoints.steps"], capture_output=True,
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr

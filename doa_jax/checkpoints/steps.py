@@ -16,6 +16,7 @@ A step whose files are damaged can be moved aside (`quarantine`) so the one befo
 """
 from __future__ import annotations
 
+import logging
 import pathlib
 import time
 from typing import Any, Optional
@@ -35,10 +36,23 @@ ITEMS = (PARAMS_ITEM, CONFIG_ITEM, "opt_state", "trainer_state")
 # ~13% of its 5-step run there). Only parts of at least this many bytes are written in parallel;
 # smaller arrays are written whole by one replica, as Orbax does on GPUs.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
-                                              min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
-    override=True)
+
+
+def _register_array_handler() -> None:
+    """Orbax's jax.Array handler with the minimum above (quietly: Orbax warns on every override)."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                                      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+            override=True)
+    finally:
+        absl_log.setLevel(level)
+
+
+_register_array_handler()
 
 
 class TrainCheckpoints:
