@@ -4,7 +4,7 @@ MODE: `normal`; `slow` (each batch takes 0.2 s, so the parent can kill it mid-ru
 (the step-8 checkpoint hangs after its files are written, just before Orbax commits it, and a
 marker file `MODEL_DIR/saving_8` appears); `eval` (normal, plus a dev evaluation every 4 steps
 that keeps `best/<step>`); `hang_after_best` (eval, and `checkpoints/8` hangs before its commit
-once `best/8` is committed). The final parameters go to `MODEL_DIR/final.npz`.
+once `best/8` is committed; the data stops after step 8, so no later best replaces it). The final parameters go to `MODEL_DIR/final.npz`.
 """
 import os
 import pathlib
@@ -39,6 +39,18 @@ class SlowBatches(ArrayBatches):
             yield batch
 
 
+class HeldAfterHangStep(ArrayBatches):
+    """The first HANG_STEP batches, then none until the parent kills the run: training stops right
+    after step HANG_STEP's evaluation and saves, so no later best checkpoint replaces `best/8`
+    (steps are milliseconds; the parent's kill could come several steps late)."""
+
+    def iterate(self, start=0):
+        for i, batch in enumerate(super().iterate(start), start):
+            while i >= HANG_STEP:
+                time.sleep(1)
+            yield batch
+
+
 def hang_before_commit(model_dir: pathlib.Path, after_best: bool = False) -> None:
     from orbax.checkpoint._src.path import atomicity
 
@@ -61,7 +73,7 @@ def main(model_dir: str, mode: str) -> None:
     model_dir = pathlib.Path(model_dir)
     if mode in ("hang_save", "hang_after_best"):
         hang_before_commit(model_dir, after_best=mode == "hang_after_best")
-    source_cls = SlowBatches if mode == "slow" else ArrayBatches
+    source_cls = {"slow": SlowBatches, "hang_after_best": HeldAfterHangStep}.get(mode, ArrayBatches)
     with_eval = mode in ("eval", "hang_after_best")
     config = run_config(model_dir, data=2, model=4, train_steps=TRAIN_STEPS, checkpoint_every=CHECKPOINT_EVERY,
                         async_checkpointing=True, verbose=True, eval_every=CHECKPOINT_EVERY if with_eval else None,

@@ -213,7 +213,8 @@ def test_a_row_torn_by_a_kill_is_dropped_and_its_cell_reruns(tmp_path):
 
 
 def test_progress_lines_count_cells_spent_dollars_and_eta(tmp_path):
-    points, cells = _demo_sweep(tmp_path, "GRID_SEEDS = [0]", "GRID_STRATEGIES = ['annotate']")
+    points, cells = _demo_sweep(tmp_path, "GRID_SEEDS = [0]", "GRID_STRATEGIES = ['annotate']",
+                                "GRID_BUDGETS_USD = [1, 3, 10]")
     lines = []
     sweep.run_sweep(points, cells, runner=FakeRunner(), write_report=False, log=lines.append)
     assert lines[0] == f"sweep: 3 cells in {tmp_path}: 0 already finished, 3 to run"
