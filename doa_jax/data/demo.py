@@ -105,7 +105,7 @@ def pools(seed: int = 0, labeled: int = 512, unlabeled: int = 1024, test: int = 
     """The demo's pools, in the same shape as a real task's (`doa_jax.data.pools.Pools`)."""
     task = make_task(seed, labeled, unlabeled, test)
     return Pools(task=NAME, seed=seed, train=task["labeled"], unlabeled=task["unlabeled"],
-                 validation=make_split(validation, seed + 3), test=task["test"], skipped={})
+                 validation=make_split(validation, seed + 3), test=task["test"])
 
 
 def build_vocab(directory, task_pools=None):

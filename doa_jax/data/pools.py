@@ -55,9 +55,13 @@ class Pools:
     unlabeled: list[dict[str, str]]
     validation: list[dict[str, str]]
     test: list[dict[str, str]]
-    skipped: dict[str, int]  # file key -> lines skipped while reading (bad lines, empty targets)
-    # file key -> why its lines were skipped -> how many (e.g. {"train": {"empty 'target'": 12}})
+    # file key -> why its lines were skipped while reading -> how many (e.g. {"train": {"empty 'target'": 12}})
     skip_reasons: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """File key -> lines skipped while reading (bad lines, empty targets)."""
+        return {key: sum(why.values()) for key, why in self.skip_reasons.items()}
 
     def split(self, name: str) -> list[dict[str, str]]:
         if name not in cards_lib.SPLITS:
@@ -91,7 +95,6 @@ def make_pools(
     card = cards_lib.load_card(card)
     seed = card.pool_seed if seed is None else seed
     parts: dict[str, list] = {}
-    skipped: dict[str, int] = {}
     reasons: dict[str, dict[str, int]] = {}
     for key in card.files:
         if key not in cards_lib.SPLITS and key != card.carve_from:
@@ -104,7 +107,6 @@ def make_pools(
             empty_targets=card.empty_targets,
             skip_bad=skip_bad,
         )
-        skipped[key] = len(loaded.skipped)
         reasons[key] = dict(collections.Counter(why for _, why in loaded.skipped).most_common())
         if key == card.carve_from:
             parts.update(carve(loaded.examples, card.pool_fractions, seed))
@@ -120,6 +122,5 @@ def make_pools(
         unlabeled=unlabeled_pool,
         validation=parts["validation"],
         test=parts["test"],
-        skipped=skipped,
         skip_reasons=reasons,
     )
