@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "calibrate": "doa_jax.commands.calibrate",
     "train": "doa_jax.commands.train",
     "bench": "doa_jax.commands.bench",
+    "aot": "doa_jax.commands.aot",
     "advise": "doa_jax.commands.advise",
 }
 

@@ -291,6 +291,13 @@ def _filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
     return logits
 
 
+def greedy_program(model: ModelSpec, max_decode_len: int, *, eos_id: int = EOS_ID, min_length: int = 0):
+    """The jitted function `greedy` calls, `(params, encoder_input_tokens, None) -> DecodeResult`, for the
+    logical-axis rules and mesh active now (what `doa aot` lowers with abstract inputs)."""
+    settings = _SampleSettings(0.0, 0, 1.0, eos_id, _check_min_length(min_length))
+    return _compiled_sampling(_config_of(model), int(max_decode_len), settings, _context_key())
+
+
 def _run_sampling(model, params, encoder_input_tokens, max_decode_len, settings, rng):
     config = _config_of(model)
     tokens = _check_inputs(encoder_input_tokens, max_decode_len)

@@ -61,4 +61,28 @@ def six_n_tokens(cfg: T5Config, batch: int, in_len: int, out_len: int, *, per_st
     return 6.0 * batch * (p["encoder"] * in_len + (p["decoder"] + p["cross_kv"]) * out_len)
 
 
-__all__ = ["forward_flops", "six_n_tokens", "train_flops"]
+def decode_step_flops(cfg: T5Config, batch: int, in_len: int, new_tokens: int) -> float:
+    """FLOPs of one cached greedy decode step: one token through the decoder and the logits layer,
+    attention over the whole cache (the cross cache and `new_tokens` self positions, read in full)."""
+    p = _dense_params_per_token(cfg)
+    inner = cfg.num_heads * cfg.head_dim
+    return float(2 * batch * p["decoder"] + 4 * inner * batch * cfg.num_decoder_layers * (new_tokens + in_len))
+
+
+def decode_flops(cfg: T5Config, batch: int, in_len: int, new_tokens: int) -> float:
+    """FLOPs of a greedy decode of `new_tokens` tokens: the encoder and the cross K/V once, then every step."""
+    p = _dense_params_per_token(cfg)
+    inner = cfg.num_heads * cfg.head_dim
+    encode = 2 * batch * in_len * (p["encoder"] + p["cross_kv"]) + 4 * inner * batch * in_len * in_len * \
+        cfg.num_encoder_layers
+    return float(encode + new_tokens * decode_step_flops(cfg, batch, in_len, new_tokens))
+
+
+def decode_cache_bytes(cfg: T5Config, batch: int, in_len: int, new_tokens: int) -> float:
+    """Bytes of a decode's K/V cache (cross and self, every decoder layer) in the activation dtype."""
+    itemsize = 2 if cfg.dtype in ("bfloat16", "float16") else 4
+    return float(2 * itemsize * batch * cfg.num_decoder_layers * cfg.num_heads * cfg.head_dim * (in_len + new_tokens))
+
+
+__all__ = ["decode_cache_bytes", "decode_flops", "decode_step_flops", "forward_flops", "six_n_tokens",
+           "train_flops"]

@@ -51,11 +51,11 @@ class GinFlagParser(argparse.ArgumentParser):
         return super().parse_known_args(rewrite_gin_args(args), namespace)
 
 
-def add_gin_flags(parser: argparse.ArgumentParser) -> None:
-    """`--gin_file` (repeatable, required), `--gin_bindings`, `--gin_search_paths`; makes the parser
-    take `--gin.X=V` (a subparser from `add_parser` is switched to `GinFlagParser`)."""
+def add_gin_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """`--gin_file` (repeatable; required unless `required=False`), `--gin_bindings`, `--gin_search_paths`;
+    makes the parser take `--gin.X=V` (a subparser from `add_parser` is switched to `GinFlagParser`)."""
     parser.__class__ = GinFlagParser
-    parser.add_argument("--gin_file", action="append", required=True, metavar="F",
+    parser.add_argument("--gin_file", action="append", required=required, metavar="F",
                         help="gin file (repeatable; searched in the cwd, --gin_search_paths and gin/)")
     parser.add_argument("--gin_bindings", action="append", default=[], metavar="'X = V'",
                         help="a gin binding (repeatable); --gin.X=V is the short form")

@@ -6,7 +6,7 @@ dependencies (TensorFlow, SeqIO, gin) are absent, e.g. on the lent GPU machine.
 
 Examples:
   python3 scripts/bench.py --parts train decode --sizes small base --peer peer.json --out ours.json
-  python3 scripts/bench.py --parts aot_train --sizes xxl --optimizers adafactor --param-dtype bfloat16 --remat full
+  doa aot --target h100 --size xxl --phase train --optimizer adafactor --param-dtype bfloat16 --remat full  (compile only)
   python3 scripts/bench.py --show ours.json --peer peer.json
 See `python3 scripts/bench.py --help` and notes/performance.md.
 """

@@ -168,7 +168,7 @@ except Exception as e:
     info["devices"] = f"error: {e}"
 info["tf_seqio_gin_present"] = {m: importlib.util.find_spec(m) is not None for m in ("tensorflow", "seqio", "gin")}
 before = set(sys.modules)
-from doa_jax import benchmark  # noqa: F401  (what `doa bench` and its case processes import)
+from doa_jax.bench import run  # noqa: F401  (what `doa bench` and its case processes import)
 from doa_jax.commands import bench  # noqa: F401
 heavy = sorted(m for m in set(sys.modules) - before if m.split(".")[0] in ("tensorflow", "seqio", "gin"))
 info["bench_imports_tf_seqio_gin"] = heavy

@@ -26,7 +26,8 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from doa_jax import benchmark, optimizers  # noqa: E402
+from doa_jax import optimizers
+from doa_jax.bench.aot import memory_fields  # noqa: E402
 from doa_jax.model import Transformer, config_for_size  # noqa: E402
 from doa_jax.optimizers import OptimizerConfig  # noqa: E402
 
@@ -62,7 +63,7 @@ def measure(size: str, optimizer: str, param_dtype: str, per_layer: bool) -> dic
                compile_s=time.perf_counter() - t, backend=jax.default_backend(),
                params_gib=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / GIB,
                state_gib=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) / GIB)
-    row.update(benchmark._memory_analysis(compiled))
+    row.update(memory_fields(compiled))
     return row
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from doa_jax import benchmark
+from doa_jax.bench import measure, run as bench_run
 from doa_jax.cli import main
 from doa_jax.model import Transformer, config_for_size
 
@@ -28,9 +28,9 @@ def tiny_rows(tmp_path_factory):
 
 
 def test_mfu_is_the_peers_flops_over_step_time_and_the_devices_peak(monkeypatch):
-    monkeypatch.setattr(benchmark, "peak_flops", lambda kind: (1e12, "a test peak"))
+    monkeypatch.setattr(measure, "peak_flops", lambda kind: (1e12, "a test peak"))
     row = {"peer_flops": 6e9, "attn_flops": 8e9, "step_s": 0.02}
-    benchmark._add_mfu(row)
+    measure._add_mfu(row)
     assert row["mfu"] == pytest.approx(6e9 / 0.02 / 1e12) and row["mfu_attn"] == pytest.approx(8e9 / 0.02 / 1e12)
     assert row["floor_s"] == pytest.approx(8e9 / 1e12)
 
@@ -79,8 +79,8 @@ def test_peer_formula_counts_the_peers_matmul_params():
     dec += model.lm_head.weight.numel()
     tokens = jnp.zeros((1, 1), jnp.int32)
     abstract = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), tokens, tokens)))
-    assert benchmark.stack_param_counts(abstract["params"]) == (enc, dec)
-    assert benchmark.peer_train_flops(abstract["params"], 32, 512, 128) == 6 * (enc * 32 * 512 + dec * 32 * 128)
+    assert measure.stack_param_counts(abstract["params"]) == (enc, dec)
+    assert measure.peer_train_flops(abstract["params"], 32, 512, 128) == 6 * (enc * 32 * 512 + dec * 32 * 128)
 
 
 def test_show_puts_the_peers_figures_and_ratios_beside_ours(tiny_rows, tmp_path, capsys):
@@ -98,12 +98,11 @@ def test_show_puts_the_peers_figures_and_ratios_beside_ours(tiny_rows, tmp_path,
     assert "| 5.00x |" in text             # decode examples/s ratio
 
 
-def test_startup_runs_each_case_in_its_own_process_and_records_failures(tmp_path):
-    cases = benchmark.expand(["aot_decode"], ["tiny"], decode_batch=2, in_len=4, new_tokens=3)
+def test_cases_run_each_in_its_own_process_and_failures_are_recorded(tmp_path):
+    cases = bench_run.expand(["decode"], ["tiny"], decode_batch=2, in_len=4, new_tokens=3, reps=1, scan=False)
     cases.append(dict(part="train", size="no_such_size"))
-    rows = benchmark.run_cases(cases, isolate=True, timeout_s=300)
-    assert rows[0]["part"] == "aot_decode" and rows[0]["compile_s"] > 0 and "error" not in rows[0]
-    assert rows[0]["cross_cache_gib"] == pytest.approx(2 * 2 * 2 * 4 * 3 * 4 * 2 / 2 ** 30)
+    rows = bench_run.run_cases(cases, isolate=True, timeout_s=300)
+    assert rows[0]["part"] == "decode" and rows[0]["examples_per_s"] > 0 and "error" not in rows[0]
     assert "unknown model size 'no_such_size'" in rows[1]["error"]
 
 
@@ -119,7 +118,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
 
 def test_script_runs_without_installing(tmp_path):
     done = subprocess.run([sys.executable, "scripts/bench.py", "--help"], capture_output=True, text=True,
-                          cwd=benchmark.__file__.rsplit("/doa_jax/", 1)[0])
+                          cwd=measure.__file__.rsplit("/doa_jax/", 1)[0])
     assert done.returncode == 0 and "--peer" in done.stdout
 
 
@@ -129,12 +128,12 @@ def test_decode_floor_is_compute_bound_for_the_encoder_and_bytes_bound_per_step(
     cfg = config_for_size("xxl")
     peak, fast, slow = 798e12, float("inf"), 3.0e12
     encoder_only = flops.forward_flops(cfg, 256, 128, 0) / peak      # encoder + cross K/V, attention included
-    with_free_bytes = benchmark.decode_floor_s(cfg, 256, 128, 32, peak, fast)
+    with_free_bytes = measure.decode_floor_s(cfg, 256, 128, 32, peak, fast)
     # Each of the 32 steps multiplies 256 tokens by the decoder's weights (5.4e9 without cross K/V).
     assert encoder_only + 32 * 2 * 256 * 5.4e9 / peak < with_free_bytes < 1.3 * encoder_only
     # With real bandwidth, each step costs at least its weights + cross cache read once.
     step_bytes = 2 * 6.24e9 + 2 * 2 * 256 * 128 * 24 * 4096
-    floor = benchmark.decode_floor_s(cfg, 256, 128, 32, peak, slow)
+    floor = measure.decode_floor_s(cfg, 256, 128, 32, peak, slow)
     assert floor > encoder_only + 32 * step_bytes / slow
 
 
@@ -142,7 +141,7 @@ def test_decode_floor_is_compute_bound_for_the_encoder_and_bytes_bound_per_step(
 def test_gpu_bench_dry_run_writes_env_rows_and_table_and_survives_a_timed_out_case(tmp_path):
     """The one-call device script, tiny sizes on the CPU, cases (b) and (d): (b) hangs (GPU_BENCH_HANG) and
     times out; the case after it still runs and the files the device tool brings back are all there."""
-    root = benchmark.__file__.rsplit("/doa_jax/", 1)[0]
+    root = measure.__file__.rsplit("/doa_jax/", 1)[0]
     env = {**os.environ, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu", "GPU_BENCH_TINY": "1", "SCALE": "1",
            "DEADLINE": "3000", "T_B": "10", "PEER_SCRIPT": "none", "CASES": "b d",
            "GPU_BENCH_HANG": "b"}
@@ -171,9 +170,9 @@ runpy.run_path('scripts/bench.py', run_name='__main__')
 
 def test_the_script_needs_no_tensorflow_seqio_or_gin(tmp_path):
     # The GPU image has none of them: every module the bench imports must do without.
-    root = benchmark.__file__.rsplit("/doa_jax/", 1)[0]
-    done = subprocess.run([sys.executable, "-c", BLOCK_TF_SEQIO_GIN, "--parts", "train", "aot_decode", *TINY,
+    root = measure.__file__.rsplit("/doa_jax/", 1)[0]
+    done = subprocess.run([sys.executable, "-c", BLOCK_TF_SEQIO_GIN, "--parts", "train", "decode", *TINY,
                            "--steps", "1", "--out", str(tmp_path / "rows.json")],
                           cwd=root, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert [r["part"] for r in json.loads((tmp_path / "rows.json").read_text())] == ["train", "aot_decode"]
+    assert [r["part"] for r in json.loads((tmp_path / "rows.json").read_text())] == ["train", "decode"]

@@ -37,7 +37,8 @@ def test_peak_flops_table():
 
 
 def test_one_peak_table_serves_progress_the_bench_and_the_rate_cards():
-    from doa_jax import benchmark, hardware
+    from doa_jax import hardware
+    from doa_jax.bench import measure
     from doa_jax.experiment import costs
 
     cards = costs.load_rate_cards()
@@ -45,8 +46,8 @@ def test_one_peak_table_serves_progress_the_bench_and_the_rate_cards():
         assert card.peak_flops == hardware.get(key).peak_flops
     assert progress.peak_flops_per_device("NVIDIA H200")[0] == hardware.get("h200").peak_flops
     # The bench's MFU denominator is the measured matmul rate where the table has one.
-    assert benchmark.peak_flops("NVIDIA H200")[0] == hardware.get("h200").measured_peak_flops == 798e12
-    assert benchmark.bandwidth("NVIDIA H200") == 4.3e12 and benchmark.bandwidth("cpu") is None
+    assert measure.peak_flops("NVIDIA H200")[0] == hardware.get("h200").measured_peak_flops == 798e12
+    assert measure.bandwidth("NVIDIA H200") == 4.3e12 and measure.bandwidth("cpu") is None
 
 
 def test_event_files_are_read_by_tensorflow(tmp_path):

@@ -1,11 +1,12 @@
 """`doa bench`: train-step, decoding, start-up and distillation speed on this machine's device.
 
-Measures T5 v1.1 shapes with random weights and bf16 activations (`doa_jax.benchmark`), prints a
+Measures T5 v1.1 shapes with random weights and bf16 activations (`doa_jax.bench`), prints a
 table, writes the rows as JSON, and with `--peer PEER.json` (the output of the PyTorch peer
 `hf_t5_baseline.py`) puts the peer's figures and the ratios beside ours. `--show ROWS.json`
 prints the table of stored rows without measuring. `--out`, `--show` and `--peer` may be URLs
 (gs://...): the rows are put whole after every case; a bucket that cannot be written is an error
-before any measurement. `--profile` traces go to a local folder.
+before any measurement. `--profile` traces go to a local folder. Compiling for a TPU slice or a GPU
+this host does not have (memory per device, fits) is `doa aot`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import argparse
 import json
 import pathlib
 
-PARTS = ("train", "decode", "startup", "distill", "aot_train", "aot_decode")
+PARTS = ("train", "decode", "startup", "distill")
 
 
 def _int_at_least(minimum: int):
@@ -90,12 +91,13 @@ def _read_rows(path: str, what: str) -> list[dict]:
 
 
 def run(args) -> int:
-    from doa_jax import benchmark, storage
+    from doa_jax import storage
+    from doa_jax.bench import run as bench_run, table
     from doa_jax.model import config_for_size
 
     peer = _read_rows(args.peer, "peer JSON") if args.peer else []
     if args.show:
-        print(benchmark.table(_read_rows(args.show, "rows JSON"), peer))
+        print(table.table(_read_rows(args.show, "rows JSON"), peer))
         return 0
     for size in set(args.sizes) | ({args.teacher, args.student} if "distill" in args.parts else set()):
         config_for_size(size)  # unknown names fail here, naming the known sizes
@@ -103,7 +105,7 @@ def run(args) -> int:
                     warmup=args.warmup, decode_batch=args.decode_batch, in_len=args.in_len,
                     new_tokens=args.new_tokens, reps=args.reps, scan=args.scan, remat=args.remat,
                     param_dtype=args.param_dtype, teacher=args.teacher, student=args.student, topk=args.topk)
-    cases = benchmark.expand(args.parts, args.sizes, optimizers=args.optimizers, **settings)
+    cases = bench_run.expand(args.parts, args.sizes, optimizers=args.optimizers, **settings)
     if args.profile:
         for i, case in enumerate(cases):
             case["profile"] = str(pathlib.Path(args.profile).absolute() / f"{i:02d}_{case['part']}_{case.get('size', '')}")
@@ -117,7 +119,7 @@ def run(args) -> int:
         storage.write_atomic(out, json.dumps(rows, indent=1))   # after every case: a killed run keeps its rows
         print(json.dumps(row), flush=True)
 
-    benchmark.run_cases(cases, isolate=not args.in_process, timeout_s=args.timeout, on_row=save)
-    print(benchmark.table(rows, peer))
+    bench_run.run_cases(cases, isolate=not args.in_process, timeout_s=args.timeout, on_row=save)
+    print(table.table(rows, peer))
     print(f"wrote {len(rows)} rows to {out}")
     return 1 if any("error" in r for r in rows[-len(cases):]) else 0

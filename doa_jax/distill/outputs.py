@@ -4,7 +4,10 @@
 itself with: greedy (or beam) output tokens, their summed log-probability, and the teacher's
 top-k logits at every output position (from one teacher-forced forward pass over the decoded
 sequence, the positions the student is trained on). Rows are processed in fixed-size, padded
-sub-batches so each shape compiles once.
+sub-batches so each shape compiles once. The teacher's params are cast once to the decoding dtypes
+(`decoding.decoding_params`: the activation dtype, the logits kernel float32) and both passes read
+that copy: the model computes in that dtype anyway, so the outputs are the same and a bf16 teacher
+holds half the memory.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from doa_jax.model import Transformer
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _score(module: Transformer, params: Any, enc: jax.Array, tokens: jax.Array, topk: int):
+def score_topk(module: Transformer, params: Any, enc: jax.Array, tokens: jax.Array, topk: int):
+    """One teacher-forced pass over `tokens`: their summed log-probability (up to EOS) and the top-k
+    logits (values, ids) at every valid position, zeros elsewhere."""
     dec_in = jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
     logits = module.apply({"params": params}, enc, dec_in)
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -33,7 +38,7 @@ def _score(module: Transformer, params: Any, enc: jax.Array, tokens: jax.Array, 
 
 def clear_compiled() -> None:
     """Forget the compiled scoring pass and decoders, so the next call compiles afresh."""
-    _score.clear_cache()
+    score_topk.clear_cache()
     decoding.clear_compiled()
 
 
@@ -51,6 +56,8 @@ def make_predict_fn(module: Transformer, params: Any, max_decode_len: int, *, nu
     if not 1 <= topk <= vocab:
         raise ValueError(f"topk must be in [1, vocab_size={vocab}], got {topk}")
 
+    params = decoding.decoding_params(params, module)
+
     def predict(encoder_input_tokens: np.ndarray) -> Mapping[str, np.ndarray]:
         enc_all = np.asarray(encoder_input_tokens, np.int32)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in
@@ -62,7 +69,7 @@ def make_predict_fn(module: Transformer, params: Any, max_decode_len: int, *, nu
                 enc = np.concatenate([enc, np.zeros((batch_size - n, enc.shape[1]), np.int32)])
             result = decoding.generate(module, params, enc, max_decode_len, num_beams=num_beams, **decode_options)
             tokens = np.asarray(result.tokens)
-            seq_logp, values, ids = _score(module, params, enc, jnp.asarray(tokens), topk)
+            seq_logp, values, ids = score_topk(module, params, enc, jnp.asarray(tokens), topk)
             parts["tokens"].append(tokens[:n])
             parts["lengths"].append(np.asarray(result.lengths)[:n])
             parts["sequence_logprob"].append(np.asarray(seq_logp)[:n])
@@ -78,13 +85,14 @@ def score_targets(module: Transformer, params: Any, encoder_input_tokens: np.nda
     """The teacher's top-k logits `[n, T, k]` (values, ids) at every position of given targets
     (teacher-forced), e.g. gold labels that join pseudo-labels in the student's data."""
     values, ids = [], []
+    params = decoding.decoding_params(params, module)
     for lo in range(0, len(targets), batch_size):
         enc, tgt = encoder_input_tokens[lo:lo + batch_size], targets[lo:lo + batch_size]
         n = len(enc)
         if n < batch_size:
             enc = np.concatenate([enc, np.zeros((batch_size - n, enc.shape[1]), np.int32)])
             tgt = np.concatenate([tgt, np.zeros((batch_size - n, tgt.shape[1]), np.int32)])
-        _, v, i = _score(module, params, jnp.asarray(enc), jnp.asarray(tgt), topk)
+        _, v, i = score_topk(module, params, jnp.asarray(enc), jnp.asarray(tgt), topk)
         values.append(np.asarray(v, np.float32)[:n])
         ids.append(np.asarray(i, np.int32)[:n])
     return np.concatenate(values), np.concatenate(ids)

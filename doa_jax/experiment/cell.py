@@ -31,7 +31,7 @@ from doa_jax.experiment.config import CellConfig, fingerprint
 from doa_jax.experiment.phases import say
 from doa_jax.experiment.pricing import Pricer, as_run, profile_name
 from doa_jax.model import T5Config, Transformer
-from doa_jax.model.config import SIZES
+from doa_jax.model.config import size_of as size_name
 
 
 @dataclasses.dataclass
@@ -265,13 +265,3 @@ def _row(cfg: CellConfig, setup: Optional[phases.TaskSetup], **fields: Any) -> r
         priced_as={"teacher": p.teacher_as, "student": p.student_as} if (p.teacher_as or p.student_as) else None,
         accelerator=(fields.get("cost_profile") or {}).get("accelerator", p.accelerator),
         mfu=p.mfu if profile_name(cfg) == "mfu" else None, protocol=cfg.protocol, **fields)
-
-
-def size_name(c: T5Config) -> str:
-    """The size name (a key of `SIZES`) whose architecture `c` has, else a short description."""
-    shape = ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers", "num_decoder_layers",
-             "mlp_activations", "logits_via_embedding")
-    for name, fields in SIZES.items():
-        if all(getattr(c, k) == fields[k] for k in shape):
-            return name
-    return f"custom(d={c.emb_dim},L={c.num_encoder_layers}+{c.num_decoder_layers})"

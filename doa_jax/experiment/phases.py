@@ -35,6 +35,19 @@ from doa_jax.trainer import Trainer, TrainResult
 
 # The ledger phases charged against the extra budget (evaluation is recorded, not charged).
 BUDGET_PHASES = ("labels", "teacher_finetune", "teacher_inference", "student_training")
+# Rows per greedy decode of the test examples (evaluation); the teacher store's batch: `store_batch_size`.
+EVAL_BATCH_SIZE = 64
+
+
+def store_batch_size(cfg: CellConfig) -> int:
+    """Rows per teacher decode and scoring call while building the teacher store."""
+    return min(64, cfg.train.batch_size * 2)
+
+
+def decode_length(lengths: Mapping[str, int], protocol: str) -> int:
+    """Most tokens a decode may produce: the targets length, or under the paper's protocol one less
+    (HF `generate(max_length=L)` counts the start token, so the released code gets L - 1)."""
+    return lengths["targets"] - 1 if protocol == "paper" else lengths["targets"]
 
 
 class BudgetExhausted(RuntimeError):
@@ -51,9 +64,7 @@ class TaskSetup:
 
     @property
     def decode_length(self) -> int:
-        """Most tokens a decode may produce: the targets length, or under the paper's protocol one
-        less (HF `generate(max_length=L)` counts the start token, so the released code gets L - 1)."""
-        return self.lengths["targets"] - 1 if self.protocol == "paper" else self.lengths["targets"]
+        return decode_length(self.lengths, self.protocol)
 
 
 def say(cfg: CellConfig, text: str) -> None:
@@ -220,7 +231,7 @@ def teacher_outputs(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teacher
     def build():   # process 0 computes and writes the store; the others then find it complete and read it
         store, enc, stats = teacher_store.build_store(
             root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
-            batch_size=min(64, cfg.train.batch_size * 2), chunk_size=256,
+            batch_size=store_batch_size(cfg), chunk_size=256,
             on_chunk=lambda done, total, n: say(cfg, f"  teacher chunk {done}/{total}"))
         if stats.computed_chunks:
             storage.write_atomic(store.dir / "record.json", json.dumps(
@@ -236,7 +247,7 @@ def teacher_outputs(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teacher
     return store.load(), enc
 
 
-def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list, batch_size: int = 64,
+def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list, batch_size: int = EVAL_BATCH_SIZE,
              pricing: Optional[T5Config] = None) -> dict[str, Any]:
     """Greedy decodes of the test examples scored by the card's metric (percent), under the setup's
     protocol (`paper`: out-of-label outputs scored as the released code scores them)."""

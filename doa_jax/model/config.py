@@ -133,13 +133,30 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def config_for_size(name: str, **overrides: Any) -> T5Config:
-    """`T5Config` for a named size: 'small', 't5_1_1_small', 't5-v1_1-small' or 't5_small'."""
+def size_key(name: str) -> str:
+    """The canonical size key (`t5_1_1_small`) for 'small', 't5_1_1_small', 't5-v1_1-small', 'google/...'."""
     key = name.strip().lower().replace("-", "_").replace("v1_1", "1_1")
     for candidate in (key, f"t5_1_1_{key}", key.replace("google/", "")):
         if candidate in SIZES:
-            return T5Config(**{**SIZES[candidate], **overrides})
+            return candidate
     raise ValueError(f"unknown model size {name!r}; known sizes: {sorted(SIZES)}")
+
+
+def config_for_size(name: str, **overrides: Any) -> T5Config:
+    """`T5Config` for a named size: 'small', 't5_1_1_small', 't5-v1_1-small' or 't5_small'."""
+    return T5Config(**{**SIZES[size_key(name)], **overrides})
+
+
+_SHAPE_FIELDS = ("emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers", "num_decoder_layers",
+                 "mlp_activations", "logits_via_embedding")
+
+
+def size_of(config: T5Config) -> str:
+    """The size key (of `SIZES`) whose architecture `config` has, else a short description."""
+    for name, fields in SIZES.items():
+        if all(getattr(config, k) == fields[k] for k in _SHAPE_FIELDS):
+            return name
+    return f"custom(d={config.emb_dim},L={config.num_encoder_layers}+{config.num_decoder_layers})"
 
 
 T5_EXTRA_IDS = 100        # T5's sentinel ids (<extra_id_N>) on top of the SentencePiece pieces
