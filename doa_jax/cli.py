@@ -7,7 +7,6 @@ heavy imports (JAX, TensorFlow) inside `run`, so `doa --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import sys
@@ -79,27 +78,6 @@ def compilation_cache() -> str | None:
                           float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
         directory = jax.config.jax_compilation_cache_dir
     return directory
-
-
-@contextlib.contextmanager
-def compilation_cache_off():
-    """Inside, programs compile afresh: the persistent cache is neither read nor written.
-
-    For `doa calibrate`, which times a cold compile (what a run pays on a machine whose cache does
-    not hold its programs yet). JAX decides once per process whether it uses the cache, so the
-    decision is reset on the way in and on the way out.
-    """
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as jax_cache
-
-    before = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    jax_cache.reset_cache()
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_compilation_cache", before)
-        jax_cache.reset_cache()
 
 
 def main(argv: list[str] | None = None) -> int:

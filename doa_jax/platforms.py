@@ -18,6 +18,7 @@ so `jax.distributed.initialize` can still follow.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import os
@@ -113,6 +114,7 @@ class filtered_stderr:
 
     def __exit__(self, exc_type, exc, tb):
         sys.stderr.flush()
+        self.captured = ""
         os.dup2(self._saved, 2)
         os.close(self._saved)
         self._tmp.seek(0)
@@ -125,3 +127,24 @@ class filtered_stderr:
                 sys.stderr.write(line)
         sys.stderr.flush()
         return False
+
+
+@contextlib.contextmanager
+def compilation_cache_off():
+    """Inside, programs compile afresh: the persistent cache is neither read nor written.
+
+    For `doa calibrate`, which times a cold compile (what a run pays on a machine whose cache does
+    not hold its programs yet). JAX decides once per process whether it uses the cache, so the
+    decision is reset on the way in and on the way out.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    jax_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        jax_cache.reset_cache()

@@ -20,6 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import doa_jax  # noqa: E402,F401  (before jax: no start-up notices of the aot extra's plugins; doa_jax/platforms.py)
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from doa_jax import cli
+from doa_jax import cli, platforms
 from doa_jax.experiment import calibration
 
 PROBE = ("import json; from doa_jax import cli; d = cli.compilation_cache(); import jax; "
@@ -69,7 +69,7 @@ def test_inside_compilation_cache_off_nothing_is_written_to_the_cache_and_after_
     assert directory == str(own_cache)
     fresh = float(time.time_ns() % 10 ** 9) + 0.5      # a constant no earlier run compiled: a new program
     before = _entries(directory)
-    with cli.compilation_cache_off():
+    with platforms.compilation_cache_off():
         jax.jit(lambda x: x * fresh + 17.0)(jnp.ones(3)).block_until_ready()
     assert _entries(directory) == before
     jax.jit(lambda x: x * fresh - 19.0)(jnp.ones(3)).block_until_ready()

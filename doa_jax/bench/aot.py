@@ -35,6 +35,7 @@ from doa_jax.model.config import size_of
 from doa_jax.optimizers import OptimizerConfig
 from doa_jax.partitioning import MeshConfig
 from doa_jax.bench.targets import GIB, NOTICES, Target
+from doa_jax import trainer
 from doa_jax.trainer import StepProgram, TrainState
 
 # What `--phase` selects, and the kinds of program each phase compiles.
@@ -85,6 +86,11 @@ class Layout:
 
     def __init__(self, program: Program, devices: Sequence[Any]):
         self.mesh, self.rules = program.mesh.build(devices)
+        used = self.mesh.shape["data"] * self.mesh.shape["model"]
+        if used != len(devices):
+            raise ValueError(f"mesh {self.mesh.shape['data']} (data) x {self.mesh.shape['model']} (model) uses {used} "
+                             f"of the target's {len(devices)} devices: DATA x MODEL must be {len(devices)} "
+                             "(DATA = -1 takes every device MODEL leaves)")
         microbatches = program.train.num_microbatches if program.train else 1
         partitioning.check_batch_size(program.batch, self.mesh, 1, microbatches)
         self.rules_tuple = tuple(tuple(r) for r in self.rules)
@@ -97,11 +103,11 @@ class Layout:
 
 
 def step_program(program: Program, layout: Layout) -> StepProgram:
-    """The trainer's own step program for a train `program` (as `Trainer._program` builds it)."""
+    """The trainer's own step program for a train `program`, from the constructor `Trainer` calls."""
     t = program.train
     total_steps = 1000 if t.optimizer.uses_total_steps else 1   # a schedule constant: no effect on memory
-    return StepProgram(program.model, t.loss, t.optimizer, total_steps, t.num_microbatches, layout.mesh,
-                       layout.rules_tuple, t.param_dtype)
+    return trainer.step_program(program.model, t.loss, t.optimizer, total_steps, t.num_microbatches, layout.mesh,
+                                layout.rules_tuple, t.param_dtype)
 
 
 def inference_params(model: T5Config, layout: Layout) -> Any:
@@ -161,6 +167,17 @@ def state_bytes_per_device(program: Program, layout: Layout) -> int:
     else:
         tree = inference_params(program.model, layout)
     return sum(_shard_bytes(x) for x in jax.tree_util.tree_leaves(tree))
+
+
+def least_peak_bytes(program: Program, layout: Layout) -> int:
+    """Bytes per device no compile of `program` can go below: its state, and for a train step with
+    scanned layers the gradient tree as well (the backward scan stacks every layer's gradient before
+    the update reads them). A bound `--search` uses to skip compiles, not a figure it reports."""
+    state = state_bytes_per_device(program, layout)
+    if program.kind != "train" or not program.model.scan_layers:
+        return state
+    params, _ = step_program(program, layout).abstract_state()
+    return state + sum(_shard_bytes(x) for x in jax.tree_util.tree_leaves(params))
 
 
 def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
@@ -253,15 +270,25 @@ _GPU_TILING_FAILURE = "Couldn't find output tile sizes"
 _GPU_FALLBACK = {"xla_gpu_enable_triton_gemm": False}
 
 
+# The GPU compiler's note when its rematerialisation could not bring a program under the device's
+# memory: kept in the row (`xla_note`), not printed.
+_XLA_REMAT_NOTE = re.compile(r"Can't reduce memory use below .*")
+_QUIET = re.compile(NOTICES.pattern + "|" + _XLA_REMAT_NOTE.pattern)
+
+
 def _compile(lowering, target: Target):
-    """(compiled, compiler options used); C++ notices of the compile-only plugin filtered out."""
-    with platforms.filtered_stderr(NOTICES, keep_all_on_error=False):
+    """(compiled, compiler options used, the compiler's memory note or None); the C++ notices of the
+    compile-only plugins are filtered out of stderr."""
+    quiet = platforms.filtered_stderr(_QUIET, keep_all_on_error=False)
+    with quiet, platforms.compilation_cache_off():   # a compile-only executable cannot be cached or reloaded
         try:
-            return lowering.compile(), None
+            compiled, options = lowering.compile(), None
         except Exception as e:  # noqa: BLE001
             if target.platform != "cuda" or _GPU_TILING_FAILURE not in str(e):
                 raise
-            return lowering.compile(compiler_options=_GPU_FALLBACK), dict(_GPU_FALLBACK)
+            compiled, options = lowering.compile(compiler_options=_GPU_FALLBACK), dict(_GPU_FALLBACK)
+    note = _XLA_REMAT_NOTE.search(quiet.captured)
+    return compiled, options, note.group(0).strip() if note else None
 
 
 def compile_program(program: Program, target: Target, devices: Sequence[Any],
@@ -275,7 +302,7 @@ def compile_program(program: Program, target: Target, devices: Sequence[Any],
                state_gib=state / GIB, co_resident_gib=co_resident_bytes / GIB, flops=analytic_flops(program))
     start = time.perf_counter()
     try:
-        compiled, options = _compile(lowered(program, layout), target)
+        compiled, options, note = _compile(lowered(program, layout), target)
     except Exception as e:   # noqa: BLE001  (the compiler's refusal comes as a runtime error)
         refusal = parse_refusal(str(e))
         if refusal is None:
@@ -288,6 +315,8 @@ def compile_program(program: Program, target: Target, devices: Sequence[Any],
     row["compile_s"] = time.perf_counter() - start
     if options:
         row["compiler_options"] = options
+    if note:
+        row["xla_note"] = note
     row.update(memory_fields(compiled))
     row["peak_counts"] = "total"
     need = row["peak_gib"] + row["co_resident_gib"]
@@ -298,6 +327,8 @@ def compile_program(program: Program, target: Target, devices: Sequence[Any],
 
 def verdict(row: dict[str, Any]) -> str:
     """One phrase: fits (peak, co-resident, capacity, margin), or does not (what the compiler said)."""
+    if row.get("error"):
+        return f"ERROR: {row['error']}"
     co = f" + {row['co_resident_gib']:.2f} co-resident" if row.get("co_resident_gib") else ""
     if row.get("refusal"):
         counted = " of temporaries alone" if row.get("peak_counts") == "temporaries" else ""
@@ -321,15 +352,25 @@ def describe(program: Program, layout: Layout) -> dict[str, Any]:
     return row
 
 
-def compile_all(programs: Sequence[Program], target: Target, *, on_row=None) -> list[dict[str, Any]]:
-    """Every program compiled for `target`, with each one's co-resident state counted."""
+def compile_all(programs: Sequence[Program], target: Target, *, on_row=None,
+                errors_as_rows: bool = False) -> list[dict[str, Any]]:
+    """Every program compiled for `target`, with each one's co-resident state counted. With
+    `errors_as_rows`, a program that cannot be laid out or lowered there (e.g. 6 attention heads on an
+    8-way model axis) gives a row with `error` and `fits: None`, and the others still compile."""
     devices = target.devices()
     by_name = {p.name: p for p in programs}
     rows = []
     for program in programs:
-        others = [by_name[n] for n in program.co_resident if n in by_name]
-        co = sum(state_bytes_per_device(o, Layout(o, devices)) for o in others)
-        row = compile_program(program, target, devices, co)
+        try:
+            others = [by_name[n] for n in program.co_resident if n in by_name]
+            co = sum(state_bytes_per_device(o, Layout(o, devices)) for o in others)
+            row = compile_program(program, target, devices, co)
+        except Exception as e:  # noqa: BLE001  (layout and lowering errors of one program, as data)
+            if not errors_as_rows:
+                raise
+            row = dict(program=program.name, phase=program.phase, kind=program.kind, batch=program.batch,
+                       lengths=list(program.lengths), target=target.name, capacity_gib=target.capacity_gib,
+                       fits=None, error=f"{type(e).__name__}: {_first_line(str(e), 0)}")
         rows.append(row)
         if on_row is not None:
             on_row(row)

@@ -6,8 +6,8 @@ then the next larger slice of the same family. Candidates are tried least invasi
 that keeps the recipe's math before one that changes it; the same target before a larger one), and
 most are settled without compiling:
 
-* a candidate whose state alone (parameters and optimizer slots per device, plus what other
-  programs keep there) exceeds the capacity cannot fit;
+* a candidate whose state alone (parameters and optimizer slots per device, with scanned layers
+  the gradient tree too, plus what other programs keep there) exceeds the capacity cannot fit;
 * a candidate that uses at least as much memory as one already seen not to fit on every knob (the
   same mesh and target, and no knob that saves memory) cannot fit either.
 
@@ -133,7 +133,7 @@ def search(programs: Sequence[aot.Program], rows: Sequence[dict[str, Any]], targ
     """Suggestions for every program of `rows` that does not fit (see the module doc)."""
     tried, suggestions, budget = [], [], [max_compiles]
     for program, row in zip(programs, rows):
-        if row.get("fits"):
+        if row.get("fits") or row.get("error"):
             continue
         say(f"searching for {program.name} (needs {row.get('peak_gib') or 0:.1f} GiB of {target.capacity_gib:.2f})")
         found = _search_one(program, programs, target, budget, want, say)
@@ -164,8 +164,7 @@ def _search_one(program: aot.Program, programs: Sequence[aot.Program], target: T
         co = sum(_state_bytes(o, aot.Layout(o, devices), c.target) for o in
                  (apply(p, {**_settings(p), "mesh": c.knobs["mesh"], "fsdp": c.knobs["fsdp"]}) for p in programs
                   if p.name in program.co_resident))
-        state = _state_bytes(variant, layout, c.target)
-        if (state + co) / GIB > t.capacity_gib:
+        if (_least_bytes(variant, layout, c.target) + co) / GIB > t.capacity_gib:
             failures.append(c)
             continue
         if _dominated(c, failures) is not None:
@@ -184,18 +183,30 @@ def _search_one(program: aot.Program, programs: Sequence[aot.Program], target: T
     return out
 
 
-_STATE_BYTES: dict[tuple, int] = {}
+_BYTES: dict[tuple, int] = {}
+
+
+def _key(program: aot.Program, target: str, what: str) -> tuple:
+    """What a program's state depends on: not its batch, microbatches or remat."""
+    t = program.train
+    return (what, program.kind, program.model.replace(remat_policy="none"), t and (t.optimizer, t.param_dtype),
+            program.mesh, target)
 
 
 def _state_bytes(program: aot.Program, layout: aot.Layout, target: str) -> int:
-    """`aot.state_bytes_per_device`, once per (model, optimizer, parameter dtype, mesh, target): the state
-    depends on nothing else (not the batch, microbatches or remat)."""
-    t = program.train
-    key = (program.kind, program.model.replace(remat_policy="none"), t and (t.optimizer, t.param_dtype),
-           program.mesh, target)
-    if key not in _STATE_BYTES:
-        _STATE_BYTES[key] = aot.state_bytes_per_device(program, layout)
-    return _STATE_BYTES[key]
+    """`aot.state_bytes_per_device`, once per (model, optimizer, parameter dtype, mesh, target)."""
+    key = _key(program, target, "state")
+    if key not in _BYTES:
+        _BYTES[key] = aot.state_bytes_per_device(program, layout)
+    return _BYTES[key]
+
+
+def _least_bytes(program: aot.Program, layout: aot.Layout, target: str) -> int:
+    """`aot.least_peak_bytes`, once per (model, optimizer, parameter dtype, mesh, target)."""
+    key = _key(program, target, "least")
+    if key not in _BYTES:
+        _BYTES[key] = aot.least_peak_bytes(program, layout)
+    return _BYTES[key]
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

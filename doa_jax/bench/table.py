@@ -84,6 +84,10 @@ def aot_table(rows: Sequence[Mapping[str, Any]]) -> str:
            "| co-resident GiB | capacity GiB | fits (margin GiB) | compile s | TFLOPs | bound s |",
            "|" + "---|" * 15]
     for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['program']} | {r['phase']} | {r['batch']} | {r['lengths'][0]}/{r['lengths'][1]} | "
+                       f"ERROR: {r['error'][:160]} |" + " |" * 10)
+            continue
         fits = ("REFUSED" if r.get("refusal") else "yes" if r["fits"] else "NO") + \
             (f" ({r['margin_gib']:+.2f})" if r.get("margin_gib") is not None else "")
         layout = f"{'scan' if r['scan'] else 'unrolled'}/{r['remat']}/{r.get('param_dtype', r['dtype'] + ' (inference)')}"

@@ -197,11 +197,14 @@ def aot_available(platform: str) -> Optional[str]:
 @functools.lru_cache(maxsize=16)
 def _topology(platform: str, frozen: tuple):
     """Compile-only devices (cached: libtpu builds a topology once per shape). TPU: no metadata
-    server query, and only the CPU backend started (the process has no TPU)."""
+    server query, no host lock, and only the CPU backend started (the process has no TPU)."""
     problem = aot_available(platform)
     if problem:
         raise TargetError(problem)
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu takes a host-wide lock for the TPU it drives; compile-only devices drive none, and
+    # several processes (a sweep's dry runs, test workers) may compile at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     kwargs = dict(frozen)

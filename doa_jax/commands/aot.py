@@ -102,7 +102,6 @@ def _programs(args):
 def run(args) -> int:
     from doa_jax.bench import aot, search, targets
     from doa_jax.bench.table import aot_table, search_table
-    from doa_jax.cli import compilation_cache_off
 
     target = targets.get(args.target)
     problem = targets.aot_available(target.platform)
@@ -114,12 +113,13 @@ def run(args) -> int:
         (lambda text: print(text, flush=True))
     say(f"compiling {len(chosen)} program(s) of the {source} for {target.name}: {len(devices)} x "
         f"{devices[0].device_kind}, {target.capacity_gib:.2f} GiB usable per device ({target.capacity_note})")
-    for program in chosen:
-        aot.Layout(program, devices)   # a mesh or batch that does not divide: one line, before any compile
-    with compilation_cache_off():
-        rows = aot.compile_all(chosen, target, on_row=lambda r: say(f"  {r['program']}: {aot.verdict(r)} "
-                                                                     f"({r['compile_s']:.1f} s)"))
-        found = search.search(chosen, rows, target, max_compiles=args.max_compiles, say=say) if args.search else None
+    what_if = not args.gin_file
+    if what_if:
+        for program in chosen:
+            aot.Layout(program, devices)   # the flags' mesh or batch does not divide: one line, before any compile
+    rows = aot.compile_all(chosen, target, errors_as_rows=not what_if, on_row=lambda r: say(
+        f"  {r['program']}: {aot.verdict(r)}" + (f" ({r['compile_s']:.1f} s)" if "compile_s" in r else "")))
+    found = search.search(chosen, rows, target, max_compiles=args.max_compiles, say=say) if args.search else None
     report = {"target": target.name, "devices": len(devices), "device_kind": devices[0].device_kind,
               "capacity_gib": target.capacity_gib, "capacity_note": target.capacity_note, "source": source,
               "programs": rows}

@@ -51,7 +51,7 @@ def run(args) -> int:
                                     optimizer=args.optimizer, reps=args.reps, warmup=args.warmup, run_steps=args.run_steps,
                                     inputs_length=args.inputs_length, targets_length=args.targets_length,
                                     vocab_size=args.vocab_size, dtype=args.dtype)
-    from doa_jax.cli import compilation_cache_off
+    from doa_jax.platforms import compilation_cache_off
 
     with compilation_cache_off():   # a calibration times cold compiles, not reads of doa's compilation cache
         record = calibration.calibrate(settings)

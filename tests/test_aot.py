@@ -1,0 +1,238 @@
+"""`doa aot`: the project's programs compiled for TPU slices and NVIDIA GPUs this CPU host lacks.
+
+The target table agrees with hardware.toml and with the compilers (the TPU compiler's own capacity),
+peaks are XLA's figures for the trainer's own programs, a program that does not fit is reported so
+by both compilers, the search turns a case built not to fit into one that fits, and bad input is
+one line. Programs are tiny (seconds to compile); the whole cell path is marked slow.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from doa_jax import hardware, partitioning, platforms, trainer
+from doa_jax.bench import aot, search, targets
+from doa_jax.cli import main
+from doa_jax.losses import LossConfig
+from doa_jax.model import config_for_size
+from doa_jax.optimizers import OptimizerConfig
+from doa_jax.trainer import TrainConfig, Trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(targets.aot_available("tpu") or targets.aot_available("cuda"),
+                                reason="needs the aot extra (libtpu and the CUDA plugin): pip install -e '.[aot]'")
+
+# The smallest program that overflows each TPU's HBM: a tiny model's greedy decode, whose float32
+# logits per step are batch x 32128 x 4 bytes (2^17 rows: 16 GiB).
+OVERFLOWING_DECODE = {"v5e-1": 2 ** 17, "v6e-1": 2 ** 18, "v4-8": 2 ** 20, "v5p-8": 2 ** 22}   # over 4 devices
+
+
+def _decode(batch, mesh=(-1, 1)):
+    return aot.recipe_programs(aot.Recipe(size="tiny", phase="decode", batch=batch, lengths=(16, 8), mesh=mesh))
+
+
+# ----------------------------------------------------------------------------- the target table
+
+def test_slice_names_count_tensorcores_for_v4_and_v5p_and_chips_for_v5e_and_v6e():
+    assert (targets.get("v4-8").chips, targets.get("v5p-8").chips) == (4, 4)
+    assert (targets.get("v5e-8").chips, targets.get("v6e-256").chips) == (8, 256)
+    assert targets.get("H100x8").devices_count == 8 and targets.get("h100").devices_count == 1
+    assert targets.get("v5e-8").next_larger == "v5e-16" and targets.get("h100x8").next_larger == "h100x16"
+    assert targets.get("v5e-256").next_larger is None
+
+
+@pytest.mark.parametrize("name", ["v4-8", "v5p-8", "v5e-1", "v6e-8", "a100-40", "a100-80x2", "h100", "h200", "b200"])
+def test_every_family_builds_compile_only_devices_that_hardware_toml_knows(name):
+    target = targets.get(name)
+    devices = target.devices()
+    assert len(devices) == target.devices_count
+    # The compile-only device kind finds the same accelerator (peak FLOP/s) the table names.
+    assert hardware.for_device_kind(devices[0].device_kind).key == target.hardware_key
+    assert target.hardware.peak_flops > 0 and target.bandwidth > 1e11 and target.capacity_gib > 10
+
+
+def test_every_listed_target_parses():
+    for name in targets.names():
+        assert targets.get(name).name == name
+
+
+def test_gpu_capacity_is_the_jax_clients_share_of_the_device(monkeypatch):
+    assert targets.get("h100").capacity_gib == pytest.approx(0.75 * 84942979072 / 2 ** 30)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    assert targets.get("h200").capacity_gib == pytest.approx(0.9 * 151397597184 / 2 ** 30)
+
+
+@pytest.mark.parametrize("name", sorted(OVERFLOWING_DECODE))
+def test_the_tpu_tables_usable_hbm_is_what_the_compiler_allows(name):
+    target = targets.get(name)
+    (row,) = aot.compile_all(_decode(OVERFLOWING_DECODE[name]), target)
+    assert row["fits"] is False and row["refusal"]
+    assert row["compiler_capacity_gib"] == target.capacity_gib
+    assert row["peak_gib"] > target.capacity_gib
+
+
+# ----------------------------------------------------------------------------- compiling
+
+def test_a_train_step_for_a_tpu_slice_reports_xlas_memory_of_the_trainers_own_program():
+    target = targets.get("v5e-4")
+    recipe = aot.Recipe(size="tiny", phase="train", batch=8, lengths=(16, 8), mesh=(2, 2), optimizer="adafactor")
+    (row,) = aot.compile_all(aot.recipe_programs(recipe), target)
+    assert row["device_kind"] == "TPU v5 lite" and row["mesh"] == [2, 2] and row["fits"] is True
+    assert row["peak_gib"] == pytest.approx(row["argument_gib"] + row["output_gib"] - row["alias_gib"]
+                                            + row["temp_gib"])
+    assert row["alias_gib"] > 0          # the train state is donated
+    # The Trainer builds the same program on that mesh; XLA reports the same sizes for it.
+    cfg = config_for_size("tiny")
+    tr = Trainer(cfg, TrainConfig(model_dir="unused", batch_size=8, train_steps=1, optimizer=OptimizerConfig(
+        name="adafactor"), mesh=partitioning.MeshConfig(data=2, model=2)), devices=target.devices())
+    prog = tr._program()
+    params, opt = prog.abstract_state()
+    state = trainer.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=prog.state_shardings.step), params, opt)
+    data = partitioning.data_sharding(prog.mesh)
+    batch = {k: jax.ShapeDtypeStruct((8, n), d, sharding=data) for k, n, d in (
+        ("encoder_input_tokens", 16, jnp.int32), ("decoder_input_tokens", 8, jnp.int32),
+        ("decoder_target_tokens", 8, jnp.int32), ("decoder_loss_weights", 8, jnp.float32))}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=partitioning.replicated(prog.mesh))
+    with partitioning.mesh_context(prog.mesh, prog.rules), platforms.compilation_cache_off():
+        compiled = prog.train_step.lower(state, batch, rng).compile()
+    assert aot.memory_fields(compiled)["peak_gib"] == pytest.approx(row["peak_gib"], rel=1e-9)
+
+
+def test_a_decode_for_a_gpu_reports_fits_flops_and_a_roofline_bound(capsys):
+    assert main(["aot", "--target", "h100x2", "--size", "tiny", "--phase", "decode", "--batch", "64",
+                 "--lengths", "16,8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["target"], report["devices"], report["device_kind"]) == ("h100x2", 2, "NVIDIA H100 80GB HBM3")
+    (row,) = report["programs"]
+    assert row["phase"] == "decode" and row["fits"] is True and row["mesh"] == [2, 1]
+    assert row["capacity_gib"] == pytest.approx(59.33, abs=0.01) and row["margin_gib"] > 59
+    # The bound: every FLOP at the datasheet peak on both GPUs, or the per-step bytes at the bandwidth.
+    assert row["bound_s"] >= row["flops"] / (2 * 989e12)
+
+
+def test_a_gpu_program_over_capacity_is_reported_not_fitting_and_the_search_halves_the_batch(capsys):
+    # The GPU compiler compiles a program larger than the device; the verdict is the tool's.
+    assert main(["aot", "--target", "h100", "--size", "tiny", "--phase", "decode", "--batch", str(2 ** 19),
+                 "--lengths", "16,8", "--search", "--max-compiles", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (row,) = report["programs"]
+    assert row["fits"] is False and row["peak_gib"] > row["capacity_gib"] and "refusal" not in row
+    best = report["suggestions"][0]
+    assert best["fits"] is True and best["batch"] == 2 ** 18 and best["target"] == "h100"
+    assert best["changes"] == {"batch": 2 ** 18} and best["peak_gib"] < row["capacity_gib"]
+
+
+def test_the_search_prefers_the_same_target_and_skips_what_cannot_fit_without_compiling():
+    program = aot.recipe_programs(aot.Recipe(size="xxl", phase="train", batch=8, optimizer="adamw"))[0]
+    target = targets.get("h100")
+    found = search.candidates(program, target)
+    base = search._settings(program)
+    first = found[0]
+    assert first.target == "h100" and search.invasiveness(first, base) == 0
+    assert [c.target for c in found[-3:]] == ["h100x8"] * 3          # up to three slices larger, last
+    # fp32 AdamW XXL state is 3 x 44.5 GB: no setting keeping it fits one H100's 59 GiB, so none is compiled.
+    layout = aot.Layout(program, target.devices())
+    assert aot.state_bytes_per_device(program, layout) / 2 ** 30 > target.capacity_gib
+
+
+# ----------------------------------------------------------------------------- refusals and bad input
+
+def test_the_tpu_compilers_refusals_are_parsed():
+    temps = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+             "(42.67G) exceeds available HBM (15.75G).")
+    total = "XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 215.17G of 31.25G hbm."
+    assert aot.parse_refusal(temps) == {"needs_gib": 42.67, "of_gib": 15.75, "counted": "temporaries",
+                                        "text": temps}
+    assert aot.parse_refusal(total)["needs_gib"] == 215.17 and aot.parse_refusal(total)["counted"] == "total"
+    assert aot.parse_refusal("INVALID_ARGUMENT: shapes differ") is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "v5e-3"], "unknown target 'v5e-3': v5e slices are v5e-{1,4,8,16,32,64,128,256}"),
+    (["--target", "tpu9"], "unknown target 'tpu9'; valid: v4-{8,16"),
+    (["--target", "v5e-8", "--mesh", "2,2"], "mesh 2 (data) x 2 (model) uses 4 of the target's 8 devices"),
+    (["--target", "v5e-8", "--mesh", "1,3"], "model axis 3 must be a positive divisor of the 8 devices"),
+    (["--target", "v5e-8", "--mesh", "4,2", "--batch", "6"], "batch size 6 is not divisible by the mesh's data axis (4)"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(["aot", "--size", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_phase_the_cell_does_not_have_is_named(capsys):
+    argv = ["aot", "--target", "v5e-8", "--phase", "score", "--gin_file", "runs/experiment.gin",
+            "--gin_file", "experiments/wlp_1k_plus100_annotate.gin", "--gin.OUTPUT_DIR=/tmp/unused",
+            "--gin.VOCABULARY=None", "--gin.MODEL_VOCAB_SIZE=32128"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--phase score: the cell (wlp annotate +$100, strategy annotate) has no such phase; it has decode, train" in err
+
+
+def test_without_the_extra_it_names_the_extra(monkeypatch):
+    monkeypatch.setattr(targets.importlib.util, "find_spec", lambda name: None)
+    assert 'pip install -c constraints.txt -e ".[aot]"' in targets.aot_available("tpu")
+    assert "jax-cuda12-pjrt" in targets.aot_available("cuda")
+
+
+def test_generated_gpu_target_configs_hold_the_described_device():
+    text = targets.target_config("h200")
+    assert 'name: "NVIDIA H200 141GB HBM3e"' in text and "device_memory_size: 151397597184" in text
+    assert "feature_extension: ACCELERATED_FEATURES" in text and "rate_infos {" in text
+
+
+# ----------------------------------------------------------------------------- a cell's programs
+
+@pytest.mark.slow   # five tiny programs compiled for a TPU slice (~40 s on 2 busy cores)
+def test_a_cells_gin_compiles_every_phase_with_its_models_lengths_and_mesh(capsys):
+    argv = ["aot", "--target", "v5e-4", "--json", "--gin_file", "runs/experiment.gin",
+            "--gin_file", "experiments/wlp_1k_plus100_distill.gin", "--gin_file", "protocols/paper.gin",
+            "--gin.OUTPUT_DIR=/tmp/unused", "--gin.VOCABULARY=None", "--gin.MODEL_VOCAB_SIZE=256",
+            "--gin.TEACHER_SIZE='tiny'", "--gin.STUDENT_SIZE='tiny'", "--gin.BATCH_SIZE=8",
+            "--gin_bindings", "cell/TrainConfig.mesh = @cell/MeshConfig()", "--gin.cell/MeshConfig.model=2"]
+    assert main(argv) == 0
+    rows = {r["program"]: r for r in json.loads(capsys.readouterr().out)["programs"]}
+    assert list(rows) == ["teacher_train", "teacher_decode", "teacher_score", "teacher_forward", "student_distill",
+                          "eval_decode"]
+    # WLP's card lengths; the paper's protocol decodes one token fewer, with float32 activations.
+    assert rows["teacher_train"]["lengths"] == [96, 128] and rows["teacher_decode"]["lengths"] == [96, 127]
+    assert {r["mesh"][1] for r in rows.values()} == {2} and rows["teacher_train"]["dtype"] == "float32"
+    assert rows["teacher_train"]["optimizer"] == "adamw" and rows["teacher_decode"]["batch"] == 16
+    # Online soft targets: the student's batch carries the teacher's full-vocabulary logits.
+    assert rows["student_distill"]["soft_targets"] == 256 and rows["teacher_forward"]["co_resident_gib"] > 0
+    assert all(r["fits"] for r in rows.values())
+
+
+def test_importing_doa_jax_with_the_aot_extra_starts_cpu_quietly():
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
+    done = subprocess.run([sys.executable, "-c", "import doa_jax, jax; print(jax.devices()[0].platform)"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "cpu\n", "")
+
+
+# ----------------------------------------------------------------------------- platforms
+
+def test_jax_platforms_are_chosen_only_when_a_plugin_lacks_its_hardware():
+    from doa_jax import platforms
+
+    assert platforms.choose({}, installed={"tpu", "cuda"}, present=set()) == "cpu"
+    assert platforms.choose({}, installed={"tpu", "cuda"}, present={"cuda"}) == "cuda,cpu"
+    assert platforms.choose({}, installed={"tpu"}, present={"tpu"}) is None          # a TPU VM: JAX decides
+    assert platforms.choose({}, installed=set(), present=set()) is None              # plain JAX: as before
+    assert platforms.choose({"JAX_PLATFORMS": "cpu,tpu"}, installed={"tpu"}, present=set()) is None
+
+
+def test_filtered_stderr_drops_the_plugins_notices_and_keeps_everything_else(capfd):
+    from doa_jax import platforms
+
+    with platforms.filtered_stderr():
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+                    b"I0000 00:00:1.0 1 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will "
+                    b"not be used.\nE0000 a real error\n")
+    assert capfd.readouterr().err == "E0000 a real error\n"
