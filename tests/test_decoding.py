@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from doa_jax import decoding, partitioning
+from doa_jax.decoding import beam
 from doa_jax.model import T5Config, Transformer, config_for_size
 from decoding_helpers import eos_biased, init_params, teacher_forced, valid
 
@@ -155,9 +156,9 @@ def test_beam_scores_are_teacher_forced_log_probs_over_the_length_penalty(biased
 def test_another_length_penalty_reuses_the_compiled_beam_search(biased):
     # The penalty's divisors are an argument of the program: sweeping it compiles nothing new.
     first = decoding.beam_search(CFG, biased, ENC, 8, num_beams=3, length_penalty=0.8)
-    compiled = decoding._compiled_beam.cache_info().currsize
+    compiled = beam._compiled_beam.cache_info().currsize
     second = decoding.beam_search(CFG, biased, ENC, 8, num_beams=3, length_penalty=1.7)
-    assert decoding._compiled_beam.cache_info().currsize == compiled
+    assert beam._compiled_beam.cache_info().currsize == compiled
     lengths = np.asarray(second.lengths)
     np.testing.assert_allclose(np.asarray(second.scores), np.asarray(second.log_probs) / lengths ** 1.7, rtol=1e-5)
     assert not np.array_equal(np.asarray(first.scores), np.asarray(second.scores))
@@ -218,8 +219,7 @@ def test_samples_depend_on_the_key_only_and_stay_in_the_top_k():
 def test_second_call_with_the_same_shapes_does_not_recompile():
     params = init_params(CFG)
     decoding.greedy(CFG, params, ENC, 5)
-    fn = decoding._compiled_sampling(CFG, 5, decoding._SampleSettings(0.0, 0, 1.0, decoding.EOS_ID),
-                                     decoding._context_key())
+    fn = decoding.greedy_program(CFG, 5)
     before = fn._cache_size()
     decoding.greedy(Transformer(CFG), params, ENC + 1, 5)
     assert fn._cache_size() == before == 1

@@ -7,6 +7,8 @@ import os
 
 
 def register(subparsers) -> None:
+    from doa_jax.metrics import PROTOCOLS
+
     parser = subparsers.add_parser("score", help="score predictions with a task's metric (JSON, percent)")
     parser.add_argument("--task", required=True, help="task card name (see tasks/) or a card .toml")
     parser.add_argument("--predictions", required=True, help='JSON lines {"prediction": str}, in references order')
@@ -14,7 +16,7 @@ def register(subparsers) -> None:
     parser.add_argument("--scorer-model", default=os.environ.get("DOA_BERTSCORE_MODEL"),
                         help="BERTScore model folder for BERT-iBLEU (deberta-xlarge-mnli in the paper); "
                         "default $DOA_BERTSCORE_MODEL")
-    parser.add_argument("--protocol", default="efficient", choices=("efficient", "paper"),
+    parser.add_argument("--protocol", default="efficient", choices=PROTOCOLS,
                         help="'paper': score as the released code does (an out-of-label output counts as the "
                         "card's paper_invalid_label; WLP's f1 is the released parse); default 'efficient'")
     parser.add_argument("--num-layers", type=int, help="BERTScore hidden layer (default: 40 for "

@@ -15,13 +15,13 @@ import math
 from typing import Any, Mapping, Optional
 
 from doa_jax.experiment import strategies
+from doa_jax.metrics import PROTOCOLS
 from doa_jax.experiment.results import KEY_VERSION
 from doa_jax.model import T5Config
 from doa_jax.model.config import config_for_size
 from doa_jax.trainer import TrainConfig
 
 SOFT_TARGETS = ("stored", "online")
-PROTOCOLS = ("efficient", "paper")
 PAPER_LEARNING_RATE = 3e-5
 PAPER_SCHEDULE = "constant * linear_to_zero"
 
