@@ -318,7 +318,7 @@ def lengths_for(card: Any, profile: CostProfile) -> dict[str, Any]:
         measured = profile.task_lengths(card.name)
         if measured is not None:
             return {"inputs": measured.inputs, "targets": measured.targets,
-                    "source": f"token lengths of the paper's {card.name} data ({measured.examples} examples; "
+                    "source": f"token lengths of the {card.name} data ({measured.examples} examples; "
                               f"{measured.statistics})"}
         return {**card.feature_lengths, "source": f"the card's padded lengths: no mean lengths of {card.name} "
                                                   f"are recorded in cost_profiles.toml [paper_lengths]"}
