@@ -40,6 +40,14 @@ def forward_flops(cfg: T5Config, batch: int, in_len: int, out_len: int, *, atten
     return float(batch * (dense + attn))
 
 
+def decoder_token_flops(cfg: T5Config, batch: int, in_len: int, out_len: int, *, attention: bool = True) -> float:
+    """The part of `forward_flops` computed on decoder tokens: their self-attention, cross-attention
+    (queries, scores, values, output; the keys and values of encoder tokens count as encoder work), MLP
+    and logits."""
+    return (forward_flops(cfg, batch, in_len, out_len, attention=attention)
+            - forward_flops(cfg, batch, in_len, 0, attention=attention))
+
+
 def train_flops(cfg: T5Config, batch: int, in_len: int, out_len: int, *, attention: bool = True) -> float:
     """FLOPs of one train step (forward + backward = 3 forwards) over a global batch."""
     return 3.0 * forward_flops(cfg, batch, in_len, out_len, attention=attention)
@@ -84,5 +92,5 @@ def decode_cache_bytes(cfg: T5Config, batch: int, in_len: int, new_tokens: int) 
     return float(2 * itemsize * batch * cfg.num_decoder_layers * cfg.num_heads * cfg.head_dim * (in_len + new_tokens))
 
 
-__all__ = ["decode_cache_bytes", "decode_flops", "decode_step_flops", "forward_flops", "six_n_tokens",
-           "train_flops"]
+__all__ = ["decode_cache_bytes", "decode_flops", "decode_step_flops", "decoder_token_flops", "forward_flops",
+           "six_n_tokens", "train_flops"]

@@ -2,7 +2,9 @@
 import importlib.util
 import json
 import math
+import sys
 
+import numpy as np
 import pytest
 
 from doa_jax.experiment import cost_profiles as cp
@@ -15,6 +17,7 @@ def _fit_script():
     spec = importlib.util.spec_from_file_location("fit_paper_costs", cp.PROFILES_FILE.parents[2] / "scripts" /
                                                   "fit_paper_costs.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -26,29 +29,75 @@ def test_a_paper_rate_charges_flops_at_its_rate_and_steps_scaled_by_parameters()
     assert profile.usd(cp.Work("teacher_train", rows=320, steps=10, flops=4e12, params=500)) == pytest.approx(0.017)
 
 
+def test_a_paper_rate_charges_decoder_flops_at_their_own_rate_and_a_run_once():
+    rate = cp.Rate(flops_per_s=2e12, seconds_per_step=0.0, reference_params=1, decoder_flops_per_s=1e12,
+                   seconds_per_run=5.0)
+    # (4e12 - 1e12) / 2e12 = 1.5 s on encoder tokens, 1e12 / 1e12 = 1 s on decoder tokens, 5 s for the run.
+    assert rate.chip_seconds(cp.Work("teacher_train", 320, 10, 4e12, 1, decoder_flops=1e12)) == pytest.approx(7.5)
+    assert rate.chip_seconds(cp.Work("teacher_train", 0, 0, 0.0, 1)) == 0.0   # no work, no run
+
+
 def test_the_paper_profile_loads_its_fitted_rates_and_the_papers_a100_price():
-    paper = cp.load_profile("paper")
+    paper, fit = cp.load_profile("paper"), cp._read_profiles()["paper_rates"]["fit"]
     assert paper.accelerator.usd_per_chip_hour == 1.875 and paper.recipe["soft_targets"] == "online"
     assert set(paper.rates) == {"teacher_train", "teacher_decode", "student_distill_online", "student_train",
                                 "eval_decode"}
     assert not paper.rates["student_train"].charged and "labels only" in paper.rates["student_train"].why_not
-    assert math.isinf(paper.rates["teacher_decode"].flops_per_s)  # decoding: a cost per decoded position
-    assert paper.task_lengths("stanceosaurus").inputs > paper.task_lengths("nq").inputs
-    assert "max |residual| 22% over 40 points" in paper.source
+    # Priced at the length statistics the fit chose: Stanceosaurus's inputs padded, cut at 128 tokens.
+    assert (fit["inputs_length"], fit["targets_length"]) == ("inputs_padded_cut", "targets")
+    assert paper.task_lengths("stanceosaurus").inputs == 128.0 and paper.task_lengths("nq").targets == 3.96
+    assert (f"leave-one-task-out median {fit['loo_median_abs_residual']:.0%}, max {fit['loo_max_abs_residual']:.0%}"
+            in paper.source)
 
 
-def test_the_fitted_rates_in_the_data_file_are_what_the_fit_script_computes():
+def test_the_paper_profile_says_which_tasks_it_was_fitted_to_and_what_error_to_expect_elsewhere():
+    paper, fit = cp.load_profile("paper"), cp._read_profiles()["paper_rates"]["fit"]
+    loo = {"median": fit["loo_median_abs_residual"], "max": fit["loo_max_abs_residual"]}
+    wlp = paper.task_fit("wlp")
+    assert wlp["status"] == "extrapolation" and wlp["expected_error"] == loo
+    assert wlp["note"].startswith("EXTRAPOLATION: wlp is not among the 4 tasks the rates were fitted to")
+    nq = paper.task_fit("nq")
+    assert nq["status"] == "fitted" and nq["leave_one_out_error"]["max"] == fit["per_task"]["nq"]["loo_max"]
+    assert paper.as_dict("fever")["fit"]["status"] == "extrapolation" and "fit" not in paper.as_dict()
+
+
+def test_leave_one_task_out_predicts_each_task_from_the_others_only():
+    # Three tasks of two points, cost = 1 x a + 2 x b exactly: every task is predicted exactly from the
+    # other two. Then task "c" paid 1.5x that: fitted on the exact tasks only, it is predicted at 1 / 1.5.
     fit = _fit_script()
-    data = cp._read_profiles()
+    X = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [1.0, 3.0], [1.0, 1.0], [3.0, 1.0]])
+    tasks, y = ["a", "a", "b", "b", "c", "c"], X @ np.array([1.0, 2.0])
+    assert fit.leave_one_task_out(X, y, tasks, max_residual=1.0) == pytest.approx(np.zeros(6), abs=1e-7)
+    loo = fit.leave_one_task_out(X, y * np.array([1, 1, 1, 1, 1.5, 1.5]), tasks, max_residual=1.0)
+    assert loo[4:] == pytest.approx([1 / 1.5 - 1] * 2)
+    with pytest.raises(ValueError, match="at least two tasks"):
+        fit.leave_one_task_out(X, y, ["a"] * 6)
+
+
+def test_the_expected_longest_example_of_a_batch_is_exact_for_a_two_point_distribution():
+    # Half 1s, half 3s: a batch of 2 has a 3 with probability 3/4, so its longest is 1/4 x 1 + 3/4 x 3 = 2.5.
+    assert _fit_script().expected_batch_max(np.array([1, 3, 1, 3]), 2) == pytest.approx(2.5)
+
+
+@pytest.fixture(scope="module")
+def refit():
+    fit = _fit_script()
     points = fit.read_points()
-    X = [fit.work_features(p, data["paper_lengths"], data["profiles"]["paper"]) for p in points]
-    theta = fit.fit(fit.np.array(X), fit.np.array([p["compute_usd"] for p in points]) / (1.875 / 3600),
-                    fit.MAX_RESIDUAL)
-    paper = cp.load_profile("paper")
-    for i, program in enumerate(fit.FITTED):
-        rate = paper.rates[program]
-        assert rate.seconds_per_step == pytest.approx(theta[2 * i + 1], rel=1e-3)
-        assert (0.0 if math.isinf(rate.flops_per_s) else 1 / rate.flops_per_s) == pytest.approx(theta[2 * i], rel=1e-3)
+    return fit, points, fit.run_fit(cp._read_profiles(), points)
+
+
+def test_the_fitted_block_in_the_data_file_is_what_the_fit_script_computes(refit):
+    fit, points, result = refit
+    date = cp._read_profiles()["paper_rates"]["fit"]["date"]
+    text = cp.PROFILES_FILE.read_text()
+    stored = text[text.index("# BEGIN FITTED RATES"):text.index("# END FITTED RATES") + len("# END FITTED RATES")]
+    assert stored == fit.fitted_block(result, points, date)
+
+
+def test_the_terms_chosen_out_of_sample_predict_each_task_from_the_other_three(refit):
+    # Issue 31's bar: leave-one-task-out median error at most 15%, no point over 35%.
+    _, _, result = refit
+    assert np.median(np.abs(result.loo)) <= 0.15 and np.abs(result.loo).max() <= 0.35
 
 
 def test_the_mfu_profile_says_it_is_assumed():

@@ -43,3 +43,12 @@ def test_six_n_tokens_is_the_dense_train_count():
     assert flops.train_flops(cfg, 32, 128, 128) > dense
     # The decoder-only habit charges every token for all parameters: an overcount for T5.
     assert flops.six_n_tokens(cfg, 32, 128, 128, per_stack=False) > 1.5 * dense
+
+
+def test_decoder_flops_are_the_work_on_target_tokens_only():
+    cfg = config_for_size("base")   # v1.1 Base: 768 wide, 12 + 12 layers, 12 x 64 heads, gated 2048 MLP, 32128 logits
+    per_token = 12 * (4 * 768 * 768 + 2 * 768 * 768 + 3 * 768 * 2048) + 768 * 32128   # self, cross q/out, MLP, logits
+    assert flops.decoder_token_flops(cfg, 2, 100, 10, attention=False) == 2 * 2 * 10 * per_token
+    assert flops.decoder_token_flops(cfg, 2, 100, 0) == 0.0     # inputs alone: all encoder work (cross K/V included)
+    assert flops.decoder_token_flops(cfg, 2, 100, 10) + flops.forward_flops(cfg, 2, 100, 0) == \
+        pytest.approx(flops.forward_flops(cfg, 2, 100, 10), rel=1e-12)

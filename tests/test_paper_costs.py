@@ -6,6 +6,7 @@ import pytest
 from doa_jax import cli
 from doa_jax.experiment import cost_profiles
 
+
 def _points():
     return [(r["task"], r["labels"], r["unlabeled"], r["compute_usd"])
             for r in cost_profiles.paper_pareto_points() if r["unlabeled"] > 0]
@@ -18,14 +19,16 @@ def test_the_paper_costs_cover_the_four_tasks_of_section_7_2():
 
 @pytest.mark.parametrize("task,labels,unlabeled,paper_usd", _points(),
                          ids=[f"{t}-L{lab}-U{u}" for t, lab, u, _ in _points()])
-def test_plan_json_prices_the_papers_point_within_25_percent(capsys, task, labels, unlabeled, paper_usd):
+def test_plan_json_prices_the_papers_point_within_15_percent(capsys, task, labels, unlabeled, paper_usd):
+    # The fit's largest in-sample residual is 13% (notes/costs.md; its out-of-sample errors are tested in
+    # tests/test_cost_profiles.py).
     assert cli.main(["plan", "--task", task, "--start-labels", str(labels), "--unlabeled", str(unlabeled),
                      "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["cost_profile"]["name"] == "paper"
     distill = out["distill"]
     assert (distill["labels"], distill["unlabeled"]) == (labels, unlabeled)
-    assert distill["compute_usd"] == pytest.approx(paper_usd, rel=0.25)
+    assert distill["compute_usd"] == pytest.approx(paper_usd, rel=0.15)
     assert distill["compute_usd"] == pytest.approx(distill["teacher_finetune_usd"] + distill["teacher_inference_usd"]
                                                    + distill["student_training_usd"])
 

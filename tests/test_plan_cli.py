@@ -4,6 +4,7 @@ import json
 import pytest
 
 from doa_jax import cli
+from doa_jax.experiment import cost_profiles
 from doa_jax.model import config_for_size
 
 TINY_PARAMS = config_for_size("tiny").num_params()
@@ -29,6 +30,31 @@ def test_without_a_calibration_the_paper_prices_and_the_table_says_how_to_calibr
     out = _plan(capsys, "--task", "fever", "--start-labels", "1000", "--budget", "50")
     assert "cost profile: paper: the paper's accounting (A100 fp32 at $1.875/GPU-hour)" in out
     assert "no calibration given" in out and "doa calibrate --accelerator NAME" in out
+
+
+@pytest.mark.parametrize("task", ["wlp", "fever"])
+def test_a_paper_plan_for_a_task_outside_the_fit_says_it_is_an_extrapolation_with_the_loo_error(capsys, task):
+    fit = cost_profiles._read_profiles()["paper_rates"]["fit"]
+    out = json.loads(_plan(capsys, "--task", task, "--start-labels", "10000", "--unlabeled", "10000",
+                           "--cost-profile", "paper", "--json"))
+    described = out["cost_profile"]["fit"]
+    assert described["status"] == "extrapolation" and task not in described["fitted_tasks"]
+    assert described["expected_error"] == {"median": fit["loo_median_abs_residual"],
+                                           "max": fit["loo_max_abs_residual"]}
+    assert described["note"].startswith(f"EXTRAPOLATION: {task} is not among the 4 tasks")
+    assert "fitted" not in described["note"].split("(")[0].replace("fitted to", "")
+    table = _plan(capsys, "--task", task, "--start-labels", "10000", "--unlabeled", "10000")
+    assert f"expect about ±{fit['loo_median_abs_residual']:.0%} (leave-one-task-out median |error|; up to " \
+           f"{fit['loo_max_abs_residual']:.0%})" in table
+
+
+def test_a_paper_plan_for_a_fitted_task_says_so_with_its_own_errors(capsys):
+    nq = cost_profiles._read_profiles()["paper_rates"]["fit"]["per_task"]["nq"]
+    out = json.loads(_plan(capsys, "--task", "nq", "--start-labels", "1000", "--unlabeled", "10000", "--json"))
+    described = out["cost_profile"]["fit"]
+    assert described["status"] == "fitted" and "nq" in described["fitted_tasks"]
+    assert described["in_sample_error"] == {"median": nq["in_sample_median"], "max": nq["in_sample_max"]}
+    assert described["leave_one_out_error"] == {"median": nq["loo_median"], "max": nq["loo_max"]}
 
 
 def test_mfu_table_says_assumed_and_names_the_accelerator_and_an_infeasible_reason(capsys):
@@ -133,7 +159,8 @@ def test_a_corrupt_calibration_file_is_one_clear_error(capsys, tmp_path):
     (["--budget", "10", "--cost-profile", "calibrated"], "cost profile 'calibrated' needs a calibration file"),
     (["--budget", "10", "--accelerator", "h100"], "cost profile 'paper' prices the paper's A100s, not 'h100'"),
     (["--budget", "10", "--mfu", "0.5"], "--mfu applies to --cost-profile mfu only"),
-    (["--budget", "10", "--soft-targets", "stored"], "cost profile 'paper' has no rate for 'teacher_score'"),
+    # (a budget that covers the teacher's fine-tuning, $19.92, so that the inference is priced)
+    (["--budget", "100", "--soft-targets", "stored"], "cost profile 'paper' has no rate for 'teacher_score'"),
     (["--budget", "10", "--cost-profile", "mfu", "--accelerator", "b200"], "unknown accelerator 'b200'"),
     ([], "give --budget (what an extra budget buys) or --unlabeled U"),
 ])

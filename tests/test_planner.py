@@ -21,6 +21,7 @@ def toy(monkeypatch):
                    ("forward", STUDENT): 3e11}
     monkeypatch.setattr(flops, "train_flops", lambda cfg, b, i, o: b * per_example[("train", cfg)])
     monkeypatch.setattr(flops, "forward_flops", lambda cfg, b, i, o: b * per_example[("forward", cfg)])
+    monkeypatch.setattr(flops, "decoder_token_flops", lambda cfg, b, i, o: 0.0)   # an MFU prices FLOPs alike
     return planner.Planner(ACC, STUDENT, TEACHER, usd_per_label=0.25, recipe=RECIPE)
 
 

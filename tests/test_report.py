@@ -184,3 +184,12 @@ def test_the_bootstrap_from_example_statistics_equals_rescoring_every_resample(t
     monkeypatch.setattr(cards.Card, "example_statistics", lambda self, *args, **kwargs: None)
     rescored = report.bootstrap(cell, resamples=100)
     assert fast == rescored and fast[0] < value < fast[1] and value < 95
+
+
+def test_a_paper_priced_row_of_a_task_outside_the_fit_is_labelled_an_extrapolation():
+    fit = {"status": "extrapolation", "expected_error": {"median": 0.046, "max": 0.167}, "note": "EXTRAPOLATION: ..."}
+    extrapolated = row("distill", 100, 70.0, 0, 355.0, cost_profile={"name": "paper", "source": "s", "fit": fit})
+    md = report.render_markdown(report.summarise([extrapolated]), report.read_paper_results(), [])
+    assert "| wlp | 1000 | 100 | Dist. | efficient | paper (extrapolated, ±5% (up to 17%)) | f1 | 70.0 |" in md
+    fitted = dict(extrapolated, cost_profile={"name": "paper", "source": "s", "fit": {**fit, "status": "fitted"}})
+    assert "extrapolated" not in report.render_markdown(report.summarise([fitted]), report.read_paper_results(), [])

@@ -1,7 +1,7 @@
 """`doa plan`: what an extra budget buys under each strategy (or what a fixed (L, U) point costs), before any compute.
 
-Compute is priced by a cost profile: `paper` (the paper's accounting, fitted to its costs; the default
-without a calibration), `calibrated` (throughput measured by `doa calibrate`, the default with
+Compute is priced by a cost profile: `paper` (the paper's accounting, fitted to its costs on four tasks;
+the default without a calibration; for any other task an extrapolation, said so with its expected error), `calibrated` (throughput measured by `doa calibrate`, the default with
 --calibration) or `mfu` (an assumed model FLOP utilisation).
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ def run(args) -> int:
     card, profile, lengths, pool_note, plans = make_plans(args)
     if args.json:
         print(json.dumps({"task": card.name, "start_labels": args.start_labels, "budget_usd": args.budget,
-                          "cost_profile": profile.as_dict(), "lengths": lengths, "unlabeled_pool": pool_note,
+                          "cost_profile": profile.as_dict(card.name), "lengths": lengths, "unlabeled_pool": pool_note,
                           **{s: _arm(pl) for s, pl in plans.items()}}, indent=1))
         return 0
     _print_table(args, card, profile, lengths, pool_note, plans)
@@ -151,6 +151,9 @@ def _print_table(args, card, profile, lengths, pool_note, plans) -> None:
     print(f"{card.name}: {args.start_labels} start labels, {extra}; labels ${card.annotation_cost_usd:.3f} each; "
           f"teacher {args.teacher}, student {args.student}")
     print(f"cost profile: {profile.name}: {profile.source}")
+    fit = profile.as_dict(card.name).get("fit")
+    if fit:
+        print(f"  {fit['note']}")
     if profile.name == "paper" and not args.cost_profile:
         print(f"  (no calibration given, so the paper's accounting prices compute; {CALIBRATE_HINT})")
     print(f"lengths: {lengths['inputs']:g} input / {lengths['targets']:g} target tokens: {lengths['source']}")

@@ -566,8 +566,10 @@ def pricing_for(card, profile_name: Optional[str], calibration_path: Optional[st
     profile = cost_profiles.load_profile(name, accelerator=accelerator if name == "mfu" else None,
                                          calibration=calibration_path, mfu=mfu)
     plan, lengths = planner.build_planner(card, teacher, student, profile, **recipe)
+    fit = profile.as_dict(card.name).get("fit")
     pricing = planner_pricing(plan, card.annotation_cost_usd,
-                              f"cost profile {name}: {profile.source}; lengths: {lengths['source']}")
+                              f"cost profile {name}: {profile.source}{'; ' + fit['note'] if fit else ''}; "
+                              f"lengths: {lengths['source']}")
     return dataclasses.replace(pricing, profile=name)
 
 

@@ -4,8 +4,10 @@ Work is described as `Work` items: one program (a teacher train step, a decoded 
 step, ...) run some number of times, with its analytic FLOPs. A profile turns work into
 chip-seconds, and its accelerator's rate card turns those into dollars:
 
-- `paper`: the paper's accounting, per-phase rates (effective FLOP/s and seconds per step) fitted to
-  what the paper paid (scripts/fit_paper_costs.py; notes/costs.md);
+- `paper`: the paper's accounting, per-phase rates (effective FLOP/s of encoder and decoder tokens,
+  seconds per step and per run) fitted to what the paper paid on four tasks (scripts/fit_paper_costs.py;
+  notes/costs.md); a plan for another task is an extrapolation and says so, with the fit's
+  leave-one-task-out error as its expected uncertainty;
 - `calibrated`: examples per second measured by `doa calibrate` on the user's machine (a JSON file);
 - `mfu`: FLOPs at an assumed share of the rate card's peak, said to be assumed wherever it prints.
 """
@@ -43,12 +45,25 @@ PROGRAMS = {
 }
 
 
+# Length statistics of a task's data that `scripts/fit_paper_costs.py --measure-lengths` records in
+# `[paper_lengths.TASK]`; the fit names the ones the `paper` profile prices at.
+LENGTH_STATISTICS = {
+    "inputs": "mean input length",
+    "targets": "mean target length",
+    "inputs_padded": "mean longest input of a batch of 32 (dynamic padding)",
+    "targets_padded": "mean longest target of a batch of 32 (dynamic padding)",
+    "inputs_padded_cut": "mean longest input of a batch of 32, cut at the released run_t5.py's max_source_length",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Work:
     """`steps` runs of `program` over `rows` examples in all (padded batches counted in full).
 
     For decoding, `steps` counts decoded positions of a batch (batches x decode length): each one
     re-reads the weights. `params` is the parameter count of the model whose step overhead it is.
+    `decoder_flops` is the part of `flops` computed on decoder tokens (their self- and cross-attention,
+    MLP and logits); the rest ran on encoder tokens.
     """
 
     program: str
@@ -56,10 +71,13 @@ class Work:
     steps: float
     flops: float
     params: int
+    decoder_flops: float = 0.0
 
     def __post_init__(self):
         if self.program not in PROGRAMS:
             raise ValueError(f"unknown program {self.program!r}; programs: {', '.join(PROGRAMS)}")
+        if not 0 <= self.decoder_flops <= self.flops * (1 + 1e-9):
+            raise ValueError(f"decoder_flops must be in [0, flops], got {self.decoder_flops} of {self.flops}")
 
 
 def size_name(name: str) -> str:
@@ -97,8 +115,8 @@ class CostProfile:
     def usd(self, work: Work) -> float:
         return self.accelerator.usd(self.chip_seconds(work))
 
-    def as_dict(self) -> dict[str, Any]:
-        """What a plan, a ledger entry or a result row records about the profile."""
+    def as_dict(self, task: Optional[str] = None) -> dict[str, Any]:
+        """What a plan, a ledger entry or a result row records about the profile (pricing `task`)."""
         return {"name": self.name, "source": self.source, "assumed": self.assumed,
                 "accelerator": self.accelerator.key, "usd_per_chip_hour": self.accelerator.usd_per_chip_hour}
 
@@ -120,25 +138,34 @@ class MfuProfile(CostProfile):
 
 @dataclasses.dataclass(frozen=True)
 class Rate:
-    """A fitted phase rate: chip-seconds = FLOPs / flops_per_s + steps x seconds_per_step x params/ref."""
+    """A fitted phase rate: chip-seconds = encoder FLOPs / flops_per_s + decoder FLOPs / decoder_flops_per_s
+    + steps x seconds_per_step x params / reference_params + seconds_per_run (once, for work of any steps)."""
 
-    flops_per_s: float           # effective FLOP/s per paid chip (inf: no FLOP-proportional term)
+    flops_per_s: float           # effective FLOP/s per paid chip on encoder tokens (inf: no such term)
     seconds_per_step: float      # chip-seconds per step of a model with `reference_params` parameters
     reference_params: int
+    decoder_flops_per_s: float = 0.0  # effective FLOP/s on decoder tokens (0: the same as flops_per_s)
+    seconds_per_run: float = 0.0      # chip-seconds a run of the program pays once
     charged: bool = True
     why_not: str = ""
 
     def chip_seconds(self, work: Work) -> float:
         if not self.charged:
             return 0.0
-        return work.flops / self.flops_per_s + work.steps * self.seconds_per_step * work.params / self.reference_params
+        decoder_rate = self.decoder_flops_per_s or self.flops_per_s
+        return ((work.flops - work.decoder_flops) / self.flops_per_s + work.decoder_flops / decoder_rate
+                + work.steps * self.seconds_per_step * work.params / self.reference_params
+                + (self.seconds_per_run if work.steps > 0 else 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskLengths:
+    """The token lengths the `paper` profile prices a task at, and which statistics of its data they are."""
+
     inputs: float
     targets: float
     examples: int
+    statistics: str = "mean lengths"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +186,27 @@ class PaperProfile(CostProfile):
 
     def task_lengths(self, task: str) -> Optional[TaskLengths]:
         return self.lengths.get(task)
+
+    def task_fit(self, task: str) -> dict[str, Any]:
+        """Whether the rates were fitted to `task`'s costs or extrapolate to it, and the error to expect:
+        the leave-one-task-out error (each fitted task predicted by a fit to the other ones)."""
+        fit, loo = self.fit, {"median": self.fit["loo_median_abs_residual"], "max": self.fit["loo_max_abs_residual"]}
+        tasks = list(fit["tasks"])
+        if task in tasks:
+            mine = fit["per_task"][task]
+            return {"status": "fitted", "fitted_tasks": tasks,
+                    "in_sample_error": {"median": mine["in_sample_median"], "max": mine["in_sample_max"]},
+                    "expected_error": loo, "leave_one_out_error": {"median": mine["loo_median"], "max": mine["loo_max"]},
+                    "note": f"fitted to {task}'s §7.2 costs (|residual| median {mine['in_sample_median']:.0%}, max "
+                            f"{mine['in_sample_max']:.0%}); predicted without them, {mine['loo_median']:.0%} median, "
+                            f"{mine['loo_max']:.0%} max"}
+        return {"status": "extrapolation", "fitted_tasks": tasks, "expected_error": loo,
+                "note": f"EXTRAPOLATION: {task} is not among the {len(tasks)} tasks the rates were fitted to "
+                        f"({', '.join(tasks)}); expect about ±{loo['median']:.0%} (leave-one-task-out median "
+                        f"|error|; up to {loo['max']:.0%})"}
+
+    def as_dict(self, task: Optional[str] = None) -> dict[str, Any]:
+        return {**super().as_dict(), **({"fit": self.task_fit(task)} if task is not None else {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,35 +231,70 @@ class CalibratedProfile(CostProfile):
 
 # ----------------------------------------------------------------------------- loading
 
+_FIT_FIELDS = ("points", "tasks", "inputs_length", "targets_length", "in_sample_median_abs_residual",
+               "in_sample_max_abs_residual", "loo_median_abs_residual", "loo_max_abs_residual", "per_task")
+
+
+def _paper_rate(row: Mapping[str, Any], where: str) -> Rate:
+    if not row.get("charged", True):
+        return Rate(math.inf, 0.0, 1, charged=False, why_not=row.get("why_not", ""))
+    try:
+        rate = Rate(float(row["effective_tflops"]) * 1e12, float(row["seconds_per_step"]), int(row["reference_params"]),
+                    decoder_flops_per_s=float(row.get("decoder_effective_tflops", 0.0)) * 1e12,
+                    seconds_per_run=float(row.get("seconds_per_run", 0.0)))
+    except KeyError as e:
+        raise ValueError(f"{where}: field {e.args[0]!r} is missing") from None
+    if not (rate.flops_per_s > 0 and rate.decoder_flops_per_s >= 0 and rate.seconds_per_step >= 0
+            and rate.seconds_per_run >= 0 and rate.reference_params > 0):
+        raise ValueError(f"{where} needs effective_tflops > 0, decoder_effective_tflops >= 0, seconds_per_step >= 0, "
+                         f"seconds_per_run >= 0 and reference_params > 0")
+    return rate
+
+
+def _paper_lengths(data: Mapping[str, Any], fit: Mapping[str, Any], where: str) -> dict[str, TaskLengths]:
+    """Each measured task's lengths, at the statistics the fit chose (`inputs_length`, `targets_length`)."""
+    chosen = (fit["inputs_length"], fit["targets_length"])
+    for name in chosen:
+        if name not in LENGTH_STATISTICS:
+            raise ValueError(f"{where}: [paper_rates.fit] names length statistic {name!r}; known: "
+                             f"{', '.join(LENGTH_STATISTICS)}")
+    what = f"inputs: {LENGTH_STATISTICS[chosen[0]]}; targets: {LENGTH_STATISTICS[chosen[1]]}"
+    lengths = {}
+    for task, r in data.get("paper_lengths", {}).items():
+        if not isinstance(r, dict):
+            continue
+        if any(name not in r for name in chosen):
+            raise ValueError(f"{where}: [paper_lengths.{task}] lacks {' or '.join(chosen)}: run "
+                             f"scripts/fit_paper_costs.py --measure-lengths --vocab V --write")
+        lengths[task] = TaskLengths(float(r[chosen[0]]), float(r[chosen[1]]), int(r["examples"]), what)
+    return lengths
+
+
 def _paper_profile(data: Mapping[str, Any], cards: Mapping[str, costs.Accelerator], where: str) -> PaperProfile:
     table = data["profiles"]["paper"]
     rates_table = data.get("paper_rates")
     if not rates_table:
         raise ValueError(f"{where}: no [paper_rates.*] tables: run scripts/fit_paper_costs.py --write")
+    fit = rates_table.get("fit", {})
+    missing = [f for f in _FIT_FIELDS if f not in fit]
+    if missing:
+        raise ValueError(f"{where}: [paper_rates.fit] lacks {', '.join(missing)}: run scripts/fit_paper_costs.py --write")
     rates = {}
     for program, row in rates_table.items():
-        if program in ("fit",):
+        if program == "fit":
             continue
         if program not in PROGRAMS:
             raise ValueError(f"{where}: [paper_rates.{program}] is not a program ({', '.join(PROGRAMS)})")
-        if not row.get("charged", True):
-            rates[program] = Rate(math.inf, 0.0, 1, charged=False, why_not=row.get("why_not", ""))
-            continue
-        flops_per_s = float(row["effective_tflops"]) * 1e12
-        if not flops_per_s > 0 or row["seconds_per_step"] < 0 or row["reference_params"] <= 0:
-            raise ValueError(f"{where}: [paper_rates.{program}] needs effective_tflops > 0, seconds_per_step >= 0 "
-                             f"and reference_params > 0")
-        rates[program] = Rate(flops_per_s, float(row["seconds_per_step"]), int(row["reference_params"]))
-    lengths = {task: TaskLengths(float(r["inputs"]), float(r["targets"]), int(r["examples"]))
-               for task, r in data.get("paper_lengths", {}).items() if isinstance(r, dict)}
+        rates[program] = _paper_rate(row, f"{where}: [paper_rates.{program}]")
     recipe = {k: table[k] for k in ("teacher_epochs", "distill_epochs", "student_epochs", "batch_size",
                                     "soft_targets")}
-    fit = rates_table.get("fit", {})
     source = (f"the paper's accounting (A100 fp32 at ${cards[table['accelerator']].usd_per_chip_hour:g}/GPU-hour), "
-              f"rates fitted to its §7.2 costs (max |residual| {fit.get('max_abs_residual', float('nan')):.0%} over "
-              f"{fit.get('points', 0)} points; scripts/fit_paper_costs.py)")
-    return PaperProfile("paper", source, cards[table["accelerator"]], rates=rates, lengths=lengths, recipe=recipe,
-                        fit=fit)
+              f"rates fitted to its §7.2 costs of {len(fit['tasks'])} tasks ({fit['points']} points; |residual| median "
+              f"{fit['in_sample_median_abs_residual']:.0%}, max {fit['in_sample_max_abs_residual']:.0%}; "
+              f"leave-one-task-out median {fit['loo_median_abs_residual']:.0%}, max "
+              f"{fit['loo_max_abs_residual']:.0%}; scripts/fit_paper_costs.py)")
+    return PaperProfile("paper", source, cards[table["accelerator"]], rates=rates,
+                        lengths=_paper_lengths(data, fit, where), recipe=recipe, fit=fit)
 
 
 def load_profile(name: str, *, accelerator: Optional[str] = None, calibration: Optional[str | os.PathLike] = None,

@@ -101,13 +101,15 @@ class Plan:
 
 class Planner:
     def __init__(self, accelerator: Accelerator, student: T5Config, teacher: T5Config,
-                 usd_per_label: float, recipe: Recipe = Recipe(), profile: Optional[CostProfile] = None):
+                 usd_per_label: float, recipe: Recipe = Recipe(), profile: Optional[CostProfile] = None,
+                 task: Optional[str] = None):
+        """`task` names the task priced (plans record whether the profile was fitted to it)."""
         if usd_per_label <= 0:
             raise ValueError(f"the annotation cost per label must be positive, got {usd_per_label}")
         profile = profile or MfuProfile("mfu", f"ASSUMED {recipe.mfu:.0%} MFU of {accelerator.name} (not measured)",
                                         accelerator, mfu=recipe.mfu)
-        self.acc, self.student, self.teacher, self.usd_per_label, self.recipe, self.profile = (
-            profile.accelerator, student, teacher, usd_per_label, recipe, profile)
+        self.acc, self.student, self.teacher, self.usd_per_label, self.recipe, self.profile, self.task = (
+            profile.accelerator, student, teacher, usd_per_label, recipe, profile, task)
 
     # ------------------------------------------------------------------ work
     def _lengths(self) -> tuple[float, float]:
@@ -117,10 +119,12 @@ class Planner:
         steps = self.recipe.steps(examples, epochs)
         rows = steps * self.recipe.batch_size
         per_row = flops.train_flops(cfg, 1, *self._lengths())
+        decoder = 3.0 * flops.decoder_token_flops(cfg, 1, *self._lengths())   # a train step: 3 forwards
         if teacher_forward:
             per_row += flops.forward_flops(self.teacher, 1, *self._lengths())
+            decoder += flops.decoder_token_flops(self.teacher, 1, *self._lengths())
         params = max(cfg.num_params(), self.teacher.num_params() if teacher_forward else 0)
-        return Work(program, rows, steps, rows * per_row, params)
+        return Work(program, rows, steps, rows * per_row, params, decoder_flops=rows * decoder)
 
     def teacher_finetune_work(self, labels: int) -> Work:
         return self._train_work("teacher_train", self.teacher, labels, self.recipe.teacher_epochs)
@@ -132,10 +136,11 @@ class Planner:
         """Greedy decoding of every input; with stored soft targets, one scoring pass for the top-k too."""
         batches = math.ceil(inputs / self.recipe.batch_size) if inputs > 0 else 0
         forward = inputs * flops.forward_flops(self.teacher, 1, *self._lengths())
+        decoder = inputs * flops.decoder_token_flops(self.teacher, 1, *self._lengths())
         params = self.teacher.num_params()
-        work = [Work("teacher_decode", inputs, batches * self.recipe.targets_length, forward, params)]
+        work = [Work("teacher_decode", inputs, batches * self.recipe.targets_length, forward, params, decoder)]
         if not self.recipe.online_kd:
-            work.append(Work("teacher_score", inputs, batches, forward, params))
+            work.append(Work("teacher_score", inputs, batches, forward, params, decoder))
         return work
 
     def distill_work(self, examples: int) -> Work:
@@ -162,7 +167,7 @@ class Planner:
         return self.profile.usd(work) / work.steps if work.steps else 0.0
 
     def _plan(self, *fields: Any, note: str = "") -> Plan:
-        return Plan(*fields, cost_profile=self.profile.as_dict(), note=note)
+        return Plan(*fields, cost_profile=self.profile.as_dict(self.task), note=note)
 
     @staticmethod
     def _largest(fits: Callable[[int], bool], upper: int) -> int:
@@ -306,15 +311,15 @@ def _check_grid(grid: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:
 def lengths_for(card: Any, profile: CostProfile) -> dict[str, Any]:
     """Token lengths a profile prices a task at, and where they come from.
 
-    The paper's profile prices dynamic padding at the mean lengths measured from the paper's data;
+    The paper's profile prices dynamic padding at the statistics of the paper's data its fit chose;
     the engine (calibrated / mfu) pads every batch to the card's lengths.
     """
     if isinstance(profile, PaperProfile):
         measured = profile.task_lengths(card.name)
         if measured is not None:
             return {"inputs": measured.inputs, "targets": measured.targets,
-                    "source": f"mean token lengths of the paper's {card.name} data ({measured.examples} examples; "
-                              f"dynamic padding)"}
+                    "source": f"token lengths of the {card.name} data ({measured.examples} examples; "
+                              f"{measured.statistics})"}
         return {**card.feature_lengths, "source": f"the card's padded lengths: no mean lengths of {card.name} "
                                                   f"are recorded in cost_profiles.toml [paper_lengths]"}
     return {**card.feature_lengths, "source": "the card's lengths (every batch is padded to them)"}
@@ -343,4 +348,5 @@ def build_planner(card: Any, teacher: T5Config, student: T5Config, profile: Cost
                     inputs_length=lengths["inputs"], targets_length=lengths["targets"],
                     online_kd=soft_targets == "online", mfu=getattr(profile, "mfu", defaults.mfu))
     check_calibration(profile, teacher=teacher, student=student, lengths=lengths, batch_size=recipe.batch_size)
-    return Planner(profile.accelerator, student, teacher, card.annotation_cost_usd, recipe, profile), lengths
+    return Planner(profile.accelerator, student, teacher, card.annotation_cost_usd, recipe, profile,
+                   task=card.name), lengths

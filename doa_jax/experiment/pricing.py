@@ -55,8 +55,9 @@ class Pricer:
         return cls(profile, plan, priced)
 
     def describe(self) -> dict[str, Any]:
-        """What results rows and reports record about the pricing."""
-        return {**self.profile.as_dict(), "lengths": self.lengths.get("source", "")}
+        """What results rows and reports record about the pricing (for the `paper` profile: whether it
+        was fitted to this task or extrapolates to it, and the error to expect)."""
+        return {**self.profile.as_dict(self.planner.task), "lengths": self.lengths.get("source", "")}
 
     def teacher_finetune(self, labels: int) -> list[Work]:
         return [self.planner.teacher_finetune_work(labels)]
@@ -71,8 +72,9 @@ class Pricer:
     def evaluation(self, model: Any, examples: int) -> list[Work]:
         recipe = self.planner.recipe
         batches = math.ceil(examples / recipe.batch_size) if examples else 0
-        fl = examples * flops.forward_flops(model, 1, recipe.inputs_length, recipe.targets_length)
-        return [Work("eval_decode", examples, batches * recipe.targets_length, fl, model.num_params())]
+        lengths = (recipe.inputs_length, recipe.targets_length)
+        fl, decoder = (examples * f(model, 1, *lengths) for f in (flops.forward_flops, flops.decoder_token_flops))
+        return [Work("eval_decode", examples, batches * recipe.targets_length, fl, model.num_params(), decoder)]
 
     def usd(self, work: list[Work]) -> float:
         return sum(self.profile.usd(w) for w in work)
@@ -87,5 +89,6 @@ def as_run(work: list[Work], steps: int) -> list[Work]:
     out = []
     for w in work:
         f = steps / w.steps if w.steps else 0.0
-        out.append(dataclasses.replace(w, rows=w.rows * f, steps=steps, flops=w.flops * f))
+        out.append(dataclasses.replace(w, rows=w.rows * f, steps=steps, flops=w.flops * f,
+                                       decoder_flops=w.decoder_flops * f))
     return out

@@ -110,6 +110,7 @@ class Cell:
     seeds: list[int] = dataclasses.field(default_factory=list)    # of the rows with a result
     protocol: str = "efficient"
     cost_profile: str = "mfu"
+    cost_fit: str = ""           # e.g. "extrapolated, ±5%": the `paper` profile was not fitted to this task
     outputs: list[str] = dataclasses.field(default_factory=list)   # cell dirs of the rows with a result
     interval: Optional[tuple[float, float]] = None                 # 95% bootstrap interval (see `bootstrap`)
     examples_resampled: bool = False     # whether `interval` resampled test examples (see `attach_intervals`)
@@ -190,6 +191,17 @@ def row_cost_profile(r: dict[str, Any]) -> str:
     return (profile.get("name") if isinstance(profile, dict) else profile) or "mfu"
 
 
+def row_cost_fit(r: dict[str, Any]) -> str:
+    """"extrapolated, ±X% (up to Y%)" when the row's profile was not fitted to its task (the `paper` profile
+    outside the tasks of its fit; X and Y: its leave-one-task-out error), else ""."""
+    profile = r.get("cost_profile")
+    fit = profile.get("fit") if isinstance(profile, dict) else None
+    if not isinstance(fit, dict) or fit.get("status") != "extrapolation":
+        return ""
+    error = fit.get("expected_error", {})
+    return f"extrapolated, ±{error.get('median', math.nan):.0%} (up to {error.get('max', math.nan):.0%})"
+
+
 def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
     groups: dict[tuple, list[dict]] = collections.defaultdict(list)
     for r in rows:
@@ -212,6 +224,7 @@ def summarise(rows: Iterable[dict[str, Any]]) -> list[Cell]:
                           capped=sum(m.get("status") == "capped" for m in ok), runs=len(members),
                           seeds=[m.get("seed", 0) for m in ok],
                           protocol=protocol, cost_profile=profile,
+                          cost_fit=next((f for f in map(row_cost_fit, members) if f), ""),
                           outputs=[m.get("output") or "" for m in ok]))
     return cells
 
@@ -489,7 +502,7 @@ def render_markdown(cells: list[Cell], paper: list[dict], plots: list[str],
     for c in cells:
         total = None if c.start_usd is None or not c.values else c.start_usd + c.mean_spent
         out.append(f"| {c.task} | {c.start_labels} | {c.extra_budget_usd:g} | {c.label} | {c.protocol} | "
-                   f"{profile_label(c.cost_profile)} | "
+                   f"{profile_label(c.cost_profile, c.cost_fit)} | "
                    f"{c.metric} | "
                    f"{_fmt(c)} | {len(c.values)} | {_paper_cell(paper, c)} | "
                    f"{_money(c.mean_spent) if c.values else ''} | {_money(total)} | "
@@ -605,9 +618,11 @@ def _start_text(task: str, start: int) -> str:
     return f"{_start_short(start)} start labels" + ("" if rate is None else f" (${start * rate:,.0f})")
 
 
-def profile_label(name: str) -> str:
-    """A cost profile's name as tables and plots show it: `mfu` is an assumption and says so."""
-    return f"{name} (ASSUMED)" if name == "mfu" else name
+def profile_label(name: str, fit: str = "") -> str:
+    """A cost profile's name as tables and plots show it: `mfu` is an assumption and says so, and a
+    `paper` price for a task outside its fit says it is an extrapolation (`fit`, see `row_cost_fit`)."""
+    label = f"{name} (ASSUMED)" if name == "mfu" else name
+    return f"{label} ({fit})" if fit else label
 
 
 INTERVAL_LABEL = "error bars: 95% bootstrap interval"
@@ -721,7 +736,7 @@ def plot_cost_vs_metric(cells: list[Cell], task: str, path: pathlib.Path, paper:
     # A line plot need not start at 0: room below the lowest point, and above for the legend.
     ax.set_ylim(max(lo - 0.15 * span, -0.03 * span), hi + 0.5 * span)
     ax.xaxis.set_major_formatter(_usd_formatter())
-    priced = ", ".join(profile_label(p) for p in sorted({c.cost_profile for c in mine})) or "?"
+    priced = ", ".join(profile_label(*p) for p in sorted({(c.cost_profile, c.cost_fit) for c in mine})) or "?"
     # Two lines: on one, the profile's name ran past the figure's right edge.
     ax.set_xlabel(("total cost (USD): starting labels + extra spent" if with_start else "extra spent (USD)")
                   + f"\ncompute priced by cost profile {priced}")
