@@ -236,3 +236,18 @@ def test_filtered_stderr_drops_the_plugins_notices_and_keeps_everything_else(cap
                     b"I0000 00:00:1.0 1 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will "
                     b"not be used.\nE0000 a real error\n")
     assert capfd.readouterr().err == "E0000 a real error\n"
+
+
+def test_a_failure_prunes_only_candidates_needing_more_memory_on_every_ranked_knob():
+    def cand(**changes):
+        knobs = dict(batch=16, mesh=(-1, 1), fsdp=False, remat="full", num_microbatches=1,
+                     param_dtype="bfloat16", optimizer="adafactor")
+        return search.Candidate(tuple(sorted({**knobs, **changes}.items())), "h100", 0)
+
+    failed = [cand()]
+    assert search._dominated(cand(batch=32), failed) is not None               # more rows: cannot fit
+    assert search._dominated(cand(param_dtype="float32"), failed) is not None
+    assert search._dominated(cand(batch=8), failed) is None                    # fewer rows: compile it
+    # Microbatches are not ranked: their accumulator can cost more than the activations they save.
+    assert search._dominated(cand(batch=32, num_microbatches=2), failed) is None
+    assert search._dominated(cand(batch=32, mesh=(-1, 2)), failed) is None      # another mesh: compile it
