@@ -251,3 +251,17 @@ def test_a_failure_prunes_only_candidates_needing_more_memory_on_every_ranked_kn
     # Microbatches are not ranked: their accumulator can cost more than the activations they save.
     assert search._dominated(cand(batch=32, num_microbatches=2), failed) is None
     assert search._dominated(cand(batch=32, mesh=(-1, 2)), failed) is None      # another mesh: compile it
+
+
+def test_a_fit_found_outdoes_candidates_making_the_same_changes_and_more():
+    base = dict(batch=32, mesh=(-1, 1), fsdp=False, remat="full", num_microbatches=1, param_dtype="float32",
+                optimizer="adamw")
+
+    def cand(target="h100", steps=0, **changes):
+        return search.Candidate(tuple(sorted({**base, **changes}.items())), target, steps)
+
+    fit = [cand(batch=16, optimizer="adafactor", param_dtype="bfloat16")]
+    assert search._outdone(cand(batch=16, optimizer="adafactor", param_dtype="bfloat16", num_microbatches=2), fit, base)
+    assert search._outdone(cand("h100x2", 1, batch=16, optimizer="adafactor", param_dtype="bfloat16"), fit, base)
+    assert not search._outdone(cand("h100x4", 2, mesh=(-1, 4)), fit, base)      # the recipe kept, more chips
+    assert not search._outdone(cand(optimizer="adafactor", param_dtype="bfloat16"), fit, base)

@@ -11,7 +11,9 @@ most are settled without compiling:
 * a candidate that uses at least as much memory as one already seen not to fit on every knob (the
   same mesh and target, and no knob that saves memory) cannot fit either.
 
-The rest are compiled (`aot.compile_program`) until `max_compiles`. Suggestions list the tried
+A candidate that makes every change of one already found to fit, and more (or on a larger slice),
+is never the better choice and is skipped too. The rest are compiled (`aot.compile_program`) until
+`want` fit or `max_compiles` were compiled. Suggestions list the tried
 candidates, fitting ones first, then the cheapest: accelerator-seconds per example at the roofline
 bound (with full remat's recomputed forward counted).
 """
@@ -150,12 +152,12 @@ def search(programs: Sequence[aot.Program], rows: Sequence[dict[str, Any]], targ
 def _search_one(program: aot.Program, programs: Sequence[aot.Program], target: Target, budget: list,
                 want: int, say) -> list[dict[str, Any]]:
     base = _settings(program)
-    failures, out, fits = [], [], 0
+    failures, successes, out = [], [], []
     for c in candidates(program, target):
-        if fits >= want or budget[0] <= 0:
+        if len(successes) >= want or budget[0] <= 0:
             break
-        if invasiveness(c, base) == 0:
-            continue      # the program as it is: already compiled
+        if invasiveness(c, base) == 0 or _outdone(c, successes, base):
+            continue      # the program as it is (already compiled), or more changes than a fit already found
         t = targets.get(c.target)
         variant = apply(program, c.knobs)
         record = dict(program=program.name, target=c.target, changes=_jsonable(changes(c, base)),
@@ -180,11 +182,14 @@ def _search_one(program: aot.Program, programs: Sequence[aot.Program], target: T
                       chip_s_per_example=per_example_chip_s(row, t), compile_s=row["compile_s"])
         say(f"  {c.target} {record['changes']}: {aot.verdict(row)}")
         out.append(record)
-        if row["fits"]:
-            fits += 1
-        else:
-            failures.append(c)
+        (successes if row["fits"] else failures).append(c)
     return out
+
+
+def _outdone(c: Candidate, successes: Iterable[Candidate], base: dict[str, Any]) -> bool:
+    """`c` makes every change of a fitting candidate, and more or on a larger slice: never the better choice."""
+    mine = set(changes(c, base).items())
+    return any(set(changes(s, base).items()) <= mine and s.slice_steps <= c.slice_steps for s in successes)
 
 
 _BYTES: dict[tuple, int] = {}
