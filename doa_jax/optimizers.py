@@ -5,7 +5,9 @@
   momentum, updates scaled by the parameter's RMS (at least 1e-3). `optax.adafactor` implements
   exactly this rule; a fresh state starts at step 0 (T5X restores step 1e6 from the public
   checkpoints, so its decay starts near 1 — see t5x issue #1478).
-* `adamw`: decoupled weight decay (the paper's PyTorch fine-tuning: lr 3e-5, batch 32).
+* `adamw`: decoupled weight decay (the paper's PyTorch fine-tuning: lr 3e-5, batch 32); with
+  `eps_before_bias_correction` the eps of transformers' AdamW (`scale_by_adam_hf`), which the
+  paper's HF Trainer used.
 
 Scanned layers (`T5Config.scan_layers`) hold each stack's params on a leading `layers` axis.
 `per_layer` runs the optimizer once per layer over that axis (a `fori_loop` that slices a layer,
@@ -344,8 +346,32 @@ def _adafactor(c: "OptimizerConfig", lr: Schedule) -> optax.GradientTransformati
                            momentum=c.momentum, eps=c.epsilon1)
 
 
+def scale_by_adam_hf(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's scaling as transformers' AdamW (`adamw_hf`, HF Trainer's default optimizer until
+    transformers 4.39, the paper's) computes it: eps joins sqrt(v) *before* the bias correction,
+    `m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t))`, where optax and torch add eps to sqrt(v_hat).
+    The effective eps is 32x larger at step 1 and falls to eps over ~1/(1-b2) steps; it matters
+    where |gradient| is within a few eps/sqrt(1 - b2^t). Same state as `optax.scale_by_adam`."""
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+    def update(updates, state, params=None):
+        _, state = adam.update(updates, state, params)        # the moments and the step count
+        t = state.count.astype(jnp.float32)
+        correction1, correction2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        scaled = jax.tree_util.tree_map(
+            lambda m, v: (m / correction1) / (jnp.sqrt(v / correction2) + eps / jnp.sqrt(correction2)),
+            state.mu, state.nu)
+        return scaled, state
+
+    return optax.GradientTransformation(adam.init, update)
+
+
 def _adamw(c: "OptimizerConfig", lr: Schedule) -> optax.GradientTransformation:
-    return optax.adamw(learning_rate=lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+    if not c.eps_before_bias_correction:
+        return optax.adamw(learning_rate=lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+    # optax.adamw's chain (the same state), with transformers' eps.
+    return optax.chain(scale_by_adam_hf(c.b1, c.b2, c.eps), optax.add_decayed_weights(c.weight_decay),
+                       optax.scale_by_learning_rate(lr))
 
 
 OPTIMIZERS: dict[str, Callable[["OptimizerConfig", Schedule], optax.GradientTransformation]] = {
@@ -387,6 +413,9 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    # True: eps added to sqrt(v) before bias correction, as transformers' AdamW (`adamw_hf`, the
+    # paper's; `scale_by_adam_hf`); False: after it, as optax and torch.optim.AdamW.
+    eps_before_bias_correction: bool = False
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -395,6 +424,9 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
         if isinstance(self.schedule, str):
             learning_rate_schedule(self.schedule)  # validates the factor names early
+        if self.eps_before_bias_correction and self.name != "adamw":
+            raise ValueError(f"OptimizerConfig.eps_before_bias_correction is AdamW's (transformers' eps); "
+                             f"optimizer {self.name!r} has no such eps")
 
     @property
     def uses_total_steps(self) -> bool:
@@ -420,4 +452,4 @@ class OptimizerConfig:
 
 __all__ = ["OPTIMIZERS", "OptimizerConfig", "PerLayerState", "PerLayerTransformation", "SCHEDULE_FACTORS",
            "PARAM_DTYPES", "apply_gradients", "apply_updates", "cast_params",
-           "learning_rate_schedule", "per_layer", "stochastic_round"]
+           "learning_rate_schedule", "per_layer", "scale_by_adam_hf", "stochastic_round"]

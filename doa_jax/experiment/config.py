@@ -44,6 +44,7 @@ def paper_contradictions(cell: "CellConfig") -> list[str]:
         ("cell/OptimizerConfig.grad_clip_norm", opt.grad_clip_norm, 1.0),
         ("cell/OptimizerConfig.weight_decay", opt.weight_decay, 0.0),
         ("cell/OptimizerConfig.(b1, b2, eps)", (opt.b1, opt.b2, opt.eps), (0.9, 0.999, 1e-8)),
+        ("cell/OptimizerConfig.eps_before_bias_correction", opt.eps_before_bias_correction, True),
         ("cell/LossConfig.z_loss", loss.z_loss, 0.0),
         ("cell/LossConfig.label_smoothing", loss.label_smoothing, 0.0),
         ("cell/LossConfig.loss_normalizing_factor", loss.loss_normalizing_factor, "NUM_REAL_TARGET_TOKENS"),
