@@ -186,9 +186,10 @@ def loss_unit(cfg: LossConfig) -> str:
 
 def loss_weights(cfg: LossConfig, batch: Batch) -> tuple[Array, Array]:
     """`(weights, divisor)` for the global batch: `kd_paper_exact` counts every position of the batch
-    padded to its own longest teacher sequence, divided by rows x that length (the released code)."""
+    padded as the released code pads it (to its longest teacher sequence, or with online soft targets
+    to `teacher_padded_length`), divided by rows x that length."""
     if cfg.kd_weight > 0 and cfg.kd_paper_exact:
-        return distill_losses.paper_positions(batch["decoder_target_tokens"])
+        return distill_losses.paper_positions(batch["decoder_target_tokens"], batch.get("teacher_padded_length"))
     return normalizing_factor_and_weights(cfg.loss_normalizing_factor, batch)
 
 

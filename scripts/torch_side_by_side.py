@@ -52,8 +52,9 @@ from doa_jax.model import config_for_size  # noqa: E402
 TINY = dict(dtype="float32", vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
             num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0)
 ARCHS = {"t5_1_1": "tiny", "t5": "t5_small"}      # --arch -> the size whose architecture it takes
-TEACHER = dict(emb_dim=24, num_heads=3, mlp_dim=48, num_decoder_layers=3)
+TEACHER = dict(emb_dim=24, num_heads=3, mlp_dim=48, num_encoder_layers=3, num_decoder_layers=3)
 INPUTS_LENGTH, TARGETS_LENGTH = 16, 8             # 8: the released max_target_length default
+EOS_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0)
 
 
 def model_config(arch: str, teacher: bool = False):
@@ -62,14 +63,36 @@ def model_config(arch: str, teacher: bool = False):
     return config_for_size(ARCHS[arch], **{**TINY, **(TEACHER if teacher else {})})
 
 
-def save_random_t5(cfg, seed: int, directory: pathlib.Path) -> pathlib.Path:
-    """A random HF T5 for `cfg` (HF's initialisation; v1.1 gets its own lm_head), saved once."""
+def save_random_t5(cfg, seed: int, directory: pathlib.Path, eos_scale: float = 1.0) -> pathlib.Path:
+    """A random HF T5 for `cfg` (HF's initialisation; v1.1 gets its own lm_head), saved once;
+    `eos_scale` scales EOS's output row, so that greedy decodes end early (a teacher)."""
     torch.manual_seed(seed)
     model = transformers.T5ForConditionalGeneration(transformers.T5Config.from_dict(hf.config_to_hf(cfg)))
     if not cfg.logits_via_embedding:
         model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.emb_dim) * cfg.emb_dim ** -0.5)
+    with torch.no_grad():
+        model.lm_head.weight[released_torch.EOS] *= eos_scale
     model.save_pretrained(directory)
     return directory
+
+
+def save_teacher(cfg, seed: int, directory: pathlib.Path, encoder_inputs: np.ndarray,
+                 first_epoch: list[int], batch: int) -> tuple[Any, Any]:
+    """A random teacher whose greedy outputs end at different lengths, so that the first epoch's
+    batches pad to different lengths (the released reduction and its cache then matter): the
+    first EOS scale, of a few, that gives two or more; else the one with the most. (config, params)."""
+    best = None
+    for scale in EOS_SCALES:
+        save_random_t5(cfg, seed, directory, eos_scale=scale)
+        teacher = checkpoints.load_checkpoint(directory, config=cfg)
+        lengths = np.asarray(decoding.greedy(*teacher, encoder_inputs, TARGETS_LENGTH - 1).lengths)
+        padded = {int(lengths[first_epoch[i:i + batch]].max()) for i in range(0, len(first_epoch), batch)}
+        if best is None or len(padded) > best[0]:
+            best = (len(padded), scale)
+        if len(padded) >= 2:
+            return teacher
+    save_random_t5(cfg, seed, directory, eos_scale=best[1])
+    return checkpoints.load_checkpoint(directory, config=cfg)
 
 
 def make_examples(num: int, vocab_size: int, seed: int) -> list[dict]:
@@ -191,8 +214,9 @@ def side_by_side(arch: str, steps: int, seed: int, kd_weight: float, lr: float, 
     arrays, teacher, teacher_dir = as_arrays(examples), None, None
     teacher_cfg = model_config(arch, teacher=True)
     if kd_weight:
-        teacher_dir = save_random_t5(teacher_cfg, seed + 1000, work / "teacher")
-        teacher = checkpoints.load_checkpoint(teacher_dir)
+        teacher_dir = work / "teacher"
+        teacher = save_teacher(teacher_cfg, seed + 1000, teacher_dir, arrays["encoder_input_tokens"], orders[0],
+                               batch)
         arrays = teacher_arrays(teacher[0], teacher[1], arrays)
     theirs = released_torch.run(student_dir, examples, orders, batch_size=batch, epochs=epochs, learning_rate=lr,
                                 seed=seed, output_dir=work / "torch", teacher_dir=teacher_dir,

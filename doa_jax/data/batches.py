@@ -29,8 +29,9 @@ from doa_jax.data.encode import shift_right
 Batch = dict[str, np.ndarray]
 FEATURE_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                 "decoder_loss_weights")
-# Soft targets of distillation ride along in the batch (see `doa_jax.losses`).
-TEACHER_KEYS = ("teacher_topk_values", "teacher_topk_ids")
+# Soft targets of distillation ride along in the batch (see `doa_jax.losses`), with the length the
+# released code pads an online-distillation batch to (`distill.student_data.ReleasedPadding`).
+TEACHER_KEYS = ("teacher_topk_values", "teacher_topk_ids", "teacher_padded_length")
 
 
 class BatchSource(Protocol):

@@ -29,18 +29,21 @@ def _kl_per_position(teacher_logp: Array, student_logp_at: Array) -> Array:
     return jnp.sum(jnp.where(p > 0, p * (teacher_logp - student_logp_at), 0.0), axis=-1)
 
 
-def paper_positions(target_tokens: Array) -> tuple[Array, Array]:
+def paper_positions(target_tokens: Array, padded_length: Optional[Array] = None) -> tuple[Array, Array]:
     """`(weights [B, T], divisor)` of the released reduction for teacher tokens `[B, T]` (0 after EOS).
 
     The released batch has L = 1 + its longest teacher sequence columns (HF `generate` returns the
     start token first), at most T; every position < L of every real row counts (after EOS the
     decoder input is the pad id, as there), and the divisor is rows x L. All-zero rows are the
-    padding of a last, short batch, which the released code does not have.
+    padding of a last, short batch, which the released code does not have. `padded_length` [B]
+    (`student_data.ReleasedPadding`: from the second epoch the released code pads a batch to the
+    lengths its rows were first generated at) gives L as its largest value instead.
     """
     t = target_tokens.shape[-1]
     row_len = jnp.max(jnp.where(target_tokens > 0, jnp.arange(1, t + 1), 0), axis=-1)   # EOS included
     real = row_len > 0
-    length = jnp.minimum(jnp.max(row_len) + 1, t)
+    length = jnp.max(row_len) + 1 if padded_length is None else jnp.max(padded_length)
+    length = jnp.minimum(length, t)
     weights = ((jnp.arange(t)[None, :] < length) & real[:, None]).astype(jnp.float32)
     return weights, (jnp.sum(real) * length).astype(jnp.float32)
 

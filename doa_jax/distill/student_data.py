@@ -70,8 +70,38 @@ def teacher_logits(module: Transformer, params: Any, encoder_input_tokens: jax.A
     return module.apply({"params": params}, encoder_input_tokens, decoder_input_tokens)
 
 
+class ReleasedPadding:
+    """The length the released code pads each distillation batch to (its `teacher_padded_length`).
+
+    The released `DistillationTrainer` runs `generate` on a batch and caches each row's padded
+    output by input; a later batch whose rows are all cached is padded to the longest of those
+    cached rows (each as long as its first batch), not to its own longest. So a batch is padded to
+    1 + its longest teacher sequence (the start token) unless every row was seen before, and then to
+    the longest length its rows were first padded to; rows of a freshly generated batch remember
+    its length. Keyed by encoder tokens (the released key is the decoded input). Per row: the length,
+    0 for padding rows; the loss takes the batch's largest (on several hosts each remembers its own
+    share of a batch, so from the second epoch a row may remember a shorter length than there).
+    A resumed run starts with nothing remembered, as the released trainer does."""
+
+    def __init__(self):
+        self.seen: dict[bytes, int] = {}
+
+    def __call__(self, encoder_tokens: np.ndarray, target_tokens: np.ndarray) -> np.ndarray:
+        t = target_tokens.shape[1]
+        lengths = np.max(np.where(target_tokens > 0, np.arange(1, t + 1), 0), axis=1)
+        real = lengths > 0
+        keys = [row.tobytes() for row, r in zip(encoder_tokens, real) if r]
+        if keys and all(k in self.seen for k in keys):
+            padded = max(self.seen[k] for k in keys)
+        else:
+            padded = min(int(lengths.max()) + 1, t)
+            self.seen.update((k, padded) for k in keys)
+        return np.where(real, padded, 0).astype(np.int32)
+
+
 class OnlineTeacherBatches:
-    """A batch source that runs the teacher on every batch for its full soft targets (the paper's code).
+    """A batch source that runs the teacher on every batch for its full soft targets (the paper's code),
+    and says the length the released code would pad the batch to (`ReleasedPadding`).
     The teacher's params are cast once to the decoding dtypes (`decoding.decoding_params`): the model
     computes in them anyway, so the logits are the same from half the memory in bf16."""
 
@@ -80,10 +110,12 @@ class OnlineTeacherBatches:
         self._logits = functools.partial(teacher_logits, module)
         self.params = decoding.decoding_params(params, module)
         self._ids = None
+        self.padding = ReleasedPadding()
 
     def iterate(self, start: int = 0):
         for batch in self.source.iterate(start):
             logits = np.asarray(self._logits(self.params, batch["encoder_input_tokens"], batch["decoder_input_tokens"]))
             if self._ids is None or self._ids.shape != logits.shape:
                 self._ids = np.broadcast_to(np.arange(logits.shape[-1], dtype=np.int32), logits.shape)
-            yield dict(batch, teacher_topk_values=logits, teacher_topk_ids=self._ids)
+            yield dict(batch, teacher_topk_values=logits, teacher_topk_ids=self._ids,
+                       teacher_padded_length=self.padding(batch["encoder_input_tokens"], batch["decoder_target_tokens"]))
