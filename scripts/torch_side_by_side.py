@@ -78,20 +78,27 @@ def save_random_t5(cfg, seed: int, directory: pathlib.Path, eos_scale: float = 1
 
 def save_teacher(cfg, seed: int, directory: pathlib.Path, encoder_inputs: np.ndarray,
                  first_epoch: list[int], batch: int) -> tuple[Any, Any]:
-    """A random teacher whose greedy outputs end at different lengths, so that the first epoch's
-    batches pad to different lengths (the released reduction and its cache then matter): the
-    first EOS scale, of a few, that gives two or more; else the one with the most. (config, params)."""
+    """A random teacher whose greedy outputs never contain the pad id (a real teacher's do not:
+    doa-jax's targets end at the first 0) and end at different lengths, so that the first epoch's
+    batches pad to different lengths (the released reduction and its cache then matter): of a few
+    seeds and EOS scales, the first that gives two or more padded lengths, else the one with the
+    most. Returns (config, params)."""
     best = None
-    for scale in EOS_SCALES:
-        save_random_t5(cfg, seed, directory, eos_scale=scale)
+    for candidate in itertools.product(range(seed, seed + 3), EOS_SCALES):
+        save_random_t5(cfg, *candidate[:1], directory, eos_scale=candidate[1])
         teacher = checkpoints.load_checkpoint(directory, config=cfg)
-        lengths = np.asarray(decoding.greedy(*teacher, encoder_inputs, TARGETS_LENGTH - 1).lengths)
+        result = decoding.greedy(*teacher, encoder_inputs, TARGETS_LENGTH - 1)
+        tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+        if np.any((tokens == 0) & (np.arange(tokens.shape[1]) < lengths[:, None])):
+            continue
         padded = {int(lengths[first_epoch[i:i + batch]].max()) for i in range(0, len(first_epoch), batch)}
         if best is None or len(padded) > best[0]:
-            best = (len(padded), scale)
+            best = (len(padded), candidate)
         if len(padded) >= 2:
             return teacher
-    save_random_t5(cfg, seed, directory, eos_scale=best[1])
+    if best is None:
+        raise ValueError(f"every random teacher tried (seeds {seed}-{seed + 2}) emits the pad id: try another --seed")
+    save_random_t5(cfg, best[1][0], directory, eos_scale=best[1][1])
     return checkpoints.load_checkpoint(directory, config=cfg)
 
 
