@@ -50,6 +50,32 @@ def test_paper_positions_are_the_batch_padded_to_its_longest_teacher_sequence_pl
     assert float(divisor) == 3 * 4
 
 
+def test_paper_positions_take_the_released_padded_length_when_given():
+    """From the second epoch the released code pads a batch to its rows' cached lengths (here 5)."""
+    padded = np.array([5, 5, 5, 0])
+    weights, divisor = dl.paper_positions(np.concatenate([TOKENS, np.zeros((1, T), int)]), padded)
+    np.testing.assert_array_equal(weights, [[1, 1, 1, 1, 1]] * 3 + [[0, 0, 0, 0, 0]])
+    assert float(divisor) == 3 * 5
+
+
+def test_released_padding_is_its_own_length_until_every_row_was_seen_then_the_first_lengths():
+    """The released DistillationTrainer caches generate's padded output per input: a batch of seen
+    rows is padded to the longest length those rows were first generated at."""
+    from doa_jax.distill.student_data import ReleasedPadding
+
+    enc = np.arange(1, 7)[:, None] * np.ones((1, 3), int)          # six distinct inputs
+    tokens = np.array([[7, 6, 5, 4, 1], [3, 1, 0, 0, 0], [2, 1, 0, 0, 0],
+                       [4, 1, 0, 0, 0], [5, 1, 0, 0, 0], [6, 1, 0, 0, 0]])
+    pad = ReleasedPadding()
+    np.testing.assert_array_equal(pad(enc[[0, 1]], tokens[[0, 1]]), [5, 5])       # fresh: 1 + 5 tokens, capped at T
+    np.testing.assert_array_equal(pad(enc[[2, 3]], tokens[[2, 3]]), [3, 3])       # fresh: 1 + 2
+    np.testing.assert_array_equal(pad(enc[[1, 2]], tokens[[1, 2]]), [5, 5])       # seen: row 1 was padded to 5
+    np.testing.assert_array_equal(pad(enc[[1, 4]], tokens[[1, 4]]), [3, 3])       # row 4 is new: its own 3 ...
+    np.testing.assert_array_equal(pad(enc[[1, 2]], tokens[[1, 2]]), [3, 3])       # ... which row 1 now remembers
+    padded = pad(np.concatenate([enc[[1]], np.zeros((1, 3), int)]), np.concatenate([tokens[[1]], np.zeros((1, 5), int)]))
+    np.testing.assert_array_equal(padded, [3, 0])                                 # a padding row: 0
+
+
 def test_paper_exact_kd_equals_the_released_pytorch_formula_with_unequal_lengths():
     got = dl.kd_loss(STUDENT, TEACHER, temperature=2.0, paper_exact=True, target_tokens=TOKENS)
     np.testing.assert_allclose(got, released_kd(STUDENT, TEACHER, 4), rtol=1e-5)
