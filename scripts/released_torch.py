@@ -184,6 +184,7 @@ def run(student_dir: pathlib.Path, examples: list[dict], orders: Sequence[Sequen
     else:
         trainer = released_distillation_class()(teacher_model=load_t5(teacher_dir),
                                                 max_target_length=max_target_length, **common)
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)   # stdout is the caller's
     trainer.train()
     losses, lrs = zip(*trainer.trajectory) if trainer.trajectory else ((), ())
     out = {"losses": np.array(losses), "learning_rates": np.array(lrs),

@@ -150,9 +150,13 @@ def paper_cell(out: pathlib.Path, *, batch: int, seed: int, lr: float, teacher_c
     cell = dataclasses.replace(cell, teacher=dataclasses.replace(teacher_cfg, dropout_rate=0.1))
     train = dataclasses.replace(cell.train, log_every=1, checkpoint_every=None, verbose=False,
                                 optimizer=dataclasses.replace(cell.train.optimizer, learning_rate=lr))
-    if lr != cell_config.PAPER_LEARNING_RATE:
-        return dataclasses.replace(cell, train=train, protocol="efficient")
-    return dataclasses.replace(cell, train=train)
+    if lr == cell_config.PAPER_LEARNING_RATE:
+        return dataclasses.replace(cell, train=train, verbose=False)
+    cell = dataclasses.replace(cell, train=train, protocol="efficient", verbose=False)
+    others = [c for c in cell_config.paper_contradictions(cell) if not c.startswith("LEARNING_RATE=")]
+    if others:
+        raise RuntimeError(f"paper.gin's cell contradicts the paper beyond the learning rate: {others}")
+    return cell
 
 
 def teacher_arrays(teacher_cfg, teacher_params, arrays) -> dict[str, np.ndarray]:
