@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from typing import Any, Mapping, Optional
 
 import jax
@@ -75,13 +76,13 @@ class ReleasedPadding:
 
     The released `DistillationTrainer` runs `generate` on a batch and caches each row's padded
     output by input; a later batch whose rows are all cached is padded to the longest of those
-    cached rows (each as long as its first batch), not to its own longest. So a batch is padded to
-    1 + its longest teacher sequence (the start token) unless every row was seen before, and then to
-    the longest length its rows were first padded to; rows of a freshly generated batch remember
-    its length. Keyed by encoder tokens (the released key is the decoded input). Per row: the length,
-    0 for padding rows; the loss takes the batch's largest (on several hosts each remembers its own
-    share of a batch, so from the second epoch a row may remember a shorter length than there).
-    A resumed run starts with nothing remembered, as the released trainer does."""
+    cached rows, not to its own longest. So a batch is padded to 1 + its longest teacher sequence
+    (the start token) unless every row was seen before, and then to the longest length its rows
+    were padded to when last generated; the rows of a generated batch remember its length. Keyed by
+    a hash of the encoder tokens (the released key is the decoded input). Per row: the length, 0
+    for padding rows; the loss takes the batch's largest (on several hosts each host remembers its
+    own share of a batch, so from the second epoch a row may remember a shorter length than on
+    one). A resumed run starts with nothing remembered, as the released trainer does."""
 
     def __init__(self):
         self.seen: dict[bytes, int] = {}
@@ -90,7 +91,7 @@ class ReleasedPadding:
         t = target_tokens.shape[1]
         lengths = np.max(np.where(target_tokens > 0, np.arange(1, t + 1), 0), axis=1)
         real = lengths > 0
-        keys = [row.tobytes() for row, r in zip(encoder_tokens, real) if r]
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row, r in zip(encoder_tokens, real) if r]
         if keys and all(k in self.seen for k in keys):
             padded = max(self.seen[k] for k in keys)
         else:
