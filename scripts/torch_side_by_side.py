@@ -54,7 +54,7 @@ TINY = dict(dtype="float32", vocab_size=64, emb_dim=16, num_heads=2, head_dim=8,
 ARCHS = {"t5_1_1": "tiny", "t5": "t5_small"}      # --arch -> the size whose architecture it takes
 TEACHER = dict(emb_dim=24, num_heads=3, mlp_dim=48, num_encoder_layers=3, num_decoder_layers=3)
 INPUTS_LENGTH, TARGETS_LENGTH = 16, 8             # 8: the released max_target_length default
-EOS_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0)
+EOS_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0, 9.0, 13.0)
 
 
 def model_config(arch: str, teacher: bool = False):
@@ -63,22 +63,26 @@ def model_config(arch: str, teacher: bool = False):
     return config_for_size(ARCHS[arch], **{**TINY, **(TEACHER if teacher else {})})
 
 
-def save_random_t5(cfg, seed: int, directory: pathlib.Path, eos_scale: float = 1.0) -> pathlib.Path:
-    """A random HF T5 for `cfg` (HF's initialisation; v1.1 gets its own lm_head), saved once;
-    `eos_scale` scales EOS's output row, so that greedy decodes end early (a teacher)."""
+def save_random_t5(cfg, seed: int, directory: pathlib.Path, eos_scale: Optional[float] = None) -> pathlib.Path:
+    """A random HF T5 for `cfg` (HF's initialisation; v1.1 gets its own lm_head), saved once. A
+    teacher (`eos_scale`) has EOS's output row scaled, so that greedy decodes end early, and the pad
+    id's zeroed (its logit 0 is below the best of the others: a real teacher does not emit pad; for
+    the original T5 that row is also the start token's embedding)."""
     torch.manual_seed(seed)
     model = transformers.T5ForConditionalGeneration(transformers.T5Config.from_dict(hf.config_to_hf(cfg)))
     if not cfg.logits_via_embedding:
         model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.emb_dim) * cfg.emb_dim ** -0.5)
-    with torch.no_grad():
-        model.lm_head.weight[released_torch.EOS] *= eos_scale
+    if eos_scale is not None:
+        with torch.no_grad():
+            model.lm_head.weight[released_torch.EOS] *= eos_scale
+            model.lm_head.weight[released_torch.PAD] = 0.0
     model.save_pretrained(directory)
     return directory
 
 
 def save_teacher(cfg, seed: int, directory: pathlib.Path, encoder_inputs: np.ndarray,
                  first_epoch: list[int], batch: int) -> tuple[Any, Any]:
-    """A random teacher whose greedy outputs never contain the pad id (a real teacher's do not:
+    """A random teacher whose greedy outputs do not contain the pad id (a real teacher's do not:
     doa-jax's targets end at the first 0) and end at different lengths, so that the first epoch's
     batches pad to different lengths (the released reduction and its cache then matter): of a few
     seeds and EOS scales, the first that gives two or more padded lengths, else the one with the
