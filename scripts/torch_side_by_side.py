@@ -32,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import gin  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -147,12 +148,10 @@ def paper_cell(out: pathlib.Path, *, batch: int, seed: int, lr: float, teacher_c
     try:
         cell = gin_utils.macro("CELL")
     finally:
-        import gin
-
         gin.clear_config()
     # The teacher runs in eval mode (no dropout); the paper's 0.1 keeps the protocol's check happy.
     cell = dataclasses.replace(cell, teacher=dataclasses.replace(teacher_cfg, dropout_rate=0.1))
-    train = dataclasses.replace(cell.train, log_every=1, checkpoint_every=None, verbose=False,
+    train = dataclasses.replace(cell.train, log_every=1, checkpoint_every=None,
                                 optimizer=dataclasses.replace(cell.train.optimizer, learning_rate=lr))
     if lr == cell_config.PAPER_LEARNING_RATE:
         return dataclasses.replace(cell, train=train, verbose=False)
@@ -198,9 +197,9 @@ def flat(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 def compare(theirs: dict, ours: dict) -> dict[str, Any]:
     """The summary `--json` prints; params compared in doa-jax's layout (the HF importer's mapping)."""
-    steps = min(len(theirs["losses"]), len(ours["losses"]))
-    if len(theirs["losses"]) != len(ours["losses"]):
-        raise RuntimeError(f"PyTorch ran {len(theirs['losses'])} steps, doa-jax {len(ours['losses'])}")
+    steps = len(theirs["losses"])
+    if steps != len(ours["losses"]):
+        raise RuntimeError(f"PyTorch ran {steps} steps, doa-jax {len(ours['losses'])}")
     torch_params = flat(hf.params_from_hf_tensors(theirs["params"], ours["config"], "PyTorch's final state"))
     jax_params = flat(ours["params"])
     rel = lambda a, b: float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-30)))   # noqa: E731
