@@ -204,6 +204,7 @@ def _measure(teacher: T5Config, student: T5Config, s: Settings, lengths: dict[st
     s_params = jax.jit(lambda r: nn.meta.unbox(s_module.init(r, tokens, tokens))["params"])(jax.random.PRNGKey(4))
     enc = jnp.asarray(data["encoder_input_tokens"][:b])
     decoded = decoding.greedy(t_module, t_params, enc, out_len, min_length=out_len).tokens
+    t_infer = decoding.decoding_params(t_params, t_module)   # how the store's scoring pass holds the teacher
     online = lambda src: OnlineTeacherBatches(src, t_module, t_params)  # noqa: E731
     jobs = {"teacher_train": lambda: _time_runs(teacher, s, data, directory / "teacher_train"),
             "student_train": lambda: _time_runs(student, s, data, directory / "student_train"),
@@ -212,7 +213,7 @@ def _measure(teacher: T5Config, student: T5Config, s: Settings, lengths: dict[st
                                                          wrapper=online),
             "teacher_decode": lambda: _timed(lambda: decoding.greedy(t_module, t_params, enc, out_len,
                                                                      min_length=out_len), s.reps, s.warmup),
-            "teacher_score": lambda: _timed(lambda: teacher_outputs._score(t_module, t_params, enc, decoded, s.topk),
+            "teacher_score": lambda: _timed(lambda: teacher_outputs.score_topk(t_module, t_infer, enc, decoded, s.topk),
                                             s.reps, s.warmup),
             "eval_decode": lambda: _timed(lambda: decoding.greedy(s_module, s_params, enc, out_len,
                                                                   min_length=out_len), s.reps, s.warmup)}

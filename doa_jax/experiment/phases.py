@@ -190,6 +190,7 @@ def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: c
               "batch": cfg.train.batch_size, "lengths": setup.lengths, "vocab": setup.vocab.spec()["sha256"]}
     if cfg.protocol != "efficient":   # its schedule, clipping, dropout, ... (efficient keys stay as they were)
         recipe["protocol"] = cfg.protocol
+        recipe["optimizer"] = dataclasses.asdict(cfg.train.optimizer)   # e.g. AdamW's eps placement (paper)
     key = fingerprint(recipe)
     run_dir = cache_dir(cfg) / "teachers" / key
     record_path = run_dir / "record.json"
