@@ -13,12 +13,22 @@ runs the same program; a decision that branches on shared files (is this cell do
 teacher stored?) is taken once, on process 0, and given to all (`from_chief`), and a file process 0
 writes is read by the others only after it (`chief_first`); otherwise hosts take different
 branches and wait forever in the next collective.
+
+A host that goes away (killed, its VM reclaimed) is noticed by the others at their next
+collective, at once when its connections close, and at the latest when JAX's coordination
+service misses its heartbeats for `host_timeout_s` (then JAX stops every process).
+`lost_hosts_message` names who went away (from the table of hosts every process records at
+start), so `doa` can say it in one line and exit at once instead of waiting for a shutdown
+barrier the lost host will never reach.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import os
+import socket
+import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import flax.linen as nn
@@ -191,15 +201,20 @@ class ShardInfo(NamedTuple):
     num_shards: int
 
 
+HOST_TIMEOUT_S = 60      # default heartbeat timeout of a multi-host job (JAX's own default is 100 s)
+_HOSTS: list[str] = []    # "pid N on HOST" of each process of the job, recorded at start
+
+
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None,
                            local_device_ids: Optional[Sequence[int]] = None,
-                           auto: bool = False) -> None:
+                           auto: bool = False, host_timeout_s: int = HOST_TIMEOUT_S) -> None:
     """Starts multi-host JAX (`jax.distributed.initialize`) before any other JAX call.
 
     GPU clusters pass `coordinator_address` ('host:port' of process 0), `num_processes` and
-    `process_id`; Cloud TPU VMs and SLURM detect them (`auto=True`). A no-op otherwise.
+    `process_id`; Cloud TPU VMs and SLURM detect them (`auto=True`). A no-op otherwise. A process
+    silent for `host_timeout_s` seconds is declared gone (and the job stops on every host).
     """
     given = [coordinator_address, num_processes, process_id]
     if all(v is None for v in given) and not auto:
@@ -207,8 +222,58 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     if not auto and any(v is None for v in given):
         raise ValueError("multi-host start needs coordinator_address, num_processes and process_id "
                          "together (or auto-detection on a TPU VM / SLURM)")
+    if host_timeout_s < 1:
+        raise ValueError(f"the host timeout must be >= 1 s, got {host_timeout_s}")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+                               process_id=process_id, local_device_ids=local_device_ids,
+                               heartbeat_timeout_seconds=host_timeout_s, shutdown_timeout_seconds=host_timeout_s)
+    _record_hosts()
+
+
+def _client():
+    from jax._src import distributed   # the coordination service's client (no public handle)
+
+    return distributed.global_state.client
+
+
+def _record_hosts() -> None:
+    """Every process's "pid N on HOST", in the coordination service's key-value store and here."""
+    client = _client()
+    client.key_value_set(f"doa/host/{jax.process_index()}", f"pid {os.getpid()} on {socket.gethostname()}")
+    _HOSTS[:] = [client.blocking_key_value_get(f"doa/host/{i}", 60_000) for i in range(jax.process_count())]
+
+
+def describe_host(index: int) -> str:
+    """`process I (pid N on HOST)` (the host part once the job has recorded it)."""
+    return f"process {index} ({_HOSTS[index]})" if index < len(_HOSTS) else f"process {index}"
+
+
+def lost_hosts_message(error: BaseException, wait_s: float = 5.0) -> Optional[str]:
+    """One line naming the processes of a multi-host job that went away when `error` struck, or
+    None (one process, or every process still alive: `error` is an ordinary one). The
+    coordination service is asked which processes are alive (for up to `wait_s` while it has not
+    noticed yet); when it cannot be asked, process 0, which runs it, is the one gone."""
+    if jax.process_count() == 1 or _client() is None:
+        return None
+    everyone = list(range(jax.process_count()))
+    text = str(error)
+    if not any(s in text for s in ("Gloo", "onnection", "UNAVAILABLE", "Socket closed", "heartbeat")):
+        wait_s = 0.0       # not a collective that lost a peer: ask once
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            gone = [i for i in everyone if i not in _client().get_live_nodes(everyone)]
+        except Exception:   # noqa: BLE001 (the service is unreachable: the host that ran it is gone)
+            gone = [0]
+        if gone or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    if not gone:
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    who = ", ".join(describe_host(i) for i in gone)
+    return (f"{who} went away ({type(error).__name__}: {first[:200]}); process {jax.process_index()} stops too. "
+            f"Rerun the same command on every host: the job resumes from what was saved")
 
 
 def is_chief() -> bool:
@@ -230,11 +295,15 @@ def _broadcast_json(value: Any) -> Any:
     return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:size].tobytes())
 
 
+class ChiefFailed(RuntimeError):
+    """What process 0 raised in `from_chief`, raised on the other processes (one line)."""
+
+
 def from_chief(compute: Callable[[], Any]) -> Any:
     """`compute()` run on process 0 only; its value (JSON-able) returned on every process.
 
     The others wait meanwhile, so this is also a barrier. An exception on process 0 is raised
-    there and, as a RuntimeError naming it, on every other process (no host is left waiting)."""
+    there and, as a `ChiefFailed` naming it, on every other process (no host is left waiting)."""
     if jax.process_count() == 1:
         return compute()
     message = None
@@ -247,7 +316,7 @@ def from_chief(compute: Callable[[], Any]) -> Any:
         message = {"ok": value}
     got = _broadcast_json(message)
     if "error" in got:
-        raise RuntimeError(f"process 0 failed: {got['error']}")
+        raise ChiefFailed(f"process 0 failed: {got['error']}")
     return got["ok"]
 
 

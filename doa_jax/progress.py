@@ -135,6 +135,14 @@ class Throughput:
         return out
 
 
+def _step_of(line: str) -> Optional[int]:
+    """The step of a metrics row, or None for a line that is not one (torn by a kill)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to `metrics.jsonl` (resumed runs keep appending,
     after `drop_after(resume_step)` removes the rows the resumed steps will log again)."""
@@ -150,21 +158,21 @@ class MetricsLog:
         logged row left no trace."""
         if not storage.log_exists(self.path):
             return 0.0
-        kept, lost, previous = [], 0.0, 0
-        lines = storage.read_appended(self.path).decode("utf-8", errors="replace").splitlines()
-        for line in lines:
-            try:
-                row = json.loads(line)
-                row_step = int(row["step"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue
-            if row_step <= step:
-                kept.append(line + "\n")
-            else:
-                lost += float(row.get("step_time_s") or 0.0) * (row_step - previous)
-            previous = row_step
-        if len(kept) != len(lines):
-            storage.rewrite_appended(self.path, kept)
+        def keep(line: str) -> bool:
+            row_step = _step_of(line)
+            return row_step is not None and row_step <= step
+
+        lost, previous, drop = 0.0, 0, False
+        for line in storage.read_appended(self.path).decode("utf-8", errors="replace").splitlines():
+            row_step = _step_of(line)
+            if not keep(line):
+                drop = True
+                if row_step is not None:
+                    lost += float(json.loads(line).get("step_time_s") or 0.0) * (row_step - previous)
+            if row_step is not None:
+                previous = row_step
+        if drop:
+            storage.rewrite_appended(self.path, keep)
         return lost
 
     def write(self, row: Mapping[str, Any]) -> None:

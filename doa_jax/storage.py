@@ -6,7 +6,7 @@ scheme fsspec knows, e.g. `memory://` in tests).
 files and Orbax's alike, so one client and one set of credentials serve the run). Both have the
 same pathlib API (`/`, `exists`, `read_text`, `write_text`, `open`, `iterdir`, `unlink`). Path
 objects exist for the schemes epath knows (gs, s3, az, hf); the functions below that take a path
-(`append_line`, `read_appended`, `write_atomic`, `hold`, `check_writable`) take any fsspec URL.
+(`append_line`, `read_appended`, `write_atomic`, `create_new`, `check_writable`) take any fsspec URL.
 
 What an object store cannot do, and the design used instead:
 
@@ -16,11 +16,9 @@ What an object store cannot do, and the design used instead:
   A put is atomic, so no row is ever torn.
 * Atomic replacement (`write_atomic`). Local: a temporary file, fsync, `os.replace`. Object store:
   a single put, which readers see whole or not at all.
-* Locks (one sweep per OUTPUT_DIR, one process per cell; `hold`). Local: `flock` (the kernel frees
-  it when the holder dies). Object store: a lock object created with `mode="create"` (GCS: the
-  `ifGenerationMatch=0` precondition), so exactly one creator wins; it names its holder and is
-  deleted on exit. A holder killed without cleanup leaves it: a process on the same host whose pid
-  is gone takes it over; from another host the message names the object to delete.
+* Locks (`doa_jax.experiment.locking`, leases renewed by their holder) need one primitive here:
+  `create_new`, an object created only if absent (GCS: the `ifGenerationMatch=0` precondition), so
+  exactly one creator wins.
 * Directories do not exist on object stores: `makedirs` is a no-op there.
 * Writers that can only write local files (SentencePiece's trainer, checkpoint savers that
   `doa convert` calls) write into a local temporary folder (`staged`), uploaded file by file
@@ -29,20 +27,35 @@ What an object store cannot do, and the design used instead:
 Multi-host: every host runs the same command, and only process 0 writes shared files (the trainer's
 chief writes metrics and config; `run_cell` and sweeps write rows on process 0 only), while Orbax's
 collective save writes each checkpoint once into the one shared directory.
+
+Faults. Transient ones (HTTP 408/429/5xx, a connection reset, a timeout) are retried twice over:
+by gcsfs on every request (6 tries, backoff 1-32 s; TensorStore, which writes Orbax's arrays, has
+its own), and here, for the functions below, with exponential backoff for up to
+`DOA_STORAGE_RETRY_S` seconds (default 300) before giving up. A retried write may have landed
+already; every write here is safe to repeat (a put of the same name, a delete of what is gone).
+Permanent ones (no permission, a missing bucket, a full or read-only disk) raise `StorageError`:
+one line naming the path and the cause, which `doa` prints as it is. Nothing written before is
+touched: a failed local write leaves no temporary file, and a failed append cuts the part it
+wrote. A kill leaves at most a temporary file named `<name>.<host>-<pid>.doa-tmp`, which
+`clean_orphans` (run at the start of every cell and sweep) removes once its process is gone.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import fcntl
+import errno
 import itertools
+import logging
 import os
 import pathlib
+import random
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import uuid
-from typing import Iterator, Union
+from typing import Callable, Iterator, TypeVar, Union
 
 from etils import epath
 
@@ -51,14 +64,98 @@ import fsspec
 # gs:// through gcsfs (fsspec) rather than TF's gfile: the client our own files use, and the one
 # that honours STORAGE_EMULATOR_HOST. Read by epath at each call; a user's explicit choice wins.
 os.environ.setdefault("EPATH_USE_TF", "false")
+# gcsfs logs each request it gives up on, with a traceback, through the root logger (absl prints
+# it); the same failure reaches the caller as an exception, which says it in one line.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 AnyPath = Union[pathlib.Path, epath.Path]
 ROWS_SUFFIX = ".rows"
+TMP_SUFFIX = ".doa-tmp"        # `<name>.<host>-<pid>.doa-tmp`: a write in progress (or cut short by a kill)
+RETRY_ENV = "DOA_STORAGE_RETRY_S"
 _counter = itertools.count()
+T = TypeVar("T")
 
 
-class Busy(ValueError):
-    """Another process holds the lock."""
+class StorageError(OSError):
+    """A read or write that cannot succeed: no permission, a missing bucket, a full disk, or a
+    transient fault that outlasted the retries. Its message is one line naming the path."""
+
+
+# ----------------------------------------------------------------------------- faults and retries
+
+def _status(e: BaseException) -> int | None:
+    for attr in ("code", "status"):
+        value = getattr(e, attr, None)
+        if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+            return int(value)
+    return None
+
+
+def transient(e: BaseException) -> bool:
+    """True for a fault worth retrying: HTTP 408/429/5xx, a connection reset, refused or timed out."""
+    code = _status(e)
+    if code is not None:
+        return code in (408, 429) or 500 <= code < 600
+    if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    kind = f"{type(e).__module__}.{type(e).__name__}"
+    return kind.startswith(("aiohttp.", "requests.exceptions.")) or kind.endswith("FSTimeoutError")
+
+
+def describe(e: BaseException) -> str:
+    """The cause of a storage fault in a few words (first line of its message)."""
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+        return "no space left on device (ENOSPC)"
+    if isinstance(e, OSError) and e.errno == errno.EDQUOT:
+        return "disk quota exceeded (EDQUOT)"
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{os.strerror(e.errno)} ({errno.errorcode[e.errno]})"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if first.startswith("Forbidden:"):      # gcsfs's 403: "Forbidden: <url>" then GCS's message
+        return "HTTP 403 Forbidden" + (f" ({lines[1]})" if len(lines) > 1 else "")
+    code = _status(e)
+    if isinstance(e, FileNotFoundError):
+        first = "not found (a missing bucket or folder?)"
+    elif code is not None and str(code) not in first:
+        first = f"HTTP {code} {first}".strip()
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def retry_seconds() -> float:
+    """How long a transient fault is retried (DOA_STORAGE_RETRY_S, default 300 s)."""
+    try:
+        return max(0.0, float(os.environ.get(RETRY_ENV, "300")))
+    except ValueError:
+        raise ValueError(f"{RETRY_ENV} must be a number of seconds, got {os.environ[RETRY_ENV]!r}") from None
+
+
+def retrying(verb: str, p: str | os.PathLike, fn: Callable[[], T], *, missing_ok: bool = False) -> T:
+    """`fn()`, retried with exponential backoff (1 s doubling to 30 s, jittered) while it fails
+    transiently, for up to `retry_seconds()`; any other failure (or one that outlasts the retries)
+    raises `StorageError` "cannot <verb> <p>: <cause>". FileNotFoundError passes through as it is
+    when `missing_ok` (a read of what is absent)."""
+    deadline, delay, said = time.monotonic() + retry_seconds(), 1.0, False
+    while True:
+        try:
+            return fn()
+        except FileNotFoundError:
+            if missing_ok:
+                raise
+            raise StorageError(f"cannot {verb} {os.fspath(p)}: {describe(FileNotFoundError())}") from None
+        except StorageError:
+            raise
+        except Exception as e:   # noqa: BLE001 (clients raise many types; each is sorted here)
+            if not (transient(e) and time.monotonic() + delay < deadline):
+                raise StorageError(f"cannot {verb} {os.fspath(p)}: {describe(e)}"
+                                   + (f" (still failing after {retry_seconds():.0f} s of retries)"
+                                      if transient(e) else "")) from None
+            if not said:
+                print(f"storage: {verb} {os.fspath(p)} failed ({describe(e)}); retrying with backoff for up to "
+                      f"{retry_seconds():.0f} s", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 30.0)
 
 
 def is_url(p: str | os.PathLike) -> bool:
@@ -105,7 +202,7 @@ def read_bytes(p: str | os.PathLike) -> bytes:
     if not is_url(p):
         return pathlib.Path(p).read_bytes()
     fs, key = _fs(p)
-    return fs.cat_file(key)
+    return retrying("read", p, lambda: fs.cat_file(key), missing_ok=True)
 
 
 def join(p: str | os.PathLike, name: str) -> str:
@@ -119,31 +216,115 @@ def makedirs(p: str | os.PathLike) -> None:
         pathlib.Path(p).mkdir(parents=True, exist_ok=True)
 
 
+def _tmp_name(p: pathlib.Path) -> pathlib.Path:
+    return p.with_name(f"{p.name}.{socket.gethostname()}-{os.getpid()}{TMP_SUFFIX}")
+
+
 def write_atomic(p: str | os.PathLike, data: bytes | str) -> None:
-    """Replaces the file at `p` all at once: readers see the old or the new content, never a part."""
+    """Replaces the file at `p` all at once: readers see the old or the new content, never a part.
+    A failure leaves the old content and no temporary file, and raises `StorageError`."""
     data = data.encode("utf-8") if isinstance(data, str) else data
     if is_url(p):
         fs, key = _fs(p)
-        fs.pipe_file(key, data)
+        retrying("write", p, lambda: fs.pipe_file(key, data))
         return
     p = pathlib.Path(p)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    tmp = _tmp_name(p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write {p}: {describe(e)}") from None
+
+
+def create_new(p: str | os.PathLike, data: bytes) -> bool:
+    """Creates the object `p` holding `data` only if it does not exist (GCS: `ifGenerationMatch=0`,
+    so of several creators exactly one wins); True when this call created it. URLs only (local
+    locks are the kernel's `flock`)."""
+    fs, key = _fs(p)
+
+    def put() -> bool:
+        try:
+            fs.pipe_file(key, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+    return retrying("create", p, put)
+
+
+def delete(p: str | os.PathLike) -> None:
+    """Deletes the file or object at `p`; nothing when it is already gone (a retried delete)."""
+    if not is_url(p):
+        pathlib.Path(p).unlink(missing_ok=True)
+        return
+    fs, key = _fs(p)
+    with contextlib.suppress(FileNotFoundError):
+        retrying("delete", p, lambda: fs.rm_file(key), missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def process_gone(host: str, pid: int) -> bool:
+    """True when `pid` ran on this host and is no longer running (on another host: unknown, False)."""
+    return host == socket.gethostname() and not _pid_alive(pid)
+
+
+def clean_orphans(root: str | os.PathLike) -> list[pathlib.Path]:
+    """Removes the temporary files (and staging folders) under the local folder `root` that writers
+    on this host left when killed mid-write (their process is gone); returns what it removed.
+    Nothing on an object store, where a put is whole or absent."""
+    if is_url(root) or not os.path.isdir(root):
+        return []
+    removed = []
+    for tmp in pathlib.Path(root).rglob(f"*{TMP_SUFFIX}"):
+        host, _, pid = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1].rpartition("-")
+        if pid.isdigit() and process_gone(host, int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+@contextlib.contextmanager
+def local_staging(target: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """A temporary folder beside the local path `target` (same filesystem, so a file moved from it
+    into place with `os.replace` appears whole); removed afterwards, and by `clean_orphans` after a
+    kill."""
+    target = pathlib.Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = _tmp_name(target)
+    folder.mkdir(exist_ok=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- append-only logs
 
 def _row_keys(p: str | os.PathLike) -> list[str]:
     fs, key = _fs(p)
-    try:
-        return sorted(fs.ls(key + ROWS_SUFFIX, detail=False, refresh=True))
-    except FileNotFoundError:
-        return []
+
+    def listing() -> list[str]:
+        try:
+            return sorted(fs.ls(key + ROWS_SUFFIX, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+
+    return retrying("list", f"{os.fspath(p)}{ROWS_SUFFIX}", listing)
 
 
 def log_exists(p: str | os.PathLike) -> bool:
@@ -151,14 +332,22 @@ def log_exists(p: str | os.PathLike) -> bool:
     return bool(_row_keys(p)) if is_url(p) else pathlib.Path(p).exists()
 
 
+def _read_rows(p: str | os.PathLike) -> list[tuple[str, bytes]]:
+    """(key, bytes) of each row object of the log `p`, in order (a row deleted meanwhile is skipped)."""
+    fs, _ = _fs(p)
+    out = []
+    for k in _row_keys(p):
+        with contextlib.suppress(FileNotFoundError):
+            out.append((k, retrying("read a row of", p, lambda k=k: fs.cat_file(k), missing_ok=True)))
+    return out
+
+
 def read_appended(p: str | os.PathLike) -> bytes:
     """The bytes of the append-only log `p` (b"" when absent): the file, or its row objects in order."""
     if not is_url(p):
         p = pathlib.Path(p)
         return p.read_bytes() if p.exists() else b""
-    fs, _ = _fs(p)
-    keys = _row_keys(p)
-    return b"".join(fs.cat_file(k) for k in keys)
+    return b"".join(data for _, data in _read_rows(p))
 
 
 def cut_torn_line(p: str | os.PathLike) -> None:
@@ -173,103 +362,52 @@ def cut_torn_line(p: str | os.PathLike) -> None:
 
 
 def append_line(p: str | os.PathLike, line: str, *, durable: bool = True) -> None:
-    """Appends one line (its newline added) to the log `p`; local appends first cut a torn last line."""
+    """Appends one line (its newline added) to the log `p`; local appends first cut a torn last
+    line. A failed local append cuts what it wrote and raises `StorageError`."""
     text = line.rstrip("\n") + "\n"
     if is_url(p):
         fs, key = _fs(p)
+        # The name is fixed before the first try, so a retry of a put that landed rewrites the same row.
         name = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}-{next(_counter):06d}"
-        fs.pipe_file(f"{key}{ROWS_SUFFIX}/{name}", text.encode("utf-8"))
+        retrying("append to", p, lambda: fs.pipe_file(f"{key}{ROWS_SUFFIX}/{name}", text.encode("utf-8")))
         return
     p = pathlib.Path(p)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    cut_torn_line(p)
-    with open(p, "a", encoding="utf-8") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        cut_torn_line(p)
+        with open(p, "a", encoding="utf-8") as f:
+            size = f.tell()
+            try:
+                f.write(text)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(size)          # frees what the cut-short write took
+                raise
+    except OSError as e:
+        raise StorageError(f"cannot append to {p}: {describe(e)}") from None
 
 
-def rewrite_appended(p: str | os.PathLike, lines: list[str]) -> None:
-    """Replaces the log's content with `lines` (each ending in a newline)."""
+def rewrite_appended(p: str | os.PathLike, keep: Callable[[str], bool]) -> None:
+    """Keeps only the log's lines that `keep` accepts. On an object store each row object is
+    rewritten (or deleted) on its own, so a kill part-way leaves no line twice and repeating the
+    call finishes the job."""
     if not is_url(p):
-        write_atomic(p, "".join(lines))
+        data = read_appended(p).decode("utf-8", errors="replace")
+        write_atomic(p, "".join(line + "\n" for line in data.splitlines() if keep(line)))
         return
     fs, _ = _fs(p)
-    old = _row_keys(p)
-    if lines:
-        append_line(p, "".join(lines).rstrip("\n"))
-    for key in old:
-        fs.rm_file(key)
-
-
-# ----------------------------------------------------------------------------- locks
-
-@contextlib.contextmanager
-def hold(p: str | os.PathLike, what: str) -> Iterator[None]:
-    """Holds the lock at `p` for the duration; raises `Busy` naming `what` and the holder."""
-    if is_url(p):
-        with _hold_object(os.fspath(p), what):
-            yield
-        return
-    p = pathlib.Path(p)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise Busy(f"{what} is being run by {holder} (it holds {p}); wait for it, or stop it and rerun") \
-                from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stale(holder: str) -> bool:
-    """True when the lock's holder ran on this host and its process is gone."""
-    parts = holder.split()
-    if len(parts) < 4 or parts[0] != "pid" or parts[2] != "on" or not parts[1].isdigit():
-        return False
-    return parts[3] == socket.gethostname() and not _pid_alive(int(parts[1]))
-
-
-@contextlib.contextmanager
-def _hold_object(p: str, what: str) -> Iterator[None]:
-    fs, key = _fs(p)
-    me = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
-    for attempt in range(2):
-        try:
-            fs.pipe_file(key, me.encode(), mode="create")
-            break
-        except FileExistsError:
-            holder = fs.cat_file(key).decode(errors="replace").strip()
-            if attempt == 0 and _stale(holder):
-                fs.rm_file(key)      # its holder died on this host: take the lock over
-                continue
-            raise Busy(f"{what} is being run by {holder} (it holds the lock object {p}); wait for it, or, "
-                       f"if that process is gone, delete {p} and rerun") from None
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(key)
+    where = os.fspath(p)
+    for key, data in _read_rows(p):
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        kept = "".join(line + "\n" for line in lines if keep(line))
+        if not kept:
+            with contextlib.suppress(FileNotFoundError):
+                retrying("delete a row of", where, lambda key=key: fs.rm_file(key), missing_ok=True)
+        elif len(kept.splitlines()) != len(lines):
+            retrying("rewrite a row of", where, lambda key=key, kept=kept: fs.pipe_file(key, kept.encode("utf-8")))
 
 
 # ----------------------------------------------------------------------------- local-only writers
@@ -279,7 +417,7 @@ def exists(p: str | os.PathLike) -> bool:
     if not is_url(p):
         return os.path.lexists(p)
     fs, key = _fs(p)
-    return fs.exists(key)
+    return retrying("look up", p, lambda: fs.exists(key))
 
 
 def remove(p: str | os.PathLike) -> None:
@@ -288,7 +426,8 @@ def remove(p: str | os.PathLike) -> None:
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
         return
     fs, key = _fs(p)
-    fs.rm(key, recursive=True)
+    with contextlib.suppress(FileNotFoundError):
+        retrying("remove", p, lambda: fs.rm(key, recursive=True), missing_ok=True)
 
 
 def upload(local: str | os.PathLike, url: str | os.PathLike) -> None:
@@ -298,7 +437,8 @@ def upload(local: str | os.PathLike, url: str | os.PathLike) -> None:
     key = key.rstrip("/")
     files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file())
     for f in files:
-        fs.put_file(str(f), key if f == local else f"{key}/{f.relative_to(local).as_posix()}")
+        dest = key if f == local else f"{key}/{f.relative_to(local).as_posix()}"
+        retrying("upload to", url, lambda f=f, dest=dest: fs.put_file(str(f), dest))
 
 
 @contextlib.contextmanager
@@ -339,6 +479,7 @@ def check_writable(p: str | os.PathLike, what: str = "output folder") -> None:
                          f"credentials may write it; {hint})") from None
 
 
-__all__ = ["Busy", "absolute", "append_line", "check_writable", "cut_torn_line", "exists", "hold", "is_url",
-           "log_exists", "makedirs", "path", "read_appended", "remove", "rewrite_appended", "staged", "upload",
+__all__ = ["StorageError", "absolute", "append_line", "check_writable", "clean_orphans", "create_new", "cut_torn_line",
+           "delete", "exists", "is_url", "local_staging", "log_exists", "makedirs", "path", "process_gone",
+           "read_appended", "read_bytes", "remove", "retrying", "rewrite_appended", "staged", "transient", "upload",
            "write_atomic"]

@@ -38,7 +38,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -413,23 +412,23 @@ class Trainer:
         return state, fresh, f"initialised params from seed {cfg.seed}"
 
     def _restore_newest_intact(self, abstract_params, abstract_opt) -> tuple[Any, Any, dict]:
-        """The newest checkpoint that reads back; each damaged newer one is moved aside with a
-        warning naming it (a truncated file must not end a days-long run)."""
+        """The newest checkpoint that reads back; each damaged newer one is set aside with one line
+        naming it and why (a truncated file must not end a days-long run). A store that fails
+        (`StorageError`) stops the run instead: its checkpoints may be fine."""
         tried = []
         for step in sorted(self.checkpoints.all_steps(), reverse=True):
             try:
                 params, opt_state, tstate, _ = self.checkpoints.restore(
                     step, abstract_params=abstract_params, abstract_opt_state=abstract_opt)
                 return params, opt_state, tstate
-            except Exception as e:  # noqa: BLE001 (Orbax/TensorStore raise many types on damaged files)
-                reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            except train_checkpoints.DamagedCheckpoint as e:
                 _sync_hosts(f"restore_failed_{step}")
                 moved = self.checkpoints.quarantine(step, move=self._is_chief)
                 _sync_hosts(f"quarantined_{step}")
                 tried.append(step)
-                warnings.warn(f"checkpoint {self.checkpoints.directory / str(step)} is damaged "
-                              f"({type(e).__name__}: {reason[:300]}); moved it to {moved} and trying the "
-                              f"checkpoint before it", RuntimeWarning, stacklevel=2)
+                if self._is_chief:
+                    print(f"checkpoint {self.checkpoints.directory / str(step)} is damaged ({e}); set it aside in "
+                          f"{moved}; trying the checkpoint before it", file=sys.stderr, flush=True)
         raise ValueError(f"no intact checkpoint in {self.checkpoints.directory}: steps {tried} are all damaged "
                          f"(moved to {self.checkpoints.directory}.corrupt); use a new MODEL_DIR or remove it")
 

@@ -2,10 +2,9 @@
 pointed at it, see tests/gcs_helpers.py): the trainer's checkpoints, metrics and resume; `doa run`
 cells of both arms killed and resumed; a sweep's files, results rows and ledgers; vocabularies and
 task data read from gs://; what `doa convert`, `doa vocab build`, `doa data download` and `doa bench`
-write; a bad bucket or missing credentials stopping each command before any compute. fsspec's
-`memory://` filesystem checks what the emulator does not enforce: the lock object's
-create-if-absent precondition. `scripts/tpu_vm.sh --dry-run` prints its gcloud commands (`doa
-train|run|sweep --multihost` on every worker).
+write; a bad bucket or missing credentials stopping each command before any compute (locks:
+tests/test_locks.py; faults of the store: tests/test_faults.py). `scripts/tpu_vm.sh --dry-run`
+prints its gcloud commands (`doa train|run|sweep --multihost` on every worker).
 """
 import json
 import os
@@ -43,24 +42,6 @@ def test_rows_appended_to_an_object_store_are_one_object_each_read_back_in_order
                                   "metric": "f1", "value": 50.0})
     assert [r["cell_key"] for r in results.read_rows(path)] == ["a", "b", "c"]
     assert len(fsspec.filesystem("memory").ls("/appends/results.jsonl.rows")) == 3
-
-
-def test_a_lock_object_refuses_a_second_holder_and_is_removed_on_exit():
-    lock = "memory://locks/.sweep.lock"
-    with storage.hold(lock, "a sweep in memory://locks"):
-        with pytest.raises(storage.Busy, match=rf"a sweep in memory://locks is being run by pid {os.getpid()} .*"
-                                               rf"delete {lock}"):
-            with storage.hold(lock, "a sweep in memory://locks"):
-                pass
-    assert not fsspec.filesystem("memory").exists("/locks/.sweep.lock")
-
-
-def test_a_lock_object_left_by_a_dead_process_on_this_host_is_taken_over():
-    lock = "memory://locks/stale.lock"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    storage.write_atomic(lock, f"pid {dead.stdout.strip()} on {os.uname().nodename} (abcd1234)")
-    with storage.hold(lock, "cell k"):
-        assert f"pid {os.getpid()} " in fsspec.filesystem("memory").cat_file("/locks/stale.lock").decode()
 
 
 # ----------------------------------------------------------------------------- the GCS emulator

@@ -13,11 +13,19 @@ when a manager is opened again). Saving a step that is already committed is a no
 replays steps bit-identically, so the committed step already holds that state): a run killed
 between two saves of one step (e.g. after `best/<step>`, before `checkpoints/<step>`) resumes.
 A step whose files are damaged can be moved aside (`quarantine`) so the one before is used.
+
+A save that cannot be written (a full disk, no permission, a store that keeps failing) raises
+`storage.StorageError` naming the step, the folder and the cause: the step before it stays the
+latest committed one. The echoes of such a fault in Orbax's thread logs, and the callbacks of
+TensorStore reads and writes left running after a save or restore failed (they find Orbax's event
+loop closed, ~100 tracebacks for one damaged checkpoint), are not printed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
+import sys
 import time
 from typing import Any, Optional
 
@@ -55,6 +63,70 @@ def _register_array_handler() -> None:
 _register_array_handler()
 
 
+def _closed_loop_callback(unraisable) -> bool:
+    """A TensorStore read finishing after the restore that awaited it failed: its callback finds
+    Orbax's event loop closed. Nothing is lost; the restore's own error says what was wrong."""
+    value = unraisable.exc_value
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+# What a store fault reads like in the messages of TensorStore and Orbax (a full disk, no permission,
+# a store that keeps failing); the fault itself reaches the caller as `StorageError`.
+FAULT_MARKERS = ("No space left on device", "Errno 28", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "Forbidden",
+                 "UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+class _FaultEchoes(logging.Filter):
+    """Drops the echoes of one store fault that Orbax's threads log (a traceback per thread, per
+    item) and asyncio logs for futures nobody awaited after the save failed: the save's own
+    `StorageError` says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        echo = "raised an exception" in text or "exception was never retrieved" in text
+        return not (echo and any(m in text for m in FAULT_MARKERS))
+
+
+def _quiet_fault_echoes() -> None:
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _FaultEchoes) for f in logger.filters):
+            logger.addFilter(_FaultEchoes())
+
+
+_quiet_fault_echoes()
+
+
+def quiet_closed_loop_callbacks() -> None:
+    """Stops the interpreter printing a traceback per closed-loop callback (a damaged checkpoint's
+    restore printed ~100 of them); every other unraisable exception is printed as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "doa_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.doa_quiet = True
+    sys.unraisablehook = hook
+
+
+quiet_closed_loop_callbacks()     # a failed save leaves them too
+
+
+# TensorStore status codes of a store that failed (not of damaged files): a restore that meets one
+# stops the run (`StorageError`) instead of setting a good checkpoint aside.
+STORE_FAULTS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAUTHENTICATED")
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose files do not read back (truncated, altered, missing); its message is
+    the first line of the reader's error."""
+
+
 class TrainCheckpoints:
     """Step checkpoints under `directory` (the last `keep`), optionally without optimizer state."""
 
@@ -62,6 +134,7 @@ class TrainCheckpoints:
                  with_optimizer: bool = True):
         self.directory = storage.absolute(directory)   # a local folder or a URL (gs://)
         self.with_optimizer = with_optimizer
+        self._failed = False
         items = ITEMS if with_optimizer else ("params", "config", "trainer_state")
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -84,8 +157,26 @@ class TrainCheckpoints:
         items = dict(model_items(model_config, params), trainer_state=ocp.args.JsonSave(trainer_state))
         if self.with_optimizer:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._failing_as_storage_error(step):
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         return True
+
+    @contextlib.contextmanager
+    def _failing_as_storage_error(self, step: Optional[int]):
+        """A save that fails raises one `StorageError` naming the step, the folder, the cause and
+        the step that stays the latest (later waits do not raise it again)."""
+        try:
+            yield
+        except Exception as e:   # noqa: BLE001 (Orbax/TensorStore raise many types)
+            if self._failed:
+                return
+            self._failed = True
+            kept = self.manager.latest_step()
+            what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+            raise storage.StorageError(
+                f"cannot write {what} in {self.directory}: {storage.describe(e)}; "
+                + (f"step {kept} stays the latest checkpoint" if kept is not None else "no checkpoint was saved before")
+                ) from None
 
     def restore(self, step: Optional[int], *, abstract_params: Any, abstract_opt_state: Any = None
                 ) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
@@ -101,7 +192,15 @@ class TrainCheckpoints:
                      trainer_state=ocp.args.JsonRestore())
         if self.with_optimizer and abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:   # noqa: BLE001 (Orbax/TensorStore raise many types on damaged files)
+            text = str(e)
+            if isinstance(e, storage.StorageError) or storage.transient(e) or any(f"{c}:" in text for c in STORE_FAULTS):
+                raise storage.StorageError(f"cannot read checkpoint step {step} in {self.directory}: "
+                                           f"{storage.describe(e)}") from None
+            reason = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+            raise DamagedCheckpoint(f"{type(e).__name__}: {reason[:300]}" if reason else type(e).__name__) from None
         opt_state = out["opt_state"] if "opt_state" in items else None
         return out["params"], opt_state, dict(out["trainer_state"]), dict(out["config"])
 
@@ -117,7 +216,8 @@ class TrainCheckpoints:
         return dest
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._failing_as_storage_error(None):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
@@ -167,5 +267,5 @@ def restore_step_directory(path: str | pathlib.Path, *, abstract_params: Any, ab
             dict(out["trainer_state"]) if "trainer_state" in items else {}, dict(out["config"]))
 
 
-__all__ = ["ITEMS", "NATIVE_FORMAT", "TrainCheckpoints", "has_checkpoint",
+__all__ = ["DamagedCheckpoint", "ITEMS", "NATIVE_FORMAT", "TrainCheckpoints", "has_checkpoint",
            "restore_step_directory", "step_directory"]

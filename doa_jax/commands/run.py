@@ -22,7 +22,15 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_gin_flags(p)
     add_multihost_flags(p)
+    add_lock_flag(p)
     p.set_defaults(func=run)
+
+
+def add_lock_flag(p: argparse.ArgumentParser) -> None:
+    """`--take_over_lock` of `doa run` and `doa sweep` (see `doa_jax.experiment.locking`)."""
+    p.add_argument("--take_over_lock", "--take-over-lock", action="store_true",
+                   help="take the output folder's and cells' locks even from a process whose lease is live "
+                        "(one on a host that is gone for good); it is told, and stops renewing")
 
 
 def format_row(row: dict) -> str:
@@ -66,7 +74,7 @@ def run(args) -> int:
     if partitioning.is_chief():
         path = gin_utils.write_operative_config(cell.output_dir)
         print(f"operative gin config: {path}", flush=True)
-    row = experiment.run_cell(cell)
+    row = experiment.run_cell(cell, take_over_lock=args.take_over_lock)
     print(format_row(row))
     print(f"results: {cell.output_dir}/results.jsonl (cell {row['cell_key']})")
     return 0

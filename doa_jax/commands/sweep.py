@@ -21,6 +21,7 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from doa_jax.commands.run import add_lock_flag
     from doa_jax.commands.train import add_multihost_flags
     from doa_jax.gin_flags import add_gin_flags
 
@@ -32,6 +33,7 @@ def register(subparsers) -> None:
                    help="list the grid's cells and which already have a row; run nothing")
     p.add_argument("--no_report", "--no-report", action="store_true", help="do not write report.md at the end")
     add_multihost_flags(p)
+    add_lock_flag(p)
     p.set_defaults(func=run)
 
 
@@ -60,5 +62,6 @@ def run(args) -> int:
         return 0
     config = ("# doa sweep: the grid sets TASK, START_LABELS, EXTRA_BUDGET_USD, STRATEGY and SEED per cell "
               "(sweep.json lists the cells)\n" + gin.config_str())
-    sweep.run_sweep(points, cells, write_report=not args.no_report, config_gin=config)
+    sweep.run_sweep(points, cells, write_report=not args.no_report, config_gin=config,
+                    take_over_lock=args.take_over_lock)
     return 0

@@ -35,6 +35,9 @@ def add_multihost_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--process_id", "--process_index", type=int, help="multi-host: this process's index")
     p.add_argument("--multihost", action="store_true",
                    help="multi-host with auto-detected peers (Cloud TPU VM pods, SLURM)")
+    p.add_argument("--host_timeout", "--host-timeout", type=int, default=60, metavar="SECONDS",
+                   help="multi-host: a host silent this long is declared gone and every host stops (default 60; "
+                        "a host killed outright is noticed at once)")
 
 
 def start_multihost(args: argparse.Namespace) -> None:
@@ -43,7 +46,7 @@ def start_multihost(args: argparse.Namespace) -> None:
     from doa_jax import partitioning
 
     partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
-                                        auto=args.multihost)
+                                        auto=args.multihost, host_timeout_s=args.host_timeout)
 
 
 def run(args: argparse.Namespace) -> int:

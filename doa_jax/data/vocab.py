@@ -131,10 +131,18 @@ def build_vocab(
     sentences: Sequence[str] = [t for t in texts if t.strip()]
     if not sentences:
         raise ValueError("no text to train a vocabulary on")
-    folder, _, name = target.rpartition("/")
     if not storage.is_url(target):
-        folder, name = str(pathlib.Path(target).parent), pathlib.Path(target).name
-    with storage.staged(folder) as local:       # the folder itself when local
+        # Trained beside the target, then moved into place (.vocab, then .model): a kill mid-write
+        # leaves no .model that a rerun would take for a finished one.
+        model = pathlib.Path(target)
+        with storage.local_staging(model) as local:
+            _train_sentencepiece(sentences, local / model.name, vocab_size, model_type, character_coverage,
+                                 input_sentence_size)
+            for suffix in (".vocab", ".model"):
+                os.replace(local / model.with_suffix(suffix).name, model.with_suffix(suffix))
+        return model
+    folder, _, name = target.rpartition("/")
+    with storage.staged(folder) as local:
         local.mkdir(parents=True, exist_ok=True)
         _train_sentencepiece(sentences, local / name, vocab_size, model_type, character_coverage,
                              input_sentence_size)

@@ -157,7 +157,7 @@ class TeacherStore:
                 continue
             if problem:
                 warnings.warn(f"teacher store: {problem}; recomputing chunk {i}", RuntimeWarning, stacklevel=2)
-                self._chunk(i, ".COMPLETED").unlink()
+                self._chunk(i, ".COMPLETED").unlink(missing_ok=True)
             lo, hi = i * chunk_size, min(len(sources), (i + 1) * chunk_size)
             predicted = predict_fn(encoder_input_tokens[lo:hi])
             out = {name: np.asarray(predicted[name]) for name in ARRAYS}

@@ -46,11 +46,13 @@ class StudentData:
     pseudo_labels_kept: int = 0
 
 
-def run_cell(cfg: CellConfig) -> dict[str, Any]:
+def run_cell(cfg: CellConfig, *, take_over_lock: bool = False) -> dict[str, Any]:
     """Runs one cell and returns its results row (also appended to OUTPUT_DIR/results.jsonl).
 
     Idempotent: a cell whose key already has a row there is not run again (its row is returned).
-    A cell killed part-way resumes its phases (teacher, store chunks, student) on the next run.
+    A cell killed part-way resumes its phases (teacher, store chunks, student) on the next run; the
+    temporary files a kill left are removed first. `take_over_lock`: take the cell's lock even
+    from a live holder (see `locking`).
     Multi-host: every process runs the cell's phases together; process 0 takes every decision that
     reads shared files and gives it to all, holds the lock and writes the shared files (ledger,
     teacher record and store, predictions, the results row). Models whose vocab size follows the vocabulary
@@ -64,11 +66,15 @@ def run_cell(cfg: CellConfig) -> dict[str, Any]:
     if done is not None:
         say(cfg, f"already in {path} (cell {cfg.key()}); not run again")
         return done
-    with locking.hold_on_chief(out / "cells" / cfg.key() / ".lock", f"cell {cfg.key()} ({cfg.describe()})"):
+    with locking.hold_on_chief(out / "cells" / cfg.key() / ".lock", f"cell {cfg.key()} ({cfg.describe()})",
+                               take_over=take_over_lock):
         # another process may have finished it meanwhile
         done = partitioning.from_chief(lambda: _finished_row(path, cfg.key()))
         if done is not None:
             return done
+        if partitioning.is_chief():
+            for folder in (out, phases.cache_dir(cfg)):
+                storage.clean_orphans(folder)
         started = time.perf_counter()
         row = _run(cfg)
         row.wall_seconds = round(time.perf_counter() - started, 2)

@@ -250,15 +250,16 @@ class SweepResult:
 
 def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Callable[[Any], dict]] = None,
               write_report: bool = True, log: Optional[Callable[[str], None]] = None,
-              config_gin: Optional[str] = None) -> SweepResult:
+              config_gin: Optional[str] = None, take_over_lock: bool = False) -> SweepResult:
     """Runs the cells without a row in OUTPUT_DIR/results.jsonl, in order; returns every cell's row.
 
     `config_gin` (the sweep's gin config) is written to OUTPUT_DIR/config.gin once the sweep holds
     the folder's lock, so a second sweep refused by the lock overwrites nothing.
 
     `runner` (default `run_cell`) runs one cell and appends its row to results.jsonl.
+    `take_over_lock`: take the folder's lock (and each cell's) even from a live holder (`locking`).
     """
-    runner = runner or run_cell
+    runner = runner or functools.partial(run_cell, take_over_lock=take_over_lock)
     if log is None:
         log = functools.partial(print, flush=True)
     if not cells or len(cells) != len(points):
@@ -271,7 +272,7 @@ def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Call
     # Multi-host: process 0 holds the lock, writes the shared files and reads which cells are done
     # for every process (all run the same cells in the same order).
     chief = partitioning.is_chief()
-    with locking.hold_on_chief(out / ".sweep.lock", f"a sweep in {out}"):
+    with locking.hold_on_chief(out / ".sweep.lock", f"a sweep in {out}", take_over=take_over_lock):
         keys = [c.key() for c in cells]
         if chief:
             _write_state(out, config_gin, points, keys, log)
