@@ -96,9 +96,6 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-HOST_LOST_EXIT = 75    # EX_TEMPFAIL: a host of a multi-host job went away; rerun on every host
-
-
 def _failed(command: str, e: Exception) -> int | None:
     """Failures that are not the user's, said in one line: a store or disk that cannot be written
     (exit 1), process 0 failing in a multi-host job (exit 1, on the other processes), a host of
@@ -106,11 +103,9 @@ def _failed(command: str, e: Exception) -> int | None:
     None for anything else (raised with its traceback)."""
     storage = sys.modules.get("doa_jax.storage")
     partitioning = sys.modules.get("doa_jax.partitioning")
-    lost = partitioning.lost_hosts_message(e) if partitioning is not None else None
-    if lost:
-        print(f"doa {command}: error: {lost}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(HOST_LOST_EXIT)
+    hosts = sys.modules.get("doa_jax.hosts")
+    if hosts is not None:
+        hosts.exit_if_hosts_lost(e, f"doa {command}")
     if storage is not None and isinstance(e, storage.StorageError):
         print(f"doa {command}: error: {e}. What was written before is intact: fix that and rerun the same "
               f"command to resume", file=sys.stderr)

@@ -14,21 +14,14 @@ teacher stored?) is taken once, on process 0, and given to all (`from_chief`), a
 writes is read by the others only after it (`chief_first`); otherwise hosts take different
 branches and wait forever in the next collective.
 
-A host that goes away (killed, its VM reclaimed) is noticed by the others at their next
-collective, at once when its connections close, and at the latest when JAX's coordination
-service misses its heartbeats for `host_timeout_s` (then JAX stops every process).
-`lost_hosts_message` names who went away (from the table of hosts every process records at
-start), so `doa` can say it in one line and exit at once instead of waiting for a shutdown
-barrier the lost host will never reach.
+Starting the job and noticing a host that went away: `doa_jax.hosts` (`initialize_distributed`
+is re-exported here).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
-import os
-import socket
-import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import flax.linen as nn
@@ -36,6 +29,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from doa_jax.hosts import initialize_distributed  # noqa: F401  (the multi-host start, here since before)
 
 MESH_AXES = ("data", "model")
 Rules = list[tuple[str, Optional[str]]]
@@ -199,81 +194,6 @@ class ShardInfo(NamedTuple):
 
     index: int
     num_shards: int
-
-
-HOST_TIMEOUT_S = 60      # default heartbeat timeout of a multi-host job (JAX's own default is 100 s)
-_HOSTS: list[str] = []    # "pid N on HOST" of each process of the job, recorded at start
-
-
-def initialize_distributed(coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None,
-                           local_device_ids: Optional[Sequence[int]] = None,
-                           auto: bool = False, host_timeout_s: int = HOST_TIMEOUT_S) -> None:
-    """Starts multi-host JAX (`jax.distributed.initialize`) before any other JAX call.
-
-    GPU clusters pass `coordinator_address` ('host:port' of process 0), `num_processes` and
-    `process_id`; Cloud TPU VMs and SLURM detect them (`auto=True`). A no-op otherwise. A process
-    silent for `host_timeout_s` seconds is declared gone (and the job stops on every host).
-    """
-    given = [coordinator_address, num_processes, process_id]
-    if all(v is None for v in given) and not auto:
-        return
-    if not auto and any(v is None for v in given):
-        raise ValueError("multi-host start needs coordinator_address, num_processes and process_id "
-                         "together (or auto-detection on a TPU VM / SLURM)")
-    if host_timeout_s < 1:
-        raise ValueError(f"the host timeout must be >= 1 s, got {host_timeout_s}")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids,
-                               heartbeat_timeout_seconds=host_timeout_s, shutdown_timeout_seconds=host_timeout_s)
-    _record_hosts()
-
-
-def _client():
-    from jax._src import distributed   # the coordination service's client (no public handle)
-
-    return distributed.global_state.client
-
-
-def _record_hosts() -> None:
-    """Every process's "pid N on HOST", in the coordination service's key-value store and here."""
-    client = _client()
-    client.key_value_set(f"doa/host/{jax.process_index()}", f"pid {os.getpid()} on {socket.gethostname()}")
-    _HOSTS[:] = [client.blocking_key_value_get(f"doa/host/{i}", 60_000) for i in range(jax.process_count())]
-
-
-def describe_host(index: int) -> str:
-    """`process I (pid N on HOST)` (the host part once the job has recorded it)."""
-    return f"process {index} ({_HOSTS[index]})" if index < len(_HOSTS) else f"process {index}"
-
-
-def lost_hosts_message(error: BaseException, wait_s: float = 5.0) -> Optional[str]:
-    """One line naming the processes of a multi-host job that went away when `error` struck, or
-    None (one process, or every process still alive: `error` is an ordinary one). The
-    coordination service is asked which processes are alive (for up to `wait_s` while it has not
-    noticed yet); when it cannot be asked, process 0, which runs it, is the one gone."""
-    if jax.process_count() == 1 or _client() is None:
-        return None
-    everyone = list(range(jax.process_count()))
-    text = str(error)
-    if not any(s in text for s in ("Gloo", "onnection", "UNAVAILABLE", "Socket closed", "heartbeat")):
-        wait_s = 0.0       # not a collective that lost a peer: ask once
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            gone = [i for i in everyone if i not in _client().get_live_nodes(everyone)]
-        except Exception:   # noqa: BLE001 (the service is unreachable: the host that ran it is gone)
-            gone = [0]
-        if gone or time.monotonic() > deadline:
-            break
-        time.sleep(0.25)
-    if not gone:
-        return None
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
-    who = ", ".join(describe_host(i) for i in gone)
-    return (f"{who} went away ({type(error).__name__}: {first[:200]}); process {jax.process_index()} stops too. "
-            f"Rerun the same command on every host: the job resumes from what was saved")
 
 
 def is_chief() -> bool:

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from doa_jax import flops, losses, optimizers, partitioning, progress, storage
+from doa_jax import flops, hosts, losses, optimizers, partitioning, progress, storage
 from doa_jax.checkpoints import steps as train_checkpoints
 from doa_jax.losses import LossConfig
 from doa_jax.model import T5Config, Transformer
@@ -659,9 +659,16 @@ class Trainer:
             return self._signal
         from jax.experimental import multihost_utils
 
-        flags = np.asarray(multihost_utils.process_allgather(np.int32(self._signal or 0)))
-        got = [int(f) for f in flags.ravel() if f]
-        return got[0] if got else None
+        flags = [int(f) for f in np.asarray(multihost_utils.process_allgather(np.int32(self._signal or 0))).ravel()]
+        got = [(i, f) for i, f in enumerate(flags) if f]
+        if not got:
+            return None
+        first, signum = got[0]
+        if self._is_chief and not getattr(self, "_told_signal", False):
+            self._told_signal = True
+            print(f"{signal.Signals(signum).name} reached {hosts.describe_host(first)}: every process saves "
+                  f"the same step and exits", file=sys.stderr, flush=True)
+        return signum
 
     def _stop_for_signal(self, signum: int, step: int) -> None:
         self.checkpoints.wait()

@@ -8,6 +8,7 @@ the parent can kill it. Each process appends the example indices it read per ste
 MODE `gcs`: MODEL_DIR is a gs:// URL (the emulator of tests/gcs_helpers.py, from the environment);
 the process trains 4 steps with a checkpoint every 2, then writes the run's results row to
 MODEL_DIR/results.jsonl the way `run_cell` does (only process 0 writes shared files), and exits.
+A process whose peer went away says who in one line and exits 75, as `doa` does.
 """
 import json
 import os
@@ -32,7 +33,7 @@ if NUM_PROCESSES > 1:
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from doa_jax import partitioning  # noqa: E402
+from doa_jax import hosts, partitioning  # noqa: E402
 from doa_jax.optimizers import OptimizerConfig  # noqa: E402
 from doa_jax.data.batches import ArrayBatches  # noqa: E402
 from doa_jax.trainer import Trainer  # noqa: E402
@@ -74,7 +75,7 @@ def shared_store(model_dir: str) -> None:
 
 def main(model_dir: str, mode: str) -> None:
     if NUM_PROCESSES > 1:
-        partitioning.initialize_distributed(f"127.0.0.1:{PORT}", NUM_PROCESSES, PROCESS_ID)
+        partitioning.initialize_distributed(f"127.0.0.1:{PORT}", NUM_PROCESSES, PROCESS_ID, label="multihost_child")
     assert jax.process_count() == NUM_PROCESSES and jax.device_count() == 8
     if mode == "gcs":
         return shared_store(model_dir)
@@ -95,4 +96,8 @@ def main(model_dir: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[4], sys.argv[5])
+    try:
+        main(sys.argv[4], sys.argv[5])
+    except Exception as e:   # as `doa train` does: a lost host is named in one line, and the process exits at once
+        hosts.exit_if_hosts_lost(e, "multihost_child")
+        raise

@@ -1,6 +1,7 @@
 """Multi-host: 2 processes x 4 CPU devices on 127.0.0.1 (jax.distributed, gloo collectives) train,
-checkpoint, are killed, resume, and end with the parameters of a 1-process 8-device run; each host
-reads only its half of every global batch. `doa run` and `doa sweep` as one 2-process job write each
+checkpoint, are stopped by a SIGTERM that reaches one host (both save the same step), lose a host
+to SIGKILL (the other says which and exits at once), resume, and end with the parameters of a
+1-process 8-device run; each host reads only its half of every global batch. `doa run` and `doa sweep` as one 2-process job write each
 shared file once and score as one process does."""
 import json
 import os
@@ -56,23 +57,42 @@ def _rows(model_dir, process) -> dict[int, list[int]]:
     return out
 
 
-def test_two_hosts_killed_and_resumed_match_one_host_with_eight_devices(tmp_path):
+def _wait_for(procs, ready, timeout=400) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, procs[0].stdout.read()[-3000:]
+        time.sleep(0.05)
+
+
+def test_two_hosts_stopped_by_sigterm_on_one_host_then_one_host_killed_resume_and_match_one_host(tmp_path):
     env = _env()
     _finish(_start(tmp_path / "one_host", "normal", env, 1))
     want = final_params(tmp_path / "one_host")
+    model_dir, host = tmp_path / "two_hosts", socket.gethostname()
 
-    model_dir = tmp_path / "two_hosts"
+    # SIGTERM reaches process 1 only: both hosts save the same step and exit 143.
     procs = _start(model_dir, "slow", env, 2)
-    deadline = time.time() + 400
-    while not (any(s >= 6 for s in logged_steps(model_dir))
-               and (model_dir / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists()):
-        assert all(p.poll() is None for p in procs) and time.time() < deadline, procs[0].stdout.read()[-3000:]
-        time.sleep(0.05)
-    for p in procs:
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(timeout=60)
-    assert TrainCheckpoints(model_dir / "checkpoints").latest_step() in (4, 8)
-    assert max(logged_steps(model_dir)) < 12
+    _wait_for(procs, lambda: any(s >= 3 for s in logged_steps(model_dir)))
+    os.kill(procs[1].pid, signal.SIGTERM)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], "\n---\n".join(o[-3000:] for o in outs)
+    stopped = max(logged_steps(model_dir))
+    assert TrainCheckpoints(model_dir / "checkpoints").latest_step() == stopped < 12
+    assert f"SIGTERM reached process 1 (pid {procs[1].pid} on {host}): every process saves the same step" in outs[0]
+    assert f"SIGTERM: saved step {stopped} in {model_dir / 'checkpoints'}; exiting with code 143" in outs[0]
+
+    # The rerun resumes on both; then process 0 (it runs JAX's coordination service) is killed: process 1
+    # says which host went away and exits at once (75), not after a timeout.
+    procs = _start(model_dir, "slow", env, 2)
+    _wait_for(procs, lambda: any(s >= stopped + 2 for s in logged_steps(model_dir)))
+    os.kill(procs[0].pid, signal.SIGKILL)
+    killed = time.time()
+    out = procs[1].communicate(timeout=120)[0]
+    procs[0].wait(timeout=60)
+    assert procs[1].returncode == 75 and time.time() - killed < 30, out[-3000:]
+    assert (f"multihost_child: error: process 0 (pid {procs[0].pid} on {host}) went away (its connection to "
+            f"process 1 closed); this process stops too") in out
+    assert f"resumed the full train state from {model_dir / 'checkpoints'} at step {stopped}" in procs[0].stdout.read()
 
     _finish(_start(model_dir, "normal", env, 2))
     got = final_params(model_dir)

@@ -46,7 +46,8 @@ def start_multihost(args: argparse.Namespace) -> None:
     from doa_jax import partitioning
 
     partitioning.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
-                                        auto=args.multihost, host_timeout_s=args.host_timeout)
+                                        auto=args.multihost, host_timeout_s=args.host_timeout,
+                                        label=f"doa {args.command}")
 
 
 def run(args: argparse.Namespace) -> int:
