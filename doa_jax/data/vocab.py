@@ -138,6 +138,7 @@ def build_vocab(
         with storage.local_staging(model) as local:
             _train_sentencepiece(sentences, local / model.name, vocab_size, model_type, character_coverage,
                                  input_sentence_size)
+            _record_prefix(local / model.name, model.with_suffix(""))
             for suffix in (".vocab", ".model"):
                 os.replace(local / model.with_suffix(suffix).name, model.with_suffix(suffix))
         return model
@@ -147,6 +148,17 @@ def build_vocab(
         _train_sentencepiece(sentences, local / name, vocab_size, model_type, character_coverage,
                              input_sentence_size)
     return storage.path(target)
+
+
+def _record_prefix(model_path: pathlib.Path, prefix: pathlib.Path) -> None:
+    """The model records the prefix it was trained under: the final one, not the staging folder's
+    (so a model built here has the bytes of one trained in place, whichever process built it)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
+    proto.trainer_spec.model_prefix = str(prefix)
+    model_path.write_bytes(proto.SerializeToString())
 
 
 def _train_sentencepiece(sentences: Sequence[str], model_path: pathlib.Path, vocab_size: int, model_type: str,
