@@ -127,8 +127,9 @@ def child(argv: list[str]) -> int:
 class Place:
     """Where a run writes (`local` folder, `gs` emulator, `hosts`: a 2-process job on a local folder)."""
 
-    def __init__(self, name: str, work: pathlib.Path, quick: bool, env: dict):
+    def __init__(self, name: str, work: pathlib.Path, quick: bool, env: dict, budgets=None):
         self.name, self.work, self.quick, self.env = name, work, quick, env
+        self.bindings = [*(QUICK if quick else []), *([f"--gin.GRID_BUDGETS_USD={list(budgets)}"] if budgets else [])]
         self.hosts = 2 if name == "hosts" else 1
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,7 @@ class Place:
         return f"gs://doa-test/chaos/{run}" if self.name == "gs" else str(self.work / run)
 
     def start(self, out: str, tag: str, aim: str | None) -> list[subprocess.Popen]:
-        args = ["sweep", "--gin_file", "sweeps/chaos.gin", f"--gin.OUTPUT_DIR='{out}'", *(QUICK if self.quick else [])]
+        args = ["sweep", "--gin_file", "sweeps/chaos.gin", f"--gin.OUTPUT_DIR='{out}'", *self.bindings]
         port = _free_port()
         procs = []
         for i in range(self.hosts):
@@ -205,7 +206,8 @@ def chaos_round(place: Place, out: str, kills: int, reference_work_s: float, rng
                 start_index: int) -> list[dict]:
     """Reruns the sweep in `out`, killing it (aimed or at random) until `kills` kills happened or
     it finished; then runs it to the end."""
-    aims = [f"{AIMS[i % len(AIMS)]}:{rng.randint(1, 2)}" for i in range(max(1, kills * 2 // 5))]
+    first = rng.randrange(len(AIMS))
+    aims = [f"{AIMS[(first + i) % len(AIMS)]}:{rng.randint(1, 2)}" for i in range(-(-kills * 2 // 5))]
     plan = aims + [None] * (kills - len(aims))
     rng.shuffle(plan)
     runs = []
@@ -230,9 +232,16 @@ def _files(out: str) -> list[str]:
 
 
 def _lines(path: str) -> list[dict]:
+    """The JSON lines of an append-only log; a line that is not JSON (torn) as {"torn": line}."""
     from doa_jax import storage
 
-    return [json.loads(line) for line in storage.read_appended(path).decode().splitlines() if line.strip()]
+    out = []
+    for line in storage.read_appended(path).decode(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            out.append({"torn": line, "key": "torn", "step": -1})
+    return out
 
 
 def _sha(out: str, rel: str) -> str:
@@ -352,16 +361,17 @@ def _env() -> dict:
     return env
 
 
-def run_place(name: str, work: pathlib.Path, kills: int, seed: int, quick: bool) -> dict:
+def run_place(name: str, work: pathlib.Path, kills: int, seed: int, quick: bool, budgets=None) -> dict:
+    """The chaos of one place (`local`, `gs` or `hosts`) in `work`/name."""
     work = work / name
     if name != "gs":
-        return chaos(Place(name, work, quick, _env()), kills, seed)
+        return chaos(Place(name, work, quick, _env(), budgets), kills, seed)
     from gcs_helpers import FaultPlan, gcs_emulator
 
     work.mkdir(parents=True, exist_ok=True)
     faults = FaultPlan(work / "faults.json")
     with gcs_emulator(faults=faults):
-        return chaos(Place(name, work, quick, _env()), kills, seed, faults)
+        return chaos(Place(name, work, quick, _env(), budgets), kills, seed, faults)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,13 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=20, help="kills per place (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smaller cells (the grid is the same)")
+    p.add_argument("--budgets", type=float, nargs="+", help="the grid's extra budgets (default: chaos.gin's, 2 and 4)")
     p.add_argument("--work", help="folder for the runs and their logs (default: a temporary folder, kept)")
     args = p.parse_args(argv)
     work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="doa-chaos-"))
     print(f"chaos: {args.kills} kills per place in {', '.join(args.where)}; runs and logs in {work}", flush=True)
     results = []
     for name in args.where:
-        results.append(run_place(name, work, args.kills, args.seed, args.quick))
+        results.append(run_place(name, work, args.kills, args.seed, args.quick, args.budgets))
         print(f"{name}: {json.dumps(results[-1])}", flush=True)
     (work / "chaos.json").write_text(json.dumps(results, indent=1))
     print(table(results))

@@ -95,9 +95,12 @@ def cache_dir(cfg: CellConfig) -> storage.AnyPath:
 
 def _local_vocab_dir(cfg: CellConfig) -> pathlib.Path:
     """Where the demo's vocabulary is built: the cache when local; with a URL cache, a local folder
-    (SentencePiece trains into local files; the build is deterministic, so any host rebuilds it alike)."""
+    (SentencePiece trains into local files; the build is deterministic, so any host rebuilds it alike)
+    named by the demo's sizes, whose texts it is trained on (one folder for all sizes served a
+    vocabulary trained on other texts)."""
     cache = cache_dir(cfg)
-    return cache if not storage.is_url(cache) else pathlib.Path.home() / ".cache" / "doa_jax" / "vocab"
+    sizes = fingerprint(dict(sorted((cfg.demo_sizes or {}).items())))
+    return cache if not storage.is_url(cache) else pathlib.Path.home() / ".cache" / "doa_jax" / "vocab" / sizes
 
 
 def task_vocab(cfg: CellConfig, demo_pools: Any = None) -> vocab_lib.Vocabulary:

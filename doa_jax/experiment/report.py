@@ -22,6 +22,7 @@ import collections
 import csv
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -822,12 +823,11 @@ def plot_budget_bars(cells: list[Cell], paper: list[dict], task: str, path: path
 
 
 def _save(fig, path) -> None:
-    """Saves a figure to a local path or a URL (PNG; the format comes from the name)."""
-    if storage.is_url(path):
-        with storage.path(path).open("wb") as f:
-            fig.savefig(f, format="png")
-    else:
-        fig.savefig(path)
+    """Saves a figure (PNG) to a local path or a URL, all at once (`storage.write_atomic`): a kill
+    leaves the old figure or the new one, and a flaky store's write is retried."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    storage.write_atomic(path, buf.getvalue())
 
 
 def sweep_progress(run_dir: pathlib.Path, rows: list[dict]) -> Optional[tuple[int, int]]:

@@ -275,6 +275,7 @@ def run_sweep(points: Sequence[Point], cells: Sequence, *, runner: Optional[Call
     with locking.hold_on_chief(out / ".sweep.lock", f"a sweep in {out}", take_over=take_over_lock):
         keys = [c.key() for c in cells]
         if chief:
+            storage.clean_orphans(out)        # temporary files a kill left (the cells clean their caches)
             _write_state(out, config_gin, points, keys, log)
         done = partitioning.from_chief(
             lambda: {r.get("cell_key"): r for r in results_lib.read_rows(results, repair=True)})
