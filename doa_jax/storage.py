@@ -28,10 +28,10 @@ Multi-host: every host runs the same command, and only process 0 writes shared f
 chief writes metrics and config; `run_cell` and sweeps write rows on process 0 only), while Orbax's
 collective save writes each checkpoint once into the one shared directory.
 
-Faults. Transient ones (HTTP 408/429/5xx, a connection reset, a timeout) are retried twice over:
-by gcsfs on every request (6 tries, backoff 1-32 s; TensorStore, which writes Orbax's arrays, has
-its own), and here, for the functions below, with exponential backoff for up to
-`DOA_STORAGE_RETRY_S` seconds (default 300) before giving up. A retried write may have landed
+Faults (sorted in `doa_jax.faults`). Transient ones (HTTP 408/429/5xx, a connection reset, a
+timeout) are retried twice over: by gcsfs on every request (6 tries, backoff 1-32 s; TensorStore,
+which writes Orbax's arrays, has its own), and here, for the functions below, with exponential
+backoff for up to `DOA_STORAGE_RETRY_S` seconds (default 300) before giving up. A retried write may have landed
 already; every write here is safe to repeat (a put of the same name, a delete of what is gone).
 Permanent ones (no permission, a missing bucket, a full or read-only disk) raise `StorageError`:
 one line naming the path and the cause, which `doa` prints as it is. Nothing written before is
@@ -41,25 +41,23 @@ wrote. A kill leaves at most a temporary file named `<name>.<host>-<pid>.doa-tmp
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import errno
 import itertools
 import logging
 import os
 import pathlib
-import random
 import shutil
 import socket
-import sys
 import tempfile
 import time
 import uuid
-from typing import Callable, Iterator, TypeVar, Union
+from typing import Callable, Iterator, Union
 
 from etils import epath
 
 import fsspec
+
+from doa_jax.faults import StorageError, describe, retrying, transient  # noqa: F401  (callers use storage.*)
 
 # gs:// through gcsfs (fsspec) rather than TF's gfile: the client our own files use, and the one
 # that honours STORAGE_EMULATOR_HOST. Read by epath at each call; a user's explicit choice wins.
@@ -71,91 +69,7 @@ logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 AnyPath = Union[pathlib.Path, epath.Path]
 ROWS_SUFFIX = ".rows"
 TMP_SUFFIX = ".doa-tmp"        # `<name>.<host>-<pid>.doa-tmp`: a write in progress (or cut short by a kill)
-RETRY_ENV = "DOA_STORAGE_RETRY_S"
 _counter = itertools.count()
-T = TypeVar("T")
-
-
-class StorageError(OSError):
-    """A read or write that cannot succeed: no permission, a missing bucket, a full disk, or a
-    transient fault that outlasted the retries. Its message is one line naming the path."""
-
-
-# ----------------------------------------------------------------------------- faults and retries
-
-def _status(e: BaseException) -> int | None:
-    for attr in ("code", "status"):
-        value = getattr(e, attr, None)
-        if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-            return int(value)
-    return None
-
-
-def transient(e: BaseException) -> bool:
-    """True for a fault worth retrying: HTTP 408/429/5xx, a connection reset, refused or timed out."""
-    code = _status(e)
-    if code is not None:
-        return code in (408, 429) or 500 <= code < 600
-    if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
-        return True
-    kind = f"{type(e).__module__}.{type(e).__name__}"
-    return kind.startswith(("aiohttp.", "requests.exceptions.")) or kind.endswith("FSTimeoutError")
-
-
-def describe(e: BaseException) -> str:
-    """The cause of a storage fault in a few words (first line of its message)."""
-    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
-        return "no space left on device (ENOSPC)"
-    if isinstance(e, OSError) and e.errno == errno.EDQUOT:
-        return "disk quota exceeded (EDQUOT)"
-    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"{os.strerror(e.errno)} ({errno.errorcode[e.errno]})"
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    if first.startswith("Forbidden:"):      # gcsfs's 403: "Forbidden: <url>" then GCS's message
-        return "HTTP 403 Forbidden" + (f" ({lines[1]})" if len(lines) > 1 else "")
-    code = _status(e)
-    if isinstance(e, FileNotFoundError):
-        first = "not found (a missing bucket or folder?)"
-    elif code is not None and str(code) not in first:
-        first = f"HTTP {code} {first}".strip()
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
-def retry_seconds() -> float:
-    """How long a transient fault is retried (DOA_STORAGE_RETRY_S, default 300 s)."""
-    try:
-        return max(0.0, float(os.environ.get(RETRY_ENV, "300")))
-    except ValueError:
-        raise ValueError(f"{RETRY_ENV} must be a number of seconds, got {os.environ[RETRY_ENV]!r}") from None
-
-
-def retrying(verb: str, p: str | os.PathLike, fn: Callable[[], T], *, missing_ok: bool = False) -> T:
-    """`fn()`, retried with exponential backoff (1 s doubling to 30 s, jittered) while it fails
-    transiently, for up to `retry_seconds()`; any other failure (or one that outlasts the retries)
-    raises `StorageError` "cannot <verb> <p>: <cause>". FileNotFoundError passes through as it is
-    when `missing_ok` (a read of what is absent)."""
-    deadline, delay, said = time.monotonic() + retry_seconds(), 1.0, False
-    while True:
-        try:
-            return fn()
-        except FileNotFoundError:
-            if missing_ok:
-                raise
-            raise StorageError(f"cannot {verb} {os.fspath(p)}: {describe(FileNotFoundError())}") from None
-        except StorageError:
-            raise
-        except Exception as e:   # noqa: BLE001 (clients raise many types; each is sorted here)
-            if not (transient(e) and time.monotonic() + delay < deadline):
-                raise StorageError(f"cannot {verb} {os.fspath(p)}: {describe(e)}"
-                                   + (f" (still failing after {retry_seconds():.0f} s of retries)"
-                                      if transient(e) else "")) from None
-            if not said:
-                print(f"storage: {verb} {os.fspath(p)} failed ({describe(e)}); retrying with backoff for up to "
-                      f"{retry_seconds():.0f} s", file=sys.stderr, flush=True)
-                said = True
-            time.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 30.0)
 
 
 def is_url(p: str | os.PathLike) -> bool:

@@ -217,10 +217,10 @@ def chaos_round(place: Place, out: str, kills: int, reference_work_s: float, rng
     for i, aim in enumerate(plan):
         # Uniform over a share of the work a bit above 1/kills: the kills come spread over the sweep
         # and, with the work each rerun redoes, rarely after it finished.
-        # (An aimed run is killed from outside only if its write did not come within 2-3 such shares.)
+        # (An aimed run is killed from outside only if its write did not come within 4-6 such shares.)
         share = reference_work_s / max(kills, 1)
         record = run_once(place, out, f"run{start_index + i:03d}", aim=aim, rng=rng,
-                          kill_at=rng.uniform(0, 1.2 * share) if aim is None else rng.uniform(2, 3) * share,
+                          kill_at=rng.uniform(0, 1.2 * share) if aim is None else rng.uniform(4, 6) * share,
                           from_start=aim is None and rng.random() < 0.15)
         runs.append(record)
         if not record["killed"]:

@@ -1,7 +1,7 @@
 """The package's shape, as a spec: imports flow one way and functions stay short.
 
 Layers, lowest first; a module may import from its own layer or below, never above:
-    model < checkpoints, decoding, partitioning, hosts, flops, hardware, storage, platforms
+    model < checkpoints, decoding, partitioning, hosts, flops, hardware, storage, faults, platforms
           < trainer, losses, optimizers, progress, data, distill, metrics, bench, gin, api
           < experiment < commands, cli, configurables
 Every import counts, including those inside functions (the commands keep heavy imports inside
@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "doa_jax"
 LAYERS = [
     ["doa_jax.model"],
     ["doa_jax.checkpoints", "doa_jax.decoding", "doa_jax.partitioning", "doa_jax.hosts", "doa_jax.flops",
-     "doa_jax.hardware", "doa_jax.storage", "doa_jax.platforms"],
+     "doa_jax.hardware", "doa_jax.storage", "doa_jax.faults", "doa_jax.platforms"],
     ["doa_jax.trainer", "doa_jax.losses", "doa_jax.optimizers", "doa_jax.progress", "doa_jax.data",
      "doa_jax.distill", "doa_jax.metrics", "doa_jax.bench", "doa_jax.gin_flags", "doa_jax.gin_utils",
      "doa_jax.api"],
