@@ -181,7 +181,7 @@ def lost_hosts_message(error: BaseException, wait_s: float = 5.0) -> Optional[st
     None (one process, or every process still alive: `error` is an ordinary one). The
     coordination service is asked which processes are alive (for up to `wait_s` while it has not
     noticed yet); when it cannot be asked, process 0, which runs it, is the one gone."""
-    if jax.process_count() == 1 or _client() is None:
+    if _client() is None or jax.process_count() == 1:     # not a multi-host job (no backend started for asking)
         return None
     everyone = list(range(jax.process_count()))
     text = str(error)

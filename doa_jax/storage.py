@@ -203,10 +203,10 @@ def clean_orphans(root: str | os.PathLike) -> list[pathlib.Path]:
     Nothing on an object store, where a put is whole or absent."""
     if is_url(root) or not os.path.isdir(root):
         return []
-    removed = []
+    removed, here = [], socket.gethostname()
     for tmp in pathlib.Path(root).rglob(f"*{TMP_SUFFIX}"):
-        host, _, pid = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1].rpartition("-")
-        if pid.isdigit() and process_gone(host, int(pid)):
+        rest, _, pid = tmp.name[: -len(TMP_SUFFIX)].rpartition("-")       # <name>.<host>-<pid>
+        if pid.isdigit() and rest.endswith(f".{here}") and process_gone(here, int(pid)):
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

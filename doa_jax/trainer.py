@@ -19,7 +19,7 @@ checkpoint of it, waits for every save to be committed, prints what it did, and 
 for SIGINT, no traceback). On several hosts the hosts agree on the stop step with an all-gather
 of their signal flags after every step, so all save the same step. A second Ctrl-C stops at
 once without saving. SIGKILL cannot be caught: the rerun resumes from the last committed
-checkpoint (a damaged newest checkpoint is moved aside with a warning and the one before used).
+checkpoint (a damaged newest checkpoint is set aside, one line says which and why, and the one before used).
 
 Checkpoints, resume and the initial checkpoint (an explicit switch):
 * an existing checkpoint in `MODEL_DIR/checkpoints` is resumed (full state: params, optimizer,

@@ -8,6 +8,8 @@ its store or disk, against the same cell run once without one:
 - a full disk (ENOSPC) in a teacher-store chunk, a student checkpoint and the results row: one line
   each time, no temporary file left, the checkpoint before and the rows written before intact, and
   the rerun after space is freed resumes and ends as the reference.
+The storage layer alone (fast): transient faults retried with backoff, others one line naming the
+path; a failed write leaves the old file and no temporary one; a killed writer's is removed later.
 (Kills: tests/test_chaos.py and tests/test_resume.py; locks: tests/test_locks.py.)"""
 import builtins
 import contextlib
@@ -16,6 +18,9 @@ import io
 import json
 import os
 import pathlib
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -30,7 +35,6 @@ CELL = ["run", "--gin_file", "runs/experiment.gin", "--gin_file", "runs/demo_mod
         "--gin.cell/TrainConfig.checkpoint_every=1", "--gin.cell/TrainConfig.keep_checkpoints=2",
         *(f"--gin.{m}/T5Size.num_{s}_layers=1" for m in ("teacher", "student") for s in ("encoder", "decoder"))]
 MEASURED = ("wall_seconds", "measured_usd", "output")     # the clock's, and the run's own folder
-pytestmark = pytest.mark.slow
 
 
 def _run(out, capsys, *extra) -> tuple[int, str, str]:
@@ -54,6 +58,66 @@ def _charged(ledger: list[dict]) -> list[tuple]:
     """(phase, $ charged, FLOPs) of each entry but the compute kills undid (keys are left out: a
     teacher's hashes the demo vocabulary's file, which records the folder it was built in)."""
     return sorted((e["phase"], e["usd"], e["flops"]) for e in ledger if not e["key"].startswith("lost:"))
+
+
+# ----------------------------------------------------------------------------- the storage layer alone
+
+def test_transient_faults_are_retried_with_backoff_and_others_raise_one_line_naming_the_path(monkeypatch, capsys):
+    from doa_jax import faults
+
+    waits = []
+    monkeypatch.setattr(faults.time, "sleep", waits.append)
+    answers = iter([ConnectionResetError(104, "Connection reset by peer"), TimeoutError("timed out"), b"ok"])
+
+    def flaky():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert storage.retrying("read", "gs://b/x", flaky) == b"ok"
+    assert len(waits) == 2 and 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 2.0       # backoff, jittered
+    assert capsys.readouterr().err == ("storage: read gs://b/x failed (ConnectionResetError: [Errno 104] Connection "
+                                       "reset by peer); retrying with backoff for up to 300 s\n")
+
+    def forbidden():
+        raise OSError("Forbidden: https://storage.googleapis.com/upload/storage/v1/b/b/o\nno storage.objects.create")
+
+    with pytest.raises(storage.StorageError) as refused:
+        storage.retrying("write", "gs://b/x", forbidden)
+    assert str(refused.value) == "cannot write gs://b/x: HTTP 403 Forbidden (no storage.objects.create)"
+    def unavailable():
+        raise _Http503("Service Unavailable, 503")
+
+    monkeypatch.setenv("DOA_STORAGE_RETRY_S", "0")           # no time left to retry
+    with pytest.raises(storage.StorageError) as gave_up:
+        storage.retrying("read", "gs://b/x", unavailable)
+    assert str(gave_up.value) == ("cannot read gs://b/x: _Http503: Service Unavailable, 503 (still failing after 0 s "
+                                  "of retries)")
+
+
+class _Http503(Exception):
+    """gcsfs's HttpError for a 503: its status in `code`."""
+    code = 503
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one_and_a_killed_writers_is_removed(tmp_path, monkeypatch):
+    target = tmp_path / "record.json"
+    target.write_text("old")
+    with disk_full(monkeypatch, "record.json"):
+        with pytest.raises(storage.StorageError, match=rf"cannot write {target}: no space left on device \(ENOSPC\)"):
+            storage.write_atomic(target, "new")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    (tmp_path / "sub").mkdir()
+    left = tmp_path / "sub" / f"chunk_00001.npz.{host}-{dead.stdout.strip()}.doa-tmp"     # a writer killed mid-write
+    live = tmp_path / f"results.jsonl.{host}-{os.getpid()}.doa-tmp"                       # one at work now
+    other = tmp_path / f"x.json.tpu-worker-3-{dead.stdout.strip()}.doa-tmp"               # another host's
+    for p in (left, live, other):
+        p.write_text("half")
+    assert storage.clean_orphans(tmp_path) == [left]
+    assert live.exists() and other.exists() and not left.exists()
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +164,7 @@ def _fired(plan, rules) -> list[str]:
             if not any(f == r["fault"] and re.search(r["match"], t) for f, t in injected)]
 
 
+@pytest.mark.slow
 def test_a_cell_on_a_flaky_store_ends_as_on_a_steady_one_and_a_403_stops_it_in_one_line(flaky, reference, capsys):
     plan, bucket = flaky
     out = f"{bucket}/flaky"
@@ -128,6 +193,7 @@ def test_a_cell_on_a_flaky_store_ends_as_on_a_steady_one_and_a_403_stops_it_in_o
     assert not [f for f in ls(out) if "orbax-checkpoint-tmp" in f or f.endswith(".lock")]
 
 
+@pytest.mark.slow
 def test_a_bucket_gone_mid_run_stops_doa_run_with_one_line_naming_the_object(flaky, capsys):
     plan, bucket = flaky
     out = f"{bucket}/gone"
@@ -179,6 +245,7 @@ def disk_full(monkeypatch, where: str):
         yield
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_cell_in_one_line_and_the_rerun_after_space_is_freed_resumes(
         tmp_path, reference, capsys, monkeypatch):
     out = tmp_path / "run"
