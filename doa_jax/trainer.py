@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from doa_jax import flops, hosts, losses, optimizers, partitioning, progress, storage
+from doa_jax import flops, fused_update, hosts, losses, optimizers, partitioning, progress, storage
 from doa_jax.checkpoints import steps as train_checkpoints
 from doa_jax.losses import LossConfig
 from doa_jax.model import T5Config, Transformer
@@ -86,7 +86,7 @@ class TrainState:
 _FIELD_TYPES = {"batch_size": (int,), "train_steps": (int, type(None)), "epochs": (int, float, type(None)),
                 "num_microbatches": (int,), "seed": (int,), "keep_checkpoints": (int, type(None)),
                 "max_grad_norm": (int, float, type(None)), "max_param_growth": (int, float, type(None)),
-                "param_dtype": (str,), "log_seconds": (int, float, type(None))}
+                "param_dtype": (str,), "log_seconds": (int, float, type(None)), "fused_update": (bool,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,11 +135,14 @@ class TrainConfig:
     # 'bfloat16': params stored (and checkpointed) in bf16, updates computed in float32 and written
     # back with stochastic rounding (`optimizers.apply_updates`); optimizer slots stay float32.
     param_dtype: str = "float32"
+    # The optimizer inside the backward pass, layer by layer (doa_jax/fused_update.py): no whole
+    # gradient tree is alive; needs scanned layers and one microbatch.
+    fused_update: bool = False
 
     def __post_init__(self):
         for name, kinds in _FIELD_TYPES.items():
             value = getattr(self, name)
-            if not isinstance(value, kinds) or isinstance(value, bool):
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 what = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
                 raise TypeError(f"{name} must be {what}, got {value!r}")
         if (self.train_steps is None) == (self.epochs is None):
@@ -155,6 +158,8 @@ class TrainConfig:
         if self.initial_checkpoint_mode not in ("params", "full"):
             raise ValueError(f"initial_checkpoint_mode must be 'params' (weights only, fresh optimizer) or "
                              f"'full' (resume a doa_jax trainer checkpoint), got {self.initial_checkpoint_mode!r}")
+        if self.fused_update:
+            fused_update.check_microbatches(self.num_microbatches)
         if self.param_dtype not in optimizers.PARAM_DTYPES:
             raise ValueError(f"param_dtype must be one of {optimizers.PARAM_DTYPES}, got {self.param_dtype!r}")
         if self.log_seconds is not None and not self.log_seconds > 0:
@@ -254,9 +259,12 @@ class StepProgram:
     """
 
     def __init__(self, model_config: T5Config, loss: LossConfig, optimizer: OptimizerConfig, total_steps: int,
-                 num_microbatches: int, mesh: jax.sharding.Mesh, rules: tuple, param_dtype: str = "float32"):
+                 num_microbatches: int, mesh: jax.sharding.Mesh, rules: tuple, param_dtype: str = "float32",
+                 fused: bool = False):
         self.model_config, self.loss, self.num_microbatches = model_config, loss, num_microbatches
-        self.param_dtype = param_dtype
+        self.param_dtype, self.fused = param_dtype, fused
+        if fused:
+            fused_update.check(model_config, num_microbatches)
         self.mesh, self.rules = mesh, [tuple(r) for r in rules]
         self.model = Transformer(model_config)
         self.tx, self.schedule = optimizer.build(total_steps)
@@ -308,6 +316,11 @@ class StepProgram:
 
     def _step_fn(self, state: TrainState, batch, base_rng):
         rng = jax.random.fold_in(base_rng, state.step)
+        if self.fused:   # the optimizer inside the backward pass, layer by layer (doa_jax/fused_update.py)
+            params, opt_state, metrics = fused_update.step(self.model_config, self.loss, self.tx, state.params,
+                                                           state.opt_state, batch, rng, _rounding_key(rng))
+            return (TrainState(state.step + 1, params, opt_state),
+                    dict(metrics, learning_rate=self.schedule(state.step)))
         weights, divisor = losses.loss_weights(self.loss, batch)
         grad_fn = jax.value_and_grad(self._loss_and_metrics, has_aux=True)
         m = self.num_microbatches
@@ -336,7 +349,7 @@ class StepProgram:
             (grads, metrics), _ = jax.lax.scan(body, zero, (jnp.arange(m), micro))
         # bf16 params are written back with stochastic rounding, keyed by the step (resumes replay it).
         params, opt_state, update_norm = optimizers.apply_gradients(
-            self.tx, grads, state.opt_state, state.params, jax.random.fold_in(rng, 0x5352))
+            self.tx, grads, state.opt_state, state.params, _rounding_key(rng))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=self.schedule(state.step),
@@ -352,11 +365,16 @@ class StepProgram:
         return {k: metrics[k] for k in ("nll_sum", "correct", "num_tokens")}
 
 
+def _rounding_key(rng: jax.Array) -> jax.Array:
+    """The step's key for bfloat16 params' stochastic rounding (resumes replay it)."""
+    return jax.random.fold_in(rng, 0x5352)
+
+
 @functools.lru_cache(maxsize=8)
 def step_program(model_config: T5Config, loss: LossConfig, optimizer: OptimizerConfig, total_steps: int,
                  num_microbatches: int, mesh: jax.sharding.Mesh, rules: tuple,
-                 param_dtype: str = "float32") -> StepProgram:
-    return StepProgram(model_config, loss, optimizer, total_steps, num_microbatches, mesh, rules, param_dtype)
+                 param_dtype: str = "float32", fused: bool = False) -> StepProgram:
+    return StepProgram(model_config, loss, optimizer, total_steps, num_microbatches, mesh, rules, param_dtype, fused)
 
 
 class Trainer:
@@ -375,7 +393,7 @@ class Trainer:
             total_steps = total_steps if cfg.optimizer.uses_total_steps else 1
             self.program = step_program(self.model_config, cfg.loss, cfg.optimizer, total_steps,
                                         cfg.num_microbatches, self.mesh, tuple(tuple(r) for r in self.rules),
-                                        cfg.param_dtype)
+                                        cfg.param_dtype, cfg.fused_update)
         return self.program
 
     # ------------------------------------------------------------------ state creation

@@ -201,8 +201,8 @@ def _t5x_state(tx, params, v, step):
     state = jax.jit(tx.init)(params)
     if not isinstance(state, PerLayerState):
         return fill(state, v)
-    paths = optimizers._stack_paths(v)
-    v_rest, v_stacks = optimizers._split(v, paths)
+    paths = optimizers.stack_paths(v)
+    v_rest, v_stacks = optimizers.split_stacks(v, paths)
     return PerLayerState(fill(state.rest, v_rest),
                          tuple(fill(s, vs) for s, vs in zip(state.stacks, v_stacks)))
 

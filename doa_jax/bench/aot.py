@@ -52,6 +52,7 @@ class TrainSpec:
     param_dtype: str = "float32"
     num_microbatches: int = 1
     soft_targets: Optional[int] = None   # k of the batch's teacher_topk_* (None: no KD features)
+    fused_update: bool = False           # the optimizer inside the backward pass (doa_jax/fused_update.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,7 @@ def step_program(program: Program, layout: Layout) -> StepProgram:
     t = program.train
     total_steps = 1000 if t.optimizer.uses_total_steps else 1   # a schedule constant: no effect on memory
     return trainer.step_program(program.model, t.loss, t.optimizer, total_steps, t.num_microbatches, layout.mesh,
-                                layout.rules_tuple, t.param_dtype)
+                                layout.rules_tuple, t.param_dtype, t.fused_update)
 
 
 def inference_params(model: T5Config, layout: Layout) -> Any:
@@ -170,11 +171,12 @@ def state_bytes_per_device(program: Program, layout: Layout) -> int:
 
 
 def least_peak_bytes(program: Program, layout: Layout) -> int:
-    """Bytes per device no compile of `program` can go below: its state, and for a train step with
-    scanned layers the gradient tree as well (the backward scan stacks every layer's gradient before
-    the update reads them). A bound `--search` uses to skip compiles, not a figure it reports."""
+    """Bytes per device no compile of `program` can go below: its state, and for a plain train step
+    with scanned layers the gradient tree as well (the backward scan stacks every layer's gradient
+    before the update reads them; the fused update consumes each layer's as it comes). A bound
+    `--search` uses to skip compiles, not a figure it reports."""
     state = state_bytes_per_device(program, layout)
-    if program.kind != "train" or not program.model.scan_layers:
+    if program.kind != "train" or not program.model.scan_layers or program.train.fused_update:
         return state
     params, _ = step_program(program, layout).abstract_state()
     return state + sum(_shard_bytes(x) for x in jax.tree_util.tree_leaves(params))
@@ -255,10 +257,20 @@ def roofline_s(program: Program, target: Target, state_bytes: int) -> Optional[f
         cache = flops.decode_cache_bytes(cfg, b, n_in, n_out) / n
         per_step = (state_bytes + cache) / bandwidth
         return max(compute, n_out * per_step)
-    if program.kind == "train" and program.model.remat_policy == "full":
-        compute *= 4.0 / 3.0      # the forward pass runs again in the backward
+    if program.kind == "train":
+        compute *= train_passes(program) / 3.0   # 3: one forward and a backward of twice its FLOPs
     moved = 2 * state_bytes if program.kind == "train" else state_bytes   # read, and write back the update
     return max(compute, moved / bandwidth)
+
+
+def train_passes(program: Program) -> float:
+    """A train step's FLOPs in forwards: 3 (forward, backward), one more with REMAT 'full' (the
+    layers' forward again in the backward), and with the fused update and gradient clipping a
+    second backward pass (doa_jax/fused_update.py)."""
+    backward = 2.0 + (1.0 if program.model.remat_policy == "full" else 0.0)
+    t = program.train
+    clipped_twice = t.fused_update and t.optimizer.grad_clip_norm is not None
+    return 1.0 + backward * (2 if clipped_twice else 1)
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -348,7 +360,8 @@ def describe(program: Program, layout: Layout) -> dict[str, Any]:
                dtype=cfg.dtype, scan=cfg.scan_layers, remat=cfg.remat_policy)
     if t is not None:
         row.update(optimizer=t.optimizer.name, param_dtype=t.param_dtype, microbatches=t.num_microbatches,
-                   soft_targets=t.soft_targets)
+                   soft_targets=t.soft_targets, fused_update=t.fused_update,
+                   grad_clip_norm=t.optimizer.grad_clip_norm)
     return row
 
 
@@ -395,6 +408,8 @@ class Recipe:
     mesh: tuple[int, int] = (-1, 1)    # data (-1: every device left), model
     fsdp: bool = False
     microbatches: int = 1
+    fused_update: bool = False         # needs scan
+    grad_clip_norm: Optional[float] = None
     dtype: str = "bfloat16"
     student: str = "small"             # distill: the student the teacher's logits feed
     vocab_size: int = 32128
@@ -408,12 +423,13 @@ def recipe_programs(r: Recipe) -> list[Program]:
         raise ValueError(f"--phase must be one of {', '.join(PHASES + ('all',))}, got {r.phase!r}")
     model = config_for_size(r.size, dtype=r.dtype, scan_layers=r.scan, remat_policy=r.remat, vocab_size=r.vocab_size)
     mesh = MeshConfig(data=r.mesh[0], model=r.mesh[1], fsdp=r.fsdp)
-    optimizer = OptimizerConfig(name=r.optimizer)
+    optimizer = OptimizerConfig(name=r.optimizer, grad_clip_norm=r.grad_clip_norm)
     name = config_name(model)
     out = []
     if r.phase in ("train", "all"):
         out.append(Program(f"{name}_train", "train", "train", model, r.batch, r.lengths, mesh,
-                           TrainSpec(LossConfig(), optimizer, r.param_dtype, r.microbatches)))
+                           TrainSpec(LossConfig(), optimizer, r.param_dtype, r.microbatches,
+                                     fused_update=r.fused_update)))
     if r.phase in ("decode", "all"):
         out.append(Program(f"{name}_decode", "decode", "decode", model, r.batch, r.lengths, mesh))
     if r.phase in ("score", "all"):
@@ -426,7 +442,8 @@ def recipe_programs(r: Recipe) -> list[Program]:
                            co_resident=(step,)))
         out.append(Program(step, "distill", "train", student, r.batch, r.lengths, mesh,
                            TrainSpec(LossConfig(kd_weight=1.0), optimizer, r.param_dtype, r.microbatches,
-                                     soft_targets=r.vocab_size), co_resident=(f"{name}_forward",)))
+                                     soft_targets=r.vocab_size, fused_update=r.fused_update),
+                           co_resident=(f"{name}_forward",)))
     return out
 
 

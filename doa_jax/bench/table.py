@@ -93,6 +93,7 @@ def aot_table(rows: Sequence[Mapping[str, Any]]) -> str:
         layout = f"{'scan' if r['scan'] else 'unrolled'}/{r['remat']}/{r.get('param_dtype', r['dtype'] + ' (inference)')}"
         if r.get("optimizer"):
             layout += f"/{r['optimizer']}" + (f"/x{r['microbatches']}" if r.get("microbatches", 1) > 1 else "")
+            layout += ("/clip" if r.get("grad_clip_norm") is not None else "") + ("/fused" if r.get("fused_update") else "")
         peak = _fmt(r.get("peak_gib"), ".2f") + (" (temps, refused)" if r.get("peak_counts") == "temporaries" else "")
         out.append(f"| {r['program']} | {r['phase']} | {r['batch']} | {r['lengths'][0]}/{r['lengths'][1]} | "
                    f"{r['mesh'][0]}x{r['mesh'][1]}{' fsdp' if r['fsdp'] else ''} | {layout} | "

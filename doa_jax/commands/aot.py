@@ -4,15 +4,16 @@ Two ways in. A run's own gin (`--gin_file runs/experiment.gin --gin_file experim
 [--gin.X=V]`, as `doa run` takes them) compiles that cell's programs with its models, lengths,
 batch, protocol and mesh (no data file is read; give MODEL_VOCAB_SIZE and no vocabulary is read
 either). Or what-if flags: `--size xxl --phase train --batch 8 --lengths 512,128 --optimizer
-adafactor --param-dtype bfloat16 --remat full --scan --mesh 1,8 ...` (defaults: the project's).
+adafactor --param-dtype bfloat16 --remat full --scan --fused-update --mesh 1,8 ...` (defaults: the
+project's).
 
 Per program it prints XLA's per-device memory (arguments, outputs, aliased, temporaries) and the
 peak, the state other programs of the phase keep on the devices meanwhile, the target's usable
 memory per device, whether it fits and by how much, compile seconds, analytic FLOPs and a roofline
 lower bound on the step time (a bound, not a prediction). The TPU compiler refuses what does not fit
 (its message is parsed into "needs X GiB of Y"); the GPU compiler does not, so the comparison with
-the device's capacity is this tool's. `--search` tries what would fit (remat, microbatches, batch,
-parameter dtype and optimizer, FSDP, mesh, then the next larger slice) and lists it, fitting
+the device's capacity is this tool's. `--search` tries what would fit (remat, the fused update, microbatches,
+batch, parameter dtype and optimizer, FSDP, mesh, then the next larger slice) and lists it, fitting
 settings first, cheapest first. `--json` prints one object. Needs the `aot` extra
 (`pip install -c constraints.txt -e ".[aot]"`).
 """
@@ -68,6 +69,10 @@ def register(subparsers) -> None:
                    help="mesh axes (default -1,1: every device on data)")
     w.add_argument("--fsdp", action="store_true", help="shard parameters' embed axis over data too")
     w.add_argument("--microbatches", type=int, default=d.microbatches, help="gradient accumulation steps")
+    w.add_argument("--fused-update", action="store_true",
+                   help="the optimizer inside the backward pass, layer by layer (needs --scan; doa_jax/fused_update.py)")
+    w.add_argument("--clip", type=float, default=d.grad_clip_norm, metavar="NORM",
+                   help="clip the global gradient norm (the paper's 1.0; with --fused-update: a second backward pass)")
     w.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"embedding rows (default {d.vocab_size})")
     w.add_argument("--topk", type=int, default=d.topk, help=f"score: logits kept per position (default {d.topk})")
     p.set_defaults(func=run)
@@ -81,6 +86,7 @@ def _programs(args):
         recipe = Recipe(size=args.size, phase=args.phase or "train", batch=args.batch, lengths=tuple(args.lengths),
                         optimizer=args.optimizer, param_dtype=args.param_dtype, remat=args.remat, scan=args.scan,
                         mesh=tuple(args.mesh), fsdp=args.fsdp, microbatches=args.microbatches, dtype=args.dtype,
+                        fused_update=args.fused_update, grad_clip_norm=args.clip,
                         student=args.student, vocab_size=args.vocab_size, topk=args.topk)
         return recipe_programs(recipe), "what-if flags"
     from doa_jax import configurables, gin_utils

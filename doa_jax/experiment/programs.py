@@ -1,7 +1,7 @@
 """The programs a cell runs, phase by phase, as `doa aot` compiles them for a target.
 
 One `bench.aot.Program` per jitted function a cell calls, with the cell's own models, lengths,
-batches, loss, optimizer, parameter dtype, microbatches and mesh (`cell/TrainConfig.mesh`):
+batches, loss, optimizer, parameter dtype, microbatches, fused update and mesh (`cell/TrainConfig.mesh`):
 
     distill / mixed: teacher_train ─► teacher_decode ─► teacher_score [─► teacher_score_gold (mixed)]
                      ─► [teacher_forward (online soft targets)] ─► student_distill ─► eval_decode
@@ -45,7 +45,7 @@ def cell_programs(cfg: CellConfig, lengths: Mapping[str, int]) -> list[Program]:
 
     def train_spec(soft_targets, kd: bool) -> TrainSpec:
         loss = t.loss if kd else dataclasses.replace(t.loss, kd_weight=0.0)
-        return TrainSpec(loss, t.optimizer, t.param_dtype, t.num_microbatches, soft_targets)
+        return TrainSpec(loss, t.optimizer, t.param_dtype, t.num_microbatches, soft_targets, t.fused_update)
 
     programs = []
     if cfg.kind.uses_teacher:

@@ -63,14 +63,27 @@ def cross_mask(encoder_tokens: Array, decoder_segment_ids: Optional[Array] = Non
     return key_ok & (decoder_segment_ids[:, None, :, None] == encoder_segment_ids[:, None, None, :])
 
 
+def layer_policy(cfg: T5Config):
+    """What a layer keeps for its backward pass, as a `jax.checkpoint` policy (None: nothing but its
+    inputs, the rest recomputed): 'full' -> None; 'dots' -> the matmul outputs without batch
+    dimensions (attention scores recomputed); 'none' -> every matmul output (elementwise work
+    recomputed, no matmul). Unscanned layers under 'none' are not checkpointed at all: XLA keeps
+    what it chooses. Scanned layers always are, because a scan stacks every residual of a layer:
+    left alone it would stack each layer's bf16 weight casts and float32 elementwise temporaries
+    too (issue 27: 1.8x the unrolled model's memory at XXL)."""
+    if cfg.remat_policy == "full":
+        return None
+    if cfg.remat_policy == "dots":
+        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    return jax.checkpoint_policies.checkpoint_dots
+
+
 def _remat(cls, cfg: T5Config, deterministic_argnum: int):
-    """Wraps a layer class in `nn.remat` per `cfg.remat_policy` (argnums count `self`)."""
-    if cfg.remat_policy == "none":
+    """Wraps a layer class in `nn.remat` per `layer_policy` (argnums count `self`)."""
+    if cfg.remat_policy == "none" and not cfg.scan_layers:
         return cls
-    policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-              if cfg.remat_policy == "dots" else None)
     # Inside a scan the loop boundary already keeps XLA from merging the recomputation away.
-    return nn.remat(cls, policy=policy, static_argnums=(deterministic_argnum,),
+    return nn.remat(cls, policy=layer_policy(cfg), static_argnums=(deterministic_argnum,),
                     prevent_cse=not cfg.scan_layers)
 
 
@@ -171,29 +184,46 @@ class DecoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Embedding, relative position bias and mask (`embed`), the layers, final norm (`finish`)."""
+
     config: T5Config
     embedder: nn.Module
 
-    @nn.compact
-    def __call__(self, tokens: Array, segment_ids: Optional[Array] = None,
-                 deterministic: bool = True) -> Array:
+    def setup(self):
         cfg, dt = self.config, _dtype(self.config)
-        x = self.embedder(tokens.astype(jnp.int32))
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        x = constrain(x, ("batch", "length", "embed"))
-        length = tokens.shape[1]
-        bias = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-                                    cfg.num_heads, True, dt, name="relpos_bias")(length, length)
-        bias = bias + attention_bias(encoder_mask(tokens, segment_ids))
+        self.relpos_bias = RelativePositionBias(cfg.relative_attention_num_buckets,
+                                                cfg.relative_attention_max_distance, cfg.num_heads, True, dt)
         layer_cls = _remat(EncoderLayer, cfg, 3)
         if cfg.scan_layers:
-            x, _ = _scan_layers(_encoder_body, cfg.num_encoder_layers, (nn.broadcast, nn.broadcast))(
-                layer_cls(cfg, name="layers"), x, bias, deterministic)
+            self.layers = layer_cls(cfg, name="layers")
         else:
-            for i in range(cfg.num_encoder_layers):
-                x = layer_cls(cfg, name=f"layers_{i}")(x, bias, deterministic)
-        x = RMSNorm(cfg.layer_norm_epsilon, dt, name="encoder_norm")(x)
-        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+            self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_encoder_layers)]
+        self.encoder_norm = RMSNorm(cfg.layer_norm_epsilon, dt)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def embed(self, tokens: Array, segment_ids: Optional[Array] = None,
+              deterministic: bool = True) -> tuple[Array, Array, Array]:
+        """`(x, relpos, mask)`: the first layer's input, the position bias `[1, H, S, S]` and the
+        additive mask `[B, 1, 1|S, S]`; every layer's attention bias is `relpos + mask`."""
+        x = self.embedder(tokens.astype(jnp.int32))
+        x = constrain(self.dropout(x, deterministic=deterministic), ("batch", "length", "embed"))
+        length = tokens.shape[1]
+        return x, self.relpos_bias(length, length), attention_bias(encoder_mask(tokens, segment_ids))
+
+    def finish(self, x: Array, deterministic: bool = True) -> Array:
+        return self.dropout(self.encoder_norm(x), deterministic=deterministic)
+
+    def __call__(self, tokens: Array, segment_ids: Optional[Array] = None,
+                 deterministic: bool = True) -> Array:
+        x, relpos, mask = self.embed(tokens, segment_ids, deterministic)
+        bias = relpos + mask
+        if self.config.scan_layers:
+            x, _ = _scan_layers(_encoder_body, self.config.num_encoder_layers, (nn.broadcast, nn.broadcast))(
+                self.layers, x, bias, deterministic)
+        else:
+            for layer in self.layers:
+                x = layer(x, bias, deterministic)
+        return self.finish(x, deterministic)
 
 
 class Decoder(nn.Module):
@@ -224,14 +254,29 @@ class Decoder(nn.Module):
             logits = self.logits_dense(y.astype(jnp.float32))
         return constrain(logits, ("batch", "length", "vocab"))
 
-    def __call__(self, encoded: Array, encoder_tokens: Array, decoder_input_tokens: Array,
-                 encoder_segment_ids: Optional[Array] = None, decoder_segment_ids: Optional[Array] = None,
-                 deterministic: bool = True) -> Array:
+    def embed(self, encoder_tokens: Array, decoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+              decoder_segment_ids: Optional[Array] = None,
+              deterministic: bool = True) -> tuple[Array, Array, Array, Array]:
+        """`(y, relpos, self_mask, cross_bias)`: the first layer's input, the self-attention
+        position bias `[1, H, T, T]` and causal mask (self bias = `relpos + self_mask`), and the
+        cross-attention bias."""
         y = self.embedder(decoder_input_tokens.astype(jnp.int32))
         y = constrain(self.dropout(y, deterministic=deterministic), ("batch", "length", "embed"))
         t = decoder_input_tokens.shape[1]
-        self_bias = self.relpos_bias(t, t) + attention_bias(decoder_self_mask(t, decoder_segment_ids))
+        self_mask = attention_bias(decoder_self_mask(t, decoder_segment_ids))
         cross_bias = attention_bias(cross_mask(encoder_tokens, decoder_segment_ids, encoder_segment_ids))
+        return y, self.relpos_bias(t, t), self_mask, cross_bias
+
+    def finish(self, y: Array, deterministic: bool = True) -> Array:
+        """Float32 logits `[B, T, V]` of the last layer's output."""
+        return self._logits(y, deterministic)
+
+    def __call__(self, encoded: Array, encoder_tokens: Array, decoder_input_tokens: Array,
+                 encoder_segment_ids: Optional[Array] = None, decoder_segment_ids: Optional[Array] = None,
+                 deterministic: bool = True) -> Array:
+        y, relpos, self_mask, cross_bias = self.embed(encoder_tokens, decoder_input_tokens, encoder_segment_ids,
+                                                      decoder_segment_ids, deterministic)
+        self_bias = relpos + self_mask
         if self.config.scan_layers:
             broadcast = (nn.broadcast,) * 4
             y, _ = _scan_layers(_decoder_body, self.config.num_decoder_layers, broadcast)(
