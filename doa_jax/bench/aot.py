@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from doa_jax import decoding, flops, partitioning, platforms
+from doa_jax import decoding, flops, fused_update, partitioning, platforms
 from doa_jax.distill import outputs as teacher_outputs
 from doa_jax.distill import student_data
 from doa_jax.losses import LossConfig
@@ -94,6 +94,8 @@ class Layout:
                              "(DATA = -1 takes every device MODEL leaves)")
         microbatches = program.train.num_microbatches if program.train else 1
         partitioning.check_batch_size(program.batch, self.mesh, 1, microbatches)
+        if program.train is not None and program.train.fused_update:
+            fused_update.check(program.model, microbatches)
         self.rules_tuple = tuple(tuple(r) for r in self.rules)
 
     def context(self):

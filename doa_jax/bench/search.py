@@ -1,13 +1,15 @@
 """`doa aot --search`: for a program that does not fit its target, the settings that would.
 
 Like MaxText's estimator, it walks the knobs that trade memory for time or fidelity: remat policy,
-microbatches, batch, parameter dtype and optimizer, FSDP and the mesh shape on the same target,
-then the next larger slice of the same family. Candidates are tried least invasive first (a change
+the fused update (the optimizer inside the backward pass, on scanned layers: the same math without
+a whole gradient tree), microbatches, batch, parameter dtype and optimizer, FSDP and the mesh
+shape on the same target, then the next larger slice of the same family. Candidates are tried least invasive first (a change
 that keeps the recipe's math before one that changes it; the same target before a larger one), and
 most are settled without compiling:
 
 * a candidate whose state alone (parameters and optimizer slots per device, with scanned layers
-  the gradient tree too, plus what other programs keep there) exceeds the capacity cannot fit;
+  and no fused update the gradient tree too, plus what other programs keep there) exceeds the
+  capacity cannot fit;
 * a candidate that uses at least as much memory as one already seen not to fit on every knob (the
   same mesh and target, and no knob that saves memory) cannot fit either.
 
@@ -27,7 +29,8 @@ from doa_jax.bench import aot, targets
 from doa_jax.bench.targets import GIB, Target
 
 # How much each knob changes the recipe (lower: tried first); a larger slice adds SLICE_STEP per size up.
-INVASIVE = {"remat": 1, "num_microbatches": 1, "fsdp": 1, "mesh": 1, "batch": 2, "param_dtype": 3, "optimizer": 3}
+INVASIVE = {"remat": 1, "fused_update": 1, "num_microbatches": 1, "fsdp": 1, "mesh": 1, "batch": 2, "param_dtype": 3,
+            "optimizer": 3}
 SLICE_STEP = 10
 MAX_SLICE_STEPS = 3
 # Memory rank of each knob's values (higher: more memory), for the dominance rule. Microbatches are
@@ -35,7 +38,7 @@ MAX_SLICE_STEPS = 3
 # (full remat) more microbatches need more memory, not less (XXL on one H100: 61.0 GiB at 1, 71.3 at 2).
 _RANK = {"remat": {"none": 2, "dots": 1, "full": 0}.get, "param_dtype": {"float32": 1, "bfloat16": 0}.get,
          "optimizer": lambda name: 0 if name == "adafactor" else 1, "fsdp": lambda on: 0 if on else 1,
-         "batch": lambda b: b}
+         "batch": lambda b: b, "fused_update": lambda on: 0 if on else 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,19 +58,21 @@ def _settings(program: aot.Program) -> dict[str, Any]:
     if program.kind == "train":
         t = program.train
         out.update(remat=program.model.remat_policy, num_microbatches=t.num_microbatches,
-                   param_dtype=t.param_dtype, optimizer=t.optimizer.name)
+                   param_dtype=t.param_dtype, optimizer=t.optimizer.name, fused_update=t.fused_update)
     return out
 
 
 def apply(program: aot.Program, knobs: dict[str, Any]) -> aot.Program:
-    """`program` with the candidate's settings."""
+    """`program` with the candidate's settings (the fused update scans the layers)."""
     data, model = knobs["mesh"]
     mesh = dataclasses.replace(program.mesh, data=data, model=model, fsdp=knobs["fsdp"])
     changed = dict(batch=knobs["batch"], mesh=mesh)
     if program.kind == "train":
         t = program.train
-        changed["model"] = program.model.replace(remat_policy=knobs["remat"])
+        changed["model"] = program.model.replace(remat_policy=knobs["remat"],
+                                                 scan_layers=program.model.scan_layers or knobs["fused_update"])
         changed["train"] = dataclasses.replace(t, num_microbatches=knobs["num_microbatches"],
+                                               fused_update=knobs["fused_update"],
                                                param_dtype=knobs["param_dtype"],
                                                optimizer=dataclasses.replace(t.optimizer, name=knobs["optimizer"]))
     return dataclasses.replace(program, **changed)
@@ -84,7 +89,8 @@ def _choices(program: aot.Program, target: Target) -> dict[str, list]:
         out.update(remat=[base["remat"]] + (["full"] if base["remat"] != "full" else []),
                    num_microbatches=[base["num_microbatches"]] + [m for m in (2, 4, 8) if m > base["num_microbatches"]],
                    param_dtype=[base["param_dtype"]] + (["bfloat16"] if base["param_dtype"] != "bfloat16" else []),
-                   optimizer=[base["optimizer"]] + (["adafactor"] if base["optimizer"] != "adafactor" else []))
+                   optimizer=[base["optimizer"]] + (["adafactor"] if base["optimizer"] != "adafactor" else []),
+                   fused_update=[base["fused_update"]] + ([True] if not base["fused_update"] else []))
     return out
 
 
@@ -198,8 +204,8 @@ _BYTES: dict[tuple, int] = {}
 def _key(program: aot.Program, target: str, what: str) -> tuple:
     """What a program's state depends on: not its batch, microbatches or remat."""
     t = program.train
-    return (what, program.kind, program.model.replace(remat_policy="none"), t and (t.optimizer, t.param_dtype),
-            program.mesh, target)
+    return (what, program.kind, program.model.replace(remat_policy="none"),
+            t and (t.optimizer, t.param_dtype, t.fused_update), program.mesh, target)
 
 
 def _state_bytes(program: aot.Program, layout: aot.Layout, target: str) -> int:
