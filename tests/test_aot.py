@@ -5,6 +5,7 @@ peaks are XLA's figures for the trainer's own programs, a program that does not 
 by both compilers, the search turns a case built not to fit into one that fits, and bad input is
 one line. Programs are tiny (seconds to compile); the whole cell path is marked slow.
 """
+import dataclasses
 import json
 import os
 import pathlib
@@ -141,6 +142,37 @@ def test_the_search_prefers_the_same_target_and_skips_what_cannot_fit_without_co
     assert aot.state_bytes_per_device(program, layout) / 2 ** 30 > target.capacity_gib
 
 
+@pytest.mark.slow   # two GPU compiles (~20 s on 2 idle cores)
+def test_the_fused_update_keeps_no_gradient_tree_where_the_plain_scanned_step_keeps_all_of_it():
+    # Wide layers, few tokens: the gradient tree (float32, like the params) dominates the plain step's temporaries.
+    model = config_for_size("tiny", emb_dim=256, num_heads=4, head_dim=64, mlp_dim=1024, num_encoder_layers=8,
+                            num_decoder_layers=8, vocab_size=128, scan_layers=True, remat_policy="full")
+    target = targets.get("h100")
+    rows = [aot.compile_program(aot.Program(f"fused={fused}", "train", "train", model, 2, (16, 8), train=aot.TrainSpec(
+        optimizer=OptimizerConfig(name="adafactor"), fused_update=fused)), target, target.devices()) for fused in (False, True)]
+    params_gib = model.num_params() * 4 / 2 ** 30
+    assert rows[0]["temp_gib"] > params_gib                          # the plain step: every gradient at once
+    assert rows[1]["peak_gib"] < rows[0]["peak_gib"] - 0.6 * params_gib   # the fused: one layer's at a time
+    assert rows[1]["fused_update"] is True and rows[1]["alias_gib"] == pytest.approx(rows[1]["argument_gib"], rel=0.01)
+
+
+def test_the_search_offers_the_fused_update_first_and_scans_the_layers_for_it():
+    program = aot.recipe_programs(aot.Recipe(size="xxl", phase="train", batch=8, optimizer="adafactor", mesh=(1, 1)))[0]
+    target = targets.get("h100")
+    base = search._settings(program)
+    fused = [c for c in search.candidates(program, target)
+             if c.target == "h100" and search.changes(c, base) == {"fused_update": True}]
+    assert len(fused) == 1 and search.invasiveness(fused[0], base) == 1       # keeps the recipe's math
+    variant = search.apply(program, fused[0].knobs)
+    assert variant.model.scan_layers and variant.train.fused_update
+    layout = aot.Layout(variant, target.devices())
+    plain = search.apply(program, {**base, "fused_update": False})
+    plain = dataclasses.replace(plain, model=plain.model.replace(scan_layers=True))
+    # Its floor is the state alone; the plain scanned step's floor adds the float32 gradient tree (41.5 GiB).
+    assert aot.least_peak_bytes(variant, layout) == aot.state_bytes_per_device(variant, layout)
+    assert (aot.least_peak_bytes(plain, layout) - aot.least_peak_bytes(variant, layout)) / 2 ** 30 > 40
+
+
 # ----------------------------------------------------------------------------- refusals and bad input
 
 def test_the_tpu_compilers_refusals_are_parsed():
@@ -159,6 +191,8 @@ def test_the_tpu_compilers_refusals_are_parsed():
     (["--target", "v5e-8", "--mesh", "2,2"], "mesh 2 (data) x 2 (model) uses 4 of the target's 8 devices"),
     (["--target", "v5e-8", "--mesh", "1,3"], "model axis 3 must be a positive divisor of the 8 devices"),
     (["--target", "v5e-8", "--mesh", "4,2", "--batch", "6"], "batch size 6 is not divisible by the mesh's data axis (4)"),
+    (["--target", "h100", "--fused-update"], "FUSED_UPDATE needs scanned layers (T5Config.scan_layers = True)"),
+    (["--target", "h100", "--fused-update", "--scan", "--microbatches", "2"], "FUSED_UPDATE does not take microbatches"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(["aot", "--size", "tiny", *argv]) == 2

@@ -2,6 +2,7 @@
 stacked on a `layers` axis, checkpoints in T5X's per-layer names, decoding and training unchanged."""
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import print_saved_residuals
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -96,6 +97,22 @@ def test_remat_inside_the_scan_keeps_loss_and_gradients(policy):
     np.testing.assert_allclose(l1, l0, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_scanned_layers_without_remat_keep_matmul_outputs_and_no_stacked_weight_casts(capsys):
+    """A scan stacks every residual of a layer; it must not stack each layer's bf16 weights (half
+    the float32 params again) but still keep the matmul outputs (no matmul is recomputed)."""
+    cfg = SCANNED.replace(dtype="bfloat16")
+    params = stack_layers(unscanned_params())
+    model = Transformer(cfg)
+    print_saved_residuals(lambda p: jnp.sum(model.apply({"params": p}, ENC, DEC)), params)
+    saved = {line.split(" ")[0] for line in capsys.readouterr().out.splitlines()}
+    short = lambda shape: jax.core.ShapedArray(shape, jnp.bfloat16).str_short(short_dtypes=True)  # noqa: E731
+    stacked_weights = {short(x.shape) for x in jax.tree.leaves(params["encoder"]["layers"])
+                       + jax.tree.leaves(params["decoder"]["layers"])}
+    assert not saved & stacked_weights
+    rows, length = ENC.shape
+    assert short((CFG.num_encoder_layers, rows, length, CFG.mlp_dim)) in saved       # wi's output, stacked
 
 
 def test_scanned_greedy_and_beam_decoding_equal_unscanned():
