@@ -135,17 +135,20 @@ class _Tape(NamedTuple):
     spec: dict           # treedef and sources, filled while tracing the forward
 
 
-def _forward(layer: Callable, stack: Any, x: Any, consts: tuple, key: Optional[jax.Array]) -> tuple[Any, _Tape]:
-    """`lax.scan` of `layer(p, x, consts, key_i)` over the stack; the tape of its residuals."""
+def _forward(layer: Callable, stack: Any, x: Any, consts: tuple, fixed: tuple,
+             key: Optional[jax.Array]) -> tuple[Any, _Tape]:
+    """`lax.scan` of `layer(p, x, consts, fixed, key_i)` over the stack (differentiated in `p`, `x`
+    and `consts`, the loop-invariant inputs with a gradient; `fixed`: masks); the tape."""
     spec: dict = {}
 
     def body(carry, xs):
         p, i = xs
         k = None if key is None else jax.random.fold_in(key, i)
-        out, vjp = jax.vjp(lambda p_, x_, c_: layer(p_, x_, c_, k), p, carry, consts)
+        out, vjp = jax.vjp(lambda p_, x_, c_: layer(p_, x_, c_, fixed, k), p, carry, consts)
         leaves, treedef = jax.tree_util.tree_flatten(vjp)
         known = {id(v): ("p", n) for n, v in enumerate(jax.tree_util.tree_leaves(p))}
         known.update({id(v): ("c", n) for n, v in enumerate(jax.tree_util.tree_leaves(consts))})
+        known.update({id(v): ("f", n) for n, v in enumerate(jax.tree_util.tree_leaves(fixed))})
         known[id(carry)] = ("x", 0)
         sources, saved = [], []
         for leaf in leaves:
@@ -164,9 +167,10 @@ def _forward(layer: Callable, stack: Any, x: Any, consts: tuple, key: Optional[j
     return out, _Tape(inputs, saved, spec)
 
 
-def _layer_vjp(tape: _Tape, i, p: Any, consts: tuple) -> Callable:
+def _layer_vjp(tape: _Tape, i, p: Any, consts: tuple, fixed: tuple) -> Callable:
     """Layer i's `vjp` from the tape, with its parameters `p` (read before they are updated)."""
     pools = {"p": jax.tree_util.tree_leaves(p), "c": jax.tree_util.tree_leaves(consts),
+             "f": jax.tree_util.tree_leaves(fixed),
              "x": [_index(tape.inputs, i)], "s": [_index(s, i) for s in tape.saved]}
     leaves = [value if kind == "k" else pools[kind][value] for kind, value in tape.spec["sources"]]
     return jax.tree_util.tree_unflatten(tape.spec["treedef"], leaves)
@@ -182,7 +186,7 @@ class _Update(NamedTuple):
     key: Optional[jax.Array]         # the stack's rounding key (layer i folds in i)
 
 
-def _backward(tape: _Tape, branch: Any, state: Any, path: tuple, consts: tuple, dy: Any,
+def _backward(tape: _Tape, branch: Any, state: Any, path: tuple, consts: tuple, fixed: tuple, dy: Any,
               update: Optional[_Update]):
     """Layers last to first: each layer's gradient from its `vjp`, and (with `update`) its optimizer
     update written into `branch` (the stack's params, `{path: stack}`) and `state` in place.
@@ -193,7 +197,7 @@ def _backward(tape: _Tape, branch: Any, state: Any, path: tuple, consts: tuple, 
     dconsts = jax.tree_util.tree_map(lambda c: jnp.zeros(c.shape, jnp.float32), consts)
 
     def grads(i, dy, dc, p_branch):
-        dp, dx, dcon = _layer_vjp(tape, i, _get(p_branch, path), consts)(dy)
+        dp, dx, dcon = _layer_vjp(tape, i, _get(p_branch, path), consts, fixed)(dy)
         return dx, jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), dc, dcon), _at(path, dp)
 
     if update is None:     # the norm-only pass: no params or state in the carry
@@ -271,14 +275,14 @@ class _Pieces:
         logits = self._run("head", lambda m, *a: m.decoder.finish(*a), rest, y, self.deterministic)
         return losses.sequence_loss(self.loss, logits, self.batch, self.weights, self.divisor)
 
-    def encoder_layer(self, p, x, consts, key):
-        relpos, mask = consts
+    def encoder_layer(self, p, x, consts, fixed, key):
+        (relpos,), (mask,) = consts, fixed
         fn = lambda p_, x_, r_: EncoderLayer(self.cfg).apply(  # noqa: E731
             {"params": p_}, x_, r_ + mask, self.deterministic, rngs=self._rngs(key))
         return jax.checkpoint(fn, policy=self.policy)(p, x, relpos)
 
-    def decoder_layer(self, p, y, consts, key):
-        encoded, relpos, self_mask, cross_bias = consts
+    def decoder_layer(self, p, y, consts, fixed, key):
+        (encoded, relpos), (self_mask, cross_bias) = consts, fixed
         fn = lambda p_, y_, e_, r_: DecoderLayer(self.cfg).apply(  # noqa: E731
             {"params": p_}, y_, e_, r_ + self_mask, cross_bias, self.deterministic, rngs=self._rngs(key))[0]
         return jax.checkpoint(fn, policy=self.policy)(p, y, encoded, relpos)
@@ -299,25 +303,25 @@ def step(model_config: T5Config, loss: LossConfig, tx: optimizers.PerLayerTransf
     enc, dec = paths.index(ENCODER), paths.index(DECODER)
     # Forward, each piece's vjp kept.
     (x, e_rel, e_mask), enc_embed_vjp = jax.vjp(pieces.encoder_embed, rest)
-    x, enc_tape = _forward(pieces.encoder_layer, _get(branches[enc], ENCODER), x, (e_rel, e_mask),
+    x, enc_tape = _forward(pieces.encoder_layer, _get(branches[enc], ENCODER), x, (e_rel,), (e_mask,),
                            pieces.key("encoder_layers"))
     encoded, enc_finish_vjp = jax.vjp(pieces.encoder_finish, rest, x)
     (y, d_rel, self_mask, cross_bias), dec_embed_vjp = jax.vjp(pieces.decoder_embed, rest)
-    dec_consts = (encoded, d_rel, self_mask, cross_bias)
-    y, dec_tape = _forward(pieces.decoder_layer, _get(branches[dec], DECODER), y, dec_consts,
-                           pieces.key("decoder_layers"))
+    y, dec_tape = _forward(pieces.decoder_layer, _get(branches[dec], DECODER), y, (encoded, d_rel),
+                           (self_mask, cross_bias), pieces.key("decoder_layers"))
     loss_value, head_vjp, metrics = jax.vjp(pieces.head, rest, y, has_aux=True)
     g_head, dy = head_vjp(jnp.ones_like(loss_value))
 
     def backward(update: Callable[[int], Optional[_Update]]):
         """Both stacks backwards: `(gradient of rest, new branches, new stack states, sq grads, sq updates)`."""
-        dy0, (d_enc, d_drel, _, _), b_dec, s_dec, g_dec, u_dec = _backward(
-            dec_tape, branches[dec], view.stacks[dec], DECODER, dec_consts, dy, update(dec))
+        dy0, (d_enc, d_drel), b_dec, s_dec, g_dec, u_dec = _backward(
+            dec_tape, branches[dec], view.stacks[dec], DECODER, (encoded, d_rel), (self_mask, cross_bias), dy,
+            update(dec))
         (g_dec_embed,) = dec_embed_vjp((dy0, d_drel.astype(d_rel.dtype), jnp.zeros_like(self_mask),
                                         jnp.zeros_like(cross_bias)))
         g_finish, dx = enc_finish_vjp(d_enc.astype(encoded.dtype))
-        dx0, (d_erel, _), b_enc, s_enc, g_enc, u_enc = _backward(
-            enc_tape, branches[enc], view.stacks[enc], ENCODER, (e_rel, e_mask), dx, update(enc))
+        dx0, (d_erel,), b_enc, s_enc, g_enc, u_enc = _backward(
+            enc_tape, branches[enc], view.stacks[enc], ENCODER, (e_rel,), (e_mask,), dx, update(enc))
         (g_enc_embed,) = enc_embed_vjp((dx0, d_erel.astype(e_rel.dtype), jnp.zeros_like(e_mask)))
         g_rest = jax.tree_util.tree_map(lambda *g: sum(g[1:], g[0]), g_head, g_dec_embed, g_finish, g_enc_embed)
         new_b, new_s = list(branches), list(view.stacks)
