@@ -101,18 +101,20 @@ def test_remat_inside_the_scan_keeps_loss_and_gradients(policy):
 
 def test_scanned_layers_without_remat_keep_matmul_outputs_and_no_stacked_weight_casts(capsys):
     """A scan stacks every residual of a layer; it must not stack each layer's bf16 weights (half
-    the float32 params again) but still keep the matmul outputs (no matmul is recomputed)."""
+    the float32 params again) nor its float32 attention scores, but keep the projections' and the
+    MLP's outputs (none of those matmuls is recomputed)."""
     cfg = SCANNED.replace(dtype="bfloat16")
     params = stack_layers(unscanned_params())
     model = Transformer(cfg)
     print_saved_residuals(lambda p: jnp.sum(model.apply({"params": p}, ENC, DEC)), params)
     saved = {line.split(" ")[0] for line in capsys.readouterr().out.splitlines()}
-    short = lambda shape: jax.core.ShapedArray(shape, jnp.bfloat16).str_short(short_dtypes=True)  # noqa: E731
+    short = lambda shape, dtype=jnp.bfloat16: jax.core.ShapedArray(shape, dtype).str_short(short_dtypes=True)  # noqa: E731
     stacked_weights = {short(x.shape) for x in jax.tree.leaves(params["encoder"]["layers"])
                        + jax.tree.leaves(params["decoder"]["layers"])}
     assert not saved & stacked_weights
-    rows, length = ENC.shape
-    assert short((CFG.num_encoder_layers, rows, length, CFG.mlp_dim)) in saved       # wi's output, stacked
+    layers, (rows, length) = CFG.num_encoder_layers, ENC.shape
+    assert short((layers, rows, CFG.num_heads, length, length), jnp.float32) not in saved   # encoder attention scores
+    assert short((layers, rows, length, CFG.mlp_dim)) in saved                              # wi's output
 
 
 def test_scanned_greedy_and_beam_decoding_equal_unscanned():
