@@ -20,7 +20,7 @@ LAYERS = [
     ["doa_jax.model"],
     ["doa_jax.checkpoints", "doa_jax.decoding", "doa_jax.partitioning", "doa_jax.hosts", "doa_jax.flops",
      "doa_jax.hardware", "doa_jax.storage", "doa_jax.faults", "doa_jax.platforms"],
-    ["doa_jax.trainer", "doa_jax.losses", "doa_jax.optimizers", "doa_jax.progress", "doa_jax.data",
+    ["doa_jax.trainer", "doa_jax.fused_update", "doa_jax.losses", "doa_jax.optimizers", "doa_jax.progress", "doa_jax.data",
      "doa_jax.distill", "doa_jax.metrics", "doa_jax.bench", "doa_jax.gin_flags", "doa_jax.gin_utils",
      "doa_jax.api"],
     ["doa_jax.experiment"],

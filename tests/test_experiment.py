@@ -12,7 +12,7 @@ from doa_jax.checkpoints import save_checkpoint
 from doa_jax.distill import student_data
 from doa_jax.data.cards import load_card
 from doa_jax.data.vocab import load_vocab
-from doa_jax.experiment import phases, planner
+from doa_jax.experiment import planner, task_setup
 from doa_jax.experiment.pricing import Pricer
 from doa_jax.experiment.config import DistillConfig, Epochs, PricingConfig
 from doa_jax.losses import LossConfig
@@ -122,7 +122,7 @@ def test_a_model_that_does_not_fit_the_vocabulary_is_an_error_before_any_compute
 def test_models_left_to_follow_the_vocabulary_get_its_ids_padded_to_128_and_the_same_key(wlp):
     follow = dataclasses.replace(wlp, student=wlp.student.replace(vocab_size=None),
                                  teacher=wlp.teacher.replace(vocab_size=None))
-    resolved = phases.resolve_models(follow)
+    resolved = task_setup.resolve_models(follow)
     rows = model_vocab_size(load_vocab(wlp.vocab))
     assert (resolved.student.vocab_size, resolved.teacher.vocab_size) == (rows, rows)
     assert resolved.key() == wlp.key()     # the cell an explicit, fitting size would have been
@@ -140,7 +140,7 @@ def test_the_checkpoint_a_model_starts_from_fixes_its_vocab_size(wlp, tmp_path):
     ids = load_vocab(wlp.vocab).vocab_size
     ckpt = _hf_checkpoint(tmp_path / "student", ids)     # unpadded rows: they fit, and the checkpoint rules
     cfg = dataclasses.replace(wlp, student=wlp.student.replace(vocab_size=None), student_checkpoint=ckpt)
-    assert phases.resolve_models(cfg).student.vocab_size == ids
+    assert task_setup.resolve_models(cfg).student.vocab_size == ids
 
 
 def test_a_checkpoint_whose_vocab_differs_from_the_tasks_is_an_error_naming_both(wlp, tmp_path):
@@ -159,7 +159,7 @@ def test_model_vocab_size_conflicting_with_a_checkpoint_names_both(wlp, tmp_path
     cfg = dataclasses.replace(wlp, student=wlp.student.replace(vocab_size=rows - 64), student_checkpoint=ckpt)
     with pytest.raises(ValueError, match=rf"MODEL_VOCAB_SIZE is {rows - 64} but checkpoint {ckpt} has {rows} "
                                          r"embedding rows; set MODEL_VOCAB_SIZE = None"):
-        phases.resolve_models(cfg)
+        task_setup.resolve_models(cfg)
 
 
 def _doa_run(wlp, out, *flags):

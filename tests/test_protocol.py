@@ -98,7 +98,7 @@ def test_a_tiny_run_under_each_protocol_finishes_names_it_and_the_report_says_wh
 
 
 def test_paper_decodes_one_token_less_than_the_targets_length_as_hf_max_length_does():
-    from doa_jax.experiment.phases import TaskSetup
+    from doa_jax.experiment.task_setup import TaskSetup
     lengths = {"inputs": 64, "targets": 8}
     assert TaskSetup(None, None, None, lengths, "paper").decode_length == 7
     assert TaskSetup(None, None, None, lengths).decode_length == 8

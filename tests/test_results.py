@@ -95,12 +95,12 @@ def test_a_cell_already_running_elsewhere_is_refused_with_its_holder(tmp_path):
     import sys
 
     from doa_jax import gin_utils
-    from doa_jax.experiment import locking, phases, run_cell
+    from doa_jax.experiment import locking, run_cell, task_setup
 
     gin_utils.parse(["runs/experiment.gin", "runs/demo_models.gin"],
                     ["STRATEGY = 'annotate'", "EXTRA_BUDGET_USD = 0", "START_LABELS = 0", f"OUTPUT_DIR = '{tmp_path}'",
                      "CellConfig.verbose = False"])
-    cell = phases.resolve_models(gin_utils.macro("CELL"))    # keyed as run_cell keys it
+    cell = task_setup.resolve_models(gin_utils.macro("CELL"))    # keyed as run_cell keys it
     lock = tmp_path / "cells" / cell.key() / ".lock"
     lock.parent.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "

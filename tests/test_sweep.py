@@ -13,7 +13,7 @@ import pytest
 
 from doa_jax import cli, experiment, gin_utils
 from doa_jax.experiment import report
-from doa_jax.experiment import phases, sweep
+from doa_jax.experiment import sweep, task_setup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_demo_sweep_cells_are_the_cells_doa_run_builds(tmp_path):
     gin_utils.parse(["runs/experiment.gin", "runs/demo_models.gin"],
                     [f"OUTPUT_DIR = '{tmp_path}'", f"TASK = '{p.task}'", f"START_LABELS = {p.start_labels}",
                      f"EXTRA_BUDGET_USD = {p.extra_budget_usd!r}", f"STRATEGY = '{p.strategy}'", f"SEED = {p.seed}"])
-    assert phases.resolve_models(gin_utils.macro("CELL")).key() == cell.key()   # as run_cell keys it
+    assert task_setup.resolve_models(gin_utils.macro("CELL")).key() == cell.key()   # as run_cell keys it
 
 
 def test_sweep_cells_follow_the_vocabulary_unless_model_vocab_size_overrides_it(tmp_path):

@@ -69,7 +69,7 @@ def _check_args(args) -> None:
 def make_cell(args, strategy: str, start_labels: int, budget: float, **extra):
     """A cell configured as `doa demo` / `doa run` build theirs, with extra gin macros (e.g. MAX_UNLABELED)."""
     from doa_jax import configurables, gin_utils
-    from doa_jax.experiment import phases
+    from doa_jax.experiment import task_setup
 
     configurables.register()
     files = list(DEMO_GIN) if args.task == "demo" else ["runs/experiment.gin"]
@@ -79,19 +79,19 @@ def make_cell(args, strategy: str, start_labels: int, budget: float, **extra):
         bindings.append(f"TASK = '{args.task}'")
     bindings += [f"{k} = {v!r}" for k, v in extra.items()] + list(args.gin)
     gin_utils.parse(files + list(args.gin_file), bindings)
-    return phases.resolve_models(gin_utils.macro("CELL"))   # vocab sizes fixed, as run_cell keys the cell
+    return task_setup.resolve_models(gin_utils.macro("CELL"))   # vocab sizes fixed, as run_cell keys the cell
 
 
 class Cells:
     """The task as pilot cells see it: its card, pools and the planner that prices its cells."""
 
     def __init__(self, args):
-        from doa_jax.experiment import phases
+        from doa_jax.experiment import task_setup
         from doa_jax.experiment.pricing import Pricer
 
         self.args = args
         self.base = make_cell(args, "annotate", args.start_labels, args.budget)
-        self.setup = phases.load_task(self.base)
+        self.setup = task_setup.load_task(self.base)
         self.card = self.setup.card
         # The cells' own pricing, so each pilot's budget buys exactly its labels or inputs.
         self.planner = Pricer.for_cell(self.base, self.card, self.setup.lengths).planner

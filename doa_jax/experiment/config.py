@@ -113,6 +113,10 @@ class DistillConfig:
         """k of the teacher store (1 when online targets need only the store's tokens)."""
         return self.topk or 1
 
+    def unlabeled_available(self, pool_size: int) -> int:
+        """The unlabeled inputs a cell may use: the pool, capped by MAX_UNLABELED."""
+        return pool_size if self.max_unlabeled is None else min(self.max_unlabeled, pool_size)
+
 
 @dataclasses.dataclass(frozen=True)
 class PricingConfig:

@@ -19,7 +19,9 @@ from typing import Any, Iterable, Optional, Sequence
 from doa_jax import hardware, storage
 
 RATE_CARDS = pathlib.Path(__file__).with_name("rate_cards.toml")
-PHASES = ("labels", "teacher_finetune", "teacher_inference", "student_training", "evaluation")
+# The ledger's phases: those charged against a cell's extra budget, then evaluation (recorded, not charged).
+CHARGED_PHASES = ("labels", "teacher_finetune", "teacher_inference", "student_training")
+PHASES = CHARGED_PHASES + ("evaluation",)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""The phases of a cell, each a function: set up the task, fine-tune the teacher, store its
-outputs, train the student, evaluate. `cell.run_cell` calls them in order.
+"""The phases of a cell, each a function of its `CellRun`: plan, buy labels, fine-tune the teacher,
+store its outputs, assemble the student's data, train and evaluate the student. Each phase charges
+the cell's ledger for what it did; `cell.run_cell` calls them in order.
 
 Shared work is keyed and cached under the cell's cache directory: a teacher fine-tuned on the same
-labels with the same recipe, and its outputs over the same inputs, are computed once and charged to
-every cell that uses them (the paper charges each cell its teacher).
+labels with the same recipe, its outputs over the same inputs, and a student trained on the same
+plan, are computed once and charged to every cell that uses them (the paper charges each cell its
+teacher).
 
 Multi-host: every process runs every phase. Training and evaluation are collective programs over
 the job's mesh (each host feeds its share of each batch); process 0 decides whether the teacher is
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -22,19 +23,19 @@ import jax
 import numpy as np
 
 from doa_jax import checkpoints, decoding, flops, partitioning, storage
-from doa_jax.data import cards, demo, pools as pools_lib, vocab as vocab_lib
 from doa_jax.data.batches import ArrayBatches
 from doa_jax.data.encode import encode_examples, encode_texts
 from doa_jax.distill import store as teacher_store
-from doa_jax.distill import student_data
-from doa_jax.experiment import costs
+from doa_jax.distill import student_data as student_data_lib
+from doa_jax.experiment import planner
+from doa_jax.experiment.cell_run import BudgetExhausted, CellRun
 from doa_jax.experiment.config import CellConfig, fingerprint
-from doa_jax.experiment.pricing import Pricer, as_run
+from doa_jax.experiment.cost_profiles import Work
+from doa_jax.experiment.pricing import as_run
+from doa_jax.experiment.task_setup import TaskSetup
 from doa_jax.model import T5Config, Transformer
 from doa_jax.trainer import Trainer, TrainResult
 
-# The ledger phases charged against the extra budget (evaluation is recorded, not charged).
-BUDGET_PHASES = ("labels", "teacher_finetune", "teacher_inference", "student_training")
 # Rows per greedy decode of the test examples (evaluation); the teacher store's batch: `store_batch_size`.
 EVAL_BATCH_SIZE = 64
 
@@ -44,125 +45,26 @@ def store_batch_size(cfg: CellConfig) -> int:
     return min(64, cfg.train.batch_size * 2)
 
 
-def decode_length(lengths: Mapping[str, int], protocol: str) -> int:
-    """Most tokens a decode may produce: the targets length, or under the paper's protocol one less
-    (HF `generate(max_length=L)` counts the start token, so the released code gets L - 1)."""
-    return lengths["targets"] - 1 if protocol == "paper" else lengths["targets"]
+# ----------------------------------------------------------------------------- plan and labels
+
+def plan(run: CellRun) -> planner.Plan:
+    """What the budget buys under the cell's cost profile: labels, unlabeled inputs, each phase's $."""
+    cfg, pools = run.cfg, run.setup.pools
+    return run.pricer.planner.plan(cfg.strategy, cfg.start_labels, cfg.extra_budget_usd,
+                                   unlabeled_available=cfg.distill.unlabeled_available(len(pools.unlabeled)),
+                                   labels_available=len(pools.train), compute_share=cfg.compute_share,
+                                   unlabeled_grid=cfg.pricing.unlabeled_grid)
 
 
-class BudgetExhausted(RuntimeError):
-    """A phase that must finish to be useful (the teacher) ran out of budget."""
+def buy_labels(run: CellRun, bought: int) -> list:
+    """The start labels plus `bought` more from the pool's annotation order; the bought ones charged."""
+    cfg = run.cfg
+    if bought:
+        run.ledger.add_labels(f"labels:{cfg.start_labels}+{bought}", bought, run.setup.card.annotation_cost_usd)
+    return run.setup.pools.annotate(cfg.start_labels + bought)
 
 
-@dataclasses.dataclass
-class TaskSetup:
-    card: Any
-    pools: Any
-    vocab: Any
-    lengths: dict[str, int]
-    protocol: str = "efficient"   # how outputs are decoded and scored (see `decode_length`)
-
-    @property
-    def decode_length(self) -> int:
-        return decode_length(self.lengths, self.protocol)
-
-
-def say(cfg: CellConfig, text: str) -> None:
-    if cfg.verbose:
-        print(f"[{cfg.describe()}] {text}", flush=True)
-
-
-def load_task(cfg: CellConfig) -> TaskSetup:
-    """Card, pools (seeded, nested annotation order) and vocabulary of the cell's task."""
-    if cfg.task == "demo":
-        card, pools = demo.card(), demo.pools(seed=0, **dict(cfg.demo_sizes or {}))
-        vocab = task_vocab(cfg, pools)
-    else:
-        card = cards.load_card(cfg.task)
-        vocab = task_vocab(cfg)
-        pools = pools_lib.make_pools(card)
-    lengths = dict(cfg.feature_lengths or card.feature_lengths)
-    if cfg.protocol == "paper" and lengths["targets"] < 2:
-        raise ValueError(f"PROTOCOL='paper' decodes targets length - 1 tokens; targets length {lengths['targets']} "
-                         "leaves none")
-    return TaskSetup(card, pools, vocab, lengths, cfg.protocol)
-
-
-def cache_dir(cfg: CellConfig) -> storage.AnyPath:
-    """CACHE_DIR, else OUTPUT_DIR/cache (a local folder or a URL)."""
-    return storage.path(cfg.cache_dir) if cfg.cache_dir else storage.path(cfg.output_dir) / "cache"
-
-
-def _local_vocab_dir(cfg: CellConfig) -> pathlib.Path:
-    """Where the demo's vocabulary is built: the cache when local; with a URL cache, a local folder
-    (SentencePiece trains into local files; the build is deterministic, so any host rebuilds it alike)
-    named by the demo's sizes, whose texts it is trained on (one folder for all sizes served a
-    vocabulary trained on other texts)."""
-    cache = cache_dir(cfg)
-    sizes = fingerprint(dict(sorted((cfg.demo_sizes or {}).items())))
-    return cache if not storage.is_url(cache) else pathlib.Path.home() / ".cache" / "doa_jax" / "vocab" / sizes
-
-
-def task_vocab(cfg: CellConfig, demo_pools: Any = None) -> vocab_lib.Vocabulary:
-    """The cell's vocabulary: VOCABULARY, or for the demo task without one the demo's own (built
-    once in the cache directory)."""
-    if cfg.vocab:
-        return vocab_lib.load_vocab(cfg.vocab)
-    if cfg.task == "demo":
-        pools = demo_pools or demo.pools(seed=0, **dict(cfg.demo_sizes or {}))
-        # process 0 first: processes that share a folder (several on one host) then find it built
-        return partitioning.chief_first(lambda: demo.build_vocab(_local_vocab_dir(cfg), pools))
-    raise ValueError(f"task {cfg.task} needs VOCABULARY: T5's spiece.model (or `doa vocab build`)")
-
-
-def resolve_models(cfg: CellConfig, vocab: Optional[vocab_lib.Vocabulary] = None) -> CellConfig:
-    """`cfg` with each model's vocab size fixed (before its key is taken): the rows of the checkpoint
-    it starts from, else MODEL_VOCAB_SIZE, else the vocabulary's ids padded to 128. A size that does
-    not fit is a configuration error (no results row) naming MODEL_VOCAB_SIZE. The teacher's
-    checkpoint is read only by cells that use the teacher."""
-    vocab = vocab or task_vocab(cfg)
-    what = vocab_lib.describe(vocab)
-    fixed = {}
-    for role, model_cfg, ckpt in (("student", cfg.student, cfg.student_checkpoint),
-                                  ("teacher", cfg.teacher, cfg.teacher_checkpoint)):
-        try:
-            fixed[role] = checkpoints.resolve_vocab_size(
-                model_cfg, vocab.vocab_size, what, ckpt if role == "student" or cfg.kind.uses_teacher else None)
-        except ValueError as e:
-            raise ValueError(f"the {role}'s vocabulary does not fit the task's: {e}") from None
-    return dataclasses.replace(cfg, **fixed) if fixed != {"student": cfg.student, "teacher": cfg.teacher} else cfg
-
-
-def check_models(cfg: CellConfig, setup: TaskSetup) -> None:
-    """Configuration errors, raised before any compute (no results row), after `resolve_models`
-    (which refuses a model whose vocab size does not fit the task's vocabulary): a teacher and
-    student with different vocabularies."""
-    if cfg.kind.uses_teacher and cfg.student.vocab_size != cfg.teacher.vocab_size:
-        raise ValueError(f"teacher and student vocabularies differ ({cfg.teacher.vocab_size} vs "
-                         f"{cfg.student.vocab_size} ids): distillation needs one vocabulary")
-
-
-def unfit_reason(cfg: CellConfig, setup: TaskSetup) -> Optional[str]:
-    """Why the cell cannot run on this task's data (a results row says `infeasible`), or None."""
-    if cfg.start_labels > len(setup.pools.train):
-        return f"START_LABELS {cfg.start_labels} exceeds the labeled pool ({len(setup.pools.train)} examples)"
-    return None
-
-
-class Budget:
-    """Charges phases to the ledger and says whether the next training step still fits the cap."""
-
-    def __init__(self, ledger: costs.Ledger, cap_usd: float):
-        self.ledger, self.cap = ledger, cap_usd
-
-    def spent(self) -> float:
-        return self.ledger.total(BUDGET_PHASES)
-
-    def step_allowed(self, step_usd: float) -> Callable[[int], bool]:
-        """A trainer hook: step `s` (0-based) of this phase may run if steps 0..s fit the cap."""
-        before = self.spent()
-        return lambda step: before + (step + 1) * step_usd <= self.cap + 1e-9
-
+# ----------------------------------------------------------------------------- training
 
 def train(cfg: CellConfig, model_cfg: T5Config, arrays: Mapping[str, np.ndarray], model_dir: storage.AnyPath, *,
           epochs: float, initial_checkpoint: Optional[str], kd: bool,
@@ -181,12 +83,12 @@ def train(cfg: CellConfig, model_cfg: T5Config, arrays: Mapping[str, np.ndarray]
     return result, time.perf_counter() - start
 
 
-def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: costs.Ledger,
-                      budget: Budget, pricer: Pricer) -> tuple[str, Any]:
+def fine_tune_teacher(run: CellRun, labels: list) -> tuple[str, Any]:
     """The teacher fine-tuned on `labels`, shared by every cell with the same teacher recipe.
 
     Its record (steps, seconds, FLOPs) is charged to each cell that uses it. Returns (key, params).
     """
+    cfg, setup = run.cfg, run.setup
     recipe = {"teacher": cfg.teacher.to_dict(), "ckpt": cfg.teacher_checkpoint, "task": setup.card.name,
               "labels": len(labels), "epochs": cfg.epochs.teacher, "seed": cfg.seed,
               "lr": cfg.train.optimizer.learning_rate, "opt": cfg.train.optimizer.name,
@@ -195,15 +97,15 @@ def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: c
         recipe["protocol"] = cfg.protocol
         recipe["optimizer"] = dataclasses.asdict(cfg.train.optimizer)   # e.g. AdamW's eps placement (paper)
     key = fingerprint(recipe)
-    run_dir = cache_dir(cfg) / "teachers" / key
+    run_dir = run.cache / "teachers" / key
     record_path = run_dir / "record.json"
-    work = pricer.teacher_finetune(len(labels))
+    work = run.pricer.teacher_finetune(len(labels))
     if not partitioning.from_chief(record_path.exists):
-        say(cfg, f"fine-tuning the teacher on {len(labels)} labels ({cfg.epochs.teacher:g} epochs) in {run_dir}")
+        run.say(f"fine-tuning the teacher on {len(labels)} labels ({cfg.epochs.teacher:g} epochs) in {run_dir}")
         arrays = encode_examples(setup.card, setup.vocab, labels, setup.lengths)
         result, seconds = train(cfg, cfg.teacher, arrays, run_dir, epochs=cfg.epochs.teacher,
                                 initial_checkpoint=cfg.teacher_checkpoint, kd=False,
-                                step_allowed=budget.step_allowed(pricer.step_usd(work)))
+                                step_allowed=run.budget.step_allowed(run.pricer.step_usd(work)))
         if result.stopped_by_budget:
             raise BudgetExhausted(f"the teacher's fine-tuning reached the budget at step {result.step}")
         if partitioning.is_chief():
@@ -211,32 +113,32 @@ def fine_tune_teacher(cfg: CellConfig, setup: TaskSetup, labels: list, ledger: c
                 "steps": result.step, "seconds": seconds, "lost_seconds": result.lost_seconds,
                 "flops": sum(w.flops for w in as_run(work, result.step))}))
     else:
-        say(cfg, f"reusing the fine-tuned teacher in {run_dir}")
+        run.say(f"reusing the fine-tuned teacher in {run_dir}")
     record = partitioning.from_chief(lambda: json.loads(record_path.read_text()))
-    ledger.add_compute(f"teacher_finetune:{key}", "teacher_finetune", record["seconds"], record["flops"],
-                       work=as_run(work, record["steps"]))
-    ledger.add_lost(f"lost:teacher_finetune:{key}", "teacher_finetune", record.get("lost_seconds", 0.0))
+    run.ledger.add_compute(f"teacher_finetune:{key}", "teacher_finetune", record["seconds"], record["flops"],
+                           work=as_run(work, record["steps"]))
+    run.ledger.add_lost(f"lost:teacher_finetune:{key}", "teacher_finetune", record.get("lost_seconds", 0.0))
     _, params = checkpoints.load_checkpoint(run_dir / "checkpoints", config=cfg.teacher)
     return key, jax.tree_util.tree_map(np.asarray, params)
 
 
-def teacher_outputs(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teacher_params: Any, unlabeled: list,
-                    ledger: costs.Ledger, pricer: Pricer):
+def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabeled: list):
     """Teacher outputs over the unlabeled inputs: computed once per key, resumable, shared.
 
     Returns (TeacherOutputs, encoded inputs)."""
+    cfg, setup = run.cfg, run.setup
     request = teacher_store.StoreRequest(
         teacher_key, [ex["source"] for ex in unlabeled], setup.card.input_prefix, setup.lengths["inputs"],
         setup.decode_length, num_beams=cfg.distill.teacher_num_beams, topk=cfg.distill.stored_topk)
-    root = cache_dir(cfg) / "stores"
+    root = run.cache / "stores"
     start = time.perf_counter()
-    say(cfg, f"teacher outputs for {len(request.sources)} unlabeled inputs -> {root}")
+    run.say(f"teacher outputs for {len(request.sources)} unlabeled inputs -> {root}")
 
     def build():   # process 0 computes and writes the store; the others then find it complete and read it
         store, enc, stats = teacher_store.build_store(
             root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
             batch_size=store_batch_size(cfg), chunk_size=256,
-            on_chunk=lambda done, total, n: say(cfg, f"  teacher chunk {done}/{total}"))
+            on_chunk=lambda done, total, n: run.say(f"  teacher chunk {done}/{total}"))
         if stats.computed_chunks:
             storage.write_atomic(store.dir / "record.json", json.dumps(
                 {"seconds": time.perf_counter() - start, "computed_chunks": stats.computed_chunks}))
@@ -245,10 +147,126 @@ def teacher_outputs(cfg: CellConfig, setup: TaskSetup, teacher_key: str, teacher
     store, enc = partitioning.chief_first(build)
     record_path = store.dir / "record.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    work = pricer.teacher_inference(len(request.sources))
-    ledger.add_compute(f"teacher_inference:{store.key}", "teacher_inference", record.get("seconds", 0.0),
-                       sum(w.flops for w in work), work=work)
+    work = run.pricer.teacher_inference(len(request.sources))
+    run.ledger.add_compute(f"teacher_inference:{store.key}", "teacher_inference", record.get("seconds", 0.0),
+                           sum(w.flops for w in work), work=work)
     return store.load(), enc
+
+
+def online_teacher(cfg: CellConfig, teacher_params: Any):
+    """The batch-source wrapper that runs the teacher on every student batch (online soft targets), or
+    None: stored targets, or sequence-level KD (KD_WEIGHT = 0), whose loss reads no soft targets, so the
+    teacher's forward would be thrown away (the cell's price still charges it: the paper's program)."""
+    if cfg.distill.soft_targets != "online" or cfg.train.loss.kd_weight == 0.0:
+        return None
+    module = Transformer(cfg.teacher)
+    return lambda src: student_data_lib.OnlineTeacherBatches(src, module, teacher_params)
+
+
+# ----------------------------------------------------------------------------- the student
+
+@dataclasses.dataclass
+class StudentData:
+    """What the student trains on, and the work its training is priced as (per step)."""
+
+    arrays: dict[str, np.ndarray]
+    epochs: float
+    kd: bool
+    work: list[Work]
+    source_wrapper: Optional[Callable] = None
+    unlabeled_used: int = 0
+    pseudo_labels_kept: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.arrays["encoder_input_tokens"])
+
+
+def student_data(run: CellRun, unlabeled_used: int, labels: list) -> StudentData | str:
+    """The student's training data for the cell's strategy, or why there is none (the teacher's
+    phases run here for the strategies that use it)."""
+    cfg, setup = run.cfg, run.setup
+    if not cfg.kind.uses_teacher:
+        arrays = encode_examples(setup.card, setup.vocab, labels, setup.lengths)
+        return StudentData(arrays, cfg.epochs.student, kd=False, work=run.pricer.student(False, len(arrays[
+            "encoder_input_tokens"])))
+    teacher_key, teacher_params = fine_tune_teacher(run, labels)
+    unlabeled = setup.pools.unlabeled[:unlabeled_used]
+    outputs, enc = teacher_outputs(run, teacher_key, teacher_params, unlabeled)
+    keep = student_data_lib.confident_rows(outputs, cfg.distill.min_teacher_confidence)
+    if len(keep) == 0:
+        return (f"no pseudo-label reaches MIN_TEACHER_CONFIDENCE {cfg.distill.min_teacher_confidence} "
+                f"(best: {student_data_lib.teacher_confidence(outputs).max():.3f})")
+    arrays = student_data_lib.from_store(outputs, enc, setup.lengths["targets"], keep)
+    if cfg.kind.mixes_gold:
+        gold = encode_examples(setup.card, setup.vocab, labels, setup.lengths)
+        arrays = student_data_lib.with_gold_rows(arrays, gold, Transformer(cfg.teacher), teacher_params,
+                                                 cfg.distill.topk)
+    return StudentData(arrays, cfg.epochs.distill, kd=True,
+                       work=run.pricer.student(True, len(arrays["encoder_input_tokens"])),
+                       source_wrapper=online_teacher(cfg, teacher_params),
+                       unlabeled_used=len(unlabeled), pseudo_labels_kept=len(keep))
+
+
+@dataclasses.dataclass
+class StudentRun:
+    """A trained and evaluated student: what it cost (measured) and what it scored."""
+
+    steps: int
+    seconds: float
+    flops: float
+    eval_seconds: float
+    eval_flops: float
+    metrics: dict[str, float]
+    predictions: list[str]
+    capped: bool
+    trained_by: str      # the cell key whose run this is
+    diverged: Optional[str] = None   # why training stopped as diverged (non-finite loss, exploding norms)
+    lost_seconds: float = 0.0        # steps a kill undid, run again (measured, not charged)
+
+
+def _shared_student_path(run: CellRun, the_plan: planner.Plan) -> storage.AnyPath:
+    """Cells that differ only in budget but plan the same labels and unlabeled inputs train the same
+    student: the first one's uncapped run is recorded here and reused (and charged) by the others."""
+    work = fingerprint({"cell": dataclasses.replace(run.cfg, extra_budget_usd=0.0).key(),
+                        "labels_bought": the_plan.labels_bought, "unlabeled_used": the_plan.unlabeled_used})
+    return run.cache / "students" / f"{work}.json"
+
+
+def _train_and_score_student(run: CellRun, data: StudentData, test: list) -> StudentRun:
+    cfg = run.cfg
+    run.say(f"training the student on {data.rows} examples ({data.epochs:g} epochs)")
+    result, seconds = train(cfg, cfg.student, data.arrays, run.dir / "student", epochs=data.epochs,
+                            initial_checkpoint=cfg.student_checkpoint, kd=data.kd, source_wrapper=data.source_wrapper,
+                            step_allowed=run.budget.step_allowed(run.pricer.step_usd(data.work)))
+    start = time.perf_counter()
+    evaluation = evaluate(cfg.student, result.state.params, run.setup, test, pricing=cfg.pricing_models()[1])
+    values = {k: v for k, v in evaluation["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return StudentRun(result.step, seconds, sum(w.flops for w in as_run(data.work, result.step)),
+                      time.perf_counter() - start, evaluation["flops"],
+                      values, evaluation["predictions"], result.stopped_by_budget, cfg.key(), result.diverged,
+                      result.lost_seconds)
+
+
+def student(run: CellRun, data: StudentData, the_plan: planner.Plan, test: list) -> StudentRun:
+    """The student trained on `data` and scored on `test` (or the same plan's run of another cell,
+    reused), its training and evaluation charged to the cell."""
+    shared = _shared_student_path(run, the_plan)
+    recorded = partitioning.from_chief(lambda: json.loads(shared.read_text()) if shared.exists() else None)
+    if recorded is not None:
+        result = StudentRun(**recorded)
+        run.say(f"the same plan was trained by cell {result.trained_by}: reusing its student ({shared})")
+    else:
+        result = _train_and_score_student(run, data, test)
+        if not (result.capped or result.diverged) and partitioning.is_chief():   # a capped run depends on its budget
+            storage.write_atomic(shared, json.dumps(dataclasses.asdict(result)))
+    ledger, by = run.ledger, result.trained_by
+    ledger.add_compute(f"student_training:{by}:{result.steps}", "student_training", result.seconds, result.flops,
+                       work=as_run(data.work, result.steps))
+    ledger.add_lost(f"lost:student_training:{by}", "student_training", result.lost_seconds)
+    ledger.add_compute(f"evaluation:{by}:{result.steps}", "evaluation", result.eval_seconds, result.eval_flops,
+                       work=run.pricer.evaluation(run.cfg.pricing_models()[1], len(test)))
+    return result
 
 
 def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list, batch_size: int = EVAL_BATCH_SIZE,
@@ -269,13 +287,3 @@ def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list,
                               protocol=setup.protocol)
     return {"metrics": result, "predictions": preds, "flops": flops.forward_flops(
         pricing or model_cfg, len(examples), setup.lengths["inputs"], setup.lengths["targets"])}
-
-
-def online_teacher(cfg: CellConfig, teacher_params: Any):
-    """The batch-source wrapper that runs the teacher on every student batch (online soft targets), or
-    None: stored targets, or sequence-level KD (KD_WEIGHT = 0), whose loss reads no soft targets, so the
-    teacher's forward would be thrown away (the cell's price still charges it: the paper's program)."""
-    if cfg.distill.soft_targets != "online" or cfg.train.loss.kd_weight == 0.0:
-        return None
-    module = Transformer(cfg.teacher)
-    return lambda src: student_data.OnlineTeacherBatches(src, module, teacher_params)

@@ -18,7 +18,7 @@ from typing import Mapping
 
 from doa_jax.bench.aot import Program, TrainSpec
 from doa_jax.data import cards, demo
-from doa_jax.experiment import phases
+from doa_jax.experiment import phases, task_setup
 from doa_jax.experiment.config import CellConfig
 
 
@@ -34,14 +34,14 @@ def resolved(cfg: CellConfig) -> CellConfig:
     """`cfg` with both models' vocab sizes known: as given, else resolved as `doa run` does."""
     if cfg.student.vocab_size is not None and cfg.teacher.vocab_size is not None:
         return cfg
-    return phases.resolve_models(cfg)
+    return task_setup.resolve_models(cfg)
 
 
 def cell_programs(cfg: CellConfig, lengths: Mapping[str, int]) -> list[Program]:
     """Every program of the cell, in the order the cell runs them (see the module doc)."""
     t, mesh = cfg.train, cfg.train.mesh
     n_in, n_out = lengths["inputs"], lengths["targets"]
-    n_dec = phases.decode_length(lengths, cfg.protocol)
+    n_dec = task_setup.decode_length(lengths, cfg.protocol)
 
     def train_spec(soft_targets, kd: bool) -> TrainSpec:
         loss = t.loss if kd else dataclasses.replace(t.loss, kd_weight=0.0)

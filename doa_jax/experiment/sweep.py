@@ -25,7 +25,7 @@ import gin
 
 from doa_jax import gin_utils, partitioning, storage
 from doa_jax.data import cards
-from doa_jax.experiment import costs, locking, phases, report, strategies
+from doa_jax.experiment import costs, locking, report, strategies, task_setup
 from doa_jax.experiment import results as results_lib
 from doa_jax.experiment.cell import run_cell
 
@@ -174,7 +174,7 @@ def cells_from_gin(points: Iterable[Point], cell_macro: str = "CELL") -> list:
 def check_cells(cells: Sequence) -> list:
     """Everything that can be checked before compute: one output dir, tasks, accelerators, data
     files, and that each vocabulary fits its models. Returns the cells with their models' vocab
-    sizes resolved (`phases.resolve_models`), as `run_cell` will run them."""
+    sizes resolved (`task_setup.resolve_models`), as `run_cell` will run them."""
     if not cells:
         raise ValueError("the sweep's grid is empty")
     dirs = {c.output_dir for c in cells}
@@ -204,11 +204,11 @@ def check_cells(cells: Sequence) -> list:
     resolved = []
     for c in cells:                           # each model's vocab size, fitted to its vocabulary now
         try:
-            vocab = vocabs.get(c.vocab) or phases.task_vocab(c)
+            vocab = vocabs.get(c.vocab) or task_setup.task_vocab(c)
         except (ValueError, OSError) as e:
             raise ValueError(f"VOCABULARY: {e}") from None
         vocabs.setdefault(c.vocab, vocab)
-        resolved.append(phases.resolve_models(c, vocab))
+        resolved.append(task_setup.resolve_models(c, vocab))
     return resolved
 
 

@@ -1,0 +1,65 @@
+"""`CellRun`: what every phase of one cell works with, built once per cell.
+
+The cell's config (vocab sizes resolved), its task setup (card, pools, vocabulary, lengths), the
+pricer of its cost profile, its ledger, the budget cap over that ledger, and its folders. `cell.py`
+builds one and hands it to each phase in `phases.py`; no phase rebuilds any of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from doa_jax import partitioning, storage
+from doa_jax.experiment import costs
+from doa_jax.experiment.config import CellConfig
+from doa_jax.experiment.pricing import Pricer
+from doa_jax.experiment.task_setup import TaskSetup, cache_dir
+
+
+class BudgetExhausted(RuntimeError):
+    """A phase that must finish to be useful (the teacher) ran out of budget."""
+
+
+class Budget:
+    """Says whether the next training step still fits the cap, from what the ledger has charged."""
+
+    def __init__(self, ledger: costs.Ledger, cap_usd: float):
+        self.ledger, self.cap = ledger, cap_usd
+
+    def spent(self) -> float:
+        return self.ledger.total(costs.CHARGED_PHASES)
+
+    def step_allowed(self, step_usd: float) -> Callable[[int], bool]:
+        """A trainer hook: step `s` (0-based) of this phase may run if steps 0..s fit the cap."""
+        before = self.spent()
+        return lambda step: before + (step + 1) * step_usd <= self.cap + 1e-9
+
+
+@dataclasses.dataclass
+class CellRun:
+    cfg: CellConfig                 # vocab sizes resolved: `cfg.key()` is the cell's identity
+    setup: TaskSetup
+    pricer: Pricer
+    ledger: costs.Ledger
+    budget: Budget
+    dir: storage.AnyPath            # OUTPUT_DIR/cells/<key>: ledger, student, predictions
+    cache: storage.AnyPath          # shared teachers, stores and students
+
+    @classmethod
+    def open(cls, cfg: CellConfig, setup: TaskSetup) -> "CellRun":
+        """The cell's run state; its ledger is repaired by process 0 before the others read it."""
+        cell_dir = storage.path(cfg.output_dir) / "cells" / cfg.key()
+        pricer = Pricer.for_cell(cfg, setup.card, setup.lengths)
+        ledger = partitioning.chief_first(lambda: costs.Ledger(
+            cell_dir / "ledger.jsonl", measured_on=costs.get_accelerator(cfg.pricing.measured_on),
+            profile=pricer.profile, writable=partitioning.is_chief()))
+        return cls(cfg, setup, pricer, ledger, Budget(ledger, cfg.extra_budget_usd), cell_dir, cache_dir(cfg))
+
+    def say(self, text: str) -> None:
+        say(self.cfg, text)
+
+
+def say(cfg: CellConfig, text: str) -> None:
+    """A progress line of the cell, unless it runs quietly."""
+    if cfg.verbose:
+        print(f"[{cfg.describe()}] {text}", flush=True)
