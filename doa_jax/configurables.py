@@ -13,7 +13,7 @@ import gin
 
 from doa_jax import gin_utils
 from doa_jax.data.batches import CopyTaskData, TaskData
-from doa_jax.experiment.config import CellConfig, DistillConfig, Epochs, PricingConfig
+from doa_jax.experiment.config import CellConfig, DistillConfig, Epochs, PhaseLayout, PricingConfig
 from doa_jax.experiment.sweep import Grid
 from doa_jax.losses import LossConfig
 from doa_jax.model.config import T5Config, config_for_size
@@ -35,6 +35,7 @@ CONFIGURABLES: dict[str, Callable[..., Any]] = {
     "Epochs": Epochs,
     "DistillConfig": DistillConfig,
     "PricingConfig": PricingConfig,
+    "PhaseLayout": PhaseLayout,
     "SweepGrid": Grid,
 }
 

@@ -211,7 +211,7 @@ def sequence_loss(cfg: LossConfig, logits: Array, batch: Batch, weights: Array,
             raise ValueError("kd_weight > 0 needs teacher_topk_values / teacher_topk_ids in the batch")
         if cfg.kd_paper_exact:
             distill_losses.check_paper_exact_targets(logits, batch["teacher_topk_values"])
-        kd = distill_losses.topk_kd_per_token(logits, batch["teacher_topk_values"], batch["teacher_topk_ids"],
+        kd = distill_losses.topk_kd_per_token(logits, batch["teacher_topk_values"], batch.get("teacher_topk_ids"),
                                               cfg.kd_temperature)
         train_loss = cfg.kd_weight * kd + (1.0 - cfg.kd_weight) * token_loss
         kd_sum = jnp.sum(kd * weights) / divisor

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Seque
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -127,6 +128,31 @@ def param_shardings(mesh: Mesh, rules: Rules, logical_specs: Any) -> Any:
     """NamedShardings for a pytree of logical PartitionSpecs (after checking every axis has a rule)."""
     validate_logical_axes(logical_specs, rules)
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def model_shardings(module: nn.Module, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings of a T5 `Transformer`'s params on `mesh` by its logical axes (an abstract init:
+    nothing is allocated)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return param_shardings(mesh, rules, logical_param_specs(module, tokens, tokens))
+
+
+def abstract_params(module: nn.Module, shardings: Any) -> Any:
+    """The module's params as `jax.ShapeDtypeStruct`s with `shardings` (what a sharded restore reads into)."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = nn.meta.unbox(jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t, t), tokens))["params"]
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def rows_like(host: np.ndarray, other: Any) -> Any:
+    """`host` rows placed as `other`'s mesh wants a batch: over `data` when `other` is an array on a
+    one-process mesh and the rows divide evenly, replicated over a multi-process mesh
+    (`like_global`), else `host` itself."""
+    if isinstance(other, jax.Array) and other.is_fully_addressable and isinstance(other.sharding, NamedSharding):
+        mesh = other.sharding.mesh
+        if host.shape[0] % mesh.shape["data"] == 0:
+            return jax.device_put(host, data_sharding(mesh))
+    return like_global(host, other)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -255,11 +281,17 @@ def host_shard_info() -> ShardInfo:
     return ShardInfo(jax.process_index(), jax.process_count())
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays (leading dim over `data`) from this host's rows of the batch."""
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays (leading dim over `data`) from this host's rows of the batch. Rows already on
+    this process's devices (the online teacher's logits) are resharded there, never copied to the host."""
     sharding = data_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+
+    def put(v):
+        if isinstance(v, jax.Array) and jax.process_count() == 1:
+            return jax.device_put(v, sharding)
+        return jax.make_array_from_process_local_data(sharding, np.asarray(v))
+
+    return {k: put(v) for k, v in local_batch.items()}
 
 
 def to_host(x: Any) -> np.ndarray:

@@ -182,7 +182,8 @@ def run_doa(cell, student_dir: pathlib.Path, arrays, epochs: float, model_dir: p
     student_cfg, _ = checkpoints.load_checkpoint(student_dir)
     student_cfg = dataclasses.replace(student_cfg, dtype="float32", dropout_rate=0.0)
     wrapper = phases.online_teacher(cell, teacher[1]) if teacher else None
-    result, _ = phases.train(cell, student_cfg, arrays, model_dir, epochs=epochs, initial_checkpoint=str(student_dir),
+    result, _ = phases.train(cell, student_cfg, arrays, model_dir, role="student", epochs=epochs,
+                             initial_checkpoint=str(student_dir),
                              kd=teacher is not None, source_wrapper=wrapper)
     rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     return {"losses": np.array([r["loss"] for r in rows]), "learning_rates": np.array([r["learning_rate"] for r in rows]),

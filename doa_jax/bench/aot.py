@@ -131,9 +131,10 @@ def train_batch(program: Program, layout: Layout) -> dict[str, jax.ShapeDtypeStr
              "decoder_target_tokens": layout.data((b, n_out), jnp.int32),
              "decoder_loss_weights": layout.data((b, n_out), jnp.float32)}
     k = program.train.soft_targets
-    if k:
+    if k:    # k = the vocab: the online teacher's logits, in id order, with no ids (`OnlineTeacherBatches`)
         batch["teacher_topk_values"] = layout.data((b, n_out, k), jnp.float32)
-        batch["teacher_topk_ids"] = layout.data((b, n_out, k), jnp.int32)
+        if k != program.model.vocab_size:
+            batch["teacher_topk_ids"] = layout.data((b, n_out, k), jnp.int32)
     return batch
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import itertools
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol
 
+import jax
 import numpy as np
 
 from doa_jax.data import cards, vocab as vocab_lib
@@ -240,8 +241,9 @@ def pad_batches(batches: Iterable[Batch], batch_size: int) -> Iterator[Batch]:
 
 
 def take_features(batch: Mapping[str, Any]) -> Batch:
-    """The model-facing numeric features of a batch (drops e.g. `*_pretokenized` strings)."""
-    return {k: np.asarray(v) for k, v in batch.items()
+    """The model-facing numeric features of a batch (drops e.g. `*_pretokenized` strings); arrays
+    already on devices (the online teacher's logits) stay there."""
+    return {k: v if isinstance(v, jax.Array) else np.asarray(v) for k, v in batch.items()
             if k in FEATURE_KEYS or k in TEACHER_KEYS or k.endswith("_segment_ids") or k.endswith("_positions")}
 
 

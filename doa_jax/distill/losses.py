@@ -80,11 +80,12 @@ def check_paper_exact_targets(student_logits: Array, topk_values: Array) -> None
         raise ValueError(f"kd_paper_exact with top-{topk_values.shape[-1]} soft targets: {STORED_PAPER_EXACT}")
 
 
-def topk_kd_per_token(student_logits: Array, topk_values: Array, topk_ids: Array,
+def topk_kd_per_token(student_logits: Array, topk_values: Array, topk_ids: Optional[Array],
                       temperature: float = 2.0) -> Array:
-    """T^2 * KL per target position `[B, T]`, the teacher given by its top-k logits there."""
+    """T^2 * KL per target position `[B, T]`, the teacher given by its top-k logits there
+    (`topk_ids` None: the values are the full vocabulary's, in id order: the online soft targets)."""
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
-    s_at = jnp.take_along_axis(s, topk_ids.astype(jnp.int32), axis=-1)
+    s_at = s if topk_ids is None else jnp.take_along_axis(s, topk_ids.astype(jnp.int32), axis=-1)
     t = jax.nn.log_softmax(topk_values.astype(jnp.float32) / temperature, axis=-1)
     return temperature ** 2 * _kl_per_position(t, s_at)
 

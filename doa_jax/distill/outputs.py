@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doa_jax import decoding
+from doa_jax import decoding, partitioning
 from doa_jax.model import Transformer
 
 
@@ -57,6 +57,7 @@ def make_predict_fn(module: Transformer, params: Any, max_decode_len: int, *, nu
         raise ValueError(f"topk must be in [1, vocab_size={vocab}], got {topk}")
 
     params = decoding.decoding_params(params, module)
+    leaf = jax.tree_util.tree_leaves(params)[0]     # rows go where the params are (`partitioning.rows_like`)
 
     def predict(encoder_input_tokens: np.ndarray) -> Mapping[str, np.ndarray]:
         enc_all = np.asarray(encoder_input_tokens, np.int32)
@@ -67,14 +68,15 @@ def make_predict_fn(module: Transformer, params: Any, max_decode_len: int, *, nu
             n = len(enc)
             if n < batch_size:  # pad rows (all-pad inputs) so every sub-batch has one shape
                 enc = np.concatenate([enc, np.zeros((batch_size - n, enc.shape[1]), np.int32)])
+            enc = partitioning.rows_like(enc, leaf)
             result = decoding.generate(module, params, enc, max_decode_len, num_beams=num_beams, **decode_options)
-            tokens = np.asarray(result.tokens)
-            seq_logp, values, ids = score_topk(module, params, enc, jnp.asarray(tokens), topk)
+            tokens = partitioning.to_host(result.tokens)
+            seq_logp, values, ids = score_topk(module, params, enc, partitioning.rows_like(tokens, leaf), topk)
             parts["tokens"].append(tokens[:n])
-            parts["lengths"].append(np.asarray(result.lengths)[:n])
-            parts["sequence_logprob"].append(np.asarray(seq_logp)[:n])
-            parts["topk_values"].append(np.asarray(values, np.float32)[:n])
-            parts["topk_ids"].append(np.asarray(ids, np.int32)[:n])
+            parts["lengths"].append(partitioning.to_host(result.lengths)[:n])
+            parts["sequence_logprob"].append(partitioning.to_host(seq_logp)[:n])
+            parts["topk_values"].append(partitioning.to_host(values).astype(np.float32)[:n])
+            parts["topk_ids"].append(partitioning.to_host(ids).astype(np.int32)[:n])
         return {k: np.concatenate(v) for k, v in parts.items()}
 
     return predict
@@ -86,13 +88,14 @@ def score_targets(module: Transformer, params: Any, encoder_input_tokens: np.nda
     (teacher-forced), e.g. gold labels that join pseudo-labels in the student's data."""
     values, ids = [], []
     params = decoding.decoding_params(params, module)
+    leaf = jax.tree_util.tree_leaves(params)[0]
     for lo in range(0, len(targets), batch_size):
         enc, tgt = encoder_input_tokens[lo:lo + batch_size], targets[lo:lo + batch_size]
         n = len(enc)
         if n < batch_size:
             enc = np.concatenate([enc, np.zeros((batch_size - n, enc.shape[1]), np.int32)])
             tgt = np.concatenate([tgt, np.zeros((batch_size - n, tgt.shape[1]), np.int32)])
-        _, v, i = score_topk(module, params, jnp.asarray(enc), jnp.asarray(tgt), topk)
-        values.append(np.asarray(v, np.float32)[:n])
-        ids.append(np.asarray(i, np.int32)[:n])
+        _, v, i = score_topk(module, params, partitioning.rows_like(enc, leaf), partitioning.rows_like(tgt, leaf), topk)
+        values.append(partitioning.to_host(v).astype(np.float32)[:n])
+        ids.append(partitioning.to_host(i).astype(np.int32)[:n])
     return np.concatenate(values), np.concatenate(ids)

@@ -6,15 +6,16 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
 
-from doa_jax import decoding
+from doa_jax import decoding, partitioning
 from doa_jax.data.encode import shift_right
 from doa_jax.distill import outputs as teacher_outputs
 from doa_jax.distill.store import TeacherOutputs
@@ -104,19 +105,24 @@ class OnlineTeacherBatches:
     """A batch source that runs the teacher on every batch for its full soft targets (the paper's code),
     and says the length the released code would pad the batch to (`ReleasedPadding`).
     The teacher's params are cast once to the decoding dtypes (`decoding.decoding_params`): the model
-    computes in them anyway, so the logits are the same from half the memory in bf16."""
+    computes in them anyway, so the logits are the same from half the memory in bf16. The logits stay
+    on the devices (the rows over the teacher's mesh's `data` axis) and go to the student's step from
+    there; the full vocabulary in id order needs no ids (`teacher_topk_ids` is dropped)."""
 
-    def __init__(self, source, module: Transformer, params: Any):
+    def __init__(self, source, module: Transformer, params: Any, context: Callable[[], Any] = contextlib.nullcontext):
         self.source, self.batch_size, self.steps_per_epoch = source, source.batch_size, source.steps_per_epoch
+        self.context = context      # the teacher's mesh and rules (`partitioning.mesh_context`)
         self._logits = functools.partial(teacher_logits, module)
         self.params = decoding.decoding_params(params, module)
-        self._ids = None
+        self._leaf = jax.tree_util.tree_leaves(self.params)[0]
         self.padding = ReleasedPadding()
 
     def iterate(self, start: int = 0):
         for batch in self.source.iterate(start):
-            logits = np.asarray(self._logits(self.params, batch["encoder_input_tokens"], batch["decoder_input_tokens"]))
-            if self._ids is None or self._ids.shape != logits.shape:
-                self._ids = np.broadcast_to(np.arange(logits.shape[-1], dtype=np.int32), logits.shape)
-            yield dict(batch, teacher_topk_values=logits, teacher_topk_ids=self._ids,
+            enc, dec = (partitioning.rows_like(np.asarray(batch[k]), self._leaf)
+                        for k in ("encoder_input_tokens", "decoder_input_tokens"))
+            with self.context():
+                logits = self._logits(self.params, enc, dec)
+            rest = {k: v for k, v in batch.items() if k != "teacher_topk_ids"}
+            yield dict(rest, teacher_topk_values=logits,
                        teacher_padded_length=self.padding(batch["encoder_input_tokens"], batch["decoder_target_tokens"]))

@@ -6,8 +6,12 @@ builds one and hands it to each phase in `phases.py`; no phase rebuilds any of i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable
+from typing import Callable, ContextManager
+
+import jax
+from jax.sharding import Mesh
 
 from doa_jax import partitioning, storage
 from doa_jax.experiment import costs
@@ -44,6 +48,7 @@ class CellRun:
     budget: Budget
     dir: storage.AnyPath            # OUTPUT_DIR/cells/<key>: ledger, student, predictions
     cache: storage.AnyPath          # shared teachers, stores and students
+    _meshes: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, cfg: CellConfig, setup: TaskSetup) -> "CellRun":
@@ -57,6 +62,20 @@ class CellRun:
 
     def say(self, text: str) -> None:
         say(self.cfg, text)
+
+    def mesh(self, role: str) -> tuple[Mesh, partitioning.Rules]:
+        """The mesh and logical-axis rules of the `role`'s layout ('teacher' or 'student')."""
+        if role not in self._meshes:
+            self._meshes[role] = self.cfg.layout(role).mesh.build()
+        return self._meshes[role]
+
+    def inference_context(self, role: str) -> Callable[[], ContextManager]:
+        """What the `role`'s inference runs under: its mesh and rules on one process; on several,
+        nothing (process 0 runs the teacher's inference alone, on host params)."""
+        if jax.process_count() > 1:
+            return contextlib.nullcontext
+        mesh, rules = self.mesh(role)
+        return lambda: partitioning.mesh_context(mesh, rules)
 
 
 def say(cfg: CellConfig, text: str) -> None:

@@ -9,6 +9,7 @@ the cell hands these objects on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -19,6 +20,7 @@ from doa_jax.metrics import PROTOCOLS
 from doa_jax.experiment.results import KEY_VERSION
 from doa_jax.model import T5Config
 from doa_jax.model.config import config_for_size
+from doa_jax.partitioning import MeshConfig
 from doa_jax.trainer import TrainConfig
 
 SOFT_TARGETS = ("stored", "online")
@@ -140,6 +142,37 @@ class PricingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PhaseLayout:
+    """Where one model's phases sit on the job's devices (gin `teacher/PhaseLayout`,
+    `student/PhaseLayout`; macros in runs/experiment.gin). How a phase is laid out never changes
+    its result, so it is not part of a cell's key (`CellConfig.key`)."""
+
+    mesh: MeshConfig = MeshConfig()     # data x model axes, FSDP
+    num_microbatches: int = 1           # gradient accumulation per training step
+    decode_batch_size: Optional[int] = None   # rows per decode/scoring call; None: the phase's default
+
+    def __post_init__(self):
+        if not isinstance(self.num_microbatches, int) or self.num_microbatches < 1:
+            raise ValueError(f"PhaseLayout.num_microbatches must be an integer >= 1, got {self.num_microbatches!r}")
+        if self.decode_batch_size is not None and (not isinstance(self.decode_batch_size, int)
+                                                   or self.decode_batch_size < 1):
+            raise ValueError(f"PhaseLayout.decode_batch_size must be None or an integer >= 1, "
+                             f"got {self.decode_batch_size!r}")
+
+
+# Settings that say how a cell runs on hardware, not what it computes: hashed at their defaults in
+# `CellConfig.key`, so a sweep resumed on another slice, mesh or recipe of rematerialisation reuses
+# its finished cells (and cells keyed before these were settable keep their keys).
+_LAYOUT_DEFAULTS = {("train", "mesh"): dataclasses.asdict(MeshConfig()), ("train", "num_microbatches"): 1,
+                    ("teacher", "remat_policy"): "none", ("teacher", "scan_layers"): False,
+                    ("student", "remat_policy"): "none", ("student", "scan_layers"): False,
+                    ("pricing", "measured_on"): "cpu"}
+# Settings added after key version 2 that change results only away from their default: hashed only
+# when set, so cells keyed before they existed keep their keys.
+_KEYED_WHEN_SET = {("train", "optimizer", "eps_before_bias_correction"): False}
+
+
+@dataclasses.dataclass(frozen=True)
 class CellConfig:
     """Everything that defines one cell; `key()` is its identity in results.jsonl."""
 
@@ -163,6 +196,8 @@ class CellConfig:
     cache_dir: Optional[str] = None  # shared teacher runs and stores (default: OUTPUT_DIR/cache)
     demo_sizes: Optional[Mapping[str, int]] = None  # demo pools: labeled, unlabeled, test
     protocol: str = "efficient"      # 'efficient' or 'paper' (gin/protocols/<name>.gin; see check_protocol)
+    teacher_layout: PhaseLayout = PhaseLayout()
+    student_layout: PhaseLayout = PhaseLayout()
     verbose: bool = True
 
     def __post_init__(self):
@@ -177,6 +212,10 @@ class CellConfig:
             raise ValueError(f"EXTRA_BUDGET_USD must be a finite non-negative number, got {self.extra_budget_usd!r}")
         if not isinstance(self.start_labels, int) or self.start_labels < 0:
             raise ValueError(f"START_LABELS must be an integer >= 0, got {self.start_labels!r}")
+        if self.train.mesh != MeshConfig() or self.train.num_microbatches != 1:
+            raise ValueError("a cell lays out each model on its own: set TEACHER_MESH_* / STUDENT_MESH_* and "
+                             "*_MICROBATCHES (teacher/PhaseLayout, student/PhaseLayout in runs/experiment.gin), "
+                             "not cell/TrainConfig.mesh or cell/TrainConfig.num_microbatches")
         # 5 and 5.0 are the same budget: one cell key.
         object.__setattr__(self, "extra_budget_usd", float(self.extra_budget_usd))
         object.__setattr__(self, "compute_share", float(self.compute_share))
@@ -190,16 +229,34 @@ class CellConfig:
         return self.train.seed
 
     def key(self) -> str:
-        """A hash of everything that changes the result: not where it writes, nor how chatty it is."""
+        """A hash of everything that changes the result: not where it writes, how chatty it is, nor
+        how its phases are laid out on the hardware (`_LAYOUT_DEFAULTS`)."""
         d = dataclasses.asdict(self)
-        for k in ("output_dir", "cache_dir", "verbose"):
+        for k in ("output_dir", "cache_dir", "verbose", "teacher_layout", "student_layout"):
             d.pop(k)
-        for k in ("model_dir", "epochs", "log_every", "log_seconds", "checkpoint_every", "verbose", "tensorboard"):
+        for (part, field), default in _LAYOUT_DEFAULTS.items():
+            d[part][field] = default
+        for path, default in _KEYED_WHEN_SET.items():
+            *parents, field = path
+            holder = functools.reduce(lambda x, k: x[k], parents, d)
+            if holder.get(field) == default:
+                holder.pop(field)
+        for k in ("model_dir", "epochs", "log_every", "log_seconds", "checkpoint_every", "verbose", "tensorboard",
+                  "fused_update"):    # the fused update is the same math in another order: a layout
             d["train"].pop(k)
         if d["protocol"] == "efficient":
             d.pop("protocol")   # cells keyed before protocols existed keep their keys
         d["key_version"] = KEY_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def layout(self, role: str) -> PhaseLayout:
+        """The layout of the 'teacher' or 'student' phases."""
+        return {"teacher": self.teacher_layout, "student": self.student_layout}[role]
+
+    def train_config(self, role: str) -> TrainConfig:
+        """The cell's TrainConfig laid out for the `role`'s model (its mesh and microbatches)."""
+        layout = self.layout(role)
+        return dataclasses.replace(self.train, mesh=layout.mesh, num_microbatches=layout.num_microbatches)
 
     def pricing_models(self) -> tuple[T5Config, T5Config]:
         """(teacher, student) whose FLOPs are charged: the trained models, or the sizes they stand for."""

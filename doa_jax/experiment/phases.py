@@ -14,6 +14,7 @@ records, and the others read what it wrote once it is there (`partitioning.from_
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -23,6 +24,8 @@ import jax
 import numpy as np
 
 from doa_jax import checkpoints, decoding, flops, partitioning, storage
+from doa_jax.checkpoints import native as native_checkpoints
+from doa_jax.checkpoints import steps as train_checkpoints
 from doa_jax.data.batches import ArrayBatches
 from doa_jax.data.encode import encode_examples, encode_texts
 from doa_jax.distill import store as teacher_store
@@ -41,8 +44,14 @@ EVAL_BATCH_SIZE = 64
 
 
 def store_batch_size(cfg: CellConfig) -> int:
-    """Rows per teacher decode and scoring call while building the teacher store."""
-    return min(64, cfg.train.batch_size * 2)
+    """Rows per teacher decode and scoring call while building the teacher store: TEACHER_DECODE_BATCH,
+    else min(64, 2 x BATCH_SIZE)."""
+    return cfg.teacher_layout.decode_batch_size or min(64, cfg.train.batch_size * 2)
+
+
+def eval_batch_size(cfg: CellConfig) -> int:
+    """Rows per evaluation decode of the student: STUDENT_DECODE_BATCH, else EVAL_BATCH_SIZE."""
+    return cfg.student_layout.decode_batch_size or EVAL_BATCH_SIZE
 
 
 # ----------------------------------------------------------------------------- plan and labels
@@ -67,12 +76,13 @@ def buy_labels(run: CellRun, bought: int) -> list:
 # ----------------------------------------------------------------------------- training
 
 def train(cfg: CellConfig, model_cfg: T5Config, arrays: Mapping[str, np.ndarray], model_dir: storage.AnyPath, *,
-          epochs: float, initial_checkpoint: Optional[str], kd: bool,
+          role: str, epochs: float, initial_checkpoint: Optional[str], kd: bool,
           step_allowed: Optional[Callable[[int], bool]] = None, source_wrapper=None) -> tuple[TrainResult, float]:
-    """Fine-tunes `model_cfg` on in-memory arrays with the cell's TrainConfig; (result, wall seconds)."""
+    """Fine-tunes `model_cfg` on in-memory arrays with the cell's TrainConfig laid out for `role`
+    ('teacher' or 'student': its mesh and microbatches); (result, wall seconds)."""
     loss = cfg.train.loss if kd else dataclasses.replace(cfg.train.loss, kd_weight=0.0)
-    config = dataclasses.replace(cfg.train, model_dir=str(model_dir), epochs=epochs, train_steps=None, loss=loss,
-                                 initial_checkpoint=initial_checkpoint, verbose=cfg.verbose)
+    config = dataclasses.replace(cfg.train_config(role), model_dir=str(model_dir), epochs=epochs, train_steps=None,
+                                 loss=loss, initial_checkpoint=initial_checkpoint, verbose=cfg.verbose)
     shard = partitioning.host_shard_info()     # multi-host: each host feeds its rows of every batch
     source = ArrayBatches(arrays, cfg.train.batch_size, shuffle=True, seed=cfg.seed, pad_remainder=True,
                           shard_index=shard.index, num_shards=shard.num_shards)
@@ -89,7 +99,7 @@ def fine_tune_teacher(run: CellRun, labels: list) -> tuple[str, Any]:
     Its record (steps, seconds, FLOPs) is charged to each cell that uses it. Returns (key, params).
     """
     cfg, setup = run.cfg, run.setup
-    recipe = {"teacher": cfg.teacher.to_dict(), "ckpt": cfg.teacher_checkpoint, "task": setup.card.name,
+    recipe = {"teacher": layout_free(cfg.teacher), "ckpt": cfg.teacher_checkpoint, "task": setup.card.name,
               "labels": len(labels), "epochs": cfg.epochs.teacher, "seed": cfg.seed,
               "lr": cfg.train.optimizer.learning_rate, "opt": cfg.train.optimizer.name,
               "batch": cfg.train.batch_size, "lengths": setup.lengths, "vocab": setup.vocab.spec()["sha256"]}
@@ -103,7 +113,7 @@ def fine_tune_teacher(run: CellRun, labels: list) -> tuple[str, Any]:
     if not partitioning.from_chief(record_path.exists):
         run.say(f"fine-tuning the teacher on {len(labels)} labels ({cfg.epochs.teacher:g} epochs) in {run_dir}")
         arrays = encode_examples(setup.card, setup.vocab, labels, setup.lengths)
-        result, seconds = train(cfg, cfg.teacher, arrays, run_dir, epochs=cfg.epochs.teacher,
+        result, seconds = train(cfg, cfg.teacher, arrays, run_dir, role="teacher", epochs=cfg.epochs.teacher,
                                 initial_checkpoint=cfg.teacher_checkpoint, kd=False,
                                 step_allowed=run.budget.step_allowed(run.pricer.step_usd(work)))
         if result.stopped_by_budget:
@@ -118,8 +128,37 @@ def fine_tune_teacher(run: CellRun, labels: list) -> tuple[str, Any]:
     run.ledger.add_compute(f"teacher_finetune:{key}", "teacher_finetune", record["seconds"], record["flops"],
                            work=as_run(work, record["steps"]))
     run.ledger.add_lost(f"lost:teacher_finetune:{key}", "teacher_finetune", record.get("lost_seconds", 0.0))
-    _, params = checkpoints.load_checkpoint(run_dir / "checkpoints", config=cfg.teacher)
-    return key, jax.tree_util.tree_map(np.asarray, params)
+    return key, teacher_params(run, run_dir / "checkpoints")
+
+
+def layout_free(model: T5Config) -> dict[str, Any]:
+    """A model's config as a cache key: without how its layers are laid out (remat, scan), which
+    changes neither its parameters' values nor its outputs."""
+    return dict(model.to_dict(), remat_policy="none", scan_layers=False)
+
+
+def teacher_params(run: CellRun, directory: storage.AnyPath) -> Any:
+    """The fine-tuned teacher's params for its inference phases, in the decoding dtypes: on one
+    process, read straight onto the teacher's mesh, each device reading its own shards (never the
+    whole tree on one chip or in host memory); on several processes, as host arrays on process 0,
+    which builds the store alone. A checkpoint written with the other layer layout (scanned or not)
+    is converted on the host first (said)."""
+    cfg = run.cfg
+    module = Transformer(cfg.teacher)
+    if jax.process_count() > 1:
+        _, params = checkpoints.load_checkpoint(directory, config=cfg.teacher)
+        return decoding.decoding_params(jax.tree_util.tree_map(np.asarray, params), module)
+    mesh, rules = run.mesh("teacher")
+    shardings = partitioning.model_shardings(module, mesh, rules)
+    stored_scan = native_checkpoints.read_config(native_checkpoints.latest_step_dir(directory)).scan_layers
+    if stored_scan == cfg.teacher.scan_layers:
+        abstract = partitioning.abstract_params(module, shardings)
+        params = train_checkpoints.restore_step_directory(directory, abstract_params=abstract)[0]
+    else:
+        run.say(f"the teacher's checkpoint has scan_layers={stored_scan}, this cell {cfg.teacher.scan_layers}: "
+                "converting it on the host")
+        params = partitioning.put_params(checkpoints.load_checkpoint(directory, config=cfg.teacher)[1], shardings)
+    return decoding.decoding_params(params, module)
 
 
 def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabeled: list):
@@ -135,10 +174,11 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
     run.say(f"teacher outputs for {len(request.sources)} unlabeled inputs -> {root}")
 
     def build():   # process 0 computes and writes the store; the others then find it complete and read it
-        store, enc, stats = teacher_store.build_store(
-            root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
-            batch_size=store_batch_size(cfg), chunk_size=256,
-            on_chunk=lambda done, total, n: run.say(f"  teacher chunk {done}/{total}"))
+        with run.inference_context("teacher")():
+            store, enc, stats = teacher_store.build_store(
+                root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
+                batch_size=store_batch_size(cfg), chunk_size=256,
+                on_chunk=lambda done, total, n: run.say(f"  teacher chunk {done}/{total}"))
         if stats.computed_chunks:
             storage.write_atomic(store.dir / "record.json", json.dumps(
                 {"seconds": time.perf_counter() - start, "computed_chunks": stats.computed_chunks}))
@@ -153,14 +193,14 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
     return store.load(), enc
 
 
-def online_teacher(cfg: CellConfig, teacher_params: Any):
+def online_teacher(cfg: CellConfig, teacher_params: Any, context: Callable[[], Any] = contextlib.nullcontext):
     """The batch-source wrapper that runs the teacher on every student batch (online soft targets), or
     None: stored targets, or sequence-level KD (KD_WEIGHT = 0), whose loss reads no soft targets, so the
     teacher's forward would be thrown away (the cell's price still charges it: the paper's program)."""
     if cfg.distill.soft_targets != "online" or cfg.train.loss.kd_weight == 0.0:
         return None
     module = Transformer(cfg.teacher)
-    return lambda src: student_data_lib.OnlineTeacherBatches(src, module, teacher_params)
+    return lambda src: student_data_lib.OnlineTeacherBatches(src, module, teacher_params, context)
 
 
 # ----------------------------------------------------------------------------- the student
@@ -200,11 +240,12 @@ def student_data(run: CellRun, unlabeled_used: int, labels: list) -> StudentData
     arrays = student_data_lib.from_store(outputs, enc, setup.lengths["targets"], keep)
     if cfg.kind.mixes_gold:
         gold = encode_examples(setup.card, setup.vocab, labels, setup.lengths)
-        arrays = student_data_lib.with_gold_rows(arrays, gold, Transformer(cfg.teacher), teacher_params,
-                                                 cfg.distill.topk)
+        with run.inference_context("teacher")():
+            arrays = student_data_lib.with_gold_rows(arrays, gold, Transformer(cfg.teacher), teacher_params,
+                                                     cfg.distill.topk)
     return StudentData(arrays, cfg.epochs.distill, kd=True,
                        work=run.pricer.student(True, len(arrays["encoder_input_tokens"])),
-                       source_wrapper=online_teacher(cfg, teacher_params),
+                       source_wrapper=online_teacher(cfg, teacher_params, run.inference_context("teacher")),
                        unlabeled_used=len(unlabeled), pseudo_labels_kept=len(keep))
 
 
@@ -236,11 +277,13 @@ def _shared_student_path(run: CellRun, the_plan: planner.Plan) -> storage.AnyPat
 def _train_and_score_student(run: CellRun, data: StudentData, test: list) -> StudentRun:
     cfg = run.cfg
     run.say(f"training the student on {data.rows} examples ({data.epochs:g} epochs)")
-    result, seconds = train(cfg, cfg.student, data.arrays, run.dir / "student", epochs=data.epochs,
+    result, seconds = train(cfg, cfg.student, data.arrays, run.dir / "student", role="student", epochs=data.epochs,
                             initial_checkpoint=cfg.student_checkpoint, kd=data.kd, source_wrapper=data.source_wrapper,
                             step_allowed=run.budget.step_allowed(run.pricer.step_usd(data.work)))
     start = time.perf_counter()
-    evaluation = evaluate(cfg.student, result.state.params, run.setup, test, pricing=cfg.pricing_models()[1])
+    with run.inference_context("student")():
+        evaluation = evaluate(cfg.student, result.state.params, run.setup, test, batch_size=eval_batch_size(cfg),
+                              pricing=cfg.pricing_models()[1])
     values = {k: v for k, v in evaluation["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return StudentRun(result.step, seconds, sum(w.flops for w in as_run(data.work, result.step)),
                       time.perf_counter() - start, evaluation["flops"],
@@ -280,7 +323,7 @@ def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list,
         n = len(chunk)
         if n < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - n, chunk.shape[1]), np.int32)])
-        chunk = partitioning.like_global(chunk, jax.tree_util.tree_leaves(params)[0])   # multi-host: on the mesh
+        chunk = partitioning.rows_like(chunk, jax.tree_util.tree_leaves(params)[0])   # over the params' mesh
         tokens = partitioning.to_host(decoding.greedy(model_cfg, params, chunk, setup.decode_length).tokens)[:n]
         preds += [setup.vocab.decode(t) for t in tokens]
     result = setup.card.score(preds, [ex["target"] for ex in examples], sources=[ex["source"] for ex in examples],

@@ -1,7 +1,8 @@
 """The programs a cell runs, phase by phase, as `doa aot` compiles them for a target.
 
 One `bench.aot.Program` per jitted function a cell calls, with the cell's own models, lengths,
-batches, loss, optimizer, parameter dtype, microbatches, fused update and mesh (`cell/TrainConfig.mesh`):
+batches, loss, optimizer, parameter dtype and fused update, each model on its own layout (mesh,
+microbatches, decode batch: `teacher/PhaseLayout`, `student/PhaseLayout`):
 
     distill / mixed: teacher_train ─► teacher_decode ─► teacher_score [─► teacher_score_gold (mixed)]
                      ─► [teacher_forward (online soft targets)] ─► student_distill ─► eval_decode
@@ -39,13 +40,15 @@ def resolved(cfg: CellConfig) -> CellConfig:
 
 def cell_programs(cfg: CellConfig, lengths: Mapping[str, int]) -> list[Program]:
     """Every program of the cell, in the order the cell runs them (see the module doc)."""
-    t, mesh = cfg.train, cfg.train.mesh
+    t = cfg.train
     n_in, n_out = lengths["inputs"], lengths["targets"]
     n_dec = task_setup.decode_length(lengths, cfg.protocol)
+    t_mesh, s_mesh = cfg.teacher_layout.mesh, cfg.student_layout.mesh
 
-    def train_spec(soft_targets, kd: bool) -> TrainSpec:
+    def train_spec(role: str, soft_targets, kd: bool) -> TrainSpec:
         loss = t.loss if kd else dataclasses.replace(t.loss, kd_weight=0.0)
-        return TrainSpec(loss, t.optimizer, t.param_dtype, t.num_microbatches, soft_targets, t.fused_update)
+        return TrainSpec(loss, t.optimizer, t.param_dtype, cfg.layout(role).num_microbatches, soft_targets,
+                         t.fused_update)
 
     programs = []
     if cfg.kind.uses_teacher:
@@ -53,24 +56,25 @@ def cell_programs(cfg: CellConfig, lengths: Mapping[str, int]) -> list[Program]:
         online = cfg.distill.soft_targets == "online" and t.loss.kd_weight != 0.0
         student_step = "student_distill"
         programs += [
-            Program("teacher_train", "train", "train", cfg.teacher, t.batch_size, (n_in, n_out), mesh,
-                    train_spec(None, kd=False)),
-            Program("teacher_decode", "decode", "decode", cfg.teacher, store, (n_in, n_dec), mesh),
-            Program("teacher_score", "score", "score", cfg.teacher, store, (n_in, n_dec), mesh,
+            Program("teacher_train", "train", "train", cfg.teacher, t.batch_size, (n_in, n_out), t_mesh,
+                    train_spec("teacher", None, kd=False)),
+            Program("teacher_decode", "decode", "decode", cfg.teacher, store, (n_in, n_dec), t_mesh),
+            Program("teacher_score", "score", "score", cfg.teacher, store, (n_in, n_dec), t_mesh,
                     topk=cfg.distill.stored_topk)]
         if cfg.kind.mixes_gold:
             programs.append(Program("teacher_score_gold", "score", "score", cfg.teacher, phases.EVAL_BATCH_SIZE,
-                                    (n_in, n_out), mesh, topk=cfg.distill.topk or 1))
+                                    (n_in, n_out), t_mesh, topk=cfg.distill.topk or 1))
         if online:
             programs.append(Program("teacher_forward", "distill", "forward", cfg.teacher, t.batch_size,
-                                    (n_in, n_out), mesh, co_resident=(student_step,)))
+                                    (n_in, n_out), t_mesh, co_resident=(student_step,)))
         soft = cfg.teacher.vocab_size if online else cfg.distill.stored_topk
-        programs.append(Program(student_step, "distill", "train", cfg.student, t.batch_size, (n_in, n_out), mesh,
-                                train_spec(soft, kd=True), co_resident=("teacher_forward",) if online else ()))
+        programs.append(Program(student_step, "distill", "train", cfg.student, t.batch_size, (n_in, n_out), s_mesh,
+                                train_spec("student", soft, kd=True),
+                                co_resident=("teacher_forward",) if online else ()))
     else:
         student_step = "student_train"
-        programs.append(Program(student_step, "train", "train", cfg.student, t.batch_size, (n_in, n_out), mesh,
-                                train_spec(None, kd=False)))
-    programs.append(Program("eval_decode", "decode", "decode", cfg.student, phases.EVAL_BATCH_SIZE, (n_in, n_dec),
-                            mesh, co_resident=(student_step,)))
+        programs.append(Program(student_step, "train", "train", cfg.student, t.batch_size, (n_in, n_out), s_mesh,
+                                train_spec("student", None, kd=False)))
+    programs.append(Program("eval_decode", "decode", "decode", cfg.student, phases.eval_batch_size(cfg),
+                            (n_in, n_dec), s_mesh, co_resident=(student_step,)))
     return programs
