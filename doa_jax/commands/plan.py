@@ -3,6 +3,11 @@
 Compute is priced by a cost profile: `paper` (the paper's accounting, fitted to its costs on four tasks;
 the default without a calibration; for any other task an extrapolation, said so with its expected error), `calibrated` (throughput measured by `doa calibrate`, the default with
 --calibration) or `mfu` (an assumed model FLOP utilisation).
+
+`--target SLICE` (a TPU slice or GPU count as `doa aot` names them: v4-8, v5e-8, v5p-8, v6e-8, h100,
+h100x8, ...) prices compute on that slice (`mfu`, an ASSUMED MFU, unless a calibration measured on it
+is given) and adds each arm's chip-hours, the slice's wall time, and its dollars on demand and on spot,
+from the rate card's prices and their sources (`doa_jax/experiment/slices.py`).
 """
 from __future__ import annotations
 
@@ -74,6 +79,13 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 32, the paper's)")
     p.add_argument("--data-dir", default=None, help="the task's data folder (for the unlabeled pool)")
     p.add_argument("--rate-cards", default=None, help="TOML rate-card file (default: packaged)")
+    p.add_argument("--target", default=None,
+                   help="a slice to run on, as `doa aot` names it (v5e-8, v5p-8, v6e-8, v4-8, h100x8, ...): adds "
+                        "chip-hours, wall time and on-demand / spot dollars")
+    p.add_argument("--usd-per-chip-hour", type=_budget, default=None,
+                   help="with --target: your on-demand price per chip-hour (over the rate card's, or where it has none)")
+    p.add_argument("--spot-usd-per-chip-hour", type=_budget, default=None,
+                   help="with --target: your spot price per chip-hour (the rate cards carry no published spot price)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
 
@@ -104,18 +116,13 @@ def _arm(plan) -> dict:
 
 
 def make_plans(args):
-    """(card, profile, lengths, pool note, {strategy: Plan}) for the parsed arguments."""
+    """(card, profile, lengths, pool note, {strategy: Plan}, the slice's prices or None) for the parsed arguments."""
     from doa_jax.experiment import calibration
-    from doa_jax.experiment import cost_profiles
     from doa_jax.experiment import planner
 
     if args.budget is None and args.unlabeled is None:
         raise ValueError("give --budget (what an extra budget buys) or --unlabeled U (what a fixed point costs)")
-    name = args.cost_profile or cost_profiles.default_profile_name(args.calibration)
-    if args.mfu is not None and name != "mfu":
-        raise ValueError(f"--mfu applies to --cost-profile mfu only (this plan uses {name!r})")
-    profile = cost_profiles.load_profile(name, accelerator=args.accelerator, calibration=args.calibration,
-                                         mfu=args.mfu, rate_cards=args.rate_cards)
+    profile, price = _profile(args)
     card = calibration.task_card(args.task)
     teacher, student = calibration.model_configs(card, args.teacher, args.student)
     p, lengths = planner.build_planner(card, teacher, student, profile,
@@ -132,18 +139,58 @@ def make_plans(args):
                 continue
             plans[s] = p.plan(s, args.start_labels, args.budget, unlabeled_available=pool,
                               compute_share=args.compute_share, unlabeled_grid=args.unlabeled_grid)
-    return card, profile, lengths, pool_note, plans
+    return card, profile, lengths, pool_note, plans, price
+
+
+def _profile(args):
+    """The plan's cost profile, and the slice's prices when --target names one (else None)."""
+    from doa_jax.experiment import cost_profiles
+    from doa_jax.experiment import slices
+
+    name = args.cost_profile or ("mfu" if args.target and args.calibration is None
+                                 else cost_profiles.default_profile_name(args.calibration))
+    if args.mfu is not None and name != "mfu":
+        raise ValueError(f"--mfu applies to --cost-profile mfu only (this plan uses {name!r})")
+    if args.target is None:
+        if args.usd_per_chip_hour is not None or args.spot_usd_per_chip_hour is not None:
+            raise ValueError("--usd-per-chip-hour and --spot-usd-per-chip-hour price a --target slice: give --target")
+        return cost_profiles.load_profile(name, accelerator=args.accelerator, calibration=args.calibration,
+                                          mfu=args.mfu, rate_cards=args.rate_cards), None
+    if args.accelerator is not None:
+        raise ValueError("--target names the accelerator (its slice's chips): drop --accelerator")
+    return slices.slice_profile(args.target, cost_profile=name, calibration=args.calibration, mfu=args.mfu,
+                                rate_cards=args.rate_cards, usd_per_chip_hour=args.usd_per_chip_hour,
+                                spot_usd_per_chip_hour=args.spot_usd_per_chip_hour)
 
 
 def run(args) -> int:
-    card, profile, lengths, pool_note, plans = make_plans(args)
+    card, profile, lengths, pool_note, plans, price = make_plans(args)
     if args.json:
+        arms = {s: {**_arm(pl), **(price.arm(pl.compute_usd) if price else {})} for s, pl in plans.items()}
         print(json.dumps({"task": card.name, "start_labels": args.start_labels, "budget_usd": args.budget,
                           "cost_profile": profile.as_dict(card.name), "lengths": lengths, "unlabeled_pool": pool_note,
-                          **{s: _arm(pl) for s, pl in plans.items()}}, indent=1))
+                          **({"slice": price.as_dict()} if price else {}), **arms}, indent=1))
         return 0
     _print_table(args, card, profile, lengths, pool_note, plans)
+    if price:
+        _print_slice(price, plans)
     return 0
+
+
+def _print_slice(price, plans) -> None:
+    """Each arm's compute on the slice: chip-hours, wall time, on-demand and spot dollars."""
+    print(f"\non {price.target} ({price.chips} chips of {price.accelerator}); time: {price.time_source}")
+    print(f"  on demand: {price.price_source}")
+    print(f"  spot: {price.spot_price_source}")
+    assumed = " (ASSUMED MFU)" if price.assumed else ""
+    header = f"{'strategy':<9} {'chip-hours':>10} {'wall hours':>10} {'on-demand $':>11} {'spot $':>8}{assumed}"
+    print(header)
+    print("-" * len(header))
+    for pl in plans.values():
+        row = price.arm(pl.compute_usd)
+        spot = "n/a" if row["spot_usd"] is None else f"{row['spot_usd']:.2f}"
+        print(f"{pl.strategy:<9} {row['chip_hours']:>10.2f} {row['wall_hours']:>10.2f} {row['on_demand_usd']:>11.2f} "
+              f"{spot:>8}")
 
 
 def _print_table(args, card, profile, lengths, pool_note, plans) -> None:

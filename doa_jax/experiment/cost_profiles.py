@@ -299,13 +299,15 @@ def _paper_profile(data: Mapping[str, Any], cards: Mapping[str, costs.Accelerato
 
 def load_profile(name: str, *, accelerator: Optional[str] = None, calibration: Optional[str | os.PathLike] = None,
                  mfu: Optional[float] = None, rate_cards: Optional[str | os.PathLike] = None,
-                 path: Optional[str | os.PathLike] = None) -> CostProfile:
-    """The named profile. `accelerator` is a rate-card key (mfu; checked against paper/calibrated)."""
+                 path: Optional[str | os.PathLike] = None,
+                 cards: Optional[Mapping[str, costs.Accelerator]] = None) -> CostProfile:
+    """The named profile. `accelerator` is a rate-card key (mfu; checked against paper/calibrated);
+    `cards` are rate cards already read (default: those of the `rate_cards` file)."""
     if name not in PROFILE_NAMES:
         raise ValueError(f"unknown cost profile {name!r}; profiles: {', '.join(PROFILE_NAMES)}")
     where = str(path or PROFILES_FILE)
     data = _read_profiles(path)
-    cards = costs.load_rate_cards(rate_cards)
+    cards = cards if cards is not None else costs.load_rate_cards(rate_cards)
     if name == "paper":
         profile = _paper_profile(data, cards, where)
         if accelerator is not None and costs.get_accelerator(accelerator, cards).key != profile.accelerator.key:

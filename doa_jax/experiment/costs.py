@@ -32,6 +32,8 @@ class Accelerator:
     peak_flops: float
     source: str
     date: str
+    spot_usd_per_chip_hour: Optional[float] = None   # None: the card has no published spot price
+    spot_source: str = ""
 
     def usd(self, chip_seconds: float) -> float:
         return chip_seconds / 3600.0 * self.usd_per_chip_hour
@@ -56,11 +58,17 @@ def load_rate_cards(path: Optional[str | os.PathLike] = None) -> dict[str, Accel
         if missing:
             raise ValueError(f"{path}: [accelerators.{key}] lacks {', '.join(missing)}")
         row = {**row, "peak_flops": _peak_flops(row, key, path)}
-        for f in ("usd_per_chip_hour", "peak_flops"):
+        spot = "spot_usd_per_chip_hour" in row
+        if spot and ("spot_source" not in row or "spot_date" not in row):
+            raise ValueError(f"{path}: [accelerators.{key}] gives spot_usd_per_chip_hour without spot_source "
+                             f"and spot_date")
+        for f in ("usd_per_chip_hour", "peak_flops") + (("spot_usd_per_chip_hour",) if spot else ()):
             if not isinstance(row[f], (int, float)) or row[f] <= 0:
                 raise ValueError(f"{path}: accelerators.{key}.{f} must be a positive number, got {row[f]!r}")
         cards[key] = Accelerator(key, row["name"], float(row["usd_per_chip_hour"]), float(row["peak_flops"]),
-                                 row["source"], str(row["date"]))
+                                 row["source"], str(row["date"]),
+                                 float(row["spot_usd_per_chip_hour"]) if spot else None,
+                                 f"{row['spot_source']} ({row['spot_date']})" if spot else "")
     if not cards:
         raise ValueError(f"{path}: no [accelerators.*] tables")
     return cards
