@@ -3,8 +3,7 @@ pointed at it, see tests/gcs_helpers.py): the trainer's checkpoints, metrics and
 cells of both arms killed and resumed; a sweep's files, results rows and ledgers; vocabularies and
 task data read from gs://; what `doa convert`, `doa vocab build`, `doa data download` and `doa bench`
 write; a bad bucket or missing credentials stopping each command before any compute (locks:
-tests/test_locks.py; faults of the store: tests/test_faults.py). `scripts/tpu_vm.sh --dry-run`
-prints its gcloud commands (`doa train|run|sweep --multihost` on every worker).
+tests/test_locks.py; faults of the store: tests/test_faults.py; `scripts/tpu_vm.sh`: tests/test_tpu_vm.py).
 """
 import json
 import os
@@ -291,55 +290,6 @@ def test_an_output_in_a_missing_bucket_fails_before_any_work_naming_the_path(gcs
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"doa {argv[0]}: error: cannot write the {what}: ") and err.count("\n") == 1
-
-
-# ----------------------------------------------------------------------------- scripts/tpu_vm.sh
-
-def _tpu_vm(*args):
-    env = dict(os.environ, TPU_NAME="doa-pod", ZONE="us-central2-b", SPOT="1")
-    return subprocess.run(["bash", str(REPO / "scripts" / "tpu_vm.sh"), "--dry-run", *args], env=env,
-                          capture_output=True, text=True, timeout=30)
-
-
-def test_tpu_vm_dry_run_prints_the_spot_create_command():
-    out = _tpu_vm("create")
-    assert out.returncode == 0
-    assert out.stdout == ("+ gcloud compute tpus tpu-vm create doa-pod --zone=us-central2-b "
-                          "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot\n")
-
-
-@pytest.mark.parametrize("command", ["train", "run", "sweep"])
-def test_tpu_vm_starts_each_doa_command_on_every_worker_with_the_multihost_flag(command):
-    out = _tpu_vm("start", command, "--gin_file", "runs/x.gin", "--gin.OUTPUT_DIR=gs://b/run")
-    assert out.returncode == 0
-    line = out.stdout.strip()
-    assert line.startswith("+ gcloud compute tpus tpu-vm ssh doa-pod --zone=us-central2-b --worker=all --command=")
-    assert (rf"python3\ -m\ doa_jax\ {command}\ --multihost\ --gin_file\ runs/x.gin\ "
-            r"--gin.OUTPUT_DIR=gs://b/run\ \>\ ~/doa.log") in line
-
-
-def test_tpu_vm_install_archives_the_checkout_without_git_ignored_outputs(tmp_path):
-    repo = tmp_path / "checkout"
-    (repo / "scripts").mkdir(parents=True)
-    (repo / "scripts" / "tpu_vm.sh").write_bytes((REPO / "scripts" / "tpu_vm.sh").read_bytes())
-    (repo / ".gitignore").write_text("/runs/\n")
-    (repo / "runs" / "demo_sweep").mkdir(parents=True)
-    (repo / "runs" / "demo_sweep" / "results.jsonl").write_text("{}\n")
-    (repo / "new_module.py").write_text("x = 1\n")   # not committed yet: still shipped
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run(["git", "add", ".gitignore", "scripts"], cwd=repo, check=True)
-    out = subprocess.run(["bash", str(repo / "scripts" / "tpu_vm.sh"), "--dry-run", "install"], capture_output=True,
-                         text=True, timeout=30, env=dict(os.environ, TPU_NAME="doa-pod", ZONE="z"))
-    archive_line = out.stdout.splitlines()[0]
-    subprocess.run(archive_line[2:], shell=True, check=True, executable="/bin/bash")   # run what it printed
-    archive = archive_line.split("tar\\ -czf\\ ")[1].split("\\ ")[0]
-    names = subprocess.run(["tar", "-tzf", archive], capture_output=True, text=True, check=True).stdout.split()
-    assert sorted(names) == [".gitignore", "new_module.py", "scripts/tpu_vm.sh"]
-
-
-def test_tpu_vm_refuses_an_unknown_doa_command():
-    out = _tpu_vm("start", "demo")
-    assert out.returncode == 2 and "start needs train, run or sweep" in out.stderr and out.stdout == ""
 
 
 # ----------------------------------------------------------------------------- training on the emulator
