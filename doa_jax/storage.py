@@ -85,7 +85,33 @@ def path(p: str | os.PathLike) -> AnyPath:
     s = os.fspath(p)
     if s.startswith("file://"):
         return pathlib.Path(s[len("file://"):])
+    check_credentials(s)
     return epath.Path(s) if is_url(s) else pathlib.Path(s)
+
+
+def check_credentials(p: str | os.PathLike) -> None:
+    """For a gs:// path, fails at once (ValueError, one line naming it) when no Google credentials can
+    exist here: no GOOGLE_APPLICATION_CREDENTIALS, no `gcloud auth application-default login` file, and
+    not a Google Cloud VM (whose metadata server gives its service account). Without this check gcsfs
+    probes the metadata server and retries for ~50 s before failing with a long traceback."""
+    s = os.fspath(p)
+    if not s.startswith("gs://") or os.environ.get("STORAGE_EMULATOR_HOST") or os.environ.get(
+            "GOOGLE_APPLICATION_CREDENTIALS") or os.environ.get("GCE_METADATA_HOST"):
+        return
+    config = os.environ.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
+    if os.path.isfile(os.path.join(config, "application_default_credentials.json")) or _on_google_cloud():
+        return
+    raise ValueError(f"no Google Cloud credentials for {s}: set GOOGLE_APPLICATION_CREDENTIALS to a key file, run "
+                     f"`gcloud auth application-default login`, or run on a Cloud VM (its service account)")
+
+
+def _on_google_cloud() -> bool:
+    """True on a Compute Engine or Cloud TPU VM (its DMI product name says Google), as google-auth checks."""
+    try:
+        with open("/sys/class/dmi/id/product_name") as f:
+            return f.read().strip().startswith("Google")
+    except OSError:
+        return False
 
 
 def absolute(p: str | os.PathLike) -> AnyPath:
@@ -105,6 +131,7 @@ def _fs(p: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     is the token (a missing file is an error at once, not a fall-through to other credential
     sources that probe the network)."""
     s = os.fspath(p)
+    check_credentials(s)
     creds = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
     if s.startswith("gs://") and creds and not os.environ.get("STORAGE_EMULATOR_HOST"):
         return fsspec.core.url_to_fs(s, token=creds)
@@ -378,6 +405,7 @@ def check_writable(p: str | os.PathLike, what: str = "output folder") -> None:
     folder is created as before). Raises ValueError naming `p` and the cause."""
     if not is_url(p):
         return
+    check_credentials(p)
     probe = f"{os.fspath(p).rstrip('/')}/.doa_write_probe-{uuid.uuid4().hex[:8]}"
     try:
         fs, key = _fs(probe)
@@ -393,7 +421,7 @@ def check_writable(p: str | os.PathLike, what: str = "output folder") -> None:
                          f"credentials may write it; {hint})") from None
 
 
-__all__ = ["StorageError", "absolute", "append_line", "check_writable", "clean_orphans", "create_new", "cut_torn_line",
+__all__ = ["StorageError", "absolute", "append_line", "check_credentials", "check_writable", "clean_orphans", "create_new", "cut_torn_line",
            "delete", "exists", "is_url", "local_staging", "log_exists", "makedirs", "path", "process_gone",
            "read_appended", "read_bytes", "remove", "retrying", "rewrite_appended", "staged", "transient", "upload",
            "write_atomic"]

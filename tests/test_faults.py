@@ -21,6 +21,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -118,6 +119,41 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one_and_a_killed_wr
         p.write_text("half")
     assert storage.clean_orphans(tmp_path) == [left]
     assert live.exists() and other.exists() and not left.exists()
+
+
+NO_CREDENTIALS = ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "GCE_METADATA_HOST", "CLOUDSDK_CONFIG")
+
+
+@pytest.mark.skipif(storage._on_google_cloud(), reason="a Google Cloud VM has its service account's credentials")
+@pytest.mark.parametrize("argv", [["report", "gs://doa-no-bucket/run"],
+                                  ["plan", "--task", "wlp", "--start-labels", "10", "--budget", "1",
+                                   "--calibration", "gs://doa-no-bucket/cal.json"]])
+def test_a_gs_path_without_credentials_fails_in_seconds_with_one_line(tmp_path, argv):
+    env = {k: v for k, v in os.environ.items() if k not in NO_CREDENTIALS}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "doa_jax", *argv], env=env, capture_output=True, text=True,
+                          timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"doa {argv[0]}: error: no Google Cloud credentials for gs://doa-no-bucket/")
+    assert "gcloud auth application-default login" in proc.stderr
+    assert elapsed < 20     # it took 51-55 s and a 55-line gcsfs traceback (the metadata server probed, retried)
+
+
+def test_credentials_from_a_key_file_or_gcloud_login_pass_the_check(tmp_path, monkeypatch):
+    for k in NO_CREDENTIALS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(storage, "_on_google_cloud", lambda: False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))
+    with pytest.raises(ValueError, match=r"^no Google Cloud credentials for gs://b/x: set GOOGLE_APPLICATION_CRED"):
+        storage.check_credentials("gs://b/x")
+    storage.check_credentials("memory://b/x")                  # only gs:// needs Google's credentials
+    (tmp_path / "application_default_credentials.json").write_text("{}")
+    storage.check_credentials("gs://b/x")                      # `gcloud auth application-default login`
+    (tmp_path / "application_default_credentials.json").unlink()
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+    storage.check_credentials("gs://b/x")
 
 
 @pytest.fixture(scope="module")
