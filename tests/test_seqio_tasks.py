@@ -66,6 +66,36 @@ def test_registered_tasks_have_their_splits(vocab, doa_data):
     assert seqio_tasks.register("fever", vocab, data_dir=doa_data / "fever") == names
 
 
+def test_the_wlp_task_at_1k_start_labels_holds_the_cells_1000_labels(vocab, doa_data):
+    import seqio
+
+    names = seqio_tasks.register("wlp", vocab, data_dir=doa_data / "wlp", start_labels=[1000])
+    assert names == ["doa_wlp", "doa_wlp_inputs", "doa_wlp_L1000"]
+    task = seqio.get_mixture_or_task("doa_wlp_L1000")
+    rows = list(task.get_dataset({"inputs": 96, "targets": 128}, split="train", shuffle=False).as_numpy_iterator())
+    cell_labels = pools.make_pools("wlp", data_dir=doa_data / "wlp").annotate(1000)   # what `doa run` trains on
+    assert len(rows) == 1000 < len(pools.make_pools("wlp", data_dir=doa_data / "wlp").train)
+    assert [r["targets_pretokenized"].decode() for r in rows] == [ex["target"] for ex in cell_labels]
+    full = seqio.get_mixture_or_task("doa_wlp")
+    test = lambda t: next(t.get_dataset({"inputs": 96, "targets": 128}, split="test", shuffle=False)  # noqa: E731
+                          .as_numpy_iterator())["inputs_pretokenized"]
+    assert test(task) == test(full)     # validation and test are the task's own
+
+
+def test_doa_start_labels_env_registers_the_start_label_tasks_on_import(vocab, monkeypatch):
+    import importlib
+
+    import seqio
+
+    monkeypatch.setenv("DOA_VOCAB", str(vocab.path))
+    monkeypatch.setenv("DOA_START_LABELS", "1000,10_000")
+    importlib.reload(seqio_tasks)
+    assert {"doa_wlp_L1000", "doa_fever_L10000", "doa_nq_L1000"} <= set(seqio.TaskRegistry.names())
+    monkeypatch.setenv("DOA_START_LABELS", "1000,k")
+    with pytest.raises(ValueError, match=r"DOA_START_LABELS must be comma-separated counts >= 1"):
+        seqio_tasks.start_labels_from_env()
+
+
 def test_unlabeled_split_has_inputs_and_empty_targets(vocab, doa_data):
     p = pools.make_pools("nq", data_dir=doa_data / "nq")
     batch = next(pipeline.batches("nq", "unlabeled", batch_size=8, vocab=vocab, data_dir=doa_data / "nq"))

@@ -7,10 +7,15 @@ unlabeled-inputs variant: the same inputs with empty targets, for splits train, 
 validation and test (what a teacher labels before distillation). Examples keep their
 `inputs_pretokenized`, `targets_pretokenized` and `source` strings.
 
-`register(card, vocab)` adds both to `seqio.TaskRegistry` (replacing earlier registrations of the
+`doa_<task>_L<n>` is `doa_<task>` with the labels a cell of n start labels fine-tunes its teacher on
+as its `train` split: the first n of the labeled pool (`Pools.annotate`, what `doa run` uses), so a
+T5X teacher is trained on the cell's labels, not the whole pool; validation and test are unchanged.
+
+`register(card, vocab)` adds them to `seqio.TaskRegistry` (replacing earlier registrations of the
 same names); `make_task` builds an unregistered task from an explicit list of examples (a pool).
 With `DOA_VOCAB=/path/spiece.model` set, importing this module registers all six tasks, which is what
-T5X's gin files need (`import doa_jax.data.seqio_tasks`).
+T5X's gin files need (`import doa_jax.data.seqio_tasks`), and with `DOA_START_LABELS=1000,10000` their
+start-label variants too.
 """
 from __future__ import annotations
 
@@ -31,8 +36,8 @@ INPUT_SPLITS = ("train", "unlabeled", "validation", "test")
 SHUFFLE_BUFFER = 1 << 17  # the pools live in memory: shuffle them whole
 
 
-def task_name(card_name: str, inputs_only: bool = False) -> str:
-    return f"doa_{card_name}" + ("_inputs" if inputs_only else "")
+def task_name(card_name: str, inputs_only: bool = False, start_labels: int | None = None) -> str:
+    return f"doa_{card_name}" + ("_inputs" if inputs_only else "") + (f"_L{start_labels}" if start_labels else "")
 
 
 def seqio_vocabulary(vocab) -> seqio.SentencePieceVocabulary:
@@ -125,31 +130,50 @@ def _pools(card_path: str, seed: int | None, data_dir: str | None) -> pools_lib.
     return pools_lib.make_pools(card_path, seed=seed, data_dir=data_dir)
 
 
-def pool_splits(card, *, seed: int | None = None, data_dir=None) -> dict[str, list[dict]]:
-    """{split: examples} of a card's pools (read once per card, seed and folder)."""
+def pool_splits(card, *, seed: int | None = None, data_dir=None, start_labels: int | None = None
+                ) -> dict[str, list[dict]]:
+    """{split: examples} of a card's pools (read once per card, seed and folder); with `start_labels`,
+    `train` is the first that many labels of the labeled pool, as a cell with them fine-tunes on."""
     card = cards_lib.load_card(card)
     p = _pools(str(card.path), seed, None if data_dir is None else os.fspath(data_dir))
-    return {s: p.split(s) for s in INPUT_SPLITS}
+    parts = {s: p.split(s) for s in INPUT_SPLITS}
+    if start_labels is not None:
+        parts["train"] = p.annotate(start_labels)
+    return parts
 
 
-def register(card, vocab, *, seed: int | None = None, data_dir=None) -> list[str]:
-    """Registers `doa_<task>` and `doa_<task>_inputs`; files are read on first use. Returns the names."""
+def register(card, vocab, *, seed: int | None = None, data_dir=None, start_labels: Sequence[int] = ()) -> list[str]:
+    """Registers `doa_<task>`, `doa_<task>_inputs` and `doa_<task>_L<n>` for each n of `start_labels`;
+    files are read on first use. Returns the names."""
     card = cards_lib.load_card(card)
-    parts = functools.partial(pool_splits, card, seed=seed, data_dir=data_dir)
-    names = []
-    for inputs_only in (False, True):
-        task = make_task(card, vocab, parts, inputs_only=inputs_only)
+    tasks = []
+    for inputs_only, n in [(False, None), (True, None), *((False, n) for n in start_labels)]:
+        parts = functools.partial(pool_splits, card, seed=seed, data_dir=data_dir, start_labels=n)
+        tasks.append(make_task(card, vocab, parts, inputs_only=inputs_only, name=task_name(card.name, inputs_only, n)))
+    for task in tasks:
         if task.name in seqio.TaskRegistry.names():
             seqio.TaskRegistry.remove(task.name)
         seqio.TaskRegistry.add_provider(task.name, task)
-        names.append(task.name)
-    return names
+    return [t.name for t in tasks]
 
 
-def register_all(vocab, *, seed: int | None = None, data_dir=None) -> list[str]:
+def register_all(vocab, *, seed: int | None = None, data_dir=None, start_labels: Sequence[int] = ()) -> list[str]:
     """Registers the tasks of every card in `tasks/`."""
-    return [n for c in cards_lib.card_names() for n in register(c, vocab, seed=seed, data_dir=data_dir)]
+    return [n for c in cards_lib.card_names()
+            for n in register(c, vocab, seed=seed, data_dir=data_dir, start_labels=start_labels)]
+
+
+def start_labels_from_env() -> list[int]:
+    """The start labels of `DOA_START_LABELS` (comma-separated counts; unset: none)."""
+    text = os.environ.get("DOA_START_LABELS", "")
+    try:
+        counts = [int(part) for part in text.replace("_", "").split(",") if part.strip()]
+    except ValueError:
+        counts = [0]
+    if any(n < 1 for n in counts):
+        raise ValueError(f"DOA_START_LABELS must be comma-separated counts >= 1 (e.g. 1000,10000), got {text!r}")
+    return counts
 
 
 if os.environ.get("DOA_VOCAB"):
-    register_all(vocab_lib.Vocabulary(os.environ["DOA_VOCAB"]))
+    register_all(vocab_lib.Vocabulary(os.environ["DOA_VOCAB"]), start_labels=start_labels_from_env())
