@@ -17,10 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def linear_pricing(per_label=0.5, per_label_compute=0.01, per_input=0.001) -> advise.Pricing:
     """The paper's shape of prices: labels, plus compute = alpha L + beta U when a teacher runs."""
-    def price(strategy, labels, unlabeled):
-        teacher = strategy != "annotate"
-        return labels * per_label + (per_label_compute * labels + per_input * unlabeled if teacher else 0.0)
-    return advise.Pricing(price, per_label, "test", "linear test prices")
+    return advise.Pricing(advise.LinearPrices(per_label, per_label_compute, per_input), "test", "linear test prices")
 
 
 def synthetic_pilots(ann=(80.0, 60.0, 0.5), dist=(90.0, 400.0), L=1000, noise=0.0, seed=0):
@@ -278,8 +275,7 @@ def test_a_run_interval_stays_within_the_metrics_range():
     # distill pilots that all scored 0 (the demo's 64-256 inputs): the noise must not push a run below 0 F1
     pilots = ([advise.Pilot("annotate", n, 0, v) for n, v in ((12, 7.3), (25, 7.4), (50, 16.6), (100, 36.5))]
               + [advise.Pilot("distill", 100, u, 0.0) for u in (64, 128, 256)])
-    pricing = advise.Pricing(lambda s, labels, u: labels * 0.26 + (2.82 + 0.005 * u if s == "distill" else 0.0),
-                             0.26, "mfu", "toy")
+    pricing = linear_pricing(per_label=0.26, per_label_compute=0.0282, per_input=0.005)   # the teacher: $2.82 on 100
     advice = advise.advise(pilots, pricing, task="demo", metric="f1", start_labels=100, budget=5.0,
                            strategies_=("annotate", "distill"), n_boot=300)
     assert all(0.0 <= o.interval[0] <= o.interval[1] <= 100.0 for o in advice.options if o.feasible)

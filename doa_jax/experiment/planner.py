@@ -14,8 +14,12 @@ the unlabeled inputs, and student training.
   reports the unspent budget;
 - mixed: `compute_share` of the budget goes to distillation, the rest to labels (the teacher is
   then fine-tuned on start + bought labels, and the gold rows join the student's distillation data).
-`Planner.price` prices a fixed (L, U) point instead. A plan that cannot run says why
+`price` prices a fixed (L, U) point instead. A plan that cannot run says why
 (`feasible=False`, `reason`).
+
+The search is written once, in `BudgetSearch`, over the dollars of each phase; `Planner` prices the
+phases from their work under a cost profile, and `doa advise` asks a `BudgetSearch` (a `Planner`, or
+the paper's own linear prices) what its budget buys.
 """
 from __future__ import annotations
 
@@ -99,75 +103,47 @@ class Plan:
         return row
 
 
-class Planner:
-    def __init__(self, accelerator: Accelerator, student: T5Config, teacher: T5Config,
-                 usd_per_label: float, recipe: Recipe = Recipe(), profile: Optional[CostProfile] = None,
-                 task: Optional[str] = None):
-        """`task` names the task priced (plans record whether the profile was fitted to it)."""
-        if usd_per_label <= 0:
-            raise ValueError(f"the annotation cost per label must be positive, got {usd_per_label}")
-        profile = profile or MfuProfile("mfu", f"ASSUMED {recipe.mfu:.0%} MFU of {accelerator.name} (not measured)",
-                                        accelerator, mfu=recipe.mfu)
-        self.acc, self.student, self.teacher, self.usd_per_label, self.recipe, self.profile, self.task = (
-            profile.accelerator, student, teacher, usd_per_label, recipe, profile, task)
+class BudgetSearch:
+    """What an extra budget buys under each strategy (`plan`), from what each phase costs.
 
-    # ------------------------------------------------------------------ work
-    def _lengths(self) -> tuple[float, float]:
-        return self.recipe.inputs_length, self.recipe.targets_length
+    A subclass prices the phases in dollars (`student_finetune_usd(labels)`,
+    `teacher_finetune_usd(labels)`, `teacher_inference_usd(inputs)`, `distill_usd(examples)`, each
+    non-decreasing in its count) and sets `usd_per_label`; `inference_batch` is the inputs one
+    inference batch holds (bounding the search for U: a batch's price per input, times what is left,
+    plus one batch). This class is the one search for the most labels and inputs a budget covers.
+    """
 
-    def _train_work(self, program: str, cfg: T5Config, examples: int, epochs: float, teacher_forward: bool = False):
-        steps = self.recipe.steps(examples, epochs)
-        rows = steps * self.recipe.batch_size
-        per_row = flops.train_flops(cfg, 1, *self._lengths())
-        decoder = 3.0 * flops.decoder_token_flops(cfg, 1, *self._lengths())   # a train step: 3 forwards
-        if teacher_forward:
-            per_row += flops.forward_flops(self.teacher, 1, *self._lengths())
-            decoder += flops.decoder_token_flops(self.teacher, 1, *self._lengths())
-        params = max(cfg.num_params(), self.teacher.num_params() if teacher_forward else 0)
-        return Work(program, rows, steps, rows * per_row, params, decoder_flops=rows * decoder)
+    usd_per_label: float
+    inference_batch: int = 1
 
-    def teacher_finetune_work(self, labels: int) -> Work:
-        return self._train_work("teacher_train", self.teacher, labels, self.recipe.teacher_epochs)
-
-    def student_finetune_work(self, labels: int) -> Work:
-        return self._train_work("student_train", self.student, labels, self.recipe.student_epochs)
-
-    def teacher_inference_work(self, inputs: int) -> list[Work]:
-        """Greedy decoding of every input; with stored soft targets, one scoring pass for the top-k too."""
-        batches = math.ceil(inputs / self.recipe.batch_size) if inputs > 0 else 0
-        forward = inputs * flops.forward_flops(self.teacher, 1, *self._lengths())
-        decoder = inputs * flops.decoder_token_flops(self.teacher, 1, *self._lengths())
-        params = self.teacher.num_params()
-        work = [Work("teacher_decode", inputs, batches * self.recipe.targets_length, forward, params, decoder)]
-        if not self.recipe.online_kd:
-            work.append(Work("teacher_score", inputs, batches, forward, params, decoder))
-        return work
-
-    def distill_work(self, examples: int) -> Work:
-        online = self.recipe.online_kd
-        return self._train_work("student_distill_online" if online else "student_distill_stored", self.student,
-                                examples, self.recipe.distill_epochs, teacher_forward=online)
-
-    # ------------------------------------------------------------------ dollars
     def student_finetune_usd(self, labels: int) -> float:
-        return self.profile.usd(self.student_finetune_work(labels))
+        raise NotImplementedError
 
     def teacher_finetune_usd(self, labels: int) -> float:
-        return self.profile.usd(self.teacher_finetune_work(labels))
+        raise NotImplementedError
 
     def teacher_inference_usd(self, inputs: int) -> float:
-        return sum(self.profile.usd(w) for w in self.teacher_inference_work(inputs))
+        raise NotImplementedError
 
     def distill_usd(self, examples: int) -> float:
-        """Student training on `examples` rows of soft targets (plus the teacher forward if online)."""
-        return self.profile.usd(self.distill_work(examples))
+        raise NotImplementedError
 
-    def step_usd(self, work: Work) -> float:
-        """Dollars of one step of `work` (for a per-step budget cap while the work runs)."""
-        return self.profile.usd(work) / work.steps if work.steps else 0.0
+    def cost_profile_row(self) -> dict:
+        """The name and source of the prices, as plans record them."""
+        return {}
+
+    def run_usd(self, strategy: str, labels: int, unlabeled: int) -> float:
+        """Total dollars of a `strategy` run on `labels` labels (all paid for) and `unlabeled` inputs, phase by
+        phase as a cell charges them (mixed: the gold rows join the student's distillation data)."""
+        kind = strategies.get(strategy)
+        if not kind.uses_teacher:
+            return labels * self.usd_per_label + self.student_finetune_usd(labels)
+        gold = labels if kind.mixes_gold else 0
+        return (labels * self.usd_per_label + self.teacher_finetune_usd(labels) + self.teacher_inference_usd(unlabeled)
+                + self.distill_usd(unlabeled + gold))
 
     def _plan(self, *fields: Any, note: str = "") -> Plan:
-        return Plan(*fields, cost_profile=self.profile.as_dict(self.task), note=note)
+        return Plan(*fields, cost_profile=self.cost_profile_row(), note=note)
 
     @staticmethod
     def _largest(fits: Callable[[int], bool], upper: int) -> int:
@@ -285,11 +261,89 @@ class Planner:
             points = [g for g in grid if available is None or g <= available] or [available]
             fits = [g for g in points if cost(g) <= left]
             return (max(fits) if fits else 0), f"the grid's smallest U={min(points)} (${cost(min(points)):.2f})"
-        per_input = self.teacher_inference_usd(self.recipe.batch_size) / self.recipe.batch_size
-        upper = int(left // max(per_input, 1e-30)) + self.recipe.batch_size
+        batch = self.inference_batch
+        per_input = self.teacher_inference_usd(batch) / batch
+        upper = int(left // max(per_input, 1e-30)) + batch
         if available is not None:
             upper = min(upper, available)
         return self._largest(lambda k: cost(k) <= left, upper), f"one batch of unlabeled inputs (${cost(1):.4f})"
+
+
+class Planner(BudgetSearch):
+    """Phase dollars from their work (steps, batches, FLOPs) under a cost profile; the search is `BudgetSearch`'s."""
+
+    def __init__(self, accelerator: Accelerator, student: T5Config, teacher: T5Config,
+                 usd_per_label: float, recipe: Recipe = Recipe(), profile: Optional[CostProfile] = None,
+                 task: Optional[str] = None):
+        """`task` names the task priced (plans record whether the profile was fitted to it)."""
+        if usd_per_label <= 0:
+            raise ValueError(f"the annotation cost per label must be positive, got {usd_per_label}")
+        profile = profile or MfuProfile("mfu", f"ASSUMED {recipe.mfu:.0%} MFU of {accelerator.name} (not measured)",
+                                        accelerator, mfu=recipe.mfu)
+        self.acc, self.student, self.teacher, self.usd_per_label, self.recipe, self.profile, self.task = (
+            profile.accelerator, student, teacher, usd_per_label, recipe, profile, task)
+
+    # ------------------------------------------------------------------ work
+    def _lengths(self) -> tuple[float, float]:
+        return self.recipe.inputs_length, self.recipe.targets_length
+
+    def _train_work(self, program: str, cfg: T5Config, examples: int, epochs: float, teacher_forward: bool = False):
+        steps = self.recipe.steps(examples, epochs)
+        rows = steps * self.recipe.batch_size
+        per_row = flops.train_flops(cfg, 1, *self._lengths())
+        decoder = 3.0 * flops.decoder_token_flops(cfg, 1, *self._lengths())   # a train step: 3 forwards
+        if teacher_forward:
+            per_row += flops.forward_flops(self.teacher, 1, *self._lengths())
+            decoder += flops.decoder_token_flops(self.teacher, 1, *self._lengths())
+        params = max(cfg.num_params(), self.teacher.num_params() if teacher_forward else 0)
+        return Work(program, rows, steps, rows * per_row, params, decoder_flops=rows * decoder)
+
+    def teacher_finetune_work(self, labels: int) -> Work:
+        return self._train_work("teacher_train", self.teacher, labels, self.recipe.teacher_epochs)
+
+    def student_finetune_work(self, labels: int) -> Work:
+        return self._train_work("student_train", self.student, labels, self.recipe.student_epochs)
+
+    def teacher_inference_work(self, inputs: int) -> list[Work]:
+        """Greedy decoding of every input; with stored soft targets, one scoring pass for the top-k too."""
+        batches = math.ceil(inputs / self.recipe.batch_size) if inputs > 0 else 0
+        forward = inputs * flops.forward_flops(self.teacher, 1, *self._lengths())
+        decoder = inputs * flops.decoder_token_flops(self.teacher, 1, *self._lengths())
+        params = self.teacher.num_params()
+        work = [Work("teacher_decode", inputs, batches * self.recipe.targets_length, forward, params, decoder)]
+        if not self.recipe.online_kd:
+            work.append(Work("teacher_score", inputs, batches, forward, params, decoder))
+        return work
+
+    def distill_work(self, examples: int) -> Work:
+        online = self.recipe.online_kd
+        return self._train_work("student_distill_online" if online else "student_distill_stored", self.student,
+                                examples, self.recipe.distill_epochs, teacher_forward=online)
+
+    # ------------------------------------------------------------------ dollars
+    def student_finetune_usd(self, labels: int) -> float:
+        return self.profile.usd(self.student_finetune_work(labels))
+
+    def teacher_finetune_usd(self, labels: int) -> float:
+        return self.profile.usd(self.teacher_finetune_work(labels))
+
+    def teacher_inference_usd(self, inputs: int) -> float:
+        return sum(self.profile.usd(w) for w in self.teacher_inference_work(inputs))
+
+    def distill_usd(self, examples: int) -> float:
+        """Student training on `examples` rows of soft targets (plus the teacher forward if online)."""
+        return self.profile.usd(self.distill_work(examples))
+
+    def step_usd(self, work: Work) -> float:
+        """Dollars of one step of `work` (for a per-step budget cap while the work runs)."""
+        return self.profile.usd(work) / work.steps if work.steps else 0.0
+
+    def cost_profile_row(self) -> dict:
+        return self.profile.as_dict(self.task)
+
+    @property
+    def inference_batch(self) -> int:
+        return self.recipe.batch_size
 
 
 def _check_budget(budget_usd: Any) -> None:
