@@ -197,8 +197,9 @@ class BudgetSearch:
         return n if available is None else max(0, min(n, available - start))
 
     def _annotate(self, start: int, budget: float, available: Optional[int]) -> Plan:
-        # Largest N with N x price + fine-tuning the student on (start + N) labels <= budget.
-        upper = int(budget // self.usd_per_label)
+        # Largest N with N x price + fine-tuning the student on (start + N) labels <= budget. The bound is
+        # one above the quotient: float floor division undercounts ($150 // $0.20 is 749.0), the test decides.
+        upper = int(budget / self.usd_per_label) + 1
         if available is not None:
             upper = max(0, min(upper, available - start))
         n = self._largest(lambda k: k * self.usd_per_label + self.student_finetune_usd(start + k) <= budget, upper)
