@@ -14,9 +14,9 @@ import json
 import pathlib
 import sys
 
-from doa_jax.experiment import advise
+from doa_jax.experiment import advise, report
 
-PAPER_RESULTS = pathlib.Path(advise.__file__).with_name("paper_results.csv")
+PAPER_RESULTS = report.PAPER_RESULTS
 
 
 def main_results(path: pathlib.Path = PAPER_RESULTS) -> dict:

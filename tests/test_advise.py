@@ -17,10 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def linear_pricing(per_label=0.5, per_label_compute=0.01, per_input=0.001) -> advise.Pricing:
     """The paper's shape of prices: labels, plus compute = alpha L + beta U when a teacher runs."""
-    def price(strategy, labels, unlabeled):
-        teacher = strategy != "annotate"
-        return labels * per_label + (per_label_compute * labels + per_input * unlabeled if teacher else 0.0)
-    return advise.Pricing(price, per_label, "test", "linear test prices")
+    return advise.Pricing(advise.LinearPrices(per_label, per_label_compute, per_input), "test", "linear test prices")
 
 
 def synthetic_pilots(ann=(80.0, 60.0, 0.5), dist=(90.0, 400.0), L=1000, noise=0.0, seed=0):
@@ -232,7 +229,8 @@ def paper_pilot_file(tmp_path, task="nq"):
 
 def test_cli_json_has_the_recommendation_interval_and_each_option(tmp_path, capsys):
     argv = ["advise", "--task", "nq", "--start-labels", "1000", "--budget", "50", "--pilots",
-            str(paper_pilot_file(tmp_path)), "--json", "--bootstrap", "300", "--plot", str(tmp_path / "a.png")]
+            str(paper_pilot_file(tmp_path)), "--json", "--bootstrap", "300", "--plot", str(tmp_path / "a.png"),
+            "--unlabeled-pool", "none"]
     assert cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["recommended"] == "distill" and out["compute_share"] == 1.0 and out["cost_profile"] == "paper"
@@ -241,6 +239,51 @@ def test_cli_json_has_the_recommendation_interval_and_each_option(tmp_path, caps
     assert by[("annotate", 0.0)]["labels_bought"] == 387 and by[("annotate", 0.0)]["expected"] < out["expected"]
     assert all(o["cost_usd"] <= 50.0 for o in out["options"])
     assert (tmp_path / "a.png").stat().st_size > 10_000
+
+
+def nq_advice(tmp_path, capsys, *extra) -> dict:
+    argv = ["advise", "--task", "nq", "--start-labels", "1000", "--budget", "50", "--pilots",
+            str(paper_pilot_file(tmp_path)), "--json", "--bootstrap", "300", *extra]
+    assert cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_buys_no_more_unlabeled_inputs_than_the_pool_holds(tmp_path, capsys):
+    # Uncapped, $50 buys NQ 49,216 inputs at the paper's prices; a pool of 3,000 caps every option's U.
+    uncapped = {o["strategy"] + str(o["compute_share"]): o["unlabeled"]
+                for o in nq_advice(tmp_path, capsys, "--unlabeled-pool", "none")["options"]}
+    out = nq_advice(tmp_path, capsys, "--unlabeled-pool", "3000")
+    capped = {o["strategy"] + str(o["compute_share"]): o["unlabeled"] for o in out["options"]}
+    assert uncapped["distill1.0"] == 49216 and capped["distill1.0"] == 3000
+    assert capped == {k: min(u, 3000) for k, u in uncapped.items()}
+    assert out["unlabeled_pool"] == "3000 inputs (--unlabeled-pool)"
+
+
+def test_cli_caps_u_by_the_tasks_local_pool_as_doa_plan_does(tmp_path, capsys, doa_data):
+    pilots = [{"strategy": "annotate", "labels": n, "unlabeled": 0, "value": v, "task": "wlp", "metric": "f1"}
+              for n, v in ((125, 30.1), (250, 38.0), (500, 44.2), (1000, 49.5))]
+    pilots += [{"strategy": "distill", "labels": 1000, "unlabeled": u, "value": v, "task": "wlp", "metric": "f1"}
+               for u, v in ((1000, 47.0), (2000, 50.3), (4000, 52.1))]
+    common = ["--task", "wlp", "--start-labels", "1000", "--budget", "100", "--json"]
+    assert cli.main(["plan", *common]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert cli.main(["advise", *common, "--pilots", str(write_lines(tmp_path / "p.jsonl", pilots)),
+                     "--bootstrap", "300"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    distill = next(o for o in out["options"] if o["strategy"] == "distill")
+    assert distill["unlabeled"] == plan["distill"]["unlabeled"] == 3391     # the local WLP pool, not 22,208
+    assert out["unlabeled_pool"] == plan["unlabeled_pool"] == "3391 inputs (the task's local unlabeled pool)"
+
+
+def test_cli_writes_no_plot_unless_asked(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = nq_advice(tmp_path, capsys, "--unlabeled-pool", "none")
+    assert out["plot"] is None and not list(tmp_path.glob("*.png"))
+    assert cli.main(["advise", "--task", "nq", "--start-labels", "1000", "--budget", "50", "--pilots",
+                     str(paper_pilot_file(tmp_path)), "--bootstrap", "300", "--unlabeled-pool", "none"]) == 0
+    assert "plot: none (--plot PATH writes one)" in capsys.readouterr().out and not list(tmp_path.glob("*.png"))
+    out = nq_advice(tmp_path, capsys, "--unlabeled-pool", "none", "--plot", "here/advise.png")
+    assert out["plot"] == "here/advise.png" and (tmp_path / "here" / "advise.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_budget_that_buys_nothing_exits_2_with_one_line(tmp_path, capsys):
@@ -278,8 +321,7 @@ def test_a_run_interval_stays_within_the_metrics_range():
     # distill pilots that all scored 0 (the demo's 64-256 inputs): the noise must not push a run below 0 F1
     pilots = ([advise.Pilot("annotate", n, 0, v) for n, v in ((12, 7.3), (25, 7.4), (50, 16.6), (100, 36.5))]
               + [advise.Pilot("distill", 100, u, 0.0) for u in (64, 128, 256)])
-    pricing = advise.Pricing(lambda s, labels, u: labels * 0.26 + (2.82 + 0.005 * u if s == "distill" else 0.0),
-                             0.26, "mfu", "toy")
+    pricing = linear_pricing(per_label=0.26, per_label_compute=0.0282, per_input=0.005)   # the teacher: $2.82 on 100
     advice = advise.advise(pilots, pricing, task="demo", metric="f1", start_labels=100, budget=5.0,
                            strategies_=("annotate", "distill"), n_boot=300)
     assert all(0.0 <= o.interval[0] <= o.interval[1] <= 100.0 for o in advice.options if o.feasible)
@@ -304,7 +346,8 @@ def test_pilots_are_read_from_and_the_plot_written_to_an_object_store(tmp_path, 
     fs = fsspec.filesystem("memory")
     fs.pipe_file("/advise_in/pilots.jsonl", paper_pilot_file(tmp_path).read_bytes())
     argv = ["advise", "--task", "nq", "--start-labels", "1000", "--budget", "50", "--pilots",
-            "memory://advise_in/pilots.jsonl", "--out", "memory://advise_out", "--json", "--bootstrap", "300"]
+            "memory://advise_in/pilots.jsonl", "--out", "memory://advise_out", "--json", "--bootstrap", "300",
+            "--unlabeled-pool", "none"]
     assert cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["recommended"] == "distill" and out["plot"] == "memory://advise_out/advise.png"

@@ -34,6 +34,23 @@ def test_annotate_buys_the_most_labels_that_fit_with_the_students_fine_tuning(to
     assert p.total_usd == pytest.approx(9.798) and p.total_usd <= 10.0
 
 
+class LabelsOnly(planner.BudgetSearch):
+    """Phase prices of nothing but labels at $0.20: the search's arithmetic alone."""
+
+    usd_per_label = 0.2
+
+    def student_finetune_usd(self, labels):
+        return 0.0
+
+    teacher_finetune_usd = teacher_inference_usd = distill_usd = student_finetune_usd
+
+
+def test_annotate_buys_every_label_the_budget_covers_exactly():
+    # 750 labels at $0.20 cost exactly $150, though $150 // $0.20 is 749.0 in floating point.
+    p = LabelsOnly().plan("annotate", start_labels=1000, budget_usd=150.0)
+    assert (p.feasible, p.labels_bought, p.labels_usd, p.unspent_usd) == (True, 750, 150.0, 0.0)
+
+
 def test_distill_spends_what_the_teacher_leaves_on_unlabeled_inputs(toy):
     # teacher: 100 labels x 3 epochs x 1e13 x $2e-15 = $6.00; left $4.00.
     # per input: inference = decode + scoring = 2 x 2e12 -> $0.008, distillation 5 x 1e12 -> $0.010:

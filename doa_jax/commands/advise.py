@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from doa_jax.commands.plan import _budget
+from doa_jax.commands.plan import _budget, _pool, _unlabeled_pool
 
 DEMO_GIN = ("runs/experiment.gin", "runs/demo_models.gin")
 
@@ -39,7 +39,12 @@ def register(subparsers) -> None:
     p.add_argument("--pilots", default=None, help="pilot results, JSON lines (see above)")
     p.add_argument("--out", default=None, help="run directory: its finished cells are pilots; pilot cells run here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--plot", default=None, help="PNG path (default: OUT/advise.png, or ./advise.png)")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="write the advice's figure (PNG) to PATH (default: OUT/advise.png with --out, else none)")
+    p.add_argument("--unlabeled-pool", type=_pool, default="data",
+                   help="unlabeled inputs available, capping U as `doa plan` does: 'data' (the task's local pool "
+                        "when its data is present; default), 'none' (no cap) or a number; pilot cells: their pool")
+    p.add_argument("--data-dir", default=None, help="the task's data folder (for the unlabeled pool)")
     p.add_argument("--level", type=float, default=0.8, help="interval level (default 0.8)")
     p.add_argument("--threshold", type=float, default=0.8,
                    help="below this P(best), say the options cannot be told apart (default 0.8)")
@@ -188,13 +193,15 @@ def run(args) -> int:
 
     _check_args(args)
     started = time.perf_counter()
-    plot_to = args.plot or storage.join(args.out or ".", "advise.png")
+    plot_to = args.plot or (storage.join(args.out, "advise.png") if args.out else None)   # none unless asked
     if args.out is None and args.task == "demo":   # the demo's vocabulary is built in a cache directory
         args.out = tempfile.mkdtemp(prefix="doa_advise_")
     cells = Cells(args) if (args.task == "demo" or args.pilots is None) else None
     card = cells.card if cells else cards.load_card(args.task)
     task_names = {args.task, card.name}
     pricing = option_pricing(args, card, cells)
+    pool, pool_note = ((cells.unlabeled_pool, f"{cells.unlabeled_pool} inputs (the pilot cells' unlabeled pool)")
+                       if cells else _unlabeled_pool(args, card))
     if args.pilots is None:
         run_pilots(args, cells, pricing)
     pilots, notes = gather_pilots(args, task_names, cells)
@@ -202,12 +209,13 @@ def run(args) -> int:
     advice = advise.advise(pilots, pricing, task=args.task, metric=metric, start_labels=args.start_labels,
                            budget=args.budget, strategies_=args.strategies, shares=args.shares,
                            label_pool=cells.label_pool if cells else None,
-                           unlabeled_pool=cells.unlabeled_pool if cells else None, n_boot=args.bootstrap,
+                           unlabeled_pool=pool, n_boot=args.bootstrap,
                            level=args.level, threshold=args.threshold, seed=args.seed)
     advice.notes[:0] = notes
-    plot_path = advise.plot(advice, plot_to)
+    plot_path = advise.plot(advice, plot_to) if plot_to else None
     out = advice.as_json()
-    out.update(pricing_note=pricing.note, plot=str(plot_path), seconds=round(time.perf_counter() - started, 1),
+    out.update(pricing_note=pricing.note, unlabeled_pool=pool_note, plot=plot_path,
+               seconds=round(time.perf_counter() - started, 1),
                pilot_compute_usd=sum(p.cost_usd or 0.0 for p in pilots))
     if args.json:
         print(json.dumps(out, indent=1))
@@ -219,6 +227,7 @@ def run(args) -> int:
 def print_advice(advice, out: dict) -> None:
     print(f"{advice.task}: +${advice.budget_usd:g} over {advice.start_labels} labels; prices: {out['pricing_note']}")
     fit = out["fit"]
+    print(f"unlabeled pool: {out['unlabeled_pool']}")
     print(f"pilots: {fit['pilots']['annotate']} annotate, {fit['pilots']['distill']} distill at {advice.start_labels} labels; "
           f"run noise sigma {fit['sigma']:.2f} ({fit['dof']} dof)")
     header = f"{'option':<20} {'labels+':>8} {'unlabeled':>10} {'cost $':>9} {'expected':>9} {'interval':>15}"
@@ -230,4 +239,4 @@ def print_advice(advice, out: dict) -> None:
     print(f"\nrecommendation: {advice.verdict()}")
     for note in advice.notes:
         print(f"  note: {note}")
-    print(f"plot: {out['plot']}  ({out['seconds']:.0f} s)")
+    print(f"plot: {out['plot'] or 'none (--plot PATH writes one)'}  ({out['seconds']:.0f} s)")

@@ -13,9 +13,9 @@
     cost_profiles.py  what prices a cell (cost_profiles.toml: paper, calibrated, mfu)
     pricing.py        a cell's Pricer: its cost profile applied to its models and lengths
     calibration.py    `doa calibrate`: measured throughput on this machine's accelerators
-    planner.py        what a budget buys, before any compute
-    advise.py         `doa advise`: pilot cells, fitted curves, the recommendation
-    sweep.py          grids of cells; report.py tables and plots beside the paper's numbers
+    planner.py        what a budget buys, before any compute (BudgetSearch: the one search)
+    advise/           `doa advise`: pilots, fitted curves, options (the planner's), the recommendation
+    sweep.py          grids of cells; report/ tables and plots beside the paper's numbers
                       (paper_results.csv, paper_pareto.csv)
 """
 from doa_jax.experiment.cell import run_cell

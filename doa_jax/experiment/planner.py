@@ -14,8 +14,12 @@ the unlabeled inputs, and student training.
   reports the unspent budget;
 - mixed: `compute_share` of the budget goes to distillation, the rest to labels (the teacher is
   then fine-tuned on start + bought labels, and the gold rows join the student's distillation data).
-`Planner.price` prices a fixed (L, U) point instead. A plan that cannot run says why
+`price` prices a fixed (L, U) point instead. A plan that cannot run says why
 (`feasible=False`, `reason`).
+
+The search is written once, in `BudgetSearch`, over the dollars of each phase; `Planner` prices the
+phases from their work under a cost profile, and `doa advise` asks a `BudgetSearch` (a `Planner`, or
+the paper's own linear prices) what its budget buys.
 """
 from __future__ import annotations
 
@@ -99,7 +103,176 @@ class Plan:
         return row
 
 
-class Planner:
+class BudgetSearch:
+    """What an extra budget buys under each strategy (`plan`), from what each phase costs.
+
+    A subclass prices the phases in dollars (`student_finetune_usd(labels)`,
+    `teacher_finetune_usd(labels)`, `teacher_inference_usd(inputs)`, `distill_usd(examples)`, each
+    non-decreasing in its count) and sets `usd_per_label`; `inference_batch` is the inputs one
+    inference batch holds (bounding the search for U: a batch's price per input, times what is left,
+    plus one batch). This class is the one search for the most labels and inputs a budget covers.
+    """
+
+    usd_per_label: float
+    inference_batch: int = 1
+
+    def student_finetune_usd(self, labels: int) -> float:
+        raise NotImplementedError
+
+    def teacher_finetune_usd(self, labels: int) -> float:
+        raise NotImplementedError
+
+    def teacher_inference_usd(self, inputs: int) -> float:
+        raise NotImplementedError
+
+    def distill_usd(self, examples: int) -> float:
+        raise NotImplementedError
+
+    def cost_profile_row(self) -> dict:
+        """The name and source of the prices, as plans record them."""
+        return {}
+
+    def run_usd(self, strategy: str, labels: int, unlabeled: int) -> float:
+        """Total dollars of a `strategy` run on `labels` labels (all paid for) and `unlabeled` inputs, phase by
+        phase as a cell charges them (mixed: the gold rows join the student's distillation data)."""
+        kind = strategies.get(strategy)
+        if not kind.uses_teacher:
+            return labels * self.usd_per_label + self.student_finetune_usd(labels)
+        gold = labels if kind.mixes_gold else 0
+        return (labels * self.usd_per_label + self.teacher_finetune_usd(labels) + self.teacher_inference_usd(unlabeled)
+                + self.distill_usd(unlabeled + gold))
+
+    def _plan(self, *fields: Any, note: str = "") -> Plan:
+        return Plan(*fields, cost_profile=self.cost_profile_row(), note=note)
+
+    @staticmethod
+    def _largest(fits: Callable[[int], bool], upper: int) -> int:
+        """The largest n in [0, upper] with fits(n) (fits is monotone: true up to some n)."""
+        lo, hi = 0, upper
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
+
+    # ------------------------------------------------------------------ plans
+    def plan(self, strategy: str, start_labels: int, budget_usd: float, *, unlabeled_available: Optional[int] = None,
+             labels_available: Optional[int] = None, compute_share: float = 0.5,
+             unlabeled_grid: Optional[Sequence[int]] = None) -> Plan:
+        kind = strategies.get(strategy)
+        _check_budget(budget_usd)
+        if start_labels < 0:
+            raise ValueError(f"start labels must be >= 0, got {start_labels}")
+        grid = _check_grid(unlabeled_grid)
+        if not kind.uses_teacher:
+            return self._annotate(start_labels, budget_usd, labels_available)
+        if not kind.splits_budget:
+            return self._distill(start_labels, 0, 0.0, budget_usd, budget_usd, unlabeled_available, strategy, grid)
+        if not 0 < compute_share < 1:
+            raise ValueError(f"compute_share must be in (0, 1) for mixed, got {compute_share}")
+        labels_budget = budget_usd * (1 - compute_share)
+        bought = self._affordable_labels(labels_budget, labels_available, start_labels)
+        labels_usd = bought * self.usd_per_label
+        return self._distill(start_labels, bought, labels_usd, budget_usd - labels_usd, budget_usd, unlabeled_available,
+                             strategy, grid)
+
+    def price(self, start_labels: int, unlabeled: int, budget_usd: Optional[float] = None) -> Plan:
+        """The distill arm at a fixed (L, U) point; feasible unless a given budget does not cover it."""
+        if isinstance(unlabeled, bool) or not isinstance(unlabeled, int) or unlabeled < 0:
+            raise ValueError(f"unlabeled inputs must be a whole number >= 0, got {unlabeled!r}")
+        if start_labels <= 0:
+            raise ValueError(f"the teacher needs labels to fine-tune on: start labels must be > 0, got {start_labels}")
+        if budget_usd is not None:
+            _check_budget(budget_usd)
+        teacher_ft, inference = self.teacher_finetune_usd(start_labels), self.teacher_inference_usd(unlabeled)
+        student = self.distill_usd(unlabeled) if unlabeled else 0.0
+        total = teacher_ft + inference + student
+        feasible, reason = True, ""
+        if budget_usd is not None and total > budget_usd:
+            feasible, reason = False, f"L={start_labels}, U={unlabeled} costs ${total:.2f} > budget ${budget_usd:.2f}"
+        return self._plan("distill", feasible, reason, total if budget_usd is None else budget_usd, 0, start_labels,
+                          unlabeled, 0.0, teacher_ft, inference, student)
+
+    def _affordable_labels(self, budget: float, available: Optional[int], start: int) -> int:
+        n = int(budget // self.usd_per_label)
+        return n if available is None else max(0, min(n, available - start))
+
+    def _annotate(self, start: int, budget: float, available: Optional[int]) -> Plan:
+        # Largest N with N x price + fine-tuning the student on (start + N) labels <= budget. The bound is
+        # one above the quotient: float floor division undercounts ($150 // $0.20 is 749.0), the test decides.
+        upper = int(budget / self.usd_per_label) + 1
+        if available is not None:
+            upper = max(0, min(upper, available - start))
+        n = self._largest(lambda k: k * self.usd_per_label + self.student_finetune_usd(start + k) <= budget, upper)
+        used = start + n
+        feasible, reason = True, ""
+        if used == 0:
+            feasible, reason = False, "no labels: the budget buys none and there are no starting labels"
+        elif self.student_finetune_usd(used) + n * self.usd_per_label > budget:
+            feasible = False
+            reason = (f"fine-tuning the student on the {start} starting labels costs "
+                      f"${self.student_finetune_usd(start):.2f} > budget ${budget:.2f}")
+        elif n == 0 and budget > 0:
+            feasible = False
+            reason = (f"budget ${budget:.2f} buys no label: after fine-tuning the student on the {start} starting "
+                      f"labels (${self.student_finetune_usd(start):.2f}) it is below one label's cost "
+                      f"(${self.usd_per_label:.3f} plus its training)")
+        note = ""
+        if feasible and available is not None and n == available - start and n < int(budget // self.usd_per_label):
+            note = f"the labeled pool ({available} examples) caps the labels bought"
+        return self._plan("annotate", feasible, reason, budget, n, used, 0, n * self.usd_per_label, 0.0, 0.0,
+                          self.student_finetune_usd(used), note=note)
+
+    def _distill(self, start: int, bought: int, labels_usd: float, compute_budget: float, budget: float,
+                 unlabeled_available: Optional[int], strategy: str, grid: Optional[tuple[int, ...]]) -> Plan:
+        labels = start + bought
+        teacher_ft = self.teacher_finetune_usd(labels)
+        gold_rows = labels if strategies.get(strategy).mixes_gold else 0   # mixed: gold rows join the student's data
+
+        def infeasible(reason: str) -> Plan:
+            return self._plan(strategy, False, reason, budget, bought, labels, 0, labels_usd, teacher_ft, 0.0, 0.0)
+
+        if labels == 0:
+            return infeasible("the teacher needs labels to fine-tune on and there are none")
+        if unlabeled_available is not None and unlabeled_available <= 0:
+            return infeasible("the unlabeled pool is empty")
+        if teacher_ft > compute_budget:
+            return infeasible(f"fine-tuning the teacher on {labels} labels costs ${teacher_ft:.2f} > "
+                              f"${compute_budget:.2f} available for compute")
+        left = compute_budget - teacher_ft
+
+        def cost(u: int) -> float:
+            return self.teacher_inference_usd(u) + self.distill_usd(u + gold_rows)
+
+        u, why_none = self._choose_unlabeled(cost, left, unlabeled_available, grid)
+        if u < 1:
+            return infeasible(f"after the teacher's fine-tuning (${teacher_ft:.2f}) the ${left:.2f} left does not "
+                              f"cover {why_none}")
+        plan = self._plan(strategy, True, "", budget, bought, labels, u, labels_usd, teacher_ft,
+                          self.teacher_inference_usd(u), self.distill_usd(u + gold_rows))
+        if unlabeled_available is not None and u == unlabeled_available and cost(u + 1) <= left:
+            plan = dataclasses.replace(plan, note=f"the unlabeled pool ({unlabeled_available} inputs) caps U: "
+                                                  f"${plan.unspent_usd:.2f} of the budget is unspent")
+        return plan
+
+    def _choose_unlabeled(self, cost: Callable[[int], float], left: float, available: Optional[int],
+                          grid: Optional[tuple[int, ...]]) -> tuple[int, str]:
+        """The U to buy (largest affordable, on the grid when given) and, for U = 0, what was not covered."""
+        if grid is not None:
+            # A pool smaller than every grid value: all of it (the cap note then says so).
+            points = [g for g in grid if available is None or g <= available] or [available]
+            fits = [g for g in points if cost(g) <= left]
+            return (max(fits) if fits else 0), f"the grid's smallest U={min(points)} (${cost(min(points)):.2f})"
+        batch = self.inference_batch
+        per_input = self.teacher_inference_usd(batch) / batch
+        upper = int(left // max(per_input, 1e-30)) + batch
+        if available is not None:
+            upper = min(upper, available)
+        return self._largest(lambda k: cost(k) <= left, upper), f"one batch of unlabeled inputs (${cost(1):.4f})"
+
+
+class Planner(BudgetSearch):
+    """Phase dollars from their work (steps, batches, FLOPs) under a cost profile; the search is `BudgetSearch`'s."""
+
     def __init__(self, accelerator: Accelerator, student: T5Config, teacher: T5Config,
                  usd_per_label: float, recipe: Recipe = Recipe(), profile: Optional[CostProfile] = None,
                  task: Optional[str] = None):
@@ -166,130 +339,12 @@ class Planner:
         """Dollars of one step of `work` (for a per-step budget cap while the work runs)."""
         return self.profile.usd(work) / work.steps if work.steps else 0.0
 
-    def _plan(self, *fields: Any, note: str = "") -> Plan:
-        return Plan(*fields, cost_profile=self.profile.as_dict(self.task), note=note)
+    def cost_profile_row(self) -> dict:
+        return self.profile.as_dict(self.task)
 
-    @staticmethod
-    def _largest(fits: Callable[[int], bool], upper: int) -> int:
-        """The largest n in [0, upper] with fits(n) (fits is monotone: true up to some n)."""
-        lo, hi = 0, upper
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        return lo
-
-    # ------------------------------------------------------------------ plans
-    def plan(self, strategy: str, start_labels: int, budget_usd: float, *, unlabeled_available: Optional[int] = None,
-             labels_available: Optional[int] = None, compute_share: float = 0.5,
-             unlabeled_grid: Optional[Sequence[int]] = None) -> Plan:
-        kind = strategies.get(strategy)
-        _check_budget(budget_usd)
-        if start_labels < 0:
-            raise ValueError(f"start labels must be >= 0, got {start_labels}")
-        grid = _check_grid(unlabeled_grid)
-        if not kind.uses_teacher:
-            return self._annotate(start_labels, budget_usd, labels_available)
-        if not kind.splits_budget:
-            return self._distill(start_labels, 0, 0.0, budget_usd, budget_usd, unlabeled_available, strategy, grid)
-        if not 0 < compute_share < 1:
-            raise ValueError(f"compute_share must be in (0, 1) for mixed, got {compute_share}")
-        labels_budget = budget_usd * (1 - compute_share)
-        bought = self._affordable_labels(labels_budget, labels_available, start_labels)
-        labels_usd = bought * self.usd_per_label
-        return self._distill(start_labels, bought, labels_usd, budget_usd - labels_usd, budget_usd, unlabeled_available,
-                             strategy, grid)
-
-    def price(self, start_labels: int, unlabeled: int, budget_usd: Optional[float] = None) -> Plan:
-        """The distill arm at a fixed (L, U) point; feasible unless a given budget does not cover it."""
-        if isinstance(unlabeled, bool) or not isinstance(unlabeled, int) or unlabeled < 0:
-            raise ValueError(f"unlabeled inputs must be a whole number >= 0, got {unlabeled!r}")
-        if start_labels <= 0:
-            raise ValueError(f"the teacher needs labels to fine-tune on: start labels must be > 0, got {start_labels}")
-        if budget_usd is not None:
-            _check_budget(budget_usd)
-        teacher_ft, inference = self.teacher_finetune_usd(start_labels), self.teacher_inference_usd(unlabeled)
-        student = self.distill_usd(unlabeled) if unlabeled else 0.0
-        total = teacher_ft + inference + student
-        feasible, reason = True, ""
-        if budget_usd is not None and total > budget_usd:
-            feasible, reason = False, f"L={start_labels}, U={unlabeled} costs ${total:.2f} > budget ${budget_usd:.2f}"
-        return self._plan("distill", feasible, reason, total if budget_usd is None else budget_usd, 0, start_labels,
-                          unlabeled, 0.0, teacher_ft, inference, student)
-
-    def _affordable_labels(self, budget: float, available: Optional[int], start: int) -> int:
-        n = int(budget // self.usd_per_label)
-        return n if available is None else max(0, min(n, available - start))
-
-    def _annotate(self, start: int, budget: float, available: Optional[int]) -> Plan:
-        # Largest N with N x price + fine-tuning the student on (start + N) labels <= budget.
-        upper = int(budget // self.usd_per_label)
-        if available is not None:
-            upper = max(0, min(upper, available - start))
-        n = self._largest(lambda k: k * self.usd_per_label + self.student_finetune_usd(start + k) <= budget, upper)
-        used = start + n
-        feasible, reason = True, ""
-        if used == 0:
-            feasible, reason = False, "no labels: the budget buys none and there are no starting labels"
-        elif self.student_finetune_usd(used) + n * self.usd_per_label > budget:
-            feasible = False
-            reason = (f"fine-tuning the student on the {start} starting labels costs "
-                      f"${self.student_finetune_usd(start):.2f} > budget ${budget:.2f}")
-        elif n == 0 and budget > 0:
-            feasible = False
-            reason = (f"budget ${budget:.2f} buys no label: after fine-tuning the student on the {start} starting "
-                      f"labels (${self.student_finetune_usd(start):.2f}) it is below one label's cost "
-                      f"(${self.usd_per_label:.3f} plus its training)")
-        note = ""
-        if feasible and available is not None and n == available - start and n < int(budget // self.usd_per_label):
-            note = f"the labeled pool ({available} examples) caps the labels bought"
-        return self._plan("annotate", feasible, reason, budget, n, used, 0, n * self.usd_per_label, 0.0, 0.0,
-                          self.student_finetune_usd(used), note=note)
-
-    def _distill(self, start: int, bought: int, labels_usd: float, compute_budget: float, budget: float,
-                 unlabeled_available: Optional[int], strategy: str, grid: Optional[tuple[int, ...]]) -> Plan:
-        labels = start + bought
-        teacher_ft = self.teacher_finetune_usd(labels)
-        gold_rows = labels if strategies.get(strategy).mixes_gold else 0   # mixed: gold rows join the student's data
-
-        def infeasible(reason: str) -> Plan:
-            return self._plan(strategy, False, reason, budget, bought, labels, 0, labels_usd, teacher_ft, 0.0, 0.0)
-
-        if labels == 0:
-            return infeasible("the teacher needs labels to fine-tune on and there are none")
-        if unlabeled_available is not None and unlabeled_available <= 0:
-            return infeasible("the unlabeled pool is empty")
-        if teacher_ft > compute_budget:
-            return infeasible(f"fine-tuning the teacher on {labels} labels costs ${teacher_ft:.2f} > "
-                              f"${compute_budget:.2f} available for compute")
-        left = compute_budget - teacher_ft
-
-        def cost(u: int) -> float:
-            return self.teacher_inference_usd(u) + self.distill_usd(u + gold_rows)
-
-        u, why_none = self._choose_unlabeled(cost, left, unlabeled_available, grid)
-        if u < 1:
-            return infeasible(f"after the teacher's fine-tuning (${teacher_ft:.2f}) the ${left:.2f} left does not "
-                              f"cover {why_none}")
-        plan = self._plan(strategy, True, "", budget, bought, labels, u, labels_usd, teacher_ft,
-                          self.teacher_inference_usd(u), self.distill_usd(u + gold_rows))
-        if unlabeled_available is not None and u == unlabeled_available and cost(u + 1) <= left:
-            plan = dataclasses.replace(plan, note=f"the unlabeled pool ({unlabeled_available} inputs) caps U: "
-                                                  f"${plan.unspent_usd:.2f} of the budget is unspent")
-        return plan
-
-    def _choose_unlabeled(self, cost: Callable[[int], float], left: float, available: Optional[int],
-                          grid: Optional[tuple[int, ...]]) -> tuple[int, str]:
-        """The U to buy (largest affordable, on the grid when given) and, for U = 0, what was not covered."""
-        if grid is not None:
-            # A pool smaller than every grid value: all of it (the cap note then says so).
-            points = [g for g in grid if available is None or g <= available] or [available]
-            fits = [g for g in points if cost(g) <= left]
-            return (max(fits) if fits else 0), f"the grid's smallest U={min(points)} (${cost(min(points)):.2f})"
-        per_input = self.teacher_inference_usd(self.recipe.batch_size) / self.recipe.batch_size
-        upper = int(left // max(per_input, 1e-30)) + self.recipe.batch_size
-        if available is not None:
-            upper = min(upper, available)
-        return self._largest(lambda k: cost(k) <= left, upper), f"one batch of unlabeled inputs (${cost(1):.4f})"
+    @property
+    def inference_batch(self) -> int:
+        return self.recipe.batch_size
 
 
 def _check_budget(budget_usd: Any) -> None:
