@@ -4,7 +4,7 @@
 For each target and recipe it runs `doa aot --json` on the cell `runs/experiment.gin` +
 `experiments/wlp_1k_plus100_distill.gin` (T5 v1.1 XXL teacher, Small student, WLP's lengths
 96/128, batch 32) in a fresh process, with the teacher laid out to fit: every device of the target
-on the model axis, scanned layers, full remat. Recipes:
+on the model axis, scanned layers, full remat; the student on every device's `data` axis. Recipes:
 
 * paper: `protocols/paper.gin` (AdamW, float32 parameters and activations, online soft targets:
   the teacher's forward runs at every student step);
@@ -38,10 +38,10 @@ CELL = ["--gin_file", "runs/experiment.gin", "--gin_file", "experiments/wlp_1k_p
 
 
 def layout(devices: int) -> list[str]:
-    """The teacher on every device's model axis, scanned, full remat; the student scanned."""
-    return ["--gin_bindings", "cell/TrainConfig.mesh = @cell/MeshConfig()", f"--gin.cell/MeshConfig.model={devices}",
-            "--gin.teacher/T5Size.remat_policy='full'", "--gin.teacher/T5Size.scan_layers=True",
-            "--gin.student/T5Size.scan_layers=True"]
+    """The teacher on every device's model axis, scanned, full remat; the student scanned, on the
+    default layout (every device on `data`)."""
+    return [f"--gin.TEACHER_MESH_MODEL={devices}", "--gin.TEACHER_REMAT='full'", "--gin.TEACHER_SCAN_LAYERS=True",
+            "--gin.STUDENT_SCAN_LAYERS=True"]
 
 
 def run_case(target: str, recipe: str) -> dict:

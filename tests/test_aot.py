@@ -224,20 +224,24 @@ def test_generated_gpu_target_configs_hold_the_described_device():
 # ----------------------------------------------------------------------------- a cell's programs
 
 @pytest.mark.slow   # five tiny programs compiled for a TPU slice (~40 s on 2 busy cores)
-def test_a_cells_gin_compiles_every_phase_with_its_models_lengths_and_mesh(capsys):
+def test_a_cells_gin_compiles_every_phase_with_its_models_lengths_and_each_models_layout(capsys):
     argv = ["aot", "--target", "v5e-4", "--json", "--gin_file", "runs/experiment.gin",
             "--gin_file", "experiments/wlp_1k_plus100_distill.gin", "--gin_file", "protocols/paper.gin",
             "--gin.OUTPUT_DIR=/tmp/unused", "--gin.VOCABULARY=None", "--gin.MODEL_VOCAB_SIZE=256",
             "--gin.TEACHER_SIZE='tiny'", "--gin.STUDENT_SIZE='tiny'", "--gin.BATCH_SIZE=8",
-            "--gin_bindings", "cell/TrainConfig.mesh = @cell/MeshConfig()", "--gin.cell/MeshConfig.model=2"]
+            "--gin.TEACHER_MESH_MODEL=2", "--gin.TEACHER_DECODE_BATCH=8"]
     assert main(argv) == 0
     rows = {r["program"]: r for r in json.loads(capsys.readouterr().out)["programs"]}
     assert list(rows) == ["teacher_train", "teacher_decode", "teacher_score", "teacher_forward", "student_distill",
                           "eval_decode"]
     # WLP's card lengths; the paper's protocol decodes one token fewer, with float32 activations.
     assert rows["teacher_train"]["lengths"] == [96, 128] and rows["teacher_decode"]["lengths"] == [96, 127]
-    assert {r["mesh"][1] for r in rows.values()} == {2} and rows["teacher_train"]["dtype"] == "float32"
-    assert rows["teacher_train"]["optimizer"] == "adamw" and rows["teacher_decode"]["batch"] == 16
+    # The teacher on its own 2x2 mesh, the student on the default (every device on data).
+    assert {n: r["mesh"] for n, r in rows.items()} == {
+        "teacher_train": [2, 2], "teacher_decode": [2, 2], "teacher_score": [2, 2], "teacher_forward": [2, 2],
+        "student_distill": [4, 1], "eval_decode": [4, 1]}
+    assert rows["teacher_train"]["dtype"] == "float32" and rows["teacher_train"]["optimizer"] == "adamw"
+    assert rows["teacher_decode"]["batch"] == 8 and rows["eval_decode"]["batch"] == 64
     # Online soft targets: the student's batch carries the teacher's full-vocabulary logits.
     assert rows["student_distill"]["soft_targets"] == 256 and rows["teacher_forward"]["co_resident_gib"] > 0
     assert all(r["fits"] for r in rows.values())
