@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import from its own layer or below, never above:
     model < checkpoints, decoding, partitioning, hosts, flops, hardware, storage, faults, platforms
-          < trainer, losses, optimizers, progress, data, distill, metrics, bench, gin, api
+          < trainer, fused_update, losses, optimizers, progress, data, distill, metrics, bench, gin, api
           < experiment < commands, cli, configurables
 Every import counts, including those inside functions (the commands keep heavy imports inside
 `run` so `doa --help` stays fast, which hides nothing from this walk).

@@ -147,7 +147,7 @@ def test_per_layer_adamw_equals_the_whole_tree_update():
     params = _stacked_tree(rng)
     grads = [jax.tree.map(lambda x: rng.normal(0, 1, x.shape).astype(np.float32), params) for _ in range(3)]
     config = OptimizerConfig(name="adamw", learning_rate=1e-2, weight_decay=0.01)
-    adamw = optimizers._adamw(config, config.make_schedule(10))
+    adamw = optimizers.OPTIMIZERS["adamw"](config, config.make_schedule(10))
     got, state = _run(optimizers.per_layer(adamw), params, grads)
     want, _ = _run(adamw, params, grads)
     assert isinstance(state, PerLayerState) and len(state.stacks) == 1
@@ -163,7 +163,7 @@ def test_per_layer_adafactor_equals_the_unrolled_per_layer_update():
     grads = [jax.tree.map(lambda x: rng.normal(0, 1, x.shape).astype(np.float32), params) for _ in range(3)]
     config = OptimizerConfig(name="adafactor", learning_rate=1e-2)
     got, state = _run(config.build(10)[0], params, grads)
-    raw = optimizers._adafactor(config, config.make_schedule(10))
+    raw = optimizers.OPTIMIZERS["adafactor"](config, config.make_schedule(10))
     unrolled, _ = _run(raw, unstack_layers(params), [unstack_layers(g) for g in grads])
     flat_ref, _ = adafactor_reference(flatten(unstack_layers(params)), [flatten(unstack_layers(g)) for g in grads], 1e-2)
     for name, value in flatten(unstack_layers(got)).items():   # float32 rounding of each layer's scale
