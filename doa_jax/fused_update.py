@@ -1,7 +1,7 @@
 """The fused per-layer update (issue 27): the optimizer consumes each layer's gradient inside the
 backward pass, so no whole gradient tree is ever alive.
 
-The plain train step (`trainer.StepProgram`) differentiates the whole loss, which leaves a
+The plain train step (`trainer.program.StepProgram`) differentiates the whole loss, which leaves a
 gradient for every parameter (41.5 GiB of float32 for T5 v1.1 XXL) alive before the optimizer
 reads any of it. This step runs the same math in another order, on scanned layers:
 

@@ -1,6 +1,10 @@
 """Training progress: the console line, `metrics.jsonl`, and TensorBoard event files.
 
-MFU = model FLOPs per second (`doa_jax.flops`) / peak dense bf16 FLOP/s of the devices used.
+MFU, the project's one definition (`mfu` below; the trainer's lines, `doa bench` and `doa calibrate`
+all use it): model FLOPs per second (`doa_jax.flops`, recomputation not counted) / the datasheet
+peak dense bf16 FLOP/s (`peak_flops` of `doa_jax/hardware.toml`) of the devices in use. A rate
+against a *measured* matmul peak is not MFU and is named for what it is (`doa bench`'s
+`matmul_peak_fraction`).
 The event-file writer is self-contained (TFRecord framing + the two protobuf messages
 TensorBoard reads), so training needs neither TensorFlow nor tensorboard installed.
 """
@@ -17,14 +21,21 @@ from typing import Any, Mapping, Optional, Sequence
 from doa_jax import hardware, storage
 
 def peak_flops_per_device(device_kind: str) -> tuple[Optional[float], str]:
-    """`(peak FLOP/s, note)` for a device kind (`doa_jax/hardware.toml`); `(None, reason)` when the kind
-    is unknown or its peak is only nominal (the CPU's): MFU against it would mean nothing."""
+    """MFU's denominator: `(datasheet peak FLOP/s, note)` of one device of a kind (`doa_jax/hardware.toml`);
+    `(None, reason)` when the kind is unknown or its peak is only nominal (the CPU's): MFU against it
+    would mean nothing."""
     hw = hardware.for_device_kind(device_kind)
     if hw is None:
         return None, f"no peak FLOP/s known for device kind {device_kind!r}"
     if hw.nominal:
         return None, f"{hw.name}: no real peak FLOP/s ({hw.source}), so no MFU"
     return hw.peak_flops, hw.note()
+
+
+def mfu(flops_per_s: float, peak_flops_per_device: Optional[float], devices: int = 1) -> Optional[float]:
+    """Model FLOP utilisation: `flops_per_s` model FLOPs per second over `devices` devices' datasheet
+    peak (`peak_flops_per_device`); None without a real peak."""
+    return flops_per_s / (peak_flops_per_device * devices) if peak_flops_per_device else None
 
 
 def params_text(n: int) -> str:
@@ -94,9 +105,9 @@ class Heartbeat:
 class Throughput:
     """Examples/s, tokens/s, MFU and ETA over the interval since the last `report`."""
 
-    def __init__(self, *, flops_per_step: float, peak_flops: Optional[float], total_steps: Optional[int],
-                 examples_per_step: int, tokens_per_step: int):
-        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+    def __init__(self, *, flops_per_step: float, peak_flops_per_device: Optional[float], devices: int,
+                 total_steps: Optional[int], examples_per_step: int, tokens_per_step: int):
+        self.flops_per_step, self.peak_flops_per_device, self.devices = flops_per_step, peak_flops_per_device, devices
         self.total_steps = total_steps
         self.examples_per_step, self.tokens_per_step = examples_per_step, tokens_per_step
         self._t, self._step = None, None
@@ -128,8 +139,8 @@ class Throughput:
         rate = steps / dt
         out = dict(examples_per_s=rate * self.examples_per_step, tokens_per_s=rate * self.tokens_per_step,
                    step_time_s=dt / steps)
-        if self.peak_flops:
-            out["mfu"] = rate * self.flops_per_step / self.peak_flops
+        if self.peak_flops_per_device:
+            out["mfu"] = mfu(rate * self.flops_per_step, self.peak_flops_per_device, self.devices)
         if self.total_steps:
             out["eta_s"] = max(self.total_steps - step, 0) / rate
         return out
@@ -264,5 +275,5 @@ class EventWriter:
         self._f.close()
 
 
-__all__ = ["EventWriter", "Heartbeat", "MetricsLog", "PEAK_FLOPS", "Throughput", "console_line",
-           "peak_flops_per_device"]
+__all__ = ["EventWriter", "Heartbeat", "MetricsLog", "Throughput", "console_line",
+           "mfu", "peak_flops_per_device"]

@@ -27,12 +27,14 @@ def tiny_rows(tmp_path_factory):
     return out, json.loads(out.read_text())
 
 
-def test_mfu_is_the_peers_flops_over_step_time_and_the_devices_peak(monkeypatch):
-    monkeypatch.setattr(measure, "peak_flops", lambda kind: (1e12, "a test peak"))
+def test_mfu_is_over_the_datasheet_peak_and_the_matmul_fraction_over_the_measured_one(monkeypatch):
+    monkeypatch.setattr(measure.progress, "peak_flops_per_device", lambda kind: (1e12, "a datasheet peak"))
+    monkeypatch.setattr(measure, "matmul_peak", lambda kind: (8e11, "a measured matmul rate"))
     row = {"peer_flops": 6e9, "attn_flops": 8e9, "step_s": 0.02}
     measure._add_mfu(row)
     assert row["mfu"] == pytest.approx(6e9 / 0.02 / 1e12) and row["mfu_attn"] == pytest.approx(8e9 / 0.02 / 1e12)
-    assert row["floor_s"] == pytest.approx(8e9 / 1e12)
+    assert row["matmul_peak_fraction"] == pytest.approx(6e9 / 0.02 / 8e11)
+    assert row["floor_s"] == pytest.approx(8e9 / 8e11)
 
 
 def test_train_row_reports_time_throughput_and_mfu_consistently(tiny_rows):

@@ -36,6 +36,12 @@ def test_peak_flops_table():
     assert progress.peak_flops_per_device("Quantum QPU")[0] is None
 
 
+def test_mfu_is_model_flops_per_second_over_the_datasheet_peak_of_every_device_in_use():
+    h100, _ = progress.peak_flops_per_device("NVIDIA H100 80GB HBM3")
+    assert progress.mfu(4e14, h100, devices=2) == pytest.approx(4e14 / (2 * 989e12))
+    assert progress.mfu(4e14, progress.peak_flops_per_device("cpu")[0], devices=2) is None
+
+
 def test_one_peak_table_serves_progress_the_bench_and_the_rate_cards():
     from doa_jax import hardware
     from doa_jax.bench import measure
@@ -45,8 +51,8 @@ def test_one_peak_table_serves_progress_the_bench_and_the_rate_cards():
     for key, card in cards.items():
         assert card.peak_flops == hardware.get(key).peak_flops
     assert progress.peak_flops_per_device("NVIDIA H200")[0] == hardware.get("h200").peak_flops
-    # The bench's MFU denominator is the measured matmul rate where the table has one.
-    assert measure.peak_flops("NVIDIA H200")[0] == hardware.get("h200").measured_peak_flops == 798e12
+    # The bench's measured matmul rate (floors, `matmul_peak_fraction`; not MFU) where the table has one.
+    assert measure.matmul_peak("NVIDIA H200")[0] == hardware.get("h200").measured_peak_flops == 798e12
     assert measure.bandwidth("NVIDIA H200") == 4.3e12 and measure.bandwidth("cpu") is None
 
 

@@ -3,11 +3,13 @@
 Each *case* is a dict naming a part and its settings; its function measures it and returns one
 JSON-ready row (`run.py` runs cases, `table.py` prints rows). Parts:
 
-* `train`: the trainer's own jitted train step (`trainer.StepProgram`) on a one-device mesh:
+* `train`: the trainer's own jitted train step (`trainer.program.StepProgram`) on a one-device mesh:
   param init, AOT compile and first step each timed, then `steps` timed steps -> step time,
-  tokens/s, MFU by the peer's formula (6 x non-embedding params x tokens: encoder params x
-  encoder tokens + decoder and logits params x decoder tokens) and by `doa_jax.flops` with
-  attention, compiled memory (argument/output/temp) and the device's peak memory.
+  tokens/s, MFU (`progress.mfu`: over the datasheet peak) by the peer's formula (6 x
+  non-embedding params x tokens: encoder params x encoder tokens + decoder and logits params x
+  decoder tokens) and by `doa_jax.flops` with attention; the peer's formula over the *measured*
+  matmul peak as well (`matmul_peak_fraction`, the figure the PyTorch peer calls its MFU);
+  compiled memory (argument/output/temp) and the device's peak memory.
 * `decode`: `decoding.greedy` of `batch` rows of `in_len` tokens, exactly `new_tokens` new
   tokens (`min_length`, so no row stops early), params created directly in bfloat16 (no
   float32 copy) -> examples/s; init and compile+first call timed.
@@ -27,13 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doa_jax import decoding, flops, hardware, losses, partitioning, progress, trainer
+from doa_jax import decoding, flops, hardware, losses, partitioning, progress
 from doa_jax.bench.aot import memory_fields
 from doa_jax.model import Transformer, config_for_size
 from doa_jax.optimizers import OptimizerConfig
+from doa_jax.trainer.program import step_program
 
-# MFU on H100/H200 uses the bf16 matmul rate measured on the lent kind (doa_jax/hardware.toml), so
-# our MFU and the PyTorch peer's share a denominator.
 GIB = 2.0 ** 30
 DEFAULTS = dict(batch=None, enc_len=512, dec_len=128, steps=10, warmup=2, optimizer="adamw", scan=True,
                 remat="none", param_dtype="float32", dtype="bfloat16", new_tokens=32, in_len=128,
@@ -45,8 +46,10 @@ def default_batch(size: str) -> int:
     return 8 if size.lower().endswith(("xl", "xxl")) else 32
 
 
-def peak_flops(device_kind: str) -> tuple[Optional[float], str]:
-    """The MFU denominator: a measured matmul rate where `hardware.toml` has one, else the datasheet peak."""
+def matmul_peak(device_kind: str) -> tuple[Optional[float], str]:
+    """The fastest bf16 matmul rate known for a device: measured on the lent kind where `hardware.toml`
+    has one (the PyTorch peer's PEAK, so `matmul_peak_fraction` and the peer's "MFU" share it), else
+    the datasheet peak. The floors (`floor_s`) use it too. Not MFU's denominator (`progress.mfu`)."""
     hw = hardware.for_device_kind(device_kind)
     if hw is not None and hw.measured_peak_flops:
         return hw.measured_peak_flops, hw.measured_note
@@ -145,8 +148,8 @@ def _one_device_mesh():
 
 def _program(cfg, optimizer: str, loss=None, param_dtype: str = "float32"):
     mesh, rules = _one_device_mesh()
-    prog = trainer.step_program(cfg, loss or losses.LossConfig(), OptimizerConfig(name=optimizer), 1, 1,
-                                mesh, tuple(tuple(r) for r in rules), param_dtype)
+    prog = step_program(cfg, loss or losses.LossConfig(), OptimizerConfig(name=optimizer), 1, 1,
+                        mesh, tuple(tuple(r) for r in rules), param_dtype)
     return prog, mesh, rules
 
 
@@ -229,13 +232,18 @@ def bench_train(case: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _add_mfu(row: dict) -> None:
-    peak, note = peak_flops(jax.devices()[0].device_kind)
-    row.update(device=jax.devices()[0].device_kind, peak_flops=peak, peak_note=note)
-    if peak:
-        row["floor_s"] = row["attn_flops"] / peak       # every FLOP at the peak rate
-    if peak and row.get("step_s"):
-        row["mfu"] = row["peer_flops"] / row["step_s"] / peak
-        row["mfu_attn"] = row["attn_flops"] / row["step_s"] / peak
+    """MFU over the datasheet peak (`progress.mfu`), the fraction of the measured matmul peak, and the
+    floor (every FLOP at that matmul rate)."""
+    kind = jax.devices()[0].device_kind
+    peak, note = progress.peak_flops_per_device(kind)
+    matmul, matmul_note = matmul_peak(kind)
+    row.update(device=kind, peak_flops=peak, peak_note=note, matmul_peak_flops=matmul, matmul_peak_note=matmul_note)
+    if matmul:
+        row["floor_s"] = row["attn_flops"] / matmul
+    if row.get("step_s"):
+        row["mfu"] = progress.mfu(row["peer_flops"] / row["step_s"], peak)
+        row["mfu_attn"] = progress.mfu(row["attn_flops"] / row["step_s"], peak)
+        row["matmul_peak_fraction"] = row["peer_flops"] / row["step_s"] / matmul if matmul else None
 
 
 def _decode_params(cfg, seed: int):
@@ -276,7 +284,7 @@ def bench_decode(case: Mapping[str, Any]) -> dict[str, Any]:
         batch_s = (_now() - t) / c["reps"]
         row.update(batch_s=batch_s, examples_per_s=batch / batch_s, tokens_per_s=batch * new / batch_s)
     _profile(c["profile"], run, row)
-    peak, _ = peak_flops(jax.devices()[0].device_kind)
+    peak, _ = matmul_peak(jax.devices()[0].device_kind)
     bytes_per_s = bandwidth(jax.devices()[0].device_kind)
     if peak and bytes_per_s:
         row["floor_s"] = decode_floor_s(cfg, batch, in_len, new, peak, bytes_per_s)

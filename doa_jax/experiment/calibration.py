@@ -256,15 +256,15 @@ def calibrate(s: Settings, say: Callable[[str], None] = print) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="doa_calibrate_") as directory:
         measured = _measure(teacher, student, s, lengths, pathlib.Path(directory), say)
     devices = jax.devices()
-    # MFU against the device's real peak, as `doa train` reports it; none where the peak is only
-    # nominal (a CPU's) or unknown: the note says why.
+    # MFU (`progress.mfu`, as `doa train` reports it); none where the peak is only nominal (a CPU's)
+    # or unknown: the note says why.
     peak, mfu_note = progress.peak_flops_per_device(devices[0].device_kind)
     programs = {}
     for program, row in measured.items():
         f = _program_flops(program, teacher, student, s.batch_size, lengths["inputs"], lengths["targets"])
         sec = row["seconds_per_call"]
         programs[program] = {"examples_per_s": s.batch_size / sec, "examples_per_call": s.batch_size, **row,
-                             "flops_per_call": f, "mfu": f / sec / (peak * len(devices)) if peak else None}
+                             "flops_per_call": f, "mfu": progress.mfu(f / sec, peak, len(devices))}
     return {"format": cost_profiles.CALIBRATION_FORMAT, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "jax_version": jax.__version__, "device_kind": devices[0].device_kind,
         "device_count": len(devices), "accelerator": acc.key, "accelerator_peak_flops": acc.peak_flops,

@@ -50,7 +50,7 @@ class Reporter:
         self.beat.reset()
         self.meter = progress.Throughput(
             flops_per_step=flops.train_flops(self.model_config, cfg.batch_size, in_len, out_len),
-            peak_flops=peak * self.mesh.size if peak else None, total_steps=self.total_steps,
+            peak_flops_per_device=peak, devices=self.mesh.size, total_steps=self.total_steps,
             examples_per_step=cfg.batch_size, tokens_per_step=cfg.batch_size * (in_len + out_len))
         lost = 0.0
         if self.chief:
