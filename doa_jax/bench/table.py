@@ -27,8 +27,8 @@ def table(rows: Sequence[Mapping[str, Any]], peer_rows: Sequence[Mapping[str, An
         # MFU is over the datasheet peak (`progress.mfu`); the peer's figure is over its measured matmul
         # peak, so it sits beside ours over the same measured peak.
         out += ["| train | opt | batch | scan/remat/params | step s | tokens/s | MFU (peer formula) | MFU (+attn) "
-                "| of measured matmul peak (peer formula) | peak GiB | peer tokens/s (eager / compile) | peer, of measured matmul peak "
-                "| ratio vs peer (eager / compile) |",
+                "| of measured matmul peak (peer formula) | peak GiB | peer tokens/s (eager / compile) "
+                "| peer, of measured matmul peak | ratio vs peer (eager / compile) |",
                 "|" + "---|" * 13]
         for r in train:
             p, pc = peer.get(("train", r["size"])), peer.get(("trainc", r["size"]))

@@ -13,7 +13,7 @@ from doa_jax.optimizers.per_layer import (PerLayerState, PerLayerTransformation,
 from doa_jax.optimizers.rounding import PARAM_DTYPES, apply_updates, cast_params, stochastic_round
 from doa_jax.optimizers.schedules import SCHEDULE_FACTORS, Schedule, learning_rate_schedule
 
-__all__ = ["ELEMENTWISE", "OPTIMIZERS", "OptimizerConfig", "PerLayerState", "PerLayerTransformation", "SCHEDULE_FACTORS",
-           "PARAM_DTYPES", "Schedule", "apply_gradients", "apply_layer", "apply_updates", "cast_params", "clip_factor",
-           "learning_rate_schedule", "merge_stacks", "per_layer", "scale_by_adam_hf", "split_stacks", "sq_norm",
-           "stack_paths", "stochastic_round", "update_keys"]
+__all__ = ["ELEMENTWISE", "OPTIMIZERS", "OptimizerConfig", "PerLayerState", "PerLayerTransformation",
+           "SCHEDULE_FACTORS", "PARAM_DTYPES", "Schedule", "apply_gradients", "apply_layer", "apply_updates",
+           "cast_params", "clip_factor", "learning_rate_schedule", "merge_stacks", "per_layer", "scale_by_adam_hf",
+           "split_stacks", "sq_norm", "stack_paths", "stochastic_round", "update_keys"]

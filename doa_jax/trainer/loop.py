@@ -128,8 +128,8 @@ class Trainer:
         best = (TrainCheckpoints(self.model_dir / "best", keep=1, async_save=cfg.async_checkpointing,
                                  with_optimizer=False) if cfg.keep_best and eval_source is not None else None)
         return _Run(cadence, self.checkpoints, best, reporter, Preemption(cfg.handle_signals, chief),
-                    Divergence(cfg, self.checkpoints), BestMetric(cfg, best, self.model_config), EarlyStopping(cfg.early_stopping_patience),
-                    eval_source, decode_metrics)
+                    Divergence(cfg, self.checkpoints), BestMetric(cfg, best, self.model_config),
+                    EarlyStopping(cfg.early_stopping_patience), eval_source, decode_metrics)
 
     def _loop(self, run: _Run, train: BatchSource, example, step_allowed) -> TrainResult:
         state = self._start(run, example)
