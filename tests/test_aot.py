@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from doa_jax import hardware, partitioning, platforms, trainer
-from doa_jax.bench import aot, search, targets
+from doa_jax.bench import aot, recipes, search, targets
 from doa_jax.cli import main
 from doa_jax.losses import LossConfig
 from doa_jax.model import config_for_size
@@ -35,7 +35,7 @@ OVERFLOWING_DECODE = {"v5e-1": 2 ** 17, "v6e-1": 2 ** 18, "v4-8": 2 ** 20, "v5p-
 
 
 def _decode(batch, mesh=(-1, 1)):
-    return aot.recipe_programs(aot.Recipe(size="tiny", phase="decode", batch=batch, lengths=(16, 8), mesh=mesh))
+    return recipes.recipe_programs(recipes.Recipe(size="tiny", phase="decode", batch=batch, lengths=(16, 8), mesh=mesh))
 
 
 # ----------------------------------------------------------------------------- the target table
@@ -82,8 +82,8 @@ def test_the_tpu_tables_usable_hbm_is_what_the_compiler_allows(name):
 
 def test_a_train_step_for_a_tpu_slice_reports_xlas_memory_of_the_trainers_own_program():
     target = targets.get("v5e-4")
-    recipe = aot.Recipe(size="tiny", phase="train", batch=8, lengths=(16, 8), mesh=(2, 2), optimizer="adafactor")
-    (row,) = aot.compile_all(aot.recipe_programs(recipe), target)
+    recipe = recipes.Recipe(size="tiny", phase="train", batch=8, lengths=(16, 8), mesh=(2, 2), optimizer="adafactor")
+    (row,) = aot.compile_all(recipes.recipe_programs(recipe), target)
     assert row["device_kind"] == "TPU v5 lite" and row["mesh"] == [2, 2] and row["fits"] is True
     assert row["peak_gib"] == pytest.approx(row["argument_gib"] + row["output_gib"] - row["alias_gib"]
                                             + row["temp_gib"])
@@ -130,7 +130,7 @@ def test_a_gpu_program_over_capacity_is_reported_not_fitting_and_the_search_halv
 
 
 def test_the_search_prefers_the_same_target_and_skips_what_cannot_fit_without_compiling():
-    program = aot.recipe_programs(aot.Recipe(size="xxl", phase="train", batch=8, optimizer="adamw"))[0]
+    program = recipes.recipe_programs(recipes.Recipe(size="xxl", phase="train", batch=8, optimizer="adamw"))[0]
     target = targets.get("h100")
     found = search.candidates(program, target)
     base = search._settings(program)
@@ -157,7 +157,7 @@ def test_the_fused_update_keeps_no_gradient_tree_where_the_plain_scanned_step_ke
 
 
 def test_the_search_offers_the_fused_update_first_and_scans_the_layers_for_it():
-    program = aot.recipe_programs(aot.Recipe(size="xxl", phase="train", batch=8, optimizer="adafactor", mesh=(1, 1)))[0]
+    program = recipes.recipe_programs(recipes.Recipe(size="xxl", phase="train", batch=8, optimizer="adafactor", mesh=(1, 1)))[0]
     target = targets.get("h100")
     base = search._settings(program)
     fused = [c for c in search.candidates(program, target)

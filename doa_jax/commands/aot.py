@@ -36,7 +36,7 @@ def _pair(text: str) -> tuple[int, int]:
 
 
 def register(subparsers) -> None:
-    from doa_jax.bench.aot import Recipe
+    from doa_jax.bench.recipes import Recipe
     from doa_jax.gin_flags import add_gin_flags
 
     d = Recipe()
@@ -80,7 +80,7 @@ def register(subparsers) -> None:
 
 def _programs(args):
     """The programs to compile: a gin run's cell (its phases) or the what-if recipe."""
-    from doa_jax.bench.aot import Recipe, recipe_programs
+    from doa_jax.bench.recipes import Recipe, recipe_programs
 
     if not args.gin_file:
         recipe = Recipe(size=args.size, phase=args.phase or "train", batch=args.batch, lengths=tuple(args.lengths),
