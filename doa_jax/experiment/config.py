@@ -160,10 +160,12 @@ class PhaseLayout:
                              f"got {self.decode_batch_size!r}")
 
 
-# Settings that say how a cell runs on hardware, not what it computes: hashed at their defaults in
+# Settings that say how a cell runs on hardware (and how many checkpoints it keeps), not what it
+# computes: hashed at their defaults in
 # `CellConfig.key`, so a sweep resumed on another slice, mesh or recipe of rematerialisation reuses
 # its finished cells (and cells keyed before these were settable keep their keys).
 _LAYOUT_DEFAULTS = {("train", "mesh"): dataclasses.asdict(MeshConfig()), ("train", "num_microbatches"): 1,
+                    ("train", "keep_checkpoints"): 1, ("train", "async_checkpointing"): False,
                     ("teacher", "remat_policy"): "none", ("teacher", "scan_layers"): False,
                     ("student", "remat_policy"): "none", ("student", "scan_layers"): False,
                     ("pricing", "measured_on"): "cpu"}
