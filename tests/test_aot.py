@@ -303,3 +303,21 @@ def test_a_fit_found_outdoes_candidates_making_the_same_changes_and_more():
     assert search._outdone(cand("h100x2", 1, batch=16, optimizer="adafactor", param_dtype="bfloat16"), fit, base)
     assert not search._outdone(cand("h100x4", 2, mesh=(-1, 4)), fit, base)      # the recipe kept, more chips
     assert not search._outdone(cand(optimizer="adafactor", param_dtype="bfloat16"), fit, base)
+
+
+@pytest.mark.slow   # a tiny cell's five programs compiled for a TPU slice (~40 s on 2 busy cores)
+def test_doa_run_dry_run_with_a_target_compiles_every_phase_and_runs_nothing(tmp_path, capsys):
+    argv = ["run", "--dry_run", "--target", "v5e-4", "--gin_file", "runs/experiment.gin",
+            "--gin_file", "experiments/wlp_1k_plus100_distill.gin", f"--gin.OUTPUT_DIR='{tmp_path}'",
+            "--gin.VOCABULARY=None", "--gin.MODEL_VOCAB_SIZE=256", "--gin.TEACHER_SIZE='tiny'",
+            "--gin.STUDENT_SIZE='tiny'", "--gin.BATCH_SIZE=8", "--gin.TEACHER_MESH_MODEL=2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "run: 1 cells in" in out and "to run" in out
+    assert "every phase fits (5 programs)" in out and not list(tmp_path.iterdir())   # nothing written
+
+
+def test_doa_run_refuses_a_target_without_dry_run(capsys):
+    assert main(["run", "--target", "v5e-4", "--gin_file", "runs/experiment.gin"]) != 0
+    assert capsys.readouterr().err == ("doa run: error: --target goes with --dry_run (a run compiles for the devices "
+                                       "it runs on)\n")

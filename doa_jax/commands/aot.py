@@ -140,3 +140,31 @@ def run(args) -> int:
     print("bound_s: a roofline lower bound on one call (analytic FLOPs at the datasheet peak, or the bytes each "
           "device must move at its HBM bandwidth), never a prediction")
     return 0
+
+
+def check_cells(cells, target_name: str, say=print) -> bool:
+    """`doa run`/`doa sweep --dry_run --target T`: every phase of each cell compiled for `target_name`
+    (each distinct program once), its per-device peak and whether it fits, one line per program and
+    a line per cell; True when every phase of every cell fits. Nothing runs, nothing is read but the
+    task cards (vocab sizes resolved as `doa run` resolves them)."""
+    from doa_jax.bench import aot, targets
+    from doa_jax.experiment import programs
+
+    target = targets.get(target_name)
+    problem = targets.aot_available(target.platform)
+    if problem:
+        raise ValueError(problem)
+    per_cell = [programs.cell_programs(programs.resolved(c), programs.task_lengths(c)) for c in cells]
+    unique = list({repr(p): p for ps in per_cell for p in ps}.values())
+    say(f"compiling {len(unique)} distinct program(s) of {len(cells)} cell(s) for {target.name} "
+        f"({target.capacity_gib:.2f} GiB usable per device: {target.capacity_note})")
+    rows = aot.compile_all(unique, target, errors_as_rows=True, on_row=lambda r: say(
+        f"  {r['program']}: {aot.verdict(r)}"))
+    by_program = {repr(p): r for p, r in zip(unique, rows)}
+    every = True
+    for cell, ps in zip(cells, per_cell):
+        bad = [f"{p.name} ({aot.verdict(by_program[repr(p)])})" for p in ps if not by_program[repr(p)].get("fits")]
+        every = every and not bad
+        say(f"cell {cell.key()} {cell.describe()}: " + (f"every phase fits ({len(ps)} programs)" if not bad else
+            "does NOT fit: " + "; ".join(bad) + f" -- try `doa aot --target {target.name} --search` on its gin"))
+    return every

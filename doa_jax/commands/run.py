@@ -21,9 +21,18 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_gin_flags(p)
+    add_dry_run_flags(p, "print the cell's key and whether it already has a row; run nothing")
     add_multihost_flags(p)
     add_lock_flag(p)
     p.set_defaults(func=run)
+
+
+def add_dry_run_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """`--dry_run` and `--target` of `doa run` and `doa sweep`."""
+    p.add_argument("--dry_run", "--dry-run", action="store_true", help=what)
+    p.add_argument("--target", default=None,
+                   help="with --dry_run: compile every phase for this TPU slice or GPU (`doa aot` targets, e.g. "
+                        "v5e-8, h100) and say per phase whether it fits; exit 3 if any does not (the `aot` extra)")
 
 
 def add_lock_flag(p: argparse.ArgumentParser) -> None:
@@ -65,11 +74,16 @@ def run(args) -> int:
     from doa_jax import configurables, experiment, gin_utils, partitioning
     from doa_jax.commands.train import start_multihost
 
-    start_multihost(args)   # before any other JAX call
+    if args.target and not args.dry_run:
+        raise ValueError("--target goes with --dry_run (a run compiles for the devices it runs on)")
+    if not args.dry_run:
+        start_multihost(args)   # before any other JAX call
     configurables.register()
 
     gin_utils.parse_flags(args)
     cell = gin_utils.macro("CELL")
+    if args.dry_run:
+        return dry_run([cell], cell.output_dir, args.target)
     preflight(cell)
     if partitioning.is_chief():
         path = gin_utils.write_operative_config(cell.output_dir)
@@ -78,3 +92,20 @@ def run(args) -> int:
     print(format_row(row))
     print(f"results: {cell.output_dir}/results.jsonl (cell {row['cell_key']})")
     return 0
+
+
+def dry_run(cells, output_dir: str, target, *, what: str = "run", names=None) -> int:
+    """The cells' keys and which already have a row; with `target`, each phase compiled for it."""
+    from doa_jax import storage
+    from doa_jax.commands.aot import check_cells
+    from doa_jax.experiment import results, task_setup
+
+    done = {r.get("cell_key") for r in results.read_rows(storage.path(output_dir) / results.RESULTS_FILE)}
+    keyed = [task_setup.resolve_models(c) if c.student.vocab_size is None or c.teacher.vocab_size is None else c
+             for c in cells]
+    print(f"{what}: {len(cells)} cells in {output_dir} ({sum(c.key() in done for c in keyed)} already have a row)")
+    for i, (c, name) in enumerate(zip(keyed, names or [c.describe() for c in keyed]), 1):
+        print(f"  {i:>3}. {'done ' if c.key() in done else 'to run'} {c.key()}  {name}")
+    if target is None:
+        return 0
+    return 0 if check_cells([c for c in keyed if c.key() not in done] or keyed, target) else 3

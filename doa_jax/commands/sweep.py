@@ -21,7 +21,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from doa_jax.commands.run import add_lock_flag
+    from doa_jax.commands.run import add_dry_run_flags, add_lock_flag
     from doa_jax.commands.train import add_multihost_flags
     from doa_jax.gin_flags import add_gin_flags
 
@@ -29,8 +29,7 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_gin_flags(p)
-    p.add_argument("--dry_run", "--dry-run", action="store_true",
-                   help="list the grid's cells and which already have a row; run nothing")
+    add_dry_run_flags(p, "list the grid's cells and which already have a row; run nothing")
     p.add_argument("--no_report", "--no-report", action="store_true", help="do not write report.md at the end")
     add_multihost_flags(p)
     add_lock_flag(p)
@@ -41,9 +40,9 @@ def run(args) -> int:
     import gin
 
     from doa_jax import configurables, storage
-    from doa_jax.commands.run import preflight
+    from doa_jax.commands.run import dry_run, preflight
     from doa_jax.commands.train import start_multihost
-    from doa_jax.experiment import results, sweep
+    from doa_jax.experiment import sweep
 
     if not args.dry_run:
         start_multihost(args)   # before any other JAX call
@@ -55,11 +54,9 @@ def run(args) -> int:
     if not args.dry_run:
         preflight(cells[0])
     if args.dry_run:
-        done = {r.get("cell_key") for r in results.read_rows(out / results.RESULTS_FILE)}
-        print(f"sweep: {len(cells)} cells in {out} ({sum(c.key() in done for c in cells)} already have a row)")
-        for i, (p, c) in enumerate(zip(points, cells), 1):
-            print(f"  {i:>3}. {'done ' if c.key() in done else 'to run'} {c.key()}  {p.describe()}")
-        return 0
+        return dry_run(cells, str(out), args.target, what="sweep", names=[p.describe() for p in points])
+    if args.target:
+        raise ValueError("--target goes with --dry_run (a sweep compiles for the devices it runs on)")
     config = ("# doa sweep: the grid sets TASK, START_LABELS, EXTRA_BUDGET_USD, STRATEGY and SEED per cell "
               "(sweep.json lists the cells)\n" + gin.config_str())
     sweep.run_sweep(points, cells, write_report=not args.no_report, config_gin=config,
