@@ -1,6 +1,7 @@
 """Rate cards and the ledger: arithmetic by hand, resume safety, clear errors."""
 import json
 
+
 import pytest
 
 from doa_jax.experiment import costs
@@ -115,3 +116,16 @@ def test_compute_lost_to_a_kill_is_measured_but_not_charged(tmp_path):
     assert ledger.total() == pytest.approx(costs.get_accelerator("cpu").usd(36.0))          # the budget's view
     assert ledger.measured_total() == pytest.approx(costs.get_accelerator("cpu").usd(54.0))  # what it really cost
     assert ledger.add_lost("lost:none", "student_training", 0.0) is None
+
+
+def test_the_measured_view_is_priced_on_the_jobs_own_devices_and_an_unknown_kind_is_named(monkeypatch):
+    card, chips = costs.job_accelerator(None)
+    assert (card.key, chips) == ("cpu", 1)          # one host, whatever its (8 fake) CPU devices
+    assert costs.job_accelerator("tpu_v5e")[0].key == "tpu_v5e"      # MEASURED_ON overrides
+
+    class Device:
+        device_kind, platform = "Imaginary Accelerator 9000", "gpu"
+
+    monkeypatch.setattr(costs.jax, "devices", lambda: [Device()] * 4)
+    with pytest.raises(ValueError, match=r"this job runs on 4 x 'Imaginary Accelerator 9000', which has no rate card"):
+        costs.job_accelerator(None)

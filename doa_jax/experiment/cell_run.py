@@ -55,9 +55,10 @@ class CellRun:
         """The cell's run state; its ledger is repaired by process 0 before the others read it."""
         cell_dir = storage.path(cfg.output_dir) / "cells" / cfg.key()
         pricer = Pricer.for_cell(cfg, setup.card, setup.lengths)
+        measured_on, chips = costs.job_accelerator(cfg.pricing.measured_on)
         ledger = partitioning.chief_first(lambda: costs.Ledger(
-            cell_dir / "ledger.jsonl", measured_on=costs.get_accelerator(cfg.pricing.measured_on),
-            profile=pricer.profile, writable=partitioning.is_chief()))
+            cell_dir / "ledger.jsonl", measured_on=measured_on, chips=chips, profile=pricer.profile,
+            writable=partitioning.is_chief()))
         return cls(cfg, setup, pricer, ledger, Budget(ledger, cfg.extra_budget_usd), cell_dir, cache_dir(cfg))
 
     def say(self, text: str) -> None:

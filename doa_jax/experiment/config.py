@@ -129,7 +129,7 @@ class PricingConfig:
     mfu: float = 0.4
     teacher_as: Optional[str] = None    # price the teacher's FLOPs as this size (e.g. 'xxl')
     student_as: Optional[str] = None
-    measured_on: str = "cpu"            # this machine's rate card (the measured view)
+    measured_on: Optional[str] = None   # the measured view's rate card; None: the job's devices' (costs.job_accelerator)
     cost_profile: Optional[str] = None  # 'paper' | 'calibrated' | 'mfu'; None: see experiment/pricing.py
     calibration: Optional[str] = None   # a `doa calibrate` file (the `calibrated` profile)
     unlabeled_grid: Optional[tuple[int, ...]] = None   # U chosen on this grid (the paper: 10K, 100K)

@@ -16,6 +16,8 @@ import pathlib
 import tomllib
 from typing import Any, Iterable, Optional, Sequence
 
+import jax
+
 from doa_jax import hardware, storage
 
 RATE_CARDS = pathlib.Path(__file__).with_name("rate_cards.toml")
@@ -92,6 +94,27 @@ def get_accelerator(key: str, cards: Optional[dict[str, Accelerator]] = None) ->
     if norm not in cards:
         raise ValueError(f"unknown accelerator {key!r}; known: {', '.join(sorted(cards))}")
     return cards[norm]
+
+
+def job_accelerator(measured_on: Optional[str], cards: Optional[dict[str, Accelerator]] = None
+                    ) -> tuple[Accelerator, int]:
+    """The rate card and chip count of what this job runs on, for the measured view: MEASURED_ON when
+    set, else the device kind of `jax.devices()` (every host's) matched in hardware.toml; chips: the
+    job's accelerators, or its hosts when it runs on CPUs. A device
+    kind with no rate card is an error naming it (never priced as another accelerator)."""
+    devices = jax.devices()
+    # A CPU card prices a host (its devices are the host's cores, or fake ones for a test mesh).
+    chips = jax.process_count() if devices[0].platform == "cpu" else len(devices)
+    if measured_on:
+        return get_accelerator(measured_on, cards), chips
+    cards = cards if cards is not None else load_rate_cards()
+    kind = devices[0].device_kind
+    hw = hardware.for_device_kind(kind)
+    if hw is None or hw.key not in cards:
+        raise ValueError(f"this job runs on {len(devices)} x {kind!r}, which has no rate card in {RATE_CARDS.name} "
+                         f"({'no accelerator of hardware.toml names it' if hw is None else f'[{hw.key}] has none'}): "
+                         f"set MEASURED_ON to a card ({', '.join(sorted(cards))}) or add one")
+    return cards[hw.key], chips
 
 
 @dataclasses.dataclass(frozen=True)

@@ -184,6 +184,8 @@ def check_cells(cells: Sequence) -> list:
     cards_ = costs.load_rate_cards()
     for c in cells:
         for macro, key in (("ACCELERATOR", c.pricing.accelerator), ("MEASURED_ON", c.pricing.measured_on)):
+            if key is None:    # MEASURED_ON = None: the job's own devices' card, found when a cell starts
+                continue
             try:
                 costs.get_accelerator(key, cards_)
             except ValueError as e:
