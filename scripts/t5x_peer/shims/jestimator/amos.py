@@ -1,0 +1,2 @@
+class ScaleByAmosState: pass
+def amos(*a, **k): raise NotImplementedError('jestimator stub')

@@ -1,0 +1,1 @@
+def state_partition_rule(*a, **k): raise NotImplementedError('jestimator stub')
