@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from doa_jax.model.config import T5Config
 from doa_jax.model.layers import (NEG_INF, Dense, Embed, MlpBlock, MultiHeadAttention,
                                   RelativePositionBias, RMSNorm, constrain)
+from doa_jax.model.stack import apply_stack
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -114,6 +115,38 @@ def _cross_kv_body(layer, carry, encoded):
 def _decoder_step_body(layer, y, self_cache, cross_cache, self_bias, cross_bias, cache_index):
     y, new = layer(y, None, self_bias, cross_bias, True, {**self_cache, **cross_cache}, cache_index)
     return y, {k: new[k] for k in SELF_CACHE}
+
+
+class _LayerFn:
+    """One scanned layer as `doa_jax.model.stack` runs it: `(p, x, consts, fixed, key) -> x`, where
+    consts = (relpos,) or (encoded, relpos) and fixed = the masks; each attention bias is
+    `relpos + mask`, added inside the layer (a `[B, H, S, S]` float32 bias is never stacked or
+    carried); checkpointed per `layer_policy`."""
+
+    def __init__(self, cls, cfg: T5Config, deterministic: bool):
+        self.cls, self.cfg, self.deterministic = cls, cfg, deterministic
+        self.policy = layer_policy(cfg)
+
+    def _run(self, p, x, consts, fixed, key):
+        rngs = None if key is None else {"dropout": key}
+        module = self.cls(self.cfg, parent=None)   # a detached module: applied to the given params only
+        if self.cls is EncoderLayer:
+            (relpos,), (mask,) = consts, fixed
+            return module.apply({"params": p}, x, relpos + mask, self.deterministic, rngs=rngs)
+        (encoded, relpos), (self_mask, cross_bias) = consts, fixed
+        return module.apply({"params": p}, x, encoded, relpos + self_mask, cross_bias, self.deterministic,
+                            rngs=rngs)[0]
+
+    def __call__(self, p, x, consts, fixed, key):
+        return jax.checkpoint(self._run, policy=self.policy)(p, x, consts, fixed, key)
+
+
+def _run_stack(module: nn.Module, cls, x: Array, consts: tuple, fixed: tuple, deterministic: bool) -> Array:
+    """The scanned layers of `module` (an Encoder or Decoder) on `x`, differentiated by
+    `stack.apply_stack`'s own backward loop (see its module doc for why)."""
+    cfg = module.config
+    key = None if deterministic or cfg.dropout_rate == 0.0 else module.make_rng("dropout")
+    return apply_stack(_LayerFn(cls, cfg, deterministic), module.layers.variables["params"], x, consts, fixed, key)
 
 
 
@@ -216,11 +249,13 @@ class Encoder(nn.Module):
     def __call__(self, tokens: Array, segment_ids: Optional[Array] = None,
                  deterministic: bool = True) -> Array:
         x, relpos, mask = self.embed(tokens, segment_ids, deterministic)
-        bias = relpos + mask
-        if self.config.scan_layers:
+        if self.config.scan_layers and not self.is_initializing():
+            x = _run_stack(self, EncoderLayer, x, (relpos.astype(jnp.float32),), (mask,), deterministic)
+        elif self.config.scan_layers:
             x, _ = _scan_layers(_encoder_body, self.config.num_encoder_layers, (nn.broadcast, nn.broadcast))(
-                self.layers, x, bias, deterministic)
+                self.layers, x, relpos + mask, deterministic)
         else:
+            bias = relpos + mask
             for layer in self.layers:
                 x = layer(x, bias, deterministic)
         return self.finish(x, deterministic)
@@ -277,7 +312,10 @@ class Decoder(nn.Module):
         y, relpos, self_mask, cross_bias = self.embed(encoder_tokens, decoder_input_tokens, encoder_segment_ids,
                                                       decoder_segment_ids, deterministic)
         self_bias = relpos + self_mask
-        if self.config.scan_layers:
+        if self.config.scan_layers and not self.is_initializing():
+            y = _run_stack(self, DecoderLayer, y, (encoded, relpos.astype(jnp.float32)), (self_mask, cross_bias),
+                           deterministic)
+        elif self.config.scan_layers:
             broadcast = (nn.broadcast,) * 4
             y, _ = _scan_layers(_decoder_body, self.config.num_decoder_layers, broadcast)(
                 self.layers, y, encoded, self_bias, cross_bias, deterministic)
