@@ -117,11 +117,12 @@ def _decoder_step_body(layer, y, self_cache, cross_cache, self_bias, cross_bias,
     return y, {k: new[k] for k in SELF_CACHE}
 
 
-class _LayerFn:
-    """One scanned layer as `doa_jax.model.stack` runs it: `(p, x, consts, fixed, key) -> x`, where
-    consts = (relpos,) or (encoded, relpos) and fixed = the masks; each attention bias is
-    `relpos + mask`, added inside the layer (a `[B, H, S, S]` float32 bias is never stacked or
-    carried); checkpointed per `layer_policy`."""
+class StackLayer:
+    """One scanned layer (`cls`: EncoderLayer or DecoderLayer) as `doa_jax.model.stack` and the fused
+    update run it: `(p, x, consts, fixed, key) -> x`, where consts = (relpos,) or (encoded, relpos)
+    and fixed = the masks; each attention bias is `relpos + mask`, added inside the layer (no
+    `[B, H, S, S]` float32 bias is carried through the loop, nor its cotangent); checkpointed per
+    `layer_policy`; `key`: the layer's dropout key (None: none drawn)."""
 
     def __init__(self, cls, cfg: T5Config, deterministic: bool):
         self.cls, self.cfg, self.deterministic = cls, cfg, deterministic
@@ -146,7 +147,7 @@ def _run_stack(module: nn.Module, cls, x: Array, consts: tuple, fixed: tuple, de
     `stack.apply_stack`'s own backward loop (see its module doc for why)."""
     cfg = module.config
     key = None if deterministic or cfg.dropout_rate == 0.0 else module.make_rng("dropout")
-    return apply_stack(_LayerFn(cls, cfg, deterministic), module.layers.variables["params"], x, consts, fixed, key)
+    return apply_stack(StackLayer(cls, cfg, deterministic), module.layers.variables["params"], x, consts, fixed, key)
 
 
 
