@@ -44,7 +44,7 @@ from doa_jax.losses import LossConfig
 from doa_jax.model import T5Config, Transformer
 from doa_jax.model.network import DecoderLayer, EncoderLayer, StackLayer
 from doa_jax.model.scan import STACKED
-from doa_jax.model.stack import Tape as _Tape, forward as _forward, index as _index, layer_vjp as _layer_vjp
+from doa_jax.model.stack import Tape, forward, index, layer_vjp
 
 ENCODER, DECODER = ("encoder", STACKED), ("decoder", STACKED)
 # Dropout keys of the pieces of one step (folded into the step's key).
@@ -129,7 +129,7 @@ class _Update(NamedTuple):
     key: Optional[jax.Array]         # the stack's rounding key (layer i folds in i)
 
 
-def _backward(tape: _Tape, branch: Any, state: Any, path: tuple, consts: tuple, fixed: tuple, dy: Any,
+def _backward(tape: Tape, branch: Any, state: Any, path: tuple, consts: tuple, fixed: tuple, dy: Any,
               update: Optional[_Update]):
     """Layers last to first: each layer's gradient from its `vjp`, and (with `update`) its optimizer
     update written into `branch` (the stack's params, `{path: stack}`) and `state` in place.
@@ -140,14 +140,14 @@ def _backward(tape: _Tape, branch: Any, state: Any, path: tuple, consts: tuple, 
     dconsts = jax.tree_util.tree_map(lambda c: jnp.zeros(c.shape, jnp.float32), consts)
 
     def grads(i, dy, dc, p_branch):
-        dp, dx, dcon = _layer_vjp(tape, i, _get(p_branch, path), consts, fixed)(dy)
+        dp, dx, dcon = layer_vjp(tape, i, _get(p_branch, path), consts, fixed)(dy)
         return dx, jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), dc, dcon), _at(path, dp)
 
     if update is None:     # the norm-only pass: no params or state in the carry
         def norm_body(k, carry):
             i = length - 1 - k
             dy, dc, sq_g = carry
-            dx, dc, g = grads(i, dy, dc, _index(branch, i))
+            dx, dc, g = grads(i, dy, dc, index(branch, i))
             return dx, dc, sq_g + optimizers.sq_norm(g)
 
         dx, dc, sq_g = jax.lax.fori_loop(0, length, norm_body, (dy, dconsts, zero))
@@ -156,10 +156,10 @@ def _backward(tape: _Tape, branch: Any, state: Any, path: tuple, consts: tuple, 
     def body(k, carry):
         i = length - 1 - k
         dy, dc, branch, state, sq_g, sq_u = carry
-        p_branch = _index(branch, i)
+        p_branch = index(branch, i)
         dx, dc, g = grads(i, dy, dc, p_branch)
         key = None if update.key is None else jax.random.fold_in(update.key, i)
-        new, s, q = optimizers.apply_layer(update.inner, g, _index(state, i), p_branch, update.scale, key)
+        new, s, q = optimizers.apply_layer(update.inner, g, index(state, i), p_branch, update.scale, key)
         return dx, dc, _put(branch, new, i), _put(state, s, i), sq_g + optimizers.sq_norm(g), sq_u + q
 
     return jax.lax.fori_loop(0, length, body, (dy, dconsts, branch, state, zero, zero))
@@ -237,11 +237,11 @@ def step(model_config: T5Config, loss: LossConfig, tx: optimizers.PerLayerTransf
     enc, dec = paths.index(ENCODER), paths.index(DECODER)
     # Forward, each piece's vjp kept.
     (x, e_rel, e_mask), enc_embed_vjp = jax.vjp(pieces.encoder_embed, rest)
-    x, enc_tape = _forward(pieces.encoder_layer, _get(branches[enc], ENCODER), x, (e_rel,), (e_mask,),
+    x, enc_tape = forward(pieces.encoder_layer, _get(branches[enc], ENCODER), x, (e_rel,), (e_mask,),
                            pieces.key("encoder_layers"))
     encoded, enc_finish_vjp = jax.vjp(pieces.encoder_finish, rest, x)
     (y, d_rel, self_mask, cross_bias), dec_embed_vjp = jax.vjp(pieces.decoder_embed, rest)
-    y, dec_tape = _forward(pieces.decoder_layer, _get(branches[dec], DECODER), y, (encoded, d_rel),
+    y, dec_tape = forward(pieces.decoder_layer, _get(branches[dec], DECODER), y, (encoded, d_rel),
                            (self_mask, cross_bias), pieces.key("decoder_layers"))
     loss_value, head_vjp, metrics = jax.vjp(pieces.head, rest, y, has_aux=True)
     g_head, dy = head_vjp(jnp.ones_like(loss_value))

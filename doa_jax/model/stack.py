@@ -104,11 +104,11 @@ def apply_stack(layer: Layer, stack: Any, x: Any, consts: tuple, fixed: tuple, k
 
 def _apply_stack_fwd(layer, stack, x, consts, fixed, key):
     out, tape = forward(layer, stack, x, consts, fixed, key)
-    return out, (tape.inputs, tape.saved, _Spec(tape.spec), stack, consts, fixed, key)
+    return out, (tape.inputs, tape.saved, _Spec(tape.spec), stack, consts, fixed)
 
 
 def _apply_stack_bwd(layer, res, dy):
-    inputs, saved, spec, stack, consts, fixed, key = res
+    inputs, saved, spec, stack, consts, fixed = res
     tape = Tape(inputs, saved, spec.value)
     # Loop-invariant cotangents are summed in their own dtype, as a transposed scan sums them.
     dconsts = jax.tree_util.tree_map(jnp.zeros_like, consts)
