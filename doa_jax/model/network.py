@@ -6,6 +6,9 @@ Param tree (unboxed): `token_embedder/embedding`, `encoder/{relpos_bias, layers_
 With `config.scan_layers`, each stack's layers are one `nn.scan` (params `encoder/layers/...`
 stacked on a leading `layers` axis, the decode cache `{self_k, self_v, cross_k, cross_v}` stacked
 as `[layers, B, L, H, D]`); `doa_jax.model.scan` converts params to and from T5X's per-layer names.
+The teacher-forced forward runs the stacked layers through `doa_jax.model.stack.apply_stack`, a
+scan with its own backward loop (a transposed `nn.scan` allocated the encoder's gradients before
+the decoder's backward pass: issue 27); `nn.scan` still creates the params and runs decoding.
 
 Masking convention: attention masks keys only (a padded query still attends to the valid keys).
 Outputs at padded positions are therefore defined but meaningless; compare valid positions only.
@@ -148,7 +151,6 @@ def _run_stack(module: nn.Module, cls, x: Array, consts: tuple, fixed: tuple, de
     cfg = module.config
     key = None if deterministic or cfg.dropout_rate == 0.0 else module.make_rng("dropout")
     return apply_stack(StackLayer(cls, cfg, deterministic), module.layers.variables["params"], x, consts, fixed, key)
-
 
 
 class EncoderLayer(nn.Module):
@@ -312,15 +314,15 @@ class Decoder(nn.Module):
                  deterministic: bool = True) -> Array:
         y, relpos, self_mask, cross_bias = self.embed(encoder_tokens, decoder_input_tokens, encoder_segment_ids,
                                                       decoder_segment_ids, deterministic)
-        self_bias = relpos + self_mask
         if self.config.scan_layers and not self.is_initializing():
             y = _run_stack(self, DecoderLayer, y, (encoded, relpos.astype(jnp.float32)), (self_mask, cross_bias),
                            deterministic)
         elif self.config.scan_layers:
             broadcast = (nn.broadcast,) * 4
             y, _ = _scan_layers(_decoder_body, self.config.num_decoder_layers, broadcast)(
-                self.layers, y, encoded, self_bias, cross_bias, deterministic)
+                self.layers, y, encoded, relpos + self_mask, cross_bias, deterministic)
         else:
+            self_bias = relpos + self_mask
             for layer in self.layers:
                 y, _ = layer(y, encoded, self_bias, cross_bias, deterministic)
         return self._logits(y, deterministic)
