@@ -61,7 +61,7 @@ ENC = np.random.RandomState(0).randint(0, 64, (4, 7)).astype(np.int32)   # some 
 DEC = np.random.RandomState(1).randint(2, 64, (4, 5)).astype(np.int32)
 
 
-@pytest.mark.parametrize("policy", ["none", "dots", "full"])
+@pytest.mark.parametrize("policy", ["none", "full"])   # scanned, 'dots' saves what 'none' saves
 def test_scanned_t5_gradients_equal_the_unscanned_models(policy):
     params = jax.tree.map(np.asarray, nn.meta.unbox(
         Transformer(CFG).init(jax.random.PRNGKey(0), ENC, DEC)["params"]))
