@@ -42,8 +42,9 @@ import optax
 from doa_jax import losses, optimizers
 from doa_jax.losses import LossConfig
 from doa_jax.model import T5Config, Transformer
-from doa_jax.model.network import DecoderLayer, EncoderLayer, layer_policy
+from doa_jax.model.network import DecoderLayer, EncoderLayer, StackLayer
 from doa_jax.model.scan import STACKED
+from doa_jax.model.stack import Tape, forward, index, layer_vjp
 
 ENCODER, DECODER = ("encoder", STACKED), ("decoder", STACKED)
 # Dropout keys of the pieces of one step (folded into the step's key).
@@ -113,67 +114,9 @@ def unview_state(view: StateView, state: Any, params: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _index(tree: Any, i) -> Any:
-    """Layer i of every leaf with a layers axis (scalars, e.g. step counts, as they are)."""
-    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False) if x.ndim else x,
-                                  tree)
-
-
 def _put(tree: Any, new: Any, i) -> Any:
     return jax.tree_util.tree_map(
         lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), i, 0) if b.ndim else b, tree, new)
-
-
-# ----------------------------------------------------------------------------- one layer's tape
-
-class _Tape(NamedTuple):
-    """What the forward scan of one stack left for its backward pass: each layer's input, the
-    stacked residuals, and how to rebuild layer i's `vjp` (`spec`: per residual, where it is)."""
-
-    inputs: Any          # [L, ...] each layer's input
-    saved: tuple         # [L, ...] per stacked residual
-    spec: dict           # treedef and sources, filled while tracing the forward
-
-
-def _forward(layer: Callable, stack: Any, x: Any, consts: tuple, fixed: tuple,
-             key: Optional[jax.Array]) -> tuple[Any, _Tape]:
-    """`lax.scan` of `layer(p, x, consts, fixed, key_i)` over the stack (differentiated in `p`, `x`
-    and `consts`, the loop-invariant inputs with a gradient; `fixed`: masks); the tape."""
-    spec: dict = {}
-
-    def body(carry, xs):
-        p, i = xs
-        k = None if key is None else jax.random.fold_in(key, i)
-        out, vjp = jax.vjp(lambda p_, x_, c_: layer(p_, x_, c_, fixed, k), p, carry, consts)
-        leaves, treedef = jax.tree_util.tree_flatten(vjp)
-        known = {id(v): ("p", n) for n, v in enumerate(jax.tree_util.tree_leaves(p))}
-        known.update({id(v): ("c", n) for n, v in enumerate(jax.tree_util.tree_leaves(consts))})
-        known.update({id(v): ("f", n) for n, v in enumerate(jax.tree_util.tree_leaves(fixed))})
-        known[id(carry)] = ("x", 0)
-        sources, saved = [], []
-        for leaf in leaves:
-            if id(leaf) in known:
-                sources.append(known[id(leaf)])
-            elif isinstance(leaf, jax.core.Tracer):
-                sources.append(("s", len(saved)))
-                saved.append(leaf)
-            else:
-                sources.append(("k", leaf))      # a constant of the trace
-        spec.update(treedef=treedef, sources=sources)
-        return out, (carry, tuple(saved))
-
-    length = jax.tree_util.tree_leaves(stack)[0].shape[0]
-    out, (inputs, saved) = jax.lax.scan(body, x, (stack, jnp.arange(length)))
-    return out, _Tape(inputs, saved, spec)
-
-
-def _layer_vjp(tape: _Tape, i, p: Any, consts: tuple, fixed: tuple) -> Callable:
-    """Layer i's `vjp` from the tape, with its parameters `p` (read before they are updated)."""
-    pools = {"p": jax.tree_util.tree_leaves(p), "c": jax.tree_util.tree_leaves(consts),
-             "f": jax.tree_util.tree_leaves(fixed),
-             "x": [_index(tape.inputs, i)], "s": [_index(s, i) for s in tape.saved]}
-    leaves = [value if kind == "k" else pools[kind][value] for kind, value in tape.spec["sources"]]
-    return jax.tree_util.tree_unflatten(tape.spec["treedef"], leaves)
 
 
 # ----------------------------------------------------------------------------- the backward pass of a stack
@@ -186,7 +129,7 @@ class _Update(NamedTuple):
     key: Optional[jax.Array]         # the stack's rounding key (layer i folds in i)
 
 
-def _backward(tape: _Tape, branch: Any, state: Any, path: tuple, consts: tuple, fixed: tuple, dy: Any,
+def _backward(tape: Tape, branch: Any, state: Any, path: tuple, consts: tuple, fixed: tuple, dy: Any,
               update: Optional[_Update]):
     """Layers last to first: each layer's gradient from its `vjp`, and (with `update`) its optimizer
     update written into `branch` (the stack's params, `{path: stack}`) and `state` in place.
@@ -197,14 +140,14 @@ def _backward(tape: _Tape, branch: Any, state: Any, path: tuple, consts: tuple, 
     dconsts = jax.tree_util.tree_map(lambda c: jnp.zeros(c.shape, jnp.float32), consts)
 
     def grads(i, dy, dc, p_branch):
-        dp, dx, dcon = _layer_vjp(tape, i, _get(p_branch, path), consts, fixed)(dy)
+        dp, dx, dcon = layer_vjp(tape, i, _get(p_branch, path), consts, fixed)(dy)
         return dx, jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), dc, dcon), _at(path, dp)
 
     if update is None:     # the norm-only pass: no params or state in the carry
         def norm_body(k, carry):
             i = length - 1 - k
             dy, dc, sq_g = carry
-            dx, dc, g = grads(i, dy, dc, _index(branch, i))
+            dx, dc, g = grads(i, dy, dc, index(branch, i))
             return dx, dc, sq_g + optimizers.sq_norm(g)
 
         dx, dc, sq_g = jax.lax.fori_loop(0, length, norm_body, (dy, dconsts, zero))
@@ -213,10 +156,10 @@ def _backward(tape: _Tape, branch: Any, state: Any, path: tuple, consts: tuple, 
     def body(k, carry):
         i = length - 1 - k
         dy, dc, branch, state, sq_g, sq_u = carry
-        p_branch = _index(branch, i)
+        p_branch = index(branch, i)
         dx, dc, g = grads(i, dy, dc, p_branch)
         key = None if update.key is None else jax.random.fold_in(update.key, i)
-        new, s, q = optimizers.apply_layer(update.inner, g, _index(state, i), p_branch, update.scale, key)
+        new, s, q = optimizers.apply_layer(update.inner, g, index(state, i), p_branch, update.scale, key)
         return dx, dc, _put(branch, new, i), _put(state, s, i), sq_g + optimizers.sq_norm(g), sq_u + q
 
     return jax.lax.fori_loop(0, length, body, (dy, dconsts, branch, state, zero, zero))
@@ -244,8 +187,11 @@ class _Pieces:
     def __init__(self, cfg: T5Config, loss: LossConfig, batch: dict, rng: jax.Array):
         self.cfg, self.loss, self.batch = cfg, loss, batch
         self.deterministic = cfg.dropout_rate == 0.0
-        self.rng, self.model, self.policy = rng, Transformer(cfg), layer_policy(cfg)
+        self.rng, self.model = rng, Transformer(cfg)
         self.weights, self.divisor = losses.loss_weights(loss, batch)
+        # One layer's function of (params, input, consts, fixed, key), as the scanned model runs it.
+        self.encoder_layer = StackLayer(EncoderLayer, cfg, self.deterministic)
+        self.decoder_layer = StackLayer(DecoderLayer, cfg, self.deterministic)
 
     def key(self, piece: str) -> Optional[jax.Array]:
         return None if self.deterministic else jax.random.fold_in(self.rng, _PIECES[piece])
@@ -275,18 +221,6 @@ class _Pieces:
         logits = self._run("head", lambda m, *a: m.decoder.finish(*a), rest, y, self.deterministic)
         return losses.sequence_loss(self.loss, logits, self.batch, self.weights, self.divisor)
 
-    def encoder_layer(self, p, x, consts, fixed, key):
-        (relpos,), (mask,) = consts, fixed
-        fn = lambda p_, x_, r_: EncoderLayer(self.cfg).apply(  # noqa: E731
-            {"params": p_}, x_, r_ + mask, self.deterministic, rngs=self._rngs(key))
-        return jax.checkpoint(fn, policy=self.policy)(p, x, relpos)
-
-    def decoder_layer(self, p, y, consts, fixed, key):
-        (encoded, relpos), (self_mask, cross_bias) = consts, fixed
-        fn = lambda p_, y_, e_, r_: DecoderLayer(self.cfg).apply(  # noqa: E731
-            {"params": p_}, y_, e_, r_ + self_mask, cross_bias, self.deterministic, rngs=self._rngs(key))[0]
-        return jax.checkpoint(fn, policy=self.policy)(p, y, encoded, relpos)
-
 
 # ----------------------------------------------------------------------------- the step
 
@@ -303,11 +237,11 @@ def step(model_config: T5Config, loss: LossConfig, tx: optimizers.PerLayerTransf
     enc, dec = paths.index(ENCODER), paths.index(DECODER)
     # Forward, each piece's vjp kept.
     (x, e_rel, e_mask), enc_embed_vjp = jax.vjp(pieces.encoder_embed, rest)
-    x, enc_tape = _forward(pieces.encoder_layer, _get(branches[enc], ENCODER), x, (e_rel,), (e_mask,),
+    x, enc_tape = forward(pieces.encoder_layer, _get(branches[enc], ENCODER), x, (e_rel,), (e_mask,),
                            pieces.key("encoder_layers"))
     encoded, enc_finish_vjp = jax.vjp(pieces.encoder_finish, rest, x)
     (y, d_rel, self_mask, cross_bias), dec_embed_vjp = jax.vjp(pieces.decoder_embed, rest)
-    y, dec_tape = _forward(pieces.decoder_layer, _get(branches[dec], DECODER), y, (encoded, d_rel),
+    y, dec_tape = forward(pieces.decoder_layer, _get(branches[dec], DECODER), y, (encoded, d_rel),
                            (self_mask, cross_bias), pieces.key("decoder_layers"))
     loss_value, head_vjp, metrics = jax.vjp(pieces.head, rest, y, has_aux=True)
     g_head, dy = head_vjp(jnp.ones_like(loss_value))

@@ -40,7 +40,7 @@ class T5Config:
     # Run each stack's layers as one `nn.scan` over params stacked on a leading `layers` axis:
     # one layer is traced and compiled instead of num_layers copies (start-up time). Checkpoints
     # keep T5X's per-layer names (`doa_jax.model.scan` converts). Numerics equal the unscanned
-    # model; dropout masks differ (the scan splits the dropout key per layer).
+    # model; dropout masks differ (each layer folds its index into the stack's dropout key).
     scan_layers: bool = False
 
     def __post_init__(self):

@@ -6,6 +6,9 @@ Param tree (unboxed): `token_embedder/embedding`, `encoder/{relpos_bias, layers_
 With `config.scan_layers`, each stack's layers are one `nn.scan` (params `encoder/layers/...`
 stacked on a leading `layers` axis, the decode cache `{self_k, self_v, cross_k, cross_v}` stacked
 as `[layers, B, L, H, D]`); `doa_jax.model.scan` converts params to and from T5X's per-layer names.
+The teacher-forced forward runs the stacked layers through `doa_jax.model.stack.apply_stack`, a
+scan with its own backward loop (a transposed `nn.scan` allocated the encoder's gradients before
+the decoder's backward pass: issue 27); `nn.scan` still creates the params and runs decoding.
 
 Masking convention: attention masks keys only (a padded query still attends to the valid keys).
 Outputs at padded positions are therefore defined but meaningless; compare valid positions only.
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 from doa_jax.model.config import T5Config
 from doa_jax.model.layers import (NEG_INF, Dense, Embed, MlpBlock, MultiHeadAttention,
                                   RelativePositionBias, RMSNorm, constrain)
+from doa_jax.model.stack import apply_stack
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -115,6 +119,38 @@ def _decoder_step_body(layer, y, self_cache, cross_cache, self_bias, cross_bias,
     y, new = layer(y, None, self_bias, cross_bias, True, {**self_cache, **cross_cache}, cache_index)
     return y, {k: new[k] for k in SELF_CACHE}
 
+
+class StackLayer:
+    """One scanned layer (`cls`: EncoderLayer or DecoderLayer) as `doa_jax.model.stack` and the fused
+    update run it: `(p, x, consts, fixed, key) -> x`, where consts = (relpos,) or (encoded, relpos)
+    and fixed = the masks; each attention bias is `relpos + mask`, added inside the layer (no
+    `[B, H, S, S]` float32 bias is carried through the loop, nor its cotangent); checkpointed per
+    `layer_policy`; `key`: the layer's dropout key (None: none drawn)."""
+
+    def __init__(self, cls, cfg: T5Config, deterministic: bool):
+        self.cls, self.cfg, self.deterministic = cls, cfg, deterministic
+        self.policy = layer_policy(cfg)
+
+    def _run(self, p, x, consts, fixed, key):
+        rngs = None if key is None else {"dropout": key}
+        module = self.cls(self.cfg, parent=None)   # a detached module: applied to the given params only
+        if self.cls is EncoderLayer:
+            (relpos,), (mask,) = consts, fixed
+            return module.apply({"params": p}, x, relpos + mask, self.deterministic, rngs=rngs)
+        (encoded, relpos), (self_mask, cross_bias) = consts, fixed
+        return module.apply({"params": p}, x, encoded, relpos + self_mask, cross_bias, self.deterministic,
+                            rngs=rngs)[0]
+
+    def __call__(self, p, x, consts, fixed, key):
+        return jax.checkpoint(self._run, policy=self.policy)(p, x, consts, fixed, key)
+
+
+def _run_stack(module: nn.Module, cls, x: Array, consts: tuple, fixed: tuple, deterministic: bool) -> Array:
+    """The scanned layers of `module` (an Encoder or Decoder) on `x`, differentiated by
+    `stack.apply_stack`'s own backward loop (see its module doc for why)."""
+    cfg = module.config
+    key = None if deterministic or cfg.dropout_rate == 0.0 else module.make_rng("dropout")
+    return apply_stack(StackLayer(cls, cfg, deterministic), module.layers.variables["params"], x, consts, fixed, key)
 
 
 class EncoderLayer(nn.Module):
@@ -216,11 +252,13 @@ class Encoder(nn.Module):
     def __call__(self, tokens: Array, segment_ids: Optional[Array] = None,
                  deterministic: bool = True) -> Array:
         x, relpos, mask = self.embed(tokens, segment_ids, deterministic)
-        bias = relpos + mask
-        if self.config.scan_layers:
+        if self.config.scan_layers and not self.is_initializing():
+            x = _run_stack(self, EncoderLayer, x, (relpos.astype(jnp.float32),), (mask,), deterministic)
+        elif self.config.scan_layers:
             x, _ = _scan_layers(_encoder_body, self.config.num_encoder_layers, (nn.broadcast, nn.broadcast))(
-                self.layers, x, bias, deterministic)
+                self.layers, x, relpos + mask, deterministic)
         else:
+            bias = relpos + mask
             for layer in self.layers:
                 x = layer(x, bias, deterministic)
         return self.finish(x, deterministic)
@@ -276,12 +314,15 @@ class Decoder(nn.Module):
                  deterministic: bool = True) -> Array:
         y, relpos, self_mask, cross_bias = self.embed(encoder_tokens, decoder_input_tokens, encoder_segment_ids,
                                                       decoder_segment_ids, deterministic)
-        self_bias = relpos + self_mask
-        if self.config.scan_layers:
+        if self.config.scan_layers and not self.is_initializing():
+            y = _run_stack(self, DecoderLayer, y, (encoded, relpos.astype(jnp.float32)), (self_mask, cross_bias),
+                           deterministic)
+        elif self.config.scan_layers:
             broadcast = (nn.broadcast,) * 4
             y, _ = _scan_layers(_decoder_body, self.config.num_decoder_layers, broadcast)(
-                self.layers, y, encoded, self_bias, cross_bias, deterministic)
+                self.layers, y, encoded, relpos + self_mask, cross_bias, deterministic)
         else:
+            self_bias = relpos + self_mask
             for layer in self.layers:
                 y, _ = layer(y, encoded, self_bias, cross_bias, deterministic)
         return self._logits(y, deterministic)

@@ -126,10 +126,10 @@ class StepProgram:
                 state.params, batch, weights, divisor, rng)
         else:
             grads, metrics = self._accumulate(state.params, batch, weights, divisor, rng)
+        grads, grad_norm = gradient_norm_first(grads)
         # bf16 params are written back with stochastic rounding, keyed by the step (resumes replay it).
         params, opt_state, update_norm = optimizers.apply_gradients(
             self.tx, grads, state.opt_state, state.params, rounding_key(rng))
-        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=self.schedule(state.step),
                        nonfinite=(~finite).astype(jnp.int32), param_norm=optax.tree.norm(params))
@@ -177,3 +177,21 @@ def step_program(model_config: T5Config, loss: LossConfig, optimizer: OptimizerC
                  param_dtype: str = "float32", fused: bool = False) -> StepProgram:
     """The `StepProgram` of these settings, built once and cached by value."""
     return StepProgram(model_config, loss, optimizer, total_steps, num_microbatches, mesh, rules, param_dtype, fused)
+
+
+def gradient_norm_first(grads: Any) -> tuple[Any, jax.Array]:
+    """`(grads, global norm)` with each leaf's squared sum taken before anything reads the leaf
+    again: XLA otherwise schedules the norm after the update, keeping a whole stack's gradients
+    alive through the other stack's backward pass (XXL on one H100, scanned: 91.9 -> 77.5 GiB).
+    Float32 gradients only: the barrier materialises bf16 gradients in bf16, where XLA otherwise
+    keeps them in float32 inside the fused update (excess precision), which would change results."""
+    if any(g.dtype != jnp.float32 for g in jax.tree_util.tree_leaves(grads)):
+        return grads, optax.tree.norm(grads)
+    def squared(g):
+        return jax.lax.optimization_barrier((g, jnp.sum(jnp.square(g.astype(jnp.float32)))))
+
+    pairs = jax.tree_util.tree_map(squared, grads)
+    is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+    grads = jax.tree_util.tree_map(lambda p: p[0], pairs, is_leaf=is_pair)
+    squares = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda p: p[1], pairs, is_leaf=is_pair))
+    return grads, jnp.sqrt(sum(squares))
