@@ -76,6 +76,21 @@ def check_protocol(cell: "CellConfig") -> None:
                              + ". Include gin/protocols/paper.gin after runs/experiment.gin and override none of these")
 
 
+def check_given_teacher(cell: "CellConfig") -> None:
+    """TEACHER_FINETUNED=True names a teacher fine-tuned elsewhere (T5X, `doa train`): it needs that
+    checkpoint, and a cell that uses a teacher."""
+    if not isinstance(cell.teacher_finetuned, bool):
+        raise ValueError(f"TEACHER_FINETUNED must be True or False, got {cell.teacher_finetuned!r}")
+    if not cell.teacher_finetuned:
+        return
+    if not cell.teacher_checkpoint:
+        raise ValueError("TEACHER_FINETUNED=True needs TEACHER_CHECKPOINT: the teacher already fine-tuned on the "
+                         "cell's start labels (a T5X checkpoint_N, an HF folder or a doa-jax checkpoint)")
+    if not strategies.get(cell.strategy, "STRATEGY").uses_teacher:
+        raise ValueError(f"TEACHER_FINETUNED=True is for cells that use a teacher (distill, mixed); "
+                         f"STRATEGY={cell.strategy!r} trains none: run it with TEACHER_FINETUNED=False")
+
+
 @dataclasses.dataclass(frozen=True)
 class Epochs:
     """Epochs of each training phase (the paper's: 20 teacher, 20 student, 50 distillation)."""
@@ -171,7 +186,7 @@ _LAYOUT_DEFAULTS = {("train", "mesh"): dataclasses.asdict(MeshConfig()), ("train
                     ("pricing", "measured_on"): "cpu"}
 # Settings added after key version 2 that change results only away from their default: hashed only
 # when set, so cells keyed before they existed keep their keys.
-_KEYED_WHEN_SET = {("train", "optimizer", "eps_before_bias_correction"): False}
+_KEYED_WHEN_SET = {("train", "optimizer", "eps_before_bias_correction"): False, ("teacher_finetuned",): False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +207,7 @@ class CellConfig:
     vocab: Optional[str] = None     # SentencePiece model; None: the demo builds one
     student_checkpoint: Optional[str] = None   # pretrained weights; None = random init
     teacher_checkpoint: Optional[str] = None
+    teacher_finetuned: bool = False  # True: TEACHER_CHECKPOINT is already fine-tuned on the teacher's labels
     compute_share: float = 0.5      # mixed: share of the budget spent on compute
     feature_lengths: Optional[Mapping[str, int]] = None   # None: the card's
     max_eval_examples: Optional[int] = None
@@ -205,6 +221,7 @@ class CellConfig:
     def __post_init__(self):
         strategies.get(self.strategy, "STRATEGY")
         check_protocol(self)
+        check_given_teacher(self)
         if self.train.loss.kd_paper_exact and self.distill.soft_targets == "stored":
             raise ValueError("KD_PAPER_EXACT=True needs SOFT_TARGETS='online': the released reduction counts "
                              "every position of the padded batch, and the stored top-k has no teacher targets "

@@ -97,7 +97,10 @@ def fine_tune_teacher(run: CellRun, labels: list) -> tuple[str, Any]:
     """The teacher fine-tuned on `labels`, shared by every cell with the same teacher recipe.
 
     Its record (steps, seconds, FLOPs) is charged to each cell that uses it. Returns (key, params).
+    With TEACHER_FINETUNED the teacher was fine-tuned elsewhere: `given_teacher`.
     """
+    if run.cfg.teacher_finetuned:
+        return given_teacher(run, labels)
     cfg, setup = run.cfg, run.setup
     recipe = {"teacher": layout_free(cfg.teacher), "ckpt": cfg.teacher_checkpoint, "task": setup.card.name,
               "labels": len(labels), "epochs": cfg.epochs.teacher, "seed": cfg.seed,
@@ -144,21 +147,63 @@ def teacher_params(run: CellRun, directory: storage.AnyPath) -> Any:
     which builds the store alone. A checkpoint written with the other layer layout (scanned or not)
     is converted on the host first (said)."""
     cfg = run.cfg
-    module = Transformer(cfg.teacher)
-    if jax.process_count() > 1:
-        _, params = checkpoints.load_checkpoint(directory, config=cfg.teacher)
-        return decoding.decoding_params(jax.tree_util.tree_map(np.asarray, params), module)
-    mesh, rules = run.mesh("teacher")
-    shardings = partitioning.model_shardings(module, mesh, rules)
-    stored_scan = native_checkpoints.read_config(native_checkpoints.latest_step_dir(directory)).scan_layers
-    if stored_scan == cfg.teacher.scan_layers:
-        abstract = partitioning.abstract_params(module, shardings)
-        params = train_checkpoints.restore_step_directory(directory, abstract_params=abstract)[0]
-    else:
+    if jax.process_count() == 1:
+        stored_scan = native_checkpoints.read_config(native_checkpoints.latest_step_dir(directory)).scan_layers
+        if stored_scan == cfg.teacher.scan_layers:
+            module = Transformer(cfg.teacher)
+            abstract = partitioning.abstract_params(module, partitioning.model_shardings(module, *run.mesh("teacher")))
+            params = train_checkpoints.restore_step_directory(directory, abstract_params=abstract)[0]
+            return decoding.decoding_params(params, module)
         run.say(f"the teacher's checkpoint has scan_layers={stored_scan}, this cell {cfg.teacher.scan_layers}: "
                 "converting it on the host")
-        params = partitioning.put_params(checkpoints.load_checkpoint(directory, config=cfg.teacher)[1], shardings)
+    return checkpoint_teacher_params(run, directory)
+
+
+def checkpoint_teacher_params(run: CellRun, path: storage.AnyPath) -> Any:
+    """The teacher's params from a checkpoint of any format doa-jax reads (T5X, HF, native), read on
+    the host in the cell's teacher layout, in the decoding dtypes: placed on the teacher's mesh on
+    one process; host arrays on several (process 0 builds the store alone)."""
+    module = Transformer(run.cfg.teacher)
+    params = checkpoints.load_checkpoint(path, config=run.cfg.teacher)[1]
+    if jax.process_count() == 1:
+        params = partitioning.put_params(params, partitioning.model_shardings(module, *run.mesh("teacher")))
     return decoding.decoding_params(params, module)
+
+
+def checkpoint_identity(path: str) -> dict[str, Any]:
+    """What names a given checkpoint in cache keys: its resolved path and format and, when local, the
+    newest modification time of it and its entries (a checkpoint rewritten in place is another
+    teacher); a URL (gs://) is named by its path alone."""
+    resolved = storage.resolved(path)
+    identity = {"path": str(resolved), "format": checkpoints.detect_format(path)}
+    if not storage.is_url(path):
+        entries = [resolved, *resolved.iterdir()] if resolved.is_dir() else [resolved]
+        identity["modified_ns"] = max(p.stat().st_mtime_ns for p in entries)
+    return identity
+
+
+def given_teacher_key(cfg: CellConfig, setup: TaskSetup, identity: Mapping[str, Any]) -> str:
+    """The store key of a teacher fine-tuned elsewhere: its weights (the checkpoint's identity, read
+    as the cell's teacher config) under the task's vocabulary; no training recipe, none ran here."""
+    return fingerprint({"teacher": layout_free(cfg.teacher), "finetuned_checkpoint": dict(identity),
+                        "vocab": setup.vocab.spec()["sha256"]})
+
+
+def given_teacher(run: CellRun, labels: list) -> tuple[str, Any]:
+    """TEACHER_FINETUNED: the teacher at TEACHER_CHECKPOINT, fine-tuned elsewhere (`t5x.train` on
+    `doa_<task>_L<n>`, `doa train`) on the labels this cell's teacher trains on, used as it is:
+    nothing trains here. The fine-tune was paid elsewhere, but the cell is charged what its cost
+    profile charges a teacher fine-tune on `labels` (the paper charges each cell its teacher), with 0
+    measured seconds; the ledger entry's key names the checkpoint. Returns (key, params)."""
+    cfg = run.cfg
+    identity = partitioning.from_chief(lambda: checkpoint_identity(cfg.teacher_checkpoint))
+    key = given_teacher_key(cfg, run.setup, identity)
+    run.say(f"the teacher is already fine-tuned ({len(labels)} labels, TEACHER_FINETUNED): reading "
+            f"{identity['path']} ({identity['format']}); charged as a fine-tune, not run")
+    work = run.pricer.teacher_finetune(len(labels))
+    run.ledger.add_compute(f"teacher_finetune:{key}:fine-tuned elsewhere:{identity['path']}", "teacher_finetune",
+                           0.0, sum(w.flops for w in work), work=work)
+    return key, checkpoint_teacher_params(run, cfg.teacher_checkpoint)
 
 
 def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabeled: list):
