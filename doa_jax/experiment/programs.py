@@ -55,9 +55,10 @@ def cell_programs(cfg: CellConfig, lengths: Mapping[str, int]) -> list[Program]:
         store = phases.store_batch_size(cfg)
         online = cfg.distill.soft_targets == "online" and t.loss.kd_weight != 0.0
         student_step = "student_distill"
+        if not cfg.teacher_finetuned:    # TEACHER_FINETUNED: the teacher arrives trained, no fine-tuning here
+            programs.append(Program("teacher_train", "train", "train", cfg.teacher, t.batch_size, (n_in, n_out), t_mesh,
+                                    train_spec("teacher", None, kd=False)))
         programs += [
-            Program("teacher_train", "train", "train", cfg.teacher, t.batch_size, (n_in, n_out), t_mesh,
-                    train_spec("teacher", None, kd=False)),
             Program("teacher_decode", "decode", "decode", cfg.teacher, store, (n_in, n_dec), t_mesh),
             Program("teacher_score", "score", "score", cfg.teacher, store, (n_in, n_dec), t_mesh,
                     topk=cfg.distill.stored_topk)]
