@@ -1,8 +1,10 @@
 """Gin plumbing: parses gin files plus `--gin.X=V` flags (the configurables are registered by
 `doa_jax.configurables`, which the CLI calls first).
 
-Code never reads global gin state: gin builds objects (e.g. `MODEL_CONFIG = @T5Config()`,
-`TRAIN_CONFIG = @TrainConfig()`) and the caller passes them on explicitly.
+Gin builds objects (e.g. `MODEL_CONFIG = @T5Config()`, `TRAIN_CONFIG = @TrainConfig()`) and the
+commands pass them on explicitly; the library below the commands reads no gin state. One exception,
+by design: a sweep (`experiment.sweep.load_sweep`) rebinds the grid's macros per point and builds
+each point's CELL from the parsed config.
 
 Flags follow T5X: `--gin_file F` (repeatable; searched in the cwd, `--gin_search_paths` and the
 project's `gin/`), `--gin.MACRO=value` (rewritten to the binding `MACRO = value`) and

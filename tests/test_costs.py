@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from doa_jax.experiment import costs
+from doa_jax.experiment import cost_profiles, costs
 
 
 def test_rate_cards_carry_the_papers_a100_price_and_a_source_for_every_price():
@@ -29,9 +29,10 @@ def test_rate_card_with_a_bad_price_names_the_field(tmp_path):
 
 def test_projected_compute_cost_is_flops_over_peak_times_mfu_times_price():
     a100, cpu = costs.get_accelerator("a100"), costs.get_accelerator("cpu")
-    ledger = costs.Ledger(None, measured_on=cpu, project_to=a100, mfu=0.4)
+    ledger = costs.Ledger(None, measured_on=cpu, profile=cost_profiles.MfuProfile("mfu", "ASSUMED 40%", a100, mfu=0.4))
     # 1e18 FLOPs at 40% of 312 TFLOP/s = 8012.8 s = 2.2258 h; x $1.875 = $4.1734
-    entry = ledger.add_compute("teacher:0-100", "teacher_finetune", seconds=7200.0, flops=1e18)
+    work = [cost_profiles.Work("teacher_train", rows=100, steps=4, flops=1e18, params=1)]
+    entry = ledger.add_compute("teacher:0-100", "teacher_finetune", seconds=7200.0, flops=1e18, work=work)
     assert entry.usd == pytest.approx(1e18 / (312e12 * 0.4) / 3600 * 1.875)
     assert entry.usd == pytest.approx(4.1734, abs=1e-4)
     # The measured view: 2 h on the CPU card.
@@ -89,8 +90,9 @@ def test_a_ledger_with_a_cost_profile_prices_the_work_and_names_the_profile(tmp_
 
 def test_ledger_entries_say_whether_compute_was_assumed_or_measured():
     cpu, a100 = costs.get_accelerator("cpu"), costs.get_accelerator("a100")
-    projected = costs.Ledger(None, measured_on=cpu, project_to=a100, mfu=0.4)
-    assumed = projected.add_compute("a", "teacher_finetune", 1, 1e12)
+    projected = costs.Ledger(None, measured_on=cpu, profile=cost_profiles.MfuProfile("mfu", "ASSUMED", a100, mfu=0.4))
+    assumed = projected.add_compute("a", "teacher_finetune", 1, 1e12,
+                                    work=[cost_profiles.Work("teacher_train", 1, 1, 1e12, 1)])
     measured = costs.Ledger(None, measured_on=cpu).add_compute("a", "teacher_finetune", 1, 1e12)
     assert (assumed.cost_profile, measured.cost_profile) == ("mfu", "measured")
 

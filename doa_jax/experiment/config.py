@@ -15,7 +15,7 @@ import json
 import math
 from typing import Any, Mapping, Optional
 
-from doa_jax.experiment import strategies
+from doa_jax.experiment import cost_profiles, strategies
 from doa_jax.metrics import PROTOCOLS
 from doa_jax.experiment.results import KEY_VERSION
 from doa_jax.model import T5Config
@@ -150,8 +150,9 @@ class PricingConfig:
     unlabeled_grid: Optional[tuple[int, ...]] = None   # U chosen on this grid (the paper: 10K, 100K)
 
     def __post_init__(self):
-        if self.cost_profile is not None and self.cost_profile not in ("paper", "calibrated", "mfu"):
-            raise ValueError(f"COST_PROFILE must be 'paper', 'calibrated' or 'mfu', got {self.cost_profile!r}")
+        if self.cost_profile is not None and self.cost_profile not in cost_profiles.PROFILE_NAMES:
+            raise ValueError(f"COST_PROFILE must be one of {', '.join(cost_profiles.PROFILE_NAMES)}, "
+                             f"got {self.cost_profile!r}")
         if self.unlabeled_grid is not None:
             object.__setattr__(self, "unlabeled_grid", tuple(self.unlabeled_grid))
 

@@ -332,9 +332,14 @@ def load_profile(name: str, *, accelerator: Optional[str] = None, calibration: O
                              f"(not measured)", acc, mfu=value)
 
 
-def default_profile_name(calibration: Optional[str | os.PathLike]) -> str:
-    """`calibrated` when a calibration file is given, else the paper's accounting."""
-    return "calibrated" if calibration is not None else "paper"
+def default_profile_name(calibration: Optional[str | os.PathLike], paper_programs: bool = True) -> str:
+    """The one rule for the cost profile nobody named: `calibrated` when a calibration file is given;
+    else the paper's accounting for work that runs the paper's programs (what `doa plan` and
+    `doa advise` price; a cell with online soft targets), else `mfu` (an ASSUMED utilisation: a cell
+    whose programs are not the paper's, e.g. stored top-k targets, has no paper price)."""
+    if calibration is not None:
+        return "calibrated"
+    return "paper" if paper_programs else "mfu"
 
 
 # ----------------------------------------------------------------------------- calibration files

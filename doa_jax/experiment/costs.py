@@ -136,21 +136,17 @@ class Ledger:
     """Append-only, resumable record of what an experiment spent, by phase.
 
     `measured_on` is the accelerator this process runs on (its price x the measured seconds).
-    Compute is charged by `profile` (a `cost_profiles.CostProfile`) for work described as
-    `cost_profiles.Work`; else at the projection onto `project_to` at an assumed `mfu` when given;
-    else as measured. Every entry names what priced it (`cost_profile`).
+    Compute is charged by `profile` (a `cost_profiles.CostProfile`: the paper's accounting, a
+    calibration, or an ASSUMED MFU) for work described as `cost_profiles.Work`; without a profile,
+    as measured. Every entry names what priced it (`cost_profile`).
     """
 
     def __init__(self, path: Optional[str | os.PathLike], measured_on: Accelerator, chips: int = 1,
-                 project_to: Optional[Accelerator] = None, mfu: float = 0.5, profile: Optional[Any] = None,
-                 writable: bool = True):
-        if not 0 < mfu <= 1:
-            raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+                 profile: Optional[Any] = None, writable: bool = True):
         self.path = storage.path(path) if path is not None else None
         self.writable = writable    # False: reads the entries, appends none (multi-host: not process 0)
-        self.measured_on, self.chips, self.project_to, self.mfu = measured_on, chips, project_to, mfu
-        self.profile = profile
-        self.cost_profile = profile.name if profile is not None else ("mfu" if project_to is not None else "measured")
+        self.measured_on, self.chips, self.profile = measured_on, chips, profile
+        self.cost_profile = profile.name if profile is not None else "measured"
         self.entries: dict[str, Entry] = {}
         if self.path is not None and storage.log_exists(self.path):
             if writable:
@@ -186,8 +182,6 @@ class Ledger:
                 raise ValueError(f"the ledger prices compute with cost profile {self.profile.name!r}, which needs "
                                  f"the work done (cost_profiles.Work), not only seconds and FLOPs")
             return sum(self.profile.usd(w) for w in work)
-        if self.project_to is not None:
-            return self.project_to.usd(self.project_to.chip_seconds_for(flops, self.mfu))
         return self.measured_on.usd(seconds * self.chips)
 
     def add_compute(self, key: str, phase: str, seconds: float, flops: float, work: Sequence[Any] = ()) -> Entry:

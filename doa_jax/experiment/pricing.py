@@ -25,9 +25,7 @@ def profile_name(cfg: CellConfig) -> str:
     p = cfg.pricing
     if p.cost_profile is not None:
         return p.cost_profile
-    if p.calibration is not None:
-        return "calibrated"
-    return "paper" if cfg.distill.soft_targets == "online" else "mfu"
+    return cost_profiles.default_profile_name(p.calibration, paper_programs=cfg.distill.soft_targets == "online")
 
 
 def recipe_of(cfg: CellConfig) -> dict[str, Any]:
