@@ -36,7 +36,18 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the compiling one (default 1)")
     p.add_argument("--run-steps", type=_positive, default=20,
                    help="steps of each timed training run (default 20)")
+    p.add_argument("--teacher-mesh", type=_mesh, default=(-1, 1), metavar="DATA,MODEL",
+                   help="the teacher's mesh axes, as the cells' TEACHER_MESH_DATA/TEACHER_MESH_MODEL lay it out "
+                        "(default -1,1: every device on data; XXL needs the model axis on most slices)")
     p.set_defaults(func=run)
+
+
+def _mesh(text: str) -> tuple[int, int]:
+    try:
+        data, model = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected DATA,MODEL (two integers), got {text!r}") from None
+    return data, model
 
 
 def run(args) -> int:
@@ -50,7 +61,7 @@ def run(args) -> int:
                                     task=args.task, batch_size=args.batch_size, topk=args.topk,
                                     optimizer=args.optimizer, reps=args.reps, warmup=args.warmup, run_steps=args.run_steps,
                                     inputs_length=args.inputs_length, targets_length=args.targets_length,
-                                    vocab_size=args.vocab_size, dtype=args.dtype)
+                                    vocab_size=args.vocab_size, dtype=args.dtype, teacher_mesh=args.teacher_mesh)
     from doa_jax.platforms import compilation_cache_off
 
     with compilation_cache_off():   # a calibration times cold compiles, not reads of doa's compilation cache

@@ -37,6 +37,7 @@ from doa_jax.losses import LossConfig
 from doa_jax.model import Transformer, config_for_size
 from doa_jax.model.config import T5Config
 from doa_jax.optimizers import OptimizerConfig
+from doa_jax.partitioning import MeshConfig
 from doa_jax.trainer import TrainConfig, Trainer, step_program
 
 TIMING_NOTE = ("per-call rates exclude compile and warm-up; what a run pays once is recorded apart (startup_s: "
@@ -94,6 +95,7 @@ class Settings:
     targets_length: Optional[int] = None
     vocab_size: Optional[int] = None      # default: the demo's for the demo task, else the size's
     dtype: Optional[str] = None           # activations (ACTIVATION_DTYPE); default: the size's
+    teacher_mesh: tuple[int, int] = (-1, 1)   # the teacher's (data, model) axes, as TEACHER_MESH_* lay it out
 
     def __post_init__(self):
         for f in ("batch_size", "topk", "reps"):
@@ -150,14 +152,14 @@ def _batch(vocab_size: int, batch: int, in_len: int, out_len: int, seed: int) ->
 
 
 def _fit_seconds(cfg: T5Config, s: Settings, arrays: dict, steps: int, directory: pathlib.Path, kd: bool,
-                 wrapper: Optional[Callable] = None) -> float:
+                 wrapper: Optional[Callable] = None, mesh: MeshConfig = MeshConfig()) -> float:
     """Wall seconds of one real `Trainer.fit` of `steps` steps, set up as an experiment's run is."""
 
     loss = LossConfig(z_loss=0.0, loss_normalizing_factor="NUM_REAL_TARGET_TOKENS", kd_weight=1.0 if kd else 0.0)
     config = TrainConfig(model_dir=str(directory), batch_size=s.batch_size, train_steps=steps,
                          optimizer=OptimizerConfig(name=s.optimizer, learning_rate=3e-5), loss=loss,
                          log_every=10 ** 6, checkpoint_every=10 ** 6, keep_checkpoints=1, async_checkpointing=False,
-                         tensorboard=False, verbose=False)
+                         tensorboard=False, verbose=False, mesh=mesh)
     source = ArrayBatches(arrays, s.batch_size, shuffle=True, seed=0, pad_remainder=True)
     if wrapper is not None:
         source = wrapper(source)
@@ -167,7 +169,7 @@ def _fit_seconds(cfg: T5Config, s: Settings, arrays: dict, steps: int, directory
 
 
 def _time_runs(cfg: T5Config, s: Settings, arrays: dict, directory: pathlib.Path, *, kd: bool = False,
-               wrapper: Optional[Callable] = None) -> dict[str, float]:
+               wrapper: Optional[Callable] = None, mesh: MeshConfig = MeshConfig()) -> dict[str, float]:
     """Seconds per step of a real training run, and what a run pays once: compilation (`startup_s`)
     and set-up plus final checkpoint (`run_overhead_s`).
 
@@ -176,10 +178,10 @@ def _time_runs(cfg: T5Config, s: Settings, arrays: dict, directory: pathlib.Path
     its first step left out) and, as the rest of its wall time, the run's fixed cost.
     """
     _fresh_programs()
-    cold = _fit_seconds(cfg, s, arrays, s.run_steps, directory / "cold", kd, wrapper)
+    cold = _fit_seconds(cfg, s, arrays, s.run_steps, directory / "cold", kd, wrapper, mesh)
     for i in range(s.warmup - 1):
-        _fit_seconds(cfg, s, arrays, s.run_steps, directory / f"warm{i}", kd, wrapper)
-    warm = _fit_seconds(cfg, s, arrays, s.run_steps, directory / "timed", kd, wrapper)
+        _fit_seconds(cfg, s, arrays, s.run_steps, directory / f"warm{i}", kd, wrapper, mesh)
+    warm = _fit_seconds(cfg, s, arrays, s.run_steps, directory / "timed", kd, wrapper, mesh)
     rows = [json.loads(line) for line in (directory / "timed" / "metrics.jsonl").read_text().splitlines() if line]
     per_step = [r["step_time_s"] for r in rows if "step_time_s" in r][-1]
     return {"seconds_per_call": per_step, "run_overhead_s": max(warm - s.run_steps * per_step, 0.0),
@@ -200,20 +202,35 @@ def _measure(teacher: T5Config, student: T5Config, s: Settings, lengths: dict[st
                    teacher_topk_ids=rng.integers(0, student.vocab_size, (rows, out_len, s.topk), dtype=np.int32))
     t_module, s_module = Transformer(teacher), Transformer(student)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    t_params = jax.jit(lambda r: nn.meta.unbox(t_module.init(r, tokens, tokens))["params"])(jax.random.PRNGKey(3))
+    # The teacher on its own mesh (TEACHER_MESH_*), initialised there shard by shard, as a cell holds it.
+    t_mesh_cfg = MeshConfig(data=s.teacher_mesh[0], model=s.teacher_mesh[1])
+    t_mesh, t_rules = t_mesh_cfg.build()
+    in_teacher_mesh = lambda: partitioning.mesh_context(t_mesh, t_rules)  # noqa: E731
+    t_params = jax.jit(lambda r: nn.meta.unbox(t_module.init(r, tokens, tokens))["params"],
+                       out_shardings=partitioning.model_shardings(t_module, t_mesh, t_rules))(jax.random.PRNGKey(3))
     s_params = jax.jit(lambda r: nn.meta.unbox(s_module.init(r, tokens, tokens))["params"])(jax.random.PRNGKey(4))
     enc = jnp.asarray(data["encoder_input_tokens"][:b])
-    decoded = decoding.greedy(t_module, t_params, enc, out_len, min_length=out_len).tokens
+    t_enc = partitioning.rows_like(np.asarray(enc), jax.tree_util.tree_leaves(t_params)[0])
+    with in_teacher_mesh():
+        decoded = decoding.greedy(t_module, t_params, t_enc, out_len, min_length=out_len).tokens
     t_infer = decoding.decoding_params(t_params, t_module)   # how the store's scoring pass holds the teacher
-    online = lambda src: OnlineTeacherBatches(src, t_module, t_params)  # noqa: E731
-    jobs = {"teacher_train": lambda: _time_runs(teacher, s, data, directory / "teacher_train"),
+    online = lambda src: OnlineTeacherBatches(src, t_module, t_params, in_teacher_mesh)  # noqa: E731
+
+    def in_mesh(fn):
+        def run():
+            with in_teacher_mesh():
+                return fn()
+        return run
+
+    jobs = {"teacher_train": lambda: _time_runs(teacher, s, data, directory / "teacher_train", mesh=t_mesh_cfg),
             "student_train": lambda: _time_runs(student, s, data, directory / "student_train"),
             "student_distill_stored": lambda: _time_runs(student, s, kd_data, directory / "stored", kd=True),
             "student_distill_online": lambda: _time_runs(student, s, data, directory / "online", kd=True,
                                                          wrapper=online),
-            "teacher_decode": lambda: _timed(lambda: decoding.greedy(t_module, t_params, enc, out_len,
-                                                                     min_length=out_len), s.reps, s.warmup),
-            "teacher_score": lambda: _timed(lambda: teacher_outputs.score_topk(t_module, t_infer, enc, decoded, s.topk),
+            "teacher_decode": lambda: _timed(in_mesh(lambda: decoding.greedy(t_module, t_params, t_enc, out_len,
+                                                                             min_length=out_len)), s.reps, s.warmup),
+            "teacher_score": lambda: _timed(in_mesh(lambda: teacher_outputs.score_topk(t_module, t_infer, t_enc,
+                                                                                       decoded, s.topk)),
                                             s.reps, s.warmup),
             "eval_decode": lambda: _timed(lambda: decoding.greedy(s_module, s_params, enc, out_len,
                                                                   min_length=out_len), s.reps, s.warmup)}
