@@ -288,6 +288,7 @@ def calibrate(s: Settings, say: Callable[[str], None] = print) -> dict[str, Any]
         "mfu_note": mfu_note,
         "teacher": _model_record(s.teacher, teacher), "student": _model_record(s.student, student), "task": card.name,
         "lengths": lengths, "batch_size": s.batch_size, "topk": s.topk, "optimizer": s.optimizer,
+        "teacher_mesh": {"data": s.teacher_mesh[0], "model": s.teacher_mesh[1]},
         "timing": TIMING_NOTE, "warmup_calls_excluded": 1 + s.warmup, "reps": s.reps, "run_steps": s.run_steps,
         "peak_memory_bytes": _peak_memory(), "programs": programs}
 
