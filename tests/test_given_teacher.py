@@ -60,6 +60,7 @@ def test_a_cell_with_a_finetuned_teacher_labels_and_distils_with_it_and_is_charg
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(_at(saved, path)))
 
     assert row["status"] in ("ok", "capped") and row["unlabeled_used"] == 32
+    assert row["teacher_given"] == cfg.teacher_checkpoint                # the row says where the teacher came from
     assert row["cell_key"] == task_setup.resolve_models(cfg).key()
     ledger = [json.loads(line) for line in
               (pathlib.Path(row["output"]) / "ledger.jsonl").read_text().splitlines()]

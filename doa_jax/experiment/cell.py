@@ -152,4 +152,5 @@ def _row(cfg: CellConfig, setup: Optional[task_setup.TaskSetup], **fields: Any) 
         compute_share=cfg.compute_share if cfg.kind.splits_budget else None,
         priced_as={"teacher": p.teacher_as, "student": p.student_as} if (p.teacher_as or p.student_as) else None,
         accelerator=(fields.get("cost_profile") or {}).get("accelerator", p.accelerator),
-        mfu=p.mfu if profile_name(cfg) == "mfu" else None, protocol=cfg.protocol, **fields)
+        mfu=p.mfu if profile_name(cfg) == "mfu" else None, protocol=cfg.protocol,
+        teacher_given=cfg.teacher_checkpoint if cfg.teacher_finetuned else None, **fields)

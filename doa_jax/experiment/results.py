@@ -61,6 +61,7 @@ class ResultRow:
     student_trained_by: Optional[str] = None   # another cell with the same plan trained this student
     cost_profile: Optional[dict[str, Any]] = None   # what priced the compute: name, source, assumed, ...
     protocol: Optional[str] = None   # 'efficient' | 'paper' (rows written before protocols: None = efficient)
+    teacher_given: Optional[str] = None   # TEACHER_FINETUNED: the checkpoint of a teacher fine-tuned elsewhere (T5X)
     key_version: int = KEY_VERSION
 
     def to_json(self) -> dict[str, Any]:
