@@ -321,3 +321,15 @@ def test_doa_run_refuses_a_target_without_dry_run(capsys):
     assert main(["run", "--target", "v5e-4", "--gin_file", "runs/experiment.gin"]) != 0
     assert capsys.readouterr().err == ("doa run: error: --target goes with --dry_run (a run compiles for the devices "
                                        "it runs on)\n")
+
+
+def test_the_devices_of_a_job_name_their_target_and_cpus_none():
+    class Device:
+        def __init__(self, kind, platform):
+            self.device_kind, self.platform = kind, platform
+
+    assert targets.for_devices([Device("TPU v5 lite", "tpu")] * 8) == "v5e-8"
+    assert targets.for_devices([Device("TPU v5", "tpu")] * 4) == "v5p-8"         # 4 chips: 8 TensorCores
+    assert targets.for_devices([Device("NVIDIA H100 80GB HBM3", "gpu")] * 8) == "h100x8"
+    assert targets.for_devices([Device("NVIDIA H200", "gpu")]) == "h200"
+    assert targets.for_devices(jax.devices()) is None                            # this CPU mesh: nothing to check

@@ -15,7 +15,7 @@ import os
 import pathlib
 import re
 import tomllib
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from doa_jax import hardware, platforms
 
@@ -97,6 +97,23 @@ def _summary() -> str:
     for family, row in table()["gpu"].items():
         parts.append(f"{family}[x{{{','.join(str(n) for n in row['counts'] if n > 1)}}}]")
     return ", ".join(parts)
+
+
+def for_devices(devices: Sequence[Any]) -> Optional[str]:
+    """The target name of the devices a job has (`jax.devices()`): their kind matched in hardware.toml,
+    then the first family of this table with that hardware and their count; None for CPUs and for
+    kinds or counts the table lacks."""
+    hw = hardware.for_device_kind(devices[0].device_kind)
+    if hw is None or devices[0].platform == "cpu":
+        return None
+    for platform in ("tpu", "gpu"):
+        for family, row in table()[platform].items():
+            if row["hardware"] != hw.key:
+                continue
+            n = len(devices) * (row["tensorcores_per_chip"] if row.get("suffix_counts") == "tensorcores" else 1)
+            name = _name("tpu" if platform == "tpu" else "cuda", family, n)
+            return name if n in _family_sizes("tpu" if platform == "tpu" else "cuda", family) else None
+    return None
 
 
 def _family_sizes(platform: str, family: str) -> list[int]:

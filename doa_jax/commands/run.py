@@ -28,7 +28,9 @@ def register(subparsers) -> None:
 
 
 def add_dry_run_flags(p: argparse.ArgumentParser, what: str) -> None:
-    """`--dry_run` and `--target` of `doa run` and `doa sweep`."""
+    """`--dry_run`, `--target` and `--skip_fit_check` of `doa run` and `doa sweep`."""
+    p.add_argument("--skip_fit_check", "--skip-fit-check", action="store_true",
+                   help="on an accelerator, start without first compiling every phase for it to check it fits")
     p.add_argument("--dry_run", "--dry-run", action="store_true", help=what)
     p.add_argument("--target", default=None,
                    help="with --dry_run: compile every phase for this TPU slice or GPU (`doa aot` targets, e.g. "
@@ -85,6 +87,8 @@ def run(args) -> int:
     if args.dry_run:
         return dry_run([cell], cell.output_dir, args.target)
     preflight(cell)
+    if not args.skip_fit_check:
+        check_fit([cell])
     if partitioning.is_chief():
         path = gin_utils.write_operative_config(cell.output_dir)
         print(f"operative gin config: {path}", flush=True)
@@ -109,3 +113,28 @@ def dry_run(cells, output_dir: str, target, *, what: str = "run", names=None) ->
     if target is None:
         return 0
     return 0 if check_cells([c for c in keyed if c.key() not in done] or keyed, target) else 3
+
+
+def check_fit(cells) -> None:
+    """On an accelerator `doa aot` knows (a TPU slice, NVIDIA GPUs), before anything is spent: every
+    phase of the cells to run compiled for these devices; one that cannot fit stops the run, naming
+    the phase, the GiB it needs and `doa aot --search`. Nothing on CPUs; a kind the target table
+    lacks, or a machine without the compiler plugin, is said and not checked."""
+    import jax
+
+    from doa_jax.bench import targets
+    from doa_jax.commands.aot import check_cells
+
+    devices = jax.devices()
+    if devices[0].platform == "cpu":
+        return
+    name = targets.for_devices(devices)
+    problem = targets.aot_available(targets.get(name).platform) if name else None
+    if name is None or problem:
+        print(f"fit check skipped: {len(devices)} x {devices[0].device_kind} "
+              f"{'is not in doa_jax/bench/targets.toml' if name is None else f'({problem})'}", flush=True)
+        return
+    if not check_cells(cells, name):
+        raise ValueError(f"a phase does not fit {name} (above): change the layout (TEACHER_MESH_MODEL, "
+                         f"TEACHER_REMAT, ...) as `doa aot --target {name} --search` suggests, or rerun with "
+                         "--skip_fit_check to try anyway")

@@ -40,7 +40,7 @@ def run(args) -> int:
     import gin
 
     from doa_jax import configurables, storage
-    from doa_jax.commands.run import dry_run, preflight
+    from doa_jax.commands.run import check_fit, dry_run, preflight
     from doa_jax.commands.train import start_multihost
     from doa_jax.experiment import sweep
 
@@ -57,6 +57,8 @@ def run(args) -> int:
         return dry_run(cells, str(out), args.target, what="sweep", names=[p.describe() for p in points])
     if args.target:
         raise ValueError("--target goes with --dry_run (a sweep compiles for the devices it runs on)")
+    if not args.skip_fit_check:
+        check_fit(cells)
     config = ("# doa sweep: the grid sets TASK, START_LABELS, EXTRA_BUDGET_USD, STRATEGY and SEED per cell "
               "(sweep.json lists the cells)\n" + gin.config_str())
     sweep.run_sweep(points, cells, write_report=not args.no_report, config_gin=config,
