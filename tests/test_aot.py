@@ -143,16 +143,18 @@ def test_the_search_prefers_the_same_target_and_skips_what_cannot_fit_without_co
 
 
 @pytest.mark.slow   # two GPU compiles (~20 s on 2 idle cores)
-def test_the_fused_update_keeps_no_gradient_tree_where_the_plain_scanned_step_keeps_all_of_it():
-    # Wide layers, few tokens: the gradient tree (float32, like the params) dominates the plain step's temporaries.
+def test_the_fused_update_keeps_a_layers_gradients_at_a_time_and_needs_less_than_the_plain_step():
+    # Wide layers, few tokens: gradients (float32, like the params) dominate the temporaries. The plain
+    # scanned step holds a stack's gradients at once (measured: 0.63 of the params); the fused one a layer's.
     model = config_for_size("tiny", emb_dim=256, num_heads=4, head_dim=64, mlp_dim=1024, num_encoder_layers=8,
                             num_decoder_layers=8, vocab_size=128, scan_layers=True, remat_policy="full")
     target = targets.get("h100")
     rows = [aot.compile_program(aot.Program(f"fused={fused}", "train", "train", model, 2, (16, 8), train=aot.TrainSpec(
         optimizer=OptimizerConfig(name="adafactor"), fused_update=fused)), target, target.devices()) for fused in (False, True)]
     params_gib = model.num_params() * 4 / 2 ** 30
-    assert rows[0]["temp_gib"] > params_gib                          # the plain step: every gradient at once
-    assert rows[1]["peak_gib"] < rows[0]["peak_gib"] - 0.6 * params_gib   # the fused: one layer's at a time
+    assert rows[0]["temp_gib"] > 0.5 * params_gib                    # the plain step: a whole stack's gradients
+    assert rows[1]["temp_gib"] < 0.2 * params_gib                    # the fused: a layer's (16 layers)
+    assert rows[1]["peak_gib"] < rows[0]["peak_gib"] - 0.4 * params_gib
     assert rows[1]["fused_update"] is True and rows[1]["alias_gib"] == pytest.approx(rows[1]["argument_gib"], rel=0.01)
 
 

@@ -263,7 +263,7 @@ def test_a_sweep_killed_after_its_first_row_reruns_only_unfinished_cells(tmp_pat
     assert 1 <= len(before) < 3
     calls = []
     real = sweep.run_cell
-    monkeypatch.setattr(sweep, "run_cell", lambda cell: calls.append(cell.key()) or real(cell))
+    monkeypatch.setattr(sweep, "run_cell", lambda cell, **kw: calls.append(cell.key()) or real(cell, **kw))
     assert cli.main(argv) == 0
     after = [r["cell_key"] for r in report.read_results(results)]
     assert len(calls) == 3 - len(before) and not set(calls) & {r["cell_key"] for r in before}
