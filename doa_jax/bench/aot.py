@@ -22,7 +22,6 @@ import re
 import time
 from typing import Any, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -115,11 +114,9 @@ def step_program(program: Program, layout: Layout) -> StepProgram:
 def inference_params(model: T5Config, layout: Layout) -> Any:
     """Abstract params as inference holds them (`decoding.decoding_params`: the activation dtype,
     the logits kernel float32), sharded by the model's logical axes on the layout's mesh."""
-    module, tokens = Transformer(model), jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    boxed = jax.eval_shape(lambda t: module.init(jax.random.PRNGKey(0), t, t), tokens)
-    specs = nn.get_partition_spec(boxed)["params"]
-    cast = jax.eval_shape(lambda p: decoding.decoding_params(p, model), nn.meta.unbox(boxed)["params"])
-    shardings = partitioning.param_shardings(layout.mesh, layout.rules, specs)
+    module = Transformer(model)
+    shardings = partitioning.model_shardings(module, layout.mesh, layout.rules)
+    cast = jax.eval_shape(lambda p: decoding.decoding_params(p, model), partitioning.abstract_params(module, shardings))
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cast, shardings)
 
 

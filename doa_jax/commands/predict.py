@@ -82,8 +82,6 @@ def run(args) -> int:
 
     import time
 
-    import jax
-
     from doa_jax import checkpoints, partitioning
     from doa_jax import storage
     from doa_jax.distill import store as teacher_store
@@ -110,9 +108,7 @@ def run(args) -> int:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the mesh's data axis "
                         f"({mesh.shape['data']})")
     module = Transformer(config)
-    shardings = partitioning.param_shardings(mesh, rules, partitioning.logical_param_specs(
-        module, *([jax.numpy.zeros((1, 1), jax.numpy.int32)] * 2)))
-    params = partitioning.put_params(host_params, shardings)
+    params = partitioning.put_params(host_params, partitioning.model_shardings(module, mesh, rules))
     request = teacher_store.StoreRequest(
         teacher_store.fingerprint_params(host_params), [ex["source"] for ex in examples], prefix, inputs_length,
         max_len, num_beams=args.num_beams, topk=args.topk, extra_settings={"dtype": args.dtype})

@@ -102,11 +102,10 @@ def dry_run(cells, output_dir: str, target, *, what: str = "run", names=None) ->
     """The cells' keys and which already have a row; with `target`, each phase compiled for it."""
     from doa_jax import storage
     from doa_jax.commands.aot import check_cells
-    from doa_jax.experiment import results, task_setup
+    from doa_jax.experiment import programs, results
 
     done = {r.get("cell_key") for r in results.read_rows(storage.path(output_dir) / results.RESULTS_FILE)}
-    keyed = [task_setup.resolve_models(c) if c.student.vocab_size is None or c.teacher.vocab_size is None else c
-             for c in cells]
+    keyed = [programs.resolved(c) for c in cells]
     print(f"{what}: {len(cells)} cells in {output_dir} ({sum(c.key() in done for c in keyed)} already have a row)")
     for i, (c, name) in enumerate(zip(keyed, names or [c.describe() for c in keyed]), 1):
         print(f"  {i:>3}. {'done ' if c.key() in done else 'to run'} {c.key()}  {name}")
