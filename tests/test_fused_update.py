@@ -12,8 +12,8 @@ from doa_jax import fused_update, optimizers, partitioning
 from doa_jax.losses import LossConfig
 from doa_jax.model import Transformer
 from doa_jax.optimizers import OptimizerConfig
-from doa_jax.trainer import StepProgram, TrainConfig, Trainer
-from train_helpers import flat, run_config, tiny_config, train_source
+from doa_jax.trainer import StepProgram, TrainConfig
+from train_helpers import assert_same_params, run_config, stopped_and_resumed, tiny_config
 
 STEPS = 2
 
@@ -74,12 +74,8 @@ def test_a_fused_run_with_dropout_and_bf16_params_stopped_and_resumed_ends_bit_i
     cfg = tiny_config(scan_layers=True, remat_policy="full", dropout_rate=0.1)
     common = dict(optimizer=OptimizerConfig(name="adafactor", learning_rate=1e-2), param_dtype="bfloat16",
                   checkpoint_every=2, fused_update=True)
-    whole = Trainer(cfg, run_config(tmp_path / "whole", train_steps=4, **common)).fit(train_source(16))
-    Trainer(cfg, run_config(tmp_path / "split", train_steps=2, **common)).fit(train_source(16))
-    resumed = Trainer(cfg, run_config(tmp_path / "split", train_steps=4, **common)).fit(train_source(16))
-    params = flat(whole.state.params)
-    for name, value in flat(resumed.state.params).items():
-        np.testing.assert_array_equal(value, params[name], err_msg=name)
+    whole, resumed = stopped_and_resumed(cfg, tmp_path, **common)
+    assert_same_params(whole.state.params, resumed.state.params)
     assert resumed.last_metrics["loss"] == whole.last_metrics["loss"]
 
 

@@ -10,7 +10,7 @@ from doa_jax.checkpoints.native import latest_step_dir
 from doa_jax.checkpoints.tensorstore_io import read_orbax_item
 from doa_jax.optimizers import OptimizerConfig, apply_updates, stochastic_round
 from doa_jax.trainer import TrainConfig, Trainer
-from train_helpers import flat, metric_rows, run_config, tiny_config, train_source
+from train_helpers import assert_same_params, flat, metric_rows, run_config, stopped_and_resumed, tiny_config, train_source
 
 N = 200_000
 
@@ -82,10 +82,6 @@ def test_bf16_run_stopped_and_resumed_ends_bit_identical(tmp_path):
     # Reuses the compiled step of the test above (same settings): a few seconds after it.
     cfg = tiny_config(scan_layers=True)
     common = dict(optimizer=ADAFACTOR, param_dtype="bfloat16", checkpoint_every=2)
-    whole = Trainer(cfg, run_config(tmp_path / "whole", train_steps=4, **common)).fit(train_source(16))
     # Interrupted after step 2 and rerun: same params, bit for bit (rounding is keyed by the step).
-    Trainer(cfg, run_config(tmp_path / "split", train_steps=2, **common)).fit(train_source(16))
-    resumed = Trainer(cfg, run_config(tmp_path / "split", train_steps=4, **common)).fit(train_source(16))
-    params = flat(whole.state.params)
-    for name, value in flat(resumed.state.params).items():
-        np.testing.assert_array_equal(value, params[name], err_msg=name)
+    whole, resumed = stopped_and_resumed(cfg, tmp_path, **common)
+    assert_same_params(whole.state.params, resumed.state.params)

@@ -10,7 +10,7 @@ import numpy as np
 from doa_jax.model import T5Config, config_for_size
 from doa_jax.partitioning import MeshConfig
 from doa_jax.data.batches import ArrayBatches, copy_task
-from doa_jax.trainer import TrainConfig
+from doa_jax.trainer import TrainConfig, Trainer
 
 # Small enough to compile in seconds on CPU; every dim divides the 8-device mesh's axes.
 TINY = dict(vocab_size=64, emb_dim=16, num_heads=4, head_dim=4, mlp_dim=32, num_encoder_layers=2,
@@ -63,3 +63,19 @@ def final_params(model_dir) -> dict:
     """The parameters a child training process saved to MODEL_DIR/final.npz."""
     with np.load(pathlib.Path(model_dir) / "final.npz") as f:
         return {k: f[k] for k in f.files}
+
+
+def stopped_and_resumed(cfg: T5Config, tmp_path, **common):
+    """`(whole, resumed)`: a 4-step run, and the same run stopped after step 2 and rerun to step 4
+    (it resumes from the step-2 checkpoint); each a `TrainResult`. `common`: TrainConfig fields."""
+    whole = Trainer(cfg, run_config(tmp_path / "whole", train_steps=4, **common)).fit(train_source(16))
+    Trainer(cfg, run_config(tmp_path / "split", train_steps=2, **common)).fit(train_source(16))
+    resumed = Trainer(cfg, run_config(tmp_path / "split", train_steps=4, **common)).fit(train_source(16))
+    return whole, resumed
+
+
+def assert_same_params(a, b) -> None:
+    """Every parameter of `b` equals `a`'s, bit for bit (named on failure)."""
+    params = flat(a)
+    for name, value in flat(b).items():
+        np.testing.assert_array_equal(value, params[name], err_msg=name)
