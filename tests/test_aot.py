@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from doa_jax import hardware, partitioning, platforms, trainer
+from doa_jax import flops, hardware, partitioning, platforms, trainer
 from doa_jax.bench import aot, recipes, search, targets
 from doa_jax.cli import main
-from doa_jax.losses import LossConfig
 from doa_jax.model import config_for_size
 from doa_jax.optimizers import OptimizerConfig
 from doa_jax.trainer import TrainConfig, Trainer
@@ -173,6 +172,29 @@ def test_the_search_offers_the_fused_update_first_and_scans_the_layers_for_it():
     # Its floor is the state alone; the plain scanned step's floor adds the float32 gradient tree (41.5 GiB).
     assert aot.least_peak_bytes(variant, layout) == aot.state_bytes_per_device(variant, layout)
     assert (aot.least_peak_bytes(plain, layout) - aot.least_peak_bytes(variant, layout)) / 2 ** 30 > 40
+
+
+@pytest.mark.slow   # two GPU compiles of T5 Small's decode (~20 s on 2 idle cores)
+def test_recomputing_the_decodes_cross_kv_saves_the_cross_cache_and_pays_its_flops_at_every_step():
+    def decode(mode):
+        (program,) = recipes.recipe_programs(recipes.Recipe(size="small", phase="decode", batch=4096, lengths=(64, 8),
+                                                            cross_kv=mode))
+        return program, aot.compile_program(program, targets.get("h100"), targets.get("h100").devices())
+    (cached, a), (recomputed, b) = decode("cache"), decode("recompute")
+    saved = (flops.decode_cache_bytes(cached.model, 4096, 64, 8)
+             - flops.decode_cache_bytes(recomputed.model, 4096, 64, 8)) / 2 ** 30          # 2.75 GiB
+    assert a["peak_gib"] - b["peak_gib"] > 0.5 * saved
+    # Each of the 8 steps projects the encoder output again: 8 x 2 x 4096 x 64 x (8 layers x 2 x 512 x 384).
+    assert b["flops"] - a["flops"] == pytest.approx(7 * 2 * 4096 * 64 * 8 * 2 * 512 * 384, rel=1e-9)
+
+
+def test_the_search_halves_a_decodes_batch_before_it_recomputes_the_cross_kv():
+    (program,) = recipes.recipe_programs(recipes.Recipe(size="xxl", phase="decode", batch=256, lengths=(512, 128)))
+    base = search._settings(program)
+    order = [search.changes(c, base) for c in search.candidates(program, targets.get("h100")) if c.target == "h100"]
+    assert order.index({"batch": 128}) < order.index({"decode_cross_kv": "recompute"})
+    variant = search.apply(program, {**base, "decode_cross_kv": "recompute"})
+    assert variant.model.decode_cross_kv == "recompute" and variant.batch == 256
 
 
 # ----------------------------------------------------------------------------- refusals and bad input

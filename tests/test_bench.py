@@ -155,7 +155,7 @@ def test_gpu_bench_dry_run_writes_env_rows_and_table_and_survives_a_timed_out_ca
     assert "== (b ours) TIMED OUT after 10s" in log
     rows = json.loads((tmp_path / "ours.json").read_text())
     assert [r["part"] for r in rows if "error" not in r] == ["decode"]
-    assert "| tiny | 4 | 8/4 | True |" in (tmp_path / "table.md").read_text()    # the decode row (size, batch, lengths, scan)
+    assert "| tiny | 4 | 8/4 | scan/cache |" in (tmp_path / "table.md").read_text()    # the decode row (size, batch, lengths, layout)
 
 
 BLOCK_TF_SEQIO_GIN = """

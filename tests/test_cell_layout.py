@@ -41,8 +41,8 @@ def test_layout_settings_leave_the_cell_key_as_it_was_before_they_existed():
     base = gin_utils.macro("CELL")
     assert base.key() == "6a0f7ade170325ae"     # the demo distill cell's key at the 2026-11-29 release
     laid_out = dataclasses.replace(
-        base, teacher=base.teacher.replace(remat_policy="full", scan_layers=True),
-        student=base.student.replace(scan_layers=True),
+        base, teacher=base.teacher.replace(remat_policy="full", scan_layers=True, decode_cross_kv="recompute"),
+        student=base.student.replace(scan_layers=True, decode_cross_kv="recompute"),
         teacher_layout=PhaseLayout(MeshConfig(data=2, model=4, fsdp=True), num_microbatches=2, decode_batch_size=8),
         student_layout=PhaseLayout(MeshConfig(data=8)),
         train=dataclasses.replace(base.train, fused_update=True),
@@ -51,6 +51,16 @@ def test_layout_settings_leave_the_cell_key_as_it_was_before_they_existed():
     changed = dataclasses.replace(base, train=dataclasses.replace(
         base.train, optimizer=dataclasses.replace(base.train.optimizer, learning_rate=1e-3)))
     assert changed.key() != base.key()
+
+
+def test_the_decode_cross_kv_macros_set_each_models_decoding_and_keep_the_key():
+    files = ["gin/runs/experiment.gin", "gin/runs/demo_models.gin", "gin/experiments/demo_distill.gin"]
+    gin_utils.parse(files, ["OUTPUT_DIR='/tmp/unused'"])
+    base = gin_utils.macro("CELL")
+    gin_utils.parse(files, ["OUTPUT_DIR='/tmp/unused'", "TEACHER_DECODE_CROSS_KV='recompute'"])
+    cell = gin_utils.macro("CELL")
+    assert (cell.teacher.decode_cross_kv, cell.student.decode_cross_kv) == ("recompute", "cache")
+    assert cell.key() == base.key()
 
 
 def test_a_cell_refuses_a_mesh_set_on_its_train_config_and_names_the_macros(tmp_path):

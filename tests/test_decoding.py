@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from doa_jax import decoding, partitioning
+from doa_jax import decoding, flops, partitioning
 from doa_jax.decoding import beam
 from doa_jax.model import T5Config, Transformer, config_for_size
+from doa_jax.model import scan as scan_convert
 from decoding_helpers import eos_biased, init_params, teacher_forced, valid
 
 # The T5X fixture's tiny T5.1.1 (see ../shared/fixtures/t5x_tiny/README.md).
@@ -245,6 +246,43 @@ def test_bad_inputs_are_rejected():
         decoding.generate(CFG, params, ENC, 4, do_sample=True)
 
 
+# ------------------------------------------------- cross-attention K/V recomputed at each step
+
+RECOMPUTE = CFG.replace(decode_cross_kv="recompute")
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("method, kwargs", [
+    ("greedy", {}), ("beam_search", {"num_beams": 3}), ("sample", {"rng": jax.random.PRNGKey(5), "top_k": 8})])
+def test_recomputing_cross_kv_each_step_decodes_the_same_tokens_and_scores(biased, scan, method, kwargs):
+    params = scan_convert.stack_layers(biased) if scan else biased
+    cached, recomputed = (CFG.replace(scan_layers=scan), RECOMPUTE.replace(scan_layers=scan))
+    a = getattr(decoding, method)(cached, params, ENC, 12, **kwargs)
+    b = getattr(decoding, method)(recomputed, params, ENC, 12, **kwargs)
+    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+    np.testing.assert_allclose(np.asarray(b.scores), np.asarray(a.scores), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(b.lengths), np.asarray(a.lengths))
+    assert len(set(np.asarray(a.lengths).ravel().tolist())) >= 3   # rows end at different steps
+
+
+@pytest.mark.parametrize("mode, entries", [("cache", {"self_k", "self_v", "cross_k", "cross_v"}),
+                                           ("recompute", {"self_k", "self_v", "encoded"})])
+def test_the_cache_holds_cross_kv_or_the_encoder_output_and_its_bytes_are_what_flops_counts(mode, entries):
+    cfg = CFG.replace(decode_cross_kv=mode, scan_layers=True, dtype="bfloat16")
+    model, enc = Transformer(cfg), ENC[:, :5]
+    params = model.init(jax.random.PRNGKey(0), enc, enc)["params"]
+    encoded = model.apply({"params": params}, enc, method=model.encode)
+    cache = model.apply({"params": params}, encoded, 7, method=model.init_cache)
+    assert set(cache) == entries
+    held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    assert held == flops.decode_cache_bytes(cfg, batch=8, in_len=5, new_tokens=7)
+
+
+def test_an_unknown_cross_kv_mode_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="decode_cross_kv must be one of cache, recompute, got 'keep'"):
+        CFG.replace(decode_cross_kv="keep")
+
+
 # ----------------------------------------------------------------------------------------- mesh
 
 
@@ -266,3 +304,15 @@ def test_decoding_with_sharded_params_under_a_mesh_matches_unsharded(biased, dat
     np.testing.assert_array_equal(np.asarray(greedy.tokens), np.asarray(expected_greedy.tokens))
     np.testing.assert_array_equal(np.asarray(beam.tokens), np.asarray(expected_beam.tokens))
     np.testing.assert_allclose(np.asarray(beam.scores), np.asarray(expected_beam.scores), atol=1e-5)
+
+
+def test_recomputing_cross_kv_under_a_model_parallel_mesh_matches_the_unsharded_cached_decode(biased):
+    expected = decoding.beam_search(CFG, biased, ENC, 8, num_beams=2)
+    mesh = partitioning.make_mesh(data=2, model=4)
+    rules = partitioning.logical_axis_rules()
+    specs = partitioning.logical_param_specs(Transformer(RECOMPUTE), ENC[:, :1], ENC[:, :1])
+    sharded = jax.device_put(biased, partitioning.param_shardings(mesh, rules, specs))
+    with partitioning.mesh_context(mesh, rules):
+        got = decoding.beam_search(RECOMPUTE, sharded, ENC, 8, num_beams=2)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(expected.tokens))
+    np.testing.assert_allclose(np.asarray(got.scores), np.asarray(expected.scores), atol=1e-5)

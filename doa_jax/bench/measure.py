@@ -38,7 +38,7 @@ from doa_jax.trainer.program import step_program
 GIB = 2.0 ** 30
 DEFAULTS = dict(batch=None, enc_len=512, dec_len=128, steps=10, warmup=2, optimizer="adamw", scan=True,
                 remat="none", param_dtype="float32", dtype="bfloat16", new_tokens=32, in_len=128,
-                decode_batch=256, reps=3, teacher="xxl", student="small", topk=8, seed=0, profile=None)
+                decode_batch=256, cross_kv="cache", reps=3, teacher="xxl", student="small", topk=8, seed=0, profile=None)
 
 
 def default_batch(size: str) -> int:
@@ -110,8 +110,8 @@ def _device_memory() -> dict[str, float]:
     return out
 
 
-def model_config(size: str, *, scan: bool, remat: str = "none", dtype: str = "bfloat16"):
-    return config_for_size(size, dtype=dtype, scan_layers=bool(scan), remat_policy=remat)
+def model_config(size: str, *, scan: bool, remat: str = "none", dtype: str = "bfloat16", cross_kv: str = "cache"):
+    return config_for_size(size, dtype=dtype, scan_layers=bool(scan), remat_policy=remat, decode_cross_kv=cross_kv)
 
 
 def stack_param_counts(abstract_params: Mapping[str, Any]) -> tuple[int, int]:
@@ -261,8 +261,9 @@ def bench_decode(case: Mapping[str, Any]) -> dict[str, Any]:
 
     c = {**DEFAULTS, **case}
     size, batch, in_len, new = c["size"], c["decode_batch"], c["in_len"], c["new_tokens"]
-    cfg = model_config(size, scan=c["scan"], dtype=c["dtype"])
+    cfg = model_config(size, scan=c["scan"], dtype=c["dtype"], cross_kv=c["cross_kv"])
     row = dict(part="decode", size=size, batch=batch, in_len=in_len, new_tokens=new, scan=c["scan"],
+               cross_kv=c["cross_kv"],
                params=cfg.num_params(), device=jax.devices()[0].device_kind)
     t = _now()
     params = jax.block_until_ready(_decode_params(cfg, c["seed"]))

@@ -26,6 +26,7 @@ class Recipe:
     param_dtype: str = "float32"
     remat: str = "none"
     scan: bool = False
+    cross_kv: str = "cache"            # decode: T5Config.decode_cross_kv ('cache' | 'recompute')
     mesh: tuple[int, int] = (-1, 1)    # data (-1: every device left), model
     fsdp: bool = False
     microbatches: int = 1
@@ -42,7 +43,8 @@ def recipe_programs(r: Recipe) -> list[Program]:
     scoring pass, and for `distill` the teacher's full-vocabulary forward beside the student's step on it."""
     if r.phase not in PHASES + ("all",):
         raise ValueError(f"--phase must be one of {', '.join(PHASES + ('all',))}, got {r.phase!r}")
-    model = config_for_size(r.size, dtype=r.dtype, scan_layers=r.scan, remat_policy=r.remat, vocab_size=r.vocab_size)
+    model = config_for_size(r.size, dtype=r.dtype, scan_layers=r.scan, remat_policy=r.remat, vocab_size=r.vocab_size,
+                            decode_cross_kv=r.cross_kv)
     mesh = MeshConfig(data=r.mesh[0], model=r.mesh[1], fsdp=r.fsdp)
     optimizer = OptimizerConfig(name=r.optimizer, grad_clip_norm=r.grad_clip_norm)
     name = config_name(model)

@@ -2,7 +2,9 @@
 
 Like MaxText's estimator, it walks the knobs that trade memory for time or fidelity: remat policy,
 the fused update (the optimizer inside the backward pass, on scanned layers: the same math without
-a whole gradient tree), microbatches, batch, parameter dtype and optimizer, FSDP and the mesh
+a whole gradient tree), microbatches, batch, parameter dtype and optimizer, for a decode its
+cross-attention K/V recomputed at each step instead of cached (`T5Config.decode_cross_kv`: the same
+result, more FLOPs), FSDP and the mesh
 shape on the same target, then the next larger slice of the same family. Candidates are tried least invasive first (a change
 that keeps the recipe's math before one that changes it; the same target before a larger one), and
 most are settled without compiling:
@@ -29,8 +31,9 @@ from doa_jax.bench import aot, targets
 from doa_jax.bench.targets import GIB, Target
 
 # How much each knob changes the recipe (lower: tried first); a larger slice adds SLICE_STEP per size up.
+# Recomputing a decode's cross K/V keeps its math but multiplies its FLOPs (notes/aot.md): after the batch.
 INVASIVE = {"remat": 1, "fused_update": 1, "num_microbatches": 1, "fsdp": 1, "mesh": 1, "batch": 2, "param_dtype": 3,
-            "optimizer": 3}
+            "optimizer": 3, "decode_cross_kv": 3}
 SLICE_STEP = 10
 MAX_SLICE_STEPS = 3
 # Memory rank of each knob's values (higher: more memory), for the dominance rule. Microbatches are
@@ -38,7 +41,8 @@ MAX_SLICE_STEPS = 3
 # (full remat) more microbatches need more memory, not less (XXL on one H100: 61.0 GiB at 1, 71.3 at 2).
 _RANK = {"remat": {"none": 2, "dots": 1, "full": 0}.get, "param_dtype": {"float32": 1, "bfloat16": 0}.get,
          "optimizer": lambda name: 0 if name == "adafactor" else 1, "fsdp": lambda on: 0 if on else 1,
-         "batch": lambda b: b, "fused_update": lambda on: 0 if on else 1}
+         "batch": lambda b: b, "fused_update": lambda on: 0 if on else 1,
+         "decode_cross_kv": {"cache": 1, "recompute": 0}.get}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +63,8 @@ def _settings(program: aot.Program) -> dict[str, Any]:
         t = program.train
         out.update(remat=program.model.remat_policy, num_microbatches=t.num_microbatches,
                    param_dtype=t.param_dtype, optimizer=t.optimizer.name, fused_update=t.fused_update)
+    if program.kind == "decode":
+        out["decode_cross_kv"] = program.model.decode_cross_kv
     return out
 
 
@@ -75,6 +81,8 @@ def apply(program: aot.Program, knobs: dict[str, Any]) -> aot.Program:
                                                fused_update=knobs["fused_update"],
                                                param_dtype=knobs["param_dtype"],
                                                optimizer=dataclasses.replace(t.optimizer, name=knobs["optimizer"]))
+    if program.kind == "decode":
+        changed["model"] = program.model.replace(decode_cross_kv=knobs["decode_cross_kv"])
     return dataclasses.replace(program, **changed)
 
 
@@ -91,6 +99,9 @@ def _choices(program: aot.Program, target: Target) -> dict[str, list]:
                    param_dtype=[base["param_dtype"]] + (["bfloat16"] if base["param_dtype"] != "bfloat16" else []),
                    optimizer=[base["optimizer"]] + (["adafactor"] if base["optimizer"] != "adafactor" else []),
                    fused_update=[base["fused_update"]] + ([True] if not base["fused_update"] else []))
+    if program.kind == "decode":
+        kv = base["decode_cross_kv"]
+        out["decode_cross_kv"] = [kv] + (["recompute"] if kv == "cache" else [])
     return out
 
 

@@ -45,11 +45,12 @@ def table(rows: Sequence[Mapping[str, Any]], peer_rows: Sequence[Mapping[str, An
         out.append("")
     decode = [r for r in rows if r.get("part") == "decode" and "error" not in r and r.get("batch_s")]
     if decode:
-        out += ["| decode | batch | in/new | scan | batch s | examples/s | floor examples/s | peak GiB "
+        out += ["| decode | batch | in/new | scan/cross K/V | batch s | examples/s | floor examples/s | peak GiB "
                 "| peer examples/s | ratio |", "|" + "---|" * 10]
         for r in decode:
             p = peer.get(("generate", r["size"]))
-            out.append(f"| {r['size']} | {r['batch']} | {r['in_len']}/{r['new_tokens']} | {r['scan']} | "
+            out.append(f"| {r['size']} | {r['batch']} | {r['in_len']}/{r['new_tokens']} | "
+                       f"{'scan' if r['scan'] else 'unrolled'}/{r.get('cross_kv', 'cache')} | "
                        f"{_fmt(r['batch_s'], '.3f')} | {_fmt(r['examples_per_s'], '.1f')} | "
                        f"{_fmt(r.get('floor_examples_per_s'), '.0f')} | "
                        f"{_fmt(r.get('peak_gib'), '.1f')} | {_fmt(p and p['examples_per_s'], '.1f')} | "

@@ -14,6 +14,8 @@ import argparse
 import json
 import pathlib
 
+from doa_jax.model.config import DECODE_CROSS_KV
+
 PARTS = ("train", "decode", "startup", "distill")
 
 
@@ -52,6 +54,9 @@ def register(sub) -> None:
     p.add_argument("--decode-batch", type=_positive, default=256, help="decode rows (default 256)")
     p.add_argument("--in-len", type=_positive, default=128, help="decode input tokens (default 128)")
     p.add_argument("--new-tokens", type=_positive, default=32, help="tokens decoded per row, exactly (default 32)")
+    p.add_argument("--cross-kv", choices=DECODE_CROSS_KV, default="cache",
+                   help="decode: cross-attention K/V cached (default) or recomputed each step "
+                        "(T5Config.decode_cross_kv)")
     p.add_argument("--reps", type=_count, default=3, help="timed decode calls (default 3)")
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
                    help="scan over layers (default) or unroll them")
@@ -103,7 +108,7 @@ def run(args) -> int:
         config_for_size(size)  # unknown names fail here, naming the known sizes
     settings = dict(batch=args.batch, enc_len=args.enc_len, dec_len=args.dec_len, steps=args.steps,
                     warmup=args.warmup, decode_batch=args.decode_batch, in_len=args.in_len,
-                    new_tokens=args.new_tokens, reps=args.reps, scan=args.scan, remat=args.remat,
+                    new_tokens=args.new_tokens, cross_kv=args.cross_kv, reps=args.reps, scan=args.scan, remat=args.remat,
                     param_dtype=args.param_dtype, teacher=args.teacher, student=args.student, topk=args.topk)
     cases = bench_run.expand(args.parts, args.sizes, optimizers=args.optimizers, **settings)
     if args.profile:

@@ -1,7 +1,8 @@
 """Jitted decoding for the Flax T5 with a KV cache: greedy, sampling and beam search.
 
 Every method is one `jax.jit`-compiled function: encode once, build the cache (self-attention
-K/V, plus cross-attention K/V computed once from the encoder output), then a `lax.while_loop`
+K/V, plus cross-attention K/V computed once from the encoder output, or with
+`T5Config.decode_cross_kv='recompute'` the encoder output itself, projected again at each step), then a `lax.while_loop`
 over `Transformer.decode_step` that stops early once every row is done. The compiled function is
 cached per (config, shapes, settings, logical-axis rules and mesh), so repeated calls do not
 retrace.

@@ -13,6 +13,7 @@ import numpy as np
 from doa_jax.decoding.cache import (EOS_ID, PAD_ID, Array, _check_inputs, _config_of, _constrain_cache,
                                     _context_key, DecodeResult, decoding_params, _lengths, ModelSpec, _prepare)
 from doa_jax.model import T5Config, Transformer
+from doa_jax.model.network import ENCODED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +210,8 @@ def _reorder_self_attention(cache: Any, parent: Array, config: T5Config) -> Any:
 
     The gather runs within each row (batch stays a batch dimension), so a batch sharded over
     `data` needs no communication. Cross-attention K/V are identical for every beam of a row,
-    and beams never move between rows, so they need no reordering.
+    and beams never move between rows, so they need no reordering (nor does the encoder output that a
+    `decode_cross_kv='recompute'` cache keeps instead).
     """
     def reorder(x):
         rows = x.reshape(parent.shape + x.shape[1:])
@@ -217,8 +219,8 @@ def _reorder_self_attention(cache: Any, parent: Array, config: T5Config) -> Any:
 
     if config.scan_layers:  # one dict of [layers, B*K, ...] arrays
         return dict(cache, self_k=jax.vmap(reorder)(cache["self_k"]), self_v=jax.vmap(reorder)(cache["self_v"]))
-    return {name: dict(layer, self_k=reorder(layer["self_k"]), self_v=reorder(layer["self_v"]))
-            for name, layer in cache.items()}
+    return {name: dict(layer, self_k=reorder(layer["self_k"]), self_v=reorder(layer["self_v"])) if name != ENCODED
+            else layer for name, layer in cache.items()}
 
 
 def _hf_keep_going(was_open: Array, state: dict, stops: Array, generated: Array, s: _BeamSettings,

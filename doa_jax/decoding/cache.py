@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from doa_jax.model import T5Config, Transformer
+from doa_jax.model.network import ENCODED
 
 Array = jax.Array
 
@@ -109,14 +110,24 @@ def _check_min_length(min_length: int) -> int:
     return int(min_length)
 
 
-def _cache_axes(config: T5Config) -> tuple[str, ...]:
-    """Logical axes of every cache array: scanned layers stack them on a leading `layers` axis."""
+ENCODED_AXES = ("batch", "length", "embed")  # the encoder output a 'recompute' cache keeps (T5Config.decode_cross_kv)
+
+
+def _cache_axes(config: T5Config, entry: str = "self_k") -> tuple[str, ...]:
+    """Logical axes of a cache array: K/V of scanned layers are stacked on a leading `layers` axis;
+    the encoder output of a `decode_cross_kv='recompute'` cache is one array for every layer."""
+    if entry == ENCODED:
+        return ENCODED_AXES
     return ("layers",) + CACHE_AXES if config.scan_layers else CACHE_AXES
 
 
+def _map_cache(fn, cache: Any, config: T5Config) -> Any:
+    """`fn(array, its logical axes)` over every cache array."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: fn(x, _cache_axes(config, path[-1].key)), cache)
+
+
 def _constrain_cache(cache: Any, config: T5Config) -> Any:
-    axes = _cache_axes(config)
-    return jax.tree.map(lambda x: nn.with_logical_constraint(x, axes), cache)
+    return _map_cache(nn.with_logical_constraint, cache, config)
 
 
 def _prepare(model: Transformer, params: Any, enc: Array, max_len: int, copies: int):
@@ -124,8 +135,7 @@ def _prepare(model: Transformer, params: Any, enc: Array, max_len: int, copies: 
     encoded = model.apply({"params": params}, enc, method=model.encode)
     cache = model.apply({"params": params}, encoded, max_len, method=model.init_cache)
     if copies > 1:
-        batch_axis = _cache_axes(model.config).index("batch")
-        cache = jax.tree.map(lambda x: jnp.repeat(x, copies, axis=batch_axis), cache)
+        cache = _map_cache(lambda x, axes: jnp.repeat(x, copies, axis=axes.index("batch")), cache, model.config)
         enc = jnp.repeat(enc, copies, axis=0)
     return _constrain_cache(cache, model.config), enc
 

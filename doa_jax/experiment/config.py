@@ -185,6 +185,8 @@ _LAYOUT_DEFAULTS = {("train", "mesh"): dataclasses.asdict(MeshConfig()), ("train
                     ("teacher", "remat_policy"): "none", ("teacher", "scan_layers"): False,
                     ("student", "remat_policy"): "none", ("student", "scan_layers"): False,
                     ("pricing", "measured_on"): "cpu"}
+# Layout settings added after key version 2: not hashed at all, so cells keyed before they existed keep their keys.
+_NEVER_KEYED = (("teacher", "decode_cross_kv"), ("student", "decode_cross_kv"))
 # Settings added after key version 2 that change results only away from their default: hashed only
 # when set, so cells keyed before they existed keep their keys.
 _KEYED_WHEN_SET = {("train", "optimizer", "eps_before_bias_correction"): False, ("teacher_finetuned",): False}
@@ -256,6 +258,8 @@ class CellConfig:
             d.pop(k)
         for (part, field), default in _LAYOUT_DEFAULTS.items():
             d[part][field] = default
+        for part, field in _NEVER_KEYED:
+            d[part].pop(field)
         for path, default in _KEYED_WHEN_SET.items():
             *parents, field = path
             holder = functools.reduce(lambda x, k: x[k], parents, d)

@@ -8,6 +8,9 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 
+DECODE_CROSS_KV = ("cache", "recompute")  # T5Config.decode_cross_kv
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     """Shape and numerics of an encoder-decoder T5.
@@ -42,6 +45,12 @@ class T5Config:
     # keep T5X's per-layer names (`doa_jax.model.scan` converts). Numerics equal the unscanned
     # model; dropout masks differ (each layer folds its index into the stack's dropout key).
     scan_layers: bool = False
+    # Where a decode step gets the cross-attention keys and values: 'cache' projects the encoder
+    # output once per sequence and keeps every layer's K/V in the decode cache (fewest FLOPs; 2 x
+    # layers x [B, S, heads, kv]); 'recompute' keeps only the encoder output [B, S, emb] and projects
+    # it again at every step, as T5X does (a cache about 2 x layers x heads x kv / emb times smaller,
+    # the projection's FLOPs paid per decoded token). Results are the same either way.
+    decode_cross_kv: str = "cache"
 
     def __post_init__(self):
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
@@ -60,6 +69,9 @@ class T5Config:
             raise ValueError(f"T5Config.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.remat_policy not in ("none", "full", "dots"):
             raise ValueError(f"T5Config.remat_policy must be none, full or dots, got {self.remat_policy!r}")
+        if self.decode_cross_kv not in DECODE_CROSS_KV:
+            raise ValueError(f"T5Config.decode_cross_kv must be one of {', '.join(DECODE_CROSS_KV)}, "
+                             f"got {self.decode_cross_kv!r}")
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"T5Config.scan_layers must be True or False, got {self.scan_layers!r}")
         if not 0.0 <= self.dropout_rate < 1.0:

@@ -5,7 +5,8 @@ Param tree (unboxed): `token_embedder/embedding`, `encoder/{relpos_bias, layers_
 
 With `config.scan_layers`, each stack's layers are one `nn.scan` (params `encoder/layers/...`
 stacked on a leading `layers` axis, the decode cache `{self_k, self_v, cross_k, cross_v}` stacked
-as `[layers, B, L, H, D]`); `doa_jax.model.scan` converts params to and from T5X's per-layer names.
+as `[layers, B, L, H, D]`; with `decode_cross_kv='recompute'`, `{self_k, self_v, encoded}`, the encoder
+output `[B, S, E]` shared by every layer); `doa_jax.model.scan` converts params to and from T5X's per-layer names.
 The teacher-forced forward runs the stacked layers through `doa_jax.model.stack.apply_stack`, a
 scan with its own backward loop (a transposed `nn.scan` allocated the encoder's gradients before
 the decoder's backward pass: issue 27); `nn.scan` still creates the params and runs decoding.
@@ -92,6 +93,7 @@ def _remat(cls, cfg: T5Config, deterministic_argnum: int):
 
 
 SELF_CACHE = ("self_k", "self_v")  # the cache entries a decode step writes (cross K/V are read only)
+ENCODED = "encoded"  # the cache entry of T5Config.decode_cross_kv='recompute': the encoder output, every layer's
 
 
 def _scan_layers(body, num_layers: int, in_axes: tuple):
@@ -115,8 +117,8 @@ def _cross_kv_body(layer, carry, encoded):
     return carry, layer.cross_kv(encoded)
 
 
-def _decoder_step_body(layer, y, self_cache, cross_cache, self_bias, cross_bias, cache_index):
-    y, new = layer(y, None, self_bias, cross_bias, True, {**self_cache, **cross_cache}, cache_index)
+def _decoder_step_body(layer, y, self_cache, cross_cache, shared, self_bias, cross_bias, cache_index):
+    y, new = layer(y, None, self_bias, cross_bias, True, {**self_cache, **cross_cache, **shared}, cache_index)
     return y, {k: new[k] for k in SELF_CACHE}
 
 
@@ -207,8 +209,9 @@ class DecoderLayer(nn.Module):
             values = jax.lax.dynamic_update_slice_in_dim(cache["self_v"], v.astype(cache["self_v"].dtype),
                                                          cache_index, axis=1)
             h = self.self_attention.attend(q, keys, values, self_bias, deterministic)
-            cross_k, cross_v = cache["cross_k"], cache["cross_v"]
-            new_cache = dict(cache, self_k=keys, self_v=values)
+            cross_k, cross_v = (self.cross_kv(cache[ENCODED]) if ENCODED in cache
+                                else (cache["cross_k"], cache["cross_v"]))
+            new_cache = dict(self_k=keys, self_v=values)
         y = y + drop(h)
         h = self.pre_cross_attention_layer_norm(y)
         h = self.encoder_decoder_attention.attend(self.encoder_decoder_attention.project_q(h),
@@ -334,6 +337,13 @@ class Decoder(nn.Module):
         """
         cfg = self.config
         shape = (encoded.shape[0], max_length, cfg.num_heads, cfg.head_dim)
+        dtype = _dtype(cfg)
+        if cfg.decode_cross_kv == "recompute":
+            layers = (cfg.num_decoder_layers,) if cfg.scan_layers else ()
+            zeros = jnp.zeros(layers + shape, dtype)
+            own = dict(self_k=zeros, self_v=zeros) if cfg.scan_layers else {
+                f"layers_{i}": dict(self_k=zeros, self_v=zeros) for i in range(cfg.num_decoder_layers)}
+            return {**own, ENCODED: encoded}
         if cfg.scan_layers:
             _, (ck, cv) = _scan_layers(_cross_kv_body, cfg.num_decoder_layers, (nn.broadcast,))(
                 self.layers, None, encoded)
@@ -355,17 +365,20 @@ class Decoder(nn.Module):
         visible = (jnp.arange(max_length) <= cache_index)[None, None, None, :]
         self_bias = self_bias + attention_bias(visible)
         cross_bias = attention_bias(cross_mask(encoder_tokens))
+        shared = {ENCODED: cache[ENCODED]} if ENCODED in cache else {}  # one encoder output for every layer
         if scanned:
-            # Cross K/V are read per layer but not carried out of the scan: they never change.
+            # Cross K/V (or the encoder output) are read per layer but not carried out of the scan:
+            # they never change.
+            cross = {k: v for k, v in cache.items() if k not in SELF_CACHE and k != ENCODED}
             y, new_self = _scan_layers(_decoder_step_body, self.config.num_decoder_layers,
-                                       (0, 0, nn.broadcast, nn.broadcast, nn.broadcast))(
-                self.layers, y, {k: cache[k] for k in SELF_CACHE},
-                {k: v for k, v in cache.items() if k not in SELF_CACHE}, self_bias, cross_bias, cache_index)
+                                       (0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))(
+                self.layers, y, {k: cache[k] for k in SELF_CACHE}, cross, shared, self_bias, cross_bias, cache_index)
             return self._logits(y, True)[:, 0], {**cache, **new_self}
-        new_cache = {}
+        new_cache = dict(shared)
         for i, layer in enumerate(self.layers):
-            y, new_cache[f"layers_{i}"] = layer(y, None, self_bias, cross_bias, True,
-                                                cache=cache[f"layers_{i}"], cache_index=cache_index)
+            own = cache[f"layers_{i}"]
+            y, new = layer(y, None, self_bias, cross_bias, True, cache={**own, **shared}, cache_index=cache_index)
+            new_cache[f"layers_{i}"] = {**own, **new}
         return self._logits(y, True)[:, 0], new_cache
 
 
