@@ -66,10 +66,12 @@ def test_a_resumed_run_does_not_count_an_entry_twice(tmp_path):
     assert resumed.total() == pytest.approx(2 * 60 / 3600 * 1.875)
 
 
-def test_a_corrupt_ledger_line_names_file_and_line(tmp_path):
+@pytest.mark.parametrize("bad, message", [("not json", "not JSON"), ('{"key": "b", "dollars": 2}', "not a ledger entry"),
+                                          ("[1, 2]", "not a ledger entry")])
+def test_a_corrupt_ledger_line_names_file_and_line(tmp_path, bad, message):
     path = tmp_path / "ledger.jsonl"
-    path.write_text('{"key": "a", "phase": "labels", "usd": 1.0}\nnot json\n')
-    with pytest.raises(ValueError, match=r"ledger.jsonl:2: not a ledger entry"):
+    path.write_text('{"key": "a", "phase": "labels", "usd": 1.0}\n' + bad + "\n")
+    with pytest.raises(ValueError, match=rf"ledger.jsonl:2: {message}"):
         costs.Ledger(path, measured_on=costs.get_accelerator("cpu"))
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from doa_jax import storage
 
@@ -42,6 +42,18 @@ def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
                                  f"{e.start + 1}); save the file as UTF-8") from None
+
+
+def parse_lines(lines: Iterable[str], where: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSON-lines text; a line that is not
+    JSON raises one ValueError naming `where` and the line (results, ledgers, pilots files)."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{lineno}: not JSON ({e.msg})") from None
 
 
 def iter_objects(path: str | os.PathLike) -> Iterator[tuple[int, Any | ValueError]]:

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 import jax
 
 from doa_jax import hardware, storage
+from doa_jax.data import jsonl
 
 RATE_CARDS = pathlib.Path(__file__).with_name("rate_cards.toml")
 # The ledger's phases: those charged against a cell's extra budget, then evaluation (recorded, not charged).
@@ -151,12 +152,11 @@ class Ledger:
         if self.path is not None and storage.log_exists(self.path):
             if writable:
                 self._cut_torn_line()
-            for lineno, line in enumerate(storage.read_appended(self.path).decode().splitlines(), 1):
-                if not line.strip():
-                    continue
+            lines = storage.read_appended(self.path).decode().splitlines()
+            for lineno, raw in jsonl.parse_lines(lines, str(self.path)):
                 try:
-                    entry = Entry(**json.loads(line))
-                except (json.JSONDecodeError, TypeError) as e:
+                    entry = Entry(**raw)
+                except TypeError as e:
                     raise ValueError(f"{self.path}:{lineno}: not a ledger entry ({e})") from None
                 self.entries.setdefault(entry.key, entry)
 

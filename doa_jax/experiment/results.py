@@ -14,6 +14,7 @@ import os
 from typing import Any, Optional
 
 from doa_jax import storage
+from doa_jax.data import jsonl
 
 RESULTS_FILE = "results.jsonl"
 SWEEP_STATE_FILE = "sweep.json"   # a sweep's cells, in grid order, with their keys
@@ -89,13 +90,7 @@ def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict[str
     if repair and cut < len(data):
         storage.cut_torn_line(path)
     rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    for lineno, row in jsonl.parse_lines(lines, str(path)):
         missing = [k for k in REQUIRED if not isinstance(row, dict) or k not in row]
         if missing:
             raise ValueError(f"{path}:{lineno}: results row lacks {', '.join(missing)}")

@@ -4,12 +4,12 @@ paper's own Pareto points; and the check that they all are of one task and metri
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Iterable, Optional, Sequence
 
 from doa_jax import storage
+from doa_jax.data import jsonl
 from doa_jax.experiment import cost_profiles
 
 PARETO_CSV = cost_profiles.PAPER_PARETO
@@ -81,13 +81,7 @@ def read_pilots(path: str | os.PathLike) -> list[Pilot]:
     except FileNotFoundError:
         raise FileNotFoundError(f"pilots file {path} does not exist") from None
     pilots = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    for lineno, raw in jsonl.parse_lines(text.splitlines(), str(path)):
         pilots.append(pilot_from_json(raw, f"{path}:{lineno}"))
     if not pilots:
         raise ValueError(f"{path}: no pilots in the file")

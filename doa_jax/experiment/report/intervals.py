@@ -2,12 +2,11 @@
 test examples resampled), whether two cells can be told apart, and what the report's intervals resampled."""
 from __future__ import annotations
 
-import json
 import random
 from typing import Callable, Iterable, Optional
 
 from doa_jax import storage
-from doa_jax.data import cards, demo as demo_task
+from doa_jax.data import cards, demo as demo_task, jsonl
 from doa_jax.experiment.report.summary import Cell
 
 BOOTSTRAP_RESAMPLES = 500
@@ -27,7 +26,7 @@ def _example_scores(cell: Cell) -> Optional[list[tuple[Callable[[list[int]], flo
         path = storage.path(out) / "predictions.jsonl"
         if not out or not path.exists():
             return None
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [row for _, row in jsonl.parse_lines(path.read_text().splitlines(), str(path))]
         if not rows or any("target" not in r for r in rows):
             return None
         scorers.append((_resample_scorer(card, rows, cell.protocol), len(rows)))
