@@ -29,6 +29,8 @@
 #   (e) small and large greedy decode: peer gen:small gen:large vs ours
 #   (f) `doa calibrate` XXL teacher / Small student on WLP lengths, if this checkout has the command;
 #       then, if time is left, stored top-k vs online KD per student step (distill rows)
+#   (h) XXL greedy decode at 512 in / 128 new as `doa aot` compiled it: recomputed cross K/V at batch 256,
+#       cached at 128 (the measured peak beside the compiled one)
 # The device image has JAX/Flax/Optax/Orbax/PyTorch/transformers but no TensorFlow, SeqIO or gin;
 # `doa bench` imports none of them (checked at the start of the run, and by tests/test_bench.py).
 set -uo pipefail
@@ -210,6 +212,15 @@ if want f; then
 fi
 if want g; then
     ours g "${T_G:-90}" --parts distill --teacher xxl --student small --batch 32 --steps 3
+fi
+# (h) issue 24 item 7: an XXL decode `doa aot` compiled for an H100 without one (notes/aot.md), run for
+# real so its measured peak (memory_stats) can be set beside the compiled one: 512 in / 128 new, batch
+# 256, the cross-attention K/V recomputed each step (compiled: 47.02 GiB, fits), then cached at batch 128
+# (51.49 GiB, fits)
+if want h; then
+    ours h "${T_H:-120}" --parts decode --sizes xxl --decode-batch 256 --in-len 512 --new-tokens 128 \
+        --cross-kv recompute --reps 1
+    ours h "${T_H:-120}" --parts decode --sizes xxl --decode-batch 128 --in-len 512 --new-tokens 128 --reps 1
 fi
 
 tables
