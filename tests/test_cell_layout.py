@@ -63,6 +63,13 @@ def test_the_decode_cross_kv_macros_set_each_models_decoding_and_keep_the_key():
     assert cell.key() == base.key()
 
 
+def test_a_teacher_stores_key_ignores_how_the_teacher_decodes():
+    teacher = tiny(emb_dim=32)
+    key = phases.layout_free(teacher)
+    assert phases.layout_free(teacher.replace(decode_cross_kv="recompute", scan_layers=True)) == key
+    assert set(key) == {f.name for f in dataclasses.fields(teacher)} - {"decode_cross_kv"}
+
+
 def test_a_cell_refuses_a_mesh_set_on_its_train_config_and_names_the_macros(tmp_path):
     cell = online_cell(tmp_path)
     with pytest.raises(ValueError, match="set TEACHER_MESH_\\* / STUDENT_MESH_\\*"):
