@@ -95,15 +95,24 @@ def decode_flops(cfg: T5Config, batch: int, in_len: int, new_tokens: int) -> flo
     return float(encode + new_tokens * decode_step_flops(cfg, batch, in_len, new_tokens))
 
 
+def _itemsize(cfg: T5Config) -> int:
+    return 2 if cfg.dtype in ("bfloat16", "float16") else 4
+
+
+def encoder_output_bytes(cfg: T5Config, batch: int, in_len: int) -> float:
+    """Bytes of the encoder output `[B, S, E]` a `decode_cross_kv='recompute'` cache keeps (every layer
+    reads it; tensor parallelism does not split it)."""
+    return float(_itemsize(cfg) * batch * in_len * cfg.emb_dim)
+
+
 def decode_cache_bytes(cfg: T5Config, batch: int, in_len: int, new_tokens: int) -> float:
     """Bytes of a decode's cache in the activation dtype: every decoder layer's self-attention K/V, and
     its cross K/V (`decode_cross_kv='cache'`) or the one encoder output they are projected from ('recompute')."""
-    itemsize = 2 if cfg.dtype in ("bfloat16", "float16") else 4
-    per_position = 2 * itemsize * batch * cfg.num_decoder_layers * cfg.num_heads * cfg.head_dim
+    per_position = 2 * _itemsize(cfg) * batch * cfg.num_decoder_layers * cfg.num_heads * cfg.head_dim
     if _recomputes_cross_kv(cfg):
-        return float(per_position * new_tokens + itemsize * batch * in_len * cfg.emb_dim)
+        return float(per_position * new_tokens + encoder_output_bytes(cfg, batch, in_len))
     return float(per_position * (in_len + new_tokens))
 
 
-__all__ = ["decode_cache_bytes", "decode_flops", "decode_step_flops", "decoder_token_flops", "forward_flops",
+__all__ = ["decode_cache_bytes", "decode_flops", "encoder_output_bytes", "decode_step_flops", "decoder_token_flops", "forward_flops",
            "six_n_tokens", "train_flops"]

@@ -184,7 +184,8 @@ def test_recomputing_the_decodes_cross_kv_saves_the_cross_cache_and_pays_its_flo
     saved = (flops.decode_cache_bytes(cached.model, 4096, 64, 8)
              - flops.decode_cache_bytes(recomputed.model, 4096, 64, 8)) / 2 ** 30          # 2.75 GiB
     assert a["peak_gib"] - b["peak_gib"] > 0.5 * saved
-    # Each of the 8 steps projects the encoder output again: 8 x 2 x 4096 x 64 x (8 layers x 2 x 512 x 384).
+    # The 8 steps project the encoder output 8 times instead of once: 7 more x 2 x 4096 x 64 x (8 layers x 2 x 512
+    # x 384) FLOPs (the formula; the peaks above are the compiled programs').
     assert b["flops"] - a["flops"] == pytest.approx(7 * 2 * 4096 * 64 * 8 * 2 * 512 * 384, rel=1e-9)
 
 

@@ -65,11 +65,14 @@ def bandwidth(device_kind: str) -> Optional[float]:
 def decode_floor_s(cfg, batch: int, in_len: int, new_tokens: int, peak: float, bytes_per_s: float) -> float:
     """Least time a greedy decode can take: the encoder (and cross K/V) at the peak FLOP rate, then
     per step the larger of its FLOPs over the peak and its bytes over the bandwidth. A step reads
-    every decoder weight once (bf16; the logits kernel float32), the whole cross cache and the
-    self-attention cache (bf16, full length as attention reads it)."""
+    every decoder weight once (bf16; the logits kernel float32; with `decode_cross_kv='recompute'`
+    the cross K/V projections too), the cache (`flops.decode_cache_bytes`: cross K/V or the encoder
+    output, and the self-attention K/V at full length, as attention reads them)."""
     d, inner, f, vocab = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
     mlp = (len(cfg.mlp_activations) + 1) * d * f
     dec_weights = cfg.num_decoder_layers * (6 * d * inner + mlp)   # per token: self q/k/v/out, cross q/out
+    if cfg.decode_cross_kv == "recompute":
+        dec_weights += cfg.num_decoder_layers * 2 * d * inner           # cross k/v, applied again each step
     step = flops.decode_step_flops(cfg, batch, in_len, new_tokens)
     encode = flops.decode_flops(cfg, batch, in_len, new_tokens) - new_tokens * step
     step_bytes = 2 * dec_weights + 4 * d * vocab + flops.decode_cache_bytes(cfg, batch, in_len, new_tokens)

@@ -30,7 +30,11 @@ _STEP_DIR = re.compile(r"^(?:.*_)?(\d+)$")  # '120' (CheckpointManager's default
 
 
 def config_json(config: T5Config) -> dict[str, Any]:
-    return {**config.to_dict(), **FORMAT}
+    """The `config` item: the model, not how a run decodes it (`decode_cross_kv` is the reader's choice;
+    checkpoints read by versions before it existed stay readable)."""
+    d = config.to_dict()
+    d.pop("decode_cross_kv")
+    return {**d, **FORMAT}
 
 
 def config_from_json(d: Mapping[str, Any], source: str) -> T5Config:
