@@ -126,7 +126,10 @@ class StepProgram:
                 state.params, batch, weights, divisor, rng)
         else:
             grads, metrics = self._accumulate(state.params, batch, weights, divisor, rng)
-        grads, grad_norm = gradient_norm_first(grads)
+        # Norm first with scanned layers only: unrolled, it gains nothing on an H100 (90.48 GiB either
+        # way) and costs a v5e-8 3.6 GiB per chip (XXL fp32 Adafactor, model axis 8: 11.49 -> 15.10).
+        grads, grad_norm = (gradient_norm_first(grads) if self.model_config.scan_layers
+                            else (grads, optax.tree.norm(grads)))
         # bf16 params are written back with stochastic rounding, keyed by the step (resumes replay it).
         params, opt_state, update_norm = optimizers.apply_gradients(
             self.tx, grads, state.opt_state, state.params, rounding_key(rng))
