@@ -12,6 +12,8 @@ on the model axis, scanned layers, full remat; the student on every device's `da
 
     python3 scripts/aot_grid.py --out bench_out/aot_grid.json          # compile (an hour or more)
     python3 scripts/aot_grid.py --show bench_out/aot_grid.json         # the table of notes/aot.md
+    python3 scripts/aot_grid.py --phase train --redo                    # recompile the train steps only,
+                                                                        # keeping the other programs' rows
 
 Requires the `aot` extra. Cases run one at a time; rows are written after each.
 """
@@ -44,12 +46,12 @@ def layout(devices: int) -> list[str]:
             "--gin.STUDENT_SCAN_LAYERS=True"]
 
 
-def run_case(target: str, recipe: str) -> dict:
+def run_case(target: str, recipe: str, phase: str = "all") -> dict:
     from doa_jax.bench import targets
 
     devices = targets.get(target).devices_count
-    cmd = [sys.executable, "-m", "doa_jax", "aot", "--target", target, "--json", *CELL, *RECIPES[recipe],
-           *layout(devices)]
+    cmd = [sys.executable, "-m", "doa_jax", "aot", "--target", target, "--json", "--phase", phase, *CELL,
+           *RECIPES[recipe], *layout(devices)]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ,
                           "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
@@ -84,6 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--show", default=None, help="print the table of stored rows; compile nothing")
     p.add_argument("--targets", nargs="+", default=list(TARGETS))
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--phase", default="all", choices=("all", "train", "decode", "score", "distill"),
+                   help="compile this phase's programs only; a case's rows of other phases are kept")
+    p.add_argument("--redo", action="store_true", help="compile cases already in --out again")
     args = p.parse_args(argv)
     if args.show:
         print(table(json.loads(pathlib.Path(args.show).read_text())))
@@ -91,12 +96,17 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cases = json.loads(out.read_text()) if out.exists() else []
-    done = {(c["target"], c["recipe"]) for c in cases if "programs" in c}
+    done = set() if args.redo else {(c["target"], c["recipe"]) for c in cases if "programs" in c}
     for target in args.targets:
         for recipe in args.recipes:
             if (target, recipe) in done:
                 continue
-            case = run_case(target, recipe)
+            case = run_case(target, recipe, args.phase)
+            old = next((c for c in cases if (c["target"], c["recipe"]) == (target, recipe)), None)
+            if args.phase != "all" and old is not None and "programs" in case:   # keep the other phases' rows
+                fresh = {r["program"]: r for r in case["programs"]}
+                case = dict(old, programs=[fresh.pop(r["program"], r) for r in old.get("programs", [])]
+                            + list(fresh.values()), **{k: case[k] for k in ("seconds",)})
             cases = [c for c in cases if (c["target"], c["recipe"]) != (target, recipe)] + [case]
             out.write_text(json.dumps(cases, indent=1))
             print(f"{target} {recipe}: {len(case.get('programs', []))} programs, {case.get('seconds', 0):.0f} s"
