@@ -24,6 +24,7 @@ def test_calibrate_tiny_models_on_the_demo_task_then_plan_with_the_file(capsys, 
     assert all(p["startup_s"] > 0 for p in record["programs"].values())   # every program compiled once
     assert record["teacher"]["size"] == "t5_1_1_tiny" and record["device_count"] >= 1 and record["jax_version"]
     assert record["warmup_calls_excluded"] == 1
+    assert record["teacher"]["decode_cross_kv"] == record["student"]["decode_cross_kv"] == "cache"   # --cross-kv
     # A run-length mismatch is refused; the matching lengths price from the file.
     assert cli.main(["plan", "--task", "demo", "--teacher", "tiny", "--student", "tiny", "--batch-size", "8",
                      "--start-labels", "16", "--unlabeled", "32", "--calibration", str(out), "--json"]) == 2
@@ -35,6 +36,7 @@ def test_calibrate_tiny_models_on_the_demo_task_then_plan_with_the_file(capsys, 
     (["--teacher", "huge"], "unknown model size 'huge'"),
     (["--task", "imagenet"], "no task card"),
     (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1, got '0'"),
+    (["--cross-kv", "keep"], "argument --cross-kv: invalid choice: 'keep'"),
 ])
 def test_bad_calibrate_input_fails_before_any_compute(capsys, argv, message):
     base = {"--accelerator": "cpu", "--teacher": "tiny", "--student": "tiny", "--task": "demo"}

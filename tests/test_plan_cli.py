@@ -121,6 +121,10 @@ def test_a_calibration_prices_measured_examples_per_second(capsys, tmp_path):
     ({"teacher": {"size": "t5_1_1_tiny", "params": config_for_size("tiny", vocab_size=384).num_params(),
                   "dtype": "float32"}}, [],
      "measured with teacher activations in float32, this teacher runs in bfloat16: re-run `doa calibrate --dtype"),
+    ({"student": {"size": "t5_1_1_tiny", "params": config_for_size("tiny", vocab_size=384).num_params(),
+                  "decode_cross_kv": "recompute"}}, [],
+     "timed the student's decode with cross-attention K/V 'recompute', this student decodes with 'cache': "
+     "re-run `doa calibrate --cross-kv cache`"),
     ({"lengths": {"inputs": 32, "targets": 48}}, [], "was measured at inputs length 32 (task demo), "
                                                      "this prices 40"),
     ({"batch_size": 16}, [], "measured at batch size 16, this prices 8"),

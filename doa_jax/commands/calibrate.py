@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from doa_jax.model.config import DECODE_CROSS_KV
+
 
 def _positive(text: str) -> int:
     try:
@@ -32,6 +34,9 @@ def register(sub) -> None:
                    help="model embedding rows (default: the size's; the demo task: the demo's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="the run's activation dtype (ACTIVATION_DTYPE; default: the size's, bfloat16)")
+    p.add_argument("--cross-kv", choices=DECODE_CROSS_KV, default="cache",
+                   help="how the run's decodes get cross-attention K/V (TEACHER_/STUDENT_DECODE_CROSS_KV; "
+                        "default cache)")
     p.add_argument("--reps", type=_positive, default=3, help="timed calls per program (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the compiling one (default 1)")
     p.add_argument("--run-steps", type=_positive, default=20,
@@ -61,7 +66,8 @@ def run(args) -> int:
                                     task=args.task, batch_size=args.batch_size, topk=args.topk,
                                     optimizer=args.optimizer, reps=args.reps, warmup=args.warmup, run_steps=args.run_steps,
                                     inputs_length=args.inputs_length, targets_length=args.targets_length,
-                                    vocab_size=args.vocab_size, dtype=args.dtype, teacher_mesh=args.teacher_mesh)
+                                    vocab_size=args.vocab_size, dtype=args.dtype, teacher_mesh=args.teacher_mesh,
+                                    cross_kv=args.cross_kv)
     from doa_jax.platforms import compilation_cache_off
 
     with compilation_cache_off():   # a calibration times cold compiles, not reads of doa's compilation cache

@@ -67,13 +67,14 @@ def task_pools(card, data_dir: Optional[str | os.PathLike] = None):
 
 
 def model_configs(card, teacher: str, student: str, vocab_size: Optional[int] = None,
-                  dtype: Optional[str] = None) -> tuple[T5Config, T5Config]:
-    """(teacher, student) configs of named sizes (activations in `dtype`, default the sizes'); the
-    demo task's models use its small vocabulary."""
+                  dtype: Optional[str] = None, cross_kv: str = "cache") -> tuple[T5Config, T5Config]:
+    """(teacher, student) configs of named sizes (activations in `dtype`, default the sizes'; decoding
+    with `cross_kv`, T5Config.decode_cross_kv); the demo task's models use its small vocabulary."""
 
     if vocab_size is None and card.name == demo_task.NAME:
         vocab_size = demo_task.MODEL_VOCAB_SIZE
     overrides = {"vocab_size": vocab_size} if vocab_size else {}
+    overrides["decode_cross_kv"] = cross_kv
     if dtype:
         overrides["dtype"] = dtype
     return config_for_size(teacher, **overrides), config_for_size(student, **overrides)
@@ -96,6 +97,7 @@ class Settings:
     vocab_size: Optional[int] = None      # default: the demo's for the demo task, else the size's
     dtype: Optional[str] = None           # activations (ACTIVATION_DTYPE); default: the size's
     teacher_mesh: tuple[int, int] = (-1, 1)   # the teacher's (data, model) axes, as TEACHER_MESH_* lay it out
+    cross_kv: str = "cache"               # decodes' cross-attention K/V (TEACHER_/STUDENT_DECODE_CROSS_KV)
 
     def __post_init__(self):
         for f in ("batch_size", "topk", "reps"):
@@ -258,7 +260,7 @@ def _peak_memory() -> Optional[int]:
 
 def _model_record(name: str, cfg: T5Config) -> dict[str, Any]:
     return {"size": cost_profiles.size_name(name), "params": cfg.num_params(), "vocab_size": cfg.vocab_size,
-            "dtype": cfg.dtype}
+            "dtype": cfg.dtype, "decode_cross_kv": cfg.decode_cross_kv}
 
 
 def calibrate(s: Settings, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -269,7 +271,7 @@ def calibrate(s: Settings, say: Callable[[str], None] = print) -> dict[str, Any]
     card = task_card(s.task)
     lengths = {"inputs": int(s.inputs_length or card.feature_lengths["inputs"]),
                "targets": int(s.targets_length or card.feature_lengths["targets"])}
-    teacher, student = model_configs(card, s.teacher, s.student, s.vocab_size, s.dtype)
+    teacher, student = model_configs(card, s.teacher, s.student, s.vocab_size, s.dtype, s.cross_kv)
     with tempfile.TemporaryDirectory(prefix="doa_calibrate_") as directory:
         measured = _measure(teacher, student, s, lengths, pathlib.Path(directory), say)
     devices = jax.devices()

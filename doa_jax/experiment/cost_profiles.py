@@ -393,6 +393,11 @@ def check_calibration(profile: CostProfile, *, teacher: T5Config, student: T5Con
         if measured.get("dtype") not in (None, cfg.dtype):
             raise ValueError(f"calibration {where} was measured with {role} activations in {measured['dtype']}, "
                              f"this {role} runs in {cfg.dtype}: re-run `doa calibrate --dtype {cfg.dtype}`")
+        # Files from before the setting existed were measured with the cache.
+        if measured.get("decode_cross_kv", "cache") != cfg.decode_cross_kv:
+            raise ValueError(f"calibration {where} timed the {role}'s decode with cross-attention K/V "
+                             f"'{measured.get('decode_cross_kv', 'cache')}', this {role} decodes with "
+                             f"'{cfg.decode_cross_kv}': re-run `doa calibrate --cross-kv {cfg.decode_cross_kv}`")
     for key in ("inputs", "targets"):
         if int(cal["lengths"].get(key, -1)) != int(lengths[key]):
             raise ValueError(f"calibration {where} was measured at {key} length {cal['lengths'].get(key)} "
