@@ -9,6 +9,9 @@ from typing import Any, Mapping, Optional
 
 
 DECODE_CROSS_KV = ("cache", "recompute")  # T5Config.decode_cross_kv
+# How a model decodes, not what it is: left out of checkpoints' config and of cache and cell keys
+# (`to_dict(decoding=False)`), so a choice of decoding never makes another model or another cell.
+DECODING_FIELDS = ("decode_cross_kv",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +83,12 @@ class T5Config:
     def replace(self, **changes: Any) -> "T5Config":
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, decoding: bool = True) -> dict[str, Any]:
+        """The fields as JSON-able values; `decoding=False` leaves out `DECODING_FIELDS`."""
         d = dataclasses.asdict(self)
         d["mlp_activations"] = list(self.mlp_activations)
+        for name in () if decoding else DECODING_FIELDS:
+            d.pop(name)
         return d
 
     @classmethod
