@@ -126,10 +126,7 @@ class StepProgram:
                 state.params, batch, weights, divisor, rng)
         else:
             grads, metrics = self._accumulate(state.params, batch, weights, divisor, rng)
-        # Norm first with scanned layers only: unrolled, it gains nothing on an H100 (90.48 GiB either
-        # way) and costs a v5e-8 3.6 GiB per chip (XXL fp32 Adafactor, model axis 8: 11.49 -> 15.10).
-        grads, grad_norm = (gradient_norm_first(grads) if self.model_config.scan_layers
-                            else (grads, optax.tree.norm(grads)))
+        grads, grad_norm = gradient_norm_first(grads, scanned=self.model_config.scan_layers)
         # bf16 params are written back with stochastic rounding, keyed by the step (resumes replay it).
         params, opt_state, update_norm = optimizers.apply_gradients(
             self.tx, grads, state.opt_state, state.params, rounding_key(rng))
@@ -182,13 +179,15 @@ def step_program(model_config: T5Config, loss: LossConfig, optimizer: OptimizerC
     return StepProgram(model_config, loss, optimizer, total_steps, num_microbatches, mesh, rules, param_dtype, fused)
 
 
-def gradient_norm_first(grads: Any) -> tuple[Any, jax.Array]:
-    """`(grads, global norm)` with each leaf's squared sum taken before anything reads the leaf
-    again: XLA otherwise schedules the norm after the update, keeping a whole stack's gradients
-    alive through the other stack's backward pass (XXL on one H100, scanned: 91.9 -> 77.5 GiB).
-    Float32 gradients only: the barrier materialises bf16 gradients in bf16, where XLA otherwise
-    keeps them in float32 inside the fused update (excess precision), which would change results."""
-    if any(g.dtype != jnp.float32 for g in jax.tree_util.tree_leaves(grads)):
+def gradient_norm_first(grads: Any, scanned: bool) -> tuple[Any, jax.Array]:
+    """`(grads, global norm)`. For float32 gradients of scanned layers, each leaf's squared sum is
+    taken before anything reads the leaf again: XLA otherwise schedules the norm after the update,
+    keeping a whole stack's gradients alive through the other stack's backward pass (XXL on one H100,
+    scanned: 91.9 -> 77.5 GiB). Unrolled layers: it gains nothing on an H100 (90.48 GiB either way)
+    and costs a v5e-8 3.6 GiB per chip (XXL fp32 Adafactor, model axis 8: 11.49 -> 15.10). bf16
+    gradients: the barrier would materialise them in bf16, where XLA otherwise keeps them in float32
+    inside the fused update (excess precision), which would change results."""
+    if not scanned or any(g.dtype != jnp.float32 for g in jax.tree_util.tree_leaves(grads)):
         return grads, optax.tree.norm(grads)
     def squared(g):
         return jax.lax.optimization_barrier((g, jnp.sum(jnp.square(g.astype(jnp.float32)))))
