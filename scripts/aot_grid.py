@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             if args.phase != "all" and old is not None and "programs" in case:   # keep the other phases' rows
                 fresh = {r["program"]: r for r in case["programs"]}
                 case = dict(old, programs=[fresh.pop(r["program"], r) for r in old.get("programs", [])]
-                            + list(fresh.values()), **{k: case[k] for k in ("seconds",)})
+                            + list(fresh.values()), seconds=case["seconds"])
             cases = [c for c in cases if (c["target"], c["recipe"]) != (target, recipe)] + [case]
             out.write_text(json.dumps(cases, indent=1))
             print(f"{target} {recipe}: {len(case.get('programs', []))} programs, {case.get('seconds', 0):.0f} s"

@@ -337,10 +337,9 @@ class Decoder(nn.Module):
         """
         cfg = self.config
         shape = (encoded.shape[0], max_length, cfg.num_heads, cfg.head_dim)
-        dtype = _dtype(cfg)
         if cfg.decode_cross_kv == "recompute":
             layers = (cfg.num_decoder_layers,) if cfg.scan_layers else ()
-            zeros = jnp.zeros(layers + shape, dtype)
+            zeros = jnp.zeros(layers + shape, _dtype(cfg))
             own = dict(self_k=zeros, self_v=zeros) if cfg.scan_layers else {
                 f"layers_{i}": dict(self_k=zeros, self_v=zeros) for i in range(cfg.num_decoder_layers)}
             return {**own, ENCODED: encoded}
