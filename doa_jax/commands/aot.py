@@ -28,7 +28,8 @@ from doa_jax.model.config import DECODE_CROSS_KV
 PHASE_CHOICES = ("train", "decode", "score", "distill", "all")
 
 
-def _pair(text: str) -> tuple[int, int]:
+def int_pair(text: str) -> tuple[int, int]:
+    """argparse type of `A,B` (two integers): lengths, mesh axes."""
     parts = text.split(",")
     try:
         a, b = (int(p) for p in parts)
@@ -57,7 +58,7 @@ def register(subparsers) -> None:
     w.add_argument("--size", default=d.size, help=f"model size (default {d.size})")
     w.add_argument("--student", default=d.student, help=f"distill: the student size (default {d.student})")
     w.add_argument("--batch", type=int, default=d.batch, help=f"global batch (default {d.batch})")
-    w.add_argument("--lengths", type=_pair, default=d.lengths, metavar="IN,OUT",
+    w.add_argument("--lengths", type=int_pair, default=d.lengths, metavar="IN,OUT",
                    help=f"input and target (or decode) tokens (default {d.lengths[0]},{d.lengths[1]})")
     w.add_argument("--optimizer", default=d.optimizer, help=f"adafactor | adamw (default {d.optimizer})")
     w.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=d.param_dtype,
@@ -70,7 +71,7 @@ def register(subparsers) -> None:
     w.add_argument("--cross-kv", choices=DECODE_CROSS_KV, default=d.cross_kv,
                    help="decode: keep every layer's cross-attention K/V in the cache, or recompute them from the "
                         f"encoder output at each step as T5X does (T5Config.decode_cross_kv; default {d.cross_kv})")
-    w.add_argument("--mesh", type=_pair, default=d.mesh, metavar="DATA,MODEL",
+    w.add_argument("--mesh", type=int_pair, default=d.mesh, metavar="DATA,MODEL",
                    help="mesh axes (default -1,1: every device on data)")
     w.add_argument("--fsdp", action="store_true", help="shard parameters' embed axis over data too")
     w.add_argument("--microbatches", type=int, default=d.microbatches, help="gradient accumulation steps")

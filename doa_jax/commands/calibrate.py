@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from doa_jax.commands.aot import int_pair
 from doa_jax.model.config import DECODE_CROSS_KV
 
 
@@ -41,18 +42,10 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the compiling one (default 1)")
     p.add_argument("--run-steps", type=_positive, default=20,
                    help="steps of each timed training run (default 20)")
-    p.add_argument("--teacher-mesh", type=_mesh, default=(-1, 1), metavar="DATA,MODEL",
+    p.add_argument("--teacher-mesh", type=int_pair, default=(-1, 1), metavar="DATA,MODEL",
                    help="the teacher's mesh axes, as the cells' TEACHER_MESH_DATA/TEACHER_MESH_MODEL lay it out "
                         "(default -1,1: every device on data; XXL needs the model axis on most slices)")
     p.set_defaults(func=run)
-
-
-def _mesh(text: str) -> tuple[int, int]:
-    try:
-        data, model = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected DATA,MODEL (two integers), got {text!r}") from None
-    return data, model
 
 
 def run(args) -> int:

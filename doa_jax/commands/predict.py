@@ -83,7 +83,6 @@ def run(args) -> int:
     import time
 
     from doa_jax import checkpoints, partitioning
-    from doa_jax import storage
     from doa_jax.distill import store as teacher_store
     from doa_jax.data import cards, jsonl, pools, vocab as vocab_lib
     from doa_jax.model import Transformer
