@@ -34,6 +34,7 @@ import pathlib
 import re
 import sys
 import tempfile
+from typing import Optional
 
 import numpy as np
 from scipy.optimize import linprog
@@ -41,6 +42,7 @@ from scipy.optimize import linprog
 from doa_jax.experiment import cost_profiles
 from doa_jax.experiment import costs
 from doa_jax.experiment import planner
+from doa_jax.experiment.report import read_paper_results
 from doa_jax.model import config_for_size
 
 PAPER_COSTS = cost_profiles.PAPER_PARETO
@@ -224,15 +226,21 @@ def fit(X: np.ndarray, y: np.ndarray, max_residual: float = 0.0) -> np.ndarray:
     return l1.x[:k] / scale
 
 
-def leave_one_task_out(X: np.ndarray, y: np.ndarray, tasks, max_residual: float = MAX_RESIDUAL) -> np.ndarray:
-    """Each point's relative residual predicted by a fit to the other tasks' points only."""
+def task_fits(X: np.ndarray, y: np.ndarray, tasks, max_residual: float = MAX_RESIDUAL) -> dict[str, np.ndarray]:
+    """Each task's constants as fitted to the other tasks' points only."""
     tasks = np.asarray(tasks)
     if len(set(tasks)) < 2:
         raise ValueError("leave-one-task-out needs points of at least two tasks")
+    return {task: fit(X[tasks != task], y[tasks != task], max_residual) for task in sorted(set(tasks))}
+
+
+def leave_one_task_out(X: np.ndarray, y: np.ndarray, tasks, max_residual: float = MAX_RESIDUAL) -> np.ndarray:
+    """Each point's relative residual predicted by a fit to the other tasks' points only."""
+    tasks = np.asarray(tasks)
     out = np.empty(len(y))
-    for task in sorted(set(tasks)):
+    for task, theta in task_fits(X, y, tasks, max_residual).items():
         held = tasks == task
-        out[held] = X[held] @ fit(X[~held], y[~held], max_residual) / y[held] - 1
+        out[held] = X[held] @ theta / y[held] - 1
     return out
 
 
@@ -247,7 +255,7 @@ class Result:
     theta: np.ndarray
     in_sample: np.ndarray
     loo: np.ndarray
-    trials: list           # (step, tried term, variant, in-sample summary, LOO summary, kept)
+    trials: list           # (step, tried term, variant, its constants, in-sample summary, LOO summary, kept)
 
 
 def evaluate(variant: Variant, points: list, lengths: dict, recipe: dict, y: np.ndarray):
@@ -261,7 +269,8 @@ def select(points: list, lengths: dict, recipe: dict, y: np.ndarray) -> Result:
     each step keeps the term with the lowest RMS error among those that lower it without raising the max."""
     current = Variant()
     theta, ins, loo = evaluate(current, points, lengths, recipe, y)
-    trials, step = [(0, "(start) FLOP and step terms at mean lengths", current, summary(ins), summary(loo), True)], 1
+    trials, step = [(0, "(start) FLOP and step terms at mean lengths", current, theta, summary(ins), summary(loo),
+                     True)], 1
     while True:
         tried = []
         for name, change in CANDIDATES.items():
@@ -274,12 +283,16 @@ def select(points: list, lengths: dict, recipe: dict, y: np.ndarray) -> Result:
         better = [r for r in tried if r[0] < now["rms"] and summary(r[5])["max"] <= now["max"]]
         best = min(better, key=lambda r: r[0], default=None)
         keep = best is not None
-        trials += [(step, name, cand, summary(i), summary(o), keep and name == best[1])
-                   for _, name, cand, _, i, o in tried]
+        trials += [(step, name, cand, t, summary(i), summary(o), keep and name == best[1])
+                   for _, name, cand, t, i, o in tried]
         if not keep:
             return Result(current, theta, ins, loo, trials)
         _, _, current, theta, ins, loo = best
         step += 1
+
+
+def _usd_per_second(data: dict) -> float:
+    return costs.get_accelerator(data["profiles"]["paper"]["accelerator"]).usd_per_chip_hour / 3600
 
 
 def run_fit(data: dict, points: list) -> Result:
@@ -288,14 +301,72 @@ def run_fit(data: dict, points: list) -> Result:
     if missing:
         raise SystemExit(f"no lengths for {missing}: run with --measure-lengths --vocab V")
     recipe = data["profiles"]["paper"]
-    usd_per_second = costs.get_accelerator(recipe["accelerator"]).usd_per_chip_hour / 3600
-    y = np.array([p["compute_usd"] for p in points]) / usd_per_second
+    y = np.array([p["compute_usd"] for p in points]) / _usd_per_second(data)
     result = select(points, lengths, recipe, y)
     unpriceable = [f.name for f in dataclasses.fields(Variant)
                    if f.name not in PRICEABLE and getattr(result.variant, f.name) != f.default]
     if unpriceable:
         raise SystemExit(f"the chosen model has terms {unpriceable} that cost_profiles.Rate cannot price: extend it")
     return result
+
+
+# ----------------------------------------------------------------------------- the main results, out of sample
+
+def main_results() -> list[dict]:
+    """The paper's main-results cells (§7.1, six tasks: none of them was fitted): task, start labels, extra
+    budget, and its Ann. and Dist. scores (Dist. 0.0: the paper could not run distillation on that budget)."""
+    cells: dict = {}
+    for r in read_paper_results():
+        if r["table"] == "main":
+            cells.setdefault((r["task"], r["start_labels"], r["extra_budget_usd"]), {})[r["strategy"]] = r["value"]
+    return [dict(task=t, labels=L, budget=b, annotate=v["annotate"], distill=v["distill"])
+            for (t, L, b), v in sorted(cells.items())]
+
+
+def affordable(variant: Variant, theta: np.ndarray, cell: dict, data: dict) -> tuple[float, Optional[int]]:
+    """(what the teacher's fine-tuning on the cell's L labels costs, how many unlabeled inputs the rest of its
+    extra budget pseudo-labels and distills on; None where the teacher alone costs more than the budget)."""
+    per_usd = _usd_per_second(data)
+    lengths, recipe = data["paper_lengths"], data["profiles"]["paper"]
+    usd = lambda u: work_features(dict(cell, unlabeled=u), lengths, recipe, variant) @ theta * per_usd  # noqa: E731
+    teacher, per_input = usd(0), (usd(PER_INPUT_AT) - usd(0)) / PER_INPUT_AT
+    return teacher, (None if teacher >= cell["budget"] else int((cell["budget"] - teacher) / per_input))
+
+
+PER_INPUT_AT = 100_000   # unlabeled inputs at which the per-input cost is taken (the paper's larger U; whole batches)
+
+
+def check_main_results(variant: Variant, theta: np.ndarray, points: list, data: dict) -> list[dict]:
+    """Each main-results cell priced by a model's constants and, for the four fitted tasks, by the same model
+    fitted to the other three tasks."""
+    lengths, recipe = data["paper_lengths"], data["profiles"]["paper"]
+    X = np.array([work_features(p, lengths, recipe, variant) for p in points])
+    y = np.array([p["compute_usd"] for p in points]) / _usd_per_second(data)
+    others = task_fits(X, y, [p["task"] for p in points])
+    rows = []
+    for cell in main_results():
+        row = dict(cell, ran=cell["distill"] > 0)
+        row["teacher_usd"], row["unlabeled"] = affordable(variant, theta, cell, data)
+        if cell["task"] in others:
+            row["loo_teacher_usd"], row["loo_unlabeled"] = affordable(variant, others[cell["task"]], cell, data)
+        rows.append(row)
+    return rows
+
+
+def explains_main_results(rows: list[dict]) -> bool:
+    """Whether prices tell the main results' three exceptions apart (by the fit and by each fit without the
+    task): distillation is affordable exactly where the paper reports a Dist. score (all but NQ 10K +$50), and
+    the cells where it ran but lost to Ann. (WLP 5K +$100, MultiPIT_Gen 10K +$100) buy fewer unlabeled inputs
+    than any cell where it won."""
+    for key in ("unlabeled", "loo_unlabeled"):
+        priced = [r for r in rows if key in r]
+        if any((r[key] is not None) != r["ran"] for r in priced):
+            return False
+        lost = [r[key] for r in priced if r["ran"] and r["distill"] < r["annotate"]]
+        won = [r[key] for r in priced if r["ran"] and r["distill"] >= r["annotate"]]
+        if lost and won and max(lost) >= min(won):
+            return False
+    return True
 
 
 # ----------------------------------------------------------------------------- output
@@ -348,18 +419,34 @@ def fitted_block(result: Result, points: list, date: str) -> str:
     return "\n".join(lines)
 
 
-def tables(result: Result, points: list) -> str:
-    """Markdown: every term tried (leave-one-task-out and in-sample errors), then every point's residuals."""
-    out = ["| step | term tried | LOO median | LOO max | LOO rms | in-sample median | in-sample max | kept |",
-           "|---|---|---|---|---|---|---|---|"]
-    for step, name, _, ins, loo, kept in result.trials:
+def tables(result: Result, points: list, data: dict) -> str:
+    """Markdown: every term tried (leave-one-task-out and in-sample errors, and whether the model tried explains
+    the main results' exceptions), every point's residuals, then the main-results cells as the fit prices them."""
+    out = ["| step | term tried | LOO median | LOO max | LOO rms | in-sample median | in-sample max | "
+           "explains §7.1's exceptions | kept |", "|---|---|---|---|---|---|---|---|---|"]
+    for step, name, variant, theta, ins, loo, kept in result.trials:
+        explains = explains_main_results(check_main_results(variant, theta, points, data))
         out.append(f"| {step} | {name} | {loo['median']:.1%} | {loo['max']:.1%} | {loo['rms']:.1%} | "
-                   f"{ins['median']:.1%} | {ins['max']:.1%} | {'**yes**' if kept else 'no'} |")
+                   f"{ins['median']:.1%} | {ins['max']:.1%} | {'yes' if explains else 'no'} | "
+                   f"{'**yes**' if kept else 'no'} |")
     out += ["", "| task | L | U | paper compute $ | fitted $ | in-sample residual | leave-one-task-out residual |",
             "|---|---|---|---|---|---|---|"]
     for p, r, o in zip(points, result.in_sample, result.loo):
         out.append(f"| {p['task']} | {p['labels']} | {p['unlabeled']} | {p['compute_usd']:g} | "
                    f"{p['compute_usd'] * (1 + r):.1f} | {r:+.1%} | {o:+.1%} |")
+    out += ["", main_results_table(check_main_results(result.variant, result.theta, points, data))]
+    return "\n".join(out)
+
+
+def main_results_table(rows: list[dict]) -> str:
+    """Markdown: each main-results cell, what the teacher costs and how many inputs the rest buys."""
+    money = lambda usd, u: "- | -" if usd is None else f"{usd:.1f} | {'too little' if u is None else f'{u:,}'}"  # noqa: E731
+    out = ["| task | L | extra $ | paper Ann. | paper Dist. | teacher $ (fit) | U bought (fit) | "
+           "teacher $ (other three tasks' fit) | U bought (other three) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['task']} | {r['labels']} | {r['budget']:g} | {r['annotate']:g} | {r['distill']:g} | "
+                   f"{money(r['teacher_usd'], r['unlabeled'])} | "
+                   f"{money(r.get('loo_teacher_usd'), r.get('loo_unlabeled'))} |")
     return "\n".join(out)
 
 
@@ -394,7 +481,7 @@ def main(argv=None) -> int:
         text = rewrite(text, "# BEGIN MEASURED LENGTHS", "# END MEASURED LENGTHS", lengths_block(lengths), path)
         data["paper_lengths"] = {**data.get("paper_lengths", {}), **lengths}
     result = run_fit(data, points)
-    md = tables(result, points)
+    md = tables(result, points, data)
     block = fitted_block(result, points, datetime.date.today().isoformat())
     print(md + "\n\n" + block)
     if args.write:
