@@ -157,6 +157,24 @@ def test_the_fused_update_keeps_a_layers_gradients_at_a_time_and_needs_less_than
     assert rows[1]["fused_update"] is True and rows[1]["alias_gib"] == pytest.approx(rows[1]["argument_gib"], rel=0.01)
 
 
+@pytest.mark.slow   # six compiles (~50 s on 2 idle cores)
+def test_scanned_layers_are_differentiated_the_way_each_platforms_compiler_needs_least_for():
+    # scan_backward='auto' is lowered as JAX's transposed scan for a TPU and as the stack's own loop for a
+    # GPU: the same programs, so the same memory, as naming each; and each platform's choice needs less.
+    model = config_for_size("tiny", emb_dim=256, num_heads=4, head_dim=64, mlp_dim=1024, num_encoder_layers=4,
+                            num_decoder_layers=4, vocab_size=128, scan_layers=True, remat_policy="full")
+
+    def temp_gib(target, mesh, backward):
+        program = aot.Program(backward, "train", "train", model.replace(scan_backward=backward), 8, (64, 16),
+                              partitioning.MeshConfig(data=mesh[0], model=mesh[1]),
+                              train=aot.TrainSpec(optimizer=OptimizerConfig(name="adafactor")))
+        return aot.compile_program(program, targets.get(target), targets.get(target).devices())["temp_gib"]
+
+    for target, mesh, best, other in (("v5e-4", (1, 4), "autodiff", "stack"), ("h100", (1, 1), "stack", "autodiff")):
+        auto = temp_gib(target, mesh, "auto")
+        assert auto == temp_gib(target, mesh, best) < temp_gib(target, mesh, other), target
+
+
 def test_the_search_offers_the_fused_update_first_and_scans_the_layers_for_it():
     program = recipes.recipe_programs(recipes.Recipe(size="xxl", phase="train", batch=8, optimizer="adafactor", mesh=(1, 1)))[0]
     target = targets.get("h100")

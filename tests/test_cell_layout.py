@@ -41,8 +41,9 @@ def test_layout_settings_leave_the_cell_key_as_it_was_before_they_existed():
     base = gin_utils.macro("CELL")
     assert base.key() == "6a0f7ade170325ae"     # the demo distill cell's key at the 2026-11-29 release
     laid_out = dataclasses.replace(
-        base, teacher=base.teacher.replace(remat_policy="full", scan_layers=True, decode_cross_kv="recompute"),
-        student=base.student.replace(scan_layers=True, decode_cross_kv="recompute"),
+        base, teacher=base.teacher.replace(remat_policy="full", scan_layers=True, decode_cross_kv="recompute",
+                                           scan_backward="autodiff"),
+        student=base.student.replace(scan_layers=True, decode_cross_kv="recompute", scan_backward="stack"),
         teacher_layout=PhaseLayout(MeshConfig(data=2, model=4, fsdp=True), num_microbatches=2, decode_batch_size=8),
         student_layout=PhaseLayout(MeshConfig(data=8)),
         train=dataclasses.replace(base.train, fused_update=True),
@@ -63,11 +64,22 @@ def test_the_decode_cross_kv_macros_set_each_models_decoding_and_keep_the_key():
     assert cell.key() == base.key()
 
 
-def test_a_teacher_stores_key_ignores_how_the_teacher_decodes():
+def test_the_scan_backward_macros_set_each_models_backward_pass_and_keep_the_key():
+    files = ["gin/runs/experiment.gin", "gin/runs/demo_models.gin", "gin/experiments/demo_distill.gin"]
+    gin_utils.parse(files, ["OUTPUT_DIR='/tmp/unused'"])
+    base = gin_utils.macro("CELL")
+    gin_utils.parse(files, ["OUTPUT_DIR='/tmp/unused'", "STUDENT_SCAN_BACKWARD='autodiff'"])
+    cell = gin_utils.macro("CELL")
+    assert (cell.teacher.scan_backward, cell.student.scan_backward) == ("auto", "autodiff")
+    assert cell.key() == base.key()
+
+
+def test_a_teacher_stores_key_ignores_how_the_teacher_decodes_and_is_differentiated():
     teacher = tiny(emb_dim=32)
     key = phases.layout_free(teacher)
-    assert phases.layout_free(teacher.replace(decode_cross_kv="recompute", scan_layers=True)) == key
-    assert set(key) == {f.name for f in dataclasses.fields(teacher)} - {"decode_cross_kv"}
+    assert phases.layout_free(teacher.replace(decode_cross_kv="recompute", scan_layers=True,
+                                              scan_backward="stack")) == key
+    assert set(key) == {f.name for f in dataclasses.fields(teacher)} - {"decode_cross_kv", "scan_backward"}
 
 
 def test_a_cell_refuses_a_mesh_set_on_its_train_config_and_names_the_macros(tmp_path):

@@ -47,13 +47,14 @@ def test_save_then_load_gives_the_same_config_and_params(cfg, tmp_path):
     assert_same(params, flat)
 
 
-def test_config_item_is_the_t5config_dict_with_format_marker_and_no_decoding_choice(tmp_path):
-    cfg = CFG.replace(decode_cross_kv="recompute")
+def test_config_item_is_the_t5config_dict_with_format_marker_and_no_execution_choice(tmp_path):
+    cfg = CFG.replace(decode_cross_kv="recompute", scan_backward="autodiff")
     save_checkpoint(tmp_path / "ckpt", cfg, unflatten(random_params(CFG)), format="native")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         item = checkpointer.restore(tmp_path / "ckpt", ocp.args.Composite(config=ocp.args.JsonRestore()))
     marker = {"format": "doa_jax", "format_version": 1, "layout": "unscanned"}
-    model = {k: v for k, v in CFG.to_dict().items() if k != "decode_cross_kv"}   # how to decode: the reader's choice
+    # how to decode and differentiate: the reader's choice
+    model = {k: v for k, v in CFG.to_dict().items() if k not in ("decode_cross_kv", "scan_backward")}
     assert item["config"] == {**model, **marker}
 
 

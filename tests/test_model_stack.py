@@ -1,6 +1,6 @@
 """`doa_jax.model.stack.apply_stack`: a scanned stack of layers with its own backward loop gives the
-gradients JAX's transpose of the same scan gives, and the scanned T5 trained through it the
-unscanned model's gradients."""
+gradients JAX's transpose of the same scan gives, and the scanned T5 trained through it (or through
+JAX's transposed scan, `T5Config.scan_backward`) the unscanned model's gradients."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -61,8 +61,9 @@ ENC = np.random.RandomState(0).randint(0, 64, (4, 7)).astype(np.int32)   # some 
 DEC = np.random.RandomState(1).randint(2, 64, (4, 5)).astype(np.int32)
 
 
+@pytest.mark.parametrize("backward", ["stack", "autodiff"])
 @pytest.mark.parametrize("policy", ["none", "full"])   # scanned, 'dots' saves what 'none' saves
-def test_scanned_t5_gradients_equal_the_unscanned_models(policy):
+def test_scanned_t5_gradients_equal_the_unscanned_models(policy, backward):
     params = jax.tree.map(np.asarray, nn.meta.unbox(
         Transformer(CFG).init(jax.random.PRNGKey(0), ENC, DEC)["params"]))
     targets = jnp.asarray(DEC)
@@ -77,7 +78,31 @@ def test_scanned_t5_gradients_equal_the_unscanned_models(policy):
         return jax.jit(jax.grad(loss))(p)
 
     want = stack_layers(grads(CFG.replace(remat_policy=policy), params))
-    got = grads(CFG.replace(remat_policy=policy, scan_layers=True), stack_layers(params))
+    got = grads(CFG.replace(remat_policy=policy, scan_layers=True, scan_backward=backward), stack_layers(params))
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_both_backward_passes_draw_the_same_dropout_and_give_the_same_gradients():
+    # 'auto' picks one per platform when lowered (CPU: the stack's loop), so results must not depend on it.
+    cfg = CFG.replace(scan_layers=True, dropout_rate=0.3, remat_policy="full")
+    params = stack_layers(jax.tree.map(np.asarray, nn.meta.unbox(
+        Transformer(CFG).init(jax.random.PRNGKey(0), ENC, DEC)["params"])))
+
+    def loss_and_grads(backward):
+        model = Transformer(cfg.replace(scan_backward=backward))
+        loss = lambda p: jnp.sum(model.apply({"params": p}, ENC, DEC, deterministic=False,  # noqa: E731
+                                             rngs={"dropout": jax.random.PRNGKey(5)}) ** 2)
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (l_stack, g_stack), (l_auto, g_auto), (l_jax, g_jax) = map(loss_and_grads, ("stack", "auto", "autodiff"))
+    assert float(l_stack) == float(l_auto)
+    np.testing.assert_allclose(l_jax, l_stack, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_jax), jax.tree.leaves(g_stack)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_backward_pass_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="scan_backward must be one of auto, stack, autodiff, got 'manual'"):
+        CFG.replace(scan_backward="manual")

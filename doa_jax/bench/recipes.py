@@ -27,6 +27,7 @@ class Recipe:
     remat: str = "none"
     scan: bool = False
     cross_kv: str = "cache"            # decode: T5Config.decode_cross_kv ('cache' | 'recompute')
+    scan_backward: str = "auto"        # train, scanned: T5Config.scan_backward ('auto' | 'stack' | 'autodiff')
     mesh: tuple[int, int] = (-1, 1)    # data (-1: every device left), model
     fsdp: bool = False
     microbatches: int = 1
@@ -44,7 +45,7 @@ def recipe_programs(r: Recipe) -> list[Program]:
     if r.phase not in PHASES + ("all",):
         raise ValueError(f"--phase must be one of {', '.join(PHASES + ('all',))}, got {r.phase!r}")
     model = config_for_size(r.size, dtype=r.dtype, scan_layers=r.scan, remat_policy=r.remat, vocab_size=r.vocab_size,
-                            decode_cross_kv=r.cross_kv)
+                            decode_cross_kv=r.cross_kv, scan_backward=r.scan_backward)
     mesh = MeshConfig(data=r.mesh[0], model=r.mesh[1], fsdp=r.fsdp)
     optimizer = OptimizerConfig(name=r.optimizer, grad_clip_norm=r.grad_clip_norm)
     name = config_name(model)
@@ -59,7 +60,7 @@ def recipe_programs(r: Recipe) -> list[Program]:
         out.append(Program(f"{name}_score", "score", "score", model, r.batch, r.lengths, mesh, topk=r.topk))
     if r.phase in ("distill", "all"):
         student = config_for_size(r.student, dtype=r.dtype, scan_layers=r.scan, remat_policy=r.remat,
-                                  vocab_size=r.vocab_size)
+                                  vocab_size=r.vocab_size, scan_backward=r.scan_backward)
         step = f"{config_name(student)}_distill"
         out.append(Program(f"{name}_forward", "distill", "forward", model, r.batch, r.lengths, mesh,
                            co_resident=(step,)))

@@ -30,9 +30,9 @@ _STEP_DIR = re.compile(r"^(?:.*_)?(\d+)$")  # '120' (CheckpointManager's default
 
 
 def config_json(config: T5Config) -> dict[str, Any]:
-    """The `config` item: the model, not how a run decodes it (`model.config.DECODING_FIELDS` are the
+    """The `config` item: the model, not how a run decodes or differentiates it (`model.config.EXECUTION_FIELDS` are the
     reader's choice; checkpoints read by versions before they existed stay readable)."""
-    return {**config.to_dict(decoding=False), **FORMAT}
+    return {**config.to_dict(execution=False), **FORMAT}
 
 
 def config_from_json(d: Mapping[str, Any], source: str) -> T5Config:

@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 
-from doa_jax.model.config import DECODE_CROSS_KV
+from doa_jax.model.config import DECODE_CROSS_KV, SCAN_BACKWARD
 
 PHASE_CHOICES = ("train", "decode", "score", "distill", "all")
 
@@ -71,6 +71,9 @@ def register(subparsers) -> None:
     w.add_argument("--cross-kv", choices=DECODE_CROSS_KV, default=d.cross_kv,
                    help="decode: keep every layer's cross-attention K/V in the cache, or recompute them from the "
                         f"encoder output at each step as T5X does (T5Config.decode_cross_kv; default {d.cross_kv})")
+    w.add_argument("--scan-backward", choices=SCAN_BACKWARD, default=d.scan_backward,
+                   help="scanned layers' backward pass: the stack's own loop, JAX's transposed scan, or per platform "
+                        f"(T5Config.scan_backward; default {d.scan_backward}: TPUs autodiff, GPUs stack)")
     w.add_argument("--mesh", type=int_pair, default=d.mesh, metavar="DATA,MODEL",
                    help="mesh axes (default -1,1: every device on data)")
     w.add_argument("--fsdp", action="store_true", help="shard parameters' embed axis over data too")
@@ -91,7 +94,7 @@ def _programs(args):
     if not args.gin_file:
         recipe = Recipe(size=args.size, phase=args.phase or "train", batch=args.batch, lengths=tuple(args.lengths),
                         optimizer=args.optimizer, param_dtype=args.param_dtype, remat=args.remat, scan=args.scan,
-                        cross_kv=args.cross_kv,
+                        cross_kv=args.cross_kv, scan_backward=args.scan_backward,
                         mesh=tuple(args.mesh), fsdp=args.fsdp, microbatches=args.microbatches, dtype=args.dtype,
                         fused_update=args.fused_update, grad_clip_norm=args.clip,
                         student=args.student, vocab_size=args.vocab_size, topk=args.topk)

@@ -19,7 +19,7 @@ from doa_jax.experiment import cost_profiles, strategies
 from doa_jax.metrics import PROTOCOLS
 from doa_jax.experiment.results import KEY_VERSION
 from doa_jax.model import T5Config
-from doa_jax.model.config import DECODING_FIELDS, config_for_size
+from doa_jax.model.config import EXECUTION_FIELDS, config_for_size
 from doa_jax.partitioning import MeshConfig
 from doa_jax.trainer import TrainConfig
 
@@ -185,8 +185,8 @@ _LAYOUT_DEFAULTS = {("train", "mesh"): dataclasses.asdict(MeshConfig()), ("train
                     ("teacher", "remat_policy"): "none", ("teacher", "scan_layers"): False,
                     ("student", "remat_policy"): "none", ("student", "scan_layers"): False,
                     ("pricing", "measured_on"): "cpu"}
-# How the models decode (added after key version 2): not hashed at all, so cells keyed before keep their keys.
-_NEVER_KEYED = tuple((role, name) for role in ("teacher", "student") for name in DECODING_FIELDS)
+# How the models are decoded and differentiated (added after key version 2): not hashed at all, so cells keyed before keep their keys.
+_NEVER_KEYED = tuple((role, name) for role in ("teacher", "student") for name in EXECUTION_FIELDS)
 # Settings added after key version 2 that change results only away from their default: hashed only
 # when set, so cells keyed before they existed keep their keys.
 _KEYED_WHEN_SET = {("train", "optimizer", "eps_before_bias_correction"): False, ("teacher_finetuned",): False}

@@ -136,9 +136,9 @@ def fine_tune_teacher(run: CellRun, labels: list) -> tuple[str, Any]:
 
 def layout_free(model: T5Config) -> dict[str, Any]:
     """A model's config as a cache key: without how its layers are laid out (remat, scan) or how it
-    decodes (`DECODING_FIELDS`), which change neither its parameters' values nor its outputs (keys
-    made before `decode_cross_kv` existed stay as they were)."""
-    return dict(model.to_dict(decoding=False), remat_policy="none", scan_layers=False)
+    is run (`EXECUTION_FIELDS`: decoded, differentiated), which change neither its parameters' values
+    nor its outputs (keys made before those fields existed stay as they were)."""
+    return dict(model.to_dict(execution=False), remat_policy="none", scan_layers=False)
 
 
 def teacher_params(run: CellRun, directory: storage.AnyPath) -> Any:

@@ -9,9 +9,10 @@ from typing import Any, Mapping, Optional
 
 
 DECODE_CROSS_KV = ("cache", "recompute")  # T5Config.decode_cross_kv
-# How a model decodes, not what it is: left out of checkpoints' config and of cache and cell keys
-# (`to_dict(decoding=False)`), so a choice of decoding never makes another model or another cell.
-DECODING_FIELDS = ("decode_cross_kv",)
+SCAN_BACKWARD = ("auto", "stack", "autodiff")  # T5Config.scan_backward
+# How a model is run (decoded, differentiated), not what it is: left out of checkpoints' config and of
+# cache and cell keys (`to_dict(execution=False)`), so such a choice never makes another model or cell.
+EXECUTION_FIELDS = ("decode_cross_kv", "scan_backward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,14 @@ class T5Config:
     # it again at every step, as T5X does (a cache about 2 x layers x heads x kv / emb times smaller,
     # the projection's FLOPs paid per decoded token). Results are the same either way.
     decode_cross_kv: str = "cache"
+    # How scanned layers are differentiated (same gradients either way; what differs is the memory each
+    # compiler's schedule needs, `notes/aot.md`): 'stack' runs `doa_jax.model.stack`'s own backward loop,
+    # with each attention bias added inside the layer (GPUs: XXL fp32 on one H100 67.1 GiB, 86.3 with
+    # JAX's); 'autodiff' lets JAX transpose the scan, the biases computed once outside it (TPUs: XXL fp32
+    # on a v5e-8 about 13 GiB per chip, 15.0 with the stack's loop); 'auto' picks per platform when the
+    # program is lowered (`jax.lax.platform_dependent`: TPU autodiff, others stack), so a program
+    # compiled ahead of time for a TPU gets the TPU's choice.
+    scan_backward: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
@@ -75,6 +84,9 @@ class T5Config:
         if self.decode_cross_kv not in DECODE_CROSS_KV:
             raise ValueError(f"T5Config.decode_cross_kv must be one of {', '.join(DECODE_CROSS_KV)}, "
                              f"got {self.decode_cross_kv!r}")
+        if self.scan_backward not in SCAN_BACKWARD:
+            raise ValueError(f"T5Config.scan_backward must be one of {', '.join(SCAN_BACKWARD)}, "
+                             f"got {self.scan_backward!r}")
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"T5Config.scan_layers must be True or False, got {self.scan_layers!r}")
         if not 0.0 <= self.dropout_rate < 1.0:
@@ -83,11 +95,11 @@ class T5Config:
     def replace(self, **changes: Any) -> "T5Config":
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self, decoding: bool = True) -> dict[str, Any]:
-        """The fields as JSON-able values; `decoding=False` leaves out `DECODING_FIELDS`."""
+    def to_dict(self, execution: bool = True) -> dict[str, Any]:
+        """The fields as JSON-able values; `execution=False` leaves out `EXECUTION_FIELDS`."""
         d = dataclasses.asdict(self)
         d["mlp_activations"] = list(self.mlp_activations)
-        for name in () if decoding else DECODING_FIELDS:
+        for name in () if execution else EXECUTION_FIELDS:
             d.pop(name)
         return d
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from doa_jax.model.config import T5Config
 from doa_jax.model.layers import (NEG_INF, Dense, Embed, MlpBlock, MultiHeadAttention,
                                   RelativePositionBias, RMSNorm, constrain)
-from doa_jax.model.stack import apply_stack
+from doa_jax.model.stack import apply_stack, scan_stack
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -124,35 +124,61 @@ def _decoder_step_body(layer, y, self_cache, cross_cache, shared, self_bias, cro
 
 class StackLayer:
     """One scanned layer (`cls`: EncoderLayer or DecoderLayer) as `doa_jax.model.stack` and the fused
-    update run it: `(p, x, consts, fixed, key) -> x`, where consts = (relpos,) or (encoded, relpos)
-    and fixed = the masks; each attention bias is `relpos + mask`, added inside the layer (no
-    `[B, H, S, S]` float32 bias is carried through the loop, nor its cotangent); checkpointed per
-    `layer_policy`; `key`: the layer's dropout key (None: none drawn)."""
+    update run it: `(p, x, consts, fixed, key) -> x`, checkpointed per `layer_policy`; `key`: the
+    layer's dropout key (None: none drawn). With `bias_inside` (the stack's own backward loop), consts
+    = (relpos,) or (encoded, relpos) and fixed = the masks, and each attention bias is `relpos + mask`,
+    added inside the layer (no `[B, H, S, S]` float32 bias is carried through the loop, nor its
+    cotangent); without (JAX's transposed scan), the biases come made: consts = (bias,) or (encoded,
+    self_bias), fixed = () or (cross_bias,) (`biases_outside`)."""
 
-    def __init__(self, cls, cfg: T5Config, deterministic: bool):
-        self.cls, self.cfg, self.deterministic = cls, cfg, deterministic
+    def __init__(self, cls, cfg: T5Config, deterministic: bool, bias_inside: bool = True):
+        self.cls, self.cfg, self.deterministic, self.bias_inside = cls, cfg, deterministic, bias_inside
         self.policy = layer_policy(cfg)
 
     def _run(self, p, x, consts, fixed, key):
         rngs = None if key is None else {"dropout": key}
         module = self.cls(self.cfg, parent=None)   # a detached module: applied to the given params only
+        if self.bias_inside:
+            consts, fixed = biases_outside(self.cls, consts, fixed)
         if self.cls is EncoderLayer:
-            (relpos,), (mask,) = consts, fixed
-            return module.apply({"params": p}, x, relpos + mask, self.deterministic, rngs=rngs)
-        (encoded, relpos), (self_mask, cross_bias) = consts, fixed
-        return module.apply({"params": p}, x, encoded, relpos + self_mask, cross_bias, self.deterministic,
-                            rngs=rngs)[0]
+            (bias,) = consts
+            return module.apply({"params": p}, x, bias, self.deterministic, rngs=rngs)
+        (encoded, self_bias), (cross_bias,) = consts, fixed
+        return module.apply({"params": p}, x, encoded, self_bias, cross_bias, self.deterministic, rngs=rngs)[0]
 
     def __call__(self, p, x, consts, fixed, key):
         return jax.checkpoint(self._run, policy=self.policy)(p, x, consts, fixed, key)
 
 
+def biases_outside(cls, consts: tuple, fixed: tuple) -> tuple[tuple, tuple]:
+    """A stack's (consts, fixed) with the position bias and the masks summed: ((relpos + mask,), ())
+    for the encoder, ((encoded, relpos + self_mask), (cross_bias,)) for the decoder."""
+    if cls is EncoderLayer:
+        (relpos,), (mask,) = consts, fixed
+        return (relpos + mask,), ()
+    (encoded, relpos), (self_mask, cross_bias) = consts, fixed
+    return (encoded, relpos + self_mask), (cross_bias,)
+
+
 def _run_stack(module: nn.Module, cls, x: Array, consts: tuple, fixed: tuple, deterministic: bool) -> Array:
-    """The scanned layers of `module` (an Encoder or Decoder) on `x`, differentiated by
-    `stack.apply_stack`'s own backward loop (see its module doc for why)."""
+    """The scanned layers of `module` (an Encoder or Decoder) on `x`, differentiated as
+    `config.scan_backward` says: `stack.apply_stack`'s own backward loop ('stack'), JAX's transposed
+    scan with the biases made outside it ('autodiff'), or per platform when lowered ('auto': TPUs
+    autodiff, others stack; see `doa_jax.model.stack`'s doc for why). Same values either way."""
     cfg = module.config
     key = None if deterministic or cfg.dropout_rate == 0.0 else module.make_rng("dropout")
-    return apply_stack(StackLayer(cls, cfg, deterministic), module.layers.variables["params"], x, consts, fixed, key)
+
+    def own_loop(params, x, consts, fixed, key):
+        return apply_stack(StackLayer(cls, cfg, deterministic), params, x, consts, fixed, key)
+
+    def autodiff(params, x, consts, fixed, key):
+        return scan_stack(StackLayer(cls, cfg, deterministic, bias_inside=False), params, x,
+                          *biases_outside(cls, consts, fixed), key)
+
+    args = (module.layers.variables["params"], x, consts, fixed, key)
+    if cfg.scan_backward == "auto":
+        return jax.lax.platform_dependent(*args, tpu=autodiff, default=own_loop)
+    return {"stack": own_loop, "autodiff": autodiff}[cfg.scan_backward](*args)
 
 
 class EncoderLayer(nn.Module):

@@ -180,15 +180,26 @@ def step_program(model_config: T5Config, loss: LossConfig, optimizer: OptimizerC
 
 
 def gradient_norm_first(grads: Any, scanned: bool) -> tuple[Any, jax.Array]:
-    """`(grads, global norm)`. For float32 gradients of scanned layers, each leaf's squared sum is
-    taken before anything reads the leaf again: XLA otherwise schedules the norm after the update,
-    keeping a whole stack's gradients alive through the other stack's backward pass (XXL on one H100,
-    scanned: 91.9 -> 77.5 GiB). Unrolled layers: it gains nothing on an H100 (90.48 GiB either way)
-    and costs a v5e-8 3.6 GiB per chip (XXL fp32 Adafactor, model axis 8: 11.49 -> 15.10). bf16
-    gradients: the barrier would materialise them in bf16, where XLA otherwise keeps them in float32
-    inside the fused update (excess precision), which would change results."""
+    """`(grads, global norm)`. For float32 gradients of scanned layers on GPUs (and CPUs), each leaf's
+    squared sum is taken before anything reads the leaf again: XLA otherwise schedules the norm after
+    the update, keeping a whole stack's gradients alive through the other stack's backward pass (XXL on
+    one H100, scanned: 91.9 -> 77.5 GiB). Not on TPUs (`jax.lax.platform_dependent`, chosen when the
+    step is lowered), whose compiler needs more with it: scanned Large fp32 on a v5e-8 1.09 -> 1.22
+    GiB per chip. Unrolled layers: it gains nothing on an H100 (90.48 GiB either way) and costs a v5e-8
+    3.6 GiB per chip (XXL fp32 Adafactor, model axis 8: 11.49 -> 15.10). bf16 gradients: the barrier
+    would materialise them in bf16, where XLA otherwise keeps them in float32 inside the fused update
+    (excess precision), which would change results."""
     if not scanned or any(g.dtype != jnp.float32 for g in jax.tree_util.tree_leaves(grads)):
         return grads, optax.tree.norm(grads)
+    return jax.lax.platform_dependent(grads, tpu=_norm_after, default=_norm_first)
+
+
+def _norm_after(grads: Any) -> tuple[Any, jax.Array]:
+    return grads, optax.tree.norm(grads)
+
+
+def _norm_first(grads: Any) -> tuple[Any, jax.Array]:
+    """Each leaf's squared sum behind an optimisation barrier with the leaf (see `gradient_norm_first`)."""
     def squared(g):
         return jax.lax.optimization_barrier((g, jnp.sum(jnp.square(g.astype(jnp.float32)))))
 
