@@ -69,10 +69,6 @@ def six_n_tokens(cfg: T5Config, batch: int, in_len: int, out_len: int, *, per_st
     return 6.0 * batch * (p["encoder"] * in_len + (p["decoder"] + p["cross_kv"]) * out_len)
 
 
-def _recomputes_cross_kv(cfg: T5Config) -> bool:
-    return cfg.decode_cross_kv == "recompute"
-
-
 def decode_step_flops(cfg: T5Config, batch: int, in_len: int, new_tokens: int) -> float:
     """FLOPs of one cached greedy decode step: one token through the decoder and the logits layer,
     attention over the whole cache (the cross K/V and `new_tokens` self positions, read in full);
@@ -80,7 +76,7 @@ def decode_step_flops(cfg: T5Config, batch: int, in_len: int, new_tokens: int) -
     cross K/V, which the step computes again."""
     p = _dense_params_per_token(cfg)
     inner = cfg.num_heads * cfg.head_dim
-    cross_kv = 2 * batch * in_len * p["cross_kv"] if _recomputes_cross_kv(cfg) else 0
+    cross_kv = 2 * batch * in_len * p["cross_kv"] if cfg.recomputes_cross_kv else 0
     return float(2 * batch * p["decoder"] + 4 * inner * batch * cfg.num_decoder_layers * (new_tokens + in_len)
                  + cross_kv)
 
@@ -90,7 +86,7 @@ def decode_flops(cfg: T5Config, batch: int, in_len: int, new_tokens: int) -> flo
     `decode_cross_kv='recompute'` computes them at every step), then every step."""
     p = _dense_params_per_token(cfg)
     inner = cfg.num_heads * cfg.head_dim
-    once = p["encoder"] + (0 if _recomputes_cross_kv(cfg) else p["cross_kv"])
+    once = p["encoder"] + (0 if cfg.recomputes_cross_kv else p["cross_kv"])
     encode = 2 * batch * in_len * once + 4 * inner * batch * in_len * in_len * cfg.num_encoder_layers
     return float(encode + new_tokens * decode_step_flops(cfg, batch, in_len, new_tokens))
 
@@ -109,10 +105,10 @@ def decode_cache_bytes(cfg: T5Config, batch: int, in_len: int, new_tokens: int) 
     """Bytes of a decode's cache in the activation dtype: every decoder layer's self-attention K/V, and
     its cross K/V (`decode_cross_kv='cache'`) or the one encoder output they are projected from ('recompute')."""
     per_position = 2 * _itemsize(cfg) * batch * cfg.num_decoder_layers * cfg.num_heads * cfg.head_dim
-    if _recomputes_cross_kv(cfg):
+    if cfg.recomputes_cross_kv:
         return float(per_position * new_tokens + encoder_output_bytes(cfg, batch, in_len))
     return float(per_position * (in_len + new_tokens))
 
 
-__all__ = ["decode_cache_bytes", "decode_flops", "encoder_output_bytes", "decode_step_flops", "decoder_token_flops", "forward_flops",
-           "six_n_tokens", "train_flops"]
+__all__ = ["decode_cache_bytes", "decode_flops", "encoder_output_bytes", "decode_step_flops",
+           "decoder_token_flops", "forward_flops", "six_n_tokens", "train_flops"]

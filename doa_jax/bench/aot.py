@@ -254,7 +254,7 @@ def roofline_s(program: Program, target: Target, state_bytes: int) -> Optional[f
     if program.kind == "decode":
         cfg, b, (n_in, n_out) = program.model, program.batch, program.lengths
         cache = flops.decode_cache_bytes(cfg, b, n_in, n_out) / n
-        if cfg.decode_cross_kv == "recompute" and program.mesh.activation_partitioning_dims < 2:
+        if cfg.recomputes_cross_kv and program.mesh.activation_partitioning_dims < 2:
             # the encoder output is split over `data` only: each device holds `model` x its 1/n share
             cache += flops.encoder_output_bytes(cfg, b, n_in) * (int(program.mesh.model) - 1) / n
         per_step = (state_bytes + cache) / bandwidth

@@ -71,7 +71,7 @@ def decode_floor_s(cfg, batch: int, in_len: int, new_tokens: int, peak: float, b
     d, inner, f, vocab = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
     mlp = (len(cfg.mlp_activations) + 1) * d * f
     dec_weights = cfg.num_decoder_layers * (6 * d * inner + mlp)   # per token: self q/k/v/out, cross q/out
-    if cfg.decode_cross_kv == "recompute":
+    if cfg.recomputes_cross_kv:
         dec_weights += cfg.num_decoder_layers * 2 * d * inner           # cross k/v, applied again each step
     step = flops.decode_step_flops(cfg, batch, in_len, new_tokens)
     encode = flops.decode_flops(cfg, batch, in_len, new_tokens) - new_tokens * step

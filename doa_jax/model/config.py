@@ -119,6 +119,11 @@ class T5Config:
                              "MODEL_VOCAB_SIZE")
 
     @property
+    def recomputes_cross_kv(self) -> bool:
+        """Whether a decode step projects the encoder output again (`decode_cross_kv='recompute'`)."""
+        return self.decode_cross_kv == "recompute"
+
+    @property
     def gated(self) -> bool:
         return len(self.mlp_activations) > 1
 

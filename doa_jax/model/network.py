@@ -363,7 +363,7 @@ class Decoder(nn.Module):
         """
         cfg = self.config
         shape = (encoded.shape[0], max_length, cfg.num_heads, cfg.head_dim)
-        if cfg.decode_cross_kv == "recompute":
+        if cfg.recomputes_cross_kv:
             layers = (cfg.num_decoder_layers,) if cfg.scan_layers else ()
             zeros = jnp.zeros(layers + shape, _dtype(cfg))
             own = dict(self_k=zeros, self_v=zeros) if cfg.scan_layers else {
