@@ -56,6 +56,9 @@ def check(model_config: T5Config, num_microbatches: int) -> None:
     if not model_config.scan_layers:
         raise ValueError("FUSED_UPDATE needs scanned layers (T5Config.scan_layers = True): it walks each stack "
                          "of layers backwards in one loop; scan the layers or set FUSED_UPDATE = False")
+    if model_config.scan_backward == "autodiff":
+        raise ValueError("FUSED_UPDATE runs the stack's own backward loop (the optimizer inside it), not JAX's "
+                         "transposed scan: leave T5Config.scan_backward 'auto' or 'stack', or set FUSED_UPDATE = False")
     check_microbatches(num_microbatches)
 
 

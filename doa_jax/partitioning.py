@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import json
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
@@ -75,6 +76,12 @@ class MeshConfig:
     model: int = 1
     fsdp: bool = False
     activation_partitioning_dims: int = 1
+
+    def within(self, devices: int) -> "MeshConfig":
+        """This layout cut to fit `devices` devices (one host's): every one on `data`, after a model
+        axis of gcd(model, devices) ways (the widest that divides both: the heads, MLP and vocabulary
+        the model axis split still divide by it)."""
+        return dataclasses.replace(self, data=-1, model=math.gcd(int(self.model), devices))
 
     def build(self, devices: Optional[Sequence[Any]] = None) -> tuple[Mesh, Rules]:
         data = -1 if self.data in (-1, "auto", None) else int(self.data)

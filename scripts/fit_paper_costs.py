@@ -323,6 +323,9 @@ def main_results() -> list[dict]:
             for (t, L, b), v in sorted(cells.items())]
 
 
+PER_INPUT_AT = 100_000   # unlabeled inputs at which the per-input cost is taken (the paper's larger U; whole batches)
+
+
 def affordable(variant: Variant, theta: np.ndarray, cell: dict, data: dict) -> tuple[float, Optional[int]]:
     """(what the teacher's fine-tuning on the cell's L labels costs, how many unlabeled inputs the rest of its
     extra budget pseudo-labels and distills on; None where the teacher alone costs more than the budget)."""
@@ -330,10 +333,12 @@ def affordable(variant: Variant, theta: np.ndarray, cell: dict, data: dict) -> t
     lengths, recipe = data["paper_lengths"], data["profiles"]["paper"]
     usd = lambda u: work_features(dict(cell, unlabeled=u), lengths, recipe, variant) @ theta * per_usd  # noqa: E731
     teacher, per_input = usd(0), (usd(PER_INPUT_AT) - usd(0)) / PER_INPUT_AT
-    return teacher, (None if teacher >= cell["budget"] else int((cell["budget"] - teacher) / per_input))
-
-
-PER_INPUT_AT = 100_000   # unlabeled inputs at which the per-input cost is taken (the paper's larger U; whole batches)
+    if teacher >= cell["budget"]:
+        return teacher, None
+    if per_input <= 0:
+        raise ValueError(f"{variant.terms()}: the fit prices unlabeled inputs at ${per_input:g} each; "
+                         "no budget would bound them")
+    return teacher, int((cell["budget"] - teacher) / per_input)
 
 
 def check_main_results(variant: Variant, theta: np.ndarray, points: list, data: dict) -> list[dict]:

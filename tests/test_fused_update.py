@@ -84,6 +84,10 @@ def test_the_fused_update_refuses_unscanned_layers_and_microbatches_naming_the_a
     with pytest.raises(ValueError, match=r"FUSED_UPDATE needs scanned layers \(T5Config.scan_layers = True\).*"
                                          r"FUSED_UPDATE = False"):
         StepProgram(tiny_config(), LossConfig(), OptimizerConfig(), 1, 1, mesh, rules, fused=True)
+    with pytest.raises(ValueError, match=r"FUSED_UPDATE runs the stack's own backward loop .*leave "
+                                         r"T5Config.scan_backward 'auto' or 'stack'"):
+        StepProgram(tiny_config(scan_layers=True, scan_backward="autodiff"), LossConfig(), OptimizerConfig(), 1, 1,
+                    mesh, rules, fused=True)
     with pytest.raises(ValueError, match=r"FUSED_UPDATE does not take microbatches \(NUM_MICROBATCHES = 2\).*"
                                          r"use REMAT .* or a smaller BATCH_SIZE"):
         run_config("unused", num_microbatches=2, fused_update=True)

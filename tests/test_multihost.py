@@ -186,4 +186,32 @@ def test_doa_run_and_doa_sweep_on_two_hosts_write_each_shared_file_once_and_matc
                                                        "chunk_00000.npz", "manifest.json", "record.json"]
     for log in logs:      # both processes were told, by process 0, that the distill cell was done
         assert "sweep: 2 cells in" in log and "1 already finished, 1 to run" in log
+    # the teacher's store was decoded on process 0's own 4 devices, a replica of the teacher sharded there
+    assert "the teacher's inference runs on each host's own 4 devices (mesh data=4, model=1)" in logs[0]
     assert (out / "report.md").exists() and (out / "sweep.json").exists()
+
+
+def test_an_online_teacher_on_two_hosts_runs_on_each_hosts_devices_and_matches_one_host(tmp_path, capsys):
+    # SOFT_TARGETS='online': every host runs the teacher's forward on its own rows of each student batch,
+    # with a replica of the teacher on its own 4 devices; the student's step is one program over both.
+    from doa_jax import cli
+    from doa_jax.experiment import results
+
+    settings = lambda out: [*CELL_SETTINGS, f"--gin.OUTPUT_DIR='{out}'", "--gin.SOFT_TARGETS='online'",  # noqa: E731
+                            "--gin.KD_WEIGHT=1.0"]    # the demo's models distil sequence-level (0.0): no forward
+    out, one = tmp_path / "two_hosts", tmp_path / "one_host"
+    port = _free_port()
+    commands = json.dumps([[*RUN, *settings(out)]])
+    procs = [subprocess.Popen([sys.executable, str(CHILD_CELL), str(i), "2", str(port), commands], cwd=REPO,
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (0, 1)]
+    assert cli.main([*RUN, *settings(one)]) == 0
+    capsys.readouterr()
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n---\n".join(log[-3000:] for log in logs)
+    [got], [want] = results.read_rows(out / "results.jsonl"), results.read_rows(one / "results.jsonl")
+    assert got["cell_key"] == want["cell_key"]
+    assert got["metrics"] == want["metrics"] and got["spent_usd"] == want["spent_usd"]
+    for log in logs:
+        assert "the teacher's inference runs on each host's own 4 devices (mesh data=4, model=1)" in log
+        assert "online soft targets: the teacher's forward runs on every student batch" in log

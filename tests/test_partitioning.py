@@ -41,6 +41,15 @@ def test_mesh_from_config_fills_the_data_axis():
         MeshConfig(model=3).build()
 
 
+@pytest.mark.parametrize("model,devices,want", [(8, 4, 4), (4, 8, 4), (6, 4, 2), (1, 4, 1)])
+def test_a_layout_cut_to_one_hosts_devices_keeps_the_widest_model_axis_dividing_both(model, devices, want):
+    # A teacher laid out over a pod's model axis runs its inference on one host's chips (multi-host cells).
+    local = MeshConfig(data=2, model=model, fsdp=True).within(devices)
+    assert (local.data, local.model, local.fsdp) == (-1, want, True)
+    mesh, _ = local.build(jax.devices()[:devices])
+    assert dict(mesh.shape) == {"data": devices // want, "model": want}
+
+
 def test_fsdp_shards_parameters_over_both_axes():
     cfg = tiny_config()
     specs = partitioning.logical_param_specs(Transformer(cfg), np.zeros((1, 4), np.int32), np.zeros((1, 4), np.int32))

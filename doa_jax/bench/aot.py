@@ -360,7 +360,7 @@ def describe(program: Program, layout: Layout) -> dict[str, Any]:
                batch=program.batch, lengths=list(program.lengths),
                mesh=[layout.mesh.shape["data"], layout.mesh.shape["model"]], fsdp=program.mesh.fsdp,
                dtype=cfg.dtype, scan=cfg.scan_layers, remat=cfg.remat_policy)
-    if cfg.scan_layers and t is not None:
+    if cfg.scan_layers and t is not None and not t.fused_update:   # the fused update: always the stack's loop
         row.update(scan_backward=cfg.scan_backward)
     if t is not None:
         row.update(optimizer=t.optimizer.name, param_dtype=t.param_dtype, microbatches=t.num_microbatches,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Optional
 
 import jax
 from jax.sharding import Mesh
@@ -70,13 +70,28 @@ class CellRun:
             self._meshes[role] = self.cfg.layout(role).mesh.build()
         return self._meshes[role]
 
+    def inference_mesh(self, role: str) -> Optional[tuple[Mesh, partitioning.Rules]]:
+        """Where the `role`'s inference runs: its mesh on one process. On several, the teacher's
+        layout cut to this process's own devices (`MeshConfig.within`): each host runs the teacher
+        alone on a replica sharded over its chips (process 0 the store, every process the online
+        forward of its own rows; no collective the others would have to join); the student's
+        evaluation is a collective program over the job's mesh, under no mesh context (None): its
+        params, spread over every host, carry their sharding."""
+        if jax.process_count() == 1:
+            return self.mesh(role)
+        if role != "teacher":
+            return None
+        if "teacher on this host" not in self._meshes:
+            local = jax.local_devices()
+            self._meshes["teacher on this host"] = self.cfg.layout(role).mesh.within(len(local)).build(local)
+        return self._meshes["teacher on this host"]
+
     def inference_context(self, role: str) -> Callable[[], ContextManager]:
-        """What the `role`'s inference runs under: its mesh and rules on one process; on several,
-        nothing (process 0 runs the teacher's inference alone, on host params)."""
-        if jax.process_count() > 1:
+        """The `role`'s inference mesh and rules (`inference_mesh`), as a context to run its programs under."""
+        where = self.inference_mesh(role)
+        if where is None:
             return contextlib.nullcontext
-        mesh, rules = self.mesh(role)
-        return lambda: partitioning.mesh_context(mesh, rules)
+        return lambda: partitioning.mesh_context(*where)
 
 
 def say(cfg: CellConfig, text: str) -> None:

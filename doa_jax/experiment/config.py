@@ -185,7 +185,8 @@ _LAYOUT_DEFAULTS = {("train", "mesh"): dataclasses.asdict(MeshConfig()), ("train
                     ("teacher", "remat_policy"): "none", ("teacher", "scan_layers"): False,
                     ("student", "remat_policy"): "none", ("student", "scan_layers"): False,
                     ("pricing", "measured_on"): "cpu"}
-# How the models are decoded and differentiated (added after key version 2): not hashed at all, so cells keyed before keep their keys.
+# How the models are decoded and differentiated (added after key version 2): not hashed at all, so
+# cells keyed before keep their keys.
 _NEVER_KEYED = tuple((role, name) for role in ("teacher", "student") for name in EXECUTION_FIELDS)
 # Settings added after key version 2 that change results only away from their default: hashed only
 # when set, so cells keyed before they existed keep their keys.

@@ -9,8 +9,9 @@ teacher).
 
 Multi-host: every process runs every phase. Training and evaluation are collective programs over
 the job's mesh (each host feeds its share of each batch); process 0 decides whether the teacher is
-already trained, builds the teacher store (on its own devices, as on one host) and writes the
-records, and the others read what it wrote once it is there (`partitioning.from_chief`/`chief_first`).
+already trained, builds the teacher store (on its own chips, with a replica of the teacher sharded
+over them: `CellRun.inference_mesh`) and writes the records, and the others read what it wrote once
+it is there (`partitioning.from_chief`/`chief_first`); the online teacher runs on each host's chips.
 """
 from __future__ import annotations
 
@@ -144,9 +145,10 @@ def layout_free(model: T5Config) -> dict[str, Any]:
 def teacher_params(run: CellRun, directory: storage.AnyPath) -> Any:
     """The fine-tuned teacher's params for its inference phases, in the decoding dtypes: on one
     process, read straight onto the teacher's mesh, each device reading its own shards (never the
-    whole tree on one chip or in host memory); on several processes, as host arrays on process 0,
-    which builds the store alone. A checkpoint written with the other layer layout (scanned or not)
-    is converted on the host first (said)."""
+    whole tree on one chip or in host memory); on several processes, read on each host and placed
+    on its inference mesh (`CellRun.inference_mesh`: a replica sharded over its own chips). A
+    checkpoint written with the other layer layout (scanned or not) is converted on the host first
+    (said)."""
     cfg = run.cfg
     if jax.process_count() == 1:
         stored_scan = native_checkpoints.read_config(native_checkpoints.latest_step_dir(directory)).scan_layers
@@ -162,12 +164,15 @@ def teacher_params(run: CellRun, directory: storage.AnyPath) -> Any:
 
 def checkpoint_teacher_params(run: CellRun, path: storage.AnyPath) -> Any:
     """The teacher's params from a checkpoint of any format doa-jax reads (T5X, HF, native), read on
-    the host in the cell's teacher layout, in the decoding dtypes: placed on the teacher's mesh on
-    one process; host arrays on several (process 0 builds the store alone)."""
+    the host in the cell's teacher layout, in the decoding dtypes, placed on the teacher's inference
+    mesh (on several processes: each host's own chips; each device copies only its shards)."""
     module = Transformer(run.cfg.teacher)
     params = checkpoints.load_checkpoint(path, config=run.cfg.teacher)[1]
-    if jax.process_count() == 1:
-        params = partitioning.put_params(params, partitioning.model_shardings(module, *run.mesh("teacher")))
+    mesh, rules = run.inference_mesh("teacher")
+    if jax.process_count() > 1:
+        run.say(f"the teacher's inference runs on each host's own {mesh.devices.size} devices "
+                f"(mesh data={mesh.shape['data']}, model={mesh.shape['model']})")
+    params = partitioning.put_params(params, partitioning.model_shardings(module, mesh, rules))
     return decoding.decoding_params(params, module)
 
 
@@ -289,10 +294,12 @@ def student_data(run: CellRun, unlabeled_used: int, labels: list) -> StudentData
         with run.inference_context("teacher")():
             arrays = student_data_lib.with_gold_rows(arrays, gold, Transformer(cfg.teacher), teacher_params,
                                                      cfg.distill.topk)
+    wrapper = online_teacher(cfg, teacher_params, run.inference_context("teacher"))
+    if wrapper is not None:
+        run.say("online soft targets: the teacher's forward runs on every student batch")
     return StudentData(arrays, cfg.epochs.distill, kd=True,
                        work=run.pricer.student(True, len(arrays["encoder_input_tokens"])),
-                       source_wrapper=online_teacher(cfg, teacher_params, run.inference_context("teacher")),
-                       unlabeled_used=len(unlabeled), pseudo_labels_kept=len(keep))
+                       source_wrapper=wrapper, unlabeled_used=len(unlabeled), pseudo_labels_kept=len(keep))
 
 
 @dataclasses.dataclass

@@ -55,13 +55,12 @@ class T5Config:
     # it again at every step, as T5X does (a cache about 2 x layers x heads x kv / emb times smaller,
     # the projection's FLOPs paid per decoded token). Results are the same either way.
     decode_cross_kv: str = "cache"
-    # How scanned layers are differentiated (same gradients either way; what differs is the memory each
-    # compiler's schedule needs, `notes/aot.md`): 'stack' runs `doa_jax.model.stack`'s own backward loop,
-    # with each attention bias added inside the layer (GPUs: XXL fp32 on one H100 67.1 GiB, 86.3 with
-    # JAX's); 'autodiff' lets JAX transpose the scan, the biases computed once outside it (TPUs: XXL fp32
-    # on a v5e-8 about 13 GiB per chip, 15.0 with the stack's loop); 'auto' picks per platform when the
-    # program is lowered (`jax.lax.platform_dependent`: TPU autodiff, others stack), so a program
-    # compiled ahead of time for a TPU gets the TPU's choice.
+    # How scanned layers are differentiated (the same gradients; what differs is the memory each
+    # compiler's schedule needs, measured in notes/aot.md): 'stack' runs `doa_jax.model.stack`'s own
+    # backward loop (GPUs need least with it), 'autodiff' lets JAX transpose the scan with the attention
+    # biases made outside it (TPUs need least with it), 'auto' picks per platform when the program is
+    # lowered (`jax.lax.platform_dependent`), so a program compiled ahead of time for a TPU gets the
+    # TPU's choice. The fused update always runs the stack's loop.
     scan_backward: str = "auto"
 
     def __post_init__(self):

@@ -7,9 +7,11 @@ With `config.scan_layers`, each stack's layers are one `nn.scan` (params `encode
 stacked on a leading `layers` axis, the decode cache `{self_k, self_v, cross_k, cross_v}` stacked
 as `[layers, B, L, H, D]`; with `decode_cross_kv='recompute'`, `{self_k, self_v, encoded}`, the encoder
 output `[B, S, E]` shared by every layer); `doa_jax.model.scan` converts params to and from T5X's per-layer names.
-The teacher-forced forward runs the stacked layers through `doa_jax.model.stack.apply_stack`, a
-scan with its own backward loop (a transposed `nn.scan` allocated the encoder's gradients before
-the decoder's backward pass: issue 27); `nn.scan` still creates the params and runs decoding.
+The teacher-forced forward runs the stacked layers as `config.scan_backward` says: through
+`doa_jax.model.stack.apply_stack`, a scan with its own backward loop (GPUs: a transposed scan
+allocated the encoder's gradients before the decoder's backward pass, issue 27), or as a plain
+`lax.scan` JAX differentiates, the attention biases made outside it (TPUs); 'auto' picks per
+platform. `nn.scan` still creates the params and runs decoding.
 
 Masking convention: attention masks keys only (a padded query still attends to the valid keys).
 Outputs at padded positions are therefore defined but meaningless; compare valid positions only.
@@ -129,7 +131,7 @@ class StackLayer:
     = (relpos,) or (encoded, relpos) and fixed = the masks, and each attention bias is `relpos + mask`,
     added inside the layer (no `[B, H, S, S]` float32 bias is carried through the loop, nor its
     cotangent); without (JAX's transposed scan), the biases come made: consts = (bias,) or (encoded,
-    self_bias), fixed = () or (cross_bias,) (`biases_outside`)."""
+    self_bias), fixed = () or (cross_bias,) (`summed_biases`)."""
 
     def __init__(self, cls, cfg: T5Config, deterministic: bool, bias_inside: bool = True):
         self.cls, self.cfg, self.deterministic, self.bias_inside = cls, cfg, deterministic, bias_inside
@@ -139,7 +141,7 @@ class StackLayer:
         rngs = None if key is None else {"dropout": key}
         module = self.cls(self.cfg, parent=None)   # a detached module: applied to the given params only
         if self.bias_inside:
-            consts, fixed = biases_outside(self.cls, consts, fixed)
+            consts, fixed = summed_biases(self.cls, consts, fixed)
         if self.cls is EncoderLayer:
             (bias,) = consts
             return module.apply({"params": p}, x, bias, self.deterministic, rngs=rngs)
@@ -150,7 +152,7 @@ class StackLayer:
         return jax.checkpoint(self._run, policy=self.policy)(p, x, consts, fixed, key)
 
 
-def biases_outside(cls, consts: tuple, fixed: tuple) -> tuple[tuple, tuple]:
+def summed_biases(cls, consts: tuple, fixed: tuple) -> tuple[tuple, tuple]:
     """A stack's (consts, fixed) with the position bias and the masks summed: ((relpos + mask,), ())
     for the encoder, ((encoded, relpos + self_mask), (cross_bias,)) for the decoder."""
     if cls is EncoderLayer:
@@ -173,7 +175,7 @@ def _run_stack(module: nn.Module, cls, x: Array, consts: tuple, fixed: tuple, de
 
     def autodiff(params, x, consts, fixed, key):
         return scan_stack(StackLayer(cls, cfg, deterministic, bias_inside=False), params, x,
-                          *biases_outside(cls, consts, fixed), key)
+                          *summed_biases(cls, consts, fixed), key)
 
     args = (module.layers.variables["params"], x, consts, fixed, key)
     if cfg.scan_backward == "auto":

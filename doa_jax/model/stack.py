@@ -14,8 +14,8 @@ before the backward loop that fills it. The copy costs a read and a write of the
 params per step, where the zero fill cost a write.
 
 The TPU compiler schedules the other way round: JAX's transposed scan, with each attention bias
-computed once outside the loop (`scan_stack`), needs less than this loop (XXL fp32 on a v5e-8, model
-axis 8: 13 GiB per chip against 15). `T5Config.scan_backward` chooses ('auto': per platform).
+computed once outside the loop (`scan_stack`), needs less there than this loop (notes/aot.md).
+`T5Config.scan_backward` chooses ('auto': per platform).
 
 Pure math: the layer is any function `layer(p, x, consts, fixed, key) -> x` of one layer's
 params `p`, its input `x`, loop-invariant inputs with a gradient `consts` (position biases, the

@@ -126,7 +126,8 @@ class StepProgram:
                 state.params, batch, weights, divisor, rng)
         else:
             grads, metrics = self._accumulate(state.params, batch, weights, divisor, rng)
-        grads, grad_norm = gradient_norm_first(grads, scanned=self.model_config.scan_layers)
+        grads, grad_norm = gradient_norm_first(grads, scanned=self.model_config.scan_layers,
+                                               backward=self.model_config.scan_backward)
         # bf16 params are written back with stochastic rounding, keyed by the step (resumes replay it).
         params, opt_state, update_norm = optimizers.apply_gradients(
             self.tx, grads, state.opt_state, state.params, rounding_key(rng))
@@ -179,19 +180,20 @@ def step_program(model_config: T5Config, loss: LossConfig, optimizer: OptimizerC
     return StepProgram(model_config, loss, optimizer, total_steps, num_microbatches, mesh, rules, param_dtype, fused)
 
 
-def gradient_norm_first(grads: Any, scanned: bool) -> tuple[Any, jax.Array]:
-    """`(grads, global norm)`. For float32 gradients of scanned layers on GPUs (and CPUs), each leaf's
-    squared sum is taken before anything reads the leaf again: XLA otherwise schedules the norm after
-    the update, keeping a whole stack's gradients alive through the other stack's backward pass (XXL on
-    one H100, scanned: 91.9 -> 77.5 GiB). Not on TPUs (`jax.lax.platform_dependent`, chosen when the
-    step is lowered), whose compiler needs more with it: scanned Large fp32 on a v5e-8 1.09 -> 1.22
-    GiB per chip. Unrolled layers: it gains nothing on an H100 (90.48 GiB either way) and costs a v5e-8
-    3.6 GiB per chip (XXL fp32 Adafactor, model axis 8: 11.49 -> 15.10). bf16 gradients: the barrier
-    would materialise them in bf16, where XLA otherwise keeps them in float32 inside the fused update
-    (excess precision), which would change results."""
+def gradient_norm_first(grads: Any, scanned: bool, backward: str = "auto") -> tuple[Any, jax.Array]:
+    """`(grads, global norm)`. With the stack's own backward loop (`T5Config.scan_backward`: 'stack',
+    or 'auto' lowered for anything but a TPU) and float32 gradients, each leaf's squared sum is taken
+    before anything reads the leaf again: XLA otherwise schedules the norm after the update, keeping a
+    whole stack's gradients alive through the other stack's backward pass (XXL on one H100: 91.9 ->
+    77.5 GiB). With JAX's transposed scan ('autodiff', TPUs' choice) it is left to XLA, which needs
+    less without the barrier there; unrolled layers too (the measurements: notes/aot.md). bf16
+    gradients: the barrier would materialise them in bf16, where XLA otherwise keeps them in float32
+    inside the fused update (excess precision), which would change results."""
     if not scanned or any(g.dtype != jnp.float32 for g in jax.tree_util.tree_leaves(grads)):
-        return grads, optax.tree.norm(grads)
-    return jax.lax.platform_dependent(grads, tpu=_norm_after, default=_norm_first)
+        return _norm_after(grads)
+    if backward == "auto":
+        return jax.lax.platform_dependent(grads, tpu=_norm_after, default=_norm_first)
+    return {"stack": _norm_first, "autodiff": _norm_after}[backward](grads)
 
 
 def _norm_after(grads: Any) -> tuple[Any, jax.Array]:
