@@ -42,7 +42,13 @@ CONFIGURABLES: dict[str, Callable[..., Any]] = {
 
 def _factory(build: Callable[..., Any], name: str) -> Callable[..., Any]:
     def factory(*args: Any, **fields: Any) -> Any:
-        return build(*args, **fields)
+        try:
+            return build(*args, **fields)
+        except ValueError as e:   # say which one of a scoped pair (teacher/T5Size, student/T5Size) was wrong
+            scope = gin.current_scope_str()
+            if not scope:
+                raise
+            raise ValueError(f"{scope}/{name}: {e}") from None
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = build.__doc__

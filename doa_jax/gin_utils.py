@@ -320,6 +320,9 @@ def _one_line_build_error(name: str, e: Exception) -> str:
     message = lines[0] if lines else type(e).__name__
     m = re.search(r"In call to configurable '(\w+)'", str(e))
     configurable = m.group(1) if m else None
+    scoped = re.match(rf"([\w/]+/{configurable}): (.*)", message) if configurable else None
+    if scoped:     # raised under a scope (doa_jax.configurables): its parameters are the scope's
+        configurable, message = scoped.groups()
     origins = []
     for word in dict.fromkeys(re.findall(r"[A-Za-z_]\w*", message)) if configurable else ():
         try:

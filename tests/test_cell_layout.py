@@ -74,6 +74,17 @@ def test_the_scan_backward_macros_set_each_models_backward_pass_and_keep_the_key
     assert cell.key() == base.key()
 
 
+def test_a_bad_layout_macro_names_the_model_it_sets_and_where_it_was_set(capsys):
+    from doa_jax import cli
+
+    assert cli.main(["run", "--gin_file", "runs/experiment.gin", "--gin_file", "runs/demo_models.gin",
+                     "--gin_file", "experiments/demo_distill.gin", "--gin.OUTPUT_DIR='/tmp/unused'",
+                     "--gin.STUDENT_SCAN_BACKWARD='manual'", "--dry_run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "doa run: error: student/T5Size: T5Config.scan_backward must be one of auto, stack, autodiff, got 'manual' "
+        "(scan_backward = %STUDENT_SCAN_BACKWARD from --gin.STUDENT_SCAN_BACKWARD)")
+
+
 def test_a_teacher_stores_key_ignores_how_the_teacher_decodes_and_is_differentiated():
     teacher = tiny(emb_dim=32)
     key = phases.layout_free(teacher)
