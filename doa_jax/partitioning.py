@@ -289,8 +289,9 @@ def host_shard_info() -> ShardInfo:
 
 
 def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays (leading dim over `data`) from this host's rows of the batch. Rows already on
-    this process's devices (the online teacher's logits) are resharded there, never copied to the host."""
+    """Global arrays (leading dim over `data`) from this host's rows of the batch. On one process, rows
+    already on its devices (the online teacher's logits) are resharded there, never copied to the host;
+    on several they go through host memory (each host's own rows)."""
     sharding = data_sharding(mesh)
 
     def put(v):
