@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import json
+import math
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import flax.linen as nn
@@ -271,6 +271,13 @@ def from_chief(compute: Callable[[], Any]) -> Any:
     if "error" in got:
         raise ChiefFailed(f"process 0 failed: {got['error']}")
     return got["ok"]
+
+
+def sum_over_processes(n: int) -> int:
+    """`n` summed over every process of the job (each must call this: also a barrier)."""
+    if jax.process_count() == 1:
+        return n
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(n, np.int64))))
 
 
 def chief_first(fn: Callable[[], T]) -> T:

@@ -53,6 +53,25 @@ def test_killed_build_resumes_without_recomputing_finished_chunks(tmp_path):
     assert out.sources == sources and out.predictions[0] == detok(expected["tokens"][0])
 
 
+def test_hosts_building_their_shares_of_one_store_leave_the_store_one_host_would(tmp_path):
+    # Two hosts, chunks 0, 2 and 1, 3 of 10 inputs in chunks of 3: each computes only its own; the store is
+    # complete when both are done and holds what one host's build holds.
+    sources, enc = inputs(10)
+    shared, alone = ts.TeacherStore(tmp_path / "two", "k"), ts.TeacherStore(tmp_path / "one", "k")
+    first, second = CountingTeacher(), CountingTeacher()
+    stats = shared.build(sources, enc, first, detok, chunk_size=3, shard=(0, 2))
+    assert (stats.computed_chunks, stats.reused_chunks, first.rows) == (2, 0, 6) and not shared.is_complete()
+    stats = shared.build(sources, enc, second, detok, chunk_size=3, shard=(1, 2))
+    assert (stats.computed_chunks, second.rows) == (2, 4) and shared.is_complete()
+    alone.build(sources, enc, CountingTeacher(), detok, chunk_size=3)
+    got, want = shared.load(), alone.load()
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.topk_values, want.topk_values)
+    assert got.predictions == want.predictions and got.sources == want.sources
+    with pytest.raises(ValueError, match=r"shard must be \(index, count\) with 0 <= index < count, got \(2, 2\)"):
+        shared.build(sources, enc, CountingTeacher(), detok, chunk_size=3, shard=(2, 2))
+
+
 def test_same_key_reuses_the_store_with_no_teacher_compute(tmp_path):
     sources, enc = inputs(7)
     key = ts.store_key("teacher-abc", sources, {"decode": "greedy", "max_len": 4, "topk": K})

@@ -130,14 +130,19 @@ class TeacherStore:
     def build(self, sources: Sequence[str], encoder_input_tokens: np.ndarray, predict_fn: PredictFn,
               detokenize: Callable[[np.ndarray], str], *, chunk_size: int = 256,
               settings: Optional[Mapping[str, Any]] = None,
-              on_chunk: Optional[Callable[[int, int, int], None]] = None) -> BuildStats:
-        """Computes every chunk not yet completed. `on_chunk(done, total, examples)` reports progress."""
+              on_chunk: Optional[Callable[[int, int, int], None]] = None,
+              shard: tuple[int, int] = (0, 1)) -> BuildStats:
+        """Computes every chunk not yet completed; with `shard=(i, n)` only the chunks c with c % n == i
+        (one host's share when n hosts build one store; the others' chunks count as neither computed
+        nor reused). `on_chunk(done, total, examples)` reports progress."""
         if len(sources) != len(encoder_input_tokens):
             raise ValueError(f"{len(sources)} sources but {len(encoder_input_tokens)} token rows")
         if len(sources) == 0:
             raise ValueError("the unlabeled pool is empty: no inputs for the teacher")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
         num_chunks = -(-len(sources) // chunk_size)
         storage.makedirs(self.dir)
         manifest = {"key": self.key, "format_version": FORMAT_VERSION, "num_examples": len(sources),
@@ -150,7 +155,7 @@ class TeacherStore:
         else:
             _atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
         computed = reused = 0
-        for i in range(num_chunks):
+        for i in range(shard[0], num_chunks, shard[1]):
             problem = self.chunk_problem(i)
             if problem is None:
                 reused += 1
@@ -219,8 +224,10 @@ class StoreRequest:
 
 def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: Transformer, params: Any, *,
                 batch_size: int = 64, chunk_size: int = 256,
-                on_chunk: Optional[Callable[[int, int, int], None]] = None) -> tuple[TeacherStore, np.ndarray, BuildStats]:
-    """The store for `request` under `root`: built (or finished) now, reused when already complete.
+                on_chunk: Optional[Callable[[int, int, int], None]] = None,
+                shard: tuple[int, int] = (0, 1)) -> tuple[TeacherStore, np.ndarray, BuildStats]:
+    """The store for `request` under `root`: built (or finished) now, reused when already complete;
+    `shard=(i, n)`: only this host's share of its chunks (`TeacherStore.build`).
 
     Returns the store, the encoded inputs and what was computed; `doa predict` and the experiment
     cell both come through here, so one key means the same outputs whoever wrote them.
@@ -233,7 +240,7 @@ def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: T
     predict = teacher_outputs.make_predict_fn(module, params, request.max_decode_len, num_beams=request.num_beams,
                                               topk=request.topk, batch_size=batch_size)
     stats = store.build(list(request.sources), enc, predict, vocab.decode, chunk_size=chunk_size, settings=settings,
-                        on_chunk=on_chunk)
+                        on_chunk=on_chunk, shard=shard)
     return store, enc, stats
 
 

@@ -8,10 +8,11 @@ plan, are computed once and charged to every cell that uses them (the paper char
 teacher).
 
 Multi-host: every process runs every phase. Training and evaluation are collective programs over
-the job's mesh (each host feeds its share of each batch); process 0 decides whether the teacher is
-already trained, builds the teacher store (on its own chips, with a replica of the teacher sharded
-over them: `CellRun.inference_mesh`) and writes the records, and the others read what it wrote once
-it is there (`partitioning.from_chief`/`chief_first`); the online teacher runs on each host's chips.
+the job's mesh (each host feeds its share of each batch); the teacher's inference runs on each
+host's own chips, with a replica of the teacher sharded over them (`CellRun.inference_mesh`): every
+host computes its share of the teacher store's chunks, then reads the whole store, and runs the
+online forward on its own rows. Process 0 decides whether the teacher is already trained and writes
+the records; the others read what it wrote once it is there (`partitioning.from_chief`/`chief_first`).
 """
 from __future__ import annotations
 
@@ -222,22 +223,28 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
         setup.decode_length, num_beams=cfg.distill.teacher_num_beams, topk=cfg.distill.stored_topk)
     root = run.cache / "stores"
     start = time.perf_counter()
-    run.say(f"teacher outputs for {len(request.sources)} unlabeled inputs -> {root}")
+    hosts = f" (each of {jax.process_count()} hosts computes its share)" if jax.process_count() > 1 else ""
+    run.say(f"teacher outputs for {len(request.sources)} unlabeled inputs -> {root}{hosts}")
 
-    def build():   # process 0 computes and writes the store; the others then find it complete and read it
+    def build():   # each process its share of the chunks, on its own chips (one process: every chunk)
         with run.inference_context("teacher")():
-            store, enc, stats = teacher_store.build_store(
+            return teacher_store.build_store(
                 root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
                 batch_size=store_batch_size(cfg), chunk_size=256,
-                on_chunk=lambda done, total, n: run.say(f"  teacher chunk {done}/{total}"))
-        if stats.computed_chunks:
-            storage.write_atomic(store.dir / "record.json", json.dumps(
-                {"seconds": time.perf_counter() - start, "computed_chunks": stats.computed_chunks}))
-        return store, enc
+                on_chunk=lambda done, total, n: run.say(f"  teacher chunk {done}/{total}"),
+                shard=(jax.process_index(), jax.process_count()))
 
-    store, enc = partitioning.chief_first(build)
-    record_path = store.dir / "record.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    store, enc, stats = build()
+    computed = partitioning.sum_over_processes(stats.computed_chunks)   # every host's chunks are written
+
+    def record():   # what building it took, written by process 0 when anything was computed now
+        path = store.dir / "record.json"
+        if computed:
+            storage.write_atomic(path, json.dumps({"seconds": time.perf_counter() - start,
+                                                   "computed_chunks": computed}))
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    record = partitioning.from_chief(record)
     work = run.pricer.teacher_inference(len(request.sources))
     run.ledger.add_compute(f"teacher_inference:{store.key}", "teacher_inference", record.get("seconds", 0.0),
                            sum(w.flops for w in work), work=work)
