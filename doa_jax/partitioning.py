@@ -252,6 +252,10 @@ class ChiefFailed(RuntimeError):
     """What process 0 raised in `from_chief`, raised on the other processes (one line)."""
 
 
+class HostFailed(ChiefFailed):
+    """What one process raised in `on_every_host`, raised on the others (one line, naming it)."""
+
+
 def from_chief(compute: Callable[[], Any]) -> Any:
     """`compute()` run on process 0 only; its value (JSON-able) returned on every process.
 
@@ -271,6 +275,36 @@ def from_chief(compute: Callable[[], Any]) -> Any:
     if "error" in got:
         raise ChiefFailed(f"process 0 failed: {got['error']}")
     return got["ok"]
+
+
+def _gather_json(value: Any) -> list[Any]:
+    """Every process's JSON-able `value`, in process order (every process must call this)."""
+    data = json.dumps(value).encode()
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    buf = np.zeros(max(64, 1 << (int(sizes.max()) - 1).bit_length()), np.uint8)
+    buf[:len(data)] = np.frombuffer(data, np.uint8)
+    got = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(row[:n].tobytes()) for row, n in zip(got, sizes)]
+
+
+def on_every_host(fn: Callable[[], T]) -> T:
+    """`fn()` on every process, then a barrier. When it raised anywhere, it raises everywhere: the
+    process that raised, its own exception; the others a `HostFailed` naming the first process that
+    failed and what it raised (no host is left waiting in a later collective)."""
+    if jax.process_count() == 1:
+        return fn()
+    error = value = None
+    try:
+        value = fn()
+    except Exception as e:  # noqa: BLE001  (said on every host below, then raised here)
+        error = e
+    said = _gather_json(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = next(((i, m) for i, m in enumerate(said) if m is not None), None)
+    if failed is not None:
+        raise HostFailed(f"process {failed[0]} failed: {failed[1]}")
+    return value
 
 
 def sum_over_processes(n: int) -> int:

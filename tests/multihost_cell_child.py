@@ -25,6 +25,10 @@ if NUM_PROCESSES > 1:
 # The compilation cache comes from the environment (tests/conftest.py sets JAX_COMPILATION_CACHE_DIR).
 
 from doa_jax import cli  # noqa: E402
+from doa_jax.experiment import phases  # noqa: E402
+
+# Smaller store chunks, so that both hosts compute some (the test sets the same in its one-host run).
+phases.STORE_CHUNK_SIZE = int(os.environ.get("DOA_TEST_STORE_CHUNK_SIZE", phases.STORE_CHUNK_SIZE))
 
 
 def main(commands: list) -> int:

@@ -157,6 +157,19 @@ def test_the_fused_update_keeps_a_layers_gradients_at_a_time_and_needs_less_than
     assert rows[1]["fused_update"] is True and rows[1]["alias_gib"] == pytest.approx(rows[1]["argument_gib"], rel=0.01)
 
 
+def test_on_a_target_of_several_hosts_the_teachers_inference_compiles_on_one_hosts_chips():
+    # v5e-16: 4 hosts of 4 chips. The train step spans all 16 (model axis 4); the teacher's decode, as a
+    # multi-host cell runs it, each host alone on its 4 chips (the same model axis, data 1).
+    mesh = partitioning.MeshConfig(model=4)
+    train = recipes.recipe_programs(recipes.Recipe(size="tiny", phase="train", batch=16, lengths=(16, 8), mesh=(-1, 4),
+                                                   optimizer="adafactor"))[0]
+    decode = aot.Program("teacher_decode", "decode", "decode", config_for_size("tiny"), 8, (16, 8), mesh, per_host=True)
+    rows = aot.compile_all([train, decode], targets.get("v5e-16"))
+    assert [r["mesh"] for r in rows] == [[4, 4], [1, 4]] and all(r["fits"] for r in rows)
+    assert aot.placed(decode, targets.get("v5e-8"))[0] is decode      # one host: as it is
+    assert targets.one_host(targets.get("v4-16")).name == "v4-8" and rows[1]["target"] == "v5e-4"
+
+
 @pytest.mark.slow   # six compiles (~50 s on 2 idle cores)
 def test_scanned_layers_are_differentiated_the_way_each_platforms_compiler_needs_least_for():
     # scan_backward='auto' is lowered as JAX's transposed scan for a TPU and as the stack's own loop for a

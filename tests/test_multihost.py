@@ -6,6 +6,7 @@ shared file once and score as one process does."""
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -150,16 +151,20 @@ SWEEP = ["sweep", "--gin_file", "sweeps/demo.gin", "--gin.GRID_START_LABELS=[50]
          "--gin.GRID_SEEDS=[0]", "--gin.GRID_STRATEGIES=['annotate', 'distill']"]
 
 
-def test_doa_run_and_doa_sweep_on_two_hosts_write_each_shared_file_once_and_match_one_host(tmp_path, capsys):
+def test_doa_run_and_doa_sweep_on_two_hosts_write_each_shared_file_once_and_match_one_host(tmp_path, capsys,
+                                                                                          monkeypatch):
     from doa_jax import cli
-    from doa_jax.experiment import results
+    from doa_jax.experiment import phases, results
+
+    monkeypatch.setattr(phases, "STORE_CHUNK_SIZE", 8)     # several store chunks, shared between the hosts
 
     settings = lambda out: [*CELL_SETTINGS, f"--gin.OUTPUT_DIR='{out}'"]
     out = tmp_path / "two_hosts"
     port = _free_port()
     commands = json.dumps([[*RUN, *settings(out)], [*SWEEP, *settings(out)]])
     procs = [subprocess.Popen([sys.executable, str(CHILD_CELL), str(i), "2", str(port), commands], cwd=REPO,
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=dict(_env(), DOA_TEST_STORE_CHUNK_SIZE="8"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
              for i in (0, 1)]
     one = tmp_path / "one_host"              # meanwhile, the same cell in this 8-device process
     assert cli.main([*RUN, *settings(one)]) == 0
@@ -182,12 +187,16 @@ def test_doa_run_and_doa_sweep_on_two_hosts_write_each_shared_file_once_and_matc
                                                        "teacher_inference"]
     assert len(list((out / "cache" / "teachers").iterdir())) == 1
     [store] = (out / "cache" / "stores").iterdir()
-    assert sorted(p.name for p in store.iterdir()) == ["chunk_00000.COMPLETED", "chunk_00000.jsonl",
-                                                       "chunk_00000.npz", "manifest.json", "record.json"]
-    for log in logs:      # both processes were told, by process 0, that the distill cell was done
+    chunks = json.loads((store / "manifest.json").read_text())["num_chunks"]
+    assert chunks >= 2 and sorted(p.name for p in store.iterdir()) == sorted(
+        [f"chunk_{i:05d}{suffix}" for i in range(chunks) for suffix in (".COMPLETED", ".jsonl", ".npz")]
+        + ["manifest.json", "record.json"])
+    assert json.loads((store / "record.json").read_text())["computed_chunks"] == chunks
+    for process, log in enumerate(logs):   # each host computed its share (chunk c on host c mod 2), on its chips
         assert "sweep: 2 cells in" in log and "1 already finished, 1 to run" in log
-    # the teacher's store was decoded on process 0's own 4 devices, a replica of the teacher sharded there
-    assert "the teacher's inference runs on each host's own 4 devices (mesh data=4, model=1)" in logs[0]
+        assert "the teacher's inference runs on each host's own 4 devices (mesh data=4, model=1)" in log
+        done = {int(m) for m in re.findall(r"teacher chunk (\d+)/", log)}
+        assert done == set(range(process + 1, chunks + 1, 2))
     assert (out / "report.md").exists() and (out / "sweep.json").exists()
 
 

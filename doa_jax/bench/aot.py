@@ -32,6 +32,7 @@ from doa_jax.losses import LossConfig
 from doa_jax.model import T5Config, Transformer
 from doa_jax.optimizers import OptimizerConfig
 from doa_jax.partitioning import MeshConfig
+from doa_jax.bench import targets
 from doa_jax.bench.targets import GIB, NOTICES, Target
 from doa_jax import trainer
 from doa_jax.trainer import StepProgram, TrainState
@@ -71,6 +72,7 @@ class Program:
     train: Optional[TrainSpec] = None
     topk: int = 1
     co_resident: tuple[str, ...] = ()
+    per_host: bool = False      # on several hosts each runs it alone on its own chips (the teacher's inference)
 
     def __post_init__(self):
         if self.phase not in PHASES or self.kind not in KINDS:
@@ -78,6 +80,17 @@ class Program:
                              f"{PHASES} / {KINDS}")
         if (self.kind == "train") != (self.train is not None):
             raise ValueError(f"program {self.name}: a train step needs a TrainSpec, other kinds none")
+
+
+def placed(program: Program, target: Target) -> tuple[Program, Target, list]:
+    """Where `program` runs on `target`: (the program, the target it compiles for, its devices). On a
+    target of several hosts a `per_host` program runs on one host's chips, with its layout cut to them
+    (`MeshConfig.within`), as a multi-host cell runs the teacher's inference: it compiles for one host
+    (`targets.one_host`); anything else for the whole target."""
+    host = targets.one_host(target) if program.per_host else target
+    if host is target:
+        return program, target, target.devices()
+    return dataclasses.replace(program, mesh=program.mesh.within(host.devices_count)), host, host.devices()
 
 
 class Layout:
@@ -374,14 +387,13 @@ def compile_all(programs: Sequence[Program], target: Target, *, on_row=None,
     """Every program compiled for `target`, with each one's co-resident state counted. With
     `errors_as_rows`, a program that cannot be laid out or lowered there (e.g. 6 attention heads on an
     8-way model axis) gives a row with `error` and `fits: None`, and the others still compile."""
-    devices = target.devices()
     by_name = {p.name: p for p in programs}
     rows = []
     for program in programs:
         try:
-            others = [by_name[n] for n in program.co_resident if n in by_name]
-            co = sum(state_bytes_per_device(o, Layout(o, devices)) for o in others)
-            row = compile_program(program, target, devices, co)
+            others = [placed(by_name[n], target) for n in program.co_resident if n in by_name]
+            co = sum(state_bytes_per_device(o, Layout(o, here)) for o, _, here in others)
+            row = compile_program(*placed(program, target), co)
         except Exception as e:  # noqa: BLE001  (layout and lowering errors of one program, as data)
             if not errors_as_rows:
                 raise

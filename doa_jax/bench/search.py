@@ -180,20 +180,20 @@ def _search_one(program: aot.Program, programs: Sequence[aot.Program], target: T
         record = dict(program=program.name, target=c.target, changes=_jsonable(changes(c, base)),
                       invasiveness=invasiveness(c, base), **_jsonable(c.knobs))
         try:
-            devices = t.devices()
+            variant, where, devices = aot.placed(variant, t)   # the teacher's inference: one host's chips
             layout = aot.Layout(variant, devices)
         except ValueError:
             continue      # a batch, microbatch count or mesh that does not divide this slice
-        co = sum(_state_bytes(o, aot.Layout(o, devices), c.target) for o in
-                 (apply(p, {**_settings(p), "mesh": c.knobs["mesh"], "fsdp": c.knobs["fsdp"]}) for p in programs
-                  if p.name in program.co_resident))
+        co = sum(_state_bytes(o, aot.Layout(o, here), c.target) for o, _, here in
+                 (aot.placed(apply(p, {**_settings(p), "mesh": c.knobs["mesh"], "fsdp": c.knobs["fsdp"]}), t)
+                  for p in programs if p.name in program.co_resident))
         if (_least_bytes(variant, layout, c.target) + co) / GIB > t.capacity_gib:
             failures.append(c)
             continue
         if _dominated(c, failures) is not None:
             continue
         budget[0] -= 1
-        row = aot.compile_program(variant, t, devices, co)
+        row = aot.compile_program(variant, where, devices, co)
         record.update(peak_gib=row.get("peak_gib"), co_resident_gib=row["co_resident_gib"], fits=row["fits"],
                       capacity_gib=t.capacity_gib, chips=t.chips, bound_s=row.get("bound_s"),
                       chip_s_per_example=per_example_chip_s(row, t), compile_s=row["compile_s"])

@@ -78,6 +78,20 @@ def names() -> list[str]:
     return out
 
 
+def one_host(target: Target) -> Target:
+    """The slice (or GPU box) of one host of `target`: `target` itself when it has one host, else the
+    smallest target of its family with as many devices as one of its hosts (v5e-16, 4 hosts of 4
+    chips: v5e-4). Programs a host runs alone compile for it (the same chips, their own ids)."""
+    per_host = sum(1 for d in target.devices() if d.process_index == 0)
+    if per_host == target.devices_count:
+        return target
+    for name in names():
+        other = get(name)
+        if other.family == target.family and other.devices_count == per_host:
+            return other
+    raise TargetError(f"no target of one {target.name} host ({per_host} {target.family} devices) in the table")
+
+
 def get(name: str) -> Target:
     """The target called `name` (e.g. `v5e-8`, `v5p-8`, `h100`, `h100x8`); one error listing the valid names."""
     text = str(name).strip().lower()

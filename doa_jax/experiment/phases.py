@@ -127,6 +127,7 @@ def fine_tune_teacher(run: CellRun, labels: list) -> tuple[str, Any]:
             storage.write_atomic(record_path, json.dumps({
                 "steps": result.step, "seconds": seconds, "lost_seconds": result.lost_seconds,
                 "flops": sum(w.flops for w in as_run(work, result.step))}))
+        del result   # its train state (params and optimizer moments) off the chips before inference's params
     else:
         run.say(f"reusing the fine-tuned teacher in {run_dir}")
     record = partitioning.from_chief(lambda: json.loads(record_path.read_text()))
@@ -134,6 +135,10 @@ def fine_tune_teacher(run: CellRun, labels: list) -> tuple[str, Any]:
                            work=as_run(work, record["steps"]))
     run.ledger.add_lost(f"lost:teacher_finetune:{key}", "teacher_finetune", record.get("lost_seconds", 0.0))
     return key, teacher_params(run, run_dir / "checkpoints")
+
+
+# Inputs per chunk of the teacher store: the unit a build resumes from, and that hosts share out.
+STORE_CHUNK_SIZE = 256
 
 
 def layout_free(model: T5Config) -> dict[str, Any]:
@@ -168,13 +173,15 @@ def checkpoint_teacher_params(run: CellRun, path: storage.AnyPath) -> Any:
     the host in the cell's teacher layout, in the decoding dtypes, placed on the teacher's inference
     mesh (on several processes: each host's own chips; each device copies only its shards)."""
     module = Transformer(run.cfg.teacher)
-    params = checkpoints.load_checkpoint(path, config=run.cfg.teacher)[1]
+    # cast on the host: float32 and bf16 copies side by side would need 1.5x float32 on the chips
+    params = decoding.decoding_params(checkpoints.load_checkpoint(path, config=run.cfg.teacher)[1], module)
     mesh, rules = run.inference_mesh("teacher")
     if jax.process_count() > 1:
+        wanted = run.cfg.teacher_layout.mesh.model
+        cut = f"; TEACHER_MESH_MODEL={wanted} cut to this host's chips" if wanted != mesh.shape["model"] else ""
         run.say(f"the teacher's inference runs on each host's own {mesh.devices.size} devices "
-                f"(mesh data={mesh.shape['data']}, model={mesh.shape['model']})")
-    params = partitioning.put_params(params, partitioning.model_shardings(module, mesh, rules))
-    return decoding.decoding_params(params, module)
+                f"(mesh data={mesh.shape['data']}, model={mesh.shape['model']}{cut})")
+    return partitioning.put_params(params, partitioning.model_shardings(module, mesh, rules))
 
 
 def checkpoint_identity(path: str) -> dict[str, Any]:
@@ -230,15 +237,19 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
         with run.inference_context("teacher")():
             return teacher_store.build_store(
                 root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
-                batch_size=store_batch_size(cfg), chunk_size=256,
+                batch_size=store_batch_size(cfg), chunk_size=STORE_CHUNK_SIZE,
                 on_chunk=lambda done, total, n: run.say(f"  teacher chunk {done}/{total}"),
                 shard=(jax.process_index(), jax.process_count()))
 
-    store, enc, stats = build()
+    store, enc, stats = partitioning.on_every_host(build)
     computed = partitioning.sum_over_processes(stats.computed_chunks)   # every host's chunks are written
 
     def record():   # what building it took, written by process 0 when anything was computed now
         path = store.dir / "record.json"
+        if jax.process_count() > 1 and not store.is_complete():
+            raise FileNotFoundError(f"teacher store {store.dir} is incomplete after every host computed its "
+                                    "share: the cache must be a folder every host sees (OUTPUT_DIR / CACHE_DIR "
+                                    "on gs:// or a shared disk)")
         if computed:
             storage.write_atomic(path, json.dumps({"seconds": time.perf_counter() - start,
                                                    "computed_chunks": computed}))

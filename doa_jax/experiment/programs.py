@@ -8,6 +8,10 @@ microbatches, decode batch: `teacher/PhaseLayout`, `student/PhaseLayout`):
                      ─► [teacher_forward (online soft targets)] ─► student_distill ─► eval_decode
     annotate:        student_train ─► eval_decode
 
+The teacher's inference programs (decode, scoring, the online forward) are `per_host`: on a target of
+several hosts each host runs them alone on its own chips, the teacher's layout cut to them
+(`bench.aot.placed`), as a multi-host cell does.
+
 Nothing is read but the task card (for its lengths) when both models' vocab sizes are set
 (MODEL_VOCAB_SIZE); otherwise they are resolved as `doa run` resolves them (the vocabulary and the
 checkpoints they start from).
@@ -59,15 +63,15 @@ def cell_programs(cfg: CellConfig, lengths: Mapping[str, int]) -> list[Program]:
             programs.append(Program("teacher_train", "train", "train", cfg.teacher, t.batch_size, (n_in, n_out), t_mesh,
                                     train_spec("teacher", None, kd=False)))
         programs += [
-            Program("teacher_decode", "decode", "decode", cfg.teacher, store, (n_in, n_dec), t_mesh),
+            Program("teacher_decode", "decode", "decode", cfg.teacher, store, (n_in, n_dec), t_mesh, per_host=True),
             Program("teacher_score", "score", "score", cfg.teacher, store, (n_in, n_dec), t_mesh,
-                    topk=cfg.distill.stored_topk)]
+                    topk=cfg.distill.stored_topk, per_host=True)]
         if cfg.kind.mixes_gold:
             programs.append(Program("teacher_score_gold", "score", "score", cfg.teacher, phases.EVAL_BATCH_SIZE,
-                                    (n_in, n_out), t_mesh, topk=cfg.distill.topk or 1))
+                                    (n_in, n_out), t_mesh, topk=cfg.distill.topk or 1, per_host=True))
         if online:
             programs.append(Program("teacher_forward", "distill", "forward", cfg.teacher, t.batch_size,
-                                    (n_in, n_out), t_mesh, co_resident=(student_step,)))
+                                    (n_in, n_out), t_mesh, co_resident=(student_step,), per_host=True))
         soft = cfg.teacher.vocab_size if online else cfg.distill.stored_topk
         programs.append(Program(student_step, "distill", "train", cfg.student, t.batch_size, (n_in, n_out), s_mesh,
                                 train_spec("student", soft, kd=True),
