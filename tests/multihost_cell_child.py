@@ -29,6 +29,11 @@ from doa_jax.experiment import phases  # noqa: E402
 
 # Smaller store chunks, so that both hosts compute some (the test sets the same in its one-host run).
 phases.STORE_CHUNK_SIZE = int(os.environ.get("DOA_TEST_STORE_CHUNK_SIZE", phases.STORE_CHUNK_SIZE))
+if os.environ.get("DOA_TEST_STORE_FAILS_ON") == str(PROCESS_ID):   # this host fails its share of the store
+    def _failing_build(*args, **kwargs):
+        raise OSError("no space left on device (test)")
+
+    phases.teacher_store.build_store = _failing_build
 
 
 def main(commands: list) -> int:

@@ -224,3 +224,15 @@ def test_an_online_teacher_on_two_hosts_runs_on_each_hosts_devices_and_matches_o
     for log in logs:
         assert "the teacher's inference runs on each host's own 4 devices (mesh data=4, model=1)" in log
         assert "online soft targets: the teacher's forward runs on every student batch" in log
+
+
+def test_a_host_failing_its_share_of_the_teacher_store_is_named_on_every_host(tmp_path):
+    port = _free_port()
+    commands = json.dumps([[*RUN, *CELL_SETTINGS, f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'"]])
+    procs = [subprocess.Popen([sys.executable, str(CHILD_CELL), str(i), "2", str(port), commands], cwd=REPO,
+                              env=dict(_env(), DOA_TEST_STORE_FAILS_ON="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert procs[0].returncode == 1, logs[0][-3000:]
+    assert "doa run: error: process 1 failed: OSError: no space left on device (test)" in logs[0]
+    assert procs[1].returncode != 0 and "no space left on device (test)" in logs[1]
