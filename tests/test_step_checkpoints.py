@@ -51,3 +51,15 @@ def test_importing_step_checkpoints_prints_nothing():
     done = subprocess.run([sys.executable, "-c", "import doa_jax.checkpoints.steps"], capture_output=True,
                           text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
+
+
+def test_a_step_directory_given_as_a_relative_path_is_read(tmp_path, monkeypatch):
+    # `doa demo` writes under ./demo_out: the teacher's params are read back from a relative path,
+    # which Orbax refuses unless it is made absolute first.
+    params = {"norm": _replicated((16,))}
+    TrainCheckpoints(tmp_path / "run" / "checkpoints", async_save=False, with_optimizer=False).save(
+        3, params=params, model_config=tiny_config(), trainer_state={"step": 3})
+    monkeypatch.chdir(tmp_path)
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
+    restored = steps.restore_step_directory("run/checkpoints", abstract_params=abstract)[0]
+    np.testing.assert_array_equal(np.asarray(restored["norm"]), np.asarray(params["norm"]))

@@ -251,7 +251,7 @@ def restore_step_directory(path: str | pathlib.Path, *, abstract_params: Any, ab
 
     Returns `(params, opt_state or None, trainer_state or {}, config)`.
     """
-    directory = step_directory(path)
+    directory = storage.absolute(step_directory(path))   # Orbax refuses relative paths (doa demo's demo_out/...)
     present = {p.name for p in directory.iterdir()}
     items = dict(params=ocp.args.StandardRestore(abstract_params), config=ocp.args.JsonRestore())
     if "trainer_state" in present:
