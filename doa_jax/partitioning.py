@@ -237,12 +237,17 @@ def is_chief() -> bool:
 T = TypeVar("T")
 
 
+def _buffer_size(size: int) -> int:
+    """Bytes of the buffer JSON travels in between processes: a power of two, so a few shapes (each
+    one compile) serve every call."""
+    return max(64, 1 << (size - 1).bit_length())
+
+
 def _broadcast_json(value: Any) -> Any:
-    """Process 0's JSON-able `value`, on every process (the others' `value` is ignored). The bytes
-    travel in a buffer padded to a power of two, so a few shapes (each one compile) serve every call."""
+    """Process 0's JSON-able `value`, on every process (the others' `value` is ignored)."""
     data = json.dumps(value).encode() if is_chief() else b""
     size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
-    buf = np.zeros(max(64, 1 << (size - 1).bit_length()), np.uint8)
+    buf = np.zeros(_buffer_size(size), np.uint8)
     if is_chief():
         buf[:size] = np.frombuffer(data, np.uint8)
     return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:size].tobytes())
@@ -281,7 +286,7 @@ def _gather_json(value: Any) -> list[Any]:
     """Every process's JSON-able `value`, in process order (every process must call this)."""
     data = json.dumps(value).encode()
     sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
-    buf = np.zeros(max(64, 1 << (int(sizes.max()) - 1).bit_length()), np.uint8)
+    buf = np.zeros(_buffer_size(int(sizes.max())), np.uint8)
     buf[:len(data)] = np.frombuffer(data, np.uint8)
     got = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
     return [json.loads(row[:n].tobytes()) for row, n in zip(got, sizes)]

@@ -54,23 +54,18 @@ def test_layout_settings_leave_the_cell_key_as_it_was_before_they_existed():
     assert changed.key() != base.key()
 
 
-def test_the_decode_cross_kv_macros_set_each_models_decoding_and_keep_the_key():
+@pytest.mark.parametrize("binding,field,want", [
+    ("TEACHER_DECODE_CROSS_KV='recompute'", "decode_cross_kv", ("recompute", "cache")),
+    ("STUDENT_SCAN_BACKWARD='autodiff'", "scan_backward", ("auto", "autodiff")),
+], ids=["decode_cross_kv", "scan_backward"])
+def test_an_execution_macro_sets_its_models_field_and_keeps_the_key(binding, field, want):
+    # How a model is decoded or differentiated (model.config.EXECUTION_FIELDS) never makes another cell.
     files = ["gin/runs/experiment.gin", "gin/runs/demo_models.gin", "gin/experiments/demo_distill.gin"]
     gin_utils.parse(files, ["OUTPUT_DIR='/tmp/unused'"])
     base = gin_utils.macro("CELL")
-    gin_utils.parse(files, ["OUTPUT_DIR='/tmp/unused'", "TEACHER_DECODE_CROSS_KV='recompute'"])
+    gin_utils.parse(files, ["OUTPUT_DIR='/tmp/unused'", binding])
     cell = gin_utils.macro("CELL")
-    assert (cell.teacher.decode_cross_kv, cell.student.decode_cross_kv) == ("recompute", "cache")
-    assert cell.key() == base.key()
-
-
-def test_the_scan_backward_macros_set_each_models_backward_pass_and_keep_the_key():
-    files = ["gin/runs/experiment.gin", "gin/runs/demo_models.gin", "gin/experiments/demo_distill.gin"]
-    gin_utils.parse(files, ["OUTPUT_DIR='/tmp/unused'"])
-    base = gin_utils.macro("CELL")
-    gin_utils.parse(files, ["OUTPUT_DIR='/tmp/unused'", "STUDENT_SCAN_BACKWARD='autodiff'"])
-    cell = gin_utils.macro("CELL")
-    assert (cell.teacher.scan_backward, cell.student.scan_backward) == ("auto", "autodiff")
+    assert (getattr(cell.teacher, field), getattr(cell.student, field)) == want
     assert cell.key() == base.key()
 
 

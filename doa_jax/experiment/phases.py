@@ -239,7 +239,7 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
                 root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
                 batch_size=store_batch_size(cfg), chunk_size=STORE_CHUNK_SIZE,
                 on_chunk=lambda done, total, n: run.say(f"  teacher chunk {done}/{total}"),
-                shard=(jax.process_index(), jax.process_count()))
+                shard=partitioning.host_shard_info())
 
     store, enc, stats = partitioning.on_every_host(build)
     computed = partitioning.sum_over_processes(stats.computed_chunks)   # every host's chunks are written

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from doa_jax.model.config import T5Config
 from doa_jax.model.layers import (NEG_INF, Dense, Embed, MlpBlock, MultiHeadAttention,
                                   RelativePositionBias, RMSNorm, constrain)
-from doa_jax.model.stack import apply_stack, scan_stack
+from doa_jax.model.stack import apply_stack, by_backward, scan_stack
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -177,10 +177,8 @@ def _run_stack(module: nn.Module, cls, x: Array, consts: tuple, fixed: tuple, de
         return scan_stack(StackLayer(cls, cfg, deterministic, bias_inside=False), params, x,
                           *summed_biases(cls, consts, fixed), key)
 
-    args = (module.layers.variables["params"], x, consts, fixed, key)
-    if cfg.scan_backward == "auto":
-        return jax.lax.platform_dependent(*args, tpu=autodiff, default=own_loop)
-    return {"stack": own_loop, "autodiff": autodiff}[cfg.scan_backward](*args)
+    return by_backward(cfg.scan_backward, {"stack": own_loop, "autodiff": autodiff},
+                       module.layers.variables["params"], x, consts, fixed, key)
 
 
 class EncoderLayer(nn.Module):

@@ -25,7 +25,7 @@ encoder output), inputs without one `fixed` (masks), and a dropout key (None: de
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +138,24 @@ def _apply_stack_bwd(layer, res, dy):
     return grads, dx, dconsts, jax.tree_util.tree_map(jnp.zeros_like, fixed), None
 
 
+# ----------------------------------------------------------------------------- which backward pass
+
+# The backward pass each platform's compiler needs least memory for (notes/aot.md); every other
+# platform: 'stack'. `T5Config.scan_backward='auto'` follows this table.
+PLATFORM_BACKWARD = {"tpu": "autodiff"}
+
+
+def by_backward(backward: str, branches: Mapping[str, Callable], *args) -> Any:
+    """`branches[backward](*args)` (`T5Config.scan_backward`: 'stack' or 'autodiff'); for 'auto', the
+    branch of the platform the program is lowered for (`PLATFORM_BACKWARD`), chosen by
+    `jax.lax.platform_dependent`, so a program compiled ahead of time for a TPU gets the TPU's. One
+    choice for everything that goes with the backward pass (the stack, the train step's norm)."""
+    if backward != "auto":
+        return branches[backward](*args)
+    per_platform = {platform: branches[name] for platform, name in PLATFORM_BACKWARD.items()}
+    return jax.lax.platform_dependent(*args, default=branches["stack"], **per_platform)
+
+
 class _Spec:
     """The tape's treedef and sources, carried through the residuals as a static (non-array) leaf."""
 
@@ -148,4 +166,5 @@ class _Spec:
 jax.tree_util.register_pytree_node(_Spec, lambda s: ((), s.value), lambda value, _: _Spec(value))
 apply_stack.defvjp(_apply_stack_fwd, _apply_stack_bwd)
 
-__all__ = ["Tape", "apply_stack", "forward", "index", "layer_key", "layer_vjp", "num_layers", "scan_stack"]
+__all__ = ["PLATFORM_BACKWARD", "Tape", "apply_stack", "by_backward", "forward", "index", "layer_key",
+           "layer_vjp", "num_layers", "scan_stack"]

@@ -26,6 +26,7 @@ import optax
 from doa_jax import fused_update, losses, optimizers, partitioning
 from doa_jax.losses import LossConfig
 from doa_jax.model import T5Config, Transformer
+from doa_jax.model.stack import by_backward
 from doa_jax.optimizers import OptimizerConfig
 
 
@@ -191,9 +192,7 @@ def gradient_norm_first(grads: Any, scanned: bool, backward: str = "auto") -> tu
     inside the fused update (excess precision), which would change results."""
     if not scanned or any(g.dtype != jnp.float32 for g in jax.tree_util.tree_leaves(grads)):
         return _norm_after(grads)
-    if backward == "auto":
-        return jax.lax.platform_dependent(grads, tpu=_norm_after, default=_norm_first)
-    return {"stack": _norm_first, "autodiff": _norm_after}[backward](grads)
+    return by_backward(backward, {"stack": _norm_first, "autodiff": _norm_after}, grads)
 
 
 def _norm_after(grads: Any) -> tuple[Any, jax.Array]:
