@@ -87,3 +87,126 @@ def test_missing_or_bad_model_file(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match=r"junk\.model: not a SentencePiece model"):
         vocab.Vocabulary(tmp_path / "junk.model")
+
+
+# ----------------------------------------------------------------------------- from a Hugging Face tokenizer.json
+
+NORMALIZED = ["ﬁne  tuning of ＴＥＮ models", "Café №５ — ½ cup", "tabs\tand\nnewlines", "AAAAAAA lmfaooooooo"]
+
+
+def _hf_tokenizer_json(model_path, out, legacy: bool = False):
+    """tokenizer.json as Hugging Face's own T5 converter writes it from a SentencePiece model (`legacy`: the
+    older layout that copies of T5's carry: Metaspace with add_prefix_space, no Strip step)."""
+    import importlib
+    import json
+    import types
+
+    convert = importlib.import_module("transformers.convert_slow_tokenizer")
+    original = types.SimpleNamespace(vocab_file=str(model_path), _extra_ids=100, legacy=True, add_prefix_space=True,
+                                     convert_tokens_to_ids=lambda token: vocab.EOS_ID)
+    tokenizer = convert.T5Converter(original).converted()
+    tokenizer.save(str(out))
+    if legacy:
+        spec = json.loads(out.read_text())
+        spec["normalizer"]["normalizers"] = [n for n in spec["normalizer"]["normalizers"] if n["type"] != "Strip"]
+        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}
+        out.write_text(json.dumps(spec))
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def unicode_vocab(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "unicode.model"
+    return vocab.Vocabulary(vocab.build_vocab(TEXT + NORMALIZED * 20, path, vocab_size=150))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["current", "legacy"])
+def test_tokenizer_json_gives_back_the_sentencepiece_model_it_was_written_from(unicode_vocab, tmp_path, legacy):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    _hf_tokenizer_json(unicode_vocab.path, tmp_path / "tokenizer.json", legacy)
+    rebuilt = vocab.Vocabulary(vocab.from_tokenizer_json(tmp_path / "tokenizer.json", tmp_path / "spiece.model"))
+    protos = []
+    for v in (unicode_vocab, rebuilt):
+        protos.append(pb.ModelProto())
+        protos[-1].ParseFromString(v.path.read_bytes())
+    original, back = protos
+    assert [(p.piece, p.score, p.type) for p in back.pieces] == [(p.piece, p.score, p.type) for p in original.pieces]
+    assert back.normalizer_spec.precompiled_charsmap == original.normalizer_spec.precompiled_charsmap
+    assert rebuilt.vocab_size == unicode_vocab.vocab_size == unicode_vocab.base_vocab_size + 100
+    for text in TEXT[:5] + NORMALIZED:
+        assert rebuilt.encode(text) == unicode_vocab.encode(text), text
+
+
+def test_rebuilt_model_encodes_as_the_hugging_face_tokenizer(unicode_vocab, tmp_path):
+    hf = _hf_tokenizer_json(unicode_vocab.path, tmp_path / "tokenizer.json")
+    rebuilt = vocab.Vocabulary(vocab.from_tokenizer_json(tmp_path / "tokenizer.json", tmp_path / "spiece.model"))
+    for text in TEXT[:5] + NORMALIZED[:3]:  # (ties between equal-score splits, as in NORMALIZED[3], may differ)
+        assert rebuilt.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["model"].update(type="BPE"), r"model\.type is 'BPE'; only a Unigram model"),
+    (lambda s: s["model"]["vocab"].__setitem__(1, ["<s>", 0.0]), r"model\.vocab\[1\] is '<s>'; T5's ids need '</s>'"),
+    (lambda s: s["normalizer"]["normalizers"].append({"type": "Lowercase"}),
+     r"normalizer has \['Lowercase'\] with no SentencePiece equivalent"),
+    (lambda s: s.update(pre_tokenizer={"type": "Whitespace"}), r"pre_tokenizer is .*Whitespace.*; T5's is Metaspace"),
+], ids=["bpe", "special-ids", "normalizer", "pre-tokenizer"])
+def test_a_tokenizer_json_without_a_sentencepiece_equivalent_is_refused_by_field(unicode_vocab, tmp_path, edit,
+                                                                                 message):
+    import json
+
+    _hf_tokenizer_json(unicode_vocab.path, tmp_path / "tokenizer.json")
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    edit(spec)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=message):
+        vocab.from_tokenizer_json(tmp_path / "tokenizer.json", tmp_path / "spiece.model")
+    assert not (tmp_path / "spiece.model").exists()
+
+
+def test_a_tokenizer_json_that_is_not_json_is_named_with_its_line(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{\n  "model": {\n    "type": Unigram\n  }\n}\n')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not JSON \(line 3: "):
+        vocab.from_tokenizer_json(tmp_path / "tokenizer.json", tmp_path / "spiece.model")
+
+
+def test_doa_vocab_convert_writes_the_model_and_prints_its_spec(unicode_vocab, tmp_path, capsys):
+    import json
+
+    from doa_jax.cli import main
+
+    _hf_tokenizer_json(unicode_vocab.path, tmp_path / "tokenizer.json")
+    assert main(["vocab", "convert", str(tmp_path / "tokenizer.json"), "--out", str(tmp_path / "t5.model")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    pieces = unicode_vocab.base_vocab_size
+    assert (printed["pieces"], printed["vocab_size"], printed["model_vocab_size"]) == (pieces, pieces + 100, 256)
+    assert vocab.Vocabulary(tmp_path / "t5.model").encode(NORMALIZED[0]) == unicode_vocab.encode(NORMALIZED[0])
+
+
+def _script(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tokenizer_json_is_read_out_of_a_c_header_byte_array(unicode_vocab, tmp_path):
+    script = _script("t5_vocab_from_pypi")
+    _hf_tokenizer_json(unicode_vocab.path, tmp_path / "tokenizer.json")
+    data = (tmp_path / "tokenizer.json").read_bytes()
+    lines = ",\n".join(f"    0x{b:02x}" for b in data + b"\0")
+    header = f"static const unsigned char other[] = {{\n    0x41,\n}};\n" \
+             f"static const unsigned char {script.ARRAY}[] = {{\n{lines}\n}};\n"
+    assert script.tokenizer_json_from_header(header) == data
+    with pytest.raises(ValueError, match=f"no array {script.ARRAY}"):
+        script.tokenizer_json_from_header("static const unsigned char other[] = {0x41};")
+
+
+def test_a_vocabulary_that_is_not_t5s_fails_the_documented_ids(unicode_vocab):
+    with pytest.raises(SystemExit, match=r"'Hello world' -> \[.*\], T5's is \[8774, 296\]: not T5's vocabulary"):
+        _script("t5_vocab_from_pypi").check_known_ids(unicode_vocab)

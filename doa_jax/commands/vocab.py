@@ -1,4 +1,5 @@
 """`doa vocab build`: a SentencePiece model with T5's ids (pad 0, eos 1, unk 2; +100 extra ids) from task text.
+`doa vocab convert`: T5's SentencePiece model rebuilt from a Hugging Face tokenizer.json (Unigram).
 
 `--out` (and `--text` files) may be URLs (gs://bucket/spiece.model): a bucket that cannot be
 written is an error before any text is read.
@@ -21,6 +22,11 @@ def register(subparsers) -> None:
     build.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
     build.add_argument("--data-dir", help="data folder for a single task (default: the cards')")
     build.set_defaults(func=run_build)
+    convert = sub.add_parser("convert", help="rebuild a SentencePiece model (T5's spiece.model) from a Hugging "
+                                             "Face tokenizer.json of a Unigram model")
+    convert.add_argument("tokenizer_json", help="the tokenizer.json (a path or URL)")
+    convert.add_argument("--out", required=True, help="model path or URL, ending in .model")
+    convert.set_defaults(func=run_convert)
 
 
 def run_build(args) -> int:
@@ -47,4 +53,20 @@ def run_build(args) -> int:
     print(f"models for this vocabulary need vocab_size {rows} ({v.vocab_size} ids padded to a multiple of "
           f"{VOCAB_PAD_MULTIPLE}). doa train/run/sweep follow VOCABULARY by default (MODEL_VOCAB_SIZE = None); "
           f"to pin it: --gin.MODEL_VOCAB_SIZE={rows}", file=sys.stderr)
+    return 0
+
+
+def run_convert(args) -> int:
+    import sys
+
+    from doa_jax import storage
+    from doa_jax.data import vocab
+
+    if storage.is_url(args.out):
+        storage.check_writable(args.out.rpartition("/")[0], "--out folder")
+    v = vocab.Vocabulary(vocab.from_tokenizer_json(args.tokenizer_json, args.out))
+    print(json.dumps({"pieces": v.base_vocab_size, **v.spec(), "model_vocab_size": vocab.padded_vocab_size(v)},
+                     indent=2))
+    print(f"wrote {v.path}: {v.base_vocab_size} pieces (+{v.extra_ids} extra ids); use it as VOCABULARY or "
+          "--vocab", file=sys.stderr)
     return 0

@@ -3,7 +3,7 @@
 T5's ids: pad 0, eos 1, unk 2, no bos, then the model's pieces, then 100 extra ids
 (`<extra_id_0>` is the last id), as seqio's `SentencePieceVocabulary(path, extra_ids=100)` numbers
 them. `build_vocab` trains a SentencePiece model with those special ids, for machines without
-T5's `spiece.model`. A vocabulary's `spec()` (path, sha256, extra ids, size) goes into a run's
+T5's `spiece.model`; `from_tokenizer_json` rebuilds T5's own from a Hugging Face `tokenizer.json`. A vocabulary's `spec()` (path, sha256, extra ids, size) goes into a run's
 config; `check_vocab` refuses a model whose vocab_size does not fit it.
 
 Uses the `sentencepiece` package only (no TensorFlow); `seqio_tasks.seqio_vocabulary` makes the
@@ -11,9 +11,12 @@ equivalent seqio object.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import pathlib
+import re
 from typing import Iterable, Sequence
 
 from doa_jax import storage
@@ -148,6 +151,98 @@ def build_vocab(
         _train_sentencepiece(sentences, local / name, vocab_size, model_type, character_coverage,
                              input_sentence_size)
     return storage.path(target)
+
+
+# What a Hugging Face `tokenizers` file may say beside a Unigram model for SentencePiece to mean the same:
+# T5's normalization (a precompiled NFKC charsmap; runs of spaces folded and trailing ones dropped, which
+# SentencePiece's remove_extra_whitespaces does) and its Metaspace pre-tokenizer ("▁" before every word).
+_WHITESPACE_NORMALIZERS = ("Replace", "Strip")
+_EXTRA_ID = re.compile(r"<extra_id_\d+>")
+
+
+def from_tokenizer_json(json_path: str | os.PathLike, model_path: str | os.PathLike) -> storage.AnyPath:
+    """Writes the SentencePiece model that a Hugging Face `tokenizer.json` of a Unigram model describes.
+
+    Many copies of T5's vocabulary (Hugging Face repositories, tools that embed it) carry only the
+    `tokenizers` file, not `spiece.model`. Its pieces, scores, NFKC charsmap and whitespace handling are
+    SentencePiece's own, so the model can be rebuilt exactly; the trailing `<extra_id_N>` pieces are left
+    out (`Vocabulary` adds extra ids on top). Anything without a SentencePiece equivalent is refused,
+    naming the field. Written beside `model_path` and moved into place.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    src = storage.path(json_path)
+    if not src.is_file():
+        raise FileNotFoundError(f"tokenizer file {src} not found")
+    try:
+        spec = json.loads(src.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{src}: not JSON (line {e.lineno}: {e.msg})") from None
+    model = spec.get("model") or {}
+    if model.get("type") != "Unigram":
+        raise ValueError(f"{src}: model.type is {model.get('type')!r}; only a Unigram model (SentencePiece's, "
+                         "as T5's) converts")
+    pieces = [tuple(p) for p in model.get("vocab") or ()]
+    while pieces and _EXTRA_ID.fullmatch(pieces[-1][0]):
+        pieces.pop()
+    specials = {PAD_ID: "<pad>", EOS_ID: "</s>", UNK_ID: "<unk>"}
+    for i, name in specials.items():
+        if len(pieces) <= i or pieces[i][0] != name:
+            got = pieces[i][0] if len(pieces) > i else "nothing"
+            raise ValueError(f"{src}: model.vocab[{i}] is {got!r}; T5's ids need {name!r} there")
+    if model.get("unk_id") != UNK_ID:
+        raise ValueError(f"{src}: model.unk_id is {model.get('unk_id')!r}; T5's is {UNK_ID}")
+    if model.get("byte_fallback"):
+        raise ValueError(f"{src}: model.byte_fallback is set; T5's vocabulary has no byte pieces")
+
+    proto = pb.ModelProto()
+    trainer = proto.trainer_spec
+    trainer.model_type = pb.TrainerSpec.UNIGRAM
+    trainer.vocab_size = len(pieces)
+    trainer.pad_id, trainer.eos_id, trainer.unk_id, trainer.bos_id = PAD_ID, EOS_ID, UNK_ID, -1
+    trainer.pad_piece, trainer.eos_piece, trainer.unk_piece = specials[PAD_ID], specials[EOS_ID], specials[UNK_ID]
+    kinds = {PAD_ID: pb.ModelProto.SentencePiece.CONTROL, EOS_ID: pb.ModelProto.SentencePiece.CONTROL,
+             UNK_ID: pb.ModelProto.SentencePiece.UNKNOWN}
+    for i, (piece, score) in enumerate(pieces):
+        proto.pieces.add(piece=piece, score=float(score), type=kinds.get(i, pb.ModelProto.SentencePiece.NORMAL))
+    _normalizer_from_json(spec, proto.normalizer_spec, src)
+
+    target = os.fspath(model_path)
+    if not target.endswith(".model"):
+        raise ValueError(f"{target}: the SentencePiece model path must end in .model")
+    if storage.is_url(target):
+        folder, _, name = target.rpartition("/")
+        with storage.staged(folder) as local:
+            local.mkdir(parents=True, exist_ok=True)
+            (local / name).write_bytes(proto.SerializeToString())
+        return storage.path(target)
+    with storage.local_staging(target) as local:
+        staged = local / pathlib.Path(target).name
+        staged.write_bytes(proto.SerializeToString())
+        os.replace(staged, target)
+    return pathlib.Path(target)
+
+
+def _normalizer_from_json(spec: dict, normalizer, src) -> None:
+    """Fills a SentencePiece NormalizerSpec from a tokenizer.json's normalizer and pre_tokenizer."""
+    node = spec.get("normalizer") or {"type": "Sequence", "normalizers": []}
+    steps = node["normalizers"] if node.get("type") == "Sequence" else [node]
+    charsmaps = [s["precompiled_charsmap"] for s in steps if s.get("type") == "Precompiled"]
+    others = [s.get("type") for s in steps if s.get("type") not in ("Precompiled", *_WHITESPACE_NORMALIZERS)]
+    if others or len(charsmaps) > 1:
+        raise ValueError(f"{src}: normalizer has {others or charsmaps[1:]} with no SentencePiece equivalent")
+    normalizer.name = "nmt_nfkc" if charsmaps else "identity"
+    if charsmaps:
+        normalizer.precompiled_charsmap = base64.b64decode(charsmaps[0])
+    normalizer.add_dummy_prefix = True
+    normalizer.remove_extra_whitespaces = True
+    normalizer.escape_whitespaces = True
+    pre = spec.get("pre_tokenizer") or {}
+    pre = next((p for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Metaspace"), pre)
+    prefixed = pre.get("add_prefix_space", pre.get("prepend_scheme") in ("always", "first"))
+    if pre.get("type") != "Metaspace" or pre.get("replacement") != "▁" or not prefixed:
+        raise ValueError(f"{src}: pre_tokenizer is {json.dumps(pre)[:120]}; T5's is Metaspace '▁' with a "
+                         "space before the first word")
 
 
 def _record_prefix(model_path: pathlib.Path, prefix: pathlib.Path) -> None:
