@@ -249,12 +249,12 @@ def nq_advice(tmp_path, capsys, *extra) -> dict:
 
 
 def test_cli_buys_no_more_unlabeled_inputs_than_the_pool_holds(tmp_path, capsys):
-    # Uncapped, $50 buys NQ 49,216 inputs at the paper's prices; a pool of 3,000 caps every option's U.
+    # Uncapped, $50 buys NQ 49,226 inputs at the paper's prices; a pool of 3,000 caps every option's U.
     uncapped = {o["strategy"] + str(o["compute_share"]): o["unlabeled"]
                 for o in nq_advice(tmp_path, capsys, "--unlabeled-pool", "none")["options"]}
     out = nq_advice(tmp_path, capsys, "--unlabeled-pool", "3000")
     capped = {o["strategy"] + str(o["compute_share"]): o["unlabeled"] for o in out["options"]}
-    assert uncapped["distill1.0"] == 49216 and capped["distill1.0"] == 3000
+    assert uncapped["distill1.0"] == 49226 and capped["distill1.0"] == 3000
     assert capped == {k: min(u, 3000) for k, u in uncapped.items()}
     assert out["unlabeled_pool"] == "3000 inputs (--unlabeled-pool)"
 

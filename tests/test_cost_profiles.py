@@ -43,9 +43,10 @@ def test_the_paper_profile_loads_its_fitted_rates_and_the_papers_a100_price():
     assert set(paper.rates) == {"teacher_train", "teacher_decode", "student_distill_online", "student_train",
                                 "eval_decode"}
     assert not paper.rates["student_train"].charged and "labels only" in paper.rates["student_train"].why_not
-    # Priced at the length statistics the fit chose: Stanceosaurus's inputs padded, cut at 128 tokens.
-    assert (fit["inputs_length"], fit["targets_length"]) == ("inputs_padded_cut", "targets")
-    assert paper.task_lengths("stanceosaurus").inputs == 128.0 and paper.task_lengths("nq").targets == 3.96
+    # Priced at the length statistics the fit chose (mean lengths), measured with T5's 32000-piece vocabulary.
+    assert (fit["inputs_length"], fit["targets_length"]) == ("inputs", "targets")
+    assert cp._read_profiles()["paper_lengths"]["vocabulary_pieces"] == 32000
+    assert paper.task_lengths("stanceosaurus").inputs == 114.79 and paper.task_lengths("nq").targets == 3.36
     assert (f"leave-one-task-out median {fit['loo_median_abs_residual']:.0%}, max {fit['loo_max_abs_residual']:.0%}"
             in paper.source)
 
@@ -110,8 +111,8 @@ def test_the_fit_prices_the_main_results_exceptions_apart_out_of_sample(refit):
     assert len(rows) == 48 and fit.explains_main_results(rows)
     cell = {(r["task"], r["labels"], r["budget"]): r for r in rows}
     assert cell[("nq", 10000, 50)]["unlabeled"] is None and cell[("nq", 10000, 50)]["loo_unlabeled"] is None
-    assert cell[("nq", 10000, 50)]["teacher_usd"] == pytest.approx(61.6, abs=0.5)
-    assert cell[("wlp", 5000, 100)]["teacher_usd"] == pytest.approx(93.2, abs=0.5)  # an extrapolation
+    assert cell[("nq", 10000, 50)]["teacher_usd"] == pytest.approx(60.4, abs=0.5)
+    assert cell[("wlp", 5000, 100)]["teacher_usd"] == pytest.approx(97.8, abs=0.5)  # an extrapolation
     assert cell[("wlp", 5000, 100)]["unlabeled"] < 5000 and cell[("multipit_gen", 10000, 100)]["loo_unlabeled"] < 5000
     assert min(r["unlabeled"] for r in rows if r["ran"] and r["distill"] > r["annotate"]) > 10_000
 
@@ -174,3 +175,40 @@ def test_a_calibration_of_another_format_version_is_refused(tmp_path):
     (tmp_path / "cal.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="format 'doa-calibration/0', expected 'doa-calibration/1'"):
         cp.read_calibration(tmp_path / "cal.json")
+
+
+@pytest.mark.parametrize("reported, expected", [
+    ("-27%", (-0.27, -0.27)), ("about -20%", (-0.2, -0.2)), ("+54%", (0.54, 0.54)), ("within 5%", (-0.05, 0.05)),
+])
+def test_a_reported_residual_is_a_point_or_a_range(reported, expected):
+    assert _fit_script().reported_range(reported, "here") == pytest.approx(expected)
+
+
+def test_a_withheld_observation_that_is_not_a_residual_is_named_by_file_and_line(tmp_path):
+    bad = tmp_path / "withheld.csv"
+    bad.write_text("# a comment\ntask,labels,unlabeled,issue_usd,reported\nwlp,100,10000,37.7,-20%\n"
+                   "wlp,500,10000,41.1,lowish\n")
+    with pytest.raises(ValueError, match=rf"{bad}:4: reported 'lowish' is not a residual"):
+        _fit_script().read_withheld(bad)
+
+
+def test_a_withheld_estimate_scales_the_issues_residual_by_the_new_price():
+    # Paid 100: the issue's model said 80 (-20%); a model saying 90 is estimated at -10%. A range scales too.
+    fit = _fit_script()
+    rows = [dict(task="t", range=(-0.2, -0.2), estimate=tuple((1 + x) * 90 / 80 - 1 for x in (-0.2, -0.2))),
+            dict(task="t", range=(-0.25, 0.25), estimate=tuple((1 + x) * 1.2 - 1 for x in (-0.25, 0.25))),
+            dict(task="t", range=(0.5, 0.5), estimate=(0.5, 0.5))]
+    assert rows[0]["estimate"] == pytest.approx((-0.1, -0.1))
+    summary = fit.withheld_summary(rows)["t"]
+    # within: the first only; the second (-10% to +50%) may be; the third is out. Median of |middles| 10%, 20%, 50%.
+    assert (summary["within"], summary["maybe"], summary["points"]) == (1, 1, 3)
+    assert summary["median"] == pytest.approx(0.2)
+
+
+def test_the_withheld_tasks_are_estimated_from_every_point_the_issue_reported(refit):
+    fit, _, result = refit
+    rows = fit.withheld_estimates(result.variant, result.theta, cp._read_profiles(), fit.read_withheld())
+    assert sorted({r["task"] for r in rows}) == ["fever", "wlp"] and len(rows) == 20
+    # FEVER at L = 10K, U = 10K: the issue's model said $81.4 (+60%); this fit's price scales it.
+    r = next(r for r in rows if (r["task"], r["labels"], r["unlabeled"]) == ("fever", 10000, 10000))
+    assert r["estimate"][0] == pytest.approx(1.6 * r["usd"] / 81.4 - 1)
