@@ -312,11 +312,12 @@ def on_every_host(fn: Callable[[], T]) -> T:
     return value
 
 
-def sum_over_processes(n: int) -> int:
-    """`n` summed over every process of the job (each must call this: also a barrier)."""
+def sum_over_processes(n: T) -> T:
+    """`n` (an int or a float) summed over every process of the job (each must call this: also a barrier)."""
     if jax.process_count() == 1:
         return n
-    return int(np.sum(multihost_utils.process_allgather(np.asarray(n, np.int64))))
+    kind = type(n)
+    return kind(np.sum(multihost_utils.process_allgather(np.asarray(n, np.float64 if kind is float else np.int64))))
 
 
 def chief_first(fn: Callable[[], T]) -> T:

@@ -1,6 +1,8 @@
 """The teacher store: chunked, resumable, keyed, and reused without teacher compute."""
 import json
+import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,13 +14,15 @@ K = 3
 class CountingTeacher:
     """A deterministic stand-in teacher (outputs are a function of the input row); counts rows."""
 
-    def __init__(self, fail_after_rows=None):
+    def __init__(self, fail_after_rows=None, seconds_per_call=0.0):
         self.rows = 0
         self.fail_after_rows = fail_after_rows
+        self.seconds_per_call = seconds_per_call
 
     def __call__(self, enc):
         if self.fail_after_rows is not None and self.rows >= self.fail_after_rows:
             raise KeyboardInterrupt("killed")
+        time.sleep(self.seconds_per_call)
         self.rows += len(enc)
         n = len(enc)
         tokens = np.stack([(enc[:, 0] + t) % 50 + 2 for t in range(4)], 1).astype(np.int32)
@@ -51,6 +55,23 @@ def test_killed_build_resumes_without_recomputing_finished_chunks(tmp_path):
     np.testing.assert_array_equal(out.tokens, expected["tokens"])
     np.testing.assert_allclose(out.topk_values, expected["topk_values"])
     assert out.sources == sources and out.predictions[0] == detok(expected["tokens"][0])
+
+
+def test_chunks_a_killed_build_finished_keep_what_they_took_for_the_build_that_completes_it(tmp_path):
+    # Chunks of 3 of 10 inputs, each call 0.05 s: the killed build finishes chunks 0 and 1; the rerun reuses
+    # them and reports their chip-seconds, read from their markers (seconds x this host's chips).
+    sources, enc = inputs(10)
+    store = ts.TeacherStore(tmp_path, "k")
+    with pytest.raises(KeyboardInterrupt):
+        store.build(sources, enc, CountingTeacher(fail_after_rows=6, seconds_per_call=0.05), detok, chunk_size=3)
+    markers = [json.loads((store.dir / f"chunk_{i:05d}.COMPLETED").read_text()) for i in (0, 1)]
+    assert all(m["seconds"] >= 0.05 and m["chips"] == jax.local_device_count() for m in markers)
+    stats = store.build(sources, enc, CountingTeacher(), detok, chunk_size=3)
+    assert (stats.reused_chunks, stats.unmeasured_chunks) == (2, 0)
+    assert stats.reused_chip_seconds == pytest.approx(sum(m["seconds"] * m["chips"] for m in markers))
+    # A marker from before markers held seconds counts as unmeasured, not as free.
+    (store.dir / "chunk_00000.COMPLETED").write_text(json.dumps({k: markers[0][k] for k in (".npz", ".jsonl")}))
+    assert store.reused_cost([0, 1]) == (pytest.approx(markers[1]["seconds"] * markers[1]["chips"]), 1)
 
 
 def test_hosts_building_their_shares_of_one_store_leave_the_store_one_host_would(tmp_path):
@@ -152,3 +173,16 @@ def test_loading_a_store_with_a_truncated_chunk_names_the_file(tmp_path):
     _truncate(tmp_path / "k" / "chunk_00000.npz", keep=0.9)
     with pytest.raises(FileNotFoundError, match=r"chunk_00000\.npz does not match its checksum .*; build it again"):
         store.load()
+
+
+def test_the_store_record_counts_the_chunks_of_every_attempt(tmp_path):
+    from doa_jax.experiment.phases import store_record
+
+    record = tmp_path / "record.json"
+    # Completed now (3 s, 2 chunks) after a killed attempt had finished chunks worth 5 s: 8 s.
+    assert store_record(record, 3.0, 2, 5.0, 0)["seconds"] == 8.0
+    # Another cell finding the store complete reads that record; its own 0.2 s of checks are not a build.
+    assert store_record(record, 0.2, 0, 8.0, 0)["seconds"] == 8.0
+    # An attempt finished every chunk and was killed before writing the record: the chunks' 5 s.
+    assert store_record(tmp_path / "other.json", 0.2, 0, 5.0, 1) == {
+        "seconds": 5.0, "computed_chunks": 0, "earlier_attempts_seconds": 5.0, "unmeasured_chunks": 1}

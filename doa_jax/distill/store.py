@@ -5,7 +5,9 @@ top-k logits at each output position (soft targets for distillation without a te
 student step). Outputs are written in chunks; a chunk is done when its `.COMPLETED` marker exists,
 so a run killed part-way resumes by skipping finished chunks. The marker holds the SHA-256 of the
 chunk's `.npz` and `.jsonl` files, checked whenever a chunk is reused or read: a chunk truncated or
-altered on disk is recomputed (with a warning naming the file) instead of failing later. The store's directory is named by a
+altered on disk is recomputed (with a warning naming the file) instead of failing later. It also holds
+the seconds computing the chunk took and the chips it held, so the chunks a killed attempt finished
+are still counted in what the store cost when a later attempt completes it. The store's directory is named by a
 key hashed from the teacher, the inputs and the decoding settings, so any later run with the same
 key reuses it with no teacher compute.
 
@@ -19,6 +21,7 @@ import io
 import json
 import os
 import pathlib
+import time
 import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -84,6 +87,8 @@ class BuildStats:
     computed_chunks: int
     reused_chunks: int
     path: pathlib.Path
+    reused_chip_seconds: float = 0.0   # what the reused chunks took when an earlier attempt computed them
+    unmeasured_chunks: int = 0         # reused chunks whose markers (an older version's) hold no seconds
 
 
 class TeacherStore:
@@ -120,6 +125,19 @@ class TeacherStore:
                 return f"{path} does not match its checksum (truncated or altered on disk)"
         return None
 
+    def chunk_chip_seconds(self, i: int) -> Optional[float]:
+        """Chip-seconds computing chunk `i` held (its seconds x the chips of the host that computed it); None
+        when its marker, written by an older version, does not say."""
+        marker = json.loads(self._chunk(i, ".COMPLETED").read_text())
+        if not all(isinstance(marker.get(k), (int, float)) for k in ("seconds", "chips")):
+            return None
+        return float(marker["seconds"]) * int(marker["chips"])
+
+    def reused_cost(self, chunks: Sequence[int]) -> tuple[float, int]:
+        """(chip-seconds of `chunks`' markers, how many of them hold none)."""
+        costs = [self.chunk_chip_seconds(i) for i in chunks]
+        return sum(c for c in costs if c is not None), sum(c is None for c in costs)
+
     def is_complete(self) -> bool:
         """True when the manifest and every chunk are there and every chunk passes its checksum."""
         if not self.manifest_path.exists():
@@ -154,15 +172,16 @@ class TeacherStore:
                                  f"of {old['chunk_size']}, not {len(sources)} in chunks of {chunk_size}")
         else:
             _atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
-        computed = reused = 0
+        computed, reused = 0, []
         for i in range(shard[0], num_chunks, shard[1]):
             problem = self.chunk_problem(i)
             if problem is None:
-                reused += 1
+                reused.append(i)
                 continue
             if problem:
                 warnings.warn(f"teacher store: {problem}; recomputing chunk {i}", RuntimeWarning, stacklevel=2)
                 self._chunk(i, ".COMPLETED").unlink(missing_ok=True)
+            started = time.perf_counter()
             lo, hi = i * chunk_size, min(len(sources), (i + 1) * chunk_size)
             predicted = predict_fn(encoder_input_tokens[lo:hi])
             out = {name: np.asarray(predicted[name]) for name in ARRAYS}
@@ -172,12 +191,13 @@ class TeacherStore:
             data = {".npz": _npz_bytes(out), ".jsonl": ("\n".join(lines) + "\n").encode()}
             for suffix, buf in data.items():
                 _atomic_write(self._chunk(i, suffix), buf)
-            _atomic_write(self._chunk(i, ".COMPLETED"),
-                          json.dumps({k: _sha256(v) for k, v in data.items()}).encode())
+            marker = {**{k: _sha256(v) for k, v in data.items()},
+                      "seconds": round(time.perf_counter() - started, 3), "chips": jax.local_device_count()}
+            _atomic_write(self._chunk(i, ".COMPLETED"), json.dumps(marker).encode())
             computed += 1
             if on_chunk:
                 on_chunk(i + 1, num_chunks, hi - lo)
-        return BuildStats(computed, reused, self.dir)
+        return BuildStats(computed, len(reused), self.dir, *self.reused_cost(reused))
 
     def load(self) -> TeacherOutputs:
         """All outputs; each chunk is checked against its checksums as it is read."""
@@ -235,8 +255,9 @@ def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: T
     settings = request.settings()
     store = TeacherStore(root, store_key(request.teacher, request.sources, settings))
     enc = encode_texts(vocab, list(request.sources), request.inputs_length, request.prefix)
-    if store.is_complete():
-        return store, enc, BuildStats(0, json.loads(store.manifest_path.read_text())["num_chunks"], store.dir)
+    if store.is_complete():   # this host's share of the chunks, as `build` would count them
+        mine = range(shard[0], json.loads(store.manifest_path.read_text())["num_chunks"], shard[1])
+        return store, enc, BuildStats(0, len(mine), store.dir, *store.reused_cost(mine))
     predict = teacher_outputs.make_predict_fn(module, params, request.max_decode_len, num_beams=request.num_beams,
                                               topk=request.topk, batch_size=batch_size)
     stats = store.build(list(request.sources), enc, predict, vocab.decode, chunk_size=chunk_size, settings=settings,

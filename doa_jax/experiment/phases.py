@@ -242,24 +242,38 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
                 shard=partitioning.host_shard_info())
 
     store, enc, stats = partitioning.on_every_host(build)
+    seconds = time.perf_counter() - start
     computed = partitioning.sum_over_processes(stats.computed_chunks)   # every host's chunks are written
+    # Chunks an earlier, killed attempt finished: what they held, in this job's wall seconds (its chips).
+    earlier = partitioning.sum_over_processes(stats.reused_chip_seconds) / jax.device_count()
+    unmeasured = partitioning.sum_over_processes(stats.unmeasured_chunks)
 
-    def record():   # what building it took, written by process 0 when anything was computed now
+    def record():   # what building it took (every attempt), written by process 0 when it is not there yet
         path = store.dir / "record.json"
         if jax.process_count() > 1 and not store.is_complete():
             raise FileNotFoundError(f"teacher store {store.dir} is incomplete after every host computed its "
                                     "share: the cache must be a folder every host sees (OUTPUT_DIR / CACHE_DIR "
                                     "on gs:// or a shared disk)")
-        if computed:
-            storage.write_atomic(path, json.dumps({"seconds": time.perf_counter() - start,
-                                                   "computed_chunks": computed}))
-        return json.loads(path.read_text()) if path.exists() else {}
+        return store_record(path, seconds, computed, earlier, unmeasured)
 
     record = partitioning.from_chief(record)
     work = run.pricer.teacher_inference(len(request.sources))
     run.ledger.add_compute(f"teacher_inference:{store.key}", "teacher_inference", record.get("seconds", 0.0),
                            sum(w.flops for w in work), work=work)
     return store.load(), enc
+
+
+def store_record(path: storage.AnyPath, seconds: float, computed: int, earlier: float, unmeasured: int) -> dict:
+    """The teacher store's record (what building it took, charged to every cell that uses it), at `path`:
+    written when this attempt computed chunks (`seconds`: its wall time) or when there is none yet (an
+    earlier attempt finished every chunk but was killed before writing it); `earlier`: the seconds of the
+    chunks earlier attempts finished, counted in either case; `unmeasured`: chunks whose markers hold no
+    seconds (an older version's)."""
+    if computed or not path.exists():
+        storage.write_atomic(path, json.dumps({
+            "seconds": (seconds if computed else 0.0) + earlier, "computed_chunks": computed,
+            "earlier_attempts_seconds": earlier, "unmeasured_chunks": unmeasured}))
+    return json.loads(path.read_text())
 
 
 def online_teacher(cfg: CellConfig, teacher_params: Any, context: Callable[[], Any] = contextlib.nullcontext):
