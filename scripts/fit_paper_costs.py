@@ -35,7 +35,7 @@ import pathlib
 import re
 import sys
 import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from scipy.optimize import linprog
@@ -91,7 +91,7 @@ CANDIDATES = {
     # Greedy generate() runs until every sequence of the batch has ended, and the distillation pads the
     # teacher's outputs to the batch's longest: the work on unlabeled inputs at padded target lengths,
     # the teacher's fine-tuning on gold labels unchanged. It is the one term that raises WLP's per-input
-    # cost (its targets are the longest, and the most spread: mean 24.8, a batch's longest 91).
+    # cost (its targets are the longest, and the most spread: mean 34.0, a batch's longest 124.8).
     "pseudo-labels decoded and distilled to the batch's longest target": dict(pseudo_targets="targets_padded"),
 }
 # Not a candidate: epochs rising with L. Nothing in the paper's runs could do that (run_t5.py trains a
@@ -406,13 +406,19 @@ def read_withheld(path=WITHHELD) -> list[dict]:
     return rows
 
 
-def withheld_estimates(variant: Variant, theta: np.ndarray, data: dict, rows: list[dict]) -> list[dict]:
-    """Each withheld point priced by a model, and its residual estimated by scaling the issue's by the new price
-    over the price the issue tested: (low, high) of (1 + reported) x new / issue - 1."""
+def model_price(variant: Variant, theta: np.ndarray, data: dict) -> Callable[[dict], float]:
+    """A (task, labels, unlabeled) point's compute dollars under a model's constants."""
     per_usd = _usd_per_second(data)
+    return lambda point: float(work_features(point, data["paper_lengths"], data["profiles"]["paper"], variant)
+                               @ theta * per_usd)
+
+
+def withheld_estimates(rows: list[dict], price: Callable[[dict], float]) -> list[dict]:
+    """Each withheld point at `price`, and its residual estimated by scaling the issue's by that price over the
+    price the issue tested: (low, high) of (1 + reported) x new / issue - 1."""
     out = []
     for r in rows:
-        usd = float(work_features(r, data["paper_lengths"], data["profiles"]["paper"], variant) @ theta * per_usd)
+        usd = price(r)
         ratio = usd / r["issue_usd"]
         out.append(dict(r, usd=usd, ratio=ratio, estimate=tuple((1 + x) * ratio - 1 for x in r["range"])))
     return out
@@ -517,7 +523,7 @@ def tables(result: Result, points: list, data: dict) -> str:
         out.append(f"| {p['task']} | {p['labels']} | {p['unlabeled']} | {p['compute_usd']:g} | "
                    f"{p['compute_usd'] * (1 + r):.1f} | {r:+.1%} | {o:+.1%} |")
     out += ["", main_results_table(check_main_results(result.variant, result.theta, points, data))]
-    out += ["", withheld_table(withheld_estimates(result.variant, result.theta, data, read_withheld()))]
+    out += ["", withheld_table(withheld_estimates(read_withheld(), model_price(result.variant, result.theta, data)))]
     return "\n".join(out)
 
 

@@ -4,16 +4,22 @@ T5's SentencePiece model is normally copied from gs://t5-data/vocabs/cc_all.3200
 Where only PyPI is reachable: the source distribution of `stable-diffusion-cpp-python` vendors
 stable-diffusion.cpp, which embeds T5 v1.1's tokenizer.json (the one its Flux and SD3 text encoders
 use) as a C byte array. This script downloads that sdist (an explicit download, with pip), reads the
-array out of the header, rebuilds the SentencePiece model with `doa vocab convert`'s code and checks it
-against T5 ids published in Hugging Face's T5 documentation.
+array out of the header, checks it is T5's (the sha256 of the tokenizer.json that Hugging Face's T5 v1.1
+and FLAN-T5 repositories hold beside spiece.model), rebuilds the SentencePiece model with `doa vocab
+convert`'s code, checks it against T5 ids published in Hugging Face's T5 documentation, and only then
+moves it to --out. The rebuilt file encodes as T5's spiece.model (sha256 d60acb12..., 791,656 bytes)
+does; its bytes differ (the original also records how it was trained), so its sha256 is REBUILT_SHA256.
 
   python scripts/t5_vocab_from_pypi.py --out ~/t5/spiece.model
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,6 +30,8 @@ from doa_jax.data import vocab
 PACKAGE = "stable-diffusion-cpp-python==0.4.7"
 HEADER = "vendor/stable-diffusion.cpp/src/tokenizers/vocab/clip_t5.hpp"
 ARRAY = "t5_tokenizer_json_str"
+TOKENIZER_JSON_SHA256 = "fe2ebbbbde2985be723e0ce18217853e4020c5e9d35bd07be2c27ab9d3ead57a"
+REBUILT_SHA256 = "90dab55a9ec70f4746126b8908b4d591b724b8d508ad190fe902c121eb330cdb"   # what --out holds
 # Encodings (EOS left out) printed in Hugging Face's T5 documentation for T5's tokenizer.
 KNOWN_IDS = {
     "Hello world": [8774, 296],
@@ -63,13 +71,22 @@ def main(argv=None) -> int:
             if member is None:
                 raise SystemExit(f"{sdist}: no {HEADER}")
             text = tar.extractfile(member).read().decode("ascii")
+        data = tokenizer_json_from_header(text)
+        if hashlib.sha256(data).hexdigest() != TOKENIZER_JSON_SHA256:
+            raise SystemExit(f"{sdist}: the tokenizer.json in {HEADER} is not T5's (sha256 "
+                             f"{hashlib.sha256(data).hexdigest()}, T5's {TOKENIZER_JSON_SHA256})")
         tokenizer = pathlib.Path(scratch) / "tokenizer.json"
-        tokenizer.write_bytes(tokenizer_json_from_header(text))
-        v = vocab.Vocabulary(vocab.from_tokenizer_json(tokenizer, args.out))
-    check_known_ids(v)
-    spec = v.spec()
-    print(f"wrote {v.path}: {v.base_vocab_size} pieces (+{v.extra_ids} extra ids), sha256 {spec['sha256']}; "
-          f"T5's ids for {len(KNOWN_IDS)} documented texts match")
+        tokenizer.write_bytes(data)
+        staged, extra_ids = vocab.from_tokenizer_json(tokenizer, pathlib.Path(scratch) / "spiece.model")
+        v = vocab.Vocabulary(staged)
+        check_known_ids(v)
+        out = pathlib.Path(args.out).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(staged, out.with_name(out.name + ".tmp"))   # then moved: --out is never half written
+        os.replace(out.with_name(out.name + ".tmp"), out)
+    spec = vocab.Vocabulary(out).spec()
+    print(f"wrote {out}: {v.base_vocab_size} pieces (+{extra_ids} extra ids in the json, added by Vocabulary), "
+          f"sha256 {spec['sha256']}; T5's ids for {len(KNOWN_IDS)} documented texts match")
     return 0
 
 

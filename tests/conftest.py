@@ -1,7 +1,9 @@
 """Test setup: a fake 8-device CPU mesh, quiet TensorFlow, float32 matmuls, shared paths."""
 import collections
+import importlib.util
 import os
 import pathlib
+import sys
 
 import xla_env  # noqa: E402  (tests/ is on sys.path: rootdir-relative conftest)
 
@@ -34,6 +36,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
 FIXTURES = SHARED / "fixtures" / "t5x_tiny"
 DATA = SHARED / "data" / "doa"
+
+
+def load_script(name: str):
+    """A script of scripts/ as a module (they are not a package); registered in sys.modules, where the
+    dataclasses of a script look their module up."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def require_shared(path: pathlib.Path) -> pathlib.Path:

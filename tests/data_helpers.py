@@ -1,7 +1,7 @@
 """A task vocabulary for data tests, built once per test session from ../shared's task text.
 
-`doa vocab build --tasks all --vocab-size 8000` logic: the vocabulary the cards' recorded
-coverage was measured with (T5's own spiece.model is not available offline).
+`doa vocab build --tasks all --vocab-size 8000` logic: the vocabulary the cards' `[lengths.coverage]` was
+measured with (T5's own needs a download: scripts/t5_vocab_from_pypi.py).
 """
 import functools
 import tempfile

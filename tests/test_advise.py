@@ -1,18 +1,16 @@
 """`doa advise`: curves fitted to pilots, options priced, a recommendation with its odds; bad input refused."""
-import importlib.util
 import json
-import pathlib
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
 
+from conftest import load_script
 from doa_jax import cli
 from doa_jax.commands import advise as advise_cmd
 from doa_jax.experiment import advise
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def linear_pricing(per_label=0.5, per_label_compute=0.01, per_input=0.001) -> advise.Pricing:
@@ -106,10 +104,7 @@ def test_paper_pricing_keeps_the_papers_infeasible_cell_infeasible():
 
 
 def test_the_papers_pareto_points_predict_the_papers_winner_in_16_of_16_main_cells():
-    spec = importlib.util.spec_from_file_location("advise_vs_paper", REPO / "scripts" / "advise_vs_paper.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    cells = script.compare((1000,))
+    cells = load_script("advise_vs_paper").compare((1000,))
     assert len(cells) == 16
     assert [c for c in cells if not c["match"]] == []
     # Where the paper's gap is smallest, the advice says it cannot be sure (P < 0.8).

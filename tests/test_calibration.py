@@ -1,5 +1,4 @@
 """`doa calibrate`: times the real programs here and writes a calibration `doa plan` prices with."""
-import json
 
 import pytest
 

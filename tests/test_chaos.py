@@ -3,20 +3,16 @@ figures in notes/chaos.md): the chaos sweep's annotate, distill and mixed cells 
 local disk, SIGKILLed three times (two kills aimed from inside at a write, one at a random moment) and
 rerun until it finished, ends with the rows, predictions, ledgers and teacher-store chunks of the run
 never killed, nothing twice, no temporary file left, and the compute the kills undid recorded as lost."""
-import importlib.util
-import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "chaos.py"
+from conftest import load_script
+
 pytestmark = pytest.mark.slow
 
 
 def _chaos():
-    spec = importlib.util.spec_from_file_location("chaos", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("chaos")
 
 
 def test_a_sweep_killed_three_times_ends_as_the_sweep_never_killed(tmp_path):

@@ -1,12 +1,10 @@
 """Cost profiles: the data they load, the arithmetic they price Work with, and the fit that makes `paper`."""
-import importlib.util
 import json
-import math
-import sys
 
 import numpy as np
 import pytest
 
+from conftest import load_script
 from doa_jax.experiment import cost_profiles as cp
 from doa_jax.experiment import costs
 
@@ -14,12 +12,7 @@ ACC = costs.Accelerator("toy", "toy", usd_per_chip_hour=3.6, peak_flops=1e12, so
 
 
 def _fit_script():
-    spec = importlib.util.spec_from_file_location("fit_paper_costs", cp.PROFILES_FILE.parents[2] / "scripts" /
-                                                  "fit_paper_costs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fit_paper_costs")
 
 
 def test_a_paper_rate_charges_flops_at_its_rate_and_steps_scaled_by_parameters():
@@ -46,6 +39,7 @@ def test_the_paper_profile_loads_its_fitted_rates_and_the_papers_a100_price():
     # Priced at the length statistics the fit chose (mean lengths), measured with T5's 32000-piece vocabulary.
     assert (fit["inputs_length"], fit["targets_length"]) == ("inputs", "targets")
     assert cp._read_profiles()["paper_lengths"]["vocabulary_pieces"] == 32000
+    assert cp._read_profiles()["paper_lengths"]["vocabulary_sha256"] == load_script("t5_vocab_from_pypi").REBUILT_SHA256
     assert paper.task_lengths("stanceosaurus").inputs == 114.79 and paper.task_lengths("nq").targets == 3.36
     assert (f"leave-one-task-out median {fit['loo_median_abs_residual']:.0%}, max {fit['loo_max_abs_residual']:.0%}"
             in paper.source)
@@ -193,12 +187,14 @@ def test_a_withheld_observation_that_is_not_a_residual_is_named_by_file_and_line
 
 
 def test_a_withheld_estimate_scales_the_issues_residual_by_the_new_price():
-    # Paid 100: the issue's model said 80 (-20%); a model saying 90 is estimated at -10%. A range scales too.
+    # Paid 100: the issue's model said 80 (-20%); a model saying 90 is estimated at -10%. A bound of +-25% on a
+    # point the new model prices 1.2x is -10% to +50%; +50% at an unchanged price stays +50%.
     fit = _fit_script()
-    rows = [dict(task="t", range=(-0.2, -0.2), estimate=tuple((1 + x) * 90 / 80 - 1 for x in (-0.2, -0.2))),
-            dict(task="t", range=(-0.25, 0.25), estimate=tuple((1 + x) * 1.2 - 1 for x in (-0.25, 0.25))),
-            dict(task="t", range=(0.5, 0.5), estimate=(0.5, 0.5))]
-    assert rows[0]["estimate"] == pytest.approx((-0.1, -0.1))
+    issue = [dict(task="t", issue_usd=80.0, range=(-0.2, -0.2)), dict(task="t", issue_usd=50.0, range=(-0.25, 0.25)),
+             dict(task="t", issue_usd=10.0, range=(0.5, 0.5))]
+    rows = fit.withheld_estimates(issue, price=lambda r: {80.0: 90.0, 50.0: 60.0, 10.0: 10.0}[r["issue_usd"]])
+    assert [r["estimate"] for r in rows] == [pytest.approx((-0.1, -0.1)), pytest.approx((-0.1, 0.5)),
+                                             pytest.approx((0.5, 0.5))]
     summary = fit.withheld_summary(rows)["t"]
     # within: the first only; the second (-10% to +50%) may be; the third is out. Median of |middles| 10%, 20%, 50%.
     assert (summary["within"], summary["maybe"], summary["points"]) == (1, 1, 3)
@@ -207,7 +203,7 @@ def test_a_withheld_estimate_scales_the_issues_residual_by_the_new_price():
 
 def test_the_withheld_tasks_are_estimated_from_every_point_the_issue_reported(refit):
     fit, _, result = refit
-    rows = fit.withheld_estimates(result.variant, result.theta, cp._read_profiles(), fit.read_withheld())
+    rows = fit.withheld_estimates(fit.read_withheld(), fit.model_price(result.variant, result.theta, cp._read_profiles()))
     assert sorted({r["task"] for r in rows}) == ["fever", "wlp"] and len(rows) == 20
     # FEVER at L = 10K, U = 10K: the issue's model said $81.4 (+60%); this fit's price scales it.
     r = next(r for r in rows if (r["task"], r["labels"], r["unlabeled"]) == ("fever", 10000, 10000))

@@ -7,7 +7,6 @@ import pytest
 from data_helpers import task_vocab
 from doa_jax import cli
 from doa_jax.data.demo import model_vocab_size
-from doa_jax.experiment import report
 
 REQUIRED = ["--gin.TASK='wlp'", "--gin.START_LABELS=16", "--gin.EXTRA_BUDGET_USD=5.0", "--gin.STRATEGY='distill'",
             "--gin.VOCABULARY=None"]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from doa_jax import cli, experiment, gin_utils
+from doa_jax import cli, gin_utils
 from doa_jax.experiment import report
 from doa_jax.experiment import sweep, task_setup
 

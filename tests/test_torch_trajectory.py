@@ -13,7 +13,6 @@ TrainConfig gin/protocols/paper.gin gives. What these tests found, and fixed in 
 AdamW eps (params 1.8e-5 apart after 10 steps) and the released code's padding of a distillation
 batch from its second epoch (its generate cache; losses up to 45% apart).
 """
-import importlib.util
 import json
 import math
 import sys
@@ -22,15 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED, require_shared
+from conftest import REPO, SHARED, load_script, require_shared
 from doa_jax import optimizers
 
 sys.path.insert(0, str(REPO / "scripts"))
 import released_torch  # noqa: E402  (scripts/, beside torch_side_by_side.py)
 
-_spec = importlib.util.spec_from_file_location("torch_side_by_side", REPO / "scripts" / "torch_side_by_side.py")
-side = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(side)
+side = load_script("torch_side_by_side")
 
 TOL = 1e-5
 RELEASED = SHARED / "reference" / "released" / "run_t5.py"

@@ -1,6 +1,7 @@
 """Vocabularies: T5's ids (pad 0, eos 1, unk 2, 100 extra ids), built offline, checked against a model."""
 import pytest
 
+from conftest import load_script
 from doa_jax.data import vocab
 
 TEXT = [
@@ -94,7 +95,7 @@ def test_missing_or_bad_model_file(tmp_path):
 NORMALIZED = ["ﬁne  tuning of ＴＥＮ models", "Café №５ — ½ cup", "tabs\tand\nnewlines", "AAAAAAA lmfaooooooo"]
 
 
-def _hf_tokenizer_json(model_path, out, legacy: bool = False):
+def _hf_tokenizer_json(model_path, out, legacy: bool = False, extra_ids: int = 100):
     """tokenizer.json as Hugging Face's own T5 converter writes it from a SentencePiece model (`legacy`: the
     older layout that copies of T5's carry: Metaspace with add_prefix_space, no Strip step)."""
     import importlib
@@ -102,7 +103,7 @@ def _hf_tokenizer_json(model_path, out, legacy: bool = False):
     import types
 
     convert = importlib.import_module("transformers.convert_slow_tokenizer")
-    original = types.SimpleNamespace(vocab_file=str(model_path), _extra_ids=100, legacy=True, add_prefix_space=True,
+    original = types.SimpleNamespace(vocab_file=str(model_path), _extra_ids=extra_ids, legacy=True, add_prefix_space=True,
                                      convert_tokens_to_ids=lambda token: vocab.EOS_ID)
     tokenizer = convert.T5Converter(original).converted()
     tokenizer.save(str(out))
@@ -125,7 +126,9 @@ def test_tokenizer_json_gives_back_the_sentencepiece_model_it_was_written_from(u
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     _hf_tokenizer_json(unicode_vocab.path, tmp_path / "tokenizer.json", legacy)
-    rebuilt = vocab.Vocabulary(vocab.from_tokenizer_json(tmp_path / "tokenizer.json", tmp_path / "spiece.model"))
+    path, extra_ids = vocab.from_tokenizer_json(tmp_path / "tokenizer.json", tmp_path / "spiece.model")
+    rebuilt = vocab.Vocabulary(path)
+    assert extra_ids == 100
     protos = []
     for v in (unicode_vocab, rebuilt):
         protos.append(pb.ModelProto())
@@ -138,20 +141,48 @@ def test_tokenizer_json_gives_back_the_sentencepiece_model_it_was_written_from(u
         assert rebuilt.encode(text) == unicode_vocab.encode(text), text
 
 
+def test_a_tokenizer_json_with_other_than_100_extra_ids_says_how_many(unicode_vocab, tmp_path, capsys):
+    from doa_jax.cli import main
+
+    _hf_tokenizer_json(unicode_vocab.path, tmp_path / "tokenizer.json", extra_ids=10)
+    assert main(["vocab", "convert", str(tmp_path / "tokenizer.json"), "--out", str(tmp_path / "t5.model")]) == 0
+    out, err = capsys.readouterr()
+    assert '"extra_ids_in_json": 10' in out and "the json held 10 extra ids, not 100: load it with extra_ids=10" in err
+
+
 def test_rebuilt_model_encodes_as_the_hugging_face_tokenizer(unicode_vocab, tmp_path):
     hf = _hf_tokenizer_json(unicode_vocab.path, tmp_path / "tokenizer.json")
-    rebuilt = vocab.Vocabulary(vocab.from_tokenizer_json(tmp_path / "tokenizer.json", tmp_path / "spiece.model"))
+    rebuilt = vocab.Vocabulary(vocab.from_tokenizer_json(tmp_path / "tokenizer.json", tmp_path / "spiece.model")[0])
     for text in TEXT[:5] + NORMALIZED[:3]:  # (ties between equal-score splits, as in NORMALIZED[3], may differ)
         assert rebuilt.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
 
 
+def _vocab_entries(s):
+    return s["model"]["vocab"]
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s["model"].update(type="BPE"), r"model\.type is 'BPE'; only a Unigram model"),
-    (lambda s: s["model"]["vocab"].__setitem__(1, ["<s>", 0.0]), r"model\.vocab\[1\] is '<s>'; T5's ids need '</s>'"),
+    (lambda s: _vocab_entries(s).__setitem__(1, ["<s>", 0.0]), r"model\.vocab\[1\] is '<s>'; T5's ids need '</s>'"),
+    (lambda s: _vocab_entries(s).__setitem__(5, [_vocab_entries(s)[4][0], -3.0]),
+     r"model\.vocab\[5\] repeats model\.vocab\[4\]"),
+    (lambda s: _vocab_entries(s).__setitem__(5, ["x", "abc"]), r"model\.vocab\[5\] is \[\"x\", \"abc\"\]; expected \[piece, score\]"),
+    (lambda s: _vocab_entries(s).reverse(), r"model\.vocab\[0\] is '<extra_id_0>'; extra ids must be the last ids"),
+    (lambda s: _vocab_entries(s).__setitem__(slice(-100, None), _vocab_entries(s)[-100:][::-1]),
+     r"is '<extra_id_0>'; extra ids must be the last ids, from <extra_id_99> down to <extra_id_0>"),
+    (lambda s: s["added_tokens"].append({"id": 5, "content": _vocab_entries(s)[5][0], "special": True}),
+     r"added_tokens\[\d+\] makes .* \(id 5\) a special token"),
     (lambda s: s["normalizer"]["normalizers"].append({"type": "Lowercase"}),
-     r"normalizer has \['Lowercase'\] with no SentencePiece equivalent"),
+     r"normalizer\.normalizers\[\d\] is \{\"type\": \"Lowercase\"\}: no SentencePiece equivalent"),
+    (lambda s: s["normalizer"]["normalizers"].append({"type": "Replace", "pattern": {"String": "a"}, "content": "b"}),
+     r"normalizer\.normalizers\[\d\] is .*Replace.*: no SentencePiece equivalent"),
+    (lambda s: s["normalizer"]["normalizers"][0].update(precompiled_charsmap="not base64!"),
+     r"normalizer\.normalizers\[0\]\.precompiled_charsmap is missing or not base64"),
     (lambda s: s.update(pre_tokenizer={"type": "Whitespace"}), r"pre_tokenizer is .*Whitespace.*; T5's is Metaspace"),
-], ids=["bpe", "special-ids", "normalizer", "pre-tokenizer"])
+    (lambda s: s.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [{"type": "Digits"}, s["pre_tokenizer"]]}),
+     r"pre_tokenizer is .*Digits.*; T5's is Metaspace '▁' alone"),
+], ids=["bpe", "special-ids", "duplicate", "bad-score", "extra-ids-first", "extra-ids-ascending", "added-special",
+        "normalizer", "replace", "charsmap", "pre-tokenizer", "pre-tokenizer-sequence"])
 def test_a_tokenizer_json_without_a_sentencepiece_equivalent_is_refused_by_field(unicode_vocab, tmp_path, edit,
                                                                                  message):
     import json
@@ -169,6 +200,9 @@ def test_a_tokenizer_json_that_is_not_json_is_named_with_its_line(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{\n  "model": {\n    "type": Unigram\n  }\n}\n')
     with pytest.raises(ValueError, match=r"tokenizer\.json: not JSON \(line 3: "):
         vocab.from_tokenizer_json(tmp_path / "tokenizer.json", tmp_path / "spiece.model")
+    (tmp_path / "tokenizer.json").write_bytes(b'{"model": "\xff"}')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not UTF-8 text \(byte 11\)"):
+        vocab.from_tokenizer_json(tmp_path / "tokenizer.json", tmp_path / "spiece.model")
 
 
 def test_doa_vocab_convert_writes_the_model_and_prints_its_spec(unicode_vocab, tmp_path, capsys):
@@ -184,19 +218,8 @@ def test_doa_vocab_convert_writes_the_model_and_prints_its_spec(unicode_vocab, t
     assert vocab.Vocabulary(tmp_path / "t5.model").encode(NORMALIZED[0]) == unicode_vocab.encode(NORMALIZED[0])
 
 
-def _script(name):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tokenizer_json_is_read_out_of_a_c_header_byte_array(unicode_vocab, tmp_path):
-    script = _script("t5_vocab_from_pypi")
+    script = load_script("t5_vocab_from_pypi")
     _hf_tokenizer_json(unicode_vocab.path, tmp_path / "tokenizer.json")
     data = (tmp_path / "tokenizer.json").read_bytes()
     lines = ",\n".join(f"    0x{b:02x}" for b in data + b"\0")
@@ -209,4 +232,4 @@ def test_tokenizer_json_is_read_out_of_a_c_header_byte_array(unicode_vocab, tmp_
 
 def test_a_vocabulary_that_is_not_t5s_fails_the_documented_ids(unicode_vocab):
     with pytest.raises(SystemExit, match=r"'Hello world' -> \[.*\], T5's is \[8774, 296\]: not T5's vocabulary"):
-        _script("t5_vocab_from_pypi").check_known_ids(unicode_vocab)
+        load_script("t5_vocab_from_pypi").check_known_ids(unicode_vocab)

@@ -64,9 +64,12 @@ def run_convert(args) -> int:
 
     if storage.is_url(args.out):
         storage.check_writable(args.out.rpartition("/")[0], "--out folder")
-    v = vocab.Vocabulary(vocab.from_tokenizer_json(args.tokenizer_json, args.out))
-    print(json.dumps({"pieces": v.base_vocab_size, **v.spec(), "model_vocab_size": vocab.padded_vocab_size(v)},
-                     indent=2))
+    path, extra_ids = vocab.from_tokenizer_json(args.tokenizer_json, args.out)
+    v = vocab.Vocabulary(path)
+    print(json.dumps({"pieces": v.base_vocab_size, **v.spec(), "model_vocab_size": vocab.padded_vocab_size(v),
+                      "extra_ids_in_json": extra_ids}, indent=2))
+    note = "" if extra_ids == v.extra_ids else (f"; the json held {extra_ids} extra ids, not {v.extra_ids}: "
+                                                f"load it with extra_ids={extra_ids}")
     print(f"wrote {v.path}: {v.base_vocab_size} pieces (+{v.extra_ids} extra ids); use it as VOCABULARY or "
-          "--vocab", file=sys.stderr)
+          f"--vocab{note}", file=sys.stderr)
     return 0

@@ -153,21 +153,24 @@ def build_vocab(
     return storage.path(target)
 
 
-# What a Hugging Face `tokenizers` file may say beside a Unigram model for SentencePiece to mean the same:
-# T5's normalization (a precompiled NFKC charsmap; runs of spaces folded and trailing ones dropped, which
-# SentencePiece's remove_extra_whitespaces does) and its Metaspace pre-tokenizer ("▁" before every word).
-_WHITESPACE_NORMALIZERS = ("Replace", "Strip")
-_EXTRA_ID = re.compile(r"<extra_id_\d+>")
+# What a Hugging Face `tokenizers` file says beside a Unigram model for SentencePiece to mean the same:
+# T5's normalization (a precompiled NFKC charsmap; runs of spaces folded, with leading and trailing ones
+# dropped: SentencePiece's remove_extra_whitespaces) and its Metaspace pre-tokenizer ("▁" before every word).
+_FOLD_SPACES = {"Regex": " {2,}"}
+_EXTRA_ID = re.compile(r"<extra_id_(\d+)>")
+_SPECIALS = {PAD_ID: "<pad>", EOS_ID: "</s>", UNK_ID: "<unk>"}
 
 
-def from_tokenizer_json(json_path: str | os.PathLike, model_path: str | os.PathLike) -> storage.AnyPath:
-    """Writes the SentencePiece model that a Hugging Face `tokenizer.json` of a Unigram model describes.
+def from_tokenizer_json(json_path: str | os.PathLike, model_path: str | os.PathLike) -> tuple[storage.AnyPath, int]:
+    """Writes the SentencePiece model that a Hugging Face `tokenizer.json` of a Unigram model describes;
+    returns its path and how many extra ids the json held after its pieces.
 
     Many copies of T5's vocabulary (Hugging Face repositories, tools that embed it) carry only the
     `tokenizers` file, not `spiece.model`. Its pieces, scores, NFKC charsmap and whitespace handling are
-    SentencePiece's own, so the model can be rebuilt exactly; the trailing `<extra_id_N>` pieces are left
-    out (`Vocabulary` adds extra ids on top). Anything without a SentencePiece equivalent is refused,
-    naming the field. Written beside `model_path` and moved into place.
+    SentencePiece's own, so the rebuilt model encodes as the original does (its bytes differ: the
+    original also records how it was trained). The trailing `<extra_id_N>` pieces are left out
+    (`Vocabulary` adds extra ids on top). Anything without a SentencePiece equivalent is refused, naming
+    the field. Written beside `model_path` and moved into place.
     """
     from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -175,36 +178,25 @@ def from_tokenizer_json(json_path: str | os.PathLike, model_path: str | os.PathL
     if not src.is_file():
         raise FileNotFoundError(f"tokenizer file {src} not found")
     try:
-        spec = json.loads(src.read_text(encoding="utf-8"))
+        spec = json.loads(src.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{src}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{src}: not JSON (line {e.lineno}: {e.msg})") from None
-    model = spec.get("model") or {}
-    if model.get("type") != "Unigram":
-        raise ValueError(f"{src}: model.type is {model.get('type')!r}; only a Unigram model (SentencePiece's, "
-                         "as T5's) converts")
-    pieces = [tuple(p) for p in model.get("vocab") or ()]
-    while pieces and _EXTRA_ID.fullmatch(pieces[-1][0]):
-        pieces.pop()
-    specials = {PAD_ID: "<pad>", EOS_ID: "</s>", UNK_ID: "<unk>"}
-    for i, name in specials.items():
-        if len(pieces) <= i or pieces[i][0] != name:
-            got = pieces[i][0] if len(pieces) > i else "nothing"
-            raise ValueError(f"{src}: model.vocab[{i}] is {got!r}; T5's ids need {name!r} there")
-    if model.get("unk_id") != UNK_ID:
-        raise ValueError(f"{src}: model.unk_id is {model.get('unk_id')!r}; T5's is {UNK_ID}")
-    if model.get("byte_fallback"):
-        raise ValueError(f"{src}: model.byte_fallback is set; T5's vocabulary has no byte pieces")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{src}: not a tokenizer.json (a JSON object with a 'model')")
+    pieces, extra_ids = _pieces_from_json(spec, src)
 
     proto = pb.ModelProto()
     trainer = proto.trainer_spec
     trainer.model_type = pb.TrainerSpec.UNIGRAM
     trainer.vocab_size = len(pieces)
     trainer.pad_id, trainer.eos_id, trainer.unk_id, trainer.bos_id = PAD_ID, EOS_ID, UNK_ID, -1
-    trainer.pad_piece, trainer.eos_piece, trainer.unk_piece = specials[PAD_ID], specials[EOS_ID], specials[UNK_ID]
+    trainer.pad_piece, trainer.eos_piece, trainer.unk_piece = _SPECIALS[PAD_ID], _SPECIALS[EOS_ID], _SPECIALS[UNK_ID]
     kinds = {PAD_ID: pb.ModelProto.SentencePiece.CONTROL, EOS_ID: pb.ModelProto.SentencePiece.CONTROL,
              UNK_ID: pb.ModelProto.SentencePiece.UNKNOWN}
     for i, (piece, score) in enumerate(pieces):
-        proto.pieces.add(piece=piece, score=float(score), type=kinds.get(i, pb.ModelProto.SentencePiece.NORMAL))
+        proto.pieces.add(piece=piece, score=score, type=kinds.get(i, pb.ModelProto.SentencePiece.NORMAL))
     _normalizer_from_json(spec, proto.normalizer_spec, src)
 
     target = os.fspath(model_path)
@@ -215,33 +207,101 @@ def from_tokenizer_json(json_path: str | os.PathLike, model_path: str | os.PathL
         with storage.staged(folder) as local:
             local.mkdir(parents=True, exist_ok=True)
             (local / name).write_bytes(proto.SerializeToString())
-        return storage.path(target)
+        return storage.path(target), extra_ids
     with storage.local_staging(target) as local:
         staged = local / pathlib.Path(target).name
         staged.write_bytes(proto.SerializeToString())
         os.replace(staged, target)
-    return pathlib.Path(target)
+    return pathlib.Path(target), extra_ids
+
+
+def _pieces_from_json(spec: dict, src) -> tuple[list[tuple[str, float]], int]:
+    """(piece, score) of a tokenizer.json's Unigram model, its extra ids left out, and their count."""
+    model = spec.get("model")
+    if not isinstance(model, dict) or model.get("type") != "Unigram":
+        got = model.get("type") if isinstance(model, dict) else model
+        raise ValueError(f"{src}: model.type is {got!r}; only a Unigram model (SentencePiece's, as T5's) converts")
+    entries = model.get("vocab")
+    if not isinstance(entries, list):
+        raise ValueError(f"{src}: model.vocab is missing or not a list")
+    pieces, seen = [], {}
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)):
+            raise ValueError(f"{src}: model.vocab[{i}] is {json.dumps(entry)[:80]}; expected [piece, score]")
+        if entry[0] in seen:
+            raise ValueError(f"{src}: model.vocab[{i}] repeats model.vocab[{seen[entry[0]]}] ({entry[0]!r})")
+        seen[entry[0]] = i
+        pieces.append((entry[0], float(entry[1])))
+    first_extra = len(pieces)
+    while first_extra and _EXTRA_ID.fullmatch(pieces[first_extra - 1][0]):
+        first_extra -= 1
+    extra = len(pieces) - first_extra
+    for i, (piece, _) in enumerate(pieces):   # seqio's order: <extra_id_0> is the last id
+        want = f"<extra_id_{len(pieces) - 1 - i}>" if i >= first_extra else None
+        if (i >= first_extra and piece != want) or (i < first_extra and _EXTRA_ID.fullmatch(piece)):
+            raise ValueError(f"{src}: model.vocab[{i}] is {piece!r}; extra ids must be the last ids, from "
+                             f"<extra_id_{extra - 1 if extra else 'N'}> down to <extra_id_0>")
+    pieces = pieces[:first_extra]
+    for i, name in _SPECIALS.items():
+        if len(pieces) <= i or pieces[i][0] != name:
+            got = pieces[i][0] if len(pieces) > i else "nothing"
+            raise ValueError(f"{src}: model.vocab[{i}] is {got!r}; T5's ids need {name!r} there")
+    if model.get("unk_id") != UNK_ID:
+        raise ValueError(f"{src}: model.unk_id is {model.get('unk_id')!r}; T5's is {UNK_ID}")
+    if model.get("byte_fallback"):
+        raise ValueError(f"{src}: model.byte_fallback is set; T5's vocabulary has no byte pieces")
+    for j, token in enumerate(spec.get("added_tokens") or ()):
+        where = f"{src}: added_tokens[{j}]"
+        if not isinstance(token, dict) or not isinstance(token.get("id"), int):
+            raise ValueError(f"{where} is {json.dumps(token)[:80]}; expected an object with an integer id")
+        i, content = token["id"], token.get("content")
+        if not 0 <= i < len(entries) or entries[i][0] != content:
+            raise ValueError(f"{where} is {content!r} at id {i}, which model.vocab does not hold there")
+        if i < first_extra and i not in _SPECIALS:
+            raise ValueError(f"{where} makes {content!r} (id {i}) a special token; only {', '.join(_SPECIALS.values())} "
+                             "and extra ids are, in T5's SentencePiece model")
+    return pieces, extra
 
 
 def _normalizer_from_json(spec: dict, normalizer, src) -> None:
     """Fills a SentencePiece NormalizerSpec from a tokenizer.json's normalizer and pre_tokenizer."""
-    node = spec.get("normalizer") or {"type": "Sequence", "normalizers": []}
-    steps = node["normalizers"] if node.get("type") == "Sequence" else [node]
-    charsmaps = [s["precompiled_charsmap"] for s in steps if s.get("type") == "Precompiled"]
-    others = [s.get("type") for s in steps if s.get("type") not in ("Precompiled", *_WHITESPACE_NORMALIZERS)]
-    if others or len(charsmaps) > 1:
-        raise ValueError(f"{src}: normalizer has {others or charsmaps[1:]} with no SentencePiece equivalent")
-    normalizer.name = "nmt_nfkc" if charsmaps else "identity"
-    if charsmaps:
-        normalizer.precompiled_charsmap = base64.b64decode(charsmaps[0])
+    node = spec.get("normalizer")
+    sequence = isinstance(node, dict) and node.get("type") == "Sequence"
+    steps = [] if node is None else node.get("normalizers") if sequence else [node]
+    if not isinstance(steps, list):
+        raise ValueError(f"{src}: normalizer.normalizers is not a list")
+    charsmap, folds, strips = None, False, False
+    for j, step in enumerate(steps):
+        where = f"{src}: normalizer" + (f".normalizers[{j}]" if sequence else "")
+        kind = step.get("type") if isinstance(step, dict) else None
+        if kind == "Precompiled" and charsmap is None:
+            try:
+                charsmap = base64.b64decode(step["precompiled_charsmap"], validate=True)
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{where}.precompiled_charsmap is missing or not base64") from None
+        elif kind == "Replace" and step.get("pattern") == _FOLD_SPACES and step.get("content") in (" ", "▁"):
+            folds = True
+        elif kind == "Strip":
+            strips = True
+        else:
+            raise ValueError(f"{where} is {json.dumps(step)[:100]}: no SentencePiece equivalent (T5's: a "
+                             "Precompiled charsmap, runs of spaces folded, ends stripped)")
+    if strips and not folds:
+        raise ValueError(f"{src}: normalizer strips spaces without folding runs of them; SentencePiece does both "
+                         "or neither")
+    normalizer.name = "nmt_nfkc" if charsmap is not None else "identity"
+    if charsmap is not None:
+        normalizer.precompiled_charsmap = charsmap
     normalizer.add_dummy_prefix = True
-    normalizer.remove_extra_whitespaces = True
+    normalizer.remove_extra_whitespaces = folds
     normalizer.escape_whitespaces = True
-    pre = spec.get("pre_tokenizer") or {}
-    pre = next((p for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Metaspace"), pre)
-    prefixed = pre.get("add_prefix_space", pre.get("prepend_scheme") in ("always", "first"))
-    if pre.get("type") != "Metaspace" or pre.get("replacement") != "▁" or not prefixed:
-        raise ValueError(f"{src}: pre_tokenizer is {json.dumps(pre)[:120]}; T5's is Metaspace '▁' with a "
+    pre = spec.get("pre_tokenizer")
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    meta = steps[0] if isinstance(steps, list) and len(steps) == 1 and isinstance(steps[0], dict) else {}
+    prefixed = meta.get("add_prefix_space", meta.get("prepend_scheme") in ("always", "first"))
+    if meta.get("type") != "Metaspace" or meta.get("replacement") != "▁" or not prefixed:
+        raise ValueError(f"{src}: pre_tokenizer is {json.dumps(pre)[:120]}; T5's is Metaspace '▁' alone, with a "
                          "space before the first word")
 
 

@@ -1,5 +1,5 @@
 """Print notes/aot_t5x_peer.json as a markdown table (and attach XLA GPU rematerialization notes from logs/)."""
-import json, os, re, sys
+import json, os, re
 HERE = os.path.dirname(os.path.abspath(__file__))
 rows = json.load(open(os.path.join(HERE, '..', '..', 'notes', 'aot_t5x_peer.json')))
 CAP = {'NVIDIA H100 80GB HBM3': '79.1 (device_memory_size)', 'NVIDIA H200 141GB HBM3e': '141.0 (device_memory_size)'}
