@@ -1,6 +1,7 @@
 """T5's vocabulary (spiece.model) on a machine that reaches PyPI but not Google Cloud Storage or Hugging Face.
 
-T5's SentencePiece model is normally copied from gs://t5-data/vocabs/cc_all.32000/sentencepiece.model.
+T5's SentencePiece model is normally copied from gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model
+(T5X's T5 v1.1 configs name it) or from a Hugging Face T5 repository's spiece.model.
 Where only PyPI is reachable: the source distribution of `stable-diffusion-cpp-python` vendors
 stable-diffusion.cpp, which embeds T5 v1.1's tokenizer.json (the one its Flux and SD3 text encoders
 use) as a C byte array. This script downloads that sdist (an explicit download, with pip), reads the
