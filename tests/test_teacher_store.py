@@ -186,3 +186,19 @@ def test_the_store_record_counts_the_chunks_of_every_attempt(tmp_path):
     # An attempt finished every chunk and was killed before writing the record: the chunks' 5 s.
     assert store_record(tmp_path / "other.json", 0.2, 0, 5.0, 1) == {
         "seconds": 5.0, "computed_chunks": 0, "earlier_attempts_seconds": 5.0, "unmeasured_chunks": 1}
+
+
+def test_loading_reads_each_chunk_file_once(tmp_path, monkeypatch):
+    # Checked and parsed from the same bytes (a store on gs:// is read over the network).
+    import collections
+    import pathlib
+
+    sources, enc = inputs(10)
+    store = ts.TeacherStore(tmp_path, "k")
+    store.build(sources, enc, CountingTeacher(), detok, chunk_size=3)
+    reads = collections.Counter()
+    read_bytes = pathlib.Path.read_bytes
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: reads.update([self.name]) or read_bytes(self))
+    assert store.load().sources == sources
+    assert {name: n for name, n in reads.items() if name.startswith("chunk_")} == {
+        f"chunk_{i:05d}{suffix}": 1 for i in range(4) for suffix in (".npz", ".jsonl")}
