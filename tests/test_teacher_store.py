@@ -202,3 +202,12 @@ def test_loading_reads_each_chunk_file_once(tmp_path, monkeypatch):
     assert store.load().sources == sources
     assert {name: n for name, n in reads.items() if name.startswith("chunk_")} == {
         f"chunk_{i:05d}{suffix}": 1 for i in range(4) for suffix in (".npz", ".jsonl")}
+
+
+def test_only_the_first_host_writes_the_manifest(tmp_path):
+    sources, enc = inputs(10)
+    store = ts.TeacherStore(tmp_path, "k")
+    store.build(sources, enc, CountingTeacher(), detok, chunk_size=3, shard=(1, 2))
+    assert not store.manifest_path.exists() and (store.dir / "chunk_00001.COMPLETED").exists()
+    store.build(sources, enc, CountingTeacher(), detok, chunk_size=3, shard=(0, 2))
+    assert json.loads(store.manifest_path.read_text())["num_chunks"] == 4 and store.is_complete()

@@ -180,7 +180,7 @@ class TeacherStore:
             if (old["num_examples"], old["chunk_size"]) != (len(sources), chunk_size):
                 raise ValueError(f"{self.manifest_path}: store holds {old['num_examples']} examples in chunks "
                                  f"of {old['chunk_size']}, not {len(sources)} in chunks of {chunk_size}")
-        else:
+        elif shard[0] == 0:   # one writer (the first host); the others' chunks do not need it
             _atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
         computed, reused = 0, []
         for i in range(shard[0], num_chunks, shard[1]):
