@@ -153,12 +153,15 @@ def abstract_params(module: nn.Module, shardings: Any) -> Any:
 
 def rows_like(host: np.ndarray, other: Any) -> Any:
     """`host` rows placed as `other`'s mesh wants a batch: over `data` when `other` is an array on a
-    one-process mesh and the rows divide evenly, replicated over a multi-process mesh
+    mesh and the rows divide evenly (on a multi-process mesh `host` must be the same on every process:
+    each device takes its rows from its own process's copy), else replicated over a multi-process mesh
     (`like_global`), else `host` itself."""
-    if isinstance(other, jax.Array) and other.is_fully_addressable and isinstance(other.sharding, NamedSharding):
+    if isinstance(other, jax.Array) and isinstance(other.sharding, NamedSharding):
         mesh = other.sharding.mesh
         if host.shape[0] % mesh.shape["data"] == 0:
-            return jax.device_put(host, data_sharding(mesh))
+            if other.is_fully_addressable:
+                return jax.device_put(host, data_sharding(mesh))
+            return jax.make_array_from_callback(host.shape, data_sharding(mesh), lambda idx: host[idx])
     return like_global(host, other)
 
 

@@ -8,6 +8,8 @@ the parent can kill it. Each process appends the example indices it read per ste
 MODE `gcs`: MODEL_DIR is a gs:// URL (the emulator of tests/gcs_helpers.py, from the environment);
 the process trains 4 steps with a checkpoint every 2, then writes the run's results row to
 MODEL_DIR/results.jsonl the way `run_cell` does (only process 0 writes shared files), and exits.
+MODE `rows`: places 64 rows (the same on both processes) as `partitioning.rows_like` does beside an array on
+the job's mesh (data=8), and writes each local device's rows to MODEL_DIR/placed_<PROCESS_ID>.json.
 A process whose peer went away says who in one line and exits 75, as `doa` does.
 """
 import json
@@ -73,12 +75,28 @@ def shared_store(model_dir: str) -> None:
             "metric": "loss", "value": float(result.last_metrics["loss"]), "student_steps": result.step})
 
 
+def placed_rows(model_dir: str) -> None:
+    """Which rows of an evaluation batch each local device holds when placed beside the job's params."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()).reshape(8, 1), ("data", "model"))
+    leaf = jax.make_array_from_callback((8,), NamedSharding(mesh, PartitionSpec()), lambda idx: np.zeros(8)[idx])
+    rows = partitioning.rows_like(np.arange(64 * 3).reshape(64, 3), leaf)
+    placed = {str(s.device.id): s.data[:, 0].tolist() for s in rows.addressable_shards}
+    back = partitioning.to_host(rows)
+    pathlib.Path(model_dir).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(model_dir) / f"placed_{PROCESS_ID}.json").write_text(json.dumps(
+        {"placed": placed, "gathered": back[:, 0].tolist()}))
+
+
 def main(model_dir: str, mode: str) -> None:
     if NUM_PROCESSES > 1:
         partitioning.initialize_distributed(f"127.0.0.1:{PORT}", NUM_PROCESSES, PROCESS_ID, label="multihost_child")
     assert jax.process_count() == NUM_PROCESSES and jax.device_count() == 8
     if mode == "gcs":
         return shared_store(model_dir)
+    if mode == "rows":
+        return placed_rows(model_dir)
     model_dir = pathlib.Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     arrays = dict(copy_arrays(), index=np.arange(64))
