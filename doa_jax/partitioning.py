@@ -316,11 +316,11 @@ def on_every_host(fn: Callable[[], T]) -> T:
 
 
 def sum_over_processes(n: T) -> T:
-    """`n` (an int or a float) summed over every process of the job (each must call this: also a barrier)."""
+    """`n` (an int or a float: every process the same kind) summed over every process of the job, exactly
+    (gathered as JSON, whatever the processes' value types; each must call this: also a barrier)."""
     if jax.process_count() == 1:
         return n
-    kind = type(n)
-    return kind(np.sum(multihost_utils.process_allgather(np.asarray(n, np.float64 if kind is float else np.int64))))
+    return type(n)(sum(_gather_json(n.item() if isinstance(n, np.generic) else n)))
 
 
 def chief_first(fn: Callable[[], T]) -> T:

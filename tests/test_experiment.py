@@ -89,6 +89,27 @@ def test_cells_that_share_a_teacher_reuse_its_fine_tune_and_store(wlp, tmp_path)
     assert len(list((cache / "students").iterdir())) == 1
 
 
+def test_a_store_whose_record_was_lost_is_charged_what_its_chunks_took(wlp, tmp_path):
+    # A first attempt finished every chunk of the store and was killed before writing its record: the next cell
+    # to use the store records it from the chunks' markers (here 2.5 s each on this host's 1 chip, the ledger's
+    # unit on a CPU) and is charged that, not 0 s.
+    cache = tmp_path / "cache"
+    run = lambda budget: experiment.run_cell(dataclasses.replace(  # noqa: E731
+        wlp, strategy="distill", extra_budget_usd=budget, output_dir=str(tmp_path), cache_dir=str(cache)))
+    run(5.0)
+    [store] = (cache / "stores").iterdir()
+    (store / "record.json").unlink()
+    markers = sorted(store.glob("chunk_*.COMPLETED"))
+    for marker in markers:
+        marker.write_text(json.dumps(dict(json.loads(marker.read_text()), seconds=2.5)))
+    row = run(6.0)
+    record = json.loads((store / "record.json").read_text())
+    assert record["seconds"] == record["earlier_attempts_seconds"] == 2.5 * len(markers)
+    ledger = [json.loads(line) for line in open(tmp_path / "cells" / row["cell_key"] / "ledger.jsonl")]
+    [entry] = [e for e in ledger if e["phase"] == "teacher_inference"]
+    assert entry["seconds"] == 2.5 * len(markers) and entry["chips"] == 1
+
+
 @pytest.mark.parametrize("change,reason", [
     (dict(strategy="distill", distill=DistillConfig(max_unlabeled=0)), "the unlabeled pool is empty"),
     (dict(strategy="distill", distill=DistillConfig(max_unlabeled=48, min_teacher_confidence=0.999)),

@@ -69,6 +69,7 @@ def test_chunks_a_killed_build_finished_keep_what_they_took_for_the_build_that_c
     stats = store.build(sources, enc, CountingTeacher(), detok, chunk_size=3)
     assert (stats.reused_chunks, stats.unmeasured_chunks) == (2, 0)
     assert stats.reused_chip_seconds == pytest.approx(sum(m["seconds"] * m["chips"] for m in markers))
+    assert isinstance(store.reused_cost([])[0], float)   # every host gathers the same kind of value
     # A marker from before markers held seconds counts as unmeasured, not as free.
     (store.dir / "chunk_00000.COMPLETED").write_text(json.dumps({k: markers[0][k] for k in (".npz", ".jsonl")}))
     assert store.reused_cost([0, 1]) == (pytest.approx(markers[1]["seconds"] * markers[1]["chips"]), 1)
@@ -181,8 +182,13 @@ def test_the_store_record_counts_the_chunks_of_every_attempt(tmp_path):
     record = tmp_path / "record.json"
     # Completed now (3 s, 2 chunks) after a killed attempt had finished chunks worth 5 s: 8 s.
     assert store_record(record, 3.0, 2, 5.0, 0)["seconds"] == 8.0
-    # Another cell finding the store complete reads that record; its own 0.2 s of checks are not a build.
-    assert store_record(record, 0.2, 0, 8.0, 0)["seconds"] == 8.0
+    # Another cell finding the store complete reads that record, as written: its own 0.2 s of checks are not a
+    # build, and the markers' seconds it summed (6 s here) do not replace the record.
+    written = record.read_bytes()
+    assert store_record(record, 0.2, 0, 6.0, 0)["seconds"] == 8.0 and record.read_bytes() == written
+    # One chunk recomputed (1 s) among chunks whose markers hold no seconds (an older version's): the record's
+    # 8 s, which counted them, stands.
+    assert store_record(record, 1.0, 1, 0.0, 3)["seconds"] == 8.0
     # An attempt finished every chunk and was killed before writing the record: the chunks' 5 s.
     assert store_record(tmp_path / "other.json", 0.2, 0, 5.0, 1) == {
         "seconds": 5.0, "computed_chunks": 0, "earlier_attempts_seconds": 5.0, "unmeasured_chunks": 1}

@@ -133,17 +133,17 @@ class TeacherStore:
         return data, None
 
     def chunk_chip_seconds(self, i: int) -> Optional[float]:
-        """Chip-seconds computing chunk `i` held (its seconds x the chips of the host that computed it); None
-        when its marker, written by an older version, does not say."""
+        """Chip-seconds computing chunk `i` held (its seconds x the chips the host that computed it counted,
+        `build(chips=)`); None when its marker, written by an older version, does not say."""
         marker = json.loads(self._chunk(i, ".COMPLETED").read_text())
         if not all(isinstance(marker.get(k), (int, float)) for k in ("seconds", "chips")):
             return None
-        return float(marker["seconds"]) * int(marker["chips"])
+        return float(marker["seconds"]) * float(marker["chips"])
 
     def reused_cost(self, chunks: Sequence[int]) -> tuple[float, int]:
         """(chip-seconds of `chunks`' markers, how many of them hold none)."""
         costs = [self.chunk_chip_seconds(i) for i in chunks]
-        return sum(c for c in costs if c is not None), sum(c is None for c in costs)
+        return float(sum(c for c in costs if c is not None)), sum(c is None for c in costs)
 
     def is_complete(self, verify: bool = True) -> bool:
         """True when the manifest and every chunk are there and every chunk passes its checksum (`verify=False`:
@@ -159,10 +159,12 @@ class TeacherStore:
               detokenize: Callable[[np.ndarray], str], *, chunk_size: int = 256,
               settings: Optional[Mapping[str, Any]] = None,
               on_chunk: Optional[Callable[[int, int, int], None]] = None,
-              shard: tuple[int, int] = (0, 1)) -> BuildStats:
+              shard: tuple[int, int] = (0, 1), chips: Optional[float] = None) -> BuildStats:
         """Computes every chunk not yet completed; with `shard=(i, n)` only the chunks c with c % n == i
         (one host's share when n hosts build one store; the others' chunks count as neither computed
-        nor reused). `on_chunk(done, total, examples)` reports progress."""
+        nor reused). `on_chunk(done, total, examples)` reports progress. Each chunk's marker records its
+        seconds and `chips`, what this host holds in the unit its cost is counted in (default: its
+        devices)."""
         if len(sources) != len(encoder_input_tokens):
             raise ValueError(f"{len(sources)} sources but {len(encoder_input_tokens)} token rows")
         if len(sources) == 0:
@@ -202,7 +204,8 @@ class TeacherStore:
             for suffix, buf in data.items():
                 _atomic_write(self._chunk(i, suffix), buf)
             marker = {**{k: _sha256(v) for k, v in data.items()},
-                      "seconds": round(time.perf_counter() - started, 3), "chips": jax.local_device_count()}
+                      "seconds": round(time.perf_counter() - started, 3),
+                      "chips": jax.local_device_count() if chips is None else chips}
             _atomic_write(self._chunk(i, ".COMPLETED"), json.dumps(marker).encode())
             computed += 1
             if on_chunk:
@@ -255,7 +258,8 @@ class StoreRequest:
 def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: Transformer, params: Any, *,
                 batch_size: int = 64, chunk_size: int = 256,
                 on_chunk: Optional[Callable[[int, int, int], None]] = None,
-                shard: tuple[int, int] = (0, 1)) -> tuple[TeacherStore, np.ndarray, BuildStats]:
+                shard: tuple[int, int] = (0, 1), chips: Optional[float] = None,
+                ) -> tuple[TeacherStore, np.ndarray, BuildStats]:
     """The store for `request` under `root`: built (or finished) now, reused when already complete;
     `shard=(i, n)`: only this host's share of its chunks (`TeacherStore.build`).
 
@@ -271,7 +275,7 @@ def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: T
     predict = teacher_outputs.make_predict_fn(module, params, request.max_decode_len, num_beams=request.num_beams,
                                               topk=request.topk, batch_size=batch_size)
     stats = store.build(list(request.sources), enc, predict, vocab.decode, chunk_size=chunk_size, settings=settings,
-                        on_chunk=on_chunk, shard=shard)
+                        on_chunk=on_chunk, shard=shard, chips=chips)
     return store, enc, stats
 
 

@@ -115,6 +115,10 @@ class OnlineTeacherBatches:
         self._logits = functools.partial(teacher_logits, module)
         self.params = decoding.decoding_params(params, module)
         self._leaf = jax.tree_util.tree_leaves(self.params)[0]
+        if isinstance(self._leaf, jax.Array) and not self._leaf.is_fully_addressable:
+            # each host feeds its own rows, which `rows_like` may only spread over this host's devices
+            raise ValueError("the online teacher's params span several processes; place them on this host's "
+                             "devices (CellRun.inference_mesh)")
         self.padding = ReleasedPadding()
 
     def iterate(self, start: int = 0):

@@ -239,13 +239,14 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
                 root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
                 batch_size=store_batch_size(cfg), chunk_size=STORE_CHUNK_SIZE,
                 on_chunk=lambda done, total, n: run.say(f"  teacher chunk {done}/{total}"),
-                shard=partitioning.host_shard_info())
+                shard=partitioning.host_shard_info(), chips=run.ledger.chips / jax.process_count())
 
     store, enc, stats = partitioning.on_every_host(build)
     seconds = time.perf_counter() - start
     computed = partitioning.sum_over_processes(stats.computed_chunks)   # every host's chunks are written
-    # Chunks an earlier, killed attempt finished: what they held, in this job's wall seconds (its chips).
-    earlier = partitioning.sum_over_processes(stats.reused_chip_seconds) / jax.device_count()
+    # Chunks an earlier, killed attempt finished: what they held (chip-seconds in the ledger's unit of chips,
+    # each host's share of them), in this job's wall seconds.
+    earlier = partitioning.sum_over_processes(stats.reused_chip_seconds) / run.ledger.chips
     unmeasured = partitioning.sum_over_processes(stats.unmeasured_chunks)
 
     def record():   # what building it took (every attempt), written by process 0 when it is not there yet
@@ -268,11 +269,15 @@ def store_record(path: storage.AnyPath, seconds: float, computed: int, earlier: 
     written when this attempt computed chunks (`seconds`: its wall time) or when there is none yet (an
     earlier attempt finished every chunk but was killed before writing it); `earlier`: the seconds of the
     chunks earlier attempts finished, counted in either case; `unmeasured`: chunks whose markers hold no
-    seconds (an older version's)."""
+    seconds (an older version's), whose share of a record already there is kept: the larger of the two
+    figures is written."""
     if computed or not path.exists():
+        total = (seconds if computed else 0.0) + earlier
+        if unmeasured and path.exists():
+            total = max(total, float(json.loads(path.read_text()).get("seconds", 0.0)))
         storage.write_atomic(path, json.dumps({
-            "seconds": (seconds if computed else 0.0) + earlier, "computed_chunks": computed,
-            "earlier_attempts_seconds": earlier, "unmeasured_chunks": unmeasured}))
+            "seconds": total, "computed_chunks": computed, "earlier_attempts_seconds": earlier,
+            "unmeasured_chunks": unmeasured}))
     return json.loads(path.read_text())
 
 
