@@ -10,6 +10,10 @@ import json
 import os
 import pathlib
 import tempfile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # annotations only; commands import their modules when run (a fast `doa --help`)
+    from doa_jax import storage
 
 
 def register(subparsers) -> None:
