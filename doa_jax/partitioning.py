@@ -339,17 +339,48 @@ def host_shard_info() -> ShardInfo:
 
 
 def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays (leading dim over `data`) from this host's rows of the batch. On one process, rows
-    already on its devices (the online teacher's logits) are resharded there, never copied to the host;
-    on several they go through host memory (each host's own rows)."""
+    """Global arrays (leading dim over `data`) from this host's rows of the batch. Rows already on this
+    host's devices (the online teacher's logits), in the row blocks the job's devices hold, move device
+    to device; other rows go through host memory."""
     sharding = data_sharding(mesh)
 
     def put(v):
         if isinstance(v, jax.Array) and jax.process_count() == 1:
             return jax.device_put(v, sharding)
+        if isinstance(v, jax.Array) and v.is_fully_addressable:
+            moved = _from_local_rows_on_devices(v, sharding)
+            if moved is not None:
+                return moved
         return jax.make_array_from_process_local_data(sharding, np.asarray(v))
 
     return {k: put(v) for k, v in local_batch.items()}
+
+
+def _row_range(index: tuple, rows: int) -> tuple[int, int]:
+    return (index[0].start or 0, rows if index[0].stop is None else index[0].stop)
+
+
+def _from_local_rows_on_devices(v: jax.Array, sharding: NamedSharding) -> Optional[jax.Array]:
+    """The job's global array over `sharding` from this host's rows `v` (on this host's devices), moved
+    device to device; None when `v`'s shards do not hold the row blocks the job's devices need (the
+    caller copies through the host then). This host's devices hold blocks of the global rows: this
+    host's rows, in global order."""
+    shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+    rows = {d: _row_range(i, shape[0]) for d, i in sharding.addressable_devices_indices_map(shape).items()}
+    blocks = sorted(set(rows.values()))
+    if sum(stop - start for start, stop in blocks) != v.shape[0]:
+        return None
+    local_start = dict(zip(blocks, np.cumsum([0] + [stop - start for start, stop in blocks[:-1]]).tolist()))
+    held = {_row_range(s.index, v.shape[0]): s.data for s in v.addressable_shards
+            if all(i == slice(None) or (i.start in (None, 0) and i.stop in (None, n))
+                   for i, n in zip(s.index[1:], v.shape[1:]))}
+    shards = []
+    for device, (start, stop) in rows.items():
+        block = held.get((local_start[(start, stop)], local_start[(start, stop)] + stop - start))
+        if block is None:
+            return None
+        shards.append(jax.device_put(block, device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
 
 def to_host(x: Any) -> np.ndarray:

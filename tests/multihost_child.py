@@ -84,9 +84,20 @@ def placed_rows(model_dir: str) -> None:
     rows = partitioning.rows_like(np.arange(64 * 3).reshape(64, 3), leaf)
     placed = {str(s.device.id): s.data[:, 0].tolist() for s in rows.addressable_shards}
     back = partitioning.to_host(rows)
+    # This host's own rows (100 x process + i), on its own devices (as the online teacher's logits are) and
+    # on the host: the job's batch from either is the same, every host's rows in process order.
+    local = np.arange(32 * 3).reshape(32, 3) + 100 * PROCESS_ID
+    host_mesh = Mesh(np.array(jax.local_devices()).reshape(4, 1), ("data", "model"))
+    on_devices = jax.device_put(local, NamedSharding(host_mesh, PartitionSpec("data")))   # 8 rows per device
+    direct = partitioning._from_local_rows_on_devices(on_devices, partitioning.data_sharding(mesh))
+    # rows on one device are not the blocks the job's devices hold: said (None), and global_batch copies them
+    assert partitioning._from_local_rows_on_devices(jax.device_put(local, jax.local_devices()[0]),
+                                                    partitioning.data_sharding(mesh)) is None
+    batches = [partitioning.to_host(x) for x in (direct, partitioning.global_batch({"x": local}, mesh)["x"])]
     pathlib.Path(model_dir).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(model_dir) / f"placed_{PROCESS_ID}.json").write_text(json.dumps(
-        {"placed": placed, "gathered": back[:, 0].tolist()}))
+        {"placed": placed, "gathered": back[:, 0].tolist(), "global_from_devices": batches[0][:, 0].tolist(),
+         "global_from_host": batches[1][:, 0].tolist()}))
 
 
 def main(model_dir: str, mode: str) -> None:

@@ -118,6 +118,9 @@ def test_evaluation_rows_on_two_hosts_are_shared_out_over_the_data_axis_not_copi
     rows = sorted(r for p in placed for r in p["placed"].values())
     assert [len(r) for r in rows] == [8] * 8 and sorted(x for r in rows for x in r) == list(range(0, 192, 3))
     assert all(p["gathered"] == list(range(0, 192, 3)) for p in placed)
+    # A host's own rows on its devices (the online teacher's logits) join the job's batch as host rows do.
+    want = list(range(0, 96, 3)) + list(range(100, 196, 3))
+    assert all(p["global_from_devices"] == p["global_from_host"] == want for p in placed)
 
 
 def test_two_hosts_share_one_gcs_model_dir_one_checkpoint_per_step_one_row(tmp_path):
