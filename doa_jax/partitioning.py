@@ -371,16 +371,19 @@ def _from_local_rows_on_devices(v: jax.Array, sharding: NamedSharding) -> Option
     if sum(stop - start for start, stop in blocks) != v.shape[0]:
         return None
     local_start = dict(zip(blocks, np.cumsum([0] + [stop - start for start, stop in blocks[:-1]]).tolist()))
-    held = {_row_range(s.index, v.shape[0]): s.data for s in v.addressable_shards
-            if all(i == slice(None) or (i.start in (None, 0) and i.stop in (None, n))
-                   for i, n in zip(s.index[1:], v.shape[1:]))}
-    shards = []
+    held: dict[tuple[int, int], dict[Any, jax.Array]] = {}   # local row range -> {device: its whole rows}
+    for s in v.addressable_shards:
+        if all(i == slice(None) or (i.start in (None, 0) and i.stop in (None, n))
+               for i, n in zip(s.index[1:], v.shape[1:])):
+            held.setdefault(_row_range(s.index, v.shape[0]), {})[s.device] = s.data
+    sources = []
     for device, (start, stop) in rows.items():
-        block = held.get((local_start[(start, stop)], local_start[(start, stop)] + stop - start))
-        if block is None:
+        copies = held.get((local_start[(start, stop)], local_start[(start, stop)] + stop - start))
+        if not copies:
             return None
-        shards.append(jax.device_put(block, device))
-    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+        sources.append(copies.get(device, next(iter(copies.values()))))   # one already there, if any
+    shards = [jax.device_put(x, device) for x, device in zip(sources, rows)]
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards, dtype=v.dtype)
 
 
 def to_host(x: Any) -> np.ndarray:

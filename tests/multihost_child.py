@@ -9,7 +9,9 @@ MODE `gcs`: MODEL_DIR is a gs:// URL (the emulator of tests/gcs_helpers.py, from
 the process trains 4 steps with a checkpoint every 2, then writes the run's results row to
 MODEL_DIR/results.jsonl the way `run_cell` does (only process 0 writes shared files), and exits.
 MODE `rows`: places 64 rows (the same on both processes) as `partitioning.rows_like` does beside an array on
-the job's mesh (data=8), and writes each local device's rows to MODEL_DIR/placed_<PROCESS_ID>.json.
+the job's mesh (data=8), and writes each local device's rows to MODEL_DIR/placed_<PROCESS_ID>.json; then
+builds the job's batch from this host's own 32 rows with `partitioning.global_batch`, from the rows on this
+host's devices (several layouts and job meshes) and from host memory, and writes both.
 A process whose peer went away says who in one line and exits 75, as `doa` does.
 """
 import json
@@ -87,13 +89,34 @@ def placed_rows(model_dir: str) -> None:
     # This host's own rows (100 x process + i), on its own devices (as the online teacher's logits are) and
     # on the host: the job's batch from either is the same, every host's rows in process order.
     local = np.arange(32 * 3).reshape(32, 3) + 100 * PROCESS_ID
-    host_mesh = Mesh(np.array(jax.local_devices()).reshape(4, 1), ("data", "model"))
+    # the host's devices in reverse: each block moves to another device than the one computing it
+    host_mesh = Mesh(np.array(jax.local_devices()[::-1]).reshape(4, 1), ("data", "model"))
     on_devices = jax.device_put(local, NamedSharding(host_mesh, PartitionSpec("data")))   # 8 rows per device
+    by_host = partitioning.global_batch({"x": local}, mesh)["x"]
     direct = partitioning._from_local_rows_on_devices(on_devices, partitioning.data_sharding(mesh))
-    # rows on one device are not the blocks the job's devices hold: said (None), and global_batch copies them
-    assert partitioning._from_local_rows_on_devices(jax.device_put(local, jax.local_devices()[0]),
-                                                    partitioning.data_sharding(mesh)) is None
-    batches = [partitioning.to_host(x) for x in (direct, partitioning.global_batch({"x": local}, mesh)["x"])]
+    assert direct is not None
+    batches = [partitioning.to_host(x) for x in (partitioning.global_batch({"x": on_devices}, mesh)["x"], by_host)]
+    # Other job meshes: data=2 x model=4 (each host one block, its rows replicated over its 4 devices; the rows
+    # replicated on the host's mesh too), and data=8 with the hosts' devices interleaved.
+    replicated = jax.device_put(local, NamedSharding(host_mesh, PartitionSpec()))
+    for job, rows_ in ((Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model")), replicated),
+                       (Mesh(np.array(jax.devices()).reshape(2, 4).T.reshape(8, 1), ("data", "model")), None)):
+        if rows_ is None:   # interleaved: this host's devices hold blocks 0, 2, 4, 6 (or 1, 3, 5, 7)
+            per = partitioning.data_sharding(job).addressable_devices_indices_map((64, 3))
+            order = [d for d, _ in sorted(per.items(), key=lambda kv: kv[1][0].start or 0)]
+            rows_ = jax.device_put(local, NamedSharding(Mesh(np.array(order).reshape(4, 1), ("data", "model")),
+                                                        PartitionSpec("data")))
+        moved = partitioning._from_local_rows_on_devices(rows_, partitioning.data_sharding(job))
+        assert moved is not None
+        assert (partitioning.to_host(moved) == partitioning.to_host(partitioning.global_batch({"x": local}, job)["x"])
+                ).all()
+    # Not the blocks the job's devices hold: all rows on one device, or each device only part of a row (a
+    # vocabulary split over `model`): None, and global_batch copies them through the host.
+    sharding = partitioning.data_sharding(mesh)
+    assert partitioning._from_local_rows_on_devices(jax.device_put(local, jax.local_devices()[0]), sharding) is None
+    wide = jax.device_put(np.zeros((32, 4)), NamedSharding(Mesh(np.array(jax.local_devices()).reshape(1, 4),
+                                                                ("data", "model")), PartitionSpec(None, "model")))
+    assert partitioning._from_local_rows_on_devices(wide, sharding) is None
     pathlib.Path(model_dir).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(model_dir) / f"placed_{PROCESS_ID}.json").write_text(json.dumps(
         {"placed": placed, "gathered": back[:, 0].tolist(), "global_from_devices": batches[0][:, 0].tolist(),

@@ -110,8 +110,9 @@ def test_two_hosts_stopped_by_sigterm_on_one_host_then_one_host_killed_resume_an
         assert rows[0][step] == one[step][:8] and rows[1][step] == one[step][8:], step
 
 
-def test_evaluation_rows_on_two_hosts_are_shared_out_over_the_data_axis_not_copied_to_every_device(tmp_path):
-    # 64 rows, data=8 over two hosts' 4 devices each: each device decodes its own 8 rows (before, all 64).
+def test_batch_rows_on_two_hosts_go_to_the_devices_that_hold_them(tmp_path):
+    # Evaluation: 64 rows, data=8 over two hosts' 4 devices each: each device decodes its own 8 rows (before,
+    # all 64).
     procs = _start(tmp_path, "rows", _env(), 2)
     _finish(procs)
     placed = [json.loads((tmp_path / f"placed_{i}.json").read_text()) for i in range(2)]
