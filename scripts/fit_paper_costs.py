@@ -329,12 +329,18 @@ def main_results() -> list[dict]:
 PER_INPUT_AT = 100_000   # unlabeled inputs at which the per-input cost is taken (the paper's larger U; whole batches)
 
 
+def model_price(variant: Variant, theta: np.ndarray, data: dict) -> Callable[[dict], float]:
+    """A (task, labels, unlabeled) point's compute dollars under a model's constants."""
+    per_usd = _usd_per_second(data)
+    return lambda point: float(work_features(point, data["paper_lengths"], data["profiles"]["paper"], variant)
+                               @ theta * per_usd)
+
+
 def affordable(variant: Variant, theta: np.ndarray, cell: dict, data: dict) -> tuple[float, Optional[int]]:
     """(what the teacher's fine-tuning on the cell's L labels costs, how many unlabeled inputs the rest of its
     extra budget pseudo-labels and distills on; None where the teacher alone costs more than the budget)."""
-    per_usd = _usd_per_second(data)
-    lengths, recipe = data["paper_lengths"], data["profiles"]["paper"]
-    usd = lambda u: work_features(dict(cell, unlabeled=u), lengths, recipe, variant) @ theta * per_usd  # noqa: E731
+    price = model_price(variant, theta, data)
+    usd = lambda u: price(dict(cell, unlabeled=u))  # noqa: E731
     teacher, per_input = usd(0), (usd(PER_INPUT_AT) - usd(0)) / PER_INPUT_AT
     if teacher >= cell["budget"]:
         return teacher, None
@@ -404,13 +410,6 @@ def read_withheld(path=WITHHELD) -> list[dict]:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(e.args[0] if str(e).startswith(where) else f"{where}: {e}") from None
     return rows
-
-
-def model_price(variant: Variant, theta: np.ndarray, data: dict) -> Callable[[dict], float]:
-    """A (task, labels, unlabeled) point's compute dollars under a model's constants."""
-    per_usd = _usd_per_second(data)
-    return lambda point: float(work_features(point, data["paper_lengths"], data["profiles"]["paper"], variant)
-                               @ theta * per_usd)
 
 
 def withheld_estimates(rows: list[dict], price: Callable[[dict], float]) -> list[dict]:

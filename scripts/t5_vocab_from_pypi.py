@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 
+from doa_jax import storage
 from doa_jax.data import vocab
 
 PACKAGE = "stable-diffusion-cpp-python==0.4.7"
@@ -82,9 +81,7 @@ def main(argv=None) -> int:
         v = vocab.Vocabulary(staged)
         check_known_ids(v)
         out = pathlib.Path(args.out).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(staged, out.with_name(out.name + ".tmp"))   # then moved: --out is never half written
-        os.replace(out.with_name(out.name + ".tmp"), out)
+        storage.write_atomic(out, staged.read_bytes())   # --out is never half written
     spec = vocab.Vocabulary(out).spec()
     print(f"wrote {out}: {v.base_vocab_size} pieces (+{extra_ids} extra ids in the json, added by Vocabulary), "
           f"sha256 {spec['sha256']}; T5's ids for {len(KNOWN_IDS)} documented texts match")

@@ -69,10 +69,11 @@ def test_chunks_a_killed_build_finished_keep_what_they_took_for_the_build_that_c
     stats = store.build(sources, enc, CountingTeacher(), detok, chunk_size=3)
     assert (stats.reused_chunks, stats.unmeasured_chunks) == (2, 0)
     assert stats.reused_chip_seconds == pytest.approx(sum(m["seconds"] * m["chips"] for m in markers))
-    assert isinstance(store.reused_cost([])[0], float)   # every host gathers the same kind of value
+    assert isinstance(ts.markers_cost([])[0], float)   # every host gathers the same kind of value
     # A marker from before markers held seconds counts as unmeasured, not as free.
     (store.dir / "chunk_00000.COMPLETED").write_text(json.dumps({k: markers[0][k] for k in (".npz", ".jsonl")}))
-    assert store.reused_cost([0, 1]) == (pytest.approx(markers[1]["seconds"] * markers[1]["chips"]), 1)
+    older = json.loads((store.dir / "chunk_00000.COMPLETED").read_text())
+    assert ts.markers_cost([older, markers[1]]) == (pytest.approx(markers[1]["seconds"] * markers[1]["chips"]), 1)
 
 
 def test_hosts_building_their_shares_of_one_store_leave_the_store_one_host_would(tmp_path):

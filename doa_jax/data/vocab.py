@@ -170,7 +170,7 @@ def from_tokenizer_json(json_path: str | os.PathLike, model_path: str | os.PathL
     SentencePiece's own, so the rebuilt model encodes as the original does (its bytes differ: the
     original also records how it was trained). The trailing `<extra_id_N>` pieces are left out
     (`Vocabulary` adds extra ids on top). Anything without a SentencePiece equivalent is refused, naming
-    the field. Written beside `model_path` and moved into place.
+    the field. Written whole or not at all (`storage.write_atomic`).
     """
     from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -202,17 +202,8 @@ def from_tokenizer_json(json_path: str | os.PathLike, model_path: str | os.PathL
     target = os.fspath(model_path)
     if not target.endswith(".model"):
         raise ValueError(f"{target}: the SentencePiece model path must end in .model")
-    if storage.is_url(target):
-        folder, _, name = target.rpartition("/")
-        with storage.staged(folder) as local:
-            local.mkdir(parents=True, exist_ok=True)
-            (local / name).write_bytes(proto.SerializeToString())
-        return storage.path(target), extra_ids
-    with storage.local_staging(target) as local:
-        staged = local / pathlib.Path(target).name
-        staged.write_bytes(proto.SerializeToString())
-        os.replace(staged, target)
-    return pathlib.Path(target), extra_ids
+    storage.write_atomic(target, proto.SerializeToString())
+    return storage.path(target), extra_ids
 
 
 def _pieces_from_json(spec: dict, src) -> tuple[list[tuple[str, float]], int]:

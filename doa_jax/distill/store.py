@@ -108,52 +108,53 @@ class TeacherStore:
     def chunk_problem(self, i: int) -> Optional[str]:
         """None when chunk `i` is complete and its files match the checksums in its marker, else why
         not (naming the file); "" when the chunk was simply never finished."""
-        return self._read_chunk(i)[1]
+        return self._read_chunk(i)[2]
 
-    def _read_chunk(self, i: int) -> tuple[Optional[dict[str, bytes]], Optional[str]]:
-        """(chunk `i`'s files' bytes, None) when it is complete and they match its marker's checksums, else
-        (None, why not; "" when never finished): each file read once, checked and parsed from the same bytes."""
+    def _read_chunk(self, i: int) -> tuple[Optional[dict[str, bytes]], Optional[dict], Optional[str]]:
+        """(chunk `i`'s files' bytes, its marker, None) when it is complete and the files match the marker's
+        checksums, else (None, None, why not; "" when never finished): each file read once, checked and parsed
+        from the same bytes."""
         marker = self._chunk(i, ".COMPLETED")
         if not marker.exists():
-            return None, ""
+            return None, None, ""
         try:
             sums = json.loads(marker.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             sums = None
         if not isinstance(sums, dict) or not all(isinstance(sums.get(s), str) for s in CHUNK_FILES):
-            return None, f"{marker} holds no checksums (written by an older version, or torn)"
+            return None, None, f"{marker} holds no checksums (written by an older version, or torn)"
         data = {}
         for suffix in CHUNK_FILES:
             path = self._chunk(i, suffix)
             if not path.exists():
-                return None, f"{path} is missing"
+                return None, None, f"{path} is missing"
             data[suffix] = path.read_bytes()
             if _sha256(data[suffix]) != sums[suffix]:
-                return None, f"{path} does not match its checksum (truncated or altered on disk)"
-        return data, None
+                return None, None, f"{path} does not match its checksum (truncated or altered on disk)"
+        return data, sums, None
 
-    def chunk_chip_seconds(self, i: int) -> Optional[float]:
-        """Chip-seconds computing chunk `i` held (its seconds x the chips the host that computed it counted,
-        `build(chips=)`); None when its marker, written by an older version, does not say."""
-        marker = json.loads(self._chunk(i, ".COMPLETED").read_text())
-        if not all(isinstance(marker.get(k), (int, float)) for k in ("seconds", "chips")):
+    def verified_markers(self) -> Optional[list[dict]]:
+        """Every chunk's marker, when the manifest and every chunk are there and every chunk passes its
+        checksum; else None."""
+        if not self.manifest_path.exists():
             return None
-        return float(marker["seconds"]) * float(marker["chips"])
-
-    def reused_cost(self, chunks: Sequence[int]) -> tuple[float, int]:
-        """(chip-seconds of `chunks`' markers, how many of them hold none)."""
-        costs = [self.chunk_chip_seconds(i) for i in chunks]
-        return float(sum(c for c in costs if c is not None)), sum(c is None for c in costs)
+        markers = []
+        for i in range(json.loads(self.manifest_path.read_text())["num_chunks"]):
+            _, marker, problem = self._read_chunk(i)
+            if problem is not None:
+                return None
+            markers.append(marker)
+        return markers
 
     def is_complete(self, verify: bool = True) -> bool:
         """True when the manifest and every chunk are there and every chunk passes its checksum (`verify=False`:
         every chunk's marker is there, its files unread)."""
+        if verify:
+            return self.verified_markers() is not None
         if not self.manifest_path.exists():
             return False
-        manifest = json.loads(self.manifest_path.read_text())
-        if not verify:
-            return all(self._chunk(i, ".COMPLETED").exists() for i in range(manifest["num_chunks"]))
-        return all(self.chunk_problem(i) is None for i in range(manifest["num_chunks"]))
+        return all(self._chunk(i, ".COMPLETED").exists()
+                   for i in range(json.loads(self.manifest_path.read_text())["num_chunks"]))
 
     def build(self, sources: Sequence[str], encoder_input_tokens: np.ndarray, predict_fn: PredictFn,
               detokenize: Callable[[np.ndarray], str], *, chunk_size: int = 256,
@@ -186,9 +187,9 @@ class TeacherStore:
             _atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
         computed, reused = 0, []
         for i in range(shard[0], num_chunks, shard[1]):
-            problem = self.chunk_problem(i)
+            _, marker, problem = self._read_chunk(i)
             if problem is None:
-                reused.append(i)
+                reused.append(marker)
                 continue
             if problem:
                 warnings.warn(f"teacher store: {problem}; recomputing chunk {i}", RuntimeWarning, stacklevel=2)
@@ -210,7 +211,7 @@ class TeacherStore:
             computed += 1
             if on_chunk:
                 on_chunk(i + 1, num_chunks, hi - lo)
-        return BuildStats(computed, len(reused), self.dir, *self.reused_cost(reused))
+        return BuildStats(computed, len(reused), self.dir, *markers_cost(reused))
 
     def load(self) -> TeacherOutputs:
         """All outputs; each chunk is checked against its checksums as it is read."""
@@ -220,7 +221,7 @@ class TeacherStore:
         arrays: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
         sources, predictions = [], []
         for i in range(manifest["num_chunks"]):
-            files, problem = self._read_chunk(i)
+            files, _, problem = self._read_chunk(i)
             if problem is not None:
                 raise FileNotFoundError(f"teacher store {self.dir} is incomplete: "
                                         f"{problem or f'chunk {i} was never finished'}; build it again")
@@ -269,14 +270,24 @@ def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: T
     settings = request.settings()
     store = TeacherStore(root, store_key(request.teacher, request.sources, settings))
     enc = encode_texts(vocab, list(request.sources), request.inputs_length, request.prefix)
-    if store.is_complete():   # this host's share of the chunks, as `build` would count them
-        mine = range(shard[0], json.loads(store.manifest_path.read_text())["num_chunks"], shard[1])
-        return store, enc, BuildStats(0, len(mine), store.dir, *store.reused_cost(mine))
+    markers = store.verified_markers()
+    if markers is not None:   # complete: this host's share of the chunks, as `build` would count them
+        mine = markers[shard[0]::shard[1]]
+        return store, enc, BuildStats(0, len(mine), store.dir, *markers_cost(mine))
     predict = teacher_outputs.make_predict_fn(module, params, request.max_decode_len, num_beams=request.num_beams,
                                               topk=request.topk, batch_size=batch_size)
     stats = store.build(list(request.sources), enc, predict, vocab.decode, chunk_size=chunk_size, settings=settings,
                         on_chunk=on_chunk, shard=shard, chips=chips)
     return store, enc, stats
+
+
+def markers_cost(markers: Sequence[Mapping[str, Any]]) -> tuple[float, int]:
+    """(chip-seconds the chunks of `markers` held: each one's seconds x the chips its host counted,
+    `TeacherStore.build(chips=)`; how many markers, written by an older version, do not say)."""
+    costs = [float(m["seconds"]) * float(m["chips"]) if all(isinstance(m.get(k), (int, float))
+                                                            for k in ("seconds", "chips")) else None
+             for m in markers]
+    return float(sum(c for c in costs if c is not None)), sum(c is None for c in costs)
 
 
 def _sha256(data: bytes) -> str:
