@@ -11,7 +11,8 @@ import argparse
 
 # Under the paper's accounting the teacher's fine-tuning on 200 labels costs $6.22 (at +$5 only
 # annotation can run: `--budgets 5 10 30`); at +$10 distillation buys 2,757 unlabeled inputs, at +$30 the
-# whole pool of 4,096 (README's demo table). Two budgets keep the demo under 5 minutes on 2 cores (a third cell costs ~30 s).
+# whole pool of 4,096 (README's demo table). Two budgets keep the demo under 5 minutes on 2 cores (a third
+# cell costs ~30 s).
 BUDGETS = (10.0, 30.0)
 START_LABELS = 200
 
