@@ -35,6 +35,23 @@ if os.environ.get("DOA_TEST_STORE_FAILS_ON") == str(PROCESS_ID):   # this host f
 
     phases.teacher_store.build_store = _failing_build
 
+if os.environ.get("DOA_TEST_COUNT_DEVICE_ROWS"):   # how each host's device-held rows join the job's batches
+    import atexit
+
+    from doa_jax import partitioning
+
+    _joined = {"device to device": 0, "through the host": 0}
+    _direct = partitioning._from_local_rows_on_devices
+
+    def _counting(rows, sharding):
+        moved = _direct(rows, sharding)
+        _joined["device to device" if moved is not None else "through the host"] += 1
+        return moved
+
+    partitioning._from_local_rows_on_devices = _counting
+    atexit.register(lambda: print("test: device-held rows joined the job's batch: " + ", ".join(
+        f"{how} {n}" for how, n in _joined.items()), flush=True))
+
 
 def main(commands: list) -> int:
     """Runs each `doa` argv in turn in this process; the first joins the multi-host job with

@@ -12,6 +12,9 @@ MODE `rows`: places 64 rows (the same on both processes) as `partitioning.rows_l
 the job's mesh (data=8), and writes each local device's rows to MODEL_DIR/placed_<PROCESS_ID>.json; then
 builds the job's batch from this host's own 32 rows with `partitioning.global_batch`, from the rows on this
 host's devices (several layouts and job meshes) and from host memory, and writes both.
+MODE `loadstore`: MODEL_DIR holds teacher stores the parent wrote; each process reads each with
+`phases.load_store` (store `<name>` or, when there is one, `<name>_<PROCESS_ID>`: a cache one host does not
+share) and writes what it found to MODEL_DIR/loaded_<PROCESS_ID>.json.
 A process whose peer went away says who in one line and exits 75, as `doa` does.
 """
 import json
@@ -77,6 +80,21 @@ def shared_store(model_dir: str) -> None:
             "metric": "loss", "value": float(result.last_metrics["loss"]), "student_steps": result.step})
 
 
+def loaded_stores(model_dir: pathlib.Path) -> None:
+    """What `phases.load_store` finds on this host, for each store the parent wrote."""
+    from doa_jax.distill.store import TeacherStore
+    from doa_jax.experiment import phases
+
+    found = {}
+    for name in sorted(p.name for p in model_dir.iterdir() if p.is_dir() and not p.name[-1].isdigit()):
+        own = model_dir / f"{name}_{PROCESS_ID}"
+        outputs, problem, missing, corrupt = phases.load_store(TeacherStore(own if own.exists() else model_dir,
+                                                                            name if not own.exists() else "k"))
+        found[name] = {"rows": None if outputs is None else len(outputs), "missing": missing, "corrupt": corrupt,
+                       "problem": None if problem is None else str(problem)}
+    (model_dir / f"loaded_{PROCESS_ID}.json").write_text(json.dumps(found))
+
+
 def placed_rows(model_dir: str) -> None:
     """Which rows of an evaluation batch each local device holds when placed beside the job's params."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -131,6 +149,8 @@ def main(model_dir: str, mode: str) -> None:
         return shared_store(model_dir)
     if mode == "rows":
         return placed_rows(model_dir)
+    if mode == "loadstore":
+        return loaded_stores(pathlib.Path(model_dir))
     model_dir = pathlib.Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     arrays = dict(copy_arrays(), index=np.arange(64))

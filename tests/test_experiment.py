@@ -110,6 +110,40 @@ def test_a_store_whose_record_was_lost_is_charged_what_its_chunks_took(wlp, tmp_
     assert entry["seconds"] == 2.5 * len(markers) and entry["chips"] == 1
 
 
+def test_a_reused_store_is_read_once_and_a_chunk_failing_its_checksums_is_recomputed_and_charged(
+        wlp, tmp_path, monkeypatch):
+    import pathlib
+
+    cache = tmp_path / "cache"
+    run = lambda budget: experiment.run_cell(dataclasses.replace(  # noqa: E731
+        wlp, strategy="distill", extra_budget_usd=budget, output_dir=str(tmp_path), cache_dir=str(cache)))
+    run(5.0)
+    [store] = (cache / "stores").iterdir()
+    chunks = sorted(p.name for p in store.glob("chunk_*.npz"))
+    read = []
+    read_bytes = pathlib.Path.read_bytes
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: read.append(self.name) or read_bytes(self))
+    run(6.0)   # another cell, the same store: each chunk's files read once (as `load` checks them)
+    assert sorted(name for name in read if name.endswith(".npz")) == chunks
+    monkeypatch.undo()
+
+    before = json.loads((store / "record.json").read_text())
+    npz = store / chunks[0]
+    npz.write_bytes(npz.read_bytes()[:100])
+    for marker in store.glob("chunk_*.COMPLETED"):   # what the first build took, as its markers say
+        marker.write_text(json.dumps(dict(json.loads(marker.read_text()), seconds=2.5)))
+    with pytest.warns(RuntimeWarning, match=f"{npz} does not match its checksum .*; recomputing chunk 0"):
+        row = run(7.0)
+    assert row["status"] == "ok"
+    record = json.loads((store / "record.json").read_text())
+    # the recomputed chunk is in the record: this attempt's seconds on top of what every chunk took before
+    assert record["computed_chunks"] == 1 and record["earlier_attempts_seconds"] == 2.5 * len(chunks)
+    assert record["seconds"] > record["earlier_attempts_seconds"] and record != before
+    ledger = [json.loads(line) for line in open(tmp_path / "cells" / row["cell_key"] / "ledger.jsonl")]
+    [entry] = [e for e in ledger if e["phase"] == "teacher_inference"]
+    assert entry["seconds"] == record["seconds"]
+
+
 @pytest.mark.parametrize("change,reason", [
     (dict(strategy="distill", distill=DistillConfig(max_unlabeled=0)), "the unlabeled pool is empty"),
     (dict(strategy="distill", distill=DistillConfig(max_unlabeled=48, min_teacher_confidence=0.999)),

@@ -124,6 +124,41 @@ def test_batch_rows_on_two_hosts_go_to_the_devices_that_hold_them(tmp_path):
     assert all(p["global_from_devices"] == p["global_from_host"] == want for p in placed)
 
 
+def test_hosts_reading_a_teacher_store_agree_on_what_is_wrong_with_it(tmp_path):
+    # Every host reads the whole store; each says how many hosts found a chunk missing or failing its checksums,
+    # so that all of them rebuild, or all of them stop, together (phases.teacher_outputs).
+    from doa_jax.distill.store import TeacherStore
+
+    def write(directory, key):
+        enc = np.arange(10)[:, None].astype(np.int32)
+        tokens = np.tile(np.array([[5, 1]], np.int32), (10, 1))
+        predict = lambda e: {"tokens": tokens[: len(e)], "lengths": np.full(len(e), 2, np.int32),  # noqa: E731
+                             "sequence_logprob": np.zeros(len(e), np.float32),
+                             "topk_values": np.zeros((len(e), 2, 2), np.float32),
+                             "topk_ids": np.zeros((len(e), 2, 2), np.int32)}
+        TeacherStore(directory, key).build([f"s{i}" for i in range(10)], enc, predict, str, chunk_size=3)
+        return directory / key
+
+    write(tmp_path, "healthy")
+    npz = write(tmp_path, "corrupt") / "chunk_00002.npz"
+    npz.write_bytes(npz.read_bytes()[:50])
+    (write(tmp_path, "missing") / "chunk_00001.COMPLETED").unlink()
+    write(tmp_path / "unshared_0", "k")                               # host 0's cache is whole ...
+    (write(tmp_path / "unshared_1", "k") / "manifest.json").unlink()  # ... host 1's lacks what host 0 wrote
+    (tmp_path / "unshared").mkdir()
+    _finish(_start(tmp_path, "loadstore", _env(), 2))
+    found = [json.loads((tmp_path / f"loaded_{i}.json").read_text()) for i in range(2)]
+    for host in found:
+        assert host["healthy"] == {"rows": 10, "missing": 0, "corrupt": 0, "problem": None}
+        assert (host["corrupt"]["missing"], host["corrupt"]["corrupt"]) == (0, 2)
+        assert "chunk_00002.npz does not match its checksum" in host["corrupt"]["problem"]
+        assert (host["missing"]["missing"], host["missing"]["corrupt"]) == (2, 0)
+        assert "chunk 1 was never finished" in host["missing"]["problem"]
+        assert (host["unshared"]["missing"], host["unshared"]["corrupt"]) == (1, 0)
+    assert found[0]["unshared"]["rows"] == 10 and found[0]["unshared"]["problem"] is None
+    assert found[1]["unshared"]["rows"] is None and "missing or incomplete" in found[1]["unshared"]["problem"]
+
+
 def test_two_hosts_share_one_gcs_model_dir_one_checkpoint_per_step_one_row(tmp_path):
     from doa_jax import storage
     from doa_jax.experiment import results
@@ -226,7 +261,8 @@ def test_an_online_teacher_on_two_hosts_runs_on_each_hosts_devices_and_matches_o
     port = _free_port()
     commands = json.dumps([[*RUN, *settings(out)]])
     procs = [subprocess.Popen([sys.executable, str(CHILD_CELL), str(i), "2", str(port), commands], cwd=REPO,
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=dict(_env(), DOA_TEST_COUNT_DEVICE_ROWS="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
              for i in (0, 1)]
     assert cli.main([*RUN, *settings(one)]) == 0
     capsys.readouterr()
@@ -238,6 +274,10 @@ def test_an_online_teacher_on_two_hosts_runs_on_each_hosts_devices_and_matches_o
     for log in logs:
         assert "the teacher's inference runs on each host's own 4 devices (mesh data=4, model=1)" in log
         assert "online soft targets: the teacher's forward runs on every student batch" in log
+        # each host's teacher logits, on its own devices, went into the job's batches device to device
+        joined = re.search(r"device-held rows joined the job's batch: device to device (\d+), through the host (\d+)",
+                           log)
+        assert joined and int(joined[1]) > 0 and int(joined[2]) == 0, log[-3000:]
 
 
 def test_a_host_failing_its_share_of_the_teacher_store_is_named_on_every_host(tmp_path):

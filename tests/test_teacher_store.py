@@ -218,3 +218,47 @@ def test_only_the_first_host_writes_the_manifest(tmp_path):
     assert not store.manifest_path.exists() and (store.dir / "chunk_00001.COMPLETED").exists()
     store.build(sources, enc, CountingTeacher(), detok, chunk_size=3, shard=(0, 2))
     assert json.loads(store.manifest_path.read_text())["num_chunks"] == 4 and store.is_complete()
+
+
+def test_a_complete_store_is_taken_on_its_shards_markers_without_reading_its_files(tmp_path, monkeypatch):
+    # 10 inputs in chunks of 3: host 1 of 2 owns chunks 1 and 3. `load` checks the files as it reads them.
+    import pathlib
+
+    sources, enc = inputs(10)
+    store = ts.TeacherStore(tmp_path, "k")
+    store.build(sources, enc, CountingTeacher(), detok, chunk_size=3)
+    read = []
+    read_bytes, read_text = pathlib.Path.read_bytes, pathlib.Path.read_text
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: read.append(self.name) or read_bytes(self))
+    monkeypatch.setattr(pathlib.Path, "read_text", lambda self, *a, **k: read.append(self.name) or read_text(
+        self, *a, **k))
+    markers = store.shard_markers((1, 2))
+    assert [m[".npz"] for m in markers] == [
+        json.loads(read_text(tmp_path / "k" / f"chunk_{i:05d}.COMPLETED"))[".npz"] for i in (1, 3)]
+    assert sorted(read) == ["chunk_00001.COMPLETED", "chunk_00003.COMPLETED", "manifest.json"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "torn"])
+def test_a_store_missing_a_marker_or_with_a_torn_one_in_the_shard_is_not_taken_as_complete(tmp_path, damage):
+    sources, enc = inputs(10)
+    store = ts.TeacherStore(tmp_path, "k")
+    store.build(sources, enc, CountingTeacher(), detok, chunk_size=3)
+    marker = tmp_path / "k" / "chunk_00002.COMPLETED"
+    marker.unlink() if damage == "missing" else marker.write_text('{"seconds": 1')
+    assert store.shard_markers((0, 2)) is None
+    # a torn marker of another host's chunk is that host's to find; a missing one means the store is not complete
+    assert (store.shard_markers((1, 2)) is None) == (damage == "missing")
+
+
+def test_loading_says_whether_a_chunk_is_missing_or_fails_its_checksums(tmp_path):
+    sources, enc = inputs(8)
+    store = ts.TeacherStore(tmp_path, "k")
+    store.build(sources, enc, CountingTeacher(), detok, chunk_size=4)
+    _truncate(tmp_path / "k" / "chunk_00001.jsonl")
+    with pytest.raises(ts.StoreIncomplete) as failed:
+        store.load()
+    assert not failed.value.missing
+    (tmp_path / "k" / "chunk_00001.COMPLETED").unlink()
+    with pytest.raises(ts.StoreIncomplete, match="chunk 1 was never finished") as failed:
+        store.load()
+    assert failed.value.missing

@@ -91,6 +91,16 @@ class BuildStats:
     unmeasured_chunks: int = 0         # reused chunks whose markers (an older version's) hold no seconds
 
 
+class StoreIncomplete(FileNotFoundError):
+    """A store that cannot be read whole. `missing`: a chunk (or the manifest) was never written, which a
+    rebuild of this host's share cannot mend when other hosts own it; else a chunk's files fail their
+    checksums (truncated or altered on disk), which a rebuild recomputes."""
+
+    def __init__(self, message: str, missing: bool):
+        super().__init__(message)
+        self.missing = missing
+
+
 class TeacherStore:
     """Chunked outputs of one teacher over one list of inputs under one decoding setting."""
 
@@ -146,15 +156,38 @@ class TeacherStore:
             markers.append(marker)
         return markers
 
+    def shard_markers(self, shard: tuple[int, int] = (0, 1)) -> Optional[list[dict]]:
+        """The markers of `shard`'s chunks (`build`'s `shard`) when the manifest and every chunk's marker are
+        there, else None (None too when one of those markers is unreadable). The chunks' files are not
+        read: `load` checks them as it reads them, so a complete store is read once."""
+        num_chunks = self._markers_present()
+        if num_chunks is None:
+            return None
+        markers = []
+        for i in range(shard[0], num_chunks, shard[1]):
+            try:
+                marker = json.loads(self._chunk(i, ".COMPLETED").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
+            if not isinstance(marker, dict):
+                return None
+            markers.append(marker)
+        return markers
+
     def is_complete(self, verify: bool = True) -> bool:
         """True when the manifest and every chunk are there and every chunk passes its checksum (`verify=False`:
         every chunk's marker is there, its files unread)."""
         if verify:
             return self.verified_markers() is not None
+        return self._markers_present() is not None
+
+    def _markers_present(self) -> Optional[int]:
+        """The number of chunks when the manifest and every chunk's marker exist (nothing read but the
+        manifest), else None."""
         if not self.manifest_path.exists():
-            return False
-        return all(self._chunk(i, ".COMPLETED").exists()
-                   for i in range(json.loads(self.manifest_path.read_text())["num_chunks"]))
+            return None
+        num_chunks = json.loads(self.manifest_path.read_text())["num_chunks"]
+        return num_chunks if all(self._chunk(i, ".COMPLETED").exists() for i in range(num_chunks)) else None
 
     def build(self, sources: Sequence[str], encoder_input_tokens: np.ndarray, predict_fn: PredictFn,
               detokenize: Callable[[np.ndarray], str], *, chunk_size: int = 256,
@@ -214,17 +247,19 @@ class TeacherStore:
         return BuildStats(computed, len(reused), self.dir, *markers_cost(reused))
 
     def load(self) -> TeacherOutputs:
-        """All outputs; each chunk is checked against its checksums as it is read."""
+        """All outputs; each chunk is checked against its checksums as it is read (`StoreIncomplete`
+        names the first chunk that is missing or fails them)."""
         if not self.manifest_path.exists():
-            raise FileNotFoundError(f"teacher store {self.dir} is missing or incomplete")
+            raise StoreIncomplete(f"teacher store {self.dir} is missing or incomplete", missing=True)
         manifest = json.loads(self.manifest_path.read_text())
         arrays: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
         sources, predictions = [], []
         for i in range(manifest["num_chunks"]):
             files, _, problem = self._read_chunk(i)
             if problem is not None:
-                raise FileNotFoundError(f"teacher store {self.dir} is incomplete: "
-                                        f"{problem or f'chunk {i} was never finished'}; build it again")
+                raise StoreIncomplete(f"teacher store {self.dir} is incomplete: "
+                                      f"{problem or f'chunk {i} was never finished'}; build it again",
+                                      missing=not problem)
             with np.load(io.BytesIO(files[".npz"]), allow_pickle=False) as data:
                 for name in ARRAYS:
                     arrays[name].append(data[name])
@@ -259,10 +294,13 @@ class StoreRequest:
 def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: Transformer, params: Any, *,
                 batch_size: int = 64, chunk_size: int = 256,
                 on_chunk: Optional[Callable[[int, int, int], None]] = None,
-                shard: tuple[int, int] = (0, 1), chips: Optional[float] = None,
+                shard: tuple[int, int] = (0, 1), chips: Optional[float] = None, check_files: bool = True,
                 ) -> tuple[TeacherStore, np.ndarray, BuildStats]:
     """The store for `request` under `root`: built (or finished) now, reused when already complete;
-    `shard=(i, n)`: only this host's share of its chunks (`TeacherStore.build`).
+    `shard=(i, n)`: only this host's share of its chunks (`TeacherStore.build`). A store that looks
+    complete is reused after every chunk's files pass their checksums, or, with `check_files=False`, on
+    its markers alone: for a caller that `load`s it next, which checks each file as it reads it (and
+    calls this again with `check_files=True` to recompute a chunk that fails).
 
     Returns the store, the encoded inputs and what was computed; `doa predict` and the experiment
     cell both come through here, so one key means the same outputs whoever wrote them.
@@ -270,9 +308,12 @@ def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: T
     settings = request.settings()
     store = TeacherStore(root, store_key(request.teacher, request.sources, settings))
     enc = encode_texts(vocab, list(request.sources), request.inputs_length, request.prefix)
-    markers = store.verified_markers()
-    if markers is not None:   # complete: this host's share of the chunks, as `build` would count them
-        mine = markers[shard[0]::shard[1]]
+    if check_files:
+        markers = store.verified_markers()
+        mine = None if markers is None else markers[shard[0]::shard[1]]
+    else:
+        mine = store.shard_markers(shard)
+    if mine is not None:   # complete: this host's share of the chunks, as `build` would count them
         return store, enc, BuildStats(0, len(mine), store.dir, *markers_cost(mine))
     predict = teacher_outputs.make_predict_fn(module, params, request.max_decode_len, num_beams=request.num_beams,
                                               topk=request.topk, batch_size=batch_size)

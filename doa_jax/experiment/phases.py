@@ -229,39 +229,65 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
         teacher_key, [ex["source"] for ex in unlabeled], setup.card.input_prefix, setup.lengths["inputs"],
         setup.decode_length, num_beams=cfg.distill.teacher_num_beams, topk=cfg.distill.stored_topk)
     root = run.cache / "stores"
-    start = time.perf_counter()
     hosts = f" (each of {jax.process_count()} hosts computes its share)" if jax.process_count() > 1 else ""
     run.say(f"teacher outputs for {len(request.sources)} unlabeled inputs -> {root}{hosts}")
 
-    def build():   # each process its share of the chunks, on its own chips (one process: every chunk)
-        with run.inference_context("teacher")():
-            return teacher_store.build_store(
-                root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
-                batch_size=store_batch_size(cfg), chunk_size=STORE_CHUNK_SIZE,
-                on_chunk=lambda done, total, n: run.say(f"  teacher chunk {done}/{total}"),
-                shard=partitioning.host_shard_info(), chips=run.ledger.chips / jax.process_count())
+    def build(check_files: bool):   # each process its share of the chunks, on its own chips (one process: all)
+        def share():
+            with run.inference_context("teacher")():
+                return teacher_store.build_store(
+                    root, request, setup.vocab, Transformer(cfg.teacher), teacher_params,
+                    batch_size=store_batch_size(cfg), chunk_size=STORE_CHUNK_SIZE,
+                    on_chunk=lambda done, total, n: run.say(f"  teacher chunk {done}/{total}"),
+                    shard=partitioning.host_shard_info(), chips=run.ledger.chips / jax.process_count(),
+                    check_files=check_files)
+        started = time.perf_counter()
+        built = partitioning.on_every_host(share)
+        return built, time.perf_counter() - started
 
-    store, enc, stats = partitioning.on_every_host(build)
-    seconds = time.perf_counter() - start
-    computed = partitioning.sum_over_processes(stats.computed_chunks)   # every host's chunks are written
+    # A store that looks complete is taken on its markers and checked as it is read, once; a chunk that
+    # fails its checksums then is recomputed by its host (a second build that checks every file).
+    (store, enc, stats), seconds = build(check_files=False)
+    outputs, problem, missing, corrupt = load_store(store)
+    computed = stats.computed_chunks
+    if corrupt and not missing:
+        run.say(f"  teacher store: {corrupt} host(s) found a chunk that fails its checksums; recomputing it")
+        (store, enc, repaired), more = build(check_files=True)
+        seconds, computed = seconds + more, computed + repaired.computed_chunks
+        outputs, problem, missing, corrupt = load_store(store)
+    if missing and jax.process_count() > 1:
+        raise FileNotFoundError(f"teacher store {store.dir} is incomplete after every host computed its share "
+                                f"({problem or 'on another host'}): the cache must be a folder every host sees "
+                                "(OUTPUT_DIR / CACHE_DIR on gs:// or a shared disk)")
+    if missing or corrupt:
+        raise problem or FileNotFoundError(f"teacher store {store.dir}: another host could not read it whole")
+    computed = partitioning.sum_over_processes(computed)   # every host's chunks are written
     # Chunks an earlier, killed attempt finished: what they held (chip-seconds in the ledger's unit of chips,
-    # each host's share of them), in this job's wall seconds.
+    # each host's share of them), in this job's wall seconds. Counted after the store was read whole, so a
+    # chunk recomputed because its files failed their checksums is in the record.
     earlier = partitioning.sum_over_processes(stats.reused_chip_seconds) / run.ledger.chips
     unmeasured = partitioning.sum_over_processes(stats.unmeasured_chunks)
-
-    def record():   # what building it took (every attempt), written by process 0 when it is not there yet
-        path = store.dir / "record.json"
-        if jax.process_count() > 1 and not store.is_complete(verify=False):   # load() checks every file
-            raise FileNotFoundError(f"teacher store {store.dir} is incomplete after every host computed its "
-                                    "share: the cache must be a folder every host sees (OUTPUT_DIR / CACHE_DIR "
-                                    "on gs:// or a shared disk)")
-        return store_record(path, seconds, computed, earlier, unmeasured)
-
-    record = partitioning.from_chief(record)
+    record = partitioning.from_chief(
+        lambda: store_record(store.dir / "record.json", seconds, computed, earlier, unmeasured))
     work = run.pricer.teacher_inference(len(request.sources))
     run.ledger.add_compute(f"teacher_inference:{store.key}", "teacher_inference", record.get("seconds", 0.0),
                            sum(w.flops for w in work), work=work)
-    return store.load(), enc
+    return outputs, enc
+
+
+def load_store(store: teacher_store.TeacherStore):
+    """(outputs, this host's problem, how many hosts found a chunk missing, how many a chunk failing its
+    checksums): every host reads the whole store (an error other than an incomplete store raises on
+    every host, naming the host)."""
+    def load():
+        try:
+            return store.load(), None
+        except teacher_store.StoreIncomplete as e:
+            return None, e
+    outputs, problem = partitioning.on_every_host(load)
+    missing = partitioning.sum_over_processes(int(problem is not None and problem.missing))
+    corrupt = partitioning.sum_over_processes(int(problem is not None and not problem.missing))
+    return outputs, problem, missing, corrupt
 
 
 def store_record(path: storage.AnyPath, seconds: float, computed: int, earlier: float, unmeasured: int) -> dict:
