@@ -3,7 +3,9 @@
 
 NUM_PROCESSES=1 runs on 8 CPU devices; 2 runs on 4 CPU devices each, joined on 127.0.0.1:PORT
 (gloo CPU collectives) by the first command's multi-host flags. COMMANDS_JSON is a list of `doa`
-argument lists, run in order in this process (e.g. `doa run` on a cell, then `doa sweep`).
+argument lists, run in order in this process (e.g. `doa run` on a cell, then `doa sweep`). With
+DOA_TEST_DAMAGE_CHUNK=N and DOA_TEST_DAMAGE_STORES=DIR, process 0 truncates chunk N's .npz of every store
+in DIR between commands.
 """
 import json
 import os
@@ -53,6 +55,12 @@ if os.environ.get("DOA_TEST_COUNT_DEVICE_ROWS"):   # how each host's device-held
         f"{how} {n}" for how, n in _joined.items()), flush=True))
 
 
+def _damage(stores: pathlib.Path, chunk: int) -> None:
+    """Truncates chunk `chunk`'s .npz in every teacher store under `stores`, as a bad disk would."""
+    for npz in stores.glob(f"*/chunk_{chunk:05d}.npz"):
+        npz.write_bytes(npz.read_bytes()[:50])
+
+
 def main(commands: list) -> int:
     """Runs each `doa` argv in turn in this process; the first joins the multi-host job with
     `doa run`'s (or `doa sweep`'s) own flags, the later ones run in the job it started."""
@@ -60,6 +68,11 @@ def main(commands: list) -> int:
              ["--coordinator_address", f"127.0.0.1:{PORT}", "--num_processes", str(NUM_PROCESSES),
               "--process_id", str(PROCESS_ID)])
     for i, argv in enumerate(commands):
+        if i and os.environ.get("DOA_TEST_DAMAGE_CHUNK"):   # between commands, process 0 truncates that chunk
+            from doa_jax import partitioning
+
+            partitioning.from_chief(lambda: _damage(pathlib.Path(os.environ["DOA_TEST_DAMAGE_STORES"]),
+                                                    int(os.environ["DOA_TEST_DAMAGE_CHUNK"])))
         code = cli.main([*argv, *(hosts if i == 0 else [])])
         if code:
             return code

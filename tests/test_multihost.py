@@ -280,6 +280,35 @@ def test_an_online_teacher_on_two_hosts_runs_on_each_hosts_devices_and_matches_o
         assert joined and int(joined[1]) > 0 and int(joined[2]) == 0, log[-3000:]
 
 
+def test_a_chunk_found_not_whole_on_two_hosts_is_recomputed_by_its_host_alone_and_charged(tmp_path):
+    # Two cells share one store of 4 chunks (chunk c on host c mod 2). Between them chunk 1's file is cut: both
+    # hosts read the store, agree it is not whole, and host 1 alone recomputes chunk 1; the store's record
+    # counts that chunk once, as the second cell's attempt.
+    from doa_jax.experiment import results
+
+    out = tmp_path / "out"
+    cell = [*RUN, *CELL_SETTINGS, f"--gin.OUTPUT_DIR='{out}'"]
+    commands = json.dumps([cell, [*cell, "--gin.EXTRA_BUDGET_USD=6"]])
+    port = _free_port()
+    env = dict(_env(), DOA_TEST_STORE_CHUNK_SIZE="8", DOA_TEST_DAMAGE_CHUNK="1",
+               DOA_TEST_DAMAGE_STORES=str(out / "cache" / "stores"))
+    procs = [subprocess.Popen([sys.executable, str(CHILD_CELL), str(i), "2", str(port), commands], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n---\n".join(log[-3000:] for log in logs)
+    rows = results.read_rows(out / "results.jsonl")
+    assert sorted(r["extra_budget_usd"] for r in rows) == [5, 6] and all(r["status"] == "ok" for r in rows)
+    [store] = (out / "cache" / "stores").iterdir()
+    assert json.loads((store / "manifest.json").read_text())["num_chunks"] == 4
+    record = json.loads((store / "record.json").read_text())
+    assert record["computed_chunks"] == 1 and record["unmeasured_chunks"] == 0
+    for process, log in enumerate(logs):   # the first cell computes each host's chunks; the second only chunk 1
+        done = [int(m) for m in re.findall(r"teacher chunk (\d+)/", log)]
+        assert done == ([1, 3] if process == 0 else [2, 4, 2]), log[-3000:]
+        assert ("recomputing chunk 1" in log) == (process == 1)
+    assert all("2 host(s) found a chunk that is not whole; its host recomputes it" in log for log in logs)
+
+
 def test_a_host_failing_its_share_of_the_teacher_store_is_named_on_every_host(tmp_path):
     port = _free_port()
     commands = json.dumps([[*RUN, *CELL_SETTINGS, f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'"]])

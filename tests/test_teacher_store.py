@@ -69,11 +69,13 @@ def test_chunks_a_killed_build_finished_keep_what_they_took_for_the_build_that_c
     stats = store.build(sources, enc, CountingTeacher(), detok, chunk_size=3)
     assert (stats.reused_chunks, stats.unmeasured_chunks) == (2, 0)
     assert stats.reused_chip_seconds == pytest.approx(sum(m["seconds"] * m["chips"] for m in markers))
-    assert isinstance(ts.markers_cost([])[0], float)   # every host gathers the same kind of value
+    assert isinstance(ts.BuildStats(store.dir).reused_chip_seconds, float)   # every host gathers the same kind
     # A marker from before markers held seconds counts as unmeasured, not as free.
     (store.dir / "chunk_00000.COMPLETED").write_text(json.dumps({k: markers[0][k] for k in (".npz", ".jsonl")}))
-    older = json.loads((store.dir / "chunk_00000.COMPLETED").read_text())
-    assert ts.markers_cost([older, markers[1]]) == (pytest.approx(markers[1]["seconds"] * markers[1]["chips"]), 1)
+    stats = store.build(sources, enc, CountingTeacher(), detok, chunk_size=3)
+    assert (stats.reused_chunks, stats.unmeasured_chunks) == (4, 1) and stats.reused[0] is None
+    assert stats.reused_chip_seconds == pytest.approx(sum(ts.marker_cost(json.loads(
+        (store.dir / f"chunk_{i:05d}.COMPLETED").read_text())) for i in (1, 2, 3)))
 
 
 def test_hosts_building_their_shares_of_one_store_leave_the_store_one_host_would(tmp_path):
@@ -208,7 +210,7 @@ def test_loading_reads_each_chunk_file_once(tmp_path, monkeypatch):
     monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: reads.update([self.name]) or read_bytes(self))
     assert store.load().sources == sources
     assert {name: n for name, n in reads.items() if name.startswith("chunk_")} == {
-        f"chunk_{i:05d}{suffix}": 1 for i in range(4) for suffix in (".npz", ".jsonl")}
+        f"chunk_{i:05d}{suffix}": 1 for i in range(4) for suffix in (".npz", ".jsonl", ".COMPLETED")}
 
 
 def test_only_the_first_host_writes_the_manifest(tmp_path):
@@ -233,18 +235,20 @@ def test_a_complete_store_is_taken_on_its_shards_markers_without_reading_its_fil
     monkeypatch.setattr(pathlib.Path, "read_text", lambda self, *a, **k: read.append(self.name) or read_text(
         self, *a, **k))
     markers = store.shard_markers((1, 2))
-    assert [m[".npz"] for m in markers] == [
-        json.loads(read_text(tmp_path / "k" / f"chunk_{i:05d}.COMPLETED"))[".npz"] for i in (1, 3)]
+    assert markers == {i: json.loads(read_text(tmp_path / "k" / f"chunk_{i:05d}.COMPLETED")) for i in (1, 3)}
     assert sorted(read) == ["chunk_00001.COMPLETED", "chunk_00003.COMPLETED", "manifest.json"]
 
 
-@pytest.mark.parametrize("damage", ["missing", "torn"])
+@pytest.mark.parametrize("damage", ["missing", "torn", "no checksums"])
 def test_a_store_missing_a_marker_or_with_a_torn_one_in_the_shard_is_not_taken_as_complete(tmp_path, damage):
     sources, enc = inputs(10)
     store = ts.TeacherStore(tmp_path, "k")
     store.build(sources, enc, CountingTeacher(), detok, chunk_size=3)
     marker = tmp_path / "k" / "chunk_00002.COMPLETED"
-    marker.unlink() if damage == "missing" else marker.write_text('{"seconds": 1')
+    if damage == "missing":
+        marker.unlink()
+    else:   # torn, or an older version's marker: seconds but no checksums
+        marker.write_text('{"seconds": 1' if damage == "torn" else '{"seconds": 1.0, "chips": 1}')
     assert store.shard_markers((0, 2)) is None
     # a torn marker of another host's chunk is that host's to find; a missing one means the store is not complete
     assert (store.shard_markers((1, 2)) is None) == (damage == "missing")

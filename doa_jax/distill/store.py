@@ -4,8 +4,10 @@ Per example it keeps the output tokens and text, the sequence log-probability, a
 top-k logits at each output position (soft targets for distillation without a teacher forward per
 student step). Outputs are written in chunks; a chunk is done when its `.COMPLETED` marker exists,
 so a run killed part-way resumes by skipping finished chunks. The marker holds the SHA-256 of the
-chunk's `.npz` and `.jsonl` files, checked whenever a chunk is reused or read: a chunk truncated or
-altered on disk is recomputed (with a warning naming the file) instead of failing later. It also holds
+chunk's `.npz` and `.jsonl` files. They are checked as a build reuses a chunk, where a chunk truncated or
+altered on disk is recomputed (with a warning naming the file), and as `load` reads it, where it raises
+`StoreIncomplete` naming the file (a caller that reuses a complete store on its markers alone, reading
+it once, builds again to recompute the chunk: `build_store(check="shard")`). The marker also holds
 the seconds computing the chunk took and the chips it held, so the chunks a killed attempt finished
 are still counted in what the store cost when a later attempt completes it. The store's directory is named by a
 key hashed from the teacher, the inputs and the decoding settings, so any later run with the same
@@ -84,17 +86,38 @@ class TeacherOutputs:
 
 @dataclasses.dataclass
 class BuildStats:
-    computed_chunks: int
-    reused_chunks: int
+    """What one build of this host's share of a store did: the chunks it computed, and those it found done
+    with what computing them took (chip-seconds, from their markers; None where an older version's marker
+    does not say)."""
+
     path: pathlib.Path
-    reused_chip_seconds: float = 0.0   # what the reused chunks took when an earlier attempt computed them
-    unmeasured_chunks: int = 0         # reused chunks whose markers (an older version's) hold no seconds
+    computed: tuple[int, ...] = ()
+    reused: Mapping[int, Optional[float]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def computed_chunks(self) -> int:
+        return len(self.computed)
+
+    @property
+    def reused_chunks(self) -> int:
+        return len(self.reused)
+
+    @property
+    def reused_chip_seconds(self) -> float:
+        """What the reused chunks took when an earlier attempt computed them."""
+        return float(sum(c for c in self.reused.values() if c is not None))
+
+    @property
+    def unmeasured_chunks(self) -> int:
+        """Reused chunks whose markers (an older version's) hold no seconds."""
+        return sum(c is None for c in self.reused.values())
 
 
 class StoreIncomplete(FileNotFoundError):
-    """A store that cannot be read whole. `missing`: a chunk (or the manifest) was never written, which a
-    rebuild of this host's share cannot mend when other hosts own it; else a chunk's files fail their
-    checksums (truncated or altered on disk), which a rebuild recomputes."""
+    """A store that cannot be read whole. `missing`: a chunk's marker (or the manifest) was never written,
+    which a rebuild of this host's share cannot mend when other hosts own it; else a chunk whose marker is
+    there is not whole (a file missing, truncated or altered on disk, or a marker without checksums), which
+    a rebuild by the chunk's host recomputes."""
 
     def __init__(self, message: str, missing: bool):
         super().__init__(message)
@@ -127,11 +150,8 @@ class TeacherStore:
         marker = self._chunk(i, ".COMPLETED")
         if not marker.exists():
             return None, None, ""
-        try:
-            sums = json.loads(marker.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            sums = None
-        if not isinstance(sums, dict) or not all(isinstance(sums.get(s), str) for s in CHUNK_FILES):
+        sums = _parse_marker(marker.read_bytes())
+        if sums is None:
             return None, None, f"{marker} holds no checksums (written by an older version, or torn)"
         data = {}
         for suffix in CHUNK_FILES:
@@ -156,22 +176,20 @@ class TeacherStore:
             markers.append(marker)
         return markers
 
-    def shard_markers(self, shard: tuple[int, int] = (0, 1)) -> Optional[list[dict]]:
-        """The markers of `shard`'s chunks (`build`'s `shard`) when the manifest and every chunk's marker are
-        there, else None (None too when one of those markers is unreadable). The chunks' files are not
-        read: `load` checks them as it reads them, so a complete store is read once."""
+    def shard_markers(self, shard: tuple[int, int] = (0, 1)) -> Optional[dict[int, dict]]:
+        """The markers of `shard`'s chunks (`build`'s `shard`), by chunk, when the manifest and every chunk's
+        marker are there, else None (None too when one of those markers is torn or holds no checksums: `build`
+        recomputes that chunk). The chunks' files are not read: `load` checks them as it reads them, so a
+        complete store is read once."""
         num_chunks = self._markers_present()
         if num_chunks is None:
             return None
-        markers = []
+        markers = {}
         for i in range(shard[0], num_chunks, shard[1]):
-            try:
-                marker = json.loads(self._chunk(i, ".COMPLETED").read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            marker = _parse_marker(self._chunk(i, ".COMPLETED").read_bytes())
+            if marker is None:
                 return None
-            if not isinstance(marker, dict):
-                return None
-            markers.append(marker)
+            markers[i] = marker
         return markers
 
     def is_complete(self, verify: bool = True) -> bool:
@@ -218,11 +236,11 @@ class TeacherStore:
                                  f"of {old['chunk_size']}, not {len(sources)} in chunks of {chunk_size}")
         elif shard[0] == 0:   # one writer (the first host); the others' chunks do not need it
             _atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
-        computed, reused = 0, []
+        computed, reused = [], {}
         for i in range(shard[0], num_chunks, shard[1]):
             _, marker, problem = self._read_chunk(i)
             if problem is None:
-                reused.append(marker)
+                reused[i] = marker_cost(marker)
                 continue
             if problem:
                 warnings.warn(f"teacher store: {problem}; recomputing chunk {i}", RuntimeWarning, stacklevel=2)
@@ -241,10 +259,10 @@ class TeacherStore:
                       "seconds": round(time.perf_counter() - started, 3),
                       "chips": jax.local_device_count() if chips is None else chips}
             _atomic_write(self._chunk(i, ".COMPLETED"), json.dumps(marker).encode())
-            computed += 1
+            computed.append(i)
             if on_chunk:
                 on_chunk(i + 1, num_chunks, hi - lo)
-        return BuildStats(computed, len(reused), self.dir, *markers_cost(reused))
+        return BuildStats(self.dir, tuple(computed), reused)
 
     def load(self) -> TeacherOutputs:
         """All outputs; each chunk is checked against its checksums as it is read (`StoreIncomplete`
@@ -291,30 +309,38 @@ class StoreRequest:
                 "inputs_length": self.inputs_length, "prefix": self.prefix, **dict(self.extra_settings or {})}
 
 
+CHECKS = ("all", "markers", "shard")   # build_store(check=): how a store that looks complete is taken
+
+
 def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: Transformer, params: Any, *,
                 batch_size: int = 64, chunk_size: int = 256,
                 on_chunk: Optional[Callable[[int, int, int], None]] = None,
-                shard: tuple[int, int] = (0, 1), chips: Optional[float] = None, check_files: bool = True,
+                shard: tuple[int, int] = (0, 1), chips: Optional[float] = None, check: str = "all",
                 ) -> tuple[TeacherStore, np.ndarray, BuildStats]:
     """The store for `request` under `root`: built (or finished) now, reused when already complete;
-    `shard=(i, n)`: only this host's share of its chunks (`TeacherStore.build`). A store that looks
-    complete is reused after every chunk's files pass their checksums, or, with `check_files=False`, on
-    its markers alone: for a caller that `load`s it next, which checks each file as it reads it (and
-    calls this again with `check_files=True` to recompute a chunk that fails).
+    `shard=(i, n)`: only this host's share of its chunks (`TeacherStore.build`). `check` says how a store
+    that looks complete (every chunk's marker there) is taken: "all", once every chunk's files pass their
+    checksums (`doa predict`); "markers", on this host's share's markers alone, for a caller that `load`s
+    it next, which checks each file as it reads it; "shard", not at all: this host's chunks are checked
+    and any that fails is recomputed, what such a caller does when its `load` found one.
 
     Returns the store, the encoded inputs and what was computed; `doa predict` and the experiment
     cell both come through here, so one key means the same outputs whoever wrote them.
     """
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     settings = request.settings()
     store = TeacherStore(root, store_key(request.teacher, request.sources, settings))
     enc = encode_texts(vocab, list(request.sources), request.inputs_length, request.prefix)
-    if check_files:
+    mine = None
+    if check == "all":
         markers = store.verified_markers()
-        mine = None if markers is None else markers[shard[0]::shard[1]]
-    else:
+        if markers is not None:
+            mine = {i: markers[i] for i in range(shard[0], len(markers), shard[1])}
+    elif check == "markers":
         mine = store.shard_markers(shard)
     if mine is not None:   # complete: this host's share of the chunks, as `build` would count them
-        return store, enc, BuildStats(0, len(mine), store.dir, *markers_cost(mine))
+        return store, enc, BuildStats(store.dir, (), {i: marker_cost(m) for i, m in mine.items()})
     predict = teacher_outputs.make_predict_fn(module, params, request.max_decode_len, num_beams=request.num_beams,
                                               topk=request.topk, batch_size=batch_size)
     stats = store.build(list(request.sources), enc, predict, vocab.decode, chunk_size=chunk_size, settings=settings,
@@ -322,13 +348,23 @@ def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: T
     return store, enc, stats
 
 
-def markers_cost(markers: Sequence[Mapping[str, Any]]) -> tuple[float, int]:
-    """(chip-seconds the chunks of `markers` held: each one's seconds x the chips its host counted,
-    `TeacherStore.build(chips=)`; how many markers, written by an older version, do not say)."""
-    costs = [float(m["seconds"]) * float(m["chips"]) if all(isinstance(m.get(k), (int, float))
-                                                            for k in ("seconds", "chips")) else None
-             for m in markers]
-    return float(sum(c for c in costs if c is not None)), sum(c is None for c in costs)
+def marker_cost(marker: Mapping[str, Any]) -> Optional[float]:
+    """The chip-seconds a chunk took, from its marker: its seconds x the chips its host counted
+    (`TeacherStore.build(chips=)`); None where the marker (an older version's) does not say."""
+    if all(isinstance(marker.get(k), (int, float)) for k in ("seconds", "chips")):
+        return float(marker["seconds"]) * float(marker["chips"])
+    return None
+
+
+def _parse_marker(data: bytes) -> Optional[dict]:
+    """A chunk's marker, or None when it is torn or holds no checksums (an older version's)."""
+    try:
+        marker = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(marker, dict) or not all(isinstance(marker.get(s), str) for s in CHUNK_FILES):
+        return None
+    return marker
 
 
 def _sha256(data: bytes) -> str:

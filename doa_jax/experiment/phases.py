@@ -232,7 +232,7 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
     hosts = f" (each of {jax.process_count()} hosts computes its share)" if jax.process_count() > 1 else ""
     run.say(f"teacher outputs for {len(request.sources)} unlabeled inputs -> {root}{hosts}")
 
-    def build(check_files: bool):   # each process its share of the chunks, on its own chips (one process: all)
+    def build(check: str):   # each process its share of the chunks, on its own chips (one process: all of them)
         def share():
             with run.inference_context("teacher")():
                 return teacher_store.build_store(
@@ -240,20 +240,22 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
                     batch_size=store_batch_size(cfg), chunk_size=STORE_CHUNK_SIZE,
                     on_chunk=lambda done, total, n: run.say(f"  teacher chunk {done}/{total}"),
                     shard=partitioning.host_shard_info(), chips=run.ledger.chips / jax.process_count(),
-                    check_files=check_files)
+                    check=check)
         started = time.perf_counter()
         built = partitioning.on_every_host(share)
         return built, time.perf_counter() - started
 
     # A store that looks complete is taken on its markers and checked as it is read, once; a chunk that
-    # fails its checksums then is recomputed by its host (a second build that checks every file).
-    (store, enc, stats), seconds = build(check_files=False)
+    # is not whole then is recomputed by its host (each host checks its own chunks again).
+    (store, enc, stats), seconds = build("markers")
     outputs, problem, missing, corrupt = load_store(store)
-    computed = stats.computed_chunks
     if corrupt and not missing:
-        run.say(f"  teacher store: {corrupt} host(s) found a chunk that fails its checksums; recomputing it")
-        (store, enc, repaired), more = build(check_files=True)
-        seconds, computed = seconds + more, computed + repaired.computed_chunks
+        run.say(f"  teacher store: {corrupt} host(s) found a chunk that is not whole; its host recomputes it")
+        (store, enc, repaired), more = build("shard")
+        # The chunks the first pass computed are reused now: their seconds are this attempt's, in `seconds`.
+        stats = teacher_store.BuildStats(store.dir, stats.computed + repaired.computed,
+                                         {i: c for i, c in repaired.reused.items() if i not in stats.computed})
+        seconds += more
         outputs, problem, missing, corrupt = load_store(store)
     if missing and jax.process_count() > 1:
         raise FileNotFoundError(f"teacher store {store.dir} is incomplete after every host computed its share "
@@ -261,10 +263,11 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
                                 "(OUTPUT_DIR / CACHE_DIR on gs:// or a shared disk)")
     if missing or corrupt:
         raise problem or FileNotFoundError(f"teacher store {store.dir}: another host could not read it whole")
-    computed = partitioning.sum_over_processes(computed)   # every host's chunks are written
-    # Chunks an earlier, killed attempt finished: what they held (chip-seconds in the ledger's unit of chips,
-    # each host's share of them), in this job's wall seconds. Counted after the store was read whole, so a
-    # chunk recomputed because its files failed their checksums is in the record.
+    computed = partitioning.sum_over_processes(stats.computed_chunks)   # every host's chunks are written
+    # Chunks earlier attempts finished that the store still holds: what they took (chip-seconds in the ledger's
+    # unit of chips, each host's share of them), in this job's wall seconds. A chunk recomputed because it was
+    # not whole counts once, as this attempt's (its lost first computation is not charged, as a killed run's
+    # lost work is not). Counted once the store was read whole.
     earlier = partitioning.sum_over_processes(stats.reused_chip_seconds) / run.ledger.chips
     unmeasured = partitioning.sum_over_processes(stats.unmeasured_chunks)
     record = partitioning.from_chief(
