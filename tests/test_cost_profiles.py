@@ -201,6 +201,45 @@ def test_a_withheld_estimate_scales_the_issues_residual_by_the_new_price():
     assert summary["median"] == pytest.approx(0.2)
 
 
+def test_every_model_is_each_subset_of_the_candidate_terms_once():
+    # Three input lengths (mean, padded, padded and cut) x two values of each of the six other terms.
+    fit = _fit_script()
+    models = fit.family()
+    assert len(models) == len(set(models)) == 3 * 2 ** 6
+    assert fit.Variant() in models and fit.Variant(split=True, per_run=True) in models
+    assert {len(m.terms()) for m in models} == set(range(8))
+
+
+def test_a_withheld_bar_counts_points_within_25_percent_not_those_that_may_be():
+    fit = _fit_script()
+    assert fit.meets_withheld(dict(points=10, within=8, maybe=0, median=0.15))
+    assert not fit.meets_withheld(dict(points=10, within=7, maybe=3, median=0.05))
+    assert not fit.meets_withheld(dict(points=10, within=9, maybe=0, median=0.151))
+
+
+def test_the_every_model_table_groups_identical_fits_marks_the_chosen_and_counts_each_bar():
+    fit = _fit_script()
+    V = fit.Variant
+    good, short = dict(points=10, within=8, maybe=1, median=0.06), dict(points=10, within=7, maybe=1, median=0.07)
+    row = lambda v, rms, mx, fever: dict(variant=v, loo=dict(median=0.04, max=mx, rms=rms),  # noqa: E731
+                                         withheld=dict(fever=fever, wlp=good))
+    rows = [row(V(split=True, per_run=True), 0.091, 0.234, short),
+            row(V(split=True, epochs_exponent=0.9), 0.100, 0.275, good),
+            row(V(split=True, per_run=True, epochs_exponent=0.9), 0.100, 0.275, good),   # the same fit: one row
+            row(V(), 0.141, 0.364, good)]                                                # over the LOO bar: left out
+    table = fit.every_model_table(rows, chosen=V(split=True, per_run=True)).splitlines()
+    assert table[2].startswith("| **decoder tokens at their own FLOP rate; a fixed cost per run** (chosen) | 4.0% |")
+    assert table[2].endswith("| fever 7+1/10 (7.0%), wlp 8+1/10 (6.0%) | no |")
+    assert table[3].startswith("| decoder tokens at their own FLOP rate; teacher epochs falling with L")
+    assert table[3].endswith("(and 1 more with the same fit) | 4.0% | 27.5% | 10.0% | "
+                             "fever 8+1/10 (6.0%), wlp 8+1/10 (6.0%) | yes |")
+    assert len([line for line in table if line.startswith("| ") and "LOO" not in line]) == 2
+    assert "- 4 models; 3 meet the leave-one-task-out bar (median at most 15%, none over 35%); 2 of those also " \
+           "meet the withheld bar" in "\n".join(table)
+    assert table[-2:] == ["- fever: 2 of the 3 meet its withheld bar on the estimates",
+                          "- wlp: 3 of the 3 meet its withheld bar on the estimates"]
+
+
 def test_the_withheld_tasks_are_estimated_from_every_point_the_issue_reported(refit):
     fit, _, result = refit
     rows = fit.withheld_estimates(fit.read_withheld(), fit.model_price(result.variant, result.theta, cp._read_profiles()))
