@@ -22,7 +22,7 @@ first re-measures the tasks' length statistics from ../shared/data/doa and the b
 (written with --write). `--every-model` also fits every model the candidate terms make (each subset of
 them), and says which meet issue 31's bars: out of sample, and on the withheld tasks as estimated from
 the issue's observations (a check of the selection, not a criterion of it: the withheld points would
-no longer be out of sample); --write writes that table too.
+no longer be out of sample); --write always writes that table too.
 
   PYTHONPATH=$PWD python scripts/fit_paper_costs.py [--measure-lengths --vocab V] [--every-model] [--write]
 """
@@ -317,15 +317,17 @@ def meets_withheld(summary_: dict) -> bool:
 
 def every_model(points: list, data: dict) -> list[dict]:
     """Each model of `family()` fitted and checked: its leave-one-task-out errors, and the withheld tasks' points
-    as estimated from issue 31's observations at its prices."""
+    as estimated from issue 31's observations at its prices; `fit`: its leave-one-task-out residuals and its
+    prices of the withheld points (models whose `fit` is the same are one fit)."""
     lengths, recipe = data["paper_lengths"], data["profiles"]["paper"]
     y = np.array([p["compute_usd"] for p in points]) / _usd_per_second(data)
     withheld = read_withheld()
     rows = []
     for variant in family():
         theta, _, loo = evaluate(variant, points, lengths, recipe, y)
-        rows.append(dict(variant=variant, loo=summary(loo),
-                         withheld=withheld_summary(withheld_estimates(withheld, model_price(variant, theta, data)))))
+        estimated = withheld_estimates(withheld, model_price(variant, theta, data))
+        rows.append(dict(variant=variant, loo=summary(loo), withheld=withheld_summary(estimated),
+                         fit=np.concatenate([loo, [r["usd"] for r in estimated]])))
     return rows
 
 
@@ -573,19 +575,24 @@ def withheld_cell(estimated: dict[str, dict]) -> str:
 
 
 def every_model_table(rows: list[dict], chosen: Variant) -> str:
-    """Markdown: the models of `every_model` that meet the leave-one-task-out bar, best first (models whose fits
-    are the same, a term given no weight, in one row), and how many meet each bar."""
+    """Markdown: the models of `every_model` that meet the leave-one-task-out bar, best first, and how many meet
+    each bar. Models with the same fit (the same out-of-sample residuals and withheld prices: a term the fit
+    gives no weight) share a row, named by the chosen model if it is among them, else by the fewest terms."""
     loo_ok = [r for r in rows if r["loo"]["median"] <= LOO_MEDIAN_BAR and r["loo"]["max"] <= LOO_MAX_BAR]
-    groups: dict = {}
-    for r in sorted(loo_ok, key=lambda r: (round(r["loo"]["rms"], 6), len(r["variant"].terms()))):
-        key = (round(r["loo"]["rms"], 6), round(r["loo"]["max"], 6), withheld_cell(r["withheld"]))
-        groups.setdefault(key, []).append(r)
+    groups: list[list[dict]] = []
+    for r in sorted(loo_ok, key=lambda r: (r["loo"]["rms"], len(r["variant"].terms()))):
+        same = next((g for g in groups if np.allclose(g[0]["fit"], r["fit"], rtol=1e-9, atol=1e-12)), None)
+        if same is None:
+            groups.append([r])
+        else:
+            same.append(r)
+    groups.sort(key=lambda g: g[0]["loo"]["rms"])
     out = ["| terms | LOO median | LOO max | LOO rms | withheld, estimated: within 25% (median) | "
            "meets every bar (on the estimates) |", "|---|---|---|---|---|---|"]
-    for same in groups.values():
-        r = same[0]
+    for same in groups:
+        r = next((x for x in same if x["variant"] == chosen), min(same, key=lambda x: len(x["variant"].terms())))
         terms = "; ".join(r["variant"].terms()) or "(start) FLOP and step terms at mean lengths"
-        if any(x["variant"] == chosen for x in same):
+        if r["variant"] == chosen:
             terms = f"**{terms}** (chosen)"
         if len(same) > 1:
             terms += f" (and {len(same) - 1} more with the same fit)"
@@ -638,7 +645,8 @@ def main(argv=None) -> int:
     ap.add_argument("--measure-lengths", action="store_true", help="re-measure the length statistics from the data")
     ap.add_argument("--vocab", help="SentencePiece model for --measure-lengths")
     ap.add_argument("--every-model", action="store_true", help="also fit every model the candidate terms make, and "
-                                                               "say which meet issue 31's bars (about 20 s)")
+                                                               "say which meet issue 31's bars (about 10 s more; "
+                                                               "--write always does)")
     args = ap.parse_args(argv)
     path = cost_profiles.PROFILES_FILE
     text, data, points = path.read_text(), cost_profiles._read_profiles(path), read_points()
@@ -654,7 +662,7 @@ def main(argv=None) -> int:
         data["paper_lengths"] = {**data.get("paper_lengths", {}), **lengths}
     result = run_fit(data, points)
     md = tables(result, points, data)
-    if args.every_model:
+    if args.every_model or args.write:   # notes/costs.md cites the table: --write always writes it
         md += "\n\n" + every_model_table(every_model(points, data), result.variant)
     block = fitted_block(result, points, datetime.date.today().isoformat())
     print(md + "\n\n" + block)

@@ -221,23 +221,31 @@ def test_the_every_model_table_groups_identical_fits_marks_the_chosen_and_counts
     fit = _fit_script()
     V = fit.Variant
     good, short = dict(points=10, within=8, maybe=1, median=0.06), dict(points=10, within=7, maybe=1, median=0.07)
-    row = lambda v, rms, mx, fever: dict(variant=v, loo=dict(median=0.04, max=mx, rms=rms),  # noqa: E731
-                                         withheld=dict(fever=fever, wlp=good))
-    rows = [row(V(split=True, per_run=True), 0.091, 0.234, short),
-            row(V(split=True, epochs_exponent=0.9), 0.100, 0.275, good),
-            row(V(split=True, per_run=True, epochs_exponent=0.9), 0.100, 0.275, good),   # the same fit: one row
-            row(V(), 0.141, 0.364, good)]                                                # over the LOO bar: left out
+    row = lambda v, rms, mx, fever, fit: dict(variant=v, loo=dict(median=0.04, max=mx, rms=rms),  # noqa: E731
+                                              withheld=dict(fever=fever, wlp=good), fit=np.array(fit))
+    rows = [row(V(split=True, per_run=True), 0.091, 0.234, short, [0.01, 20.0]),
+            row(V(split=True, per_run=True, epochs_exponent=0.9), 0.100, 0.275, good, [0.02, 21.0]),
+            row(V(split=True, epochs_exponent=0.9), 0.100, 0.275, good, [0.02, 21.0]),   # the same fit: one row,
+            row(V(split=True, evals=True), 0.100, 0.275, good, [0.02, 21.5]),            # not this one (prices)
+            row(V(), 0.141, 0.364, good, [0.05, 30.0])]                                  # over the LOO bar: left out
     table = fit.every_model_table(rows, chosen=V(split=True, per_run=True)).splitlines()
     assert table[2].startswith("| **decoder tokens at their own FLOP rate; a fixed cost per run** (chosen) | 4.0% |")
     assert table[2].endswith("| fever 7+1/10 (7.0%), wlp 8+1/10 (6.0%) | no |")
+    # named by its fewest terms, wherever that model sorts among its group
     assert table[3].startswith("| decoder tokens at their own FLOP rate; teacher epochs falling with L")
     assert table[3].endswith("(and 1 more with the same fit) | 4.0% | 27.5% | 10.0% | "
                              "fever 8+1/10 (6.0%), wlp 8+1/10 (6.0%) | yes |")
-    assert len([line for line in table if line.startswith("| ") and "LOO" not in line]) == 2
-    assert "- 4 models; 3 meet the leave-one-task-out bar (median at most 15%, none over 35%); 2 of those also " \
+    assert table[4].startswith("| decoder tokens at their own FLOP rate; evaluation every 2000 steps and at the end |")
+    assert len([line for line in table if line.startswith("| ") and "LOO" not in line]) == 3
+    assert "- 5 models; 4 meet the leave-one-task-out bar (median at most 15%, none over 35%); 3 of those also " \
            "meet the withheld bar" in "\n".join(table)
-    assert table[-2:] == ["- fever: 2 of the 3 meet its withheld bar on the estimates",
-                          "- wlp: 3 of the 3 meet its withheld bar on the estimates"]
+    assert table[-2:] == ["- fever: 3 of the 4 meet its withheld bar on the estimates",
+                          "- wlp: 4 of the 4 meet its withheld bar on the estimates"]
+    # the chosen model names its row even when a model with fewer terms has the same fit
+    renamed = fit.every_model_table([dict(rows[0], variant=V(split=True)), rows[0]],
+                                    chosen=V(split=True, per_run=True)).splitlines()
+    assert renamed[2].startswith("| **decoder tokens at their own FLOP rate; a fixed cost per run** (chosen) "
+                                 "(and 1 more with the same fit) |")
 
 
 def test_the_withheld_tasks_are_estimated_from_every_point_the_issue_reported(refit):

@@ -302,6 +302,15 @@ def test_a_chunk_found_not_whole_on_two_hosts_is_recomputed_by_its_host_alone_an
     assert json.loads((store / "manifest.json").read_text())["num_chunks"] == 4
     record = json.loads((store / "record.json").read_text())
     assert record["computed_chunks"] == 1 and record["unmeasured_chunks"] == 0
+    # earlier attempts' work: chunks 0, 2 and 3 as their markers say (chip-seconds over the ledger's chips),
+    # not chunk 1's lost first computation
+    second = next(r for r in rows if r["extra_budget_usd"] == 6)
+    ledger = (out / "cells" / second["cell_key"] / "ledger.jsonl").read_text().splitlines()
+    [entry] = [e for e in map(json.loads, ledger) if e["phase"] == "teacher_inference"]
+    markers = {i: json.loads((store / f"chunk_{i:05d}.COMPLETED").read_text()) for i in range(4)}
+    assert record["earlier_attempts_seconds"] == pytest.approx(
+        sum(markers[i]["seconds"] * markers[i]["chips"] for i in (0, 2, 3)) / entry["chips"])
+    assert entry["seconds"] == record["seconds"] > record["earlier_attempts_seconds"]
     for process, log in enumerate(logs):   # the first cell computes each host's chunks; the second only chunk 1
         done = [int(m) for m in re.findall(r"teacher chunk (\d+)/", log)]
         assert done == ([1, 3] if process == 0 else [2, 4, 2]), log[-3000:]

@@ -74,8 +74,8 @@ def test_chunks_a_killed_build_finished_keep_what_they_took_for_the_build_that_c
     (store.dir / "chunk_00000.COMPLETED").write_text(json.dumps({k: markers[0][k] for k in (".npz", ".jsonl")}))
     stats = store.build(sources, enc, CountingTeacher(), detok, chunk_size=3)
     assert (stats.reused_chunks, stats.unmeasured_chunks) == (4, 1) and stats.reused[0] is None
-    assert stats.reused_chip_seconds == pytest.approx(sum(ts.marker_cost(json.loads(
-        (store.dir / f"chunk_{i:05d}.COMPLETED").read_text())) for i in (1, 2, 3)))
+    now = [json.loads((store.dir / f"chunk_{i:05d}.COMPLETED").read_text()) for i in (1, 2, 3)]
+    assert stats.reused_chip_seconds == pytest.approx(sum(m["seconds"] * m["chips"] for m in now))
 
 
 def test_hosts_building_their_shares_of_one_store_leave_the_store_one_host_would(tmp_path):
@@ -266,3 +266,14 @@ def test_loading_says_whether_a_chunk_is_missing_or_fails_its_checksums(tmp_path
     with pytest.raises(ts.StoreIncomplete, match="chunk 1 was never finished") as failed:
         store.load()
     assert failed.value.missing
+
+
+def test_an_attempts_two_passes_count_each_chunk_once_and_earlier_attempts_work_only_where_it_remains():
+    # Pass 1 computed chunk 3 and reused 0-2 (5 s each by their markers); pass 2, after a load found chunk 1 not
+    # whole, recomputed 1 and reused 0, 2 and 3. Chunk 3 is this attempt's (its clock timed it); chunk 1's first
+    # computation was lost: earlier attempts' work that remains is chunks 0 and 2.
+    first = ts.BuildStats("s", (3,), {0: 5.0, 1: 5.0, 2: 5.0})
+    both = first.then(ts.BuildStats("s", (1,), {0: 5.0, 2: 5.0, 3: 0.7}))
+    assert (both.computed, dict(both.reused), both.reused_chip_seconds) == ((3, 1), {0: 5.0, 2: 5.0}, 10.0)
+    # a chunk computed in both passes (cut again after it was written) is one chunk computed
+    assert first.then(ts.BuildStats("s", (3,), {0: 5.0, 1: 5.0, 2: 5.0})).computed == (3,)

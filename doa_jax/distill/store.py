@@ -86,9 +86,9 @@ class TeacherOutputs:
 
 @dataclasses.dataclass
 class BuildStats:
-    """What one build of this host's share of a store did: the chunks it computed, and those it found done
-    with what computing them took (chip-seconds, from their markers; None where an older version's marker
-    does not say)."""
+    """What building this host's share of a store did (in one pass, or in an attempt's passes together:
+    `then`): the chunks it computed, and those it found done with what computing them took (chip-seconds,
+    from their markers; None where an older version's marker does not say)."""
 
     path: pathlib.Path
     computed: tuple[int, ...] = ()
@@ -111,6 +111,14 @@ class BuildStats:
     def unmeasured_chunks(self) -> int:
         """Reused chunks whose markers (an older version's) hold no seconds."""
         return sum(c is None for c in self.reused.values())
+
+    def then(self, later: "BuildStats") -> "BuildStats":
+        """This pass and a `later` one of the same attempt, together: every chunk either computed, once; the
+        chunks `later` reused that this pass did not compute (those are the attempt's own, timed by its clock,
+        not earlier attempts' work). A chunk this pass reused that `later` recomputed (it was not whole) counts
+        as computed, its first computation lost."""
+        computed = tuple(dict.fromkeys(self.computed + later.computed))
+        return BuildStats(later.path, computed, {i: c for i, c in later.reused.items() if i not in computed})
 
 
 class StoreIncomplete(FileNotFoundError):
@@ -321,8 +329,8 @@ def build_store(root: str | os.PathLike, request: StoreRequest, vocab, module: T
     `shard=(i, n)`: only this host's share of its chunks (`TeacherStore.build`). `check` says how a store
     that looks complete (every chunk's marker there) is taken: "all", once every chunk's files pass their
     checksums (`doa predict`); "markers", on this host's share's markers alone, for a caller that `load`s
-    it next, which checks each file as it reads it; "shard", not at all: this host's chunks are checked
-    and any that fails is recomputed, what such a caller does when its `load` found one.
+    it next, which checks each file as it reads it; "shard", never taken as complete: this host's chunks
+    are each checked and any that fails is recomputed, what such a caller does when its `load` found one.
 
     Returns the store, the encoded inputs and what was computed; `doa predict` and the experiment
     cell both come through here, so one key means the same outputs whoever wrote them.

@@ -252,10 +252,7 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
     if corrupt and not missing:
         run.say(f"  teacher store: {corrupt} host(s) found a chunk that is not whole; its host recomputes it")
         (store, enc, repaired), more = build("shard")
-        # The chunks the first pass computed are reused now: their seconds are this attempt's, in `seconds`.
-        stats = teacher_store.BuildStats(store.dir, stats.computed + repaired.computed,
-                                         {i: c for i, c in repaired.reused.items() if i not in stats.computed})
-        seconds += more
+        stats, seconds = stats.then(repaired), seconds + more   # the first pass's chunks are this attempt's
         outputs, problem, missing, corrupt = load_store(store)
     if missing and jax.process_count() > 1:
         raise FileNotFoundError(f"teacher store {store.dir} is incomplete after every host computed its share "
@@ -299,7 +296,8 @@ def store_record(path: storage.AnyPath, seconds: float, computed: int, earlier: 
     earlier attempt finished every chunk but was killed before writing it); `earlier`: the seconds of the
     chunks earlier attempts finished, counted in either case; `unmeasured`: chunks whose markers hold no
     seconds (an older version's), whose share of a record already there is kept: the larger of the two
-    figures is written."""
+    figures is written (a lower bound, then: the record kept may count a chunk's lost first computation
+    instead of its recompute)."""
     if computed or not path.exists():
         total = (seconds if computed else 0.0) + earlier
         if unmeasured and path.exists():
