@@ -46,6 +46,7 @@ def test_stats_text_report(doa, doa_data):
     assert code == 0
     assert "labels (train): " in out and "SUPPORTS" in out
     assert "truncation at inputs=64, targets=8: inputs " in out
+    assert "a perfect model's test accuracy in this vocabulary: 100.00 (0 of " in out
 
 
 def test_stats_say_why_lines_were_skipped(doa, doa_data):
@@ -203,3 +204,23 @@ def test_download_refuses_a_file_name_through_a_link_out_of_the_folder(doa, tmp_
     code, _, err = doa("data", "download", "toy", "--data-dir", tmp_path / "d")
     assert code == 2 and "[data.files] all = 'out/escaped.json' points outside the data folder" in err
     assert not (tmp_path / "elsewhere" / "escaped.json").exists()
+
+
+def test_a_perfect_models_ceiling_counts_what_the_vocabulary_cannot_write_and_what_the_length_cuts(tmp_path):
+    # SQuAD F1 of a perfect model's outputs written in a vocabulary without '☃': 'delta ☃' comes out 'delta ⁇'
+    # (F1 50); cut after 'alpha beta', 'alpha beta gamma' scores 80 (precision 1, recall 2/3).
+    from doa_jax.data import stats, vocab as vocab_lib
+
+    (tmp_path / "toy.toml").write_text(toy_card())
+    card = cards.load_card(tmp_path / "toy.toml")
+    vocab = vocab_lib.Vocabulary(vocab_lib.build_vocab(["alpha beta gamma delta epsilon"] * 30, tmp_path / "v.model",
+                                                       vocab_size=40))
+    keep = len(vocab.encode("alpha beta"))
+    assert vocab.encode("alpha beta gamma")[:keep] == vocab.encode("alpha beta")   # the cut falls between words
+    examples = [{"source": "q1", "target": "alpha beta gamma"}, {"source": "q2", "target": "delta ☃"}]
+    ceiling = stats.score_ceiling(card, vocab, examples, targets_length=keep + 1)
+    assert ceiling["unwritable_targets"] == 1 and ceiling["lost_characters"] == {"☃": 1}
+    assert ceiling["whole"] == pytest.approx((100 + 50) / 2)
+    assert ceiling["at_targets_length"] == pytest.approx((80 + 50) / 2)
+    assert stats.score_ceiling(cards.load_card("multipit_gen"), vocab, examples, 8) == {
+        "metric": "bert_ibleu", "skipped": "BERT-iBLEU needs its BERTScore model"}

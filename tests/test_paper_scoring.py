@@ -141,3 +141,32 @@ def test_card_invalid_label_must_be_one_of_its_labels(tmp_path):
                                         ("stanceosaurus", "Irrelevant")])
 def test_cards_carry_the_released_codes_label_id_0(task, label):
     assert cards.load_card(task).paper_invalid_label == label
+
+
+def test_wlp_references_through_the_vocabulary_as_the_released_code_scored_them(score, doa_data, tmp_path):
+    # A vocabulary that cannot write 'µ', and the released max_target_length of 16 tokens: outputs that are the
+    # references as its tokenizer writes them score 100 with --vocab (the released code's references) and less
+    # against the data's own text.
+    from doa_jax.data import vocab as vocab_lib
+
+    data = doa_data / "wlp" / "wlp_test_all.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()[:60]]   # lines 50, 51 and 53 have µ
+    texts = [r["target"].replace("µ", "u") for r in rows] * 2
+    vocab = vocab_lib.Vocabulary(vocab_lib.build_vocab(texts, tmp_path / "v.model", vocab_size=300))
+    written = [vocab.decode(vocab.encode(r["target"])[:15]) for r in rows]
+    assert any("µ" in r["target"] for r in rows) and written != [r["target"] for r in rows]
+    code, exact, _ = score(tmp_path, "wlp", data, written, "--protocol", "paper", "--vocab", str(vocab.path),
+                           "--targets-length", "16")
+    assert code == 0 and exact["f1"] == exact["span_f1"] == 100.0
+    code, raw, err = score(tmp_path, "wlp", data, written, "--protocol", "paper")
+    assert code == 0 and raw["span_f1"] < 100.0 and "pass --vocab V to do the same" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--vocab", "v.model"], "--vocab and --targets-length apply to --protocol paper only"),
+    (["--protocol", "paper", "--targets-length", "8"], "--targets-length needs --vocab"),
+])
+def test_reference_options_outside_the_paper_protocol_are_refused(score, doa_data, tmp_path, flags, message):
+    data = doa_data / "fever" / "fever_dev_all.jsonl"
+    code, _, err = score(tmp_path, "fever", data, ["SUPPORTS"], *flags)
+    assert code != 0 and message in err

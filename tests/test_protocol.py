@@ -6,7 +6,9 @@ import pytest
 
 from data_helpers import task_vocab
 from doa_jax import cli
+from doa_jax.data import vocab as vocab_lib
 from doa_jax.data.demo import model_vocab_size
+from doa_jax.experiment.task_setup import scored_references
 
 REQUIRED = ["--gin.TASK='wlp'", "--gin.START_LABELS=16", "--gin.EXTRA_BUDGET_USD=5.0", "--gin.STRATEGY='distill'",
             "--gin.VOCABULARY=None"]
@@ -85,6 +87,17 @@ def test_a_tiny_run_under_each_protocol_finishes_names_it_and_the_report_says_wh
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [(r["protocol"], r["status"]) for r in rows] == [("efficient", "ok"), ("paper", "ok")]
     assert rows[0]["cell_key"] != rows[1]["cell_key"]
+    # the paper cell scored the targets as the released code's tokenizer writes them, cut at 32 tokens (EOS
+    # included); its predictions keep the data's as raw_target; the efficient cell scored the data's own
+    vocab = vocab_lib.Vocabulary(next(line.split("'")[1] for line in tiny_gin.read_text().splitlines()
+                                      if line.startswith("VOCABULARY")))
+    efficient, paper = ([json.loads(line) for line in (tmp_path / "cells" / r["cell_key"] / "predictions.jsonl")
+                         .read_text().splitlines()] for r in rows)
+    assert not any("raw_target" in e for e in efficient)
+    assert sum("raw_target" in e for e in paper) >= 1
+    assert [e["target"] for e in paper] == [vocab.decode(vocab.encode(e.get("raw_target", e["target"]))[:31])
+                                           for e in paper]
+    assert [e.get("raw_target", e["target"]) for e in paper] == [e["target"] for e in efficient]
     code, _, err = doa("report", tmp_path)
     assert code == 0, err
     md = (tmp_path / "report.md").read_text()
@@ -101,3 +114,30 @@ def test_paper_decodes_one_token_less_than_the_targets_length_as_hf_max_length_d
     lengths = {"inputs": 64, "targets": 8}
     assert TaskSetup(None, None, None, lengths, "paper").decode_length == 7
     assert TaskSetup(None, None, None, lengths).decode_length == 8
+
+
+TARGETS = ["10 ml of buffer [Amount] at 37 °C [Temperature]", "spin 5 min", "add 2 µl [Amount] of dye ☃ now",
+           "one two three four five six seven eight nine ten eleven twelve"]
+
+
+def test_paper_references_are_the_targets_as_the_released_codes_tokenizer_writes_them(tmp_path):
+    # The released compute_metrics scores against tokenizer.batch_decode(labels, skip_special_tokens=True), the
+    # labels tokenized with truncation at max_target_length (EOS included). Hugging Face's own T5 converter makes
+    # that tokenizer from the same SentencePiece model; every reference comes out the same, but for what the
+    # vocabulary cannot write: the released decode drops the unknown piece, doa-jax writes ⁇ (on both sides).
+    transformers = pytest.importorskip("transformers")
+    from test_vocab import _hf_tokenizer_json
+
+    vocab = vocab_lib.Vocabulary(vocab_lib.build_vocab(TARGETS[:2] + TARGETS[3:] + ["spin add dye now of"] * 5,
+                                                       tmp_path / "v.model", vocab_size=60))
+    _hf_tokenizer_json(vocab.path, tmp_path / "tokenizer.json")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="</s>",
+                                              unk_token="<unk>", pad_token="<pad>")
+    for length in (6, 12, 64):
+        labels = hf(text_target=TARGETS, max_length=length, truncation=True)["input_ids"]
+        released = hf.batch_decode(labels, skip_special_tokens=True)
+        ours = scored_references(vocab, TARGETS, {"targets": length}, "paper")
+        assert [len(x) for x in labels] == [min(len(vocab.encode(t)) + 1, length) for t in TARGETS]
+        assert [" ".join(o.replace("⁇", " ").split()) for o in ours] == [" ".join(r.split()) for r in released]
+    assert ours[0] == TARGETS[0] and "☃" not in ours[2] and "⁇" in ours[2]   # at 64 tokens: only ☃ (and 2, µ) lost
+    assert scored_references(vocab, TARGETS, {"targets": 6}, "efficient") == TARGETS

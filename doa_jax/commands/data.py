@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     dl.add_argument("--force", action="store_true", help="download again even if the file is there")
     dl.set_defaults(func=run_download)
 
-    st = sub.add_parser("stats", help="sizes, label counts, length percentiles, truncation at the card's lengths")
+    st = sub.add_parser("stats", help="sizes, label counts, length percentiles, truncation at the card's lengths, "
+                        "and a perfect model's test score in the vocabulary at those lengths")
     st.add_argument("task", help="task card name (see tasks/), or 'all'")
     st.add_argument("--vocab", default=os.environ.get("DOA_VOCAB"),
                     help="SentencePiece model (T5's spiece.model, or one from `doa vocab build`); "
@@ -133,6 +134,15 @@ def _format(stats: dict) -> str:
         f"truncation at inputs={fl['inputs']}, targets={fl['targets']}: inputs {tr['inputs']:.2%}, "
         f"targets {tr['targets']:.2%}, either {tr['either']:.2%}"
     )
+    c = stats.get("ceiling")
+    if c and "skipped" in c:
+        lines.append(f"a perfect model's test {c['metric']}: not computed ({c['skipped']})")
+    elif c:
+        lost = ", ".join(f"{ch} {n}" for ch, n in c["lost_characters"].items())
+        lines.append(f"a perfect model's test {c['metric']} in this vocabulary: {c['whole']:.2f} "
+                     f"({c['unwritable_targets']} of {c['examples']} targets it cannot write"
+                     + (f": {lost}" if lost else "")
+                     + f"); cut at targets={fl['targets']}: {c['at_targets_length']:.2f}")
     return "\n".join(lines)
 
 

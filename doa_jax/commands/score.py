@@ -1,9 +1,10 @@
-"""`doa score --task TASK --predictions P.jsonl --references R.jsonl [--protocol paper]`: the task's metrics
-as JSON (`paper`: scored as the released code scores them)."""
+"""`doa score --task TASK --predictions P.jsonl --references R.jsonl [--protocol paper [--vocab V]]`: the task's
+metrics as JSON (`paper`: scored as the released code scores them; with `--vocab`, its references too)."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 
 def register(subparsers) -> None:
@@ -18,7 +19,14 @@ def register(subparsers) -> None:
                         "default $DOA_BERTSCORE_MODEL")
     parser.add_argument("--protocol", default="efficient", choices=PROTOCOLS,
                         help="'paper': score as the released code does (an out-of-label output counts as the "
-                        "card's paper_invalid_label; WLP's f1 is the released parse); default 'efficient'")
+                        "card's paper_invalid_label; WLP's f1 is the released parse; with --vocab, references "
+                        "through the tokenizer too); default 'efficient'")
+    parser.add_argument("--vocab", help="with --protocol paper: the SentencePiece model the outputs were decoded "
+                        "with; references are then scored as the released code scored them, encoded, cut at "
+                        "--targets-length tokens (EOS included) and decoded (what the vocabulary cannot write, "
+                        "e.g. µ in T5's, is lost on both sides)")
+    parser.add_argument("--targets-length", type=int, help="with --vocab: the released max_target_length (default: "
+                        "the card's targets length)")
     parser.add_argument("--num-layers", type=int, help="BERTScore hidden layer (default: 40 for "
                         "deberta-xlarge-mnli, else the last)")
     parser.set_defaults(func=run)
@@ -36,12 +44,30 @@ def run(args) -> int:
             f"{args.predictions} has {len(predictions)} predictions but {args.references} has "
             f"{len(references)} references; they must pair line by line"
         )
+    targets = [r["target"] for r in references]
+    if args.protocol != "paper" and (args.vocab or args.targets_length):
+        raise ValueError("--vocab and --targets-length apply to --protocol paper only (the released code's "
+                         "references); 'efficient' scores the references as given")
+    if args.targets_length is not None and not args.vocab:
+        raise ValueError("--targets-length needs --vocab (the references are cut in its tokens)")
+    if args.protocol == "paper" and args.vocab:
+        from doa_jax.data import vocab as vocab_lib
+        from doa_jax.experiment.task_setup import scored_references
+
+        length = args.targets_length or card.feature_lengths["targets"]
+        if length < 2:
+            raise ValueError(f"--targets-length {length}: the released code keeps length - 1 tokens and an EOS; "
+                             "give at least 2")
+        targets = scored_references(vocab_lib.Vocabulary(args.vocab), targets, {"targets": length}, "paper")
+    elif args.protocol == "paper":
+        print("note: references scored as given; the released code scored them through its tokenizer "
+              "(pass --vocab V to do the same)", file=sys.stderr)
     options = {}
     if card.metric == "bert_ibleu":
         options = {"scorer_model": args.scorer_model, "num_layers": args.num_layers}
     result = card.score(
         predictions,
-        [r["target"] for r in references],
+        targets,
         sources=[r["source"] for r in references],
         protocol=args.protocol,
         **options,

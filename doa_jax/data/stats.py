@@ -1,9 +1,11 @@
-"""Data statistics of a task: split sizes, label counts, token-length percentiles, truncation rates.
+"""Data statistics of a task: split sizes, label counts, token-length percentiles, truncation rates, and
+the score ceiling they leave.
 
 Lengths are in vocabulary tokens plus the EOS that SeqIO appends (what must fit the feature
 length). The truncation rate at the card's lengths is the share of examples whose inputs or targets
 would be cut; `doa data stats` prints it, and the cards' lengths are chosen to keep it at or under
-1%. Imports no TensorFlow.
+1%. The ceiling is what a perfect model scores when its outputs are written in the vocabulary and cut
+at the targets length (`score_ceiling`). Imports no TensorFlow.
 """
 from __future__ import annotations
 
@@ -75,4 +77,31 @@ def task_stats(
             "targets": float(cut_tgt.mean()),
             "either": float((cut_in | cut_tgt).mean()),
         },
+        "ceiling": score_ceiling(card, vocab, pools.test, lengths_at["targets"]),
     }
+
+
+UNSCORED_METRICS = {"bert_ibleu": "BERT-iBLEU needs its BERTScore model"}   # ceilings not computed, and why
+
+
+def score_ceiling(card, vocab, examples, targets_length: int) -> dict:
+    """What a perfect model scores on `examples` (the card's primary metric against the data's targets) when
+    its outputs are written in `vocab`: whole, and cut at `targets_length` (EOS included), as a decode of
+    that length cuts them; how many targets the vocabulary cannot write, and the characters it loses most.
+    The truncation rate is a proxy; this is what the lengths and the vocabulary cost the score."""
+    if card.metric in UNSCORED_METRICS or not examples:
+        return {"metric": card.primary_metric, "skipped": UNSCORED_METRICS.get(card.metric, "no test examples")}
+    targets = [ex["target"] for ex in examples]
+    ids = [vocab.encode(t) for t in targets]
+    whole = [vocab.decode(i) for i in ids]
+    lost: collections.Counter = collections.Counter()
+    for t, w in zip(targets, whole):
+        if t != w:
+            lost.update(set(t) - set(w))
+
+    def perfect(outputs):
+        return float(card.score(outputs, targets, sources=[ex["source"] for ex in examples])[card.primary_metric])
+    return {"metric": card.primary_metric, "examples": len(targets),
+            "unwritable_targets": sum(t != w for t, w in zip(targets, whole)),
+            "lost_characters": dict(lost.most_common(8)), "whole": perfect(whole),
+            "at_targets_length": perfect([vocab.decode(i[: targets_length - 1]) for i in ids])}

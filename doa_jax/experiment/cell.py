@@ -66,12 +66,20 @@ def run_cell(cfg: CellConfig, *, take_over_lock: bool = False) -> dict[str, Any]
     return row.to_json()
 
 
-def write_predictions(path: storage.AnyPath, examples: list, predictions: list[str]) -> None:
-    """Per test example: its index, input, reference and the student's output, so that
-    `doa score --task T --predictions P --references P` re-scores the cell from this file alone."""
-    storage.write_atomic(path, "".join(
-        json.dumps({"id": i, "source": ex["source"], "target": ex["target"], "prediction": p}, ensure_ascii=False)
-        + "\n" for i, (ex, p) in enumerate(zip(examples, predictions))))
+def write_predictions(path: storage.AnyPath, examples: list, predictions: list[str],
+                      references: Optional[list[str]] = None) -> None:
+    """Per test example: its index, input, the reference it was scored against (`target`; the data's own as
+    `raw_target` where that differs: the paper's protocol scores the target as the released code's tokenizer
+    writes it) and the student's output, so that `doa score --task T --predictions P --references P`
+    re-scores the cell from this file alone."""
+    references = [ex["target"] for ex in examples] if references is None else references
+
+    def line(i, ex, ref, p):
+        raw = {} if ref == ex["target"] else {"raw_target": ex["target"]}
+        return json.dumps({"id": i, "source": ex["source"], "target": ref, **raw, "prediction": p},
+                          ensure_ascii=False) + "\n"
+    storage.write_atomic(path, "".join(line(i, ex, ref, p) for i, (ex, ref, p) in
+                                       enumerate(zip(examples, references, predictions))))
 
 
 def _finished_row(path: storage.AnyPath, key: str, warn: bool = False) -> Optional[dict[str, Any]]:
@@ -120,7 +128,7 @@ def _run(cfg: CellConfig, setup: task_setup.TaskSetup) -> results.ResultRow:
     student = phases.student(run, data, plan, test)
     if partitioning.is_chief():
         storage.makedirs(run.dir)
-        write_predictions(run.dir / "predictions.jsonl", test, student.predictions)
+        write_predictions(run.dir / "predictions.jsonl", test, student.predictions, setup.references(test))
     by_phase = run.ledger.by_phase()
     status, reason = _status(student)
     return _row(cfg, setup, status=status, reason=reason,

@@ -271,6 +271,8 @@ class CellConfig:
             d["train"].pop(k)
         if d["protocol"] == "efficient":
             d.pop("protocol")   # cells keyed before protocols existed keep their keys
+        else:   # paper cells scored before their references went through the tokenizer run again (2026-12-06)
+            d["paper_references"] = "tokenized"
         d["key_version"] = KEY_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from doa_jax import checkpoints, partitioning, storage
 from doa_jax.data import cards, demo, pools as pools_lib, vocab as vocab_lib
@@ -19,6 +19,19 @@ def decode_length(lengths: Mapping[str, int], protocol: str) -> int:
     """Most tokens a decode may produce: the targets length, or under the paper's protocol one less
     (HF `generate(max_length=L)` counts the start token, so the released code gets L - 1)."""
     return lengths["targets"] - 1 if protocol == "paper" else lengths["targets"]
+
+
+def scored_references(vocab: Any, targets: Sequence[str], lengths: Mapping[str, int], protocol: str) -> list[str]:
+    """The references outputs are scored against: the targets, or under the paper's protocol the targets as
+    the released code scored them. Its `compute_metrics` decodes them from the tokenized labels
+    (run_t5.py: `tokenizer.batch_decode(labels)`), so they went through the task's vocabulary, losing what it
+    cannot write (T5's has no µ, ~ or ℃: a fifth of WLP's test targets), and were cut at the targets length
+    (its `max_target_length`, EOS included). Unknown pieces read as ⁇ here, as in the outputs' decode (the
+    released decode drops them on both sides alike)."""
+    if protocol != "paper":
+        return list(targets)
+    keep = lengths["targets"] - 1
+    return [vocab.decode(vocab.encode(t)[:keep]) for t in targets]
 
 
 @dataclasses.dataclass
@@ -32,6 +45,10 @@ class TaskSetup:
     @property
     def decode_length(self) -> int:
         return decode_length(self.lengths, self.protocol)
+
+    def references(self, examples: Sequence[Mapping[str, str]]) -> list[str]:
+        """What the examples' outputs are scored against, under this setup's protocol (`scored_references`)."""
+        return scored_references(self.vocab, [ex["target"] for ex in examples], self.lengths, self.protocol)
 
 
 def load_task(cfg: CellConfig) -> TaskSetup:
