@@ -11,6 +11,7 @@ import pytest
 
 from doa_jax import cli, metrics
 from doa_jax.data import cards
+from doa_jax.experiment.task_setup import scored_references
 
 
 @pytest.fixture
@@ -143,7 +144,7 @@ def test_cards_carry_the_released_codes_label_id_0(task, label):
     assert cards.load_card(task).paper_invalid_label == label
 
 
-def test_wlp_references_through_the_vocabulary_as_the_released_code_scored_them(score, doa_data, tmp_path):
+def test_wlp_references_through_the_vocabulary_as_the_released_code_scored_them(score, doa_data, tmp_path, capsys):
     # A vocabulary that cannot write 'µ', and the released max_target_length of 16 tokens: outputs that are the
     # references as its tokenizer writes them score 100 with --vocab (the released code's references) and less
     # against the data's own text.
@@ -153,18 +154,29 @@ def test_wlp_references_through_the_vocabulary_as_the_released_code_scored_them(
     rows = [json.loads(line) for line in data.read_text().splitlines()[:60]]   # lines 50, 51 and 53 have µ
     texts = [r["target"].replace("µ", "u") for r in rows] * 2
     vocab = vocab_lib.Vocabulary(vocab_lib.build_vocab(texts, tmp_path / "v.model", vocab_size=300))
-    written = [vocab.decode(vocab.encode(r["target"])[:15]) for r in rows]
+    written = scored_references(vocab, [r["target"] for r in rows], {"targets": 16}, "paper")
     assert any("µ" in r["target"] for r in rows) and written != [r["target"] for r in rows]
     code, exact, _ = score(tmp_path, "wlp", data, written, "--protocol", "paper", "--vocab", str(vocab.path),
                            "--targets-length", "16")
     assert code == 0 and exact["f1"] == exact["span_f1"] == 100.0
     code, raw, err = score(tmp_path, "wlp", data, written, "--protocol", "paper")
     assert code == 0 and raw["span_f1"] < 100.0 and "pass --vocab V to do the same" in err
+    # a paper cell's predictions.jsonl (target: the scored reference; raw_target: the data's) re-scores the same,
+    # with --vocab (from raw_target) or without (the targets are already written)
+    cell = tmp_path / "predictions.jsonl"
+    cell.write_text("".join(json.dumps({"source": r["source"], "target": w, "raw_target": r["target"],
+                                        "prediction": w}) + "\n" for r, w in zip(rows, written)))
+    for flags in ([], ["--vocab", str(vocab.path), "--targets-length", "16"]):
+        code = cli.main(["score", "--task", "wlp", "--predictions", str(cell), "--references", str(cell),
+                         "--protocol", "paper", *flags])
+        out = capsys.readouterr()
+        assert code == 0 and json.loads(out.out)["span_f1"] == 100.0 and "pass --vocab" not in out.err
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--vocab", "v.model"], "--vocab and --targets-length apply to --protocol paper only"),
     (["--protocol", "paper", "--targets-length", "8"], "--targets-length needs --vocab"),
+    (["--protocol", "paper", "--vocab", "v.model", "--targets-length", "0"], "--targets-length 0: the released code"),
 ])
 def test_reference_options_outside_the_paper_protocol_are_refused(score, doa_data, tmp_path, flags, message):
     data = doa_data / "fever" / "fever_dev_all.jsonl"

@@ -6,7 +6,7 @@ import pytest
 
 from data_helpers import task_vocab
 from doa_jax import cli
-from doa_jax.data import vocab as vocab_lib
+from doa_jax.data import cards, vocab as vocab_lib
 from doa_jax.data.demo import model_vocab_size
 from doa_jax.experiment.task_setup import scored_references
 
@@ -95,9 +95,13 @@ def test_a_tiny_run_under_each_protocol_finishes_names_it_and_the_report_says_wh
                          .read_text().splitlines()] for r in rows)
     assert not any("raw_target" in e for e in efficient)
     assert sum("raw_target" in e for e in paper) >= 1
-    assert [e["target"] for e in paper] == [vocab.decode(vocab.encode(e.get("raw_target", e["target"]))[:31])
-                                           for e in paper]
-    assert [e.get("raw_target", e["target"]) for e in paper] == [e["target"] for e in efficient]
+    raw = [e.get("raw_target", e["target"]) for e in paper]
+    assert raw == [e["target"] for e in efficient]
+    assert [e["target"] for e in paper] == scored_references(vocab, raw, {"targets": 32}, "paper")
+    # and the row's metric is the paper scoring of those outputs against those references
+    card = cards.load_card("wlp")
+    assert rows[1]["value"] == pytest.approx(card.score([e["prediction"] for e in paper], [e["target"] for e in paper],
+                                                        protocol="paper")[card.primary_metric])
     code, _, err = doa("report", tmp_path)
     assert code == 0, err
     md = (tmp_path / "report.md").read_text()
@@ -116,15 +120,14 @@ def test_paper_decodes_one_token_less_than_the_targets_length_as_hf_max_length_d
     assert TaskSetup(None, None, None, lengths).decode_length == 8
 
 
-TARGETS = ["10 ml of buffer [Amount] at 37 °C [Temperature]", "spin 5 min", "add 2 µl [Amount] of dye ☃ now",
-           "one two three four five six seven eight nine ten eleven twelve"]
+TARGETS = ["10 ml of buffer [Amount] at 37 °C [Temperature] .", "spin 5 min , then don't stop",
+           "add 2 µl [Amount] of dye ☃ now", "one two three four five six seven eight nine ten eleven twelve"]
 
 
 def test_paper_references_are_the_targets_as_the_released_codes_tokenizer_writes_them(tmp_path):
-    # The released compute_metrics scores against tokenizer.batch_decode(labels, skip_special_tokens=True), the
-    # labels tokenized with truncation at max_target_length (EOS included). Hugging Face's own T5 converter makes
-    # that tokenizer from the same SentencePiece model; every reference comes out the same, but for what the
-    # vocabulary cannot write: the released decode drops the unknown piece, doa-jax writes ⁇ (on both sides).
+    # The released compute_metrics scores against tokenizer.batch_decode(labels, skip_special_tokens=True) under
+    # transformers 4.22 (spaces cleaned up), the labels tokenized with truncation at max_target_length (EOS
+    # included). Hugging Face's own T5 converter makes that tokenizer from the same SentencePiece model.
     transformers = pytest.importorskip("transformers")
     from test_vocab import _hf_tokenizer_json
 
@@ -135,9 +138,24 @@ def test_paper_references_are_the_targets_as_the_released_codes_tokenizer_writes
                                               unk_token="<unk>", pad_token="<pad>")
     for length in (6, 12, 64):
         labels = hf(text_target=TARGETS, max_length=length, truncation=True)["input_ids"]
-        released = hf.batch_decode(labels, skip_special_tokens=True)
-        ours = scored_references(vocab, TARGETS, {"targets": length}, "paper")
+        released = hf.batch_decode(labels, skip_special_tokens=True, clean_up_tokenization_spaces=True)
         assert [len(x) for x in labels] == [min(len(vocab.encode(t)) + 1, length) for t in TARGETS]
-        assert [" ".join(o.replace("⁇", " ").split()) for o in ours] == [" ".join(r.split()) for r in released]
-    assert ours[0] == TARGETS[0] and "☃" not in ours[2] and "⁇" in ours[2]   # at 64 tokens: only ☃ (and 2, µ) lost
+        assert scored_references(vocab, TARGETS, {"targets": length}, "paper") == released
+    whole = scored_references(vocab, TARGETS, {"targets": 64}, "paper")
+    assert whole[1] == "spin 5 min, then don't stop" and "☃" not in whole[2] and "⁇" not in whole[2]
     assert scored_references(vocab, TARGETS, {"targets": 6}, "efficient") == TARGETS
+
+
+def test_paper_outputs_are_decoded_as_the_released_code_decodes_them(tmp_path):
+    # An output that differs from its reference only by an unknown piece matches it, as in the released code
+    # (both sides drop it); an extra id is dropped too. Under 'efficient' the unknown piece reads ⁇.
+    from doa_jax.experiment.task_setup import TaskSetup
+
+    vocab = vocab_lib.Vocabulary(vocab_lib.build_vocab(TARGETS[:2] + ["add 2 ul of dye now"] * 5, tmp_path / "v.model",
+                                                       vocab_size=50))
+    ids = vocab.encode("add 2 µl of dye now")
+    assert vocab.unk_id in ids
+    without = [i for i in ids if i != vocab.unk_id] + [vocab.vocab_size - 1, vocab.eos_id]   # + <extra_id_0>
+    paper, efficient = (TaskSetup(None, None, vocab, {"inputs": 16, "targets": 16}, p) for p in ("paper", "efficient"))
+    assert paper.decode(without) == paper.references([{"target": "add 2 µl of dye now"}])[0]
+    assert "⁇" in efficient.decode(ids) and "⁇" not in paper.decode(ids)

@@ -75,7 +75,8 @@ def test_a_bad_results_line_names_file_and_line(tmp_path):
         report.write_report(tmp_path)
 
 
-PAPER_ROW = dict(protocol="paper", cost_profile={"name": "paper", "source": "the paper's GPU-hours"})
+PAPER_ROW = dict(protocol="paper", references="tokenized",
+                 cost_profile={"name": "paper", "source": "the paper's GPU-hours"})
 
 
 def _verdict(rows):
@@ -118,6 +119,19 @@ def test_rows_of_the_two_protocols_are_separate_cells_and_the_report_says_which_
     assert "| wlp | 1000 | 100 | Dist. | paper | 71.1 | comparable |" in md
     assert ("| wlp | 1000 | 100 | Dist. | efficient | 71.1 | not comparable: protocol efficient (paper: the "
             "released code's; run with protocols/paper.gin); cost profile mfu (paper: the paper's own) |") in md
+
+
+def test_paper_rows_scored_against_the_datas_text_are_left_out_of_the_report_and_said(tmp_path, capsys):
+    # Written before paper cells scored the released code's references: their cells ran again under new keys.
+    old = {k: v for k, v in row("distill", 100, 50.0, 0, 355.0, **PAPER_ROW).items() if k != "references"}
+    rows = [old, row("distill", 100, 70.0, 0, 355.0, **PAPER_ROW)]
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md = report.write_report(tmp_path).read_text()
+    assert "| wlp | 1000 | 100 | Dist. | paper | paper | f1 | 70.0 | 1 | 71.1 |" in md
+    assert "the report leaves out 1 PROTOCOL='paper' row(s)" in capsys.readouterr().err
+    (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
+    with pytest.raises(ValueError, match="has no result rows left"):
+        report.write_report(tmp_path)
 
 
 def _cell_with_predictions(tmp_path, name, predictions, references):

@@ -63,6 +63,16 @@ def test_rows_from_the_old_key_scheme_are_recognised_as_stale():
     assert results.stale_rows([old, row("new").to_json()]) == [old]
 
 
+def test_paper_rows_without_the_released_references_are_superseded_and_say_so_on_the_next_run(tmp_path, capsys):
+    from doa_jax.experiment import cell
+
+    paper = dict(row("new").to_json(), protocol="paper")
+    assert results.superseded_paper_rows([paper, dict(paper, references="tokenized"), row("eff").to_json()]) == [paper]
+    (tmp_path / "results.jsonl").write_text(json.dumps(paper) + "\n")
+    assert cell._finished_row(tmp_path / "results.jsonl", "other", warn=True) is None
+    assert "1 PROTOCOL='paper' row(s) scored against the data's text" in capsys.readouterr().err
+
+
 def test_the_strategy_table_says_what_each_strategy_does():
     ann, dist, mixed = (strategies.get(n) for n in ("annotate", "distill", "mixed"))
     assert (ann.buys_labels, ann.uses_teacher) == (True, False)

@@ -141,7 +141,7 @@ def _format(stats: dict) -> str:
         lost = ", ".join(f"{ch} {n}" for ch, n in c["lost_characters"].items())
         lines.append(f"a perfect model's test {c['metric']} in this vocabulary: {c['whole']:.2f} "
                      f"({c['unwritable_targets']} of {c['examples']} targets it cannot write"
-                     + (f": {lost}" if lost else "")
+                     + (f": {lost}" if lost else "") + f"; {c['normalised_targets']} it normalises"
                      + f"); cut at targets={fl['targets']}: {c['at_targets_length']:.2f}")
     return "\n".join(lines)
 

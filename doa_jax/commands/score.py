@@ -45,7 +45,8 @@ def run(args) -> int:
             f"{len(references)} references; they must pair line by line"
         )
     targets = [r["target"] for r in references]
-    if args.protocol != "paper" and (args.vocab or args.targets_length):
+    rescored = any("raw_target" in r for r in references)   # a paper cell's predictions.jsonl: already written
+    if args.protocol != "paper" and (args.vocab or args.targets_length is not None):
         raise ValueError("--vocab and --targets-length apply to --protocol paper only (the released code's "
                          "references); 'efficient' scores the references as given")
     if args.targets_length is not None and not args.vocab:
@@ -54,12 +55,14 @@ def run(args) -> int:
         from doa_jax.data import vocab as vocab_lib
         from doa_jax.experiment.task_setup import scored_references
 
-        length = args.targets_length or card.feature_lengths["targets"]
+        length = card.feature_lengths["targets"] if args.targets_length is None else args.targets_length
         if length < 2:
             raise ValueError(f"--targets-length {length}: the released code keeps length - 1 tokens and an EOS; "
                              "give at least 2")
-        targets = scored_references(vocab_lib.Vocabulary(args.vocab), targets, {"targets": length}, "paper")
-    elif args.protocol == "paper":
+        targets = scored_references(vocab_lib.Vocabulary(args.vocab), [r.get("raw_target", r["target"])
+                                                                       for r in references], {"targets": length},
+                                    "paper")
+    elif args.protocol == "paper" and not rescored:
         print("note: references scored as given; the released code scored them through its tokenizer "
               "(pass --vocab V to do the same)", file=sys.stderr)
     options = {}

@@ -119,7 +119,10 @@ def load_examples(
             if empty_targets == "skip":
                 bad(lineno, "empty 'target'", always_skip=True)
                 continue
-        examples.append({"source": source, "target": target})
+        example = {"source": source, "target": target}
+        if isinstance(obj.get("raw_target"), str):   # a paper cell's predictions.jsonl: the data's own target
+            example["raw_target"] = obj["raw_target"]
+        examples.append(example)
     if not examples and not allow_empty:
         raise ValueError(f"{path}: no examples" + (f" ({len(skipped)} line(s) skipped)" if skipped
                                                    else " (the file is empty)"))

@@ -87,21 +87,23 @@ UNSCORED_METRICS = {"bert_ibleu": "BERT-iBLEU needs its BERTScore model"}   # ce
 def score_ceiling(card, vocab, examples, targets_length: int) -> dict:
     """What a perfect model scores on `examples` (the card's primary metric against the data's targets) when
     its outputs are written in `vocab`: whole, and cut at `targets_length` (EOS included), as a decode of
-    that length cuts them; how many targets the vocabulary cannot write, and the characters it loses most.
-    The truncation rate is a proxy; this is what the lengths and the vocabulary cost the score."""
+    that length cuts them; how many targets the vocabulary cannot write (an unknown piece, ⁇), and the
+    characters those lose most; how many it only normalises (NFKC: º to o, ™ to TM). The truncation rate is a
+    proxy; this is what the lengths and the vocabulary cost the score."""
     if card.metric in UNSCORED_METRICS or not examples:
         return {"metric": card.primary_metric, "skipped": UNSCORED_METRICS.get(card.metric, "no test examples")}
     targets = [ex["target"] for ex in examples]
     ids = [vocab.encode(t) for t in targets]
     whole = [vocab.decode(i) for i in ids]
+    unwritable = [vocab.unk_id in i for i in ids]
     lost: collections.Counter = collections.Counter()
-    for t, w in zip(targets, whole):
-        if t != w:
+    for t, w, u in zip(targets, whole, unwritable):
+        if u:
             lost.update(set(t) - set(w))
 
     def perfect(outputs):
         return float(card.score(outputs, targets, sources=[ex["source"] for ex in examples])[card.primary_metric])
-    return {"metric": card.primary_metric, "examples": len(targets),
-            "unwritable_targets": sum(t != w for t, w in zip(targets, whole)),
+    return {"metric": card.primary_metric, "examples": len(targets), "unwritable_targets": sum(unwritable),
+            "normalised_targets": sum(t != w and not u for t, w, u in zip(targets, whole, unwritable)),
             "lost_characters": dict(lost.most_common(8)), "whole": perfect(whole),
             "at_targets_length": perfect([vocab.decode(i[: targets_length - 1]) for i in ids])}

@@ -97,6 +97,11 @@ def _warn_stale(path: storage.AnyPath, rows: list[dict[str, Any]]) -> None:
               f"{stale[0].get('key_version', 1)}, now {results.KEY_VERSION}: the cell config became composed "
               f"of TrainConfig/DistillConfig/PricingConfig); those cells run again under new keys",
               file=sys.stderr)
+    superseded = results.superseded_paper_rows(rows)
+    if superseded:
+        print(f"note: {path} has {len(superseded)} PROTOCOL='paper' row(s) scored against the data's text, not "
+              "the released code's references (written through its tokenizer); those cells run again under new "
+              "keys, and reports leave the old rows out", file=sys.stderr)
 
 
 def _run(cfg: CellConfig, setup: task_setup.TaskSetup) -> results.ResultRow:
@@ -161,4 +166,5 @@ def _row(cfg: CellConfig, setup: Optional[task_setup.TaskSetup], **fields: Any) 
         priced_as={"teacher": p.teacher_as, "student": p.student_as} if (p.teacher_as or p.student_as) else None,
         accelerator=(fields.get("cost_profile") or {}).get("accelerator", p.accelerator),
         mfu=p.mfu if profile_name(cfg) == "mfu" else None, protocol=cfg.protocol,
+        references=results.PAPER_REFERENCES if cfg.protocol == "paper" else None,
         teacher_given=cfg.teacher_checkpoint if cfg.teacher_finetuned else None, **fields)

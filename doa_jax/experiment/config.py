@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 from doa_jax.experiment import cost_profiles, strategies
 from doa_jax.metrics import PROTOCOLS
-from doa_jax.experiment.results import KEY_VERSION
+from doa_jax.experiment.results import KEY_VERSION, PAPER_REFERENCES
 from doa_jax.model import T5Config
 from doa_jax.model.config import EXECUTION_FIELDS, config_for_size
 from doa_jax.partitioning import MeshConfig
@@ -272,7 +272,7 @@ class CellConfig:
         if d["protocol"] == "efficient":
             d.pop("protocol")   # cells keyed before protocols existed keep their keys
         else:   # paper cells scored before their references went through the tokenizer run again (2026-12-06)
-            d["paper_references"] = "tokenized"
+            d["paper_references"] = PAPER_REFERENCES
         d["key_version"] = KEY_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -432,7 +432,8 @@ def student(run: CellRun, data: StudentData, the_plan: planner.Plan, test: list)
 def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list, batch_size: int = EVAL_BATCH_SIZE,
              pricing: Optional[T5Config] = None) -> dict[str, Any]:
     """Greedy decodes of the test examples scored by the card's metric (percent), under the setup's
-    protocol (`paper`: references and out-of-label outputs as the released code scores them)."""
+    protocol (`paper`: outputs decoded, references written and out-of-label outputs scored as the released
+    code does)."""
     enc = encode_texts(setup.vocab, [ex["source"] for ex in examples], setup.lengths["inputs"], setup.card.input_prefix)
     preds = []
     for lo in range(0, len(enc), batch_size):
@@ -442,7 +443,7 @@ def evaluate(model_cfg: T5Config, params: Any, setup: TaskSetup, examples: list,
             chunk = np.concatenate([chunk, np.zeros((batch_size - n, chunk.shape[1]), np.int32)])
         chunk = partitioning.rows_like(chunk, jax.tree_util.tree_leaves(params)[0])   # over the params' mesh
         tokens = partitioning.to_host(decoding.greedy(model_cfg, params, chunk, setup.decode_length).tokens)[:n]
-        preds += [setup.vocab.decode(t) for t in tokens]
+        preds += [setup.decode(t) for t in tokens]
     result = setup.card.score(preds, setup.references(examples), sources=[ex["source"] for ex in examples],
                               protocol=setup.protocol)
     return {"metrics": result, "predictions": preds, "flops": flops.forward_flops(

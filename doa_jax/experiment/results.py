@@ -21,6 +21,9 @@ SWEEP_STATE_FILE = "sweep.json"   # a sweep's cells, in grid order, with their k
 # Rows written before the experiment layer was rebuilt have no `key_version`: their cell keys
 # hashed a flat config, so the same cell now has another key and runs again (see `stale_rows`).
 KEY_VERSION = 2
+# Paper rows scored against the released code's references (`task_setup.scored_references`) say so; those
+# written before (2026-12-06) scored against the data's text, and their cells run again under new keys.
+PAPER_REFERENCES = "tokenized"
 REQUIRED = ("task", "strategy", "extra_budget_usd", "metric", "value")
 
 
@@ -62,6 +65,7 @@ class ResultRow:
     student_trained_by: Optional[str] = None   # another cell with the same plan trained this student
     cost_profile: Optional[dict[str, Any]] = None   # what priced the compute: name, source, assumed, ...
     protocol: Optional[str] = None   # 'efficient' | 'paper' (rows written before protocols: None = efficient)
+    references: Optional[str] = None   # paper rows: PAPER_REFERENCES (what their outputs were scored against)
     teacher_given: Optional[str] = None   # TEACHER_FINETUNED: the checkpoint of a teacher fine-tuned elsewhere (T5X)
     key_version: int = KEY_VERSION
 
@@ -106,6 +110,12 @@ def finished(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 def stale_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows whose cell keys were made by an older key scheme (their cells will run again)."""
     return [r for r in rows if "cell_key" in r and r.get("key_version", 1) != KEY_VERSION]
+
+
+def superseded_paper_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paper rows scored against the data's text instead of the released code's references: their cells run
+    again under new keys, and reports leave them out (they would be averaged with their reruns)."""
+    return [r for r in rows if r.get("protocol") == "paper" and r.get("references") != PAPER_REFERENCES]
 
 
 def append_row(path: str | os.PathLike, row: ResultRow | dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 from typing import Optional
 
 from doa_jax import storage
@@ -70,9 +71,16 @@ def sweep_progress(run_dir: pathlib.Path, rows: list[dict]) -> Optional[tuple[in
 def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike] = None) -> pathlib.Path:
     """Writes RUN_DIR/report.md and RUN_DIR/plots/*.png from RUN_DIR/results.jsonl; returns report.md."""
     run_dir = storage.path(run_dir)
-    rows = read_results(results or run_dir / results_lib.RESULTS_FILE)
+    path = results or run_dir / results_lib.RESULTS_FILE
+    rows = read_results(path)
+    superseded = results_lib.superseded_paper_rows(rows)
+    if superseded:   # their reruns are the cells' rows: averaging both would mix two scorings
+        print(f"note: the report leaves out {len(superseded)} PROTOCOL='paper' row(s) of {path} scored against the "
+              "data's text, not the released code's references (rerun their cells for rows that are)",
+              file=sys.stderr)
+        rows = [r for r in rows if all(r is not s for s in superseded)]
     if not rows:
-        raise ValueError(f"{results or run_dir / results_lib.RESULTS_FILE} has no result rows")
+        raise ValueError(f"{path} has no result rows" + (" left" if superseded else ""))
     cells, paper = summarise(rows), read_paper_results()
     attach_intervals(cells)
     plot_dir = run_dir / "plots"
