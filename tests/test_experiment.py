@@ -140,8 +140,10 @@ def test_a_reused_store_is_read_once_and_a_chunk_failing_its_checksums_is_recomp
     assert record["computed_chunks"] == 1 and record["earlier_attempts_seconds"] == 2.5 * (len(chunks) - 1)
     assert record["seconds"] > record["earlier_attempts_seconds"] and record != before
     ledger = [json.loads(line) for line in open(tmp_path / "cells" / row["cell_key"] / "ledger.jsonl")]
-    [entry] = [e for e in ledger if e["phase"] == "teacher_inference"]
+    [entry, lost] = [e for e in ledger if e["phase"] == "teacher_inference"]
     assert entry["seconds"] == record["seconds"]
+    # chunk 0's first computation (2.5 s by its marker) was lost: measured, not charged
+    assert (lost["key"].startswith("lost:"), lost["seconds"], lost["usd"]) == (True, 2.5, 0.0)
 
 
 @pytest.mark.parametrize("change,reason", [

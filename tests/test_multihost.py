@@ -306,7 +306,8 @@ def test_a_chunk_found_not_whole_on_two_hosts_is_recomputed_by_its_host_alone_an
     # not chunk 1's lost first computation
     second = next(r for r in rows if r["extra_budget_usd"] == 6)
     ledger = (out / "cells" / second["cell_key"] / "ledger.jsonl").read_text().splitlines()
-    [entry] = [e for e in map(json.loads, ledger) if e["phase"] == "teacher_inference"]
+    [entry, lost] = [e for e in map(json.loads, ledger) if e["phase"] == "teacher_inference"]
+    assert lost["key"].startswith("lost:teacher_inference:") and lost["seconds"] > 0 and lost["usd"] == 0.0
     markers = {i: json.loads((store / f"chunk_{i:05d}.COMPLETED").read_text()) for i in range(4)}
     assert record["earlier_attempts_seconds"] == pytest.approx(
         sum(markers[i]["seconds"] * markers[i]["chips"] for i in (0, 2, 3)) / entry["chips"])

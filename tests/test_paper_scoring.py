@@ -160,7 +160,8 @@ def test_wlp_references_through_the_vocabulary_as_the_released_code_scored_them(
                            "--targets-length", "16")
     assert code == 0 and exact["f1"] == exact["span_f1"] == 100.0
     code, raw, err = score(tmp_path, "wlp", data, written, "--protocol", "paper")
-    assert code == 0 and raw["span_f1"] < 100.0 and "pass --vocab V to do the same" in err
+    assert code == 0 and raw["span_f1"] < 100.0
+    assert "the released code scored them through its tokenizer: pass --vocab V" in err
     # a paper cell's predictions.jsonl (target: the scored reference; raw_target: the data's) re-scores the same,
     # with --vocab (from raw_target) or without (the targets are already written)
     cell = tmp_path / "predictions.jsonl"
@@ -171,6 +172,9 @@ def test_wlp_references_through_the_vocabulary_as_the_released_code_scored_them(
                          "--protocol", "paper", *flags])
         out = capsys.readouterr()
         assert code == 0 and json.loads(out.out)["span_f1"] == 100.0 and "pass --vocab" not in out.err
+    # under 'efficient' the same file is scored against the data's own targets (raw_target)
+    code = cli.main(["score", "--task", "wlp", "--predictions", str(cell), "--references", str(cell)])
+    assert code == 0 and json.loads(capsys.readouterr().out)["f1"] == pytest.approx(raw["span_f1"])
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -182,3 +186,14 @@ def test_reference_options_outside_the_paper_protocol_are_refused(score, doa_dat
     data = doa_data / "fever" / "fever_dev_all.jsonl"
     code, _, err = score(tmp_path, "fever", data, ["SUPPORTS"], *flags)
     assert code != 0 and message in err
+
+
+def test_multipit_gen_outputs_are_compared_with_the_released_references_under_the_paper_protocol():
+    # The released code compares each output with its decoded label (in MultiPIT_Gen's test file, the source):
+    # a student copying the label as the released decode writes it ("don't", "storm.") is a perfect copy there,
+    # while against the data's source ("do n't", "storm .") it is not.
+    source = "I do n't think the storm will pass ."
+    written = "I don't think the storm will pass."
+    paper = metrics.compute("bert_ibleu", [written], [written], sources=[source], protocol="paper")
+    efficient = metrics.compute("bert_ibleu", [written], [source], sources=[source])
+    assert paper["self_bleu"] == pytest.approx(100.0) and efficient["self_bleu"] < 90.0

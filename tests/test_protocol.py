@@ -8,7 +8,7 @@ from data_helpers import task_vocab
 from doa_jax import cli
 from doa_jax.data import cards, vocab as vocab_lib
 from doa_jax.data.demo import model_vocab_size
-from doa_jax.experiment.task_setup import scored_references
+from doa_jax.experiment.task_setup import TaskSetup, scored_references
 
 REQUIRED = ["--gin.TASK='wlp'", "--gin.START_LABELS=16", "--gin.EXTRA_BUDGET_USD=5.0", "--gin.STRATEGY='distill'",
             "--gin.VOCABULARY=None"]
@@ -114,7 +114,6 @@ def test_a_tiny_run_under_each_protocol_finishes_names_it_and_the_report_says_wh
 
 
 def test_paper_decodes_one_token_less_than_the_targets_length_as_hf_max_length_does():
-    from doa_jax.experiment.task_setup import TaskSetup
     lengths = {"inputs": 64, "targets": 8}
     assert TaskSetup(None, None, None, lengths, "paper").decode_length == 7
     assert TaskSetup(None, None, None, lengths).decode_length == 8
@@ -149,8 +148,6 @@ def test_paper_references_are_the_targets_as_the_released_codes_tokenizer_writes
 def test_paper_outputs_are_decoded_as_the_released_code_decodes_them(tmp_path):
     # An output that differs from its reference only by an unknown piece matches it, as in the released code
     # (both sides drop it); an extra id is dropped too. Under 'efficient' the unknown piece reads ⁇.
-    from doa_jax.experiment.task_setup import TaskSetup
-
     vocab = vocab_lib.Vocabulary(vocab_lib.build_vocab(TARGETS[:2] + ["add 2 ul of dye now"] * 5, tmp_path / "v.model",
                                                        vocab_size=50))
     ids = vocab.encode("add 2 µl of dye now")

@@ -275,5 +275,6 @@ def test_an_attempts_two_passes_count_each_chunk_once_and_earlier_attempts_work_
     first = ts.BuildStats("s", (3,), {0: 5.0, 1: 5.0, 2: 5.0})
     both = first.then(ts.BuildStats("s", (1,), {0: 5.0, 2: 5.0, 3: 0.7}))
     assert (both.computed, dict(both.reused), both.reused_chip_seconds) == ((3, 1), {0: 5.0, 2: 5.0}, 10.0)
+    assert (dict(both.lost), both.lost_chip_seconds) == ({1: 5.0}, 5.0)   # chunk 1's first computation
     # a chunk computed in both passes (cut again after it was written) is one chunk computed
     assert first.then(ts.BuildStats("s", (3,), {0: 5.0, 1: 5.0, 2: 5.0})).computed == (3,)

@@ -25,8 +25,8 @@ def register(subparsers) -> None:
                         "with; references are then scored as the released code scored them, encoded, cut at "
                         "--targets-length tokens (EOS included) and decoded (what the vocabulary cannot write, "
                         "e.g. µ in T5's, is lost on both sides)")
-    parser.add_argument("--targets-length", type=int, help="with --vocab: the released max_target_length (default: "
-                        "the card's targets length)")
+    parser.add_argument("--targets-length", type=int, help="with --vocab: the released val_max_target_length "
+                        "(default: the card's targets length)")
     parser.add_argument("--num-layers", type=int, help="BERTScore hidden layer (default: 40 for "
                         "deberta-xlarge-mnli, else the last)")
     parser.set_defaults(func=run)
@@ -44,8 +44,9 @@ def run(args) -> int:
             f"{args.predictions} has {len(predictions)} predictions but {args.references} has "
             f"{len(references)} references; they must pair line by line"
         )
-    targets = [r["target"] for r in references]
-    rescored = any("raw_target" in r for r in references)   # a paper cell's predictions.jsonl: already written
+    # A paper cell's predictions.jsonl holds the references it scored, and the data's as raw_target.
+    raw = [r.get("raw_target", r["target"]) for r in references]
+    targets = [r["target"] for r in references] if args.protocol == "paper" else raw
     if args.protocol != "paper" and (args.vocab or args.targets_length is not None):
         raise ValueError("--vocab and --targets-length apply to --protocol paper only (the released code's "
                          "references); 'efficient' scores the references as given")
@@ -53,18 +54,16 @@ def run(args) -> int:
         raise ValueError("--targets-length needs --vocab (the references are cut in its tokens)")
     if args.protocol == "paper" and args.vocab:
         from doa_jax.data import vocab as vocab_lib
-        from doa_jax.experiment.task_setup import scored_references
 
         length = card.feature_lengths["targets"] if args.targets_length is None else args.targets_length
         if length < 2:
             raise ValueError(f"--targets-length {length}: the released code keeps length - 1 tokens and an EOS; "
                              "give at least 2")
-        targets = scored_references(vocab_lib.Vocabulary(args.vocab), [r.get("raw_target", r["target"])
-                                                                       for r in references], {"targets": length},
-                                    "paper")
-    elif args.protocol == "paper" and not rescored:
-        print("note: references scored as given; the released code scored them through its tokenizer "
-              "(pass --vocab V to do the same)", file=sys.stderr)
+        targets = vocab_lib.released_references(vocab_lib.Vocabulary(args.vocab), raw, length)
+    elif args.protocol == "paper" and not any("raw_target" in r for r in references):
+        print("note: references scored as given; if they are the data's text (not a paper cell's "
+              "predictions.jsonl), the released code scored them through its tokenizer: pass --vocab V",
+              file=sys.stderr)
     options = {}
     if card.metric == "bert_ibleu":
         options = {"scorer_model": args.scorer_model, "num_layers": args.num_layers}

@@ -2,7 +2,9 @@
 
 `doa_<task>` reads a task's pools (`pools.make_pools`: the labeled pool is `train`), prefixes the
 inputs, tokenizes with the given vocabulary, appends EOS after trimming to the feature lengths, and
-scores predictions with the card's metric (`doa_jax.metrics`). `doa_<task>_inputs` is the
+scores predictions with the card's metric (`doa_jax.metrics`) under the `efficient` protocol,
+against the data's text. Figures meant for the paper come from a `PROTOCOL='paper'` cell, or from
+`doa score --protocol paper --vocab V` on the T5X predictions (the released code's decoding). `doa_<task>_inputs` is the
 unlabeled-inputs variant: the same inputs with empty targets, for splits train, unlabeled,
 validation and test (what a teacher labels before distillation). Examples keep their
 `inputs_pretokenized`, `targets_pretokenized` and `source` strings.

@@ -18,6 +18,7 @@ import numpy as np
 from doa_jax import metrics
 from doa_jax.data import cards as cards_lib
 from doa_jax.data import pools as pools_lib
+from doa_jax.data import vocab as vocab_lib
 
 PERCENTILES = (50, 90, 95, 99, 99.9, 100)
 
@@ -106,4 +107,4 @@ def score_ceiling(card, vocab, examples, targets_length: int) -> dict:
     return {"metric": card.primary_metric, "examples": len(targets), "unwritable_targets": sum(unwritable),
             "normalised_targets": sum(t != w and not u for t, w, u in zip(targets, whole, unwritable)),
             "lost_characters": dict(lost.most_common(8)), "whole": perfect(whole),
-            "at_targets_length": perfect([vocab.decode(i[: targets_length - 1]) for i in ids])}
+            "at_targets_length": perfect([vocab.decode(vocab_lib.within_length(i, targets_length)) for i in ids])}

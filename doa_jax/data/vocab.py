@@ -112,6 +112,36 @@ def describe(vocab: Vocabulary) -> str:
             f"{vocab.extra_ids} extra ids)")
 
 
+def within_length(ids: Sequence[int], length: int) -> list[int]:
+    """The pieces a feature of `length` positions keeps: `length - 1` and the EOS after them (SeqIO's
+    truncation, and Hugging Face's with `max_length`, both count the EOS)."""
+    return list(ids)[: length - 1]
+
+
+# What transformers 4.22, the paper's released code's, does to decoded text by default
+# (`clean_up_tokenization_spaces=True`).
+RELEASED_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                    (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def released_decode(vocab: Vocabulary, ids: Iterable[int]) -> str:
+    """Text of `ids` as the paper's released code decodes outputs and labels (`batch_decode(
+    skip_special_tokens=True)` under transformers 4.22): the unknown piece and the extra ids dropped, not
+    written as ⁇, and the tokenization spaces cleaned up (`RELEASED_CLEANUP`)."""
+    text = vocab.decode([i for i in (int(x) for x in ids) if i != vocab.unk_id and i < vocab.base_vocab_size])
+    for before, after in RELEASED_CLEANUP:
+        text = text.replace(before, after)
+    return text
+
+
+def released_references(vocab: Vocabulary, targets: Sequence[str], length: int) -> list[str]:
+    """Targets as the paper's released code scored them: its `compute_metrics` decodes the labels
+    (run_t5.py: `tokenizer.batch_decode(labels)`), tokenized with truncation at its
+    `val_max_target_length` (`length`, EOS counted), so what the vocabulary cannot write is lost (T5's has
+    no µ, ~ or ×) and they are decoded as its outputs are (`released_decode`)."""
+    return [released_decode(vocab, within_length(vocab.encode(t), length)) for t in targets]
+
+
 def build_vocab(
     texts: Iterable[str],
     model_path: str | os.PathLike,

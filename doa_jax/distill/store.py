@@ -93,6 +93,8 @@ class BuildStats:
     path: pathlib.Path
     computed: tuple[int, ...] = ()
     reused: Mapping[int, Optional[float]] = dataclasses.field(default_factory=dict)
+    lost: Mapping[int, Optional[float]] = dataclasses.field(default_factory=dict)   # `then`: first computations
+    #                                                                                  of chunks computed again
 
     @property
     def computed_chunks(self) -> int:
@@ -112,13 +114,19 @@ class BuildStats:
         """Reused chunks whose markers (an older version's) hold no seconds."""
         return sum(c is None for c in self.reused.values())
 
+    @property
+    def lost_chip_seconds(self) -> float:
+        """What the lost first computations took, as far as their markers say."""
+        return float(sum(c for c in self.lost.values() if c is not None))
+
     def then(self, later: "BuildStats") -> "BuildStats":
         """This pass and a `later` one of the same attempt, together: every chunk either computed, once; the
         chunks `later` reused that this pass did not compute (those are the attempt's own, timed by its clock,
         not earlier attempts' work). A chunk this pass reused that `later` recomputed (it was not whole) counts
-        as computed, its first computation lost."""
+        as computed, its first computation `lost`."""
         computed = tuple(dict.fromkeys(self.computed + later.computed))
-        return BuildStats(later.path, computed, {i: c for i, c in later.reused.items() if i not in computed})
+        lost = {**self.lost, **{i: c for i, c in self.reused.items() if i in later.computed}}
+        return BuildStats(later.path, computed, {i: c for i, c in later.reused.items() if i not in computed}, lost)
 
 
 class StoreIncomplete(FileNotFoundError):

@@ -271,7 +271,7 @@ class CellConfig:
             d["train"].pop(k)
         if d["protocol"] == "efficient":
             d.pop("protocol")   # cells keyed before protocols existed keep their keys
-        else:   # paper cells scored before their references went through the tokenizer run again (2026-12-06)
+        else:   # paper cells scored before the released code's references run again (results.PAPER_REFERENCES)
             d["paper_references"] = PAPER_REFERENCES
         d["key_version"] = KEY_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

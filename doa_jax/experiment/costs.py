@@ -189,14 +189,15 @@ class Ledger:
                                measured_usd=self.measured_on.usd(seconds * self.chips),
                                seconds=seconds, chips=self.chips, flops=flops, cost_profile=self.cost_profile))
 
-    def add_lost(self, key: str, phase: str, seconds: float) -> Optional[Entry]:
-        """Compute a kill undid (steps after the last checkpoint, run again on resume): measured here,
+    def add_lost(self, key: str, phase: str, seconds: float, why: str = "lost to a kill") -> Optional[Entry]:
+        """Compute a kill undid (steps after the last checkpoint, run again on resume), or that was lost
+        another way (`why`: a teacher-store chunk whose files were damaged, computed again): measured here,
         not charged to the budget (the plan prices the work once), so `measured_total` shows what
         the run really cost. Nothing is recorded for no loss."""
         if seconds <= 0:
             return None
         return self._add(Entry(key, phase, 0.0, measured_usd=self.measured_on.usd(seconds * self.chips),
-                               seconds=seconds, chips=self.chips, cost_profile="lost to a kill (measured only)"))
+                               seconds=seconds, chips=self.chips, cost_profile=f"{why} (measured only)"))
 
     def add_labels(self, key: str, count: int, usd_per_label: float) -> Entry:
         return self._add(Entry(key, "labels", count * usd_per_label, labels=count, cost_profile="task card"))

@@ -263,8 +263,8 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
     computed = partitioning.sum_over_processes(stats.computed_chunks)   # every host's chunks are written
     # Chunks earlier attempts finished that the store still holds: what they took (chip-seconds in the ledger's
     # unit of chips, each host's share of them), in this job's wall seconds. A chunk recomputed because it was
-    # not whole counts once, as this attempt's (its lost first computation is not charged, as a killed run's
-    # lost work is not). Counted once the store was read whole.
+    # not whole counts once, as this attempt's; its lost first computation is a `lost:` entry, measured and not
+    # charged, as a killed run's lost work is. Counted once the store was read whole.
     earlier = partitioning.sum_over_processes(stats.reused_chip_seconds) / run.ledger.chips
     unmeasured = partitioning.sum_over_processes(stats.unmeasured_chunks)
     record = partitioning.from_chief(
@@ -272,6 +272,9 @@ def teacher_outputs(run: CellRun, teacher_key: str, teacher_params: Any, unlabel
     work = run.pricer.teacher_inference(len(request.sources))
     run.ledger.add_compute(f"teacher_inference:{store.key}", "teacher_inference", record.get("seconds", 0.0),
                            sum(w.flops for w in work), work=work)
+    lost = partitioning.sum_over_processes(stats.lost_chip_seconds) / run.ledger.chips
+    run.ledger.add_lost(f"lost:teacher_inference:{store.key}", "teacher_inference", lost,
+                        why="teacher-store chunks computed again after their files were damaged")
     return outputs, enc
 
 

@@ -21,31 +21,10 @@ def decode_length(lengths: Mapping[str, int], protocol: str) -> int:
     return lengths["targets"] - 1 if protocol == "paper" else lengths["targets"]
 
 
-# What transformers 4.22 (the released code's) does to decoded text by default (clean_up_tokenization_spaces=True).
-RELEASED_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                    (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
-
-
-def released_decode(vocab: Any, ids) -> str:
-    """Text of `ids` as the released code decodes outputs and labels (`batch_decode(skip_special_tokens=True)`
-    under transformers 4.22): the unknown piece and the extra ids dropped, not written as ⁇, and the
-    tokenization spaces cleaned up (`RELEASED_CLEANUP`)."""
-    text = vocab.decode([i for i in (int(x) for x in ids) if i != vocab.unk_id and i < vocab.base_vocab_size])
-    for before, after in RELEASED_CLEANUP:
-        text = text.replace(before, after)
-    return text
-
-
 def scored_references(vocab: Any, targets: Sequence[str], lengths: Mapping[str, int], protocol: str) -> list[str]:
     """The references outputs are scored against: the targets, or under the paper's protocol the targets as
-    the released code scored them. Its `compute_metrics` decodes them from the tokenized labels
-    (run_t5.py: `tokenizer.batch_decode(labels)`), so they went through the task's vocabulary, losing what it
-    cannot write (T5's has no µ, ~ or ×: 530 of WLP's 2,835 test targets), were cut at the targets length (its
-    `max_target_length`, EOS included) and decoded as its outputs are (`released_decode`)."""
-    if protocol != "paper":
-        return list(targets)
-    keep = lengths["targets"] - 1
-    return [released_decode(vocab, vocab.encode(t)[:keep]) for t in targets]
+    the released code scored them (`vocab.released_references`, cut at the targets length)."""
+    return vocab_lib.released_references(vocab, targets, lengths["targets"]) if protocol == "paper" else list(targets)
 
 
 @dataclasses.dataclass
@@ -62,7 +41,7 @@ class TaskSetup:
 
     def decode(self, ids) -> str:
         """An output's text: the vocabulary's decode, or under the paper's protocol the released code's."""
-        return released_decode(self.vocab, ids) if self.protocol == "paper" else self.vocab.decode(ids)
+        return vocab_lib.released_decode(self.vocab, ids) if self.protocol == "paper" else self.vocab.decode(ids)
 
     def references(self, examples: Sequence[Mapping[str, str]]) -> list[str]:
         """What the examples' outputs are scored against, under this setup's protocol (`scored_references`)."""

@@ -32,7 +32,10 @@ Protocols (`protocol=`): `efficient` (default) scores as above. `paper` scores a
 mapped to the label the released code gives id 0 (the card's `paper_invalid_label`: FEVER REFUTES,
 MultiPIT_Id NO, Stanceosaurus IRRELEVANT), so it is correct whenever gold is that label; WLP's `f1`
 (`precision`, `recall`) are the released parse's micro scores (`paper_f1`), the standard span F1
-moving to `span_f1` (`span_precision`, `span_recall`). The other keys are the same under both.
+moving to `span_f1` (`span_precision`, `span_recall`); MultiPIT_Gen's outputs are compared with the
+references, not the sources. The other keys are the same under both. The released code also decoded
+its outputs and references through its tokenizer: that is the caller's part, before these functions
+(`doa_jax.data.vocab.released_decode`, `released_references`; a cell does it, and `doa score --vocab`).
 
 Per-example statistics (`compute_statistics`, `ExampleStatistics`): for the metrics that are sums over
 examples (counts of correct labels, of matched entities, ...), each example's counts, so a bootstrap

@@ -139,9 +139,14 @@ def ibleu(bertscore: float, self_bleu: float, beta: float = 4.0) -> float:
     return 1.0 / ((beta / bs + 1.0 / (1.0 - sb)) / (beta + 1.0))
 
 
-def bert_ibleu(predictions, references, *, sources=None, scorer_model=None, num_layers=None, **_):
-    """MultiPIT_Gen: outputs are compared with the sources (references are only counted)."""
+def bert_ibleu(predictions, references, *, sources=None, scorer_model=None, num_layers=None, protocol="efficient",
+               **_):
+    """MultiPIT_Gen: outputs are compared with the sources (references are only counted); under the paper's
+    protocol with the references, as the released code compares them with its decoded labels (in its test
+    file each target is its source, and the caller passes the references the released code decoded)."""
     _check_lengths(predictions, references)
+    if protocol == "paper":
+        sources = references
     if sources is None:
         raise ValueError("BERT-iBLEU compares each output with its source: the references need `source`")
     outputs = [p.strip() or "no prediction" for p in predictions]

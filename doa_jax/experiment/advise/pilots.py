@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from doa_jax import storage
 from doa_jax.data import jsonl
-from doa_jax.experiment import cost_profiles
+from doa_jax.experiment import cost_profiles, results
 
 PARETO_CSV = cost_profiles.PAPER_PARETO
 FITTED = ("annotate", "distill")          # strategies whose pilots the curves are fitted to
@@ -93,7 +93,9 @@ def pilots_from_rows(rows: Iterable[dict], source: str) -> tuple[list[Pilot], li
     pilots, skipped = [], {}
     for i, r in enumerate(rows, 1):
         why = ("not finished" if r.get("status") != "ok" or r.get("value") is None
-               else "mixed cells are not fitted" if r.get("strategy") not in FITTED else "")
+               else "mixed cells are not fitted" if r.get("strategy") not in FITTED
+               else "PROTOCOL='paper' rows scored against the data's text, not the released code's references "
+                    "(their cells ran again)" if results.superseded_paper_rows([r]) else "")
         if why:
             skipped[why] = skipped.get(why, 0) + 1
             continue
