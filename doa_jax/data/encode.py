@@ -12,11 +12,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from doa_jax.data.vocab import EOS_ID
+from doa_jax.data.vocab import EOS_ID, within_length
 
 
 def _trim_eos(ids: list[int], length: int) -> list[int]:
-    return ids[: length - 1] + [EOS_ID]
+    return within_length(ids, length) + [EOS_ID]
 
 
 def encode_texts(vocab, texts: Sequence[str], length: int, prefix: str = "") -> np.ndarray:

@@ -208,12 +208,9 @@ class TeacherStore:
             markers[i] = marker
         return markers
 
-    def is_complete(self, verify: bool = True) -> bool:
-        """True when the manifest and every chunk are there and every chunk passes its checksum (`verify=False`:
-        every chunk's marker is there, its files unread)."""
-        if verify:
-            return self.verified_markers() is not None
-        return self._markers_present() is not None
+    def is_complete(self) -> bool:
+        """True when the manifest and every chunk are there and every chunk passes its checksum."""
+        return self.verified_markers() is not None
 
     def _markers_present(self) -> Optional[int]:
         """The number of chunks when the manifest and every chunk's marker exist (nothing read but the

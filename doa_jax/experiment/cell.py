@@ -66,14 +66,11 @@ def run_cell(cfg: CellConfig, *, take_over_lock: bool = False) -> dict[str, Any]
     return row.to_json()
 
 
-def write_predictions(path: storage.AnyPath, examples: list, predictions: list[str],
-                      references: Optional[list[str]] = None) -> None:
+def write_predictions(path: storage.AnyPath, examples: list, predictions: list[str], references: list[str]) -> None:
     """Per test example: its index, input, the reference it was scored against (`target`; the data's own as
     `raw_target` where that differs: the paper's protocol scores the target as the released code's tokenizer
     writes it) and the student's output, so that `doa score --task T --predictions P --references P`
     re-scores the cell from this file alone."""
-    references = [ex["target"] for ex in examples] if references is None else references
-
     def line(i, ex, ref, p):
         raw = {} if ref == ex["target"] else {"raw_target": ex["target"]}
         return json.dumps({"id": i, "source": ex["source"], "target": ref, **raw, "prediction": p},

@@ -21,7 +21,7 @@ SWEEP_STATE_FILE = "sweep.json"   # a sweep's cells, in grid order, with their k
 # Rows written before the experiment layer was rebuilt have no `key_version`: their cell keys
 # hashed a flat config, so the same cell now has another key and runs again (see `stale_rows`).
 KEY_VERSION = 2
-# Paper rows scored against the released code's references (`task_setup.scored_references`) say so; those
+# Paper rows scored against the released code's references (`vocab.released_references`) say so; those
 # written before (2026-12-06) scored against the data's text, and their cells run again under new keys.
 PAPER_REFERENCES = "tokenized"
 REQUIRED = ("task", "strategy", "extra_budget_usd", "metric", "value")
@@ -112,10 +112,15 @@ def stale_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if "cell_key" in r and r.get("key_version", 1) != KEY_VERSION]
 
 
+def is_superseded_paper_row(row: dict[str, Any]) -> bool:
+    """A paper row scored against the data's text instead of the released code's references: its cell runs
+    again under a new key, and reports leave it out (it would be averaged with its rerun)."""
+    return row.get("protocol") == "paper" and row.get("references") != PAPER_REFERENCES
+
+
 def superseded_paper_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Paper rows scored against the data's text instead of the released code's references: their cells run
-    again under new keys, and reports leave them out (they would be averaged with their reruns)."""
-    return [r for r in rows if r.get("protocol") == "paper" and r.get("references") != PAPER_REFERENCES]
+    """The rows of `rows` that `is_superseded_paper_row`."""
+    return [r for r in rows if is_superseded_paper_row(r)]
 
 
 def append_row(path: str | os.PathLike, row: ResultRow | dict[str, Any]) -> None:

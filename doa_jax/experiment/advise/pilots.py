@@ -95,7 +95,7 @@ def pilots_from_rows(rows: Iterable[dict], source: str) -> tuple[list[Pilot], li
         why = ("not finished" if r.get("status") != "ok" or r.get("value") is None
                else "mixed cells are not fitted" if r.get("strategy") not in FITTED
                else "PROTOCOL='paper' rows scored against the data's text, not the released code's references "
-                    "(their cells ran again)" if results.superseded_paper_rows([r]) else "")
+                    "(their cells ran again)" if results.is_superseded_paper_row(r) else "")
         if why:
             skipped[why] = skipped.get(why, 0) + 1
             continue

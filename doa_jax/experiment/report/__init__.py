@@ -78,7 +78,7 @@ def write_report(run_dir: str | os.PathLike, results: Optional[str | os.PathLike
         print(f"note: the report leaves out {len(superseded)} PROTOCOL='paper' row(s) of {path} scored against the "
               "data's text, not the released code's references (rerun their cells for rows that are)",
               file=sys.stderr)
-        rows = [r for r in rows if all(r is not s for s in superseded)]
+        rows = [r for r in rows if not results_lib.is_superseded_paper_row(r)]
     if not rows:
         raise ValueError(f"{path} has no result rows" + (" left" if superseded else ""))
     cells, paper = summarise(rows), read_paper_results()
